@@ -1,0 +1,58 @@
+"""eventcast: real-time event broadcasting for Python.
+
+Only the names exported here (and documented) are public.
+"""
+
+from __future__ import annotations
+
+from .bus import Bus as Bus, Handler as Handler
+from .deadletters import DeadLetter as DeadLetter, DeadLetters as DeadLetters
+from .events import EARLIEST as EARLIEST, Event as Event, Position as Position
+from .exceptions import (
+    AckTimeoutError as AckTimeoutError,
+    BusClosedError as BusClosedError,
+    ConfigurationError as ConfigurationError,
+    DeliveryError as DeliveryError,
+    EncodeError as EncodeError,
+    EventcastError as EventcastError,
+    InvalidTopicError as InvalidTopicError,
+    LogError as LogError,
+    PositionError as PositionError,
+    SlowConsumerError as SlowConsumerError,
+    SubscriberExistsError as SubscriberExistsError,
+    SubscriberNotFoundError as SubscriberNotFoundError,
+    SubscriptionClosedError as SubscriptionClosedError,
+)
+from .subscription import (
+    Overflow as Overflow,
+    Subscription as Subscription,
+    SubscriptionStatistics as SubscriptionStatistics,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EARLIEST",
+    "AckTimeoutError",
+    "Bus",
+    "BusClosedError",
+    "ConfigurationError",
+    "DeadLetter",
+    "DeadLetters",
+    "DeliveryError",
+    "EncodeError",
+    "Event",
+    "EventcastError",
+    "Handler",
+    "InvalidTopicError",
+    "LogError",
+    "Overflow",
+    "Position",
+    "PositionError",
+    "SlowConsumerError",
+    "SubscriberExistsError",
+    "SubscriberNotFoundError",
+    "Subscription",
+    "SubscriptionClosedError",
+    "SubscriptionStatistics",
+]

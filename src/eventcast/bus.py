@@ -1,0 +1,811 @@
+"""The asyncio event bus.
+
+.. code-block:: python
+
+    async with Bus() as bus:
+        async with bus.subscribe("orders.*") as sub:
+            await bus.publish("orders.created", {"id": 1})
+            event = await sub.get()
+
+Publishing never waits on a subscriber (unless that subscriber chose
+``Overflow.BLOCK``): local fan-out appends the event once to a shared ring per
+group of subscribers, in O(1). See :mod:`eventcast.subscription`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import inspect
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeAlias
+
+from .deadletters import DEFAULT_DEAD_LETTERS, DeadLetter, DeadLetters
+from .events import Event, freeze_tags
+from .exceptions import (
+    AckTimeoutError,
+    BusClosedError,
+    ConfigurationError,
+    DeliveryError,
+    EventcastError,
+    SubscriberExistsError,
+    SubscriberNotFoundError,
+    SubscriptionClosedError,
+)
+from .subscription import DEFAULT_MAXSIZE, Overflow, Subscription, _Ring
+from .topics import TopicMatcher, validate_many, validate_topic
+
+__all__ = ["Bus", "ErrorHandler", "Handler", "HandlerFunc"]
+
+logger = logging.getLogger("eventcast.bus")
+
+#: A handler subscriber: called with each event; may be sync or async.
+HandlerFunc: TypeAlias = Callable[[Event], Awaitable[object] | object]
+#: Called when delivery finally fails (a handler gave up, or an acked publish failed).
+ErrorHandler: TypeAlias = Callable[[EventcastError, DeadLetter | None], object]
+#: Called once per drop episode with the subscription and the reason.
+DropHandler: TypeAlias = Callable[[Subscription, str], object]
+
+_ROUTE_CACHE_SIZE: Final = 10_000
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay = min(cap, base * 2.0**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class _AckTracker:
+    """Collects the outcome of one acked publish for each expected handler."""
+
+    __slots__ = ("errors", "future", "pending", "timeout")
+
+    def __init__(self, handlers: Iterable[Handler], timeout: float) -> None:
+        self.timeout = timeout
+        self.pending: set[Handler] = set(handlers)
+        self.errors: dict[Handler, str] = {}
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def expects(self, handler: Handler) -> bool:
+        return handler in self.pending
+
+    def settle(self, handler: Handler, error: str | None) -> None:
+        if handler not in self.pending:
+            return
+        self.pending.discard(handler)
+        if error is None:
+            self.errors.pop(handler, None)
+        else:
+            self.errors[handler] = error
+        if not self.pending and not self.future.done():
+            self.future.set_result(None)
+
+    def rearm(self, handlers: Iterable[Handler]) -> None:
+        self.pending = set(handlers)
+        self.future = asyncio.get_running_loop().create_future()
+
+
+class Handler:
+    """A callback subscriber registered with :meth:`Bus.on`.
+
+    Events are read from its own bounded subscription by one supervised task
+    and passed to the callback one at a time, in order. A callback that raises
+    is retried with exponential backoff and jitter up to ``retries`` times,
+    then the event becomes a dead letter. Errors never reach other subscribers.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        subscription: Subscription,
+        func: HandlerFunc,
+        *,
+        retries: int,
+        backoff: float,
+        max_backoff: float,
+    ) -> None:
+        if retries < 0:
+            raise ConfigurationError("retries must be >= 0")
+        self._bus = bus
+        #: The subscription feeding this handler.
+        self.subscription = subscription
+        self.func = func
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._task: asyncio.Task[None] | None = None
+        #: Events processed successfully.
+        self.processed = 0
+        #: Events that failed every attempt.
+        self.failed = 0
+
+    @property
+    def id(self) -> str:
+        """The subscriber id."""
+        return self.subscription.id
+
+    def _start(self) -> None:
+        if self._task is None and not self.subscription.closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"eventcast-handler-{self.id}"
+            )
+            self._bus._supervise(self._task, self)
+
+    async def _run(self) -> None:
+        sub = self.subscription
+        while True:
+            try:
+                batch = await sub.get_batch(256)
+            except SubscriptionClosedError:
+                return
+            for event in batch:
+                await self._process(event)
+
+    async def _call(self, event: Event, timeout: float | None) -> None:
+        async with asyncio.timeout(timeout):
+            result = self.func(event)
+            if inspect.isawaitable(result):
+                await result
+
+    async def _process(self, event: Event) -> None:
+        tracker = self._bus._acks.get(event.id)
+        if tracker is not None and tracker.expects(self):
+            # An acked publish owns the retries: one attempt per delivery.
+            try:
+                await self._call(event, tracker.timeout)
+            except Exception as exc:
+                tracker.settle(self, f"{type(exc).__name__}: {exc}")
+            else:
+                self.processed += 1
+                tracker.settle(self, None)
+            return
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                await self._call(event, None)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "handler %r failed on %s (attempt %d of %d): %s",
+                    self.id,
+                    event.topic,
+                    attempt + 1,
+                    self.retries + 1,
+                    error,
+                )
+                if attempt < self.retries:
+                    await asyncio.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+            else:
+                self.processed += 1
+                return
+        self.failed += 1
+        letter = self._bus.dead_letters.add(
+            event, self.id, "handler_error", attempts=self.retries + 1, error=error
+        )
+        self._bus._handle_error(
+            DeliveryError(f"handler {self.id!r} failed: {error}", (self.id,)), letter
+        )
+
+    def close(self) -> None:
+        """Unregister the handler. Idempotent."""
+        self.subscription.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        """Unregister the handler and wait for its task to finish."""
+        self.close()
+        task = self._task
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def __repr__(self) -> str:
+        return f"<Handler id={self.id!r} topics={list(self.subscription.topics)}>"
+
+
+class Bus:
+    """An asyncio event bus with bounded subscribers and explicit overflow policies.
+
+    Args:
+        maxsize: default buffer bound of each subscription, in events.
+        overflow: default overflow policy of each subscription.
+        block_timeout: default wait of a publisher under ``Overflow.BLOCK``.
+        dead_letters: bound of the dead letter store, in records.
+        ack_timeout: default wait per attempt of ``publish(..., ack=True)``.
+        ack_retries: default retries of ``publish(..., ack=True)``.
+        backoff: base delay of retry backoff, in seconds.
+        max_backoff: cap of retry backoff, in seconds.
+        error_handler: called with the error and the dead letter when delivery
+            finally fails; the default logs it.
+        on_drop: called once per drop episode with the subscription and reason.
+
+    Use ``async with Bus() as bus`` or call :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        *,
+        maxsize: int = DEFAULT_MAXSIZE,
+        overflow: Overflow = Overflow.DROP_OLDEST,
+        block_timeout: float = 1.0,
+        dead_letters: int = DEFAULT_DEAD_LETTERS,
+        ack_timeout: float = 5.0,
+        ack_retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        error_handler: ErrorHandler | None = None,
+        on_drop: DropHandler | None = None,
+    ) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
+        if ack_timeout <= 0 or ack_retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ConfigurationError("timeouts and retries must be positive")
+        self.maxsize = maxsize
+        self.overflow = overflow
+        self.block_timeout = block_timeout
+        self.ack_timeout = ack_timeout
+        self.ack_retries = ack_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.error_handler = error_handler
+        self.on_drop = on_drop
+        #: Every event that was not delivered; list, filter and redrive it here.
+        self.dead_letters = DeadLetters(self, maxsize=dead_letters)
+        self._state = _State.OPEN
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._matcher = TopicMatcher()
+        self._rings: dict[tuple[str, ...], _Ring] = {}
+        self._routes: dict[str, tuple[_Ring, ...]] = {}
+        self._subs: dict[str, Subscription] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._pending_handlers: list[Handler] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._acks: dict[str, _AckTracker] = {}
+        self._ids = itertools.count(1)
+        self._blockers = 0
+        self._published = 0
+        self._dropped = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the bus to the running loop and start handler tasks. Idempotent."""
+        self._check_open()
+        self._loop = asyncio.get_running_loop()
+        pending, self._pending_handlers = self._pending_handlers, []
+        for handler in pending:
+            handler._start()
+
+    async def __aenter__(self) -> Bus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._state is _State.CLOSED
+
+    async def close(self) -> None:
+        """Close every subscription, stop handler tasks and fail pending acks.
+
+        Idempotent, and releases everything even if cancelled while waiting.
+        """
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        for sub in list(self._subs.values()):
+            sub._close()
+        for tracker in self._acks.values():
+            if not tracker.future.done():
+                tracker.future.set_result(None)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _check_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise BusClosedError("the bus is closed")
+
+    def _bind_loop(self) -> None:
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+
+    # -- subscribing -----------------------------------------------------------
+
+    def subscribe(
+        self,
+        topics: str | Iterable[str],
+        *,
+        id: str | None = None,
+        maxsize: int | None = None,
+        overflow: Overflow | None = None,
+        block_timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe to one or more topic names or patterns.
+
+        Args:
+            topics: a name, a pattern (``orders.*``, ``orders.>``) or several.
+            id: the subscriber id; generated when omitted.
+            maxsize: the buffer bound, in events (default: the bus's).
+            overflow: the overflow policy (default: the bus's).
+            block_timeout: the publisher's wait under ``Overflow.BLOCK``.
+
+        Raises:
+            InvalidTopicError: a name or pattern breaks the grammar.
+            SubscriberExistsError: ``id`` is already registered.
+            ConfigurationError: ``maxsize`` is not a positive int.
+            BusClosedError: the bus is closed.
+        """
+        self._check_open()
+        self._bind_loop()
+        filters = validate_many(topics)
+        if id is None:
+            id = f"sub-{next(self._ids)}"
+            while id in self._subs:
+                id = f"sub-{next(self._ids)}"
+        elif not isinstance(id, str) or not id:
+            raise ConfigurationError("a subscriber id must be a non-empty str")
+        elif id in self._subs:
+            raise SubscriberExistsError(f"a subscriber with id {id!r} already exists")
+        key = tuple(sorted(filters))
+        ring = self._rings.get(key)
+        created = ring is None
+        if ring is None:
+            ring = _Ring(key)
+        sub = Subscription(
+            self,
+            ring,
+            id=id,
+            topics=filters,
+            maxsize=self.maxsize if maxsize is None else maxsize,
+            policy=self.overflow if overflow is None else overflow,
+            block_timeout=self.block_timeout if block_timeout is None else block_timeout,
+        )
+        if created:
+            self._rings[key] = ring
+            for f in key:
+                self._matcher.add(f, ring)
+            self._routes.clear()
+        if sub.policy is Overflow.BLOCK:
+            self._blockers += 1
+        self._subs[id] = sub
+        return sub
+
+    def on(
+        self,
+        topics: str | Iterable[str],
+        handler: HandlerFunc,
+        *,
+        id: str | None = None,
+        maxsize: int | None = None,
+        overflow: Overflow | None = None,
+        retries: int = 3,
+        backoff: float | None = None,
+        max_backoff: float | None = None,
+    ) -> Handler:
+        """Register a callback subscriber (sync or async) and return its :class:`Handler`.
+
+        The callback runs in its own supervised task, one event at a time. If it
+        raises, it is retried ``retries`` times with exponential backoff and
+        jitter; then the event becomes a dead letter with the error text and the
+        attempt count, and ``error_handler`` is called.
+        """
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        sub = self.subscribe(topics, id=id, maxsize=maxsize, overflow=overflow)
+        try:
+            h = Handler(
+                self,
+                sub,
+                handler,
+                retries=retries,
+                backoff=self.backoff if backoff is None else backoff,
+                max_backoff=self.max_backoff if max_backoff is None else max_backoff,
+            )
+        except BaseException:
+            sub.close()
+            raise
+        self._handlers[sub.id] = h
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._pending_handlers.append(h)
+        else:
+            h._start()
+        return h
+
+    async def unsubscribe(self, id: str) -> None:
+        """Close the subscriber with this id; its iterator ends cleanly.
+
+        Raises:
+            SubscriberNotFoundError: no subscriber has this id.
+        """
+        sub = self._subs.get(id)
+        if sub is None:
+            raise SubscriberNotFoundError(f"no subscriber with id {id!r}")
+        handler = self._handlers.get(id)
+        if handler is not None:
+            await handler.aclose()
+        else:
+            sub._close()
+
+    def subscribers(self) -> list[Subscription]:
+        """Return the open subscriptions."""
+        return list(self._subs.values())
+
+    def get_subscriber(self, id: str) -> Subscription:
+        """Return the subscription with this id.
+
+        Raises:
+            SubscriberNotFoundError: no subscriber has this id.
+        """
+        try:
+            return self._subs[id]
+        except KeyError:
+            raise SubscriberNotFoundError(f"no subscriber with id {id!r}") from None
+
+    def topics(self) -> list[str]:
+        """Return the topic filters that have at least one subscriber."""
+        return sorted({f for key in self._rings for f in key})
+
+    def _forget(self, sub: Subscription) -> None:
+        if self._subs.get(sub.id) is sub:
+            del self._subs[sub.id]
+        handler = self._handlers.pop(sub.id, None)
+        if handler is not None and handler._task is not None and not handler._task.done():
+            handler._task.cancel()
+        if sub.policy is Overflow.BLOCK:
+            self._blockers -= 1
+        ring = sub._ring
+        if not ring.members and self._rings.get(ring.filters) is ring:
+            del self._rings[ring.filters]
+            for f in ring.filters:
+                self._matcher.remove(f, ring)
+            self._routes.clear()
+
+    # -- publishing ------------------------------------------------------------
+
+    def _route(self, topic: str) -> tuple[_Ring, ...]:
+        rings = self._routes.get(topic)
+        if rings is None:
+            validate_topic(topic)
+            rings = tuple(self._matcher.match(topic))  # type: ignore[arg-type]
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[topic] = rings
+        return rings
+
+    def _make_event(
+        self,
+        topic: str,
+        data: object,
+        tags: Mapping[str, str] | None,
+        idempotency_key: str | None,
+    ) -> Event:
+        if tags is None and idempotency_key is None:
+            return Event(topic=topic, data=data)
+        return Event(
+            topic=topic, data=data, tags=freeze_tags(tags), idempotency_key=idempotency_key
+        )
+
+    def publish_nowait(
+        self,
+        topic: str,
+        data: object,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish without awaiting; for live-only topics.
+
+        A full ``Overflow.BLOCK`` subscriber cannot make this wait: the event
+        becomes a dead letter for that subscriber instead.
+
+        Raises:
+            InvalidTopicError: the topic name breaks the grammar.
+            BusClosedError: the bus is closed.
+        """
+        if self._state is not _State.OPEN:
+            raise BusClosedError("the bus is closed")
+        rings = self._route(topic)
+        event = self._make_event(topic, data, tags, None)
+        for ring in rings:
+            ring.append(event)
+        self._published += 1
+        return event
+
+    async def publish(
+        self,
+        topic: str,
+        data: object,
+        *,
+        tags: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        ack: bool = False,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Event:
+        """Publish an event and return it.
+
+        Local fan-out never waits on a subscriber, except one that chose
+        ``Overflow.BLOCK``. With ``ack=True`` it returns once every handler
+        subscriber matching the topic has processed the event, retrying
+        failures and timeouts with backoff; on final failure it records dead
+        letters, calls ``error_handler`` and raises.
+
+        Args:
+            topic: a concrete topic name.
+            data: the payload; any object in process.
+            tags: string metadata.
+            idempotency_key: with a durable log, a repeat stores once.
+            ack: wait for handler subscribers to process the event.
+            timeout: with ``ack``, the wait per attempt (default: the bus's).
+            retries: with ``ack``, how many times to redeliver (default: the bus's).
+
+        Raises:
+            InvalidTopicError: the topic name breaks the grammar.
+            BusClosedError: the bus is closed.
+            DeliveryError: with ``ack``, a handler failed every attempt.
+            AckTimeoutError: with ``ack``, a handler did not answer in time.
+        """
+        self._check_open()
+        rings = self._route(topic)
+        event = self._make_event(topic, data, tags, idempotency_key)
+        if self._blockers:
+            rings = await self._wait_for_blockers(topic, rings)
+        if not ack:
+            for ring in rings:
+                ring.append(event)
+            self._published += 1
+            return event
+        return await self._publish_acked(event, rings, timeout, retries)
+
+    async def publish_many(
+        self,
+        items: Iterable[tuple[str, object]],
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> list[Event]:
+        """Publish a batch of ``(topic, data)`` pairs, in order; return the events.
+
+        Every topic is validated before anything is published, so an invalid
+        name publishes nothing. Waiting subscribers wake once for the batch.
+
+        Raises:
+            InvalidTopicError: a topic name breaks the grammar.
+            BusClosedError: the bus is closed.
+        """
+        self._check_open()
+        pairs = list(items)
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise TypeError("publish_many takes (topic, data) pairs")
+            validate_topic(pair[0])
+        frozen = freeze_tags(tags) if tags else None
+        events: list[Event] = []
+        for topic, data in pairs:
+            rings = self._route(topic)
+            if self._blockers:
+                rings = await self._wait_for_blockers(topic, rings)
+            event = (
+                Event(topic=topic, data=data)
+                if frozen is None
+                else Event(topic=topic, data=data, tags=frozen)
+            )
+            for ring in rings:
+                ring.append(event)
+            events.append(event)
+        self._published += len(events)
+        return events
+
+    def publish_threadsafe(
+        self,
+        topic: str,
+        data: object,
+        **kwargs: Any,
+    ) -> concurrent.futures.Future[Event]:
+        """Publish from any thread; return a ``concurrent.futures.Future`` of the event.
+
+        The bus must have been started (``async with Bus()``) in some loop. The
+        future fails with :class:`BusClosedError` if the bus is closed.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._state is _State.CLOSED:
+            future: concurrent.futures.Future[Event] = concurrent.futures.Future()
+            future.set_exception(BusClosedError("the bus is not running"))
+            return future
+        return asyncio.run_coroutine_threadsafe(self.publish(topic, data, **kwargs), loop)
+
+    async def _wait_for_blockers(self, topic: str, rings: tuple[_Ring, ...]) -> tuple[_Ring, ...]:
+        """Wait while a matching ``Overflow.BLOCK`` subscriber is full, each up to its timeout.
+
+        Returns the routes to append to, with no await between the last check
+        and the caller's append. A subscriber still full past its timeout gets
+        the event as a dead letter when it is appended.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            waiting = [
+                sub
+                for ring in rings
+                for sub in ring.blockers
+                if sub.buffered >= sub.maxsize and loop.time() < start + sub.block_timeout
+            ]
+            if not waiting:
+                return rings
+            sub = waiting[0]
+            await sub._wait_for_space(start + sub.block_timeout)
+            rings = self._route(topic)
+
+    async def _publish_acked(
+        self,
+        event: Event,
+        rings: tuple[_Ring, ...],
+        timeout: float | None,
+        retries: int | None,
+    ) -> Event:
+        timeout = self.ack_timeout if timeout is None else timeout
+        retries = self.ack_retries if retries is None else retries
+        if timeout <= 0 or retries < 0:
+            raise ConfigurationError("ack needs a positive timeout and retries >= 0")
+        handlers = [
+            self._handlers[sub.id]
+            for ring in rings
+            for sub in ring.members
+            if sub.id in self._handlers
+        ]
+        if not handlers:
+            for ring in rings:
+                ring.append(event)
+            self._published += 1
+            return event
+        tracker = _AckTracker(handlers, timeout)
+        self._acks[event.id] = tracker
+        failed: list[Handler] = []
+        timed_out = False
+        try:
+            for ring in rings:
+                ring.append(event)
+            self._published += 1
+            for attempt in range(retries + 1):
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(tracker.future)
+                except TimeoutError:
+                    pass
+                if self._state is _State.CLOSED:
+                    raise BusClosedError("the bus closed before the event was acknowledged")
+                timed_out = bool(tracker.pending)
+                failed = [h for h in handlers if h in tracker.pending or h in tracker.errors]
+                if not failed:
+                    return event
+                if attempt == retries:
+                    break
+                await asyncio.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+                failed = [h for h in failed if not h.subscription.closed]
+                if not failed:
+                    return event
+                tracker.rearm(failed)
+                for h in failed:
+                    h.subscription._inject((event,))
+        finally:
+            del self._acks[event.id]
+        ids = tuple(h.id for h in failed)
+        errors = "; ".join(f"{h.id}: {tracker.errors.get(h, 'timed out')}" for h in failed)
+        error: DeliveryError
+        if timed_out:
+            error = AckTimeoutError(
+                f"event on {event.topic!r} not acknowledged after {retries + 1} attempts "
+                f"({errors})",
+                ids,
+            )
+        else:
+            error = DeliveryError(
+                f"event on {event.topic!r} failed after {retries + 1} attempts ({errors})", ids
+            )
+        for h in failed:
+            letter = self.dead_letters.add(
+                event,
+                h.id,
+                "ack_failed",
+                attempts=retries + 1,
+                error=tracker.errors.get(h, "timed out"),
+            )
+            self._handle_error(error, letter)
+        raise error
+
+    # -- failures and dead letters -------------------------------------------
+
+    def _handle_error(self, error: EventcastError, letter: DeadLetter | None) -> None:
+        handler = self.error_handler
+        if handler is None:
+            logger.error("%s", error)
+            return
+        try:
+            result = handler(error, letter)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._supervise(task, None)
+        except Exception:
+            logger.exception("the bus's error_handler raised")
+
+    def _report_drop(self, sub: Subscription, reason: str) -> None:
+        if self.on_drop is None:
+            return
+        try:
+            self.on_drop(sub, reason)
+        except Exception:
+            logger.exception("the bus's on_drop handler raised")
+
+    def _count_drops(self, count: int) -> None:
+        self._dropped += count
+
+    def _supervise(self, task: asyncio.Task[Any], handler: Handler | None) -> None:
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None:
+                return
+            logger.error("background task %s failed", t.get_name(), exc_info=exc)
+            if handler is not None:
+                handler.subscription._close(
+                    SubscriptionClosedError(f"handler task {handler.id!r} crashed: {exc!r}")
+                )
+            error = (
+                exc
+                if isinstance(exc, EventcastError)
+                else EventcastError(f"background task {t.get_name()} failed: {exc!r}")
+            )
+            error.__cause__ = exc if error is not exc else exc.__cause__
+            self._handle_error(error, None)
+
+        task.add_done_callback(done)
+
+    def _redeliver(self, letter: DeadLetter) -> bool:
+        sub = self._subs.get(letter.subscriber)
+        if sub is None or sub.closed:
+            return False
+        sub._inject((letter.event,))
+        return True
+
+    # -- introspection -------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        """Return bus-wide counters: published, dropped, subscribers, topics, dead letters."""
+        return {
+            "published": self._published,
+            "dropped": self._dropped,
+            "subscribers": len(self._subs),
+            "rings": len(self._rings),
+            "dead_letters": len(self.dead_letters),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Bus {self._state.value} subscribers={len(self._subs)}>"

@@ -1,0 +1,638 @@
+"""Subscriptions: bounded buffers with an explicit overflow policy.
+
+How fan-out works
+-----------------
+Subscribers with the same set of topic filters share one *ring*: a list of
+events with a head index. Publishing appends the event to each matching ring
+once, in O(1), whatever the number of subscribers; each subscriber reads the
+ring at its own cursor. A subscriber's buffer is therefore the slice of the
+ring between its cursor and the head, and ``maxsize`` bounds that slice.
+
+Overflow is enforced eagerly and exactly, as if every subscriber had its own
+queue: each ring keeps a heap of the head positions at which its subscribers
+would overflow, so a publish checks one number and only the overflowing
+subscribers are touched. A subscriber whose view can no longer be a contiguous
+slice of the ring (``DROP_NEWEST`` or ``BLOCK`` after an overflow, or a
+redrive) switches to a private bounded deque until it has caught up, then
+returns to the ring. The ring is trimmed to the slowest cursor, so it never
+holds more than twice the largest ``maxsize`` of its subscribers.
+
+Every dropped event is counted, recorded as a dead letter, and reported once
+per episode (an episode ends when the subscriber has drained its buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from .events import Event
+from .exceptions import (
+    ConfigurationError,
+    SlowConsumerError,
+    SubscriptionClosedError,
+)
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = [
+    "DEFAULT_MAXSIZE",
+    "Overflow",
+    "Subscription",
+    "SubscriptionStatistics",
+]
+
+logger = logging.getLogger("eventcast.bus")
+
+#: Default bound of a subscription's buffer, in events.
+DEFAULT_MAXSIZE: Final = 1024
+
+_PRIVATE: Final = -1
+_CLOSED: Final = -2
+_heap_seq = itertools.count()
+
+
+class Overflow(enum.Enum):
+    """What happens when an event arrives for a subscriber whose buffer is full.
+
+    Whatever the policy, every event that is not delivered is counted in
+    :meth:`Subscription.statistics`, recorded as a dead letter, and reported
+    once per episode.
+    """
+
+    #: Drop the oldest buffered event to make room (keeps the freshest data).
+    DROP_OLDEST = "drop_oldest"
+    #: Drop the arriving event (keeps what is buffered).
+    DROP_NEWEST = "drop_newest"
+    #: The publisher waits for room, up to ``block_timeout``; past it the event
+    #: goes to dead letters. In process only; ``publish_nowait`` never waits.
+    BLOCK = "block"
+    #: Close the subscription with :class:`SlowConsumerError`.
+    DISCONNECT = "disconnect"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """A snapshot of a subscription's counters."""
+
+    id: str
+    topics: tuple[str, ...]
+    buffered: int
+    delivered: int
+    dropped: int
+    max_size: int
+    policy: Overflow
+    closed: bool
+
+
+class _Ring:
+    """The shared event buffer of every subscriber with the same topic filters."""
+
+    __slots__ = (
+        "base",
+        "blockers",
+        "events",
+        "filters",
+        "head",
+        "heap",
+        "members",
+        "privates",
+        "trim_at",
+        "waiters",
+    )
+
+    def __init__(self, filters: tuple[str, ...]) -> None:
+        self.filters = filters
+        self.events: list[Event] = []
+        self.base = 0
+        self.head = 0
+        self.waiters: list[Subscription] = []
+        self.members: set[Subscription] = set()
+        self.heap: list[tuple[int, int, Subscription]] = []
+        self.privates: set[Subscription] = set()
+        self.blockers: list[Subscription] = []
+        self.trim_at = 64
+
+    def add(self, sub: Subscription) -> None:
+        self.members.add(sub)
+        if sub.policy is Overflow.BLOCK:
+            self.blockers.append(sub)
+        self.trim_at = max(self.trim_at, 2 * sub.maxsize)
+
+    def discard(self, sub: Subscription) -> None:
+        self.members.discard(sub)
+        self.privates.discard(sub)
+        if sub in self.blockers:
+            self.blockers.remove(sub)
+
+    def append(self, event: Event) -> None:
+        """Add one event for every member; never waits, never raises."""
+        self.events.append(event)
+        head = self.head = self.head + 1
+        if self.privates:
+            for sub in tuple(self.privates):
+                sub._push(event)
+        heap = self.heap
+        if heap and heap[0][0] <= head:
+            self._enforce(head)
+        if self.waiters:
+            waiters = self.waiters
+            self.waiters = []
+            for sub in waiters:
+                sub._wake()
+        if len(self.events) >= self.trim_at:
+            self._trim()
+
+    def _enforce(self, head: int) -> None:
+        heap = self.heap
+        while heap and heap[0][0] <= head:
+            sub = heapq.heappop(heap)[2]
+            cursor = sub._cursor
+            if cursor < 0 or sub._ring is not self:
+                continue  # stale entry: the subscriber went private or closed
+            deadline = cursor + sub.maxsize + 1
+            if deadline <= head:
+                sub._overflow_in_ring(head)
+                if sub._cursor < 0:
+                    continue
+                deadline = sub._cursor + sub.maxsize + 1
+            heapq.heappush(heap, (deadline, next(_heap_seq), sub))
+
+    def track(self, sub: Subscription) -> None:
+        heapq.heappush(self.heap, (sub._cursor + sub.maxsize + 1, next(_heap_seq), sub))
+
+    def _trim(self) -> None:
+        low = self.head
+        for sub in self.members:
+            cursor = sub._cursor
+            if 0 <= cursor < low:
+                low = cursor
+        drop = low - self.base
+        if drop > 0:
+            del self.events[:drop]
+            self.base = low
+        # Keep trimming cheap: next time, at least ``trim_at / 2`` new events.
+        self.trim_at = max(64, 2 * max((s.maxsize for s in self.members), default=32))
+        if len(self.events) * 2 > self.trim_at:
+            self.trim_at = len(self.events) * 2
+
+
+class Subscription:
+    """A subscriber's bounded buffer, read with ``async for``, :meth:`get` or :meth:`get_batch`.
+
+    Created by :meth:`Bus.subscribe`; not instantiated directly. The iterator
+    ends cleanly when the subscription is unsubscribed or the bus closes; it
+    raises :class:`SlowConsumerError` if the subscription was closed under
+    ``Overflow.DISCONNECT``. Use it as an async context manager to unsubscribe
+    on exit.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_bus",
+        "_cursor",
+        "_delivered",
+        "_dropped",
+        "_dropping",
+        "_error",
+        "_extra_waiters",
+        "_in_waiters",
+        "_private",
+        "_ring",
+        "_seg_skipped",
+        "_seg_start",
+        "_space_waiters",
+        "_waiter",
+        "block_timeout",
+        "id",
+        "maxsize",
+        "policy",
+        "topics",
+    )
+
+    def __init__(
+        self,
+        bus: Bus,
+        ring: _Ring,
+        *,
+        id: str,
+        topics: tuple[str, ...],
+        maxsize: int,
+        policy: Overflow,
+        block_timeout: float,
+    ) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
+        if not isinstance(policy, Overflow):
+            raise ConfigurationError(f"overflow must be an Overflow member, not {policy!r}")
+        if block_timeout < 0:
+            raise ConfigurationError("block_timeout must be >= 0")
+        self._bus = bus
+        self._ring = ring
+        #: The subscriber's id, unique on its bus.
+        self.id = id
+        #: The topic filters (names or patterns) this subscription receives.
+        self.topics = topics
+        #: The bound of the buffer, in events.
+        self.maxsize = maxsize
+        #: The overflow policy.
+        self.policy = policy
+        #: How long a publisher waits for room under ``Overflow.BLOCK``.
+        self.block_timeout = block_timeout
+        self._cursor = ring.head
+        self._seg_start = ring.head
+        self._seg_skipped = 0
+        self._private: deque[Event] | None = None
+        self._delivered = 0
+        self._dropped = 0
+        self._dropping = False
+        self._error: SubscriptionClosedError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._extra_waiters: list[asyncio.Future[None]] = []
+        self._in_waiters = False
+        self._space_waiters: list[asyncio.Future[None]] = []
+        ring.add(self)
+        ring.track(self)
+
+    # -- reading -------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if self.policy is Overflow.BLOCK:
+            return self._iterate_notifying()
+        return self._iterate()
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.get()
+        except SlowConsumerError:
+            raise
+        except SubscriptionClosedError:
+            raise StopAsyncIteration from None
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        # The hot path: a generator resumes far faster than a coroutine per
+        # ``__anext__``, and a ring slice is walked with one check per event
+        # (``_cursor`` moves under us only when the publisher enforces overflow
+        # or the subscription changes mode).
+        while True:
+            cursor = self._cursor
+            if cursor >= 0:
+                ring = self._ring
+                head = ring.head
+                if cursor < head:
+                    base = ring.base
+                    for event in ring.events[cursor - base : head - base]:
+                        if self._cursor != cursor:
+                            break
+                        cursor += 1
+                        self._cursor = cursor
+                        yield event
+                    continue
+            elif cursor == _PRIVATE:
+                yield self._pop_private()
+                continue
+            elif self._error is not None:
+                raise self._error
+            else:
+                return
+            await self._wait()
+
+    async def _iterate_notifying(self) -> AsyncIterator[Event]:
+        # For Overflow.BLOCK: every event taken frees room for a waiting publisher.
+        while True:
+            try:
+                event = await self.get()
+            except SlowConsumerError:
+                raise
+            except SubscriptionClosedError:
+                return
+            yield event
+
+    async def get(self) -> Event:
+        """Return the next event, waiting for one if the buffer is empty.
+
+        Raises:
+            SubscriptionClosedError: the subscription is closed (``SlowConsumerError``
+                if it was closed for overflowing under ``Overflow.DISCONNECT``).
+        """
+        while True:
+            taken = self._take(1)
+            if taken:
+                return taken[0]
+            await self._wait()
+
+    async def get_batch(self, max_items: int = 1024) -> list[Event]:
+        """Return between 1 and ``max_items`` buffered events, waiting for at least one.
+
+        Raises:
+            SubscriptionClosedError: as for :meth:`get`.
+        """
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        while True:
+            taken = self._take(max_items)
+            if taken:
+                return taken
+            await self._wait()
+
+    def get_nowait(self) -> Event | None:
+        """Return the next buffered event, or ``None`` if the buffer is empty.
+
+        Raises:
+            SubscriptionClosedError: as for :meth:`get`.
+        """
+        taken = self._take(1)
+        return taken[0] if taken else None
+
+    def _take(self, n: int) -> list[Event]:
+        cursor = self._cursor
+        if cursor >= 0:
+            ring = self._ring
+            head = ring.head
+            if cursor >= head:
+                return []
+            end = head if head - cursor <= n else cursor + n
+            self._cursor = end
+            base = ring.base
+            taken = ring.events[cursor - base : end - base]
+        elif cursor == _PRIVATE:
+            private = self._private
+            assert private is not None
+            k = min(n, len(private))
+            taken = [private.popleft() for _ in range(k)]
+            self._delivered += k
+            if not private:
+                self._rejoin_ring()
+        else:
+            raise self._closed_error()
+        if self._space_waiters:
+            self._notify_space()
+        return taken
+
+    def _pop_private(self) -> Event:
+        private = self._private
+        assert private is not None
+        event = private.popleft()
+        self._delivered += 1
+        if not private:
+            self._rejoin_ring()
+        if self._space_waiters:
+            self._notify_space()
+        return event
+
+    async def _wait(self) -> None:
+        if self._cursor == _CLOSED:
+            raise self._closed_error()
+        self._dropping = False  # the buffer is empty: a drop episode is over
+        if self._space_waiters:
+            self._notify_space()
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiter is None:
+            self._waiter = waiter
+        else:  # several tasks read this subscription at once (rare)
+            self._extra_waiters.append(waiter)
+        if not self._in_waiters and self._cursor >= 0:
+            self._in_waiters = True
+            self._ring.waiters.append(self)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            elif waiter in self._extra_waiters:
+                self._extra_waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        self._in_waiters = False
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._extra_waiters:
+            extra = self._extra_waiters
+            self._extra_waiters = []
+            for waiter in extra:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _closed_error(self) -> SubscriptionClosedError:
+        if self._error is not None:
+            return self._error
+        return SubscriptionClosedError(f"subscription {self.id!r} is closed")
+
+    # -- overflow ------------------------------------------------------------
+
+    def _overflow_in_ring(self, head: int) -> None:
+        """Called by the ring when this ring-mode subscriber's lag exceeds ``maxsize``."""
+        ring = self._ring
+        cursor = self._cursor
+        excess = head - cursor - self.maxsize
+        base = ring.base
+        policy = self.policy
+        if policy is Overflow.DROP_OLDEST:
+            lost = ring.events[cursor - base : cursor - base + excess]
+            self._cursor = cursor + excess
+            self._seg_skipped += excess
+            self._record_drops(lost, "overflow_drop_oldest")
+        elif policy is Overflow.DISCONNECT:
+            lost = ring.events[cursor - base : head - base]
+            self._close(
+                SlowConsumerError(
+                    f"subscription {self.id!r} overflowed its buffer of {self.maxsize} events"
+                )
+            )
+            self._record_drops(lost, "slow_consumer")
+        else:
+            keep_end = cursor + self.maxsize
+            lost = ring.events[keep_end - base : head - base]
+            self._go_private(keep_end)
+            reason = "overflow_drop_newest" if policy is Overflow.DROP_NEWEST else "block_timeout"
+            self._record_drops(lost, reason)
+
+    def _push(self, event: Event) -> None:
+        """Deliver one event in private mode, applying the policy if full."""
+        private = self._private
+        assert private is not None
+        if len(private) < self.maxsize:
+            private.append(event)
+            if self._waiter is not None:
+                self._wake()
+            return
+        policy = self.policy
+        if policy is Overflow.DROP_OLDEST:
+            lost = private.popleft()
+            private.append(event)
+            self._record_drops((lost,), "overflow_drop_oldest")
+        elif policy is Overflow.DISCONNECT:
+            lost_all = [*private, event]
+            self._close(
+                SlowConsumerError(
+                    f"subscription {self.id!r} overflowed its buffer of {self.maxsize} events"
+                )
+            )
+            self._record_drops(lost_all, "slow_consumer")
+        else:
+            reason = "overflow_drop_newest" if policy is Overflow.DROP_NEWEST else "block_timeout"
+            self._record_drops((event,), reason)
+
+    def _record_drops(self, events: Iterable[Event], reason: str) -> None:
+        count = 0
+        bus = self._bus
+        for event in events:
+            bus.dead_letters.add(event, self.id, reason)
+            count += 1
+        if not count:
+            return
+        self._dropped += count
+        bus._count_drops(count)
+        if not self._dropping:
+            self._dropping = True
+            logger.warning(
+                "subscriber %r is dropping events (%s, buffer of %d): "
+                "recorded as dead letters; reported once until it catches up",
+                self.id,
+                reason,
+                self.maxsize,
+            )
+            bus._report_drop(self, reason)
+
+    def _go_private(self, keep_end: int) -> None:
+        ring = self._ring
+        cursor = self._cursor
+        base = ring.base
+        self._delivered += cursor - self._seg_start - self._seg_skipped
+        self._private = deque(ring.events[cursor - base : keep_end - base])
+        self._cursor = _PRIVATE
+        ring.privates.add(self)
+
+    def _rejoin_ring(self) -> None:
+        ring = self._ring
+        ring.privates.discard(self)
+        self._private = None
+        self._cursor = self._seg_start = ring.head
+        self._seg_skipped = 0
+        ring.track(self)
+
+    # -- BLOCK ---------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """The number of events waiting in the buffer."""
+        cursor = self._cursor
+        if cursor >= 0:
+            return self._ring.head - cursor
+        if cursor == _PRIVATE:
+            assert self._private is not None
+            return len(self._private)
+        return 0
+
+    def _notify_space(self) -> None:
+        waiters = self._space_waiters
+        self._space_waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_for_space(self, deadline: float) -> bool:
+        """Wait until the buffer has room; return False if ``deadline`` passed first."""
+        loop = asyncio.get_running_loop()
+        while self.buffered >= self.maxsize and self._cursor != _CLOSED:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            waiter = loop.create_future()
+            self._space_waiters.append(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter
+            except TimeoutError:
+                return False
+            finally:
+                if waiter in self._space_waiters:
+                    self._space_waiters.remove(waiter)
+        return True
+
+    # -- redrive -------------------------------------------------------------
+
+    def _inject(self, events: Iterable[Event]) -> None:
+        """Add events outside the ring (a redrive), switching to private mode."""
+        if self._cursor == _CLOSED:
+            raise self._closed_error()
+        if self._cursor >= 0:
+            self._go_private(self._ring.head)
+        for event in events:
+            self._push(event)
+        if self._private is not None and not self._private:
+            self._rejoin_ring()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the subscription is closed."""
+        return self._cursor == _CLOSED
+
+    def statistics(self) -> SubscriptionStatistics:
+        """Return a snapshot of the buffered, delivered and dropped counts."""
+        delivered = self._delivered
+        if self._cursor >= 0:
+            delivered += self._cursor - self._seg_start - self._seg_skipped
+        return SubscriptionStatistics(
+            id=self.id,
+            topics=self.topics,
+            buffered=self.buffered,
+            delivered=delivered,
+            dropped=self._dropped,
+            max_size=self.maxsize,
+            policy=self.policy,
+            closed=self.closed,
+        )
+
+    def _close(self, error: SubscriptionClosedError | None = None) -> None:
+        if self._cursor == _CLOSED:
+            return
+        if self._cursor >= 0:
+            self._delivered += self._cursor - self._seg_start - self._seg_skipped
+        self._cursor = _CLOSED
+        self._error = error
+        self._private = None
+        self._ring.discard(self)
+        self._bus._forget(self)
+        self._wake()
+        self._notify_space()
+
+    def close(self) -> None:
+        """Unsubscribe and end the iterator. Idempotent; never raises."""
+        self._close()
+
+    async def aclose(self) -> None:
+        """Unsubscribe and end the iterator (async alias of :meth:`close`)."""
+        self._close()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"buffered={self.buffered}"
+        return f"<Subscription id={self.id!r} topics={list(self.topics)} {state}>"
+
+
+OnDrop = Callable[[Subscription, str], None]

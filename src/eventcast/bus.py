@@ -16,31 +16,95 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import inspect
 import itertools
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 from .deadletters import DEFAULT_DEAD_LETTERS, DeadLetter, DeadLetters
-from .events import Event, freeze_tags
+from .events import EARLIEST, Event, Position, freeze_tags
 from .exceptions import (
     AckTimeoutError,
     BusClosedError,
     ConfigurationError,
     DeliveryError,
     EventcastError,
+    LogError,
+    PositionError,
     SubscriberExistsError,
     SubscriberNotFoundError,
     SubscriptionClosedError,
+    UnrecoverablePositionError,
 )
+from .log.base import EventLog, Retention
 from .subscription import DEFAULT_MAXSIZE, Overflow, Subscription, _Ring
-from .topics import TopicMatcher, validate_many, validate_topic
+from .topics import TopicMatcher, is_pattern, namespace_of, validate_many, validate_topic
 
-__all__ = ["Bus", "ErrorHandler", "Handler", "HandlerFunc"]
+__all__ = [
+    "DEFAULT_REPLAY_CAP",
+    "Bus",
+    "ErrorHandler",
+    "Handler",
+    "HandlerFunc",
+    "History",
+    "Namespace",
+]
+
+#: Most missed events a resume replays; past it, ``recovered`` is False.
+DEFAULT_REPLAY_CAP: Final = 300
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Namespace:
+    """Options for every topic of one namespace (the part of a name before ``:``).
+
+    A namespace with ``history_size > 0`` is *durable*: each publish is
+    committed to the bus's log before it is fanned out, and subscribers can
+    resume with ``since=``.
+
+    Attributes:
+        history_size: how many of the newest events each topic keeps (0: none,
+            the topics are live-only).
+        history_ttl: how long events are kept, in seconds (``None``: no age limit).
+    """
+
+    history_size: int = 0
+    history_ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.history_size < 0:
+            raise ConfigurationError("history_size must be >= 0")
+        if self.history_ttl is not None and self.history_ttl <= 0:
+            raise ConfigurationError("history_ttl must be positive or None")
+
+    @property
+    def durable(self) -> bool:
+        """Whether topics of this namespace keep history."""
+        return self.history_size > 0
+
+
+_LIVE: Final = Namespace()
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of a durable topic's history.
+
+    Attributes:
+        events: the events, in the order asked for.
+        position: the topic's latest position (its top offset and epoch).
+    """
+
+    events: list[Event]
+    position: Position
+
 
 logger = logging.getLogger("eventcast.bus")
 
@@ -228,6 +292,12 @@ class Bus:
         error_handler: called with the error and the dead letter when delivery
             finally fails; the default logs it.
         on_drop: called once per drop episode with the subscription and reason.
+        log: the durable log, as an :class:`EventLog` or a URL
+            (``sqlite:///events.db``, ``postgresql://…``, ``memory://``). The bus
+            opens it on start and closes it on close.
+        namespaces: options per namespace (``""`` for topics with none); a
+            namespace with ``history_size > 0`` makes its topics durable.
+        replay_cap: the most missed events a resume replays.
 
     Use ``async with Bus() as bus`` or call :meth:`close` when done.
     """
@@ -245,6 +315,9 @@ class Bus:
         max_backoff: float = 2.0,
         error_handler: ErrorHandler | None = None,
         on_drop: DropHandler | None = None,
+        log: EventLog | str | None = None,
+        namespaces: Mapping[str, Namespace] | None = None,
+        replay_cap: int = DEFAULT_REPLAY_CAP,
     ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
@@ -275,13 +348,52 @@ class Bus:
         self._blockers = 0
         self._published = 0
         self._dropped = 0
+        if replay_cap < 0:
+            raise ConfigurationError("replay_cap must be >= 0")
+        self.replay_cap = replay_cap
+        self.namespaces: dict[str, Namespace] = dict(namespaces or {})
+        for name, ns in self.namespaces.items():
+            if not isinstance(ns, Namespace):
+                raise ConfigurationError(f"namespace {name!r} must be a Namespace")
+        if isinstance(log, str):
+            from .log import open_log
+
+            log = open_log(log)
+        if log is None and any(ns.durable for ns in self.namespaces.values()):
+            from .log import MemoryLog
+
+            log = MemoryLog()
+        #: The durable log, or ``None`` when every topic is live-only.
+        self.log: EventLog | None = log
+        if log is not None:
+            log.retention = self._retention_for
+        self._started = False
+        self._letters_pending: deque[DeadLetter] = deque(maxlen=dead_letters)
+        self._letters_flush: asyncio.Task[None] | None = None
+        self._durable_cache: dict[str, Namespace] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the bus to the running loop and start handler tasks. Idempotent."""
+        """Open the log, bind to the running loop and start handler tasks. Idempotent.
+
+        Raises:
+            LogError: the log could not be opened.
+        """
         self._check_open()
         self._loop = asyncio.get_running_loop()
+        if not self._started:
+            log = self.log
+            if log is not None:
+                await log.open()
+                try:
+                    for letter in await log.load_dead_letters(self.dead_letters.maxsize):
+                        self.dead_letters._restore(letter)
+                except LogError:
+                    logger.exception("could not load the stored dead letters")
+                self.dead_letters.listeners.append(self._persist_letter)
+                self.dead_letters.removal_listeners.append(self._forget_letters)
+            self._started = True
         pending, self._pending_handlers = self._pending_handlers, []
         for handler in pending:
             handler._start()
@@ -316,11 +428,23 @@ class Bus:
         for tracker in self._acks.values():
             if not tracker.future.done():
                 tracker.future.set_result(None)
-        tasks = list(self._tasks)
+        flush = self._letters_flush
+        tasks = [t for t in self._tasks if t is not flush]
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if flush is not None and not flush.done():
+                # Give the dead letters in flight a bounded chance to be stored.
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(flush)
+        finally:
+            if flush is not None and not flush.done():
+                flush.cancel()
+            if self.log is not None and self._started:
+                await self.log.close()
 
     def _check_open(self) -> None:
         if self._state is _State.CLOSED:
@@ -343,6 +467,7 @@ class Bus:
         maxsize: int | None = None,
         overflow: Overflow | None = None,
         block_timeout: float | None = None,
+        since: Position | str | tuple[int, str] | Mapping[str, Any] | None = None,
     ) -> Subscription:
         """Subscribe to one or more topic names or patterns.
 
@@ -352,9 +477,15 @@ class Bus:
             maxsize: the buffer bound, in events (default: the bus's).
             overflow: the overflow policy (default: the bus's).
             block_timeout: the publisher's wait under ``Overflow.BLOCK``.
+            since: resume one durable topic after this ``Position(offset,
+                epoch)``, or ``"earliest"`` to replay everything kept. Every
+                retained event after it is delivered, then live events, with no
+                gap and no duplicate; ``sub.recovered`` tells whether the whole
+                gap was replayed (await ``sub.ready()`` or enter ``async with``).
 
         Raises:
             InvalidTopicError: a name or pattern breaks the grammar.
+            PositionError: ``since`` is malformed.
             SubscriberExistsError: ``id`` is already registered.
             ConfigurationError: ``maxsize`` is not a positive int.
             BusClosedError: the bus is closed.
@@ -362,6 +493,9 @@ class Bus:
         self._check_open()
         self._bind_loop()
         filters = validate_many(topics)
+        resume: Position | str | None = None
+        if since is not None:
+            resume = self._check_since(filters, since)
         if id is None:
             id = f"sub-{next(self._ids)}"
             while id in self._subs:
@@ -392,7 +526,67 @@ class Bus:
         if sub.policy is Overflow.BLOCK:
             self._blockers += 1
         self._subs[id] = sub
+        if resume is not None:
+            sub._begin_recovery()
+            task = asyncio.get_running_loop().create_task(
+                self._recover(sub, filters[0], resume), name=f"eventcast-recover-{id}"
+            )
+            self._supervise(task, None)
         return sub
+
+    def _check_since(self, filters: tuple[str, ...], since: object) -> Position | str:
+        if since == EARLIEST:
+            resume: Position | str = EARLIEST
+        else:
+            resume = Position.coerce(since)
+        if len(filters) != 1 or is_pattern(filters[0]):
+            raise ConfigurationError("since= resumes exactly one topic name, not a pattern")
+        if not self.namespace(filters[0]).durable:
+            raise ConfigurationError(
+                f"topic {filters[0]!r} keeps no history, so it cannot be resumed "
+                "(give its namespace a history_size)"
+            )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError("since= needs a running event loop") from None
+        return resume
+
+    async def _recover(self, sub: Subscription, topic: str, since: Position | str) -> None:
+        """Replay what ``sub`` missed, then hand over to live delivery."""
+        log = self.log
+        assert log is not None
+        try:
+            await self._ensure_started()
+            head = await log.position(topic)
+            if since == EARLIEST:
+                replay = await log.read(topic, after=0, limit=self.namespace(topic).history_size)
+                sub._finish_recovery(replay, replay[-1].offset if replay else None)
+                return
+            assert isinstance(since, Position)
+            if since.epoch == head.epoch and since.offset > head.offset:
+                sub._close(
+                    PositionError(
+                        f"offset {since.offset} is beyond the head ({head.offset}) of {topic!r}"
+                    )
+                )
+                return
+            gap = head.offset - since.offset
+            if since.epoch != head.epoch or gap > self.replay_cap:
+                sub._finish_recovery(None, None)
+                return
+            replay = await log.read(topic, after=since.offset, limit=gap) if gap else []
+            complete = len(replay) == gap and (not replay or replay[0].offset == since.offset + 1)
+            if complete:
+                sub._finish_recovery(replay, head.offset)
+            else:
+                sub._finish_recovery(None, None)
+        except LogError as exc:
+            logger.warning("could not replay %r for %r: %s", topic, sub.id, exc)
+            sub._finish_recovery(None, None)
+        except BaseException:
+            sub._finish_recovery(None, None)
+            raise
 
     def on(
         self,
@@ -486,6 +680,137 @@ class Bus:
                 self._matcher.remove(f, ring)
             self._routes.clear()
 
+    # -- namespaces and the log -----------------------------------------------
+
+    def namespace(self, topic: str) -> Namespace:
+        """Return the options of the namespace a topic or pattern belongs to."""
+        ns = self._durable_cache.get(topic)
+        if ns is None:
+            ns = self.namespaces.get(namespace_of(topic), _LIVE)
+            if len(self._durable_cache) >= _ROUTE_CACHE_SIZE:
+                self._durable_cache.clear()
+            self._durable_cache[topic] = ns
+        return ns
+
+    def _retention_for(self, topic: str) -> Retention:
+        ns = self.namespace(topic)
+        return Retention(size=max(1, ns.history_size), ttl=ns.history_ttl)
+
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            await self.start()
+
+    def _durable_log(self, topic: str) -> EventLog | None:
+        if self.log is None:
+            return None
+        return self.log if self.namespace(topic).durable else None
+
+    async def history(
+        self,
+        topic: str,
+        *,
+        since: Position | int | tuple[int, str] | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> History:
+        """Return a page of a durable topic's retained events.
+
+        Forward (the default) pages start after ``since`` (an offset or a
+        position; the oldest retained event when ``None``). Reverse pages go
+        back from just before ``since`` (from the newest when ``None``).
+
+        Raises:
+            InvalidTopicError: the topic name breaks the grammar.
+            ConfigurationError: the topic keeps no history.
+            UnrecoverablePositionError: ``since`` carries another epoch.
+            PositionError: ``since`` is malformed.
+            LogError: the log failed.
+        """
+        self._check_open()
+        validate_topic(topic)
+        log = self._durable_log(topic)
+        if log is None:
+            raise ConfigurationError(f"topic {topic!r} keeps no history")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError("limit must be an int >= 0")
+        await self._ensure_started()
+        head = await log.position(topic)
+        offset: int | None = None
+        if since is not None:
+            if isinstance(since, int) and not isinstance(since, bool):
+                offset = Position(since, head.epoch).offset
+            else:
+                position = Position.coerce(since)
+                if position.epoch != head.epoch:
+                    raise UnrecoverablePositionError(
+                        f"position epoch {position.epoch!r} does not match the stream's "
+                        f"({head.epoch!r}) for {topic!r}"
+                    )
+                offset = position.offset
+        if reverse:
+            events = await log.read(topic, before=offset, limit=limit, reverse=True)
+        else:
+            events = await log.read(topic, after=offset or 0, limit=limit)
+        return History(events, head)
+
+    async def position(self, topic: str) -> Position:
+        """Return a durable topic's latest position ``(offset, epoch)``.
+
+        Raises:
+            ConfigurationError: the topic keeps no history.
+            LogError: the log failed.
+        """
+        self._check_open()
+        validate_topic(topic)
+        log = self._durable_log(topic)
+        if log is None:
+            raise ConfigurationError(f"topic {topic!r} keeps no history")
+        await self._ensure_started()
+        return await log.position(topic)
+
+    def _persist_letter(self, letter: DeadLetter) -> None:
+        self._letters_pending.append(letter)
+        if (self._letters_flush is None or self._letters_flush.done()) and (
+            self._state is _State.OPEN
+        ):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._letters_flush = loop.create_task(
+                self._flush_letters(), name="eventcast-dead-letters"
+            )
+            self._supervise(self._letters_flush, None)
+
+    async def _flush_letters(self) -> None:
+        log = self.log
+        assert log is not None
+        while self._letters_pending:
+            batch = list(self._letters_pending)
+            self._letters_pending.clear()
+            try:
+                await log.save_dead_letters(batch)
+            except LogError as exc:
+                logger.warning("could not store %d dead letters: %s", len(batch), exc)
+                return
+
+    def _forget_letters(self, ids: set[int]) -> None:
+        log = self.log
+        if log is None or self._state is not _State.OPEN:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        async def delete() -> None:
+            try:
+                await log.delete_dead_letters(sorted(ids))
+            except LogError as exc:
+                logger.warning("could not delete %d stored dead letters: %s", len(ids), exc)
+
+        self._supervise(loop.create_task(delete(), name="eventcast-dead-letters-delete"), None)
+
     # -- publishing ------------------------------------------------------------
 
     def _route(self, topic: str) -> tuple[_Ring, ...]:
@@ -530,6 +855,10 @@ class Bus:
         if self._state is not _State.OPEN:
             raise BusClosedError("the bus is closed")
         rings = self._route(topic)
+        if self.log is not None and self.namespace(topic).durable:
+            raise ConfigurationError(
+                f"topic {topic!r} is durable: publish it with `await bus.publish()`"
+            )
         event = self._make_event(topic, data, tags, None)
         for ring in rings:
             ring.append(event)
@@ -559,7 +888,8 @@ class Bus:
             topic: a concrete topic name.
             data: the payload; any object in process.
             tags: string metadata.
-            idempotency_key: with a durable log, a repeat stores once.
+            idempotency_key: on a durable topic, a repeat within the dedup
+                window stores once and returns the original event.
             ack: wait for handler subscribers to process the event.
             timeout: with ``ack``, the wait per attempt (default: the bus's).
             retries: with ``ack``, how many times to redeliver (default: the bus's).
@@ -567,6 +897,9 @@ class Bus:
         Raises:
             InvalidTopicError: the topic name breaks the grammar.
             BusClosedError: the bus is closed.
+            LogError: the topic is durable and the log failed; nothing was
+                fanned out.
+            EncodeError: the topic is durable and the data cannot be encoded.
             DeliveryError: with ``ack``, a handler failed every attempt.
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
@@ -575,6 +908,16 @@ class Bus:
         event = self._make_event(topic, data, tags, idempotency_key)
         if self._blockers:
             rings = await self._wait_for_blockers(topic, rings)
+        log = self._durable_log(topic)
+        if log is not None:
+            # Commit before any fan-out; no await between the commit and the
+            # fan-out, so subscribers see events in offset order.
+            await self._ensure_started()
+            committed = (await log.append((event,)))[0]
+            if committed.id != event.id:
+                return committed  # an idempotent repeat: stored once, delivered once
+            event = committed
+            rings = self._route(topic)
         if not ack:
             for ring in rings:
                 ring.append(event)
@@ -591,11 +934,14 @@ class Bus:
         """Publish a batch of ``(topic, data)`` pairs, in order; return the events.
 
         Every topic is validated before anything is published, so an invalid
-        name publishes nothing. Waiting subscribers wake once for the batch.
+        name publishes nothing. The durable events of the batch are committed
+        to the log in one atomic append before any fan-out. Waiting subscribers
+        wake once for the batch.
 
         Raises:
             InvalidTopicError: a topic name breaks the grammar.
             BusClosedError: the bus is closed.
+            LogError: the log failed; nothing was published.
         """
         self._check_open()
         pairs = list(items)
@@ -604,20 +950,30 @@ class Bus:
                 raise TypeError("publish_many takes (topic, data) pairs")
             validate_topic(pair[0])
         frozen = freeze_tags(tags) if tags else None
-        events: list[Event] = []
-        for topic, data in pairs:
-            rings = self._route(topic)
-            if self._blockers:
-                rings = await self._wait_for_blockers(topic, rings)
-            event = (
-                Event(topic=topic, data=data)
-                if frozen is None
-                else Event(topic=topic, data=data, tags=frozen)
-            )
-            for ring in rings:
-                ring.append(event)
-            events.append(event)
-        self._published += len(events)
+        events = [
+            Event(topic=topic, data=data)
+            if frozen is None
+            else Event(topic=topic, data=data, tags=frozen)
+            for topic, data in pairs
+        ]
+        if self._blockers:
+            for event in events:
+                await self._wait_for_blockers(event.topic, self._route(event.topic))
+        durable = [i for i, e in enumerate(events) if self._durable_log(e.topic) is not None]
+        fresh = [True] * len(events)
+        if durable:
+            log = self.log
+            assert log is not None
+            await self._ensure_started()
+            committed = await log.append([events[i] for i in durable])
+            for i, stored in zip(durable, committed, strict=True):
+                fresh[i] = stored.id == events[i].id
+                events[i] = stored
+        for event, new in zip(events, fresh, strict=True):
+            if new:
+                for ring in self._route(event.topic):
+                    ring.append(event)
+        self._published += sum(fresh)
         return events
 
     def publish_threadsafe(

@@ -17,7 +17,8 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     ├── DeliveryError
     │   └── AckTimeoutError
     ├── LogError
-    │   └── PositionError (also ValueError)
+    │   ├── PositionError (also ValueError)
+    │   └── UnrecoverablePositionError
     └── ConfigurationError (also ValueError)
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "SubscriberExistsError",
     "SubscriberNotFoundError",
     "SubscriptionClosedError",
+    "UnrecoverablePositionError",
 ]
 
 
@@ -65,7 +67,11 @@ class SubscriberNotFoundError(EventcastError):
 
 
 class SubscriptionClosedError(EventcastError):
-    """The subscription is closed: it was unsubscribed, or the bus closed."""
+    """The subscription is closed: it was unsubscribed, or the bus closed.
+
+    When it was closed because of another error (a malformed resume position,
+    say), that error is chained as ``__cause__``.
+    """
 
 
 class SlowConsumerError(SubscriptionClosedError):
@@ -97,6 +103,10 @@ class LogError(EventcastError):
 
 class PositionError(LogError, ValueError):
     """A stream position is malformed (for example a non-integer offset)."""
+
+
+class UnrecoverablePositionError(LogError):
+    """A stream position cannot be served: its epoch changed or it is beyond retention."""
 
 
 class ConfigurationError(EventcastError, ValueError):

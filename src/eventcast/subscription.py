@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 from .events import Event
 from .exceptions import (
     ConfigurationError,
+    EventcastError,
     SlowConsumerError,
     SubscriptionClosedError,
 )
@@ -207,6 +208,8 @@ class Subscription:
         "_extra_waiters",
         "_in_waiters",
         "_private",
+        "_recovering",
+        "_recovery",
         "_ring",
         "_seg_skipped",
         "_seg_start",
@@ -216,6 +219,7 @@ class Subscription:
         "id",
         "maxsize",
         "policy",
+        "recovered",
         "topics",
     )
 
@@ -255,7 +259,14 @@ class Subscription:
         self._delivered = 0
         self._dropped = 0
         self._dropping = False
-        self._error: SubscriptionClosedError | None = None
+        self._error: EventcastError | None = None
+        self._recovering = False
+        #: After a resume with ``since=``: ``True`` if every missed event was
+        #: replayed, ``False`` if not (nothing partial is replayed, and the
+        #: subscription continues live). ``None`` when no resume was asked or
+        #: while it is still in progress.
+        self.recovered: bool | None = None
+        self._recovery: asyncio.Future[bool] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._extra_waiters: list[asyncio.Future[None]] = []
         self._in_waiters = False
@@ -298,8 +309,9 @@ class Subscription:
                         yield event
                     continue
             elif cursor == _PRIVATE:
-                yield self._pop_private()
-                continue
+                if not self._recovering:
+                    yield self._pop_private()
+                    continue
             elif self._error is not None:
                 raise self._error
             else:
@@ -367,6 +379,8 @@ class Subscription:
         elif cursor == _PRIVATE:
             private = self._private
             assert private is not None
+            if self._recovering:
+                return []
             k = min(n, len(private))
             taken = [private.popleft() for _ in range(k)]
             self._delivered += k
@@ -425,7 +439,7 @@ class Subscription:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _closed_error(self) -> SubscriptionClosedError:
+    def _closed_error(self) -> EventcastError:
         if self._error is not None:
             return self._error
         return SubscriptionClosedError(f"subscription {self.id!r} is closed")
@@ -575,6 +589,58 @@ class Subscription:
         if self._private is not None and not self._private:
             self._rejoin_ring()
 
+    # -- resume ----------------------------------------------------------------
+
+    def _begin_recovery(self) -> None:
+        """Hold live events aside while the missed ones are read from the log."""
+        ring = self._ring
+        self._delivered += self._cursor - self._seg_start - self._seg_skipped
+        self._private = deque()
+        self._cursor = _PRIVATE
+        self._recovering = True
+        ring.privates.add(self)
+        self._recovery = asyncio.get_running_loop().create_future()
+
+    def _finish_recovery(self, replay: list[Event] | None, last_offset: int | None) -> None:
+        """Hand over from the replay to live delivery with no gap and no duplicate.
+
+        ``replay`` is ``None`` when the gap could not be replayed in full: then
+        nothing is replayed and the live events held aside are delivered.
+        Live events already covered by the replay (offset <= ``last_offset``)
+        are dropped as duplicates.
+        """
+        if self._cursor == _CLOSED:
+            return
+        private = self._private
+        assert private is not None
+        live = list(private)
+        if last_offset is not None:
+            live = [e for e in live if e.offset is None or e.offset > last_offset]
+        private.clear()
+        private.extend(replay or ())
+        private.extend(live)
+        self._recovering = False
+        self.recovered = replay is not None
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.set_result(self.recovered)
+        if not private:
+            self._rejoin_ring()
+        self._wake()
+
+    async def ready(self) -> bool | None:
+        """Wait until a resume asked with ``since=`` is done; return :attr:`recovered`.
+
+        Raises:
+            EventcastError: the resume failed for a reason the caller must fix
+                (for example ``PositionError`` for an offset beyond the head).
+        """
+        recovery = self._recovery
+        if recovery is not None and not recovery.done():
+            await asyncio.shield(recovery)
+        if self._cursor == _CLOSED and self._error is not None and self.recovered is None:
+            raise self._error
+        return self.recovered
+
     # -- lifecycle -----------------------------------------------------------
 
     @property
@@ -598,7 +664,7 @@ class Subscription:
             closed=self.closed,
         )
 
-    def _close(self, error: SubscriptionClosedError | None = None) -> None:
+    def _close(self, error: EventcastError | None = None) -> None:
         if self._cursor == _CLOSED:
             return
         if self._cursor >= 0:
@@ -606,6 +672,9 @@ class Subscription:
         self._cursor = _CLOSED
         self._error = error
         self._private = None
+        self._recovering = False
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.set_result(False)
         self._ring.discard(self)
         self._bus._forget(self)
         self._wake()
@@ -620,6 +689,7 @@ class Subscription:
         self._close()
 
     async def __aenter__(self) -> Subscription:
+        await self.ready()
         return self
 
     async def __aexit__(

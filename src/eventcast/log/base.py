@@ -1,0 +1,320 @@
+"""The ``EventLog`` abstract base class: a durable, numbered stream per topic.
+
+Every topic written to a log is a stream of events numbered 1, 2, 3, … (the
+*offset*) under an *epoch*: a random string chosen when the stream is created.
+The epoch changes whenever the log cannot prove the stream is continuous: a
+fresh or wiped store, or an explicit truncation. A subscriber that stopped at
+``Position(offset, epoch)`` can therefore resume exactly, or learn plainly that
+it cannot.
+
+Implementations translate their driver's errors into :class:`LogError` and
+import their driver lazily.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any, Final
+
+import msgspec
+
+from ..deadletters import DeadLetter
+from ..events import Event, Position
+from ..exceptions import EncodeError, LogError
+
+__all__ = [
+    "DEFAULT_DEDUP_WINDOW",
+    "EventLog",
+    "LetterRow",
+    "Retention",
+    "decode_payload",
+    "decode_tags",
+    "encode_tags",
+    "new_epoch",
+]
+
+#: How long an idempotency key is remembered, in seconds.
+DEFAULT_DEDUP_WINDOW: Final = 120.0
+
+
+def new_epoch() -> str:
+    """Return a new random epoch string."""
+    return secrets.token_hex(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of a topic's stream a log keeps.
+
+    Attributes:
+        size: keep at most this many of the newest events (``>= 1``).
+        ttl: drop events older than this many seconds (``None``: no age limit).
+    """
+
+    size: int
+    ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError("Retention.size must be >= 1")
+        if self.ttl is not None and self.ttl <= 0:
+            raise ValueError("Retention.ttl must be positive or None")
+
+
+#: The retention used for a topic when the log is not told otherwise.
+DEFAULT_RETENTION: Final = Retention(size=1000, ttl=None)
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+def encode_tags(tags: Mapping[str, str]) -> bytes | None:
+    """Encode tags for storage (``None`` when there are none)."""
+    return _encode(dict(tags)) if tags else None
+
+
+def decode_tags(raw: bytes | str | None) -> Mapping[str, str]:
+    """Decode stored tags to a read-only mapping."""
+    if not raw:
+        return MappingProxyType({})
+    return MappingProxyType(_decode(raw))
+
+
+def decode_payload(payload: bytes, binary: bool) -> Any:
+    """Decode stored event data: raw ``bytes`` stay bytes, anything else is JSON."""
+    if binary:
+        return payload
+    return _decode(payload)
+
+
+def stored_event(
+    topic: str,
+    offset: int,
+    epoch: str,
+    event_id: str,
+    at: float,
+    payload: bytes,
+    binary: bool,
+    tags: bytes | str | None,
+    idempotency_key: str | None,
+) -> Event:
+    """Build the :class:`Event` for one stored row (its encoded bytes cached)."""
+    return Event(
+        topic=topic,
+        data=decode_payload(payload, binary),
+        id=event_id,
+        time=at,
+        offset=offset,
+        epoch=epoch,
+        tags=decode_tags(tags),
+        idempotency_key=idempotency_key,
+        _cache=[payload],
+    )
+
+
+#: A dead letter flattened for storage; see :func:`letter_to_row`.
+LetterRow = tuple[
+    int, str, str, int, "str | None", float, str, str, float, bytes, bool, "bytes | None"
+]
+
+
+def letter_to_row(letter: DeadLetter) -> LetterRow | None:
+    """Flatten a dead letter for storage, or ``None`` if its data cannot be encoded."""
+    event = letter.event
+    try:
+        payload = event.encoded_data()
+    except EncodeError:
+        return None
+    return (
+        letter.id,
+        letter.subscriber,
+        letter.reason,
+        letter.attempts,
+        letter.error,
+        letter.time,
+        event.topic,
+        event.id,
+        event.time,
+        payload,
+        isinstance(event.data, bytes),
+        encode_tags(event.tags),
+    )
+
+
+def row_to_letter(row: Sequence[Any]) -> DeadLetter:
+    """Rebuild a dead letter from a stored row (the inverse of :func:`letter_to_row`)."""
+    (
+        lid,
+        subscriber,
+        reason,
+        attempts,
+        error,
+        at,
+        topic,
+        event_id,
+        event_time,
+        payload,
+        binary,
+        tags,
+    ) = row
+    payload = bytes(payload)
+    event = Event(
+        topic=topic,
+        data=decode_payload(payload, bool(binary)),
+        id=event_id,
+        time=event_time,
+        tags=decode_tags(tags),
+        _cache=[payload],
+    )
+    return DeadLetter(
+        event=event,
+        subscriber=subscriber,
+        reason=reason,
+        attempts=attempts,
+        error=error,
+        time=at,
+        id=lid,
+    )
+
+
+class EventLog(ABC):
+    """A durable, numbered log of events, one stream per topic.
+
+    Subclasses implement the abstract methods; :meth:`open` and :meth:`close`
+    are called by the bus (or use ``async with``). ``close`` is idempotent.
+
+    Every method raises only :class:`LogError` for a failure of the store.
+    """
+
+    #: Called with a topic to learn its retention; set by the bus.
+    retention: Callable[[str], Retention]
+    #: How long an idempotency key is remembered, in seconds.
+    dedup_window: float
+
+    def __init__(self, *, dedup_window: float = DEFAULT_DEDUP_WINDOW) -> None:
+        if dedup_window <= 0:
+            raise ValueError("dedup_window must be positive")
+        self.dedup_window = dedup_window
+        self.retention = lambda topic: DEFAULT_RETENTION
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect or open files, create the schema if needed. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release every resource. Idempotent; safe after cancellation."""
+
+    async def __aenter__(self) -> EventLog:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- writing ----------------------------------------------------------------
+
+    @abstractmethod
+    async def append(self, events: Sequence[Event]) -> list[Event]:
+        """Commit events atomically and return them with ``offset`` and ``epoch`` set.
+
+        Offsets are assigned per topic, in order, with no gaps. The whole batch
+        is committed or nothing is. An event whose ``idempotency_key`` was
+        already stored for its topic within the dedup window is not stored
+        again: the originally stored event is returned in its place.
+
+        Raises:
+            LogError: nothing was committed.
+            EncodeError: an event's data cannot be encoded (nothing was committed).
+        """
+
+    @abstractmethod
+    async def truncate(self, topic: str) -> Position:
+        """Remove a topic's history and start a new epoch; return the new position."""
+
+    # -- reading ----------------------------------------------------------------
+
+    @abstractmethod
+    async def read(
+        self,
+        topic: str,
+        *,
+        after: int = 0,
+        before: int | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> list[Event]:
+        """Return retained events of ``topic``.
+
+        Forward (the default): events with ``after < offset`` in increasing
+        order. Reverse: events with ``offset < before`` (or from the newest when
+        ``before`` is ``None``) in decreasing order. At most ``limit`` events.
+        """
+
+    @abstractmethod
+    async def position(self, topic: str) -> Position:
+        """Return the latest ``(offset, epoch)`` of a topic (offset 0 if it has no events).
+
+        A topic never written gets its stream, and so its epoch, created here.
+        """
+
+    @abstractmethod
+    async def earliest(self, topic: str) -> int | None:
+        """Return the smallest retained offset of a topic, or ``None`` if none is kept."""
+
+    @abstractmethod
+    async def lookup(self, topic: str, idempotency_key: str) -> Event | None:
+        """Return the event stored under this idempotency key within the dedup window."""
+
+    # -- retention ----------------------------------------------------------------
+
+    @abstractmethod
+    async def prune(self, now: float | None = None) -> int:
+        """Drop events past their topic's retention (size and age); return how many."""
+
+    # -- dead letters --------------------------------------------------------------
+
+    @abstractmethod
+    async def save_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Store dead letters (their events must be JSON-encodable)."""
+
+    @abstractmethod
+    async def load_dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Return up to ``limit`` stored dead letters, oldest first."""
+
+    @abstractmethod
+    async def delete_dead_letters(self, ids: Sequence[int]) -> None:
+        """Remove stored dead letters by id."""
+
+    # -- health ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise :class:`LogError` unless the log can accept writes now."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+def now() -> float:
+    """The wall clock used for retention and dedup windows."""
+    return time.time()
+
+
+def log_error(action: str, exc: BaseException) -> LogError:
+    """Translate a driver error into a :class:`LogError` naming the action."""
+    error = LogError(f"event log could not {action}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

@@ -936,7 +936,9 @@ class Bus:
         Every topic is validated before anything is published, so an invalid
         name publishes nothing. The durable events of the batch are committed
         to the log in one atomic append before any fan-out. Waiting subscribers
-        wake once for the batch.
+        wake once for the batch. When a matching subscriber chose
+        ``Overflow.BLOCK``, the events are published one by one instead (the
+        publisher may wait between them), so the batch is not atomic then.
 
         Raises:
             InvalidTopicError: a topic name breaks the grammar.
@@ -949,6 +951,12 @@ class Bus:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise TypeError("publish_many takes (topic, data) pairs")
             validate_topic(pair[0])
+        if self._blockers and any(
+            ring.blockers for topic, _ in pairs for ring in self._route(topic)
+        ):
+            # A BLOCK subscriber may need the publisher to wait between events:
+            # publish them one by one, in order (each durable one committed alone).
+            return [await self.publish(topic, data, tags=tags) for topic, data in pairs]
         frozen = freeze_tags(tags) if tags else None
         events = [
             Event(topic=topic, data=data)
@@ -956,9 +964,6 @@ class Bus:
             else Event(topic=topic, data=data, tags=frozen)
             for topic, data in pairs
         ]
-        if self._blockers:
-            for event in events:
-                await self._wait_for_blockers(event.topic, self._route(event.topic))
         durable = [i for i, e in enumerate(events) if self._durable_log(e.topic) is not None]
         fresh = [True] * len(events)
         if durable:
@@ -1014,6 +1019,7 @@ class Bus:
                 return rings
             sub = waiting[0]
             await sub._wait_for_space(start + sub.block_timeout)
+            self._check_open()  # the bus closed while this publisher waited
             rings = self._route(topic)
 
     async def _publish_acked(

@@ -19,18 +19,23 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     ├── LogError
     │   ├── PositionError (also ValueError)
     │   └── UnrecoverablePositionError
-    └── ConfigurationError (also ValueError)
+    ├── ConfigurationError (also ValueError)
+    └── AuthError
+        ├── InvalidTokenError
+        └── TokenExpiredError
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AckTimeoutError",
+    "AuthError",
     "BusClosedError",
     "ConfigurationError",
     "DeliveryError",
     "EncodeError",
     "EventcastError",
+    "InvalidTokenError",
     "InvalidTopicError",
     "LogError",
     "PositionError",
@@ -38,6 +43,7 @@ __all__ = [
     "SubscriberExistsError",
     "SubscriberNotFoundError",
     "SubscriptionClosedError",
+    "TokenExpiredError",
     "UnrecoverablePositionError",
 ]
 
@@ -111,3 +117,18 @@ class UnrecoverablePositionError(LogError):
 
 class ConfigurationError(EventcastError, ValueError):
     """A setting, URL or option is invalid."""
+
+
+class AuthError(EventcastError):
+    """A client could not be authenticated or authorised.
+
+    Messages never contain the token itself.
+    """
+
+
+class InvalidTokenError(AuthError):
+    """A token is malformed, badly signed, uses a refused algorithm, or has wrong claims."""
+
+
+class TokenExpiredError(AuthError):
+    """A token was valid but its ``exp`` claim is in the past."""

@@ -156,20 +156,25 @@ class _Ring:
     def _enforce(self, head: int) -> None:
         heap = self.heap
         while heap and heap[0][0] <= head:
-            sub = heapq.heappop(heap)[2]
-            cursor = sub._cursor
-            if cursor < 0 or sub._ring is not self:
-                continue  # stale entry: the subscriber went private or closed
-            deadline = cursor + sub.maxsize + 1
+            _, seq, sub = heapq.heappop(heap)
+            if seq != sub._heap_entry or sub._cursor < 0 or sub._ring is not self:
+                continue  # stale entry: the subscriber went private, closed or re-tracked
+            deadline = sub._cursor + sub.maxsize + 1
             if deadline <= head:
                 sub._overflow_in_ring(head)
                 if sub._cursor < 0:
                     continue
                 deadline = sub._cursor + sub.maxsize + 1
-            heapq.heappush(heap, (deadline, next(_heap_seq), sub))
+            self._push_entry(sub, deadline)
+
+    def _push_entry(self, sub: Subscription, deadline: int) -> None:
+        seq = next(_heap_seq)
+        sub._heap_entry = seq
+        heapq.heappush(self.heap, (deadline, seq, sub))
 
     def track(self, sub: Subscription) -> None:
-        heapq.heappush(self.heap, (sub._cursor + sub.maxsize + 1, next(_heap_seq), sub))
+        """Watch a ring-mode subscriber for overflow (one live heap entry each)."""
+        self._push_entry(sub, sub._cursor + sub.maxsize + 1)
 
     def _trim(self) -> None:
         low = self.head
@@ -206,6 +211,7 @@ class Subscription:
         "_dropping",
         "_error",
         "_extra_waiters",
+        "_heap_entry",
         "_in_waiters",
         "_private",
         "_recovering",
@@ -252,6 +258,7 @@ class Subscription:
         self.policy = policy
         #: How long a publisher waits for room under ``Overflow.BLOCK``.
         self.block_timeout = block_timeout
+        self._heap_entry = -1
         self._cursor = ring.head
         self._seg_start = ring.head
         self._seg_skipped = 0
@@ -374,6 +381,8 @@ class Subscription:
                 return []
             end = head if head - cursor <= n else cursor + n
             self._cursor = end
+            if end == head:
+                self._dropping = False  # drained: a drop episode is over
             base = ring.base
             taken = ring.events[cursor - base : end - base]
         elif cursor == _PRIVATE:
@@ -535,6 +544,7 @@ class Subscription:
         self._private = None
         self._cursor = self._seg_start = ring.head
         self._seg_skipped = 0
+        self._dropping = False  # the private buffer drained: a drop episode is over
         ring.track(self)
 
     # -- BLOCK ---------------------------------------------------------------

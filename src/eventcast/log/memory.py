@@ -195,7 +195,7 @@ class MemoryLog(EventLog):
         self._letters.extend(letters)
 
     async def load_dead_letters(self, limit: int) -> builtins.list[DeadLetter]:
-        return list(self._letters)[-limit:]
+        return list(self._letters)[-limit:] if limit > 0 else []
 
     async def delete_dead_letters(self, ids: Sequence[int]) -> None:
         drop = set(ids)

@@ -179,6 +179,9 @@ class SQLiteLog(EventLog):
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+            # A writer that failed to open never read the sentinel: drop it, or
+            # the writer of a later open() would stop at once.
+            self._queue = queue.SimpleQueue()
             raise
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="eventcast-sqlite-read")
         self._opened = True
@@ -188,17 +191,19 @@ class SQLiteLog(EventLog):
             return
         self._closed = True
         thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            # The writer finishes what is queued, then closes its connection.
-            await asyncio.shield(asyncio.to_thread(thread.join))
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-        with self._reader_lock:
-            for conn in self._reader_conns:
-                conn.close()
-            self._reader_conns.clear()
+        try:
+            if thread is not None:
+                self._queue.put(None)
+                # The writer finishes what is queued, then closes its connection.
+                await asyncio.shield(asyncio.to_thread(thread.join))
+        finally:  # even when cancelled: a second close() returns at once
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)
+            with self._reader_lock:
+                for conn in self._reader_conns:
+                    conn.close()
+                self._reader_conns.clear()
 
     def _connect(self, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
@@ -219,6 +224,7 @@ class SQLiteLog(EventLog):
     def _writer(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
+        conn: sqlite3.Connection | None = None
         try:
             conn = self._connect(readonly=False)
             conn.executescript(_SCHEMA)
@@ -226,6 +232,8 @@ class SQLiteLog(EventLog):
                 "INSERT OR IGNORE INTO ec_meta (key, value) VALUES ('store', ?)", (new_epoch(),)
             )
         except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
             error = log_error(f"open {self.path!r}", exc)
             loop.call_soon_threadsafe(_set_exception, ready, error)
             return
@@ -274,7 +282,7 @@ class SQLiteLog(EventLog):
                 self._apply_retention(conn, appends)
                 conn.execute("COMMIT")
                 self.commits += 1
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # not only sqlite3.Error: e.g. a retention callback
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 self._restore(saved)
@@ -285,7 +293,7 @@ class SQLiteLog(EventLog):
         for request in others:
             try:
                 request.result = self._other(conn, request)
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # the writer thread must never die
                 with contextlib.suppress(sqlite3.Error):
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
@@ -480,6 +488,8 @@ class SQLiteLog(EventLog):
         assert self._loop is not None
         await room.acquire()
         try:
+            if self._closed:  # closed while waiting for room: the writer is gone
+                raise LogError("the log is not open")
             future: asyncio.Future[Any] = self._loop.create_future()
             self._queue.put(_Request(kind, args, future))
             return await future

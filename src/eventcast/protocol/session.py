@@ -1,0 +1,187 @@
+"""The per-connection state machine of the server side (sans-I/O).
+
+Feed it the frames a client sent with :meth:`ServerSession.receive`; it
+returns the commands to execute. Tell it the outcome with :meth:`reply` or
+:meth:`error`, and collect the bytes to write with :meth:`data_to_send`. It
+never touches a socket or an event loop, so the server, the tests and any other
+transport drive the same logic.
+
+Rules it enforces, as the protocol documents them:
+
+* The first command must be ``connect``; anything else closes the connection
+  with 3501 "bad request". A frame that is not valid JSON does too.
+* A command with an id but no known method gets error 104 "method not found".
+* Commands (except ``send``) need an id > 0.
+* After ``max_bad_commands`` error replies caused by the client, the
+  connection is closed with 3509 "too many errors".
+* A bare ``{}`` from the client is a pong.
+
+State table (event -> next state)::
+
+    CONNECTING --connect accepted--> CONNECTED
+    CONNECTING --other command / bad frame--> CLOSED
+    CONNECTED  --close()--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .codec import PING, ProtocolError, decode_commands, encode_error, encode_reply, method_of
+from .codes import (
+    DISCONNECT_BAD_REQUEST,
+    DISCONNECT_TOO_MANY_ERRORS,
+    ERROR_BAD_REQUEST,
+    ERROR_METHOD_NOT_FOUND,
+    ClientError,
+    Disconnect,
+)
+
+__all__ = ["DEFAULT_MAX_BAD_COMMANDS", "Request", "ServerSession", "SessionState"]
+
+#: Error replies caused by the client before it is disconnected.
+DEFAULT_MAX_BAD_COMMANDS: Final = 10
+
+
+class SessionState(enum.Enum):
+    """Where a connection is in its life."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One command to execute: its id, method name and request body."""
+
+    id: int
+    method: str
+    body: Any
+
+
+class ServerSession:
+    """The protocol state of one client connection, with no I/O.
+
+    Args:
+        max_bad_commands: error replies the client may cause before it is
+            disconnected with 3509.
+    """
+
+    def __init__(self, *, max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS) -> None:
+        if max_bad_commands < 1:
+            raise ValueError("max_bad_commands must be >= 1")
+        self.max_bad_commands = max_bad_commands
+        self.state = SessionState.CONNECTING
+        #: Error replies caused by the client so far.
+        self.bad_commands = 0
+        #: Why the session closed, once it has.
+        self.disconnect: Disconnect | None = None
+        #: Pongs received (bare ``{}`` commands).
+        self.pongs = 0
+        self._out: list[bytes] = []
+
+    # -- input ---------------------------------------------------------------------
+
+    def receive(self, data: bytes | str) -> list[Request]:
+        """Parse one frame and return the commands to execute, in order.
+
+        Malformed frames close the session (see :attr:`disconnect`); unknown
+        methods are answered here. Never raises.
+        """
+        if self.state is SessionState.CLOSED:
+            return []
+        try:
+            commands = decode_commands(data)
+        except ProtocolError:
+            self.close(DISCONNECT_BAD_REQUEST)
+            return []
+        requests: list[Request] = []
+        for command in commands:
+            method = method_of(command)
+            if method is None:
+                if command.id == 0:
+                    self.pongs += 1
+                    continue
+                self.error(command.id, ERROR_METHOD_NOT_FOUND)
+                if self.disconnect is not None:
+                    return []
+                continue
+            if command.id <= 0 and method != "send":
+                self.close(DISCONNECT_BAD_REQUEST)
+                return []
+            requests.append(Request(command.id, method, getattr(command, method)))
+        return requests
+
+    def admit(self, request: Request) -> bool:
+        """Check that a command may run now (call right before executing it).
+
+        Returns False, having closed the session or queued the error reply,
+        when it may not.
+        """
+        if self.state is SessionState.CLOSED:
+            return False
+        if self.state is SessionState.CONNECTING:
+            if request.method != "connect":
+                self.close(DISCONNECT_BAD_REQUEST)
+                return False
+            return True
+        if request.method == "connect":
+            self.error(request.id, ERROR_BAD_REQUEST.with_message("already connected"))
+            return False
+        return True
+
+    # -- output -------------------------------------------------------------------
+
+    def connected(self, request: Request, result: Any) -> None:
+        """Accept the connect command with its result."""
+        if self.state is not SessionState.CONNECTING:
+            return
+        self.state = SessionState.CONNECTED
+        self._out.append(encode_reply(request.id, "connect", result))
+
+    def reply(self, request: Request, result: Any) -> None:
+        """Queue the successful reply to a command (``send`` has none)."""
+        if self.state is SessionState.CLOSED or request.method == "send":
+            return
+        self._out.append(encode_reply(request.id, request.method, result))
+
+    def error(self, command_id: int, error: ClientError, *, client_fault: bool = True) -> None:
+        """Queue an error reply; count it when the client caused it."""
+        if self.state is SessionState.CLOSED:
+            return
+        if command_id > 0:
+            self._out.append(encode_error(command_id, error))
+        if client_fault:
+            self.bad_commands += 1
+            if self.bad_commands >= self.max_bad_commands:
+                self.close(DISCONNECT_TOO_MANY_ERRORS)
+
+    def push(self, data: bytes) -> None:
+        """Queue an encoded push."""
+        if self.state is not SessionState.CLOSED:
+            self._out.append(data)
+
+    def ping(self) -> None:
+        """Queue a server ping (an empty object)."""
+        self.push(PING)
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close the session; the transport should close with ``disconnect.code``."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        self.disconnect = disconnect
+
+    def data_to_send(self) -> list[bytes]:
+        """Return and forget the messages queued so far (join them with ``\\n``)."""
+        out = self._out
+        self._out = []
+        return out
+
+    @property
+    def connected_state(self) -> bool:
+        """Whether connect was accepted and the session is not closed."""
+        return self.state is SessionState.CONNECTED

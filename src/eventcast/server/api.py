@@ -1,0 +1,366 @@
+"""The HTTP server API: ``POST /api/<method>``, compatible with Centrifugo's (and ``cent``).
+
+Authenticate with ``X-API-Key: <key>`` or ``Authorization: apikey <key>``.
+Answers are ``{"result": …}`` or ``{"error": {"code", "message"}}`` with HTTP
+200, as Centrifugo does; transport-level problems use HTTP statuses: 401 for a
+missing or wrong key, 404 for an unknown method, 400 for a body that is not a
+JSON object, 413 for a body over the size limit. With no API key configured the
+API is disabled (every call gets 401).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..exceptions import EncodeError, EventcastError, InvalidTopicError, LogError
+from ..protocol import codes
+from ..protocol.codes import ClientError, Disconnect
+from ..protocol.frames import HistoryResult
+from .hub import CommandError, Hub
+
+__all__ = ["API_METHODS", "handle_api"]
+
+logger = logging.getLogger("eventcast.api")
+
+#: The largest API request body accepted, in bytes.
+MAX_API_BODY: Final = 1_048_576
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+Method = Callable[[Hub, dict[str, Any]], Awaitable[Any]]
+
+
+class APIError(Exception):
+    """An API call failed with a protocol error code."""
+
+    def __init__(self, error: ClientError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(_encode(body), status_code=status, media_type="application/json")
+
+
+def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = params.get(name)
+    if value is None or value == "":
+        if required:
+            raise APIError(codes.ERROR_BAD_REQUEST.with_message(f"{name} required"))
+        return ""
+    if not isinstance(value, str):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message(f"{name} must be a string"))
+    return value
+
+
+def _tags(params: dict[str, Any]) -> dict[str, str] | None:
+    tags = params.get("tags")
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("tags must map strings to strings"))
+    return tags
+
+
+async def _publish_one(hub: Hub, channel: str, params: dict[str, Any]) -> dict[str, Any]:
+    if "data" not in params:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("data required"))
+    key = params.get("idempotency_key")
+    if key is not None and not isinstance(key, str):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("idempotency_key must be a string"))
+    try:
+        event = await hub.bus.publish(
+            channel, params["data"], tags=_tags(params), idempotency_key=key or None
+        )
+    except InvalidTopicError as exc:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+    result: dict[str, Any] = {}
+    if event.offset:
+        result = {"offset": event.offset, "epoch": event.epoch}
+    return result
+
+
+def _check_channel(hub: Hub, channel: str) -> None:
+    try:
+        hub._check_channel(channel)
+    except CommandError as exc:
+        answer = exc.answer
+        assert isinstance(answer, ClientError)
+        raise APIError(answer) from None
+
+
+async def api_publish(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    return await _publish_one(hub, channel, params)
+
+
+async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
+    channels = params.get("channels")
+    if not isinstance(channels, list) or not channels:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("channels required"))
+    responses: list[dict[str, Any]] = []
+    for channel in channels:
+        try:
+            if not isinstance(channel, str):
+                raise APIError(codes.ERROR_BAD_REQUEST.with_message("channel must be a string"))
+            _check_channel(hub, channel)
+            responses.append({"result": await _publish_one(hub, channel, params)})
+        except APIError as exc:
+            responses.append({"error": _error(exc.error)})
+        except LogError as exc:
+            logger.warning("broadcast to %r failed: %s", channel, exc)
+            responses.append({"error": _error(codes.ERROR_INTERNAL)})
+    return {"responses": responses}
+
+
+async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    limit = params.get("limit") or 0
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int"))
+    since_raw = params.get("since")
+    since = None
+    if since_raw is not None:
+        if not isinstance(since_raw, dict):
+            raise APIError(codes.ERROR_BAD_REQUEST.with_message("since must be an object"))
+        offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
+        if not isinstance(offset, int) or not isinstance(epoch, str):
+            raise APIError(codes.ERROR_BAD_REQUEST.with_message("malformed since"))
+        since = (offset, epoch)
+    try:
+        result: HistoryResult = await hub.history(
+            channel, since=since, limit=limit, reverse=bool(params.get("reverse"))
+        )
+    except CommandError as exc:
+        answer = exc.answer
+        raise APIError(
+            answer if isinstance(answer, ClientError) else codes.ERROR_BAD_REQUEST
+        ) from None
+    if result.publications is None:
+        result.publications = []
+    return result
+
+
+async def api_history_remove(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    log = hub.bus.log
+    if log is None or hub.bus.namespace(channel).history_size <= 0:
+        raise APIError(codes.ERROR_NOT_AVAILABLE)
+    await log.truncate(channel)
+    return {}
+
+
+async def api_presence(hub: Hub, params: dict[str, Any]) -> Any:
+    raise APIError(codes.ERROR_NOT_AVAILABLE)
+
+
+async def api_presence_stats(hub: Hub, params: dict[str, Any]) -> Any:
+    raise APIError(codes.ERROR_NOT_AVAILABLE)
+
+
+def _glob(pattern: str, name: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+async def api_channels(hub: Hub, params: dict[str, Any]) -> Any:
+    pattern = params.get("pattern") or ""
+    if not isinstance(pattern, str):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("pattern must be a string"))
+    channels = {
+        name: {"num_clients": len(channel.members)}
+        for name, channel in hub.channels.items()
+        if not pattern or _glob(pattern, name)
+    }
+    return {"channels": channels}
+
+
+async def api_info(hub: Hub, params: dict[str, Any]) -> Any:
+    stats = hub.stats()
+    node = {
+        "uid": hub.settings.node_name,
+        "name": stats["name"],
+        "version": stats["version"],
+        "num_clients": stats["num_clients"],
+        "num_users": stats["num_users"],
+        "num_channels": stats["num_channels"],
+        "num_subs": stats["num_subs"],
+        "uptime": stats["uptime"],
+    }
+    return {"nodes": [node]}
+
+
+async def api_disconnect(hub: Hub, params: dict[str, Any]) -> Any:
+    user = _str(params, "user", required=False)
+    client = _str(params, "client", required=False) or None
+    if not user and not client:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("user required"))
+    spec = params.get("disconnect") or {}
+    if not isinstance(spec, dict):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("disconnect must be an object"))
+    code = spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code
+    reason = spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason
+    if not isinstance(code, int) or not isinstance(reason, str) or not 3000 <= code < 5000:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("disconnect code must be 3000-4999"))
+    if client and not user:
+        conn = hub.connections.get(client)
+        if conn is not None:
+            conn.close(Disconnect(code, reason))
+        return {}
+    hub.disconnect_user(user, Disconnect(code, reason), client)
+    return {}
+
+
+async def api_unsubscribe(hub: Hub, params: dict[str, Any]) -> Any:
+    user = _str(params, "user")
+    channel = _str(params, "channel")
+    hub.unsubscribe_user(user, channel, _str(params, "client", required=False) or None)
+    return {}
+
+
+async def api_subscribe(hub: Hub, params: dict[str, Any]) -> Any:
+    user = _str(params, "user")
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    try:
+        await hub.subscribe_user(user, channel, _str(params, "client", required=False) or None)
+    except CommandError as exc:
+        if isinstance(exc.answer, ClientError):
+            raise APIError(exc.answer) from None
+        raise APIError(codes.ERROR_BAD_REQUEST) from None
+    return {}
+
+
+async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
+    commands = params.get("commands")
+    if not isinstance(commands, list):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("commands required"))
+
+    async def one(command: Any) -> dict[str, Any]:
+        if not isinstance(command, dict) or len(command) != 1:
+            return {"error": _error(codes.ERROR_BAD_REQUEST)}
+        ((method, body),) = command.items()
+        handler = API_METHODS.get(method)
+        if handler is None or method == "batch" or not isinstance(body, dict):
+            return {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}
+        try:
+            return {method: await handler(hub, body)}
+        except APIError as exc:
+            return {"error": _error(exc.error)}
+        except LogError:
+            return {"error": _error(codes.ERROR_INTERNAL)}
+
+    if params.get("parallel"):
+        replies = list(await asyncio.gather(*(one(c) for c in commands)))
+    else:
+        replies = [await one(c) for c in commands]
+    return {"replies": replies}
+
+
+API_METHODS: dict[str, Method] = {
+    "publish": api_publish,
+    "broadcast": api_broadcast,
+    "batch": api_batch,
+    "history": api_history,
+    "history_remove": api_history_remove,
+    "presence": api_presence,
+    "presence_stats": api_presence_stats,
+    "channels": api_channels,
+    "info": api_info,
+    "disconnect": api_disconnect,
+    "unsubscribe": api_unsubscribe,
+    "subscribe": api_subscribe,
+}
+
+
+def _error(error: ClientError) -> dict[str, Any]:
+    return {"code": error.code, "message": error.message}
+
+
+def _authorized(request: Request, key: str | None) -> bool:
+    if not key:
+        return False
+    given = request.headers.get("x-api-key")
+    if given is None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "apikey":
+            return False
+        given = value.strip()
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def handle_api(request: Request) -> Response:
+    """Serve ``POST /api/<method>``."""
+    hub: Hub = request.app.state.hub
+    method = request.path_params.get("method", "")
+    key = hub.settings.api_key
+    secret = key.get_secret_value() if key is not None else None
+    result_status = "error"
+    try:
+        if not _authorized(request, secret):
+            return _json(401, {"error": {"code": 101, "message": "unauthorized"}})
+        handler = API_METHODS.get(method)
+        if handler is None:
+            return _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)})
+        body = await _read_body(request, MAX_API_BODY)
+        if body is None:
+            return _json(413, {"error": {"code": 107, "message": "request body too large"}})
+        try:
+            params = _decode(body) if body.strip() else {}
+        except msgspec.DecodeError:
+            return _json(400, {"error": {"code": 107, "message": "body is not valid JSON"}})
+        if not isinstance(params, dict):
+            return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
+        try:
+            result = await handler(hub, params)
+        except APIError as exc:
+            return _json(200, {"error": _error(exc.error)})
+        except EncodeError as exc:
+            return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
+        except LogError as exc:
+            logger.warning("API %s failed: %s", method, exc)
+            return _json(200, {"error": _error(codes.ERROR_INTERNAL)})
+        except EventcastError as exc:
+            logger.warning("API %s failed: %s", method, exc)
+            return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
+        except Exception:
+            logger.exception("API %s failed", method)
+            return _json(500, {"error": _error(codes.ERROR_INTERNAL)})
+        result_status = "ok"
+        if method == "batch":
+            return _json(200, result)
+        return _json(200, {"result": result})
+    finally:
+        metrics = getattr(hub, "metrics", None)
+        if metrics is not None:
+            metrics.api_call(method, result_status)

@@ -1,0 +1,233 @@
+"""The hub as an ASGI application (Starlette), and ``eventcast serve``.
+
+``create_app(settings)`` returns the app; its lifespan opens the bus and log and
+closes them, telling every client to reconnect. ``serve()`` runs it under
+uvicorn with uvloop and httptools, permessage-deflate off, and the message size
+limit enforced by the WebSocket layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from ..protocol import codes
+from ..protocol.codes import Disconnect
+from .api import handle_api
+from .config import Settings
+from .connection import Connection
+from .hub import Hub
+
+__all__ = ["HubApp", "create_app", "serve"]
+
+logger = logging.getLogger("eventcast.server")
+
+
+def _raw_transport(send: Any) -> asyncio.WriteTransport | None:
+    """The socket transport behind uvicorn's sans-I/O WebSocket protocol, if that is the server.
+
+    Writing pre-framed bytes straight to it is eventcast's fast path; any
+    other server gets the portable ASGI path.
+    """
+    owner = getattr(send, "__self__", None)
+    if owner is None:
+        return None
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
+        return None
+    if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
+        return None
+    transport = owner.transport
+    return transport if isinstance(transport, asyncio.WriteTransport) else None
+
+
+class WebSocketEndpoint:
+    """``/connection/websocket``: the Centrifuge client protocol, JSON encoding."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["app"]
+        hub: Hub = app.state.hub
+        settings = hub.settings
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if hub.closing:
+            await send({"type": "websocket.close", "code": codes.DISCONNECT_SHUTDOWN.code})
+            return
+        await send({"type": "websocket.accept"})
+        raw_send = scope.get("eventcast.send", send)
+        transport = _raw_transport(raw_send)
+        conn = Connection(
+            hub,
+            send=raw_send if transport is not None else send,
+            transport=transport,
+            queue_limit=settings.client_queue_bytes,
+            max_bad_commands=settings.max_bad_commands,
+        )
+        loop = asyncio.get_running_loop()
+        stale = loop.call_later(settings.handshake_timeout, self._stale, conn)
+        pinger = loop.call_later(settings.ping_interval, self._ping, conn, -1)
+        try:
+            await self._serve(conn, hub, receive, settings.max_message_size)
+        finally:
+            stale.cancel()
+            pinger.cancel()
+            if not conn.closed:
+                conn.lost()
+            # Returning ends the ASGI connection: first let the close frame go out.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await conn.wait_closed()
+
+    @staticmethod
+    def _stale(conn: Connection) -> None:
+        if not conn.session.connected_state and not conn.closed:
+            conn.close(codes.DISCONNECT_STALE)
+
+    def _ping(self, conn: Connection, pongs_before: int) -> None:
+        if conn.closed:
+            return
+        settings = conn.hub.settings
+        loop = asyncio.get_running_loop()
+        if not conn.session.connected_state:
+            loop.call_later(settings.ping_interval, self._ping, conn, -1)
+            return
+        conn.session.ping()
+        conn.send_session_output()
+        pongs = conn.session.pongs
+        loop.call_later(settings.pong_timeout, self._check_pong, conn, pongs)
+
+    def _check_pong(self, conn: Connection, pongs_at_ping: int) -> None:
+        if conn.closed:
+            return
+        if conn.session.pongs == pongs_at_ping:
+            conn.close(codes.DISCONNECT_NO_PONG)
+            return
+        settings = conn.hub.settings
+        asyncio.get_running_loop().call_later(
+            max(0.0, settings.ping_interval - settings.pong_timeout), self._ping, conn, -1
+        )
+
+    async def _serve(self, conn: Connection, hub: Hub, receive: Receive, limit: int) -> None:
+        session = conn.session
+        while conn.is_open():
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                conn.lost()
+                return
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            if len(data) > limit:
+                conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
+                return
+            for request in session.receive(data):
+                if not conn.is_open():
+                    break
+                if session.admit(request):
+                    await hub.handle(conn, request)
+                else:
+                    conn.send_session_output()
+            conn.send_session_output()
+
+
+class HubApp(Starlette):
+    """The hub's Starlette application; ``app.state.hub`` is the :class:`Hub`."""
+
+    hub: Hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # Keep the server's own send callable for the fast path: Starlette's
+            # middleware wraps the one the endpoint receives.
+            scope["eventcast.send"] = send
+        await super().__call__(scope, receive, send)
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the log accepts writes."""
+    hub: Hub = request.app.state.hub
+    problems: dict[str, str] = {}
+    log = hub.bus.log
+    if hub.closing:
+        problems["hub"] = "shutting down"
+    if log is not None:
+        try:
+            async with asyncio.timeout(5):
+                await log.check()
+        except Exception as exc:
+            problems["log"] = type(exc).__name__
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> HubApp:
+    """Build the hub's ASGI app. Its lifespan opens the bus and log and closes them."""
+    if hub is None:
+        hub = Hub(settings or Settings.load())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.close()
+
+    app = HubApp(
+        routes=[
+            WebSocketRoute("/connection/websocket", WebSocketEndpoint()),
+            Route("/api/{method}", handle_api, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    app.hub = hub
+    return app
+
+
+def uvicorn_config(settings: Settings, *, host: str, port: int) -> dict[str, Any]:
+    """The uvicorn options ``eventcast serve`` uses."""
+    return {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_message_size,
+        "ws_per_message_deflate": False,
+        "ws_ping_interval": None,
+        "lifespan": "on",
+        "log_level": "info",
+        "timeout_graceful_shutdown": 10,
+    }
+
+
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the hub under uvicorn until interrupted (SIGINT or SIGTERM)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    config: MutableMapping[str, Any] = uvicorn_config(settings, host=host, port=port)
+    uvicorn.run(app, **config)

@@ -1,0 +1,429 @@
+"""Hub settings: environment variables (``EVENTCAST_*``), an optional TOML file, defaults.
+
+Every setting can be given as an environment variable named ``EVENTCAST_`` plus
+the setting's name in upper case, or in a TOML file under the setting's name::
+
+    # eventcast.toml
+    token_hmac_secret = "a-long-random-secret"
+    api_key = "another-secret"
+    allowed_origins = ["https://example.com"]
+
+    [[namespaces]]
+    name = "chat"
+    history_size = 100
+    history_ttl = "5m"
+    allow_subscribe_for_client = true
+
+Precedence, highest first: explicit overrides passed to :meth:`Settings.load`,
+environment variables, the TOML file, the defaults.
+
+Namespace options use Centrifugo's names. Durations accept Centrifugo's string
+form (``"300s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``) or a number of seconds.
+
+Secrets (:class:`~pydantic.SecretStr`) never appear in ``repr()``; passwords in
+URLs are masked too. Use :meth:`Settings.redacted` to log the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from contextvars import ContextVar
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from ..bus import Namespace
+from ..exceptions import ConfigurationError
+from ..topics import namespace_of
+
+__all__ = ["NamespaceConfig", "Settings", "parse_duration"]
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS: Final = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,  # micro sign
+    "μs": 1e-6,  # Greek mu
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_NAMESPACE_NAME: Final = re.compile(r"[A-Za-z0-9_\-]*")
+_REDACTED: Final = "***"
+
+#: The TOML data of the :meth:`Settings.load` call in progress.
+_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("eventcast_toml_data", default={})  # noqa: B039  # never mutated
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration into seconds.
+
+    Accepts a number of seconds (``>= 0``, finite) or Centrifugo's (Go's) string
+    form: one or more ``<number><unit>`` parts with units ``ns``, ``us``, ``ms``,
+    ``s``, ``m``, ``h`` (``"300s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"0s"``).
+    A string holding just a number is taken as seconds.
+
+    Raises:
+        ValueError: the value is not a valid duration (the message says why).
+    """
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _parse_duration_string(text)
+    else:
+        raise ValueError(
+            f"a duration must be a number of seconds or a string like '5m', "
+            f"not {type(value).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+def _parse_duration_string(text: str) -> float:
+    position, total = 0, 0.0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number of seconds or a string such as "
+            "'300s', '5m', '1h30m' or '500ms' (units: ns, us, ms, s, m, h)"
+        )
+    return total
+
+
+#: Seconds, from a number or a string such as ``"5m"``.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class NamespaceConfig(BaseModel):
+    """The options of one channel namespace (Centrifugo's option names).
+
+    The namespace named ``""`` applies to channels without a ``namespace:`` prefix.
+
+    Attributes:
+        name: letters, digits, ``_`` and ``-`` (or ``""``).
+        history_size: how many publications each channel keeps (0: no history).
+        history_ttl: how long publications are kept, in seconds (0: no age limit).
+        force_recovery: recover missed publications on every subscribe.
+        allow_recovery: clients may ask for recovery when history is on.
+        allow_subscribe_for_client: authenticated clients may subscribe without a
+            subscription token.
+        allow_subscribe_for_anonymous: anonymous clients may subscribe.
+        allow_publish_for_subscriber: subscribers of a channel may publish to it.
+        allow_publish_for_client: any authenticated client may publish.
+        allow_publish_for_anonymous: anonymous clients may publish.
+        allow_history_for_subscriber: subscribers may read the channel history.
+        allow_history_for_client: any authenticated client may read history.
+        allow_presence_for_subscriber: subscribers may read presence.
+        allow_presence_for_client: any authenticated client may read presence.
+        presence: track who is subscribed.
+        join_leave: send join/leave messages.
+        force_push_join_leave: push join/leave messages to every subscriber.
+        allow_user_limited_channels: channels like ``dialog#42,43`` are open to
+            the listed users only.
+        allow_patterns: (eventcast extension) clients may subscribe to patterns
+            with ``*`` and ``>``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    history_size: int = Field(default=0, ge=0)
+    history_ttl: Duration = 0.0
+    force_recovery: bool = False
+    allow_recovery: bool = True
+    allow_subscribe_for_client: bool = False
+    allow_subscribe_for_anonymous: bool = False
+    allow_publish_for_subscriber: bool = False
+    allow_publish_for_client: bool = False
+    allow_publish_for_anonymous: bool = False
+    allow_history_for_subscriber: bool = False
+    allow_history_for_client: bool = False
+    allow_presence_for_subscriber: bool = False
+    allow_presence_for_client: bool = False
+    presence: bool = False
+    join_leave: bool = False
+    force_push_join_leave: bool = False
+    allow_user_limited_channels: bool = False
+    allow_patterns: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAMESPACE_NAME.fullmatch(name):
+            raise ValueError(
+                f"invalid namespace name {name!r}: use letters, digits, '_' and '-' "
+                "(or '' for channels without a namespace)"
+            )
+        return name
+
+    def to_bus(self) -> Namespace:
+        """Return the bus options of this namespace (history size and age limit)."""
+        return Namespace(
+            history_size=self.history_size,
+            history_ttl=self.history_ttl if self.history_ttl > 0 else None,
+        )
+
+
+#: The options of channels without a namespace when no ``""`` namespace is configured.
+_DEFAULT_NAMESPACE: Final = NamespaceConfig(name="")
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment source, leaving ``allowed_origins`` raw (JSON or comma-separated)."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        if field_name == "allowed_origins" and isinstance(value, str):
+            return value  # parsed by Settings._parse_origins
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
+class Settings(BaseSettings):
+    """The hub's settings; build them with :meth:`load`.
+
+    Attributes:
+        token_hmac_secret: the HMAC secret of ``HS*`` tokens.
+        token_public_key: a PEM public key for ``RS*``/``ES*`` tokens.
+        token_audience: when set, tokens must carry this ``aud``.
+        token_issuer: when set, tokens must carry this ``iss``.
+        api_key: the HTTP server API key (``Authorization: apikey <key>``); without
+            it the HTTP API is disabled.
+        allow_anonymous: clients may connect without a token.
+        log_url: where durable history is kept (``sqlite:///path``, ``memory://``,
+            ``postgresql://...``).
+        backplane_url: how hub nodes share publications (``memory://`` for one node).
+        namespaces: channel namespaces and their options.
+        allowed_origins: the origins allowed to open WebSockets (empty: same origin
+            only; ``"*"``: any). From the environment, a JSON list or a
+            comma-separated string.
+        max_message_size: the largest accepted client frame, in bytes.
+        ping_interval: seconds between server pings.
+        pong_timeout: seconds to wait for a pong before disconnecting.
+        client_queue_bytes: bytes of outgoing messages buffered per client before
+            it is disconnected as a slow consumer.
+        channels_per_connection: the most channels one connection may subscribe to.
+        max_bad_commands: a client sending this many bad commands is disconnected.
+        replay_cap: the most publications replayed on recovery.
+        handshake_timeout: seconds a client has to send its connect command.
+        node_name: this node's name (default: the host name).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="EVENTCAST_",
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    token_hmac_secret: SecretStr | None = None
+    token_public_key: SecretStr | None = None
+    token_audience: str | None = None
+    token_issuer: str | None = None
+    api_key: SecretStr | None = None
+    allow_anonymous: bool = False
+    log_url: str = "sqlite:///./eventcast-data/events.db"
+    backplane_url: str = "memory://"
+    namespaces: list[NamespaceConfig] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    max_message_size: int = Field(default=65536, gt=0)
+    ping_interval: Duration = Field(default=25.0, gt=0)
+    pong_timeout: Duration = Field(default=10.0, gt=0)
+    client_queue_bytes: int = Field(default=1_048_576, gt=0)
+    channels_per_connection: int = Field(default=128, gt=0)
+    max_bad_commands: int = Field(default=10, gt=0)
+    replay_cap: int = Field(default=300, gt=0)
+    handshake_timeout: Duration = Field(default=10.0, gt=0)
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1)
+
+    _namespaces_by_name: dict[str, NamespaceConfig] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides, then the environment, then the TOML file given to :meth:`load`."""
+        return (
+            init_settings,
+            _EnvSource(settings_cls),
+            InitSettingsSource(settings_cls, init_kwargs=_TOML_DATA.get()),
+        )
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+        """Build the settings from overrides, the environment, a TOML file and defaults.
+
+        Args:
+            config_file: a TOML file whose keys are the setting names (``api_key``,
+                ``[[namespaces]]`` tables, ...), or ``None``.
+            overrides: settings that win over every other source.
+
+        Raises:
+            ConfigurationError: the file is missing or malformed, a key is unknown,
+                or a value is invalid (the message says which and why, never
+                quoting a secret).
+        """
+        toml_data = {} if config_file is None else _read_toml(config_file)
+        unknown = sorted(set(toml_data) - set(cls.model_fields))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) in {os.fspath(config_file or '')}: {', '.join(unknown)}"
+            )
+        reset = _TOML_DATA.set(toml_data)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            # not chained: a ValidationError's text quotes input values, secrets included
+            raise ConfigurationError(_describe(exc)) from None
+        except SettingsError as exc:
+            match = re.search(r'field "(\w+)"', str(exc))
+            variable = f"EVENTCAST_{match.group(1).upper()}" if match else "an EVENTCAST_* variable"
+            raise ConfigurationError(
+                f"invalid environment setting: {variable} is not valid JSON"
+            ) from exc
+        finally:
+            _TOML_DATA.reset(reset)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed: object = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"allowed_origins is not a valid JSON list: {exc}") from exc
+            return parsed
+        return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+    @field_validator("log_url", "backplane_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("expected a URL such as 'memory://' or 'sqlite:///path/to/events.db'")
+        return value
+
+    @model_validator(mode="after")
+    def _index_namespaces(self) -> Settings:
+        by_name: dict[str, NamespaceConfig] = {}
+        for namespace in self.namespaces:
+            if namespace.name in by_name:
+                raise ValueError(f"namespace {namespace.name!r} is configured twice")
+            by_name[namespace.name] = namespace
+        self._namespaces_by_name = by_name
+        return self
+
+    def namespace(self, channel: str) -> NamespaceConfig | None:
+        """Return the options of a channel's namespace (the part before the first ``:``).
+
+        Channels without a namespace get the ``""`` namespace, or the default
+        options when it is not configured. A channel whose namespace is not
+        configured gets ``None`` (the hub answers "unknown channel").
+        """
+        name = namespace_of(channel)
+        found = self._namespaces_by_name.get(name)
+        if found is None and name == "":
+            return _DEFAULT_NAMESPACE
+        return found
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the settings as a JSON-compatible dict, for logging.
+
+        Secrets set are replaced by ``"***"`` (unset ones stay ``None``), and
+        passwords in URLs are masked.
+        """
+        data: dict[str, Any] = self.model_dump(mode="json")
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                data[name] = _REDACTED
+        for name in ("log_url", "backplane_url"):
+            data[name] = _redact_url(data[name])
+        return data
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in ("log_url", "backplane_url") and isinstance(value, str):
+                yield name, _redact_url(value)
+            else:
+                yield name, value
+
+
+def _read_toml(config_file: str | os.PathLike[str]) -> dict[str, Any]:
+    path = os.fspath(config_file)
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{_REDACTED}@{host}"))

@@ -1,0 +1,248 @@
+"""One client connection of the hub: a bounded outgoing queue and a coalescing writer.
+
+Everything queued for a connection during one turn of the event loop is
+written as one WebSocket frame (the Centrifuge JSON protocol allows several
+newline-separated messages per frame). When the hub runs under ``eventcast
+serve`` (uvicorn's sans-I/O WebSocket protocol), frames are written
+pre-framed straight to the socket's transport, and a frame shared by many
+connections (one batch of publications on one channel) is built once. Mounted
+in another server, the connection falls back to ASGI ``send`` from one writer
+task per connection.
+
+The queue is bounded in bytes (default 1 MiB, counting what the transport
+still holds): a connection that cannot keep up is closed with 3008 "slow" and
+recovers on reconnect; the others are never delayed by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
+
+from ..protocol.codes import DISCONNECT_SLOW, Disconnect
+from ..protocol.session import ServerSession
+
+if TYPE_CHECKING:
+    from .hub import Hub, Membership
+
+__all__ = ["Connection", "frame_text"]
+
+logger = logging.getLogger("eventcast.server")
+
+#: Default bound of a connection's outgoing queue, in bytes.
+DEFAULT_QUEUE_BYTES: Final = 1_048_576
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def frame_text(payload: bytes) -> bytes:
+    """Wrap ``payload`` in an unmasked, final WebSocket text frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+class Connection:
+    """A connected client: protocol session, subscriptions and outgoing queue."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        send: Send,
+        transport: asyncio.WriteTransport | None,
+        queue_limit: int = DEFAULT_QUEUE_BYTES,
+        max_bad_commands: int = 10,
+        transport_name: str = "websocket",
+    ) -> None:
+        self.hub = hub
+        self.id = str(uuid.uuid4())
+        self.session = ServerSession(max_bad_commands=max_bad_commands)
+        self.user = ""
+        #: Connection info from the token, encoded once (``None`` when absent).
+        self.info: bytes | None = None
+        self.expires_at: float | None = None
+        self.anonymous = True
+        self.transport_name = transport_name
+        #: Channels this connection is subscribed to, with their state.
+        self.channels: dict[str, Membership] = {}
+        self.queue_limit = queue_limit
+        self._send = send
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._scheduled = False
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self.closed = False
+        self.disconnect: Disconnect | None = None
+        self._closed_event = asyncio.Event()
+        self.messages_out = 0
+        self.bytes_out = 0
+        if transport is None:
+            self._wake = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"eventcast-writer-{self.id}"
+            )
+
+    # -- queueing --------------------------------------------------------------------
+
+    def enqueue(self, data: bytes) -> None:
+        """Queue encoded messages (one or several, newline-joined) for the next write."""
+        if self.closed:
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self.queue_limit:
+            self.close(DISCONNECT_SLOW)
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            if self._transport is not None:
+                self.hub._schedule_flush(self)
+            else:
+                assert self._wake is not None
+                self._wake.set()
+
+    def send_session_output(self) -> None:
+        """Queue whatever the protocol session has produced (replies, errors)."""
+        out = self.session.data_to_send()
+        if out:
+            self.enqueue(out[0] if len(out) == 1 else b"\n".join(out))
+        disconnect = self.session.disconnect
+        if disconnect is not None and not self.closed:
+            self.close(disconnect)
+
+    def _take(self) -> bytes | None:
+        pending = self._pending
+        if not pending:
+            return None
+        data = pending[0] if len(pending) == 1 else b"\n".join(pending)
+        self._pending = []
+        self._pending_size = 0
+        self._scheduled = False
+        self.messages_out += len(pending)
+        self.bytes_out += len(data)
+        return data
+
+    def flush(self, frames: dict[int, tuple[bytes, bytes]] | None = None) -> None:
+        """Write what is queued as one frame (fast path: straight to the transport).
+
+        ``frames`` caches ``(payload, frame)`` by payload identity, so one
+        payload shared by many connections is framed once (the payload is kept
+        in the entry, so its id cannot be reused while the cache lives).
+        """
+        transport = self._transport
+        if transport is None or self.closed:
+            return
+        pending = self._pending
+        if len(pending) == 1 and frames is not None:
+            payload = pending[0]
+            entry = frames.get(id(payload))
+            if entry is None or entry[0] is not payload:
+                entry = frames[id(payload)] = (payload, frame_text(payload))
+            frame = entry[1]
+            self._pending = []
+            self._pending_size = 0
+            self._scheduled = False
+            self.messages_out += 1
+            self.bytes_out += len(payload)
+        else:
+            data = self._take()
+            if data is None:
+                self._scheduled = False
+                return
+            frame = frame_text(data)
+        if transport.is_closing():
+            self._abort()
+            return
+        if transport.get_write_buffer_size() + len(frame) > self.queue_limit:
+            self.close(DISCONNECT_SLOW)
+            return
+        transport.write(frame)
+
+    async def _write_loop(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        try:
+            while not self.closed:
+                await wake.wait()
+                wake.clear()
+                data = self._take()
+                if data is not None:
+                    await self._send({"type": "websocket.send", "text": data.decode()})
+        except (OSError, RuntimeError) as exc:
+            logger.debug("connection %s: write failed: %s", self.id, exc)
+            self._abort()
+        except asyncio.CancelledError:
+            pass
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close the connection with a protocol disconnect code. Idempotent."""
+        if self.closed:
+            return
+        self.disconnect = disconnect
+        self.session.close(disconnect)
+        if self._transport is not None:
+            self.flush()  # what was queued before the close goes first
+        self.closed = True
+        self._pending = []
+        self.hub._forget(self)
+        loop = asyncio.get_running_loop()
+        self._closer = loop.create_task(
+            self._send_close(disconnect), name=f"eventcast-close-{self.id}"
+        )
+
+    async def _send_close(self, disconnect: Disconnect) -> None:
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            if self._pending:
+                with contextlib.suppress(Exception):
+                    data = self._take()
+                    if data is not None:
+                        await self._send({"type": "websocket.send", "text": data.decode()})
+            writer.cancel()
+        with contextlib.suppress(Exception):
+            await self._send(
+                {"type": "websocket.close", "code": disconnect.code, "reason": disconnect.reason}
+            )
+        self._closed_event.set()
+
+    def _abort(self) -> None:
+        """The peer went away: forget the connection without a close handshake."""
+        if self.closed:
+            return
+        self.closed = True
+        self.disconnect = Disconnect(3000, "connection closed")
+        self._pending = []
+        self.hub._forget(self)
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+        self._closed_event.set()
+
+    def is_open(self) -> bool:
+        """Whether the connection is still open (a call, so it is re-read after awaits)."""
+        return not self.closed
+
+    def lost(self) -> None:
+        """Called when the transport reports the peer disconnected."""
+        self._abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
+        await self._closed_event.wait()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} user={self.user!r} channels={len(self.channels)}>"

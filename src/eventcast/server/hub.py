@@ -1,0 +1,759 @@
+"""The hub: connections, channels and the Centrifuge commands, on top of the bus.
+
+The hub turns protocol commands into bus calls. Fan-out works per channel:
+each channel any client subscribed to has one bus subscription and one
+dispatcher task. The dispatcher takes a batch of events, encodes each
+publication push once, joins the batch into one payload, and queues that same
+payload object for every member connection; the connections write it in one
+frame at the end of the loop turn. There is no task and no encoding per
+delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from .. import __version__
+from ..bus import Bus
+from ..events import Event
+from ..exceptions import (
+    ConfigurationError,
+    EncodeError,
+    EventcastError,
+    InvalidTopicError,
+    LogError,
+    PositionError,
+    SlowConsumerError,
+    SubscriptionClosedError,
+    UnrecoverablePositionError,
+)
+from ..protocol import codes
+from ..protocol.codec import encode_push, publication_push
+from ..protocol.codes import ClientError, Disconnect
+from ..protocol.frames import (
+    ConnectRequest,
+    ConnectResult,
+    HistoryRequest,
+    HistoryResult,
+    Publication,
+    PublishRequest,
+    RefreshRequest,
+    RefreshResult,
+    RPCRequest,
+    RPCResult,
+    SendRequest,
+    SubRefreshRequest,
+    SubRefreshResult,
+    SubscribeRequest,
+    SubscribeResult,
+    UnsubscribeRequest,
+    raw,
+)
+from ..protocol.session import Request
+from ..subscription import Overflow, Subscription
+from ..topics import is_pattern, validate_pattern, validate_topic
+from .auth import TokenVerifier
+from .connection import Connection
+
+if TYPE_CHECKING:
+    from .config import NamespaceConfig, Settings
+
+__all__ = ["CommandError", "Hub", "HubChannel", "Membership", "RPCHandler"]
+
+logger = logging.getLogger("eventcast.server")
+
+#: Buffer of each channel's bus subscription, in events. Past it the channel's
+#: members get 3010 "insufficient state" and recover on reconnect.
+CHANNEL_BUFFER: Final = 65_536
+
+RPCHandler = Callable[[Connection, Any], Awaitable[Any]]
+MessageHandler = Callable[[Connection, Any], Awaitable[None] | None]
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+class CommandError(Exception):
+    """Raised inside a command handler to answer with a protocol error or disconnect."""
+
+    def __init__(self, answer: ClientError | Disconnect) -> None:
+        super().__init__(str(answer))
+        self.answer = answer
+
+
+@dataclass(slots=True)
+class Membership:
+    """A connection's subscription to one channel."""
+
+    channel: str
+    server_side: bool = False
+    #: Events held while the subscribe reply (and its replay) is being prepared.
+    held: list[Event] | None = field(default_factory=list)
+    expires_at: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    #: Held events up to this offset were replayed or precede the reply's position.
+    release_after: int | None = None
+
+
+class HubChannel:
+    """One channel (or pattern) with members on this node: its bus subscription and dispatcher."""
+
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub = hub
+        self.name = name
+        self.pattern = is_pattern(name)
+        self.members: dict[Connection, Membership] = {}
+        self.sub: Subscription = hub.bus.subscribe(
+            name,
+            id=f"hub:{name}:{next(hub._ids)}",
+            maxsize=CHANNEL_BUFFER,
+            overflow=Overflow.DISCONNECT,
+        )
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"eventcast-channel-{name}"
+        )
+        self.task.add_done_callback(self._done)
+        self.publications = 0
+        self.last_offset = 0
+
+    def _encode_batch(self, events: list[Event]) -> bytes | None:
+        frames: list[bytes] = []
+        for event in events:
+            try:
+                frames.append(publication_push(self.name, event, concrete_channel=self.pattern))
+            except EncodeError as exc:
+                self.hub.encode_failures += 1
+                logger.warning("skipping an event on %r for network clients: %s", self.name, exc)
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else b"\n".join(frames)
+
+    async def _run(self) -> None:
+        sub = self.sub
+        while True:
+            try:
+                events = await sub.get_batch(4096)
+            except SlowConsumerError:
+                # The dispatcher fell behind: continuity is lost for every member.
+                self.hub._channel_overflow(self)
+                return
+            except SubscriptionClosedError:
+                return
+            self.publications += len(events)
+            offset = events[-1].offset
+            if offset:
+                self.last_offset = offset
+            payload = self._encode_batch(events)
+            for conn, membership in list(self.members.items()):
+                held = membership.held
+                if held is not None:
+                    held.extend(events)
+                elif payload is not None:
+                    conn.enqueue(payload)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("dispatcher of %r failed", self.name, exc_info=exc)
+            for conn in list(self.members):
+                conn.close(codes.DISCONNECT_SERVER_ERROR)
+
+    def close(self) -> None:
+        self.sub.close()
+        self.task.cancel()
+
+
+class Hub:
+    """The hub's state and command semantics, independent of the web framework.
+
+    Args:
+        settings: the hub's :class:`~eventcast.server.config.Settings`.
+        bus: an existing bus to serve (it must have the log and namespaces);
+            by default one is built from the settings.
+    """
+
+    def __init__(self, settings: Settings, *, bus: Bus | None = None) -> None:
+        self.settings = settings
+        if bus is None:
+            namespaces = {ns.name: ns.to_bus() for ns in settings.namespaces}
+            bus = Bus(
+                log=settings.log_url if any(n.durable for n in namespaces.values()) else None,
+                namespaces=namespaces,
+                replay_cap=settings.replay_cap,
+            )
+        self.bus = bus
+        self.verifier = TokenVerifier(
+            hmac_secret=_secret(settings.token_hmac_secret),
+            public_key=_secret(settings.token_public_key),
+            audience=settings.token_audience,
+            issuer=settings.token_issuer,
+        )
+        self.connections: dict[str, Connection] = {}
+        self.users: dict[str, set[Connection]] = {}
+        self.channels: dict[str, HubChannel] = {}
+        self.rpc_handlers: dict[str, RPCHandler] = {}
+        self.message_handler: MessageHandler | None = None
+        self._ids = itertools.count(1)
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.started_at = time.time()
+        self.encode_failures = 0
+        self.closing = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the bus and its log."""
+        self._loop = asyncio.get_running_loop()
+        await self.bus.start()
+
+    async def close(self) -> None:
+        """Tell every client to reconnect (3001 shutdown), then close the bus. Idempotent."""
+        if self.closing and self.bus.closed:
+            return
+        self.closing = True
+        for conn in list(self.connections.values()):
+            conn.close(codes.DISCONNECT_SHUTDOWN)
+        for channel in list(self.channels.values()):
+            channel.close()
+        self.channels.clear()
+        await self.bus.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _schedule_flush(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        frames: dict[int, tuple[bytes, bytes]] = {}
+        for conn in dirty:
+            conn.flush(frames)
+
+    # -- registry ---------------------------------------------------------------------------
+
+    def _register(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        self.users.setdefault(conn.user, set()).add(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        if self.connections.get(conn.id) is conn:
+            del self.connections[conn.id]
+        users = self.users.get(conn.user)
+        if users is not None:
+            users.discard(conn)
+            if not users:
+                del self.users[conn.user]
+        for name in list(conn.channels):
+            self._leave(conn, name)
+
+    def _join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = self.channels[name] = HubChannel(self, name)
+        channel.members[conn] = membership
+        conn.channels[name] = membership
+        return channel
+
+    def _leave(self, conn: Connection, name: str) -> None:
+        membership = conn.channels.pop(name, None)
+        if membership is not None and membership.timer is not None:
+            membership.timer.cancel()
+        channel = self.channels.get(name)
+        if channel is None:
+            return
+        channel.members.pop(conn, None)
+        if not channel.members:
+            del self.channels[name]
+            channel.close()
+
+    def _channel_overflow(self, channel: HubChannel) -> None:
+        if self.channels.get(channel.name) is channel:
+            del self.channels[channel.name]
+        for conn in list(channel.members):
+            conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
+
+    # -- permissions ---------------------------------------------------------------------------
+
+    def _namespace(self, channel: str) -> NamespaceConfig:
+        ns = self.settings.namespace(channel)
+        if ns is None:
+            raise CommandError(codes.ERROR_UNKNOWN_CHANNEL)
+        return ns
+
+    def _check_channel(self, channel: str, *, allow_pattern: bool = False) -> NamespaceConfig:
+        if not channel:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
+        try:
+            if allow_pattern:
+                validate_pattern(channel)
+            else:
+                validate_topic(channel)
+        except InvalidTopicError as exc:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+        return self._namespace(channel)
+
+    @staticmethod
+    def _user_limited(channel: str, user: str) -> bool:
+        """Centrifugo's ``#`` channels: ``dialog#42,43`` admits users 42 and 43."""
+        _, sep, users = channel.rpartition("#")
+        return bool(sep) and bool(user) and user in users.split(",")
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, request: Request) -> None:
+        """Execute one admitted command and queue its reply on the connection."""
+        session = conn.session
+        try:
+            handler = getattr(self, f"_cmd_{request.method}")
+            result = await handler(conn, request.body)
+        except CommandError as exc:
+            answer = exc.answer
+            if isinstance(answer, Disconnect):
+                session.close(answer)
+            else:
+                session.error(request.id, answer, client_fault=answer.code != 100)
+        except LogError as exc:
+            logger.warning("%s on %s failed: %s", request.method, conn.id, exc)
+            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+        except Exception:
+            logger.exception("%s on %s failed", request.method, conn.id)
+            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+        else:
+            if request.method == "connect":
+                session.connected(request, result)
+                conn.send_session_output()
+                self._after_connect(conn)
+                return
+            session.reply(request, result)
+            if request.method == "subscribe":
+                # The reply must precede the live publications held meanwhile:
+                # queue it, then release them, with no await in between.
+                conn.send_session_output()
+                membership = conn.channels.get(request.body.channel)
+                if membership is not None and membership.held is not None:
+                    self._release(conn, membership)
+                return
+        conn.send_session_output()
+
+    def _token_claims(self, token: str) -> Any:
+        from ..exceptions import InvalidTokenError, TokenExpiredError
+
+        try:
+            return self.verifier.verify_connection(token)
+        except TokenExpiredError:
+            raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
+        except InvalidTokenError:
+            raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
+
+    async def _cmd_connect(self, conn: Connection, req: ConnectRequest) -> ConnectResult:
+        if self.closing:
+            raise CommandError(codes.DISCONNECT_SHUTDOWN)
+        channels: tuple[str, ...] = ()
+        if req.token:
+            claims = self._token_claims(req.token)
+            conn.user = claims.user
+            conn.anonymous = False
+            conn.expires_at = claims.expires_at
+            conn.info = None if claims.info is None else _encode(claims.info)
+            channels = claims.channels
+        elif not self.settings.allow_anonymous:
+            raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+        self._register(conn)
+        result = ConnectResult(
+            client=conn.id,
+            version=f"eventcast {__version__}",
+            ping=int(self.settings.ping_interval),
+            pong=True,
+            node=self.settings.node_name,
+        )
+        if conn.expires_at is not None:
+            ttl = conn.expires_at - time.time()
+            result.expires = True
+            result.ttl = max(1, int(ttl))
+        if channels:
+            subs: dict[str, SubscribeResult] = {}
+            wanted = req.subs or {}
+            for name in channels:
+                sub_req = wanted.get(name) or SubscribeRequest(channel=name)
+                sub_req.channel = name
+                subs[name] = await self._subscribe(conn, sub_req, server_side=True)
+            result.subs = subs
+        return result
+
+    def _after_connect(self, conn: Connection) -> None:
+        """Release held publications of server-side subscriptions after the connect reply."""
+        for membership in list(conn.channels.values()):
+            if membership.held is not None:
+                self._release(conn, membership)
+        self._arm_expiry(conn)
+
+    def _arm_expiry(self, conn: Connection) -> None:
+        if conn.expires_at is None or self._loop is None:
+            return
+        delay = max(0.0, conn.expires_at - time.time())
+        expected = conn.expires_at
+
+        def check() -> None:
+            if conn.expires_at == expected and not conn.closed:
+                conn.close(codes.DISCONNECT_EXPIRED)
+
+        self._loop.call_later(delay + 0.05, check)
+
+    async def _cmd_refresh(self, conn: Connection, req: RefreshRequest) -> RefreshResult:
+        if not req.token:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("token required"))
+        claims = self._token_claims(req.token)
+        if claims.user != conn.user:
+            raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+        conn.expires_at = claims.expires_at
+        result = RefreshResult(client=conn.id, version=f"eventcast {__version__}")
+        if conn.expires_at is not None:
+            result.expires = True
+            result.ttl = max(1, int(conn.expires_at - time.time()))
+            self._arm_expiry(conn)
+        return result
+
+    def _subscription_allowed(
+        self, conn: Connection, channel: str, ns: NamespaceConfig, token: str
+    ) -> float | None:
+        """Raise unless ``conn`` may subscribe; return the subscription's expiry, if any."""
+        from ..exceptions import AuthError, TokenExpiredError
+
+        if token:
+            try:
+                claims = self.verifier.verify_subscription(token, user=conn.user, channel=channel)
+            except TokenExpiredError:
+                raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
+            except AuthError:
+                raise CommandError(codes.ERROR_PERMISSION_DENIED) from None
+            expires: float | None = claims.expires_at
+            return expires
+        if "#" in channel:
+            if ns.allow_user_limited_channels and self._user_limited(channel, conn.user):
+                return None
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if conn.anonymous and not ns.allow_subscribe_for_anonymous:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if not ns.allow_subscribe_for_client:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        return None
+
+    async def _cmd_subscribe(self, conn: Connection, req: SubscribeRequest) -> SubscribeResult:
+        return await self._subscribe(conn, req, server_side=False)
+
+    async def _subscribe(
+        self, conn: Connection, req: SubscribeRequest, *, server_side: bool
+    ) -> SubscribeResult:
+        """Join a channel, holding live events until the caller has queued the reply.
+
+        The caller must queue the reply (or push) and then call :meth:`_release`.
+        """
+        name = req.channel
+        ns = self._check_channel(name, allow_pattern=True)
+        pattern = is_pattern(name)
+        if pattern and not ns.allow_patterns:
+            raise CommandError(
+                codes.ERROR_PERMISSION_DENIED.with_message("pattern subscriptions not allowed")
+            )
+        if name in conn.channels:
+            raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
+        if len(conn.channels) >= self.settings.channels_per_connection:
+            raise CommandError(codes.ERROR_LIMIT_EXCEEDED.with_message("channel limit"))
+        expires_at = None
+        if not server_side:
+            expires_at = self._subscription_allowed(conn, name, ns, req.token)
+        membership = Membership(channel=name, server_side=server_side, expires_at=expires_at)
+        self._join(conn, name, membership)
+        result = SubscribeResult()
+        if expires_at is not None:
+            result.expires = True
+            result.ttl = max(1, int(expires_at - time.time()))
+            self._arm_sub_expiry(conn, membership)
+        durable = ns.history_size > 0 and not pattern
+        last_offset: int | None = None
+        try:
+            if durable:
+                head = await self.bus.position(name)
+                result.epoch = head.epoch
+                result.offset = head.offset
+                result.recoverable = ns.force_recovery or (ns.allow_recovery and req.recover)
+                result.positioned = True
+                last_offset = head.offset
+                if req.recover and ns.allow_recovery:
+                    result.was_recovering = True
+                    pubs, recovered = await self._recover(name, req, head.offset, head.epoch)
+                    result.recovered = recovered
+                    if recovered:
+                        result.publications = pubs
+        except BaseException:
+            self._leave(conn, name)
+            raise
+        if conn.closed or conn.channels.get(name) is not membership:
+            raise CommandError(codes.ERROR_INTERNAL)
+        membership.release_after = last_offset
+        return result
+
+    async def _recover(
+        self, name: str, req: SubscribeRequest, top: int, epoch: str
+    ) -> tuple[list[Publication], bool]:
+        if req.epoch != epoch or req.offset > top:
+            return [], False
+        gap = top - req.offset
+        if gap > self.bus.replay_cap:
+            return [], False
+        if gap == 0:
+            return [], True
+        log = self.bus.log
+        assert log is not None
+        events = await log.read(name, after=req.offset, limit=gap)
+        if len(events) != gap or events[0].offset != req.offset + 1:
+            return [], False
+        pubs = [
+            Publication(data=raw(e.encoded_data()), offset=e.offset or 0, tags=dict(e.tags) or None)
+            for e in events
+        ]
+        return pubs, True
+
+    def _release(self, conn: Connection, membership: Membership) -> None:
+        """Deliver the live events held during subscribe, minus those already replayed."""
+        held = membership.held or []
+        membership.held = None
+        last_offset = membership.release_after
+        channel = self.channels.get(membership.channel)
+        if channel is None or not held:
+            return
+        fresh = [e for e in held if last_offset is None or (e.offset or 0) > last_offset]
+        payload = channel._encode_batch(fresh) if fresh else None
+        if payload is not None:
+            conn.enqueue(payload)
+
+    def _arm_sub_expiry(self, conn: Connection, membership: Membership) -> None:
+        if membership.expires_at is None or self._loop is None:
+            return
+        if membership.timer is not None:
+            membership.timer.cancel()
+        expected = membership.expires_at
+
+        def check() -> None:
+            if membership.expires_at == expected and not conn.closed:
+                conn.close(codes.DISCONNECT_SUB_EXPIRED)
+
+        membership.timer = self._loop.call_later(max(0.0, expected - time.time()) + 0.05, check)
+
+    async def _cmd_sub_refresh(self, conn: Connection, req: SubRefreshRequest) -> SubRefreshResult:
+        membership = conn.channels.get(req.channel)
+        if membership is None:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED.with_message("not subscribed"))
+        ns = self._check_channel(req.channel, allow_pattern=True)
+        expires_at = self._subscription_allowed(conn, req.channel, ns, req.token)
+        membership.expires_at = expires_at
+        result = SubRefreshResult()
+        if expires_at is not None:
+            result.expires = True
+            result.ttl = max(1, int(expires_at - time.time()))
+            self._arm_sub_expiry(conn, membership)
+        return result
+
+    async def _cmd_unsubscribe(self, conn: Connection, req: UnsubscribeRequest) -> None:
+        self._leave(conn, req.channel)
+
+    def _may(self, conn: Connection, channel: str, for_client: bool, for_subscriber: bool) -> bool:
+        return for_client or (for_subscriber and channel in conn.channels)
+
+    async def _cmd_publish(self, conn: Connection, req: PublishRequest) -> None:
+        ns = self._check_channel(req.channel)
+        if not req.data:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data required"))
+        if conn.anonymous and not ns.allow_publish_for_anonymous:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if not self._may(
+            conn, req.channel, ns.allow_publish_for_client, ns.allow_publish_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        await self.publish(req.channel, bytes(req.data))
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        tags: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Event:
+        """Publish encoded JSON ``data`` into a channel (from a client or the API).
+
+        Raises:
+            LogError: the channel is durable and the log failed.
+        """
+        try:
+            value = _decode(data)
+        except msgspec.DecodeError:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data is not JSON")) from None
+        return await self.bus.publish(channel, value, tags=tags, idempotency_key=idempotency_key)
+
+    async def _cmd_history(self, conn: Connection, req: HistoryRequest) -> HistoryResult:
+        ns = self._check_channel(req.channel)
+        if not self._may(
+            conn, req.channel, ns.allow_history_for_client, ns.allow_history_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if ns.history_size <= 0:
+            raise CommandError(codes.ERROR_NOT_AVAILABLE)
+        since = None if req.since is None else (req.since.offset, req.since.epoch)
+        return await self.history(req.channel, since=since, limit=req.limit, reverse=req.reverse)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: tuple[int, str] | None,
+        limit: int,
+        reverse: bool,
+    ) -> HistoryResult:
+        """A page of history as the protocol returns it (limit 0: only the position)."""
+        if limit < 0:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("limit must be >= 0"))
+        try:
+            page = await self.bus.history(channel, since=since, limit=limit, reverse=reverse)
+        except UnrecoverablePositionError:
+            raise CommandError(codes.ERROR_UNRECOVERABLE_POSITION) from None
+        except PositionError as exc:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+        except ConfigurationError:
+            raise CommandError(codes.ERROR_NOT_AVAILABLE) from None
+        return HistoryResult(
+            publications=[_publication(e) for e in page.events] or None,
+            epoch=page.position.epoch,
+            offset=page.position.offset,
+        )
+
+    async def _cmd_presence(self, conn: Connection, req: Any) -> None:
+        raise CommandError(codes.ERROR_NOT_AVAILABLE)
+
+    async def _cmd_presence_stats(self, conn: Connection, req: Any) -> None:
+        raise CommandError(codes.ERROR_NOT_AVAILABLE)
+
+    async def _cmd_ping(self, conn: Connection, req: Any) -> None:
+        return None
+
+    async def _cmd_send(self, conn: Connection, req: SendRequest) -> None:
+        handler = self.message_handler
+        if handler is None or not req.data:
+            return
+        result = handler(conn, _decode(bytes(req.data)))
+        if result is not None:
+            await result
+
+    async def _cmd_rpc(self, conn: Connection, req: RPCRequest) -> RPCResult:
+        handler = self.rpc_handlers.get(req.method)
+        if handler is None:
+            raise CommandError(codes.ERROR_METHOD_NOT_FOUND)
+        data = _decode(bytes(req.data)) if req.data else None
+        try:
+            value = await handler(conn, data)
+        except EventcastError:
+            raise
+        return RPCResult(data=raw(_encode(value)))
+
+    # -- server-initiated actions (HTTP API and Python) ------------------------------------------
+
+    def register_rpc(self, method: str, handler: RPCHandler) -> None:
+        """Answer the ``rpc`` command ``method`` with ``await handler(connection, data)``."""
+        self.rpc_handlers[method] = handler
+
+    def connections_of(self, user: str, client: str | None = None) -> list[Connection]:
+        """Return a user's connections (or the one with this client id)."""
+        conns = list(self.users.get(user, ()))
+        if client:
+            conns = [c for c in conns if c.id == client]
+        return conns
+
+    def disconnect_user(self, user: str, disconnect: Disconnect, client: str | None = None) -> int:
+        """Close a user's connections with a disconnect code; return how many."""
+        conns = self.connections_of(user, client)
+        for conn in conns:
+            conn.close(disconnect)
+        return len(conns)
+
+    def unsubscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
+        """Unsubscribe a user's connections from a channel, with an unsubscribe push."""
+        code, reason = codes.UNSUBSCRIBE_SERVER
+        push = encode_push(channel, "unsubscribe", {"code": code, "reason": reason})
+        count = 0
+        for conn in self.connections_of(user, client):
+            if channel in conn.channels:
+                self._leave(conn, channel)
+                conn.enqueue(push)
+                count += 1
+        return count
+
+    async def subscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
+        """Subscribe a user's connections to a channel server-side, with a subscribe push."""
+        validate_topic(channel)
+        count = 0
+        for conn in self.connections_of(user, client):
+            if channel in conn.channels or conn.closed:
+                continue
+            result = await self._subscribe(
+                conn, SubscribeRequest(channel=channel), server_side=True
+            )
+            body = {
+                k: v
+                for k, v in (
+                    ("recoverable", result.recoverable),
+                    ("epoch", result.epoch),
+                    ("offset", result.offset),
+                    ("positioned", result.positioned),
+                )
+                if v
+            }
+            conn.enqueue(encode_push(channel, "subscribe", body))
+            membership = conn.channels.get(channel)
+            if membership is not None:
+                self._release(conn, membership)
+            count += 1
+        return count
+
+    def stats(self) -> dict[str, Any]:
+        """Node counters for the API's ``info`` and the dashboard."""
+        return {
+            "name": self.settings.node_name,
+            "version": __version__,
+            "num_clients": len(self.connections),
+            "num_users": len([u for u in self.users if u]),
+            "num_channels": len(self.channels),
+            "num_subs": sum(len(c.members) for c in self.channels.values()),
+            "uptime": int(time.time() - self.started_at),
+        }
+
+
+def _publication(event: Event) -> Publication:
+    return Publication(
+        data=raw(event.encoded_data()),
+        offset=event.offset or 0,
+        tags=dict(event.tags) or None,
+    )
+
+
+def _secret(value: Any) -> str | None:
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return str(getter() if getter is not None else value)

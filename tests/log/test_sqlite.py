@@ -1,0 +1,52 @@
+"""SQLiteLog regressions: the writer thread survives errors, close() survives cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from eventcast import Event, LogError
+from eventcast.log import Retention
+from eventcast.log.sqlite import SQLiteLog
+
+
+async def test_a_failing_retention_callback_fails_the_append_not_the_writer(
+    tmp_path: Path,
+) -> None:
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+
+        def broken(topic: str) -> Retention:
+            raise RuntimeError("boom")
+
+        log.retention = broken
+        async with asyncio.timeout(30):  # a guard: this used to hang forever
+            with pytest.raises(LogError, match="boom"):
+                await log.append([Event(topic="a", data=1)])
+        log.retention = lambda topic: Retention(size=10)
+        # Nothing was committed, and the writer still serves.
+        [event] = await log.append([Event(topic="a", data=2)])
+        assert event.offset == 1
+        assert [e.data for e in await log.read("a")] == [2]
+    finally:
+        await log.close()
+
+
+async def test_cancelled_close_still_releases_readers(tmp_path: Path) -> None:
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    await log.append([Event(topic="a", data=1)])
+    assert [e.data for e in await log.read("a")] == [1]  # opens a reader connection
+    closing = asyncio.create_task(log.close())
+    await asyncio.sleep(0)  # yield once: close() is now waiting for the writer
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert log._pool is None
+    assert log._reader_conns == []
+    await log.close()  # idempotent
+    with pytest.raises(LogError):
+        await log.read("a")

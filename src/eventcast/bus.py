@@ -22,6 +22,7 @@ import inspect
 import itertools
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -116,6 +117,36 @@ ErrorHandler: TypeAlias = Callable[[EventcastError, DeadLetter | None], object]
 DropHandler: TypeAlias = Callable[[Subscription, str], object]
 
 _ROUTE_CACHE_SIZE: Final = 10_000
+
+
+class LatencyHistogram:
+    """A fixed-bucket latency histogram (seconds), cheap enough for every publish."""
+
+    BOUNDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        """Record one duration."""
+        self.total += seconds
+        self.count += 1
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, count in zip((*self.BOUNDS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
 
 
 class _State(enum.Enum):
@@ -371,6 +402,8 @@ class Bus:
         self._letters_pending: deque[DeadLetter] = deque(maxlen=dead_letters)
         self._letters_flush: asyncio.Task[None] | None = None
         self._durable_cache: dict[str, Namespace] = {}
+        #: How long durable commits to the log take.
+        self.append_latency = LatencyHistogram()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -913,7 +946,9 @@ class Bus:
             # Commit before any fan-out; no await between the commit and the
             # fan-out, so subscribers see events in offset order.
             await self._ensure_started()
+            started = time.perf_counter()
             committed = (await log.append((event,)))[0]
+            self.append_latency.observe(time.perf_counter() - started)
             if committed.id != event.id:
                 return committed  # an idempotent repeat: stored once, delivered once
             event = committed
@@ -970,7 +1005,9 @@ class Bus:
             log = self.log
             assert log is not None
             await self._ensure_started()
+            started = time.perf_counter()
             committed = await log.append([events[i] for i in durable])
+            self.append_latency.observe(time.perf_counter() - started)
             for i, stored in zip(durable, committed, strict=True):
                 fresh[i] = stored.id == events[i].id
                 events[i] = stored

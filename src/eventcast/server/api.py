@@ -164,12 +164,25 @@ async def api_history_remove(hub: Hub, params: dict[str, Any]) -> Any:
     return {}
 
 
+def _presence_channel(hub: Hub, params: dict[str, Any]) -> str:
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    ns = hub.settings.namespace(channel)
+    if ns is None or not ns.presence:
+        raise APIError(codes.ERROR_NOT_AVAILABLE)
+    return channel
+
+
 async def api_presence(hub: Hub, params: dict[str, Any]) -> Any:
-    raise APIError(codes.ERROR_NOT_AVAILABLE)
+    result = await hub.presence_of(_presence_channel(hub, params))
+    if result.presence is None:
+        result.presence = {}
+    return result
 
 
 async def api_presence_stats(hub: Hub, params: dict[str, Any]) -> Any:
-    raise APIError(codes.ERROR_NOT_AVAILABLE)
+    result = await hub.presence_stats_of(_presence_channel(hub, params))
+    return {"num_clients": result.num_clients, "num_users": result.num_users}
 
 
 def _glob(pattern: str, name: str) -> bool:
@@ -361,6 +374,4 @@ async def handle_api(request: Request) -> Response:
             return _json(200, result)
         return _json(200, {"result": result})
     finally:
-        metrics = getattr(hub, "metrics", None)
-        if metrics is not None:
-            metrics.api_call(method, result_status)
+        hub.count_api(method, result_status)

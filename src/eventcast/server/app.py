@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -26,6 +27,8 @@ from .api import handle_api
 from .config import Settings
 from .connection import Connection
 from .hub import Hub
+from .metrics import metrics_endpoint
+from .sse import SSEEndpoint
 
 __all__ = ["HubApp", "create_app", "serve"]
 
@@ -63,8 +66,9 @@ class WebSocketEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        if hub.closing:
-            await send({"type": "websocket.close", "code": codes.DISCONNECT_SHUTDOWN.code})
+        refusal = hub.check_handshake(scope, "websocket")
+        if refusal is not None:
+            await _deny(scope, send, *refusal)
             return
         await send({"type": "websocket.accept"})
         raw_send = scope.get("eventcast.send", send)
@@ -130,6 +134,8 @@ class WebSocketEndpoint:
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
+            conn.messages_in += 1
+            conn.bytes_in += len(data)
             if len(data) > limit:
                 conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
                 return
@@ -143,13 +149,29 @@ class WebSocketEndpoint:
             conn.send_session_output()
 
 
+async def _deny(scope: Scope, send: Send, status: int, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
+    body = json.dumps({"error": message}).encode()
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server cannot send a status: a close before accept is a 403
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class HubApp(Starlette):
     """The hub's Starlette application; ``app.state.hub`` is the :class:`Hub`."""
 
     hub: Hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] in ("websocket", "http"):
             # Keep the server's own send callable for the fast path: Starlette's
             # middleware wraps the one the endpoint receives.
             scope["eventcast.send"] = send
@@ -195,7 +217,9 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
     app = HubApp(
         routes=[
             WebSocketRoute("/connection/websocket", WebSocketEndpoint()),
+            Route("/connection/sse", SSEEndpoint(), methods=["GET"]),
             Route("/api/{method}", handle_api, methods=["POST"]),
+            Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
         ],
@@ -212,7 +236,7 @@ def uvicorn_config(settings: Settings, *, host: str, port: int) -> dict[str, Any
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": header_timeout_protocol(settings.handshake_timeout),
         "ws": "websockets-sansio",
         "ws_max_size": settings.max_message_size,
         "ws_per_message_deflate": False,
@@ -223,11 +247,64 @@ def uvicorn_config(settings: Settings, *, host: str, port: int) -> dict[str, Any
     }
 
 
+def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, closing connections that send headers too slowly.
+
+    A slowloris client that never finishes its request headers is closed after
+    ``timeout`` seconds.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def make_server(app: HubApp, config: Any) -> Any:
+    """A uvicorn server that tells clients to reconnect before it closes connections.
+
+    On SIGTERM or SIGINT, WebSocket clients get 3001 "shutdown" and SSE streams
+    end with a retry hint while the log is still open; then uvicorn closes what
+    is left and the lifespan closes the bus and the log.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:
+                server.close()  # stop accepting first
+            await app.hub.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
 def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the hub under uvicorn until interrupted (SIGINT or SIGTERM)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(settings)
-    config: MutableMapping[str, Any] = uvicorn_config(settings, host=host, port=port)
-    uvicorn.run(app, **config)
+    options: MutableMapping[str, Any] = uvicorn_config(settings, host=host, port=port)
+    config = uvicorn.Config(app, **options)
+    make_server(app, config).run()

@@ -243,8 +243,20 @@ class Settings(BaseSettings):
         channels_per_connection: the most channels one connection may subscribe to.
         max_bad_commands: a client sending this many bad commands is disconnected.
         replay_cap: the most publications replayed on recovery.
-        handshake_timeout: seconds a client has to send its connect command.
+        handshake_timeout: seconds a client has to send its connect command (and an
+            HTTP client to send its request headers).
         node_name: this node's name (default: the host name).
+        connections_per_user: the most connections one user may have on this node.
+        connection_rate: new connections per second this node accepts (token
+            bucket, burst of one second's worth); over it the handshake gets 429.
+        command_rate: commands per second per connection (token bucket, burst of
+            one second's worth); over it a command gets error 111.
+        user_command_rate: commands per second per user across their connections.
+        sse_heartbeat: seconds between SSE heartbeat comments.
+        sse_retry: the reconnect delay hinted to EventSource, in seconds.
+        sse_cookie: the cookie that may carry an SSE connection token.
+        presence_ttl: seconds a presence entry lives unless refreshed (a crashed
+            node's entries expire after it).
     """
 
     model_config = SettingsConfigDict(
@@ -273,6 +285,14 @@ class Settings(BaseSettings):
     replay_cap: int = Field(default=300, gt=0)
     handshake_timeout: Duration = Field(default=10.0, gt=0)
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    connections_per_user: int = Field(default=100, gt=0)
+    connection_rate: float = Field(default=500.0, gt=0)
+    command_rate: float = Field(default=100.0, gt=0)
+    user_command_rate: float = Field(default=500.0, gt=0)
+    sse_heartbeat: Duration = Field(default=25.0, gt=0)
+    sse_retry: Duration = Field(default=2.0, gt=0)
+    sse_cookie: str = "eventcast_token"
+    presence_ttl: Duration = Field(default=60.0, gt=0)
 
     _namespaces_by_name: dict[str, NamespaceConfig] = PrivateAttr(default_factory=dict)
 

@@ -39,6 +39,11 @@ DEFAULT_QUEUE_BYTES: Final = 1_048_576
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+def frame_chunk(payload: bytes) -> bytes:
+    """Wrap ``payload`` as one HTTP/1.1 chunk (for SSE over chunked encoding)."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
 def frame_text(payload: bytes) -> bytes:
     """Wrap ``payload`` in an unmasked, final WebSocket text frame (RFC 6455 §5.2)."""
     n = len(payload)
@@ -63,7 +68,10 @@ class Connection:
         queue_limit: int = DEFAULT_QUEUE_BYTES,
         max_bad_commands: int = 10,
         transport_name: str = "websocket",
+        start_writer: bool = True,
     ) -> None:
+        if transport_name not in ("websocket", "sse"):
+            raise ValueError(f"unknown transport {transport_name!r}")
         self.hub = hub
         self.id = str(uuid.uuid4())
         self.session = ServerSession(max_bad_commands=max_bad_commands)
@@ -83,17 +91,40 @@ class Connection:
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        #: SSE only: ends the HTTP response (set by the endpoint).
+        self.sse_end: Callable[[bytes], Awaitable[None]] | None = None
         self._wake: asyncio.Event | None = None
         self.closed = False
         self.disconnect: Disconnect | None = None
         self._closed_event = asyncio.Event()
         self.messages_out = 0
         self.bytes_out = 0
-        if transport is None:
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.sse = transport_name == "sse"
+        self._frame = frame_chunk if self.sse else frame_text
+        #: SSE only: the stream's composite cursor (see eventcast.protocol.sse).
+        self.cursor: Any = None
+        #: The command rate limiter (created on first use).
+        self.bucket: Any = None
+        if start_writer:
+            self.attach(send, transport)
+
+    def attach(self, send: Send, transport: asyncio.WriteTransport | None) -> None:
+        """Start writing: straight to ``transport`` if given, else through ASGI ``send``."""
+        self._send = send
+        self._transport = transport
+        if transport is None and self._writer is None:
             self._wake = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(
                 self._write_loop(), name=f"eventcast-writer-{self.id}"
             )
+            if self._pending:
+                self._scheduled = True
+                self._wake.set()
+        elif transport is not None and self._pending:
+            self._scheduled = True
+            self.hub._schedule_flush(self)
 
     # -- queueing --------------------------------------------------------------------
 
@@ -107,11 +138,11 @@ class Connection:
             self.close(DISCONNECT_SLOW)
             return
         if not self._scheduled:
-            self._scheduled = True
             if self._transport is not None:
+                self._scheduled = True
                 self.hub._schedule_flush(self)
-            else:
-                assert self._wake is not None
+            elif self._wake is not None:
+                self._scheduled = True
                 self._wake.set()
 
     def send_session_output(self) -> None:
@@ -150,7 +181,7 @@ class Connection:
             payload = pending[0]
             entry = frames.get(id(payload))
             if entry is None or entry[0] is not payload:
-                entry = frames[id(payload)] = (payload, frame_text(payload))
+                entry = frames[id(payload)] = (payload, self._frame(payload))
             frame = entry[1]
             self._pending = []
             self._pending_size = 0
@@ -162,7 +193,7 @@ class Connection:
             if data is None:
                 self._scheduled = False
                 return
-            frame = frame_text(data)
+            frame = self._frame(data)
         if transport.is_closing():
             self._abort()
             return
@@ -170,6 +201,11 @@ class Connection:
             self.close(DISCONNECT_SLOW)
             return
         transport.write(frame)
+
+    def _message(self, data: bytes) -> dict[str, Any]:
+        if self.sse:
+            return {"type": "http.response.body", "body": data, "more_body": True}
+        return {"type": "websocket.send", "text": data.decode()}
 
     async def _write_loop(self) -> None:
         wake = self._wake
@@ -180,7 +216,7 @@ class Connection:
                 wake.clear()
                 data = self._take()
                 if data is not None:
-                    await self._send({"type": "websocket.send", "text": data.decode()})
+                    await self._send(self._message(data))
         except (OSError, RuntimeError) as exc:
             logger.debug("connection %s: write failed: %s", self.id, exc)
             self._abort()
@@ -212,13 +248,30 @@ class Connection:
                 with contextlib.suppress(Exception):
                     data = self._take()
                     if data is not None:
-                        await self._send({"type": "websocket.send", "text": data.decode()})
+                        await self._send(self._message(data))
             writer.cancel()
         with contextlib.suppress(Exception):
-            await self._send(
-                {"type": "websocket.close", "code": disconnect.code, "reason": disconnect.reason}
-            )
+            if self.sse:
+                # Ends the stream; a retry hint tells EventSource when to come back.
+                hint = b"retry: %d\n\n" % (1000 if disconnect.reconnect else 86_400_000)
+                if self._transport is not None and not self._transport.is_closing():
+                    self._transport.write(frame_chunk(hint))
+                    hint = b""
+                await self._sse_end(hint)
+            else:
+                await self._send(
+                    {
+                        "type": "websocket.close",
+                        "code": disconnect.code,
+                        "reason": disconnect.reason,
+                    }
+                )
         self._closed_event.set()
+
+    async def _sse_end(self, body: bytes) -> None:
+        end = self.sse_end
+        if end is not None:
+            await end(body)
 
     def _abort(self) -> None:
         """The peer went away: forget the connection without a close handshake."""
@@ -231,6 +284,11 @@ class Connection:
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
         self._closed_event.set()
+
+    def queued_bytes(self) -> int:
+        """Bytes queued and not yet written (including what the transport holds)."""
+        held = self._transport.get_write_buffer_size() if self._transport is not None else 0
+        return self._pending_size + held
 
     def is_open(self) -> bool:
         """Whether the connection is still open (a call, so it is re-read after awaits)."""

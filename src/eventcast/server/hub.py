@@ -12,6 +12,7 @@ delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -39,10 +40,16 @@ from ..protocol import codes
 from ..protocol.codec import encode_push, publication_push
 from ..protocol.codes import ClientError, Disconnect
 from ..protocol.frames import (
+    NO_DATA,
+    ClientInfo,
     ConnectRequest,
     ConnectResult,
     HistoryRequest,
     HistoryResult,
+    PresenceRequest,
+    PresenceResult,
+    PresenceStatsRequest,
+    PresenceStatsResult,
     Publication,
     PublishRequest,
     RefreshRequest,
@@ -58,10 +65,13 @@ from ..protocol.frames import (
     raw,
 )
 from ..protocol.session import Request
+from ..protocol.sse import Cursor, sse_body, subscribed_event
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern, validate_pattern, validate_topic
 from .auth import TokenVerifier
 from .connection import Connection
+from .limits import TokenBucket, origin_allowed
+from .presence import MemoryPresence, Presence
 
 if TYPE_CHECKING:
     from .config import NamespaceConfig, Settings
@@ -73,6 +83,23 @@ logger = logging.getLogger("eventcast.server")
 #: Buffer of each channel's bus subscription, in events. Past it the channel's
 #: members get 3010 "insufficient state" and recover on reconnect.
 CHANNEL_BUFFER: Final = 65_536
+
+_API_NAMES: Final = frozenset(
+    (
+        "publish",
+        "broadcast",
+        "batch",
+        "history",
+        "history_remove",
+        "presence",
+        "presence_stats",
+        "channels",
+        "info",
+        "disconnect",
+        "unsubscribe",
+        "subscribe",
+    )
+)
 
 RPCHandler = Callable[[Connection, Any], Awaitable[Any]]
 MessageHandler = Callable[[Connection, Any], Awaitable[None] | None]
@@ -101,6 +128,10 @@ class Membership:
     timer: asyncio.TimerHandle | None = None
     #: Held events up to this offset were replayed or precede the reply's position.
     release_after: int | None = None
+    #: The client receives join and leave pushes for this channel.
+    join_leave: bool = False
+    #: The client is listed in the channel's presence.
+    presence: bool = False
 
 
 class HubChannel:
@@ -152,10 +183,15 @@ class HubChannel:
             if offset:
                 self.last_offset = offset
             payload = self._encode_batch(events)
+            sse_cache: dict[str, bytes] | None = None
             for conn, membership in list(self.members.items()):
                 held = membership.held
                 if held is not None:
                     held.extend(events)
+                elif conn.sse:
+                    if sse_cache is None:
+                        sse_cache = {}
+                    self.hub._deliver_sse(conn, events, sse_cache)
                 elif payload is not None:
                     conn.enqueue(payload)
 
@@ -210,13 +246,73 @@ class Hub:
         self.started_at = time.time()
         self.encode_failures = 0
         self.closing = False
+        #: Recoveries by outcome: ``{True: ok, False: failed}``.
+        self.recoveries: dict[bool, int] = {True: 0, False: 0}
+        #: Handshakes refused, by reason.
+        self.refused: dict[str, int] = {"origin": 0, "rate": 0}
+        #: Disconnects by code.
+        self.disconnects: dict[int, int] = {}
+        #: Counters of closed connections by transport: (messages out, bytes out,
+        #: messages in, bytes in), so metrics never go backwards.
+        self.closed_totals: dict[str, tuple[int, int, int, int]] = {}
+        #: HTTP API calls by (method, result).
+        self.api_calls: dict[tuple[str, str], int] = {}
+        self._registry: Any = None
+        self._connection_bucket = TokenBucket(settings.connection_rate)
+        #: Who is in which channel (in process here; Redis or NATS across nodes).
+        self.presence: Presence = MemoryPresence()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._user_buckets: dict[str, TokenBucket] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the bus and its log."""
+        """Open the bus and its log; start refreshing this node's presence entries."""
         self._loop = asyncio.get_running_loop()
         await self.bus.start()
+        self._spawn(self._refresh_presence(), "eventcast-presence")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run a supervised background task: its failure is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.error("background task %s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _refresh_presence(self) -> None:
+        ttl = self.settings.presence_ttl
+        while True:
+            await asyncio.sleep(ttl / 3)
+            for channel in list(self.channels.values()):
+                for conn, membership in list(channel.members.items()):
+                    if membership.presence and not conn.closed:
+                        try:
+                            await self.presence.add(
+                                channel.name, conn.id, self._client_info(conn), ttl
+                            )
+                        except EventcastError as exc:
+                            logger.warning("presence refresh failed: %s", exc)
+
+    async def begin_shutdown(self, grace: float = 2.0) -> None:
+        """Stop accepting clients and tell every connected one to reconnect (3001).
+
+        Waits up to ``grace`` seconds for the close frames and final SSE
+        chunks to be written. Idempotent.
+        """
+        self.closing = True
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.close(codes.DISCONNECT_SHUTDOWN)
+        if conns:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(c.wait_closed() for c in conns))
 
     async def close(self) -> None:
         """Tell every client to reconnect (3001 shutdown), then close the bus. Idempotent."""
@@ -228,6 +324,11 @@ class Hub:
         for channel in list(self.channels.values()):
             channel.close()
         self.channels.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.presence.close()
         await self.bus.close()
 
     # -- writing ---------------------------------------------------------------------------
@@ -253,7 +354,17 @@ class Hub:
         self.users.setdefault(conn.user, set()).add(conn)
 
     def _forget(self, conn: Connection) -> None:
+        if conn.disconnect is not None:
+            code = conn.disconnect.code
+            self.disconnects[code] = self.disconnects.get(code, 0) + 1
         if self.connections.get(conn.id) is conn:
+            a, b, c, d = self.closed_totals.get(conn.transport_name, (0, 0, 0, 0))
+            self.closed_totals[conn.transport_name] = (
+                a + conn.messages_out,
+                b + conn.bytes_out,
+                c + conn.messages_in,
+                d + conn.bytes_in,
+            )
             del self.connections[conn.id]
         users = self.users.get(conn.user)
         if users is not None:
@@ -279,6 +390,11 @@ class Hub:
         if channel is None:
             return
         channel.members.pop(conn, None)
+        if membership is not None and membership.presence:
+            self._spawn(self.presence.remove(name, conn.id), "eventcast-presence-remove")
+            ns = self.settings.namespace(name)
+            if ns is not None and ns.join_leave:
+                self._push_join_leave(channel, "leave", conn)
         if not channel.members:
             del self.channels[name]
             channel.close()
@@ -317,9 +433,31 @@ class Hub:
 
     # -- commands --------------------------------------------------------------------------------
 
+    def allow_command(self, conn: Connection) -> bool:
+        """Take a token from the connection's and the user's command buckets."""
+        bucket = conn.bucket
+        if bucket is None:
+            bucket = conn.bucket = TokenBucket(self.settings.command_rate)
+        if not bucket.take():
+            return False
+        if not conn.user:
+            return True
+        user_bucket = self._user_buckets.get(conn.user)
+        if user_bucket is None:
+            if len(self._user_buckets) > 100_000:
+                self._user_buckets.clear()
+            user_bucket = self._user_buckets[conn.user] = TokenBucket(
+                self.settings.user_command_rate
+            )
+        return user_bucket.take()
+
     async def handle(self, conn: Connection, request: Request) -> None:
         """Execute one admitted command and queue its reply on the connection."""
         session = conn.session
+        if request.method != "connect" and not self.allow_command(conn):
+            session.error(request.id, codes.ERROR_TOO_MANY_REQUESTS)
+            conn.send_session_output()
+            return
         try:
             handler = getattr(self, f"_cmd_{request.method}")
             result = await handler(conn, request.body)
@@ -362,19 +500,65 @@ class Hub:
         except InvalidTokenError:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
 
-    async def _cmd_connect(self, conn: Connection, req: ConnectRequest) -> ConnectResult:
-        if self.closing:
-            raise CommandError(codes.DISCONNECT_SHUTDOWN)
+    def authenticate(self, conn: Connection, token: str | None) -> tuple[str, ...]:
+        """Set a connection's identity from its token; return its server-side channels.
+
+        Raises:
+            TokenExpiredError: the token expired.
+            InvalidTokenError: the token is invalid, or missing while anonymous
+                connections are not allowed.
+            CommandError: the user has too many connections on this node (3504).
+        """
+        from ..exceptions import InvalidTokenError
+
         channels: tuple[str, ...] = ()
-        if req.token:
-            claims = self._token_claims(req.token)
+        if token:
+            claims = self.verifier.verify_connection(token)
             conn.user = claims.user
             conn.anonymous = False
             conn.expires_at = claims.expires_at
             conn.info = None if claims.info is None else _encode(claims.info)
             channels = claims.channels
         elif not self.settings.allow_anonymous:
-            raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+            raise InvalidTokenError("a token is required")
+        if len(self.users.get(conn.user, ())) >= self.settings.connections_per_user:
+            raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
+        return channels
+
+    def check_handshake(self, scope: Any, transport: str) -> tuple[int, str] | None:
+        """Refuse a handshake: ``(status, message)``, or ``None`` to let it through.
+
+        403 for a disallowed origin, 429 over the new-connection rate, 503
+        while shutting down.
+        """
+        headers = dict(scope.get("headers", ()))
+        origin = headers.get(b"origin")
+        host = headers.get(b"host")
+        if not origin_allowed(
+            None if origin is None else origin.decode("latin-1"),
+            None if host is None else host.decode("latin-1"),
+            self.settings.allowed_origins,
+        ):
+            self.refused["origin"] += 1
+            return 403, "origin not allowed"
+        if self.closing:
+            return 503, "shutting down"
+        if not self._connection_bucket.take():
+            self.refused["rate"] += 1
+            return 429, "too many new connections"
+        return None
+
+    async def _cmd_connect(self, conn: Connection, req: ConnectRequest) -> ConnectResult:
+        from ..exceptions import InvalidTokenError, TokenExpiredError
+
+        if self.closing:
+            raise CommandError(codes.DISCONNECT_SHUTDOWN)
+        try:
+            channels = self.authenticate(conn, req.token)
+        except TokenExpiredError:
+            raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
+        except InvalidTokenError:
+            raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
         self._register(conn)
         result = ConnectResult(
             client=conn.id,
@@ -479,8 +663,24 @@ class Hub:
         expires_at = None
         if not server_side:
             expires_at = self._subscription_allowed(conn, name, ns, req.token)
-        membership = Membership(channel=name, server_side=server_side, expires_at=expires_at)
-        self._join(conn, name, membership)
+        membership = Membership(
+            channel=name,
+            server_side=server_side,
+            expires_at=expires_at,
+            join_leave=ns.join_leave and (req.join_leave or ns.force_push_join_leave),
+            presence=ns.presence,
+        )
+        channel = self._join(conn, name, membership)
+        if ns.presence:
+            try:
+                await self.presence.add(
+                    name, conn.id, self._client_info(conn), self.settings.presence_ttl
+                )
+            except BaseException:
+                self._leave(conn, name)
+                raise
+            if ns.join_leave:
+                self._push_join_leave(channel, "join", conn)
         result = SubscribeResult()
         if expires_at is not None:
             result.expires = True
@@ -540,6 +740,10 @@ class Hub:
         if channel is None or not held:
             return
         fresh = [e for e in held if last_offset is None or (e.offset or 0) > last_offset]
+        if conn.sse:
+            if fresh:
+                self._deliver_sse(conn, fresh, {})
+            return
         payload = channel._encode_batch(fresh) if fresh else None
         if payload is not None:
             conn.enqueue(payload)
@@ -644,11 +848,59 @@ class Hub:
             offset=page.position.offset,
         )
 
-    async def _cmd_presence(self, conn: Connection, req: Any) -> None:
-        raise CommandError(codes.ERROR_NOT_AVAILABLE)
+    def _client_info(self, conn: Connection) -> dict[str, Any]:
+        info: dict[str, Any] = {"client": conn.id, "user": conn.user}
+        if conn.info is not None:
+            info["conn_info"] = _decode(conn.info)
+        return info
 
-    async def _cmd_presence_stats(self, conn: Connection, req: Any) -> None:
-        raise CommandError(codes.ERROR_NOT_AVAILABLE)
+    def _push_join_leave(self, channel: HubChannel, kind: str, who: Connection) -> None:
+        """Tell the channel's members who want it that ``who`` joined or left."""
+        push: bytes | None = None
+        for conn, membership in channel.members.items():
+            if membership.join_leave and membership.held is None:
+                if push is None:
+                    push = encode_push(channel.name, kind, {"info": self._client_info(who)})
+                conn.enqueue(push)
+
+    def _presence_allowed(self, conn: Connection, channel: str) -> NamespaceConfig:
+        ns = self._check_channel(channel)
+        if not ns.presence:
+            raise CommandError(codes.ERROR_NOT_AVAILABLE)
+        if not self._may(
+            conn, channel, ns.allow_presence_for_client, ns.allow_presence_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        return ns
+
+    async def _cmd_presence(self, conn: Connection, req: PresenceRequest) -> PresenceResult:
+        self._presence_allowed(conn, req.channel)
+        return await self.presence_of(req.channel)
+
+    async def _cmd_presence_stats(
+        self, conn: Connection, req: PresenceStatsRequest
+    ) -> PresenceStatsResult:
+        self._presence_allowed(conn, req.channel)
+        return await self.presence_stats_of(req.channel)
+
+    async def presence_of(self, channel: str) -> PresenceResult:
+        """The clients in a channel, as the protocol and the API return them."""
+        entries = await self.presence.get(channel)
+        return PresenceResult(
+            presence={
+                client: ClientInfo(
+                    user=str(info.get("user", "")),
+                    client=str(info.get("client", client)),
+                    conn_info=raw(_encode(info["conn_info"])) if "conn_info" in info else NO_DATA,
+                )
+                for client, info in entries.items()
+            }
+        )
+
+    async def presence_stats_of(self, channel: str) -> PresenceStatsResult:
+        """How many clients and unique users are in a channel."""
+        clients, users = await self.presence.stats(channel)
+        return PresenceStatsResult(num_clients=clients, num_users=users)
 
     async def _cmd_ping(self, conn: Connection, req: Any) -> None:
         return None
@@ -730,6 +982,143 @@ class Hub:
                 self._release(conn, membership)
             count += 1
         return count
+
+    # -- Server-Sent Events ----------------------------------------------------------------------
+
+    def _deliver_sse(self, conn: Connection, events: list[Event], cache: dict[str, bytes]) -> None:
+        """Queue SSE messages: the body encoded once per event, the id per cursor."""
+        out: list[bytes] = []
+        cursor: Cursor = conn.cursor
+        for event in events:
+            body = cache.get(event.id)
+            if body is None:
+                try:
+                    body = cache[event.id] = sse_body(event)
+                except EncodeError as exc:
+                    self.encode_failures += 1
+                    logger.warning("skipping an event on %r for SSE: %s", event.topic, exc)
+                    continue
+            if (
+                event.offset is not None
+                and event.epoch is not None
+                and (event.topic in cursor.topics)
+            ):
+                cursor = cursor.advance(event.id, event.topic, event.offset, event.epoch)
+                message = cursor.message.get(event.id)
+                if message is None:
+                    message = cursor.message[event.id] = b"id: %s\n%s" % (
+                        cursor.text.encode(),
+                        body,
+                    )
+                out.append(message)
+            else:
+                out.append(body)
+        conn.cursor = cursor
+        if out:
+            conn.enqueue(out[0] if len(out) == 1 else b"".join(out))
+
+    async def sse_open(
+        self, conn: Connection, topics: list[str], cursor: Cursor | None, *, malformed: bool = False
+    ) -> tuple[bool, bool]:
+        """Subscribe an SSE connection to ``topics``, replaying what ``cursor`` missed.
+
+        Queues the ``subscribed`` event, the replayed events and the live
+        events held meanwhile, in that order. Returns ``(recovered,
+        was_recovering)``.
+
+        Raises:
+            CommandError: a topic is invalid or not permitted.
+        """
+        namespaces = {}
+        for topic in topics:
+            ns = self._check_channel(topic, allow_pattern=True)
+            if is_pattern(topic) and not ns.allow_patterns:
+                raise CommandError(codes.ERROR_PERMISSION_DENIED)
+            if topic not in conn.channels:
+                self._subscription_allowed(conn, topic, ns, "")
+            namespaces[topic] = ns
+        for topic in topics:
+            self._join(conn, topic, Membership(channel=topic))
+        was_recovering = cursor is not None or malformed
+        recovered = not malformed
+        known = cursor.as_dict() if cursor is not None else {}
+        start: dict[str, tuple[int, str]] = {}
+        replays: list[Event] = []
+        try:
+            for topic in topics:
+                ns = namespaces[topic]
+                if ns.history_size <= 0 or is_pattern(topic):
+                    continue
+                head = await self.bus.position(topic)
+                membership = conn.channels[topic]
+                membership.release_after = head.offset
+                since = known.get(topic)
+                if since is None:
+                    recovered = recovered and not was_recovering
+                    start[topic] = (head.offset, head.epoch)
+                    continue
+                events = await self._replay(topic, since[0], since[1], head.offset, head.epoch)
+                if events is None:
+                    recovered = False
+                    start[topic] = (head.offset, head.epoch)
+                else:
+                    start[topic] = since
+                    replays.extend(events)
+        except BaseException:
+            for topic in topics:
+                self._leave(conn, topic)
+            raise
+        recovered = recovered and was_recovering
+        conn.cursor = Cursor.of(start)
+        self.recoveries[recovered] += was_recovering
+        conn.enqueue(subscribed_event(topics, recovered, {"was_recovering": was_recovering}))
+        if replays:
+            self._deliver_sse(conn, replays, {})
+        for membership in list(conn.channels.values()):
+            if membership.held is not None:
+                self._release(conn, membership)
+        return recovered, was_recovering
+
+    def arm_sse(self, conn: Connection) -> None:
+        """Start an SSE stream's heartbeat and close it when its token expires."""
+        loop = self._loop or asyncio.get_running_loop()
+        interval = self.settings.sse_heartbeat
+
+        def beat() -> None:
+            if conn.closed:
+                return
+            conn.enqueue(b": ping\n\n")
+            loop.call_later(interval, beat)
+
+        loop.call_later(interval, beat)
+        self._arm_expiry(conn)
+
+    async def _replay(
+        self, topic: str, offset: int, epoch: str, top: int, head_epoch: str
+    ) -> list[Event] | None:
+        """The events after ``offset`` up to ``top``, or ``None`` if not all can be replayed."""
+        if epoch != head_epoch or offset > top:
+            return None
+        gap = top - offset
+        if gap > self.bus.replay_cap:
+            return None
+        if gap == 0:
+            return []
+        log = self.bus.log
+        assert log is not None
+        events = await log.read(topic, after=offset, limit=gap)
+        if len(events) != gap or events[0].offset != offset + 1:
+            return None
+        return events
+
+    def count_api(self, method: str, result: str) -> None:
+        """Count one HTTP API call for the metrics."""
+        key = (method if method in _API_NAMES else "unknown", result)
+        self.api_calls[key] = self.api_calls.get(key, 0) + 1
+
+    def backplane_up(self) -> bool:
+        """Whether the backplane is connected (the memory backplane always is)."""
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Node counters for the API's ``info`` and the dashboard."""

@@ -1,0 +1,155 @@
+"""Prometheus metrics at ``/metrics``, read from the hub's own counters at scrape time.
+
+The hot path only bumps plain integers on connections and the hub; this
+collector turns them into metric families when Prometheus scrapes, so a
+delivery never pays for a metrics lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..protocol import codes
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["HubCollector", "metrics_endpoint"]
+
+_REASONS = {
+    value.code: value.reason
+    for value in vars(codes).values()
+    if isinstance(value, codes.Disconnect)
+}
+
+
+class HubCollector(Collector):
+    """Collects the hub's counters for Prometheus."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        live: dict[str, list[int]] = {"websocket": [0, 0, 0, 0, 0], "sse": [0, 0, 0, 0, 0]}
+        queue = 0
+        for conn in list(hub.connections.values()):
+            row = live[conn.transport_name]
+            row[0] += 1
+            row[1] += conn.messages_out
+            row[2] += conn.bytes_out
+            row[3] += conn.messages_in
+            row[4] += conn.bytes_in
+            queue += conn.queued_bytes()
+        connections = GaugeMetricFamily(
+            "eventcast_connections", "Open client connections.", labels=["transport"]
+        )
+        sent = CounterMetricFamily(
+            "eventcast_messages_sent", "Messages written to clients.", labels=["transport"]
+        )
+        sent_bytes = CounterMetricFamily(
+            "eventcast_bytes_sent", "Bytes written to clients.", labels=["transport"]
+        )
+        received = CounterMetricFamily(
+            "eventcast_messages_received", "Frames received from clients.", labels=["transport"]
+        )
+        received_bytes = CounterMetricFamily(
+            "eventcast_bytes_received", "Bytes received from clients.", labels=["transport"]
+        )
+        for transport, row in live.items():
+            closed = hub.closed_totals.get(transport, (0, 0, 0, 0))
+            connections.add_metric([transport], row[0])
+            sent.add_metric([transport], row[1] + closed[0])
+            sent_bytes.add_metric([transport], row[2] + closed[1])
+            received.add_metric([transport], row[3] + closed[2])
+            received_bytes.add_metric([transport], row[4] + closed[3])
+        yield connections
+        yield sent
+        yield sent_bytes
+        yield received
+        yield received_bytes
+        yield GaugeMetricFamily(
+            "eventcast_subscriptions",
+            "Channel subscriptions of connected clients.",
+            value=sum(len(c.members) for c in hub.channels.values()),
+        )
+        yield GaugeMetricFamily(
+            "eventcast_channels", "Channels with subscribers on this node.", value=len(hub.channels)
+        )
+        yield GaugeMetricFamily(
+            "eventcast_queue_bytes", "Bytes queued for clients, not yet written.", value=queue
+        )
+        bus = hub.bus.statistics()
+        yield CounterMetricFamily(
+            "eventcast_publications", "Publications fanned out by the bus.", value=bus["published"]
+        )
+        yield CounterMetricFamily(
+            "eventcast_dropped", "Events dropped by overflow policies.", value=bus["dropped"]
+        )
+        yield GaugeMetricFamily(
+            "eventcast_dead_letters", "Dead letters kept.", value=bus["dead_letters"]
+        )
+        disconnects = CounterMetricFamily(
+            "eventcast_disconnects", "Client disconnects by code.", labels=["code", "reason"]
+        )
+        for code, count in sorted(hub.disconnects.items()):
+            disconnects.add_metric([str(code), _REASONS.get(code, "")], count)
+        yield disconnects
+        recoveries = CounterMetricFamily(
+            "eventcast_recoveries", "Resumes from a position, by outcome.", labels=["result"]
+        )
+        recoveries.add_metric(["ok"], hub.recoveries[True])
+        recoveries.add_metric(["failed"], hub.recoveries[False])
+        yield recoveries
+        refused = CounterMetricFamily(
+            "eventcast_handshakes_refused", "Handshakes refused, by reason.", labels=["reason"]
+        )
+        for reason, count in hub.refused.items():
+            refused.add_metric([reason], count)
+        yield refused
+        api = CounterMetricFamily(
+            "eventcast_api_calls",
+            "HTTP API calls by method and result.",
+            labels=["method", "result"],
+        )
+        for (method, result), count in sorted(hub.api_calls.items()):
+            api.add_metric([method, result], count)
+        yield api
+        latency = hub.bus.append_latency
+        yield HistogramMetricFamily(
+            "eventcast_log_append_seconds",
+            "Time to commit a durable publish to the log.",
+            buckets=[
+                ("+Inf" if bound == float("inf") else str(bound), count)
+                for bound, count in latency.cumulative()
+            ],
+            sum_value=latency.total,
+        )
+        yield GaugeMetricFamily(
+            "eventcast_backplane_up",
+            "1 when the backplane is connected (always 1 for the memory backplane).",
+            value=1 if hub.backplane_up() else 0,
+        )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Serve ``/metrics`` in the Prometheus text format."""
+    hub: Hub = request.app.state.hub
+    registry = getattr(hub, "_registry", None)
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(HubCollector(hub))
+        hub._registry = registry
+    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,112 @@
+"""Presence: who is subscribed to a channel, behind a small abstraction.
+
+Each entry is one client in one channel: its client id, user id and
+connection info. Entries carry a TTL and each node refreshes its own, so the
+entries of a node that crashed expire on their own. ``MemoryPresence`` keeps
+them in process; the scale-out backends keep them in Redis or NATS so every
+node sees the same presence.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+__all__ = ["DEFAULT_PRESENCE_TTL", "MemoryPresence", "Presence", "PresenceInfo"]
+
+#: Seconds a presence entry lives unless refreshed.
+DEFAULT_PRESENCE_TTL: Final = 60.0
+
+#: One client's entry: ``{"client", "user", "conn_info"?, "chan_info"?}``.
+PresenceInfo = Mapping[str, Any]
+
+
+class Presence(ABC):
+    """Where presence entries live. Every method raises only ``EventcastError``."""
+
+    @abstractmethod
+    async def add(self, channel: str, client: str, info: PresenceInfo, ttl: float) -> None:
+        """Add or refresh one client's entry in a channel for ``ttl`` seconds."""
+
+    @abstractmethod
+    async def remove(self, channel: str, client: str) -> None:
+        """Remove one client's entry from a channel."""
+
+    @abstractmethod
+    async def get(self, channel: str) -> dict[str, PresenceInfo]:
+        """Return the live entries of a channel, by client id."""
+
+    async def stats(self, channel: str) -> tuple[int, int]:
+        """Return ``(number of clients, number of unique users)`` in a channel."""
+        entries = await self.get(channel)
+        return len(entries), len({info.get("user", "") for info in entries.values()})
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release here
+        """Release resources. Idempotent."""
+
+
+class MemoryPresence(Presence):
+    """Presence in process, with TTL expiry (for one node, and for tests).
+
+    Args:
+        clock: the wall clock, injectable for tests.
+        max_entries: bound on the entries kept; past it the oldest expire first.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_entries: int = 1_000_000
+    ) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._channels: dict[str, dict[str, tuple[PresenceInfo, float]]] = {}
+        self._count = 0
+
+    async def add(self, channel: str, client: str, info: PresenceInfo, ttl: float) -> None:
+        entries = self._channels.setdefault(channel, {})
+        if client not in entries:
+            if self._count >= self._max_entries:
+                self._sweep(force=True)
+            self._count += 1
+        entries[client] = (dict(info), self._clock() + ttl)
+
+    async def remove(self, channel: str, client: str) -> None:
+        entries = self._channels.get(channel)
+        if entries is not None and entries.pop(client, None) is not None:
+            self._count -= 1
+            if not entries:
+                del self._channels[channel]
+
+    async def get(self, channel: str) -> dict[str, PresenceInfo]:
+        entries = self._channels.get(channel)
+        if not entries:
+            return {}
+        now = self._clock()
+        expired = [client for client, (_, deadline) in entries.items() if deadline <= now]
+        for client in expired:
+            del entries[client]
+            self._count -= 1
+        if not entries:
+            del self._channels[channel]
+            return {}
+        return {client: info for client, (info, _) in entries.items()}
+
+    def _sweep(self, *, force: bool = False) -> None:
+        now = self._clock()
+        for channel in list(self._channels):
+            entries = self._channels[channel]
+            for client in [c for c, (_, d) in entries.items() if d <= now]:
+                del entries[client]
+                self._count -= 1
+            if not entries:
+                del self._channels[channel]
+        if force and self._count >= self._max_entries:
+            oldest = min(
+                ((d, ch, c) for ch, e in self._channels.items() for c, (_, d) in e.items()),
+                default=None,
+            )
+            if oldest is not None:
+                _, channel, client = oldest
+                del self._channels[channel][client]
+                self._count -= 1

@@ -24,18 +24,21 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeAlias
 
+from .backplane.base import KIND_CONTROL, Backplane, decode_envelope, encode_envelope
 from .deadletters import DEFAULT_DEAD_LETTERS, DeadLetter, DeadLetters
 from .events import EARLIEST, Event, Position, freeze_tags
 from .exceptions import (
     AckTimeoutError,
+    BackplaneError,
     BusClosedError,
     ConfigurationError,
     DeliveryError,
+    EncodeError,
     EventcastError,
     LogError,
     PositionError,
@@ -117,6 +120,21 @@ ErrorHandler: TypeAlias = Callable[[EventcastError, DeadLetter | None], object]
 DropHandler: TypeAlias = Callable[[Subscription, str], object]
 
 _ROUTE_CACHE_SIZE: Final = 10_000
+#: Default bound of the queue of publications waiting for the backplane.
+DEFAULT_OUTBOX: Final = 100_000
+#: Most events held per topic while its gap is read from the log.
+_PENDING_LIMIT: Final = 10_000
+#: Most topics whose continuity is tracked (the least recent is forgotten).
+_STREAMS_LIMIT: Final = 100_000
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """A durable topic's continuity on this node: the last offset delivered."""
+
+    epoch: str
+    last: int
+    pending: list[Event] | None = None
 
 
 class LatencyHistogram:
@@ -329,6 +347,12 @@ class Bus:
         namespaces: options per namespace (``""`` for topics with none); a
             namespace with ``history_size > 0`` makes its topics durable.
         replay_cap: the most missed events a resume replays.
+        backplane: how this bus shares publications with other nodes, as a
+            :class:`~eventcast.backplane.Backplane` or a URL (``redis://…``,
+            ``nats://…``). Durable topics stay contiguous across nodes: a gap
+            in offsets is filled from the log before anything after it is
+            delivered.
+        outbox: bound of the queue of publications waiting for the backplane.
 
     Use ``async with Bus() as bus`` or call :meth:`close` when done.
     """
@@ -349,6 +373,8 @@ class Bus:
         log: EventLog | str | None = None,
         namespaces: Mapping[str, Namespace] | None = None,
         replay_cap: int = DEFAULT_REPLAY_CAP,
+        backplane: Backplane | str | None = None,
+        outbox: int = DEFAULT_OUTBOX,
     ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
@@ -404,6 +430,24 @@ class Bus:
         self._durable_cache: dict[str, Namespace] = {}
         #: How long durable commits to the log take.
         self.append_latency = LatencyHistogram()
+        if isinstance(backplane, str):
+            from .backplane import open_backplane
+
+            backplane = open_backplane(backplane)
+        #: The backplane shared with other nodes, or ``None`` for one node.
+        self.backplane: Backplane | None = backplane
+        self._streams: dict[str, _StreamState] = {}
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()
+        self._outbox_size = outbox
+        self._retry: deque[tuple[str, bytes, bool]] = deque(maxlen=outbox)
+        self._outbox_wake: asyncio.Event | None = None
+        self._interest_wake: asyncio.Event | None = None
+        #: Called with ``(topic, durable)`` when continuity of a topic is lost.
+        self.gap_listeners: list[Callable[[str, bool], None]] = []
+        #: Called with ``(kind, topic, payload)`` for control messages from other nodes.
+        self.control_listeners: list[Callable[[str, str, bytes], None]] = []
+        #: Backplane counters: dropped outgoing, undecodable incoming, gaps filled.
+        self.backplane_stats = {"outbox_dropped": 0, "undecodable": 0, "gaps": 0, "caught_up": 0}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -426,6 +470,20 @@ class Bus:
                     logger.exception("could not load the stored dead letters")
                 self.dead_letters.listeners.append(self._persist_letter)
                 self.dead_letters.removal_listeners.append(self._forget_letters)
+            backplane = self.backplane
+            if backplane is not None:
+                backplane.on_messages = self._on_backplane_messages
+                backplane.on_state = self._on_backplane_state
+                await backplane.open()  # raises BackplaneError: a clear error at start
+                self._outbox_wake = asyncio.Event()
+                self._interest_wake = asyncio.Event()
+                self._interest_wake.set()
+                self._supervise(
+                    self._loop.create_task(self._send_outbox(), name="eventcast-outbox"), None
+                )
+                self._supervise(
+                    self._loop.create_task(self._sync_interest(), name="eventcast-interest"), None
+                )
             self._started = True
         pending, self._pending_handlers = self._pending_handlers, []
         for handler in pending:
@@ -476,6 +534,8 @@ class Bus:
         finally:
             if flush is not None and not flush.done():
                 flush.cancel()
+            if self.backplane is not None:
+                await self.backplane.close()
             if self.log is not None and self._started:
                 await self.log.close()
 
@@ -556,6 +616,8 @@ class Bus:
             for f in key:
                 self._matcher.add(f, ring)
             self._routes.clear()
+            if self._interest_wake is not None:
+                self._interest_wake.set()
         if sub.policy is Overflow.BLOCK:
             self._blockers += 1
         self._subs[id] = sub
@@ -712,6 +774,11 @@ class Bus:
             for f in ring.filters:
                 self._matcher.remove(f, ring)
             self._routes.clear()
+            if self._interest_wake is not None:
+                self._interest_wake.set()
+            for f in ring.filters:
+                if not is_pattern(f):
+                    self._streams.pop(f, None)
 
     # -- namespaces and the log -----------------------------------------------
 
@@ -896,6 +963,8 @@ class Bus:
         for ring in rings:
             ring.append(event)
         self._published += 1
+        if self.backplane is not None:
+            self._forward(event)
         return event
 
     async def publish(
@@ -954,8 +1023,7 @@ class Bus:
             event = committed
             rings = self._route(topic)
         if not ack:
-            for ring in rings:
-                ring.append(event)
+            self._deliver(event, rings)
             self._published += 1
             return event
         return await self._publish_acked(event, rings, timeout, retries)
@@ -1013,8 +1081,7 @@ class Bus:
                 events[i] = stored
         for event, new in zip(events, fresh, strict=True):
             if new:
-                for ring in self._route(event.topic):
-                    ring.append(event)
+                self._deliver(event, self._route(event.topic))
         self._published += sum(fresh)
         return events
 
@@ -1077,8 +1144,7 @@ class Bus:
             if sub.id in self._handlers
         ]
         if not handlers:
-            for ring in rings:
-                ring.append(event)
+            self._deliver(event, rings)
             self._published += 1
             return event
         tracker = _AckTracker(handlers, timeout)
@@ -1086,8 +1152,7 @@ class Bus:
         failed: list[Handler] = []
         timed_out = False
         try:
-            for ring in rings:
-                ring.append(event)
+            self._deliver(event, rings)
             self._published += 1
             for attempt in range(retries + 1):
                 try:
@@ -1135,6 +1200,241 @@ class Bus:
             )
             self._handle_error(error, letter)
         raise error
+
+    # -- delivery, continuity and the backplane -------------------------------------
+
+    def _deliver(self, event: Event, rings: tuple[_Ring, ...]) -> None:
+        """Fan an event out locally, in order, then share it with other nodes."""
+        if event.offset is None:
+            for ring in rings:
+                ring.append(event)
+        else:
+            self._deliver_durable(event)
+        if self.backplane is not None:
+            self._forward(event)
+
+    def _deliver_durable(self, event: Event) -> None:
+        """Deliver a durable event exactly once and in offset order on this node.
+
+        Events arrive from local publishes and from the backplane, in any
+        order. One at the next offset is delivered; one at or below the last
+        delivered is a duplicate; one past a gap is held while the gap is read
+        from the log, so subscribers always see a contiguous stream.
+        """
+        topic = event.topic
+        offset = event.offset
+        epoch = event.epoch
+        assert offset is not None
+        assert epoch is not None
+        state = self._streams.get(topic)
+        if state is None:
+            if len(self._streams) >= _STREAMS_LIMIT:
+                self._streams.pop(next(iter(self._streams)))
+            state = self._streams[topic] = _StreamState(epoch, offset - 1)
+        elif state.epoch != epoch:
+            # The stream was wiped or truncated: continuity cannot be proven.
+            state.epoch, state.last, state.pending = epoch, offset - 1, None
+            self._signal_gap(topic, True)
+        if state.pending is not None:
+            if len(state.pending) < _PENDING_LIMIT:
+                state.pending.append(event)
+            return
+        if offset <= state.last:
+            return  # already delivered (a backplane echo of a local publish, say)
+        if offset == state.last + 1:
+            for ring in self._route(topic):
+                ring.append(event)
+            state.last = offset
+            return
+        state.pending = [event]
+        self.backplane_stats["gaps"] += 1
+        self._supervise(
+            asyncio.get_running_loop().create_task(
+                self._catch_up(topic, state), name=f"eventcast-catch-up-{topic}"
+            ),
+            None,
+        )
+
+    async def _catch_up(self, topic: str, state: _StreamState, *, to_head: bool = False) -> None:
+        """Fill a durable topic's gap from the log, then release the held events."""
+        log = self.log
+        try:
+            while True:
+                pending = sorted(state.pending or (), key=lambda e: e.offset or 0)
+                while pending and (pending[0].offset or 0) <= state.last + 1:
+                    event = pending.pop(0)
+                    if event.offset == state.last + 1 and event.epoch == state.epoch:
+                        for ring in self._route(topic):
+                            ring.append(event)
+                        state.last = event.offset
+                state.pending = pending
+                if to_head and log is not None:
+                    head = await log.position(topic)
+                    to_head = False
+                    if head.epoch != state.epoch:
+                        self._signal_gap(topic, True)
+                        state.epoch, state.last = head.epoch, head.offset
+                        continue
+                    target = head.offset
+                elif pending:
+                    target = (pending[0].offset or 0) - 1
+                else:
+                    break
+                if target <= state.last:
+                    if not state.pending:
+                        break
+                    continue
+                events = (
+                    await log.read(topic, after=state.last, limit=min(target - state.last, 1000))
+                    if log is not None
+                    else []
+                )
+                if not events or events[0].offset != state.last + 1:
+                    # Beyond retention (or no log): continuity cannot be proven.
+                    self._signal_gap(topic, True)
+                    state.last = target
+                    continue
+                for event in events:
+                    if event.offset == state.last + 1:
+                        for ring in self._route(topic):
+                            ring.append(event)
+                        state.last = event.offset
+                self.backplane_stats["caught_up"] += len(events)
+        except LogError as exc:
+            logger.warning("could not read the gap of %r from the log: %s", topic, exc)
+            self._signal_gap(topic, True)
+            held = sorted(state.pending or (), key=lambda e: e.offset or 0)
+            for event in held:
+                if (event.offset or 0) > state.last:
+                    for ring in self._route(topic):
+                        ring.append(event)
+                    state.last = event.offset or state.last
+        finally:
+            state.pending = None
+
+    def _signal_gap(self, topic: str, durable: bool) -> None:
+        for listener in list(self.gap_listeners):
+            try:
+                listener(topic, durable)
+            except Exception:
+                logger.exception("a gap listener failed")
+
+    def _forward(self, event: Event) -> None:
+        backplane = self.backplane
+        assert backplane is not None
+        try:
+            payload = encode_envelope(backplane.node_id, event)
+        except EncodeError:
+            return  # in-process only data: other nodes cannot receive it
+        self._queue_out(event.topic, payload, event.offset is not None)
+
+    def _queue_out(self, topic: str, payload: bytes, durable: bool) -> None:
+        if len(self._outbox) >= self._outbox_size:
+            self._outbox.popleft()
+            self.backplane_stats["outbox_dropped"] += 1
+        self._outbox.append((topic, payload, durable))
+        wake = self._outbox_wake
+        if wake is not None:
+            wake.set()
+
+    def send_control(self, kind: str, topic: str, payload: bytes) -> None:
+        """Send a control message (join, leave…) to the other nodes (best effort)."""
+        backplane = self.backplane
+        if backplane is None:
+            return
+        event = Event(topic=topic, data=payload, tags={"kind": kind})
+        self._queue_out(topic, encode_envelope(backplane.node_id, event, kind=KIND_CONTROL), False)
+
+    async def _send_outbox(self) -> None:
+        backplane = self.backplane
+        wake = self._outbox_wake
+        assert backplane is not None
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(1000, len(self._outbox)))]
+                try:
+                    await backplane.publish([(topic, payload) for topic, payload, _ in batch])
+                except BackplaneError as exc:
+                    # Durable publications are kept and sent again after the
+                    # reconnect (other nodes also catch up from the log).
+                    kept = [item for item in batch if item[2]]
+                    self._retry.extend(kept)
+                    self.backplane_stats["outbox_dropped"] += len(batch) - len(kept)
+                    logger.debug("backplane publish failed: %s", exc)
+
+    def _on_backplane_messages(self, payloads: Sequence[bytes]) -> None:
+        """Deliver a batch from the backplane locally (decoded once per publication)."""
+        if self._state is not _State.OPEN:
+            return
+        backplane = self.backplane
+        assert backplane is not None
+        node = backplane.node_id
+        for payload in payloads:
+            try:
+                envelope, event = decode_envelope(payload)
+            except BackplaneError as exc:
+                self.backplane_stats["undecodable"] += 1
+                logger.warning("skipping a backplane message: %s", exc)
+                continue
+            if envelope.node == node:
+                continue
+            if envelope.kind == KIND_CONTROL:
+                kind = event.tags.get("kind", "")
+                data = event.data if isinstance(event.data, bytes) else event.encoded_data()
+                for listener in list(self.control_listeners):
+                    try:
+                        listener(kind, event.topic, data)
+                    except Exception:
+                        logger.exception("a control listener failed")
+                continue
+            if event.offset is not None and event.epoch is not None:
+                self._deliver_durable(event)
+            else:
+                for ring in self._route(event.topic):
+                    ring.append(event)
+
+    def _on_backplane_state(self, up: bool) -> None:
+        """After a reconnect: resend what failed, catch durable topics up, flag live ones."""
+        if not up or self._state is not _State.OPEN:
+            return
+        if self._retry:
+            for topic, payload, durable in self._retry:
+                self._queue_out(topic, payload, durable)
+            self._retry.clear()
+        loop = asyncio.get_running_loop()
+        for topic, state in list(self._streams.items()):
+            if state.pending is None and self.log is not None:
+                state.pending = []
+                self._supervise(
+                    loop.create_task(
+                        self._catch_up(topic, state, to_head=True),
+                        name=f"eventcast-catch-up-{topic}",
+                    ),
+                    None,
+                )
+        for key in list(self._rings):
+            for topic_filter in key:
+                if is_pattern(topic_filter) or not self.namespace(topic_filter).durable:
+                    # Live-only: what was published during the outage is lost.
+                    self._signal_gap(topic_filter, False)
+
+    async def _sync_interest(self) -> None:
+        """Keep the backplane subscribed to exactly the filters with local subscribers."""
+        backplane = self.backplane
+        wake = self._interest_wake
+        assert backplane is not None
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            wanted = {f for key in self._rings for f in key}
+            for topic_filter in sorted(wanted - backplane.filters):
+                await backplane.subscribe(topic_filter)
+            for topic_filter in sorted(backplane.filters - wanted):
+                await backplane.unsubscribe(topic_filter)
 
     # -- failures and dead letters -------------------------------------------
 

@@ -20,6 +20,7 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     │   ├── PositionError (also ValueError)
     │   └── UnrecoverablePositionError
     ├── ConfigurationError (also ValueError)
+    ├── BackplaneError
     └── AuthError
         ├── InvalidTokenError
         └── TokenExpiredError
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "AckTimeoutError",
     "AuthError",
+    "BackplaneError",
     "BusClosedError",
     "ConfigurationError",
     "DeliveryError",
@@ -113,6 +115,10 @@ class PositionError(LogError, ValueError):
 
 class UnrecoverablePositionError(LogError):
     """A stream position cannot be served: its epoch changed or it is beyond retention."""
+
+
+class BackplaneError(EventcastError):
+    """The backplane (Redis, NATS) failed: unreachable, dropped, or sent garbage."""
 
 
 class ConfigurationError(EventcastError, ValueError):

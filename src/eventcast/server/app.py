@@ -184,12 +184,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: the log accepts writes."""
+    """Readiness: the log accepts writes and the backplane is connected."""
     hub: Hub = request.app.state.hub
     problems: dict[str, str] = {}
     log = hub.bus.log
     if hub.closing:
         problems["hub"] = "shutting down"
+    if not hub.backplane_up():
+        problems["backplane"] = "disconnected"
     if log is not None:
         try:
             async with asyncio.timeout(5):

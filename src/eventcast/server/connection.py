@@ -233,6 +233,8 @@ class Connection:
         self.session.close(disconnect)
         if self._transport is not None:
             self.flush()  # what was queued before the close goes first
+            if not self.is_open():  # the flush closed it: too slow (3008) or already gone
+                return
         self.closed = True
         self._pending = []
         self.hub._forget(self)

@@ -222,12 +222,16 @@ class Hub:
         self.settings = settings
         if bus is None:
             namespaces = {ns.name: ns.to_bus() for ns in settings.namespaces}
+            shared = not settings.backplane_url.startswith("memory://")
             bus = Bus(
                 log=settings.log_url if any(n.durable for n in namespaces.values()) else None,
                 namespaces=namespaces,
                 replay_cap=settings.replay_cap,
+                backplane=settings.backplane_url if shared else None,
             )
         self.bus = bus
+        bus.gap_listeners.append(self._on_gap)
+        bus.control_listeners.append(self._on_control)
         self.verifier = TokenVerifier(
             hmac_secret=_secret(settings.token_hmac_secret),
             public_key=_secret(settings.token_public_key),
@@ -260,15 +264,23 @@ class Hub:
         self._registry: Any = None
         self._connection_bucket = TokenBucket(settings.connection_rate)
         #: Who is in which channel (in process here; Redis or NATS across nodes).
-        self.presence: Presence = MemoryPresence()
+        self.presence: Presence = _presence_for(settings.backplane_url)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._user_buckets: dict[str, TokenBucket] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the bus and its log; start refreshing this node's presence entries."""
+        """Open the bus, its log and backplane; start refreshing this node's presence.
+
+        Raises:
+            LogError: the log cannot be opened.
+            BackplaneError: the backplane cannot be reached.
+        """
         self._loop = asyncio.get_running_loop()
+        opener = getattr(self.presence, "open", None)
+        if opener is not None:
+            await opener()
         await self.bus.start()
         self._spawn(self._refresh_presence(), "eventcast-presence")
 
@@ -855,7 +867,8 @@ class Hub:
         return info
 
     def _push_join_leave(self, channel: HubChannel, kind: str, who: Connection) -> None:
-        """Tell the channel's members who want it that ``who`` joined or left."""
+        """Tell the channel's members who want it that ``who`` joined or left (all nodes)."""
+        self.bus.send_control(kind, channel.name, _encode(self._client_info(who)))
         push: bytes | None = None
         for conn, membership in channel.members.items():
             if membership.join_leave and membership.held is None:
@@ -1118,7 +1131,44 @@ class Hub:
 
     def backplane_up(self) -> bool:
         """Whether the backplane is connected (the memory backplane always is)."""
-        return True
+        backplane = self.bus.backplane
+        return backplane is None or backplane.connected
+
+    def _on_gap(self, topic: str, durable: bool) -> None:
+        """Continuity of a topic was lost on this node: tell the clients that read it.
+
+        A durable channel's members are disconnected with 3010 "insufficient
+        state" and recover on reconnect; a live-only channel's WebSocket members
+        get an unsubscribe push with 2500, on which the SDKs resubscribe, and
+        SSE streams end so the browser reconnects.
+        """
+        channel = self.channels.get(topic)
+        if channel is None:
+            return
+        code, reason = codes.UNSUBSCRIBE_INSUFFICIENT_STATE
+        push = encode_push(topic, "unsubscribe", {"code": code, "reason": reason})
+        for conn in list(channel.members):
+            if durable or conn.sse:
+                conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
+            else:
+                self._leave(conn, topic)
+                conn.enqueue(push)
+
+    def _on_control(self, kind: str, topic: str, payload: bytes) -> None:
+        """A join or leave on another node: push it to this node's members who want it."""
+        if kind not in ("join", "leave"):
+            return
+        channel = self.channels.get(topic)
+        if channel is None:
+            return
+        push = b'{"push":{"channel":%s,"%s":{"info":%s}}}' % (
+            _encode(topic),
+            kind.encode(),
+            payload,
+        )
+        for conn, membership in channel.members.items():
+            if membership.join_leave and membership.held is None:
+                conn.enqueue(push)
 
     def stats(self) -> dict[str, Any]:
         """Node counters for the API's ``info`` and the dashboard."""
@@ -1139,6 +1189,19 @@ def _publication(event: Event) -> Publication:
         offset=event.offset or 0,
         tags=dict(event.tags) or None,
     )
+
+
+def _presence_for(url: str) -> Presence:
+    """The presence store matching the backplane: shared across nodes, or in process."""
+    if url.startswith("memory://"):
+        return MemoryPresence()
+    from . import presence as presence_module
+
+    factory = getattr(presence_module, "open_presence", None)
+    if factory is None:
+        return MemoryPresence()
+    result: Presence = factory(url, prefix="eventcast")
+    return result
 
 
 def _secret(value: Any) -> str | None:

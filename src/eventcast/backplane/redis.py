@@ -1,0 +1,287 @@
+"""``redis://`` and ``redis+cluster://``: publications over Redis pub/sub.
+
+* ``redis://host:6379/0?prefix=eventcast``: one Redis (or a replicated
+  primary). Exact topics use ``SUBSCRIBE``; patterns use ``PSUBSCRIBE`` with a
+  broader glob, and the bus filters with the exact grammar.
+* ``redis+cluster://host:7000?prefix=eventcast``: Redis Cluster with sharded
+  pub/sub (``SSUBSCRIBE``/``SPUBLISH``), so a channel's traffic stays on the
+  shard that owns it and the cluster grows by adding shards. Patterns are not
+  shardable in Redis; in cluster mode pattern filters use classic
+  ``PSUBSCRIBE`` on one node, which Redis broadcasts cluster-wide.
+
+The client uses redis-py's *asyncio* ``Retry`` with exponential backoff (the
+synchronous ``redis.retry.Retry`` silently disables retries in the asyncio
+client). The reader drains every message available before handing a batch to
+the bus, and reconnects with a logged backoff, resubscribing every filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from ..exceptions import BackplaneError, ConfigurationError
+from ..topics import is_pattern
+from .base import Backplane, BackplaneState
+
+__all__ = ["RedisBackplane"]
+
+logger = logging.getLogger("eventcast.backplane")
+
+_BATCH = 1024
+
+
+def _split_url(url: str) -> tuple[str, str, bool]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    cluster = scheme in ("redis+cluster", "rediss+cluster")
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        raise ConfigurationError(f"not a Redis URL: {url!r}")
+    query = parse_qs(parts.query)
+    prefix = (query.pop("prefix", ["eventcast"]) or ["eventcast"])[-1]
+    rest = "&".join(f"{k}={v[-1]}" for k, v in query.items())
+    real_scheme = "rediss" if scheme.startswith("rediss") else "redis"
+    return urlunsplit((real_scheme, parts.netloc, parts.path, rest, "")), prefix, cluster
+
+
+class RedisBackplane(Backplane):
+    """A :class:`Backplane` on Redis pub/sub (or sharded pub/sub on Redis Cluster).
+
+    Args:
+        url: ``redis://…`` or ``redis+cluster://…`` with an optional ``prefix``.
+        connect_timeout: seconds to reach Redis when opening.
+        max_backoff: the longest wait between reconnection attempts.
+    """
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_backoff: float = 5.0) -> None:
+        super().__init__()
+        self.url, self.prefix, self.cluster = _split_url(url)
+        self.connect_timeout = connect_timeout
+        self.max_backoff = max_backoff
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def _channel(self, topic_filter: str) -> str:
+        return f"{self.prefix}:{topic_filter}"
+
+    @staticmethod
+    def _glob(channel: str) -> str:
+        # '*' and '>' become Redis's '*', which also matches dots: broader than
+        # the grammar; the bus filters exactly. No other glob character can
+        # appear in a valid name (the grammar forbids ? [ ] \).
+        return channel.replace(".>", ".*").replace(">", "*")
+
+    def _make_client(self) -> Any:
+        from redis.asyncio import Redis, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError
+
+        retry = Retry(ExponentialBackoff(cap=self.max_backoff, base=0.05), retries=3)
+        options: dict[str, Any] = {
+            "retry": retry,
+            "retry_on_error": [RedisConnectionError, TimeoutError],
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self.url, **options)
+        return Redis.from_url(self.url, **options)
+
+    async def open(self) -> None:
+        if self.state is BackplaneState.CLOSED:
+            raise BackplaneError("the backplane is closed")
+        if self._client is not None:
+            return
+        from redis.exceptions import RedisError
+
+        self._client = self._make_client()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.cluster:
+                    await self._client.initialize()
+                await self._client.ping()
+                await self._start_pubsub()
+        except (RedisError, OSError, TimeoutError) as exc:
+            client, self._client = self._client, None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            raise BackplaneError(f"cannot reach Redis at {self._safe_url()}: {exc}") from exc
+        self._set_state(BackplaneState.CONNECTED)
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_loop(), name="eventcast-redis-backplane"
+        )
+
+    def _safe_url(self) -> str:
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}"
+
+    async def _start_pubsub(self) -> None:
+        if self.cluster:
+            # Sharded pub/sub for exact topics; patterns through a node's classic pub/sub.
+            pubsub = self._client.pubsub()
+        else:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = pubsub
+        # A channel of our own keeps the pub/sub connection open from the start,
+        # so the reader always has a connection to watch.
+        if self.cluster:
+            await pubsub.ssubscribe(f"{self.prefix}:~node:{self.node_id}")
+        else:
+            await pubsub.subscribe(f"{self.prefix}:~node:{self.node_id}")
+        for topic_filter in sorted(self.filters):
+            await self._subscribe_on(pubsub, topic_filter)
+
+    async def _subscribe_on(self, pubsub: Any, topic_filter: str) -> None:
+        channel = self._channel(topic_filter)
+        if is_pattern(topic_filter):
+            await pubsub.psubscribe(self._glob(channel))
+        elif self.cluster:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
+
+    async def _read_loop(self) -> None:
+        from redis.exceptions import RedisError
+
+        attempt = 0
+        while not self.is_closed():
+            pubsub = self._pubsub
+            try:
+                if pubsub is None:
+                    raise BackplaneError("no pub/sub connection")
+                await self._drain(pubsub)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, BackplaneError) as exc:
+                if self.is_closed():
+                    return
+                if self.state is BackplaneState.CONNECTED:
+                    logger.warning("Redis backplane lost its connection: %s", exc)
+                    self._set_state(BackplaneState.DISCONNECTED)
+                attempt += 1
+                delay = min(self.max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                logger.info("Redis backplane reconnecting in %.2fs (attempt %d)", delay, attempt)
+                await asyncio.sleep(delay)
+                await self._reconnect()
+
+    async def _drain(self, pubsub: Any) -> None:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is None:
+            if not self.cluster:
+                await pubsub.check_health()
+            return
+        batch = []
+        while message is not None:
+            if message.get("type") in ("message", "pmessage", "smessage"):
+                batch.append(message["data"])
+            if len(batch) >= _BATCH:
+                break
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+        self._deliver(batch)
+
+    async def _reconnect(self) -> None:
+        from redis.exceptions import RedisError
+
+        async with self._lock:
+            old = self._pubsub
+            self._pubsub = None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._client.ping()
+                    await self._start_pubsub()
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise BackplaneError(f"Redis still unreachable: {exc}") from exc
+            self.reconnects += 1
+            logger.info("Redis backplane reconnected; %d filters resubscribed", len(self.filters))
+            self._set_state(BackplaneState.CONNECTED)
+
+    async def close(self) -> None:
+        if self.state is BackplaneState.CLOSED:
+            return
+        self.state = BackplaneState.CLOSED
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        pubsub, self._pubsub = self._pubsub, None
+        client, self._client = self._client, None
+        with contextlib.suppress(Exception):
+            if pubsub is not None:
+                await pubsub.aclose()
+        with contextlib.suppress(Exception):
+            if client is not None:
+                await client.aclose()
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        from redis.exceptions import RedisError
+
+        client = self._client
+        if client is None or self.state is not BackplaneState.CONNECTED:
+            self.failures += len(messages)
+            raise BackplaneError("the Redis backplane is not connected")
+        try:
+            if self.cluster:
+                for topic, payload in messages:
+                    await client.spublish(self._channel(topic), payload)
+            elif len(messages) == 1:
+                topic, payload = messages[0]
+                await client.publish(self._channel(topic), payload)
+            else:
+                async with client.pipeline(transaction=False) as pipe:
+                    for topic, payload in messages:
+                        pipe.publish(self._channel(topic), payload)
+                    await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.failures += len(messages)
+            raise BackplaneError(f"Redis publish failed: {exc}") from exc
+        self.sent += len(messages)
+
+    async def subscribe(self, topic_filter: str) -> None:
+        from redis.exceptions import RedisError
+
+        if topic_filter in self.filters:
+            return
+        self.filters.add(topic_filter)
+        pubsub = self._pubsub
+        if pubsub is None or self.state is not BackplaneState.CONNECTED:
+            return  # subscribed on (re)connect
+        try:
+            await self._subscribe_on(pubsub, topic_filter)
+        except (RedisError, OSError) as exc:
+            logger.warning("Redis subscribe to %r deferred to reconnect: %s", topic_filter, exc)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        from redis.exceptions import RedisError
+
+        if topic_filter not in self.filters:
+            return
+        self.filters.discard(topic_filter)
+        pubsub = self._pubsub
+        if pubsub is None or self.state is not BackplaneState.CONNECTED:
+            return
+        channel = self._channel(topic_filter)
+        try:
+            if is_pattern(topic_filter):
+                await pubsub.punsubscribe(self._glob(channel))
+            elif self.cluster:
+                await pubsub.sunsubscribe(channel)
+            else:
+                await pubsub.unsubscribe(channel)
+        except (RedisError, OSError) as exc:
+            logger.warning("Redis unsubscribe from %r failed: %s", topic_filter, exc)

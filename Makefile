@@ -6,14 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test check bench clean
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh tests/js/package.json
 	./scripts/setup.sh "$(PYTHON)" "$(VENV)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m eventcast.demo
+	$(BIN)/eventcast serve $(RUN_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""One contract for every EventLog: memory, SQLite and PostgreSQL behave alike."""
+"""One contract for every EventLog: memory, SQLite, PostgreSQL and Redis behave alike."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
 from eventcast import EncodeError, Event, LogError
 from eventcast.deadletters import DeadLetter
@@ -34,12 +35,17 @@ _schemas = itertools.count()
 class Backend:
     """Builds logs of one kind over one store, and can wipe or sabotage that store."""
 
-    def __init__(self, kind: str, tmp_path: Path, pg_url: str | None) -> None:
+    def __init__(
+        self, kind: str, tmp_path: Path, pg_url: str | None, redis_url: str | None = None
+    ) -> None:
         self.kind = kind
         self.durable = kind != "memory"
         self.path = tmp_path / "events.db"
         self.pg_url = pg_url
-        self.schema = f"ec_{RUN_ID}_{next(_schemas)}"
+        self.redis_url = redis_url
+        n = next(_schemas)
+        self.schema = f"ec_{RUN_ID}_{n}"
+        self.prefix = f"ectest:{RUN_ID}:{n}"
         self.logs: list[EventLog] = []
 
     @property
@@ -49,6 +55,10 @@ class Backend:
             return memory_module
         if self.kind == "sqlite":
             return sqlite_module
+        if self.kind == "redis":
+            from eventcast.log import redis as redis_module
+
+            return redis_module
         from eventcast.log import postgres
 
         return postgres
@@ -58,6 +68,10 @@ class Backend:
             return MemoryLog(**kwargs)
         if self.kind == "sqlite":
             return SQLiteLog(self.path, **kwargs)
+        if self.kind == "redis":
+            from eventcast.log.redis import RedisStreamsLog
+
+            return RedisStreamsLog(f"{self.redis_url}?prefix={self.prefix}", **kwargs)
         from eventcast.log.postgres import PostgresLog
 
         return PostgresLog(f"{self.pg_url}?schema={self.schema}", **kwargs)
@@ -72,6 +86,17 @@ class Backend:
         assert self.pg_url is not None
         return psycopg.connect(self.pg_url, autocommit=True)
 
+    def _redis(self) -> redis.Redis:
+        assert self.redis_url is not None
+        return redis.Redis.from_url(self.redis_url)
+
+    def _delete_redis_keys(self) -> None:
+        """Delete the keys under this test's prefix, and only those."""
+        with self._redis() as client:
+            keys = list(client.scan_iter(f"{self.prefix}:*", count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+
     def wipe(self) -> None:
         """Destroy the store (every log on it must be closed)."""
         if self.kind == "sqlite":
@@ -81,6 +106,8 @@ class Backend:
         elif self.kind == "postgres":
             with self._pg() as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        elif self.kind == "redis":
+            self._delete_redis_keys()  # like a FLUSHDB, limited to this test's keys
 
     def poison(self) -> None:
         """Make the store reject (with an error) the insert of an event whose id is 'poison'."""
@@ -103,20 +130,47 @@ class Backend:
                     f"CREATE TRIGGER poison BEFORE INSERT ON {s}.events "
                     f"FOR EACH ROW EXECUTE FUNCTION {s}.poison()"
                 )
+        elif self.kind == "redis":
+            # Redis has no triggers: a batch holding a 'poison' event is sent with
+            # its topic's stream key pointing at a key of the wrong type, so the
+            # server itself rejects the real append script.
+            bad = f"{self.prefix}:poison"
+            with self._redis() as client:
+                client.set(bad, "not a stream")
+            for log in self.logs:
+                build = log._append_call  # type: ignore[attr-defined]
+
+                def poisoned(items: Any, token: str, build: Any = build) -> Any:
+                    keys, args = build(items, token)
+                    topics = list(dict.fromkeys(item[0] for item in items))
+                    for item in items:
+                        if item[1] == "poison":
+                            keys[2 * (topics.index(item[0]) + 1)] = bad
+                    return keys, args
+
+                setattr(log, "_append_call", poisoned)  # noqa: B010
         else:
             pytest.skip("the memory log has no store that can fail")
 
     async def aclose(self) -> None:
         for log in self.logs:
             await log.close()
-        if self.kind == "postgres":
-            self.wipe()  # drops only the schema this test created
+        if self.kind in ("postgres", "redis"):
+            self.wipe()  # drops only the schema (or keys) this test created
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     pg_url = request.getfixturevalue("postgres_service") if request.param == "postgres" else None
-    backend = Backend(request.param, tmp_path, pg_url)
+    redis_url = request.getfixturevalue("redis_service") if request.param == "redis" else None
+    backend = Backend(request.param, tmp_path, pg_url, redis_url)
     try:
         yield backend
     finally:

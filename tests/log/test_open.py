@@ -21,7 +21,7 @@ _schemas = itertools.count()
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://localhost/0", "ftp://x/y", "mysql://u@h/db", "events.db", "", "://nothing"],
+    ["kafka://localhost/0", "ftp://x/y", "mysql://u@h/db", "events.db", "", "://nothing"],
 )
 def test_unknown_scheme_or_not_a_url(url: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -6,7 +6,9 @@ Choose one by URL with :func:`open_log`, or pass an instance:
 * ``sqlite:///path/to/events.db``: the embedded default (``sqlite:////abs/path``
   for an absolute path); ``?synchronous=NORMAL`` relaxes the fsync policy;
 * ``postgresql://user@host/db``: PostgreSQL through psycopg 3
-  (``?schema=name`` picks the schema, default ``eventcast``).
+  (``?schema=name`` picks the schema, default ``eventcast``);
+* ``redis://host:port/db`` (``rediss://`` for TLS): Redis Streams through
+  redis-py (``?prefix=name`` picks the key prefix, default ``eventcast``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,15 @@ def open_log(url: str) -> EventLog:
                 "the PostgreSQL log needs psycopg: pip install 'eventcast[postgres]'"
             ) from exc
         return PostgresLog(url)
-    known = "memory://, sqlite:///path, postgresql://"
+    if scheme in ("redis", "rediss"):
+        try:
+            from .redis import RedisStreamsLog
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "the Redis log needs redis-py: pip install 'eventcast[redis]'"
+            ) from exc
+        return RedisStreamsLog(url)
+    known = "memory://, sqlite:///path, postgresql://, redis://"
     raise ConfigurationError(
         f"unknown log URL scheme {scheme!r} in {urlsplit(url).geturl()!r}; expected one of {known}"
     )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -297,6 +297,14 @@ def make_server(app: HubApp, config: Any) -> Any:
                 server.close()  # stop accepting first
             await app.hub.begin_shutdown()
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                # uvicorn re-raises the signal that stopped it, so the process would
+                # die of SIGTERM (exit 143); a graceful stop is a success: exit 0.
+                self._captured_signals.clear()
 
     return Server(config)
 

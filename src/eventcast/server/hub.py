@@ -467,7 +467,8 @@ class Hub:
         """Execute one admitted command and queue its reply on the connection."""
         session = conn.session
         if request.method != "connect" and not self.allow_command(conn):
-            session.error(request.id, codes.ERROR_TOO_MANY_REQUESTS)
+            # Temporary: the SDKs retry it, so it must not count towards 3509.
+            session.error(request.id, codes.ERROR_TOO_MANY_REQUESTS, client_fault=False)
             conn.send_session_output()
             return
         try:
@@ -533,7 +534,8 @@ class Hub:
             channels = claims.channels
         elif not self.settings.allow_anonymous:
             raise InvalidTokenError("a token is required")
-        if len(self.users.get(conn.user, ())) >= self.settings.connections_per_user:
+        # Anonymous clients share the empty user id: they are not one user (as in Centrifugo).
+        if conn.user and len(self.users.get(conn.user, ())) >= self.settings.connections_per_user:
             raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
         return channels
 
@@ -712,6 +714,7 @@ class Hub:
                     result.was_recovering = True
                     pubs, recovered = await self._recover(name, req, head.offset, head.epoch)
                     result.recovered = recovered
+                    self.recoveries[recovered] += 1
                     if recovered:
                         result.publications = pubs
         except BaseException:

@@ -64,12 +64,13 @@ class MemoryPresence(Presence):
         self._count = 0
 
     async def add(self, channel: str, client: str, info: PresenceInfo, ttl: float) -> None:
-        entries = self._channels.setdefault(channel, {})
-        if client not in entries:
+        entries = self._channels.get(channel)
+        if entries is None or client not in entries:
             if self._count >= self._max_entries:
                 self._sweep(force=True)
             self._count += 1
-        entries[client] = (dict(info), self._clock() + ttl)
+        # Looked up after the sweep, which drops channels it leaves empty.
+        self._channels.setdefault(channel, {})[client] = (dict(info), self._clock() + ttl)
 
     async def remove(self, channel: str, client: str) -> None:
         entries = self._channels.get(channel)
@@ -110,3 +111,46 @@ class MemoryPresence(Presence):
                 _, channel, client = oldest
                 del self._channels[channel][client]
                 self._count -= 1
+
+
+def open_presence(url: str, *, prefix: str) -> Presence:
+    """Build the :class:`Presence` a URL names; Redis and NATS connect on first use.
+
+    * ``memory://``: :class:`MemoryPresence` (this node only);
+    * ``redis://`` / ``rediss://``: ``RedisPresence``, hashes under ``{prefix}:presence:``;
+    * ``nats://`` / ``tls://``: ``NATSPresence``, the JetStream bucket ``{prefix}_presence``.
+
+    Raises:
+        ConfigurationError: the scheme is unknown, the URL or prefix is invalid,
+            or the client library of the backend is not installed.
+    """
+    from ..exceptions import ConfigurationError
+
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(f"not a presence URL: {url!r} (expected e.g. redis://host:6379)")
+    scheme = url.partition("://")[0].lower()
+    if scheme == "memory":
+        return MemoryPresence()
+    if scheme in ("redis", "rediss"):
+        try:
+            import redis  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "Redis presence needs redis-py: pip install 'eventcast[redis]'"
+            ) from exc
+        from .presence_redis import RedisPresence
+
+        return RedisPresence(url, prefix=prefix)
+    if scheme in ("nats", "tls"):
+        try:
+            import nats  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "NATS presence needs nats-py: pip install 'eventcast[nats]'"
+            ) from exc
+        from .presence_nats import NATSPresence
+
+        return NATSPresence(url, prefix=prefix)
+    raise ConfigurationError(
+        f"unknown presence URL scheme {scheme!r}; expected memory://, redis:// or nats://"
+    )

@@ -1,0 +1,107 @@
+// The official JavaScript SDK (centrifuge-js) against an eventcast hub: subscribe with
+// recovery, receive, disconnect, publications made meanwhile (through the HTTP API, with
+// fetch), reconnect, recover. Prints one JSON object to stdout; exit status 1 on failure.
+//
+// Environment: HUB_WS_URL, HUB_TOKEN, HUB_API_URL, HUB_API_KEY, HUB_CHANNEL.
+import { Centrifuge } from 'centrifuge';
+import WebSocket from 'ws';
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const url = env('HUB_WS_URL');
+const token = env('HUB_TOKEN');
+const apiUrl = env('HUB_API_URL');
+const apiKey = env('HUB_API_KEY');
+const channel = env('HUB_CHANNEL');
+// A safety net only: every step waits for an event.
+const TIMEOUT_MS = 10000;
+
+const received = [];
+const subscribed = [];
+const published = [];
+const states = [];
+
+// Waiters re-checked on every event.
+let waiters = [];
+const notify = () => {
+  waiters = waiters.filter((w) => {
+    if (!w.predicate()) return true;
+    clearTimeout(w.timer);
+    w.resolve();
+    return false;
+  });
+};
+const until = (what, predicate) =>
+  new Promise((resolve, reject) => {
+    if (predicate()) return resolve();
+    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), TIMEOUT_MS);
+    waiters.push({ predicate, resolve, timer });
+  });
+
+async function publish(data) {
+  const response = await fetch(`${apiUrl}/publish`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'X-API-Key': apiKey },
+    body: JSON.stringify({ channel, data }),
+  });
+  const body = await response.json();
+  if (response.status !== 200 || body.error) {
+    throw new Error(`publish failed: ${response.status} ${JSON.stringify(body)}`);
+  }
+  published.push(body.result);
+  return body.result;
+}
+
+const client = new Centrifuge(url, {
+  token,
+  websocket: WebSocket,
+  minReconnectDelay: 50,
+  maxReconnectDelay: 500,
+});
+client.on('state', (ctx) => {
+  states.push(ctx.newState);
+  notify();
+});
+const sub = client.newSubscription(channel, { recoverable: true });
+sub.on('subscribed', (ctx) => {
+  subscribed.push({
+    wasRecovering: ctx.wasRecovering,
+    recovered: ctx.recovered,
+    recoverable: ctx.recoverable,
+    offset: ctx.streamPosition ? ctx.streamPosition.offset : null,
+    epoch: ctx.streamPosition ? ctx.streamPosition.epoch : null,
+  });
+  notify();
+});
+sub.on('publication', (ctx) => {
+  received.push({ offset: ctx.offset, data: ctx.data });
+  notify();
+});
+
+let error = null;
+try {
+  client.connect();
+  sub.subscribe();
+  await until('the first subscribe', () => subscribed.length === 1);
+  for (let n = 1; n <= 3; n++) await publish({ n, text: `live ${n}` });
+  await until('3 live publications', () => received.length >= 3);
+
+  client.disconnect();
+  await until('disconnected', () => client.state === 'disconnected');
+  for (let n = 4; n <= 6; n++) await publish({ n, text: `missed ${n}` });
+
+  client.connect();
+  await until('the resubscribe', () => subscribed.length === 2);
+  await until('3 recovered publications', () => received.length >= 6);
+  await publish({ n: 7, text: 'sentinel' });
+  await until('the sentinel', () => received.some((p) => p.data.n === 7));
+} catch (e) {
+  error = String(e && e.stack ? e.stack : e);
+} finally {
+  client.disconnect();
+}
+process.stdout.write(JSON.stringify({ error, subscribed, received, published, states }) + '\n');
+process.exit(error === null ? 0 : 1);

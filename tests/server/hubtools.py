@@ -1,0 +1,232 @@
+"""Helpers of the hub's integration tests: settings, tokens, API calls, a raw protocol client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from eventcast.server.app import HubApp
+from eventcast.server.auth import mint_token
+from eventcast.server.config import Settings
+from eventcast.server.hub import Hub
+
+SECRET = "eventcast-integration-tests-hmac-secret-0123456789"
+API_KEY = "eventcast-integration-tests-api-key"
+#: Safety net of every wait (never a synchronisation device).
+WAIT = 10.0
+
+#: The namespaces every test server has.
+NAMESPACES: list[dict[str, Any]] = [
+    {
+        "name": "",
+        "history_size": 100,
+        "history_ttl": 300,
+        "allow_subscribe_for_client": True,
+        "allow_publish_for_client": True,
+        "allow_history_for_client": True,
+        "allow_recovery": True,
+        "force_recovery": True,
+    },
+    # Pattern subscriptions, no history.
+    {"name": "live", "allow_patterns": True, "allow_subscribe_for_client": True},
+    # Subscription tokens required.
+    {"name": "priv", "history_size": 10, "history_ttl": 300},
+    # Centrifugo's user-limited channels: dm:chat#alice,bob
+    {"name": "dm", "allow_user_limited_channels": True},
+]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for the subprocess server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_settings(data_dir: Path) -> dict[str, Any]:
+    return {
+        "token_hmac_secret": SECRET,
+        "api_key": API_KEY,
+        "log_url": f"sqlite:///{data_dir}/events.db",
+        "node_name": "test-node",
+    }
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """The test server's settings, with ``overrides`` on top."""
+    values = {**base_settings(data_dir), "namespaces": NAMESPACES, **overrides}
+    return Settings.load(**values)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def write_config(path: Path, data_dir: Path, **overrides: Any) -> Path:
+    """Write the test settings as a TOML file for ``eventcast serve --config``."""
+    values = {**base_settings(data_dir), **overrides}
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    for namespace in NAMESPACES:
+        lines += ["", "[[namespaces]]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in namespace.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def token(user: str = "alice", *, ttl: float | None = 600, **claims: Any) -> str:
+    """A connection token (or, with ``channel=``, a subscription token)."""
+    return mint_token(secret=SECRET, user=user, ttl=ttl, **claims)
+
+
+@dataclass
+class HubServer:
+    """A running hub: its URLs, and (in-process) its app and :class:`Hub`."""
+
+    base: str
+    settings: Settings
+    app: HubApp | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.base.replace("http://", "ws://", 1) + "/connection/websocket"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base}/api"
+
+    @property
+    def hub(self) -> Hub:
+        assert self.app is not None, "the Hub object is only reachable in-process"
+        return self.app.hub
+
+    async def call(self, method: str, params: Any = None, **headers: str) -> httpx.Response:
+        """POST ``params`` (JSON) to ``/api/<method>`` with the API key; return the response."""
+        async with httpx.AsyncClient(timeout=WAIT) as client:
+            return await client.post(
+                f"{self.api_url}/{method}",
+                json=params if params is not None else {},
+                headers={"X-API-Key": API_KEY, **headers},
+            )
+
+    async def api(self, method: str, **params: Any) -> dict[str, Any]:
+        """Call the HTTP API; return the ``result`` (fail on an error answer)."""
+        response = await self.call(method, params)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        assert "error" not in body, body
+        result: dict[str, Any] = body["result"]
+        return result
+
+    async def publish(self, channel: str, data: Any, **params: Any) -> dict[str, Any]:
+        return await self.api("publish", channel=channel, data=data, **params)
+
+
+@dataclass
+class RawClient:
+    """A Centrifuge JSON client written by hand on ``websockets``: it sees every frame."""
+
+    ws: ClientConnection
+    #: Messages received and not consumed yet (replies and pushes), in order.
+    inbox: deque[dict[str, Any]] = field(default_factory=deque)
+    frames: int = 0
+    next_id: int = 0
+
+    @classmethod
+    async def open(cls, url: str, **kwargs: Any) -> RawClient:
+        ws = await connect(url, open_timeout=WAIT, ping_interval=None, **kwargs)
+        return cls(ws)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.ws.send(data)
+
+    async def command(self, method: str, body: dict[str, Any] | None = None) -> int:
+        """Send one command; return its id."""
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": self.next_id, method: body or {}}))
+        return self.next_id
+
+    async def _read_frame(self) -> None:
+        data = await asyncio.wait_for(self.ws.recv(), WAIT)
+        self.frames += 1
+        text = data.decode() if isinstance(data, bytes) else data
+        for line in text.split("\n"):
+            if line.strip():
+                self.inbox.append(json.loads(line))
+
+    async def message(self) -> dict[str, Any]:
+        """The next message (reply, push or ping)."""
+        while not self.inbox:
+            await self._read_frame()
+        return self.inbox.popleft()
+
+    async def reply(self, command_id: int) -> dict[str, Any]:
+        """Wait for the reply to ``command_id``; other messages stay in the inbox."""
+        while True:
+            for message in self.inbox:
+                if message.get("id") == command_id:
+                    self.inbox.remove(message)
+                    return message
+            await self._read_frame()
+
+    async def request(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self.reply(await self.command(method, body))
+
+    async def connect(self, connect_token: str | None = None, **body: Any) -> dict[str, Any]:
+        """Send connect; return the reply's ``connect`` result (fail on an error)."""
+        if connect_token is not None:
+            body["token"] = connect_token
+        reply = await self.request("connect", body)
+        assert "connect" in reply, reply
+        result: dict[str, Any] = reply["connect"]
+        return result
+
+    async def subscribe(self, channel: str, **body: Any) -> dict[str, Any]:
+        reply = await self.request("subscribe", {"channel": channel, **body})
+        assert "subscribe" in reply, reply
+        result: dict[str, Any] = reply["subscribe"]
+        return result
+
+    async def publication(self) -> dict[str, Any]:
+        """The next publication push (pings are skipped): ``{"channel", "pub"}``."""
+        while True:
+            message = await self.message()
+            push = message.get("push")
+            if push is not None and "pub" in push:
+                result: dict[str, Any] = push
+                return result
+
+    async def closed(self) -> tuple[int | None, str]:
+        """Read until the server closes; return the close code and reason it sent."""
+        try:
+            while True:
+                await self._read_frame()
+        except ConnectionClosed as exc:
+            received = exc.rcvd
+            if received is None:
+                return None, ""
+            return received.code, received.reason

@@ -126,6 +126,8 @@ DEFAULT_OUTBOX: Final = 100_000
 _PENDING_LIMIT: Final = 10_000
 #: Most topics whose continuity is tracked (the least recent is forgotten).
 _STREAMS_LIMIT: Final = 100_000
+#: Most topics whose traffic is counted for the dashboard.
+_TOPIC_STATS_LIMIT: Final = 10_000
 
 
 @dataclass(slots=True)
@@ -446,6 +448,9 @@ class Bus:
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         #: Called with ``(kind, topic, payload)`` for control messages from other nodes.
         self.control_listeners: list[Callable[[str, str, bytes], None]] = []
+        #: Traffic per topic since start: ``[events, last offset, last time]``
+        #: (bounded: the least recently created entry is forgotten first).
+        self.topic_stats: dict[str, list[Any]] = {}
         #: Backplane counters: dropped outgoing, undecodable incoming, gaps filled.
         self.backplane_stats = {"outbox_dropped": 0, "undecodable": 0, "gaps": 0, "caught_up": 0}
 
@@ -963,6 +968,7 @@ class Bus:
         for ring in rings:
             ring.append(event)
         self._published += 1
+        self._count_topic(event)
         if self.backplane is not None:
             self._forward(event)
         return event
@@ -1203,8 +1209,20 @@ class Bus:
 
     # -- delivery, continuity and the backplane -------------------------------------
 
+    def _count_topic(self, event: Event) -> None:
+        stats = self.topic_stats.get(event.topic)
+        if stats is None:
+            if len(self.topic_stats) >= _TOPIC_STATS_LIMIT:
+                self.topic_stats.pop(next(iter(self.topic_stats)))
+            stats = self.topic_stats[event.topic] = [0, None, 0.0]
+        stats[0] += 1
+        if event.offset is not None:
+            stats[1] = event.offset
+        stats[2] = event.time
+
     def _deliver(self, event: Event, rings: tuple[_Ring, ...]) -> None:
         """Fan an event out locally, in order, then share it with other nodes."""
+        self._count_topic(event)
         if event.offset is None:
             for ring in rings:
                 ring.append(event)
@@ -1390,6 +1408,7 @@ class Bus:
                     except Exception:
                         logger.exception("a control listener failed")
                 continue
+            self._count_topic(event)
             if event.offset is not None and event.epoch is not None:
                 self._deliver_durable(event)
             else:

@@ -26,6 +26,7 @@ from ..protocol.codes import Disconnect
 from .api import handle_api
 from .config import Settings
 from .connection import Connection
+from .dashboard import dashboard_routes
 from .hub import Hub
 from .metrics import metrics_endpoint
 from .sse import SSEEndpoint
@@ -224,6 +225,7 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *dashboard_routes(),
         ],
         lifespan=lifespan,
     )

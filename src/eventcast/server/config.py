@@ -257,6 +257,8 @@ class Settings(BaseSettings):
         sse_cookie: the cookie that may carry an SSE connection token.
         presence_ttl: seconds a presence entry lives unless refreshed (a crashed
             node's entries expire after it).
+        admin_token: protects the dashboard at ``/`` when set (without it the
+            dashboard is open: set one anywhere but on a developer's machine).
     """
 
     model_config = SettingsConfigDict(
@@ -293,6 +295,7 @@ class Settings(BaseSettings):
     sse_retry: Duration = Field(default=2.0, gt=0)
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
+    admin_token: SecretStr | None = None
 
     _namespaces_by_name: dict[str, NamespaceConfig] = PrivateAttr(default_factory=dict)
 

@@ -1,0 +1,171 @@
+// The eventcast dashboard: plain JavaScript, no build step. It reads the hub's
+// own Server-Sent Events stream (/dashboard/api/stream) for stats and the tail.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const previous = new Map(); // topic -> {count, time} for rates
+let source = null;
+
+function text(value) {
+  return value === null || value === undefined ? "" : String(value);
+}
+
+function cell(row, value) {
+  const td = document.createElement("td");
+  td.textContent = text(value);
+  row.appendChild(td);
+  return td;
+}
+
+function showStats(stats) {
+  $("node").textContent = `${stats.node.name} · v${stats.node.version} · up ${stats.node.uptime}s`;
+  const bp = $("backplane");
+  bp.textContent = stats.backplane_up ? "backplane up" : "backplane down";
+  bp.className = "badge " + (stats.backplane_up ? "up" : "down");
+  $("c-ws").textContent = stats.connections.websocket;
+  $("c-sse").textContent = stats.connections.sse;
+  $("c-subs").textContent = stats.subscriptions;
+  $("c-pub").textContent = stats.published;
+  $("c-drop").textContent = stats.dropped;
+  $("c-slow").textContent = stats.slow_disconnects;
+  $("c-dead").textContent = stats.dead_letters;
+  const body = $("topics").querySelector("tbody");
+  body.replaceChildren();
+  const topics = [...stats.topics].sort((a, b) => b.last_time - a.last_time);
+  for (const t of topics) {
+    const row = document.createElement("tr");
+    row.dataset.topic = t.topic;
+    const before = previous.get(t.topic);
+    let rate = "";
+    if (before && stats.time > before.time) {
+      rate = ((t.count - before.count) / (stats.time - before.time)).toFixed(1);
+    }
+    previous.set(t.topic, { count: t.count, time: stats.time });
+    cell(row, t.topic);
+    cell(row, t.count);
+    cell(row, rate);
+    cell(row, t.last_offset);
+    cell(row, t.last_time ? new Date(t.last_time * 1000).toLocaleTimeString() : "");
+    body.appendChild(row);
+  }
+}
+
+function showTail(message) {
+  const list = $("tail");
+  const item = document.createElement("li");
+  const offset = message.offset === null ? "" : `#${message.offset} `;
+  item.textContent = `${message.topic} ${offset}${JSON.stringify(message.data)}`;
+  list.prepend(item);
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+function openStream(patterns) {
+  if (source) source.close();
+  const query = patterns.map((p) => "tail=" + encodeURIComponent(p)).join("&");
+  source = new EventSource("/dashboard/api/stream" + (query ? "?" + query : ""), { withCredentials: true });
+  source.addEventListener("stats", (e) => showStats(JSON.parse(e.data)));
+  source.addEventListener("tail", (e) => showTail(JSON.parse(e.data)));
+  source.onerror = async () => {
+    const response = await fetch("/dashboard/api/stats", { credentials: "same-origin" });
+    if (response.status === 401) {
+      source.close();
+      showLogin();
+    }
+  };
+}
+
+async function loadDeadLetters() {
+  const response = await fetch("/dashboard/api/dead-letters", { credentials: "same-origin" });
+  if (!response.ok) return;
+  const letters = await response.json();
+  const body = $("dead").querySelector("tbody");
+  body.replaceChildren();
+  for (const letter of letters) {
+    const row = document.createElement("tr");
+    for (const key of ["id", "topic", "subscriber", "reason", "attempts", "error"]) cell(row, letter[key]);
+    const action = cell(row, "");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "Redrive";
+    button.addEventListener("click", () => redrive([letter.id]));
+    action.appendChild(button);
+    body.appendChild(row);
+  }
+}
+
+async function redrive(ids) {
+  await fetch("/dashboard/api/dead-letters/redrive", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(ids ? { ids } : {}),
+  });
+  await loadDeadLetters();
+}
+
+function showLogin() {
+  $("main").hidden = true;
+  $("login").hidden = false;
+}
+
+async function start() {
+  const response = await fetch("/dashboard/api/stats", { credentials: "same-origin" });
+  if (response.status === 401) {
+    showLogin();
+    return;
+  }
+  $("login").hidden = true;
+  $("main").hidden = false;
+  showStats(await response.json());
+  openStream(($("tail-pattern").value || "").split(/[\s,]+/).filter(Boolean));
+  await loadDeadLetters();
+  setInterval(loadDeadLetters, 5000);
+}
+
+$("login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const response = await fetch("/dashboard/api/login", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ token: $("login-token").value }),
+  });
+  if (response.ok) {
+    $("login-error").textContent = "";
+    await start();
+  } else {
+    $("login-error").textContent = "wrong token";
+  }
+});
+
+$("tail-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  $("tail").replaceChildren();
+  openStream($("tail-pattern").value.split(/[\s,]+/).filter(Boolean));
+});
+
+$("publish-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const result = $("publish-result");
+  let data;
+  try {
+    data = JSON.parse($("publish-data").value);
+  } catch (error) {
+    result.textContent = "data is not valid JSON";
+    return;
+  }
+  const response = await fetch("/dashboard/api/publish", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ topic: $("publish-topic").value, data }),
+  });
+  const body = await response.json();
+  result.textContent = response.ok
+    ? `published${body.offset ? " at offset " + body.offset : ""}`
+    : body.error;
+});
+
+$("redrive-all").addEventListener("click", () => redrive(null));
+
+start();

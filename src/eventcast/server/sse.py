@@ -62,6 +62,8 @@ class SSEEndpoint:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        _redact_token(scope)  # before any answer: the server's access log reads the scope
         origin = _header(scope, b"origin")
         cors: list[tuple[bytes, bytes]] = []
         if origin is not None:
@@ -75,7 +77,6 @@ class SSEEndpoint:
             status, message = refusal
             await self._error(send, status, message, cors if status != 403 else [])
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         topics = list(dict.fromkeys(query.get("topic", [])))
         if not topics:
             await self._error(send, 400, "at least one topic query parameter is required", cors)
@@ -117,6 +118,24 @@ class SSEEndpoint:
         last_id = _header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
         cursor = parse_cursor(last_id, topics)
         malformed = last_id is not None and cursor is None
+        # Subscribe before answering, so a bad topic gets a 4xx status rather than a
+        # 200 stream with an error in it; what is queued meanwhile waits for attach().
+        conn.enqueue(retry(int(settings.sse_retry * 1000)))
+        hub._register(conn)
+        try:
+            await hub.sse_open(conn, topics, cursor, malformed=malformed)
+        except CommandError as exc:
+            hub._forget(conn)
+            answer = exc.answer
+            message = answer.message if isinstance(answer, ClientError) else answer.reason
+            status = 403 if answer.code == codes.ERROR_PERMISSION_DENIED.code else 400
+            await self._error(send, status, message, cors)
+            return
+        except Exception:
+            hub._forget(conn)
+            logger.exception("SSE subscribe failed")
+            await self._error(send, 500, "internal server error", cors)
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -129,25 +148,16 @@ class SSEEndpoint:
                 ],
             }
         )
-        raw_send = scope.get("eventcast.send", send)
-        conn.attach(raw_send, _raw_http_transport(raw_send))
 
         async def end(body: bytes) -> None:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
+        if conn.closed:  # closed while subscribing (shutdown, or a full queue)
+            await end(retry(1000))
+            return
+        raw_send = scope.get("eventcast.send", send)
         conn.sse_end = end
-        hub._register(conn)
-        conn.enqueue(retry(int(settings.sse_retry * 1000)))
-        try:
-            await hub.sse_open(conn, topics, cursor, malformed=malformed)
-        except CommandError as exc:
-            answer = exc.answer
-            message = answer.message if isinstance(answer, ClientError) else answer.reason
-            conn.enqueue(b"event: error\ndata: " + _encode({"message": message}) + b"\n\n")
-            conn.close(codes.DISCONNECT_BAD_REQUEST)
-        except Exception:
-            logger.exception("SSE subscribe failed")
-            conn.close(codes.DISCONNECT_SERVER_ERROR)
+        conn.attach(raw_send, _raw_http_transport(raw_send))
         hub.arm_sse(conn)
         await self._wait(conn, receive)
 
@@ -179,6 +189,18 @@ class SSEEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _redact_token(scope: dict[str, Any]) -> None:
+    """Mask the ``access_token`` query parameter in the scope the server's access log reads."""
+    raw = scope.get("query_string", b"")
+    if b"access_token=" not in raw:
+        return
+    parts = raw.split(b"&")
+    for i, part in enumerate(parts):
+        if part.startswith(b"access_token="):
+            parts[i] = b"access_token=***"
+    scope["query_string"] = b"&".join(parts)
 
 
 async def _until_disconnect(receive: Any) -> None:

@@ -285,6 +285,55 @@ async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
     return {"replies": replies}
 
 
+async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
+    """eventcast extension: list dead letters (filters: subscriber, reason, topic, limit)."""
+    limit = params.get("limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int >= 0"))
+    found = hub.bus.dead_letters.list(
+        subscriber=_str(params, "subscriber", required=False) or None,
+        reason=_str(params, "reason", required=False) or None,
+        topic=_str(params, "topic", required=False) or None,
+    )
+    letters = found[-limit:] if limit else []
+    out = []
+    for letter in letters:
+        event = letter.event
+        try:
+            data: Any = msgspec.Raw(event.encoded_data())
+        except EncodeError:
+            data = repr(event.data)
+        out.append(
+            {
+                "id": letter.id,
+                "topic": event.topic,
+                "offset": event.offset,
+                "subscriber": letter.subscriber,
+                "reason": letter.reason,
+                "attempts": letter.attempts,
+                "error": letter.error,
+                "time": letter.time,
+                "data": data,
+            }
+        )
+    return {"dead_letters": out, "total": len(hub.bus.dead_letters)}
+
+
+async def api_dead_letters_redrive(hub: Hub, params: dict[str, Any]) -> Any:
+    """eventcast extension: redrive dead letters (by ``ids``, ``subscriber`` or ``reason``)."""
+    ids = params.get("ids")
+    if ids is not None and not (
+        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+    ):
+        raise APIError(codes.ERROR_BAD_REQUEST.with_message("ids must be a list of ints"))
+    count = await hub.bus.dead_letters.redrive(
+        ids=ids,
+        subscriber=_str(params, "subscriber", required=False) or None,
+        reason=_str(params, "reason", required=False) or None,
+    )
+    return {"redriven": count}
+
+
 API_METHODS: dict[str, Method] = {
     "publish": api_publish,
     "broadcast": api_broadcast,
@@ -298,6 +347,8 @@ API_METHODS: dict[str, Method] = {
     "disconnect": api_disconnect,
     "unsubscribe": api_unsubscribe,
     "subscribe": api_subscribe,
+    "dead_letters": api_dead_letters,
+    "dead_letters_redrive": api_dead_letters_redrive,
 }
 
 

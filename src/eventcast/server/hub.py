@@ -98,6 +98,8 @@ _API_NAMES: Final = frozenset(
         "disconnect",
         "unsubscribe",
         "subscribe",
+        "dead_letters",
+        "dead_letters_redrive",
     )
 )
 

@@ -5,6 +5,8 @@ Only the names exported here (and documented) are public.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .bus import Bus as Bus, Handler as Handler
 from .deadletters import DeadLetter as DeadLetter, DeadLetters as DeadLetters
 from .events import EARLIEST as EARLIEST, Event as Event, Position as Position
@@ -28,6 +30,9 @@ from .subscription import (
     Subscription as Subscription,
     SubscriptionStatistics as SubscriptionStatistics,
 )
+
+if TYPE_CHECKING:
+    from .client import connect as connect
 
 __version__ = "0.1.0"
 
@@ -55,4 +60,15 @@ __all__ = [
     "Subscription",
     "SubscriptionClosedError",
     "SubscriptionStatistics",
+    "connect",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``eventcast.connect`` is imported lazily: the client needs ``websockets``,
+    # which the core (bus, log, protocol) does not.
+    if name == "connect":
+        from .client import connect
+
+        return connect
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,26 +21,45 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     │   └── UnrecoverablePositionError
     ├── ConfigurationError (also ValueError)
     ├── BackplaneError
-    └── AuthError
-        ├── InvalidTokenError
-        └── TokenExpiredError
+    ├── AuthError
+    │   ├── InvalidTokenError
+    │   └── TokenExpiredError
+    ├── HubClientError
+    │   ├── HandshakeError
+    │   ├── ReplyError
+    │   ├── ReplyTimeoutError
+    │   ├── DisconnectedError
+    │   └── ClientClosedError
+    └── PositionLostError
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .events import Position
 
 __all__ = [
     "AckTimeoutError",
     "AuthError",
     "BackplaneError",
     "BusClosedError",
+    "ClientClosedError",
     "ConfigurationError",
     "DeliveryError",
+    "DisconnectedError",
     "EncodeError",
     "EventcastError",
+    "HandshakeError",
+    "HubClientError",
     "InvalidTokenError",
     "InvalidTopicError",
     "LogError",
     "PositionError",
+    "PositionLostError",
+    "ReplyError",
+    "ReplyTimeoutError",
     "SlowConsumerError",
     "SubscriberExistsError",
     "SubscriberNotFoundError",
@@ -138,3 +157,86 @@ class InvalidTokenError(AuthError):
 
 class TokenExpiredError(AuthError):
     """A token was valid but its ``exp`` claim is in the past."""
+
+
+class HubClientError(EventcastError):
+    """The client of a hub (:mod:`eventcast.client`) failed to talk to the hub."""
+
+
+class HandshakeError(HubClientError):
+    """A connection to the hub could not be established.
+
+    The host refused or was unreachable, the WebSocket handshake failed, the
+    server closed the connection or sent something that is not the protocol
+    before answering ``connect``, or it rejected ``connect``.
+
+    Attributes:
+        code: the protocol error code or the WebSocket close code the server
+            gave, or ``None`` (network failure, garbage, timeout).
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReplyError(HubClientError):
+    """The hub answered a command with an error (``{"error": {"code", "message"}}``).
+
+    Attributes:
+        code: the protocol error code (100-199, e.g. 104 "method not found").
+        message: the server's message.
+        temporary: whether the server marked the error as temporary.
+    """
+
+    def __init__(self, code: int, message: str, temporary: bool = False) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+        self.temporary = temporary
+
+
+class ReplyTimeoutError(HubClientError):
+    """The hub did not answer a command in time (the client's ``timeout``)."""
+
+
+class DisconnectedError(HubClientError):
+    """The connection was lost while a command waited for its reply.
+
+    The command may or may not have been executed by the hub.
+    """
+
+
+class ClientClosedError(HubClientError):
+    """The client is closed: by ``close()``, or for good after a failure.
+
+    When a failure closed it (a terminal disconnect code, a rejected token, a
+    failing token callback), that error is chained as ``__cause__``.
+
+    Attributes:
+        code: the terminal disconnect code the server sent, or ``None``.
+        reason: the server's reason for that disconnect (``""`` when none).
+    """
+
+    def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class PositionLostError(EventcastError):
+    """A subscription could not be resumed from its stream position.
+
+    The hub answered ``recovered=false``: the epoch changed, or the events
+    missed are beyond history or the replay cap. The subscription goes on from
+    the stream's current position (:attr:`position`) if iterated again.
+
+    Attributes:
+        topic: the subscription's channel.
+        position: where the stream resumes now (its current top), if known.
+    """
+
+    def __init__(self, message: str, topic: str = "", position: Position | None = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.position = position

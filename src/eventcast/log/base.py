@@ -117,6 +117,38 @@ def stored_event(
     )
 
 
+_decode_list = msgspec.json.Decoder(list[Any]).decode
+
+
+def stored_events(topic: str, epoch: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
+    """Build the events of stored rows ``(offset, id, time, payload, binary, tags, ikey)``.
+
+    The JSON payloads of a page are decoded in one call (a JSON array of them),
+    which is several times faster than one decode per row.
+    """
+    payloads = [bytes(row[3]) for row in rows]
+    json_rows = [p for p, row in zip(payloads, rows, strict=True) if not row[4]]
+    values = iter(_decode_list(b"[" + b",".join(json_rows) + b"]") if json_rows else ())
+    empty: Mapping[str, str] = MappingProxyType({})
+    out: list[Event] = []
+    for row, payload in zip(rows, payloads, strict=True):
+        offset, event_id, at, _, binary, tags, ikey = row
+        out.append(
+            Event(
+                topic=topic,
+                data=payload if binary else next(values),
+                id=event_id,
+                time=at,
+                offset=offset,
+                epoch=epoch,
+                tags=decode_tags(tags) if tags else empty,
+                idempotency_key=ikey,
+                _cache=[payload],
+            )
+        )
+    return out
+
+
 #: A dead letter flattened for storage; see :func:`letter_to_row`.
 LetterRow = tuple[
     int, str, str, int, "str | None", float, str, str, float, bytes, bool, "bytes | None"

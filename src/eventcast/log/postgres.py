@@ -34,6 +34,7 @@ from .base import (
     now,
     row_to_letter,
     stored_event,
+    stored_events,
 )
 
 if TYPE_CHECKING:
@@ -699,21 +700,10 @@ class PostgresLog(EventLog):
             return await cur.fetchall()
 
         rows = await self._run("read", run)
-        return [
-            stored_event(
-                topic,
-                offset,
-                epoch,
-                event_id,
-                at,
-                bytes(payload),
-                binary,
-                None if tags is None else bytes(tags),
-                ikey,
-            )
-            for epoch, offset, event_id, at, payload, binary, tags, ikey in rows
-            if offset is not None
-        ]
+        found = [row for row in rows if row[1] is not None]
+        if not found:
+            return []
+        return stored_events(topic, found[0][0], [row[1:] for row in found])
 
     async def position(self, topic: str) -> Position:
         """Return the latest position of a topic, creating its stream if needed."""

@@ -19,6 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .base import (
     now,
     row_to_letter,
     stored_event,
+    stored_events,
 )
 
 __all__ = ["SQLiteLog"]
@@ -150,12 +152,13 @@ class SQLiteLog(EventLog):
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
-        self._room: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state: dict[str, _TopicState] = {}
         self._closed = False
         self._opened = False
         self._keys_pruned = 0.0
+        self._inflight = 0
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: Committed transactions (for the group-commit benchmark and tests).
         self.commits = 0
 
@@ -167,7 +170,6 @@ class SQLiteLog(EventLog):
         if self._closed:
             raise LogError("the log is closed")
         self._loop = asyncio.get_running_loop()
-        self._room = asyncio.Semaphore(self.max_pending)
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
             target=self._writer, args=(ready,), name="eventcast-sqlite-writer", daemon=True
@@ -277,8 +279,29 @@ class SQLiteLog(EventLog):
             saved = {topic: (s.epoch, s.top, s.floor) for topic, s in self._state.items()}
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                batch_rows: list[tuple[Any, ...]] = []
+                batch_keys: list[tuple[str, str, int, float]] = []
+                pending_keys: dict[tuple[str, str], tuple[Any, ...]] = {}
+                touched: dict[str, _TopicState] = {}
                 for request in appends:
-                    request.result = self._append(conn, request.args)
+                    request.result = self._append(
+                        conn, request.args, batch_rows, batch_keys, pending_keys, touched
+                    )
+                # One statement per table for the whole group commit: executemany
+                # calls hand the GIL back and forth with the loop thread.
+                conn.executemany(
+                    "INSERT INTO ec_events (topic, offset, id, time, payload, binary, tags, ikey) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    batch_rows,
+                )
+                if batch_keys:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO ec_ikeys VALUES (?, ?, ?, ?)", batch_keys
+                    )
+                conn.executemany(
+                    "UPDATE ec_streams SET top = ? WHERE topic = ?",
+                    [(state.top, topic) for topic, state in touched.items()],
+                )
                 self._apply_retention(conn, appends)
                 conn.execute("COMMIT")
                 self.commits += 1
@@ -325,19 +348,29 @@ class SQLiteLog(EventLog):
             self._state[topic] = state
         return state
 
-    def _append(self, conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[Any, ...]]:
-        """Insert one request's events; return, per event, the stored row."""
+    def _append(
+        self,
+        conn: sqlite3.Connection,
+        items: list[_Item],
+        rows: list[tuple[Any, ...]],
+        keys: list[tuple[str, str, int, float]],
+        pending_keys: dict[tuple[str, str], tuple[Any, ...]],
+        touched: dict[str, _TopicState],
+    ) -> list[tuple[Any, ...]]:
+        """Assign offsets to one request's events, adding their rows to the batch.
+
+        Returns, per event, the stored row (the original one for an idempotent
+        repeat, found in this batch or in the table).
+        """
         t = now()
-        rows: list[tuple[Any, ...]] = []
         results: list[tuple[Any, ...]] = []
-        keys: list[tuple[str, str, int, float]] = []
-        touched: dict[str, _TopicState] = {}
         for item in items:
             topic, event_id, at, payload, binary, tags, ikey = item
-            state = touched.get(topic) or self._topic(conn, topic)
-            touched[topic] = state
+            state = touched.get(topic)
+            if state is None:
+                state = touched[topic] = self._topic(conn, topic)
             if ikey is not None:
-                original = self._find_key(conn, topic, ikey, t, rows)
+                original = pending_keys.get((topic, ikey)) or self._find_key(conn, topic, ikey, t)
                 if original is not None:
                     results.append(original)
                     continue
@@ -345,18 +378,10 @@ class SQLiteLog(EventLog):
             state.top += 1
             row = (topic, state.top, event_id, at, payload, binary, tags, ikey)
             rows.append(row)
-            results.append((state.epoch, *row))
-        conn.executemany(
-            "INSERT INTO ec_events (topic, offset, id, time, payload, binary, tags, ikey) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        if keys:
-            conn.executemany("INSERT OR REPLACE INTO ec_ikeys VALUES (?, ?, ?, ?)", keys)
-        conn.executemany(
-            "UPDATE ec_streams SET top = ? WHERE topic = ?",
-            [(s.top, topic) for topic, s in touched.items()],
-        )
+            stored = (state.epoch, *row)
+            if ikey is not None:
+                pending_keys[topic, ikey] = stored
+            results.append(stored)
         return results
 
     def _find_key(
@@ -365,11 +390,7 @@ class SQLiteLog(EventLog):
         topic: str,
         key: str,
         t: float,
-        pending: list[tuple[Any, ...]],
     ) -> tuple[Any, ...] | None:
-        for row in pending:  # a repeat inside the same request
-            if row[0] == topic and row[7] == key:
-                return (self._state[topic].epoch, *row)
         found = conn.execute(
             "SELECT offset FROM ec_ikeys WHERE topic = ? AND key = ? AND expires > ?",
             (topic, key, t),
@@ -483,18 +504,32 @@ class SQLiteLog(EventLog):
         thread = self._thread
         if thread is None or not thread.is_alive():
             raise LogError("the log's writer thread is not running")
-        room = self._room
-        assert room is not None
-        assert self._loop is not None
-        await room.acquire()
+        loop = self._loop
+        assert loop is not None
+        # The bound on queued requests: a plain counter on the fast path; a
+        # publisher waits only when max_pending requests are in flight.
+        while self._inflight >= self.max_pending:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+        self._inflight += 1
         try:
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
-            future: asyncio.Future[Any] = self._loop.create_future()
+            future: asyncio.Future[Any] = loop.create_future()
             self._queue.put(_Request(kind, args, future))
             return await future
         finally:
-            room.release()
+            self._inflight -= 1
+            while self._room_waiters:
+                waiter = self._room_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
@@ -611,10 +646,7 @@ class SQLiteLog(EventLog):
         epoch, rows = await self._read("read", query)
         if epoch is None:
             return []
-        return [
-            stored_event(topic, offset, epoch, event_id, at, payload, bool(binary), tags, ikey)
-            for offset, event_id, at, payload, binary, tags, ikey in rows
-        ]
+        return stored_events(topic, epoch, rows)
 
     async def position(self, topic: str) -> Position:
         def query(conn: sqlite3.Connection) -> Any:

@@ -25,7 +25,7 @@ from ..protocol import codes
 from ..protocol.codes import Disconnect
 from .api import handle_api
 from .config import Settings
-from .connection import Connection
+from .connection import Connection, writable_transport
 from .dashboard import dashboard_routes
 from .hub import Hub
 from .metrics import metrics_endpoint
@@ -54,7 +54,7 @@ def _raw_transport(send: Any) -> asyncio.WriteTransport | None:
     if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
         return None
     transport = owner.transport
-    return transport if isinstance(transport, asyncio.WriteTransport) else None
+    return writable_transport(transport)
 
 
 class WebSocketEndpoint:

@@ -39,6 +39,18 @@ DEFAULT_QUEUE_BYTES: Final = 1_048_576
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+def writable_transport(transport: object) -> asyncio.WriteTransport | None:
+    """Return ``transport`` if it can be written to directly, else ``None``.
+
+    Duck-typed on purpose: uvloop's transports implement the interface without
+    subclassing ``asyncio.WriteTransport``.
+    """
+    for name in ("write", "is_closing", "get_write_buffer_size"):
+        if not callable(getattr(transport, name, None)):
+            return None
+    return transport  # type: ignore[return-value]
+
+
 def frame_chunk(payload: bytes) -> bytes:
     """Wrap ``payload`` as one HTTP/1.1 chunk (for SSE over chunked encoding)."""
     return b"%x\r\n%s\r\n" % (len(payload), payload)
@@ -286,6 +298,11 @@ class Connection:
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
         self._closed_event.set()
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether frames go pre-framed straight to the socket's transport."""
+        return self._transport is not None
 
     def queued_bytes(self) -> int:
         """Bytes queued and not yet written (including what the transport holds)."""

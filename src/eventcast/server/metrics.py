@@ -45,7 +45,9 @@ class HubCollector(Collector):
         hub = self.hub
         live: dict[str, list[int]] = {"websocket": [0, 0, 0, 0, 0], "sse": [0, 0, 0, 0, 0]}
         queue = 0
+        fast = 0
         for conn in list(hub.connections.values()):
+            fast += conn.fast_path
             row = live[conn.transport_name]
             row[0] += 1
             row[1] += conn.messages_out
@@ -76,6 +78,11 @@ class HubCollector(Collector):
             received.add_metric([transport], row[3] + closed[2])
             received_bytes.add_metric([transport], row[4] + closed[3])
         yield connections
+        yield GaugeMetricFamily(
+            "eventcast_connections_fast_path",
+            "Connections written pre-framed straight to the socket (eventcast serve).",
+            value=fast,
+        )
         yield sent
         yield sent_bytes
         yield received

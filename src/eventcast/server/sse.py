@@ -29,7 +29,7 @@ from ..exceptions import AuthError, TokenExpiredError
 from ..protocol import codes
 from ..protocol.codes import ClientError
 from ..protocol.sse import parse_cursor, retry
-from .connection import Connection
+from .connection import Connection, writable_transport
 from .hub import CommandError, Hub
 
 __all__ = ["SSEEndpoint"]
@@ -216,4 +216,4 @@ def _raw_http_transport(send: Any) -> asyncio.WriteTransport | None:
     if owner is None or not getattr(owner, "chunked_encoding", False):
         return None
     transport = getattr(owner, "transport", None)
-    return transport if isinstance(transport, asyncio.WriteTransport) else None
+    return writable_transport(transport)

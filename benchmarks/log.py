@@ -1,0 +1,621 @@
+"""Durable log: append throughput with group commit, and replay throughput.
+
+SQLite (``SQLiteLog``: WAL, ``synchronous=FULL``, one writer thread) and
+PostgreSQL (``PostgresLog``), each measured against a one-commit-per-event
+baseline on the same machine in the same run:
+
+* **append, 1 event per call**: N concurrent tasks, each awaiting
+  ``log.append([event])`` one at a time, for a fixed time. Group commit puts
+  every append waiting into one transaction, so one fsync serves many events;
+* **append, 100 events per call**: the same with ``log.append(list_of_100)``;
+* **baseline**: a plain driver connection doing ``INSERT`` + ``COMMIT`` per
+  event (SQLite: ``sqlite3``, WAL, ``synchronous=FULL``; PostgreSQL: psycopg),
+  into a table of the same shape;
+* **replay**: read 100k stored events in pages of 1,000 with
+  ``log.read(topic, after=..., limit=1000)``, beside a raw driver ``SELECT``
+  of the same pages (no ``Event`` objects) as the ceiling;
+* **through the bus**: ``Bus(log=..., namespaces={"": Namespace(history_size=...)})``
+  with N concurrent publishers awaiting ``bus.publish(...)`` (a durable publish
+  commits, then fans out to one subscriber draining with ``get_batch``).
+
+Each append row also reports the events per commit and where the CPU went: the
+event-loop thread and (SQLite) the writer thread, in µs of CPU per event, from
+``/proc/self/task/<tid>/stat``.
+
+    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import secrets
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+
+from _common import header, machine, rate, thread_cpu, threads_named
+from eventcast import Bus, Event
+from eventcast.bus import Namespace
+from eventcast.log.base import EventLog, Retention
+from eventcast.log.sqlite import SQLiteLog
+
+TOPIC = "bench"
+BODY = "x" * 64
+PG_URL = os.environ.get("EVENTCAST_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REPLAY_EVENTS = 100_000
+PAGE = 1000
+UNLIMITED = Retention(size=10**12)
+
+# The same shape as SQLiteLog's ec_events table.
+SQLITE_BASELINE_DDL = """
+CREATE TABLE IF NOT EXISTS events (
+    topic TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    time REAL NOT NULL,
+    payload BLOB NOT NULL,
+    binary INTEGER NOT NULL,
+    tags BLOB,
+    ikey TEXT,
+    PRIMARY KEY (topic, offset)
+) WITHOUT ROWID
+"""
+
+
+def payload(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "body": BODY}
+
+
+class ThreadClock:
+    """CPU seconds of the calling (loop) thread and of named helper threads."""
+
+    def __init__(self, helper_prefix: str | None) -> None:
+        self.helper_prefix = helper_prefix
+        self.loop0 = time.thread_time()
+        self.helpers0 = self._helpers()
+
+    def _helpers(self) -> dict[int, float]:
+        if self.helper_prefix is None:
+            return {}
+        out = {}
+        for tid in threads_named(self.helper_prefix):
+            with contextlib.suppress(OSError):
+                out[tid] = thread_cpu(tid)
+        return out
+
+    def stop(self) -> tuple[float, float]:
+        loop = time.thread_time() - self.loop0
+        now = self._helpers()
+        helper = sum(v - self.helpers0.get(tid, 0.0) for tid, v in now.items())
+        return loop, helper
+
+
+async def timed_workers(
+    concurrency: int, seconds: float, step: Callable[[int], Awaitable[int]]
+) -> tuple[int, float]:
+    """Run ``concurrency`` tasks calling ``step`` until ``seconds`` pass; (events, elapsed)."""
+    stop = False
+    total = 0
+
+    async def worker(w: int) -> None:
+        nonlocal total
+        seq = w * 10**9
+        n = 0
+        while not stop:
+            n += await step(seq + n)
+        total += n
+
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    tasks = [loop.create_task(worker(w)) for w in range(concurrency)]
+
+    def finish() -> None:
+        nonlocal stop
+        stop = True
+
+    loop.call_later(seconds, finish)
+    await asyncio.gather(*tasks)
+    return total, time.perf_counter() - start
+
+
+# -- appends ----------------------------------------------------------------------------
+
+
+async def append_case(
+    make_log: Callable[[], EventLog],
+    helper_prefix: str | None,
+    concurrency: int,
+    batch: int,
+    seconds: float,
+    profile: cProfile.Profile | None = None,
+) -> dict[str, Any]:
+    log = make_log()
+    log.retention = lambda topic: UNLIMITED
+    await log.open()
+    try:
+        # A shared PostgreSQL schema keeps the stream of the previous case.
+        top0 = (await log.position(TOPIC)).offset
+        await log.append([Event(topic=TOPIC, data=payload(0))])
+
+        async def step(seq: int) -> int:
+            if batch == 1:
+                await log.append([Event(topic=TOPIC, data=payload(seq))])
+            else:
+                await log.append([Event(topic=TOPIC, data=payload(seq + i)) for i in range(batch)])
+            return batch
+
+        gc.collect()
+        commits0 = log.commits  # type: ignore[attr-defined]
+        clock = ThreadClock(helper_prefix)
+        if profile is not None:
+            profile.enable()
+        events, elapsed = await timed_workers(concurrency, seconds, step)
+        if profile is not None:
+            profile.disable()
+        loop_cpu, helper_cpu = clock.stop()
+        commits = log.commits - commits0  # type: ignore[attr-defined]
+        top = (await log.position(TOPIC)).offset
+        if top - top0 != events + 1:
+            raise RuntimeError(f"lost appends: top={top - top0}, appended={events + 1}")
+    finally:
+        await log.close()
+    return {
+        "events": events,
+        "seconds": elapsed,
+        "events_per_s": events / elapsed,
+        "commits": commits,
+        "events_per_commit": events / max(commits, 1),
+        "loop_us_per_event": loop_cpu / events * 1e6,
+        "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+    }
+
+
+def sqlite_baseline(path: str, seconds: float) -> dict[str, Any]:
+    """INSERT + COMMIT per event on one plain sqlite3 connection (WAL, synchronous=FULL)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(SQLITE_BASELINE_DDL)
+    from eventcast.events import encode_data
+
+    n = 0
+    cpu0 = time.thread_time()
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(10):
+            event = Event(topic=TOPIC, data=payload(n))
+            n += 1
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (TOPIC, n, event.id, event.time, encode_data(event.data), False, None, None),
+            )
+            conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    cpu = time.thread_time() - cpu0
+    conn.close()
+    return {
+        "events": n,
+        "seconds": elapsed,
+        "events_per_s": n / elapsed,
+        "commits": n,
+        "events_per_commit": 1.0,
+        "loop_us_per_event": cpu / n * 1e6,
+        "writer_us_per_event": None,
+    }
+
+
+def pg_baseline(conninfo: str, schema: str, seconds: float) -> dict[str, Any]:
+    """INSERT + COMMIT per event on one plain psycopg connection."""
+    import psycopg
+
+    from eventcast.events import encode_data
+
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".baseline (topic TEXT NOT NULL, '
+            '"offset" BIGINT NOT NULL, id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL, '
+            'payload BYTEA NOT NULL, "binary" BOOLEAN NOT NULL, tags BYTEA, ikey TEXT, '
+            'PRIMARY KEY (topic, "offset"))'
+        )
+        conn.commit()
+        sql = f'INSERT INTO "{schema}".baseline VALUES (%s, %s, %s, %s, %s, %s, %s, %s)'
+        n = 0
+        cpu0 = time.thread_time()
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            for _ in range(10):
+                event = Event(topic=TOPIC, data=payload(n))
+                n += 1
+                conn.execute(
+                    sql,
+                    (TOPIC, n, event.id, event.time, encode_data(event.data), False, None, None),
+                )
+                conn.commit()
+        elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - cpu0
+    return {
+        "events": n,
+        "seconds": elapsed,
+        "events_per_s": n / elapsed,
+        "commits": n,
+        "events_per_commit": 1.0,
+        "loop_us_per_event": cpu / n * 1e6,
+        "writer_us_per_event": None,
+    }
+
+
+# -- replay --------------------------------------------------------------------------------
+
+
+async def replay_case(
+    make_log: Callable[[], EventLog],
+    raw_pages: Callable[[], int] | None,
+    events: int,
+    passes: int,
+) -> dict[str, Any]:
+    log = make_log()
+    log.retention = lambda topic: UNLIMITED
+    await log.open()
+    try:
+        fill = time.perf_counter()
+        for base in range(0, events, 1000):
+            await log.append([Event(topic=TOPIC, data=payload(base + i)) for i in range(1000)])
+        fill = time.perf_counter() - fill
+        rates = []
+        for _ in range(passes):
+            gc.collect()
+            start = time.perf_counter()
+            after = 0
+            n = 0
+            while True:
+                page = await log.read(TOPIC, after=after, limit=PAGE)
+                if not page:
+                    break
+                n += len(page)
+                after = page[-1].offset or 0
+            elapsed = time.perf_counter() - start
+            if n != events:
+                raise RuntimeError(f"replayed {n} of {events} events")
+            rates.append(n / elapsed)
+    finally:
+        await log.close()
+    out: dict[str, Any] = {
+        "events": events,
+        "fill_events_per_s": events / fill,
+        "events_per_s": max(rates),
+    }
+    if raw_pages is not None:
+        raw_rates = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            n = raw_pages()
+            raw_rates.append(n / (time.perf_counter() - start))
+        out["raw_events_per_s"] = max(raw_rates)
+    return out
+
+
+def sqlite_raw_pages(path: str) -> Callable[[], int]:
+    def run() -> int:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        after, n = 0, 0
+        while True:
+            rows = conn.execute(
+                "SELECT offset, id, time, payload, binary, tags, ikey FROM ec_events "
+                "WHERE topic = ? AND offset > ? ORDER BY offset LIMIT ?",
+                (TOPIC, after, PAGE),
+            ).fetchall()
+            if not rows:
+                break
+            n += len(rows)
+            after = rows[-1][0]
+        conn.close()
+        return n
+
+    return run
+
+
+def pg_raw_pages(conninfo: str, schema: str) -> Callable[[], int]:
+    def run() -> int:
+        import psycopg
+
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            after, n = 0, 0
+            while True:
+                rows = conn.execute(
+                    'SELECT "offset", id, time, payload, "binary", tags, ikey '
+                    f'FROM "{schema}".events WHERE topic = %s AND "offset" > %s '
+                    'ORDER BY "offset" LIMIT %s',
+                    (TOPIC, after, PAGE),
+                ).fetchall()
+                if not rows:
+                    break
+                n += len(rows)
+                after = rows[-1][0]
+        return n
+
+    return run
+
+
+# -- through the bus ------------------------------------------------------------------------
+
+
+async def bus_case(
+    make_log: Callable[[], EventLog],
+    helper_prefix: str | None,
+    concurrency: int,
+    history_size: int,
+    seconds: float,
+) -> dict[str, Any]:
+    log = make_log()
+    bus = Bus(log=log, namespaces={"": Namespace(history_size=history_size)}, maxsize=65_536)
+    await bus.start()
+    try:
+        sub = bus.subscribe(TOPIC)
+        received = 0
+
+        async def consume() -> None:
+            nonlocal received
+            while True:
+                received += len(await sub.get_batch(4096))
+
+        consumer = asyncio.get_running_loop().create_task(consume())
+        await bus.publish(TOPIC, payload(0))
+
+        async def step(seq: int) -> int:
+            await bus.publish(TOPIC, payload(seq))
+            return 1
+
+        gc.collect()
+        commits0 = log.commits  # type: ignore[attr-defined]
+        clock = ThreadClock(helper_prefix)
+        events, elapsed = await timed_workers(concurrency, seconds, step)
+        loop_cpu, helper_cpu = clock.stop()
+        commits = log.commits - commits0  # type: ignore[attr-defined]
+        for _ in range(100):
+            if received >= events + 1:
+                break
+            await asyncio.sleep(0.01)
+        consumer.cancel()
+        dropped = bus.statistics()["dropped"]
+        if received != events + 1 or dropped:
+            raise RuntimeError(f"bus lost events: received={received} published={events + 1}")
+    finally:
+        await bus.close()
+    return {
+        "events": events,
+        "seconds": elapsed,
+        "events_per_s": events / elapsed,
+        "commits": commits,
+        "events_per_commit": events / max(commits, 1),
+        "loop_us_per_event": loop_cpu / events * 1e6,
+        "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+    }
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def print_rows(title: str, rows: list[dict[str, Any]], baseline: float | None) -> None:
+    print(f"\n## {title}")
+    print(
+        f"{'case':<34} | {'events/s':>10} | {'vs 1 commit/event':>17} | {'events/commit':>13} "
+        f"| {'loop µs/ev':>10} | {'writer µs/ev':>12}"
+    )
+    for row in rows:
+        ratio = f"{row['events_per_s'] / baseline:16.1f}x" if baseline else f"{'-':>17}"
+        writer = row.get("writer_us_per_event")
+        writer_s = f"{writer:12.2f}" if writer is not None else f"{'-':>12}"
+        print(
+            f"{row['case']:<34} | {rate(row['events_per_s']):>10} | {ratio} | "
+            f"{row['events_per_commit']:13.1f} | {row['loop_us_per_event']:10.2f} | {writer_s}"
+        )
+    sys.stdout.flush()
+
+
+class Scratch:
+    """A temporary directory, one fresh database file per case."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="eventcast-bench-")
+        self.n = 0
+
+    def path(self) -> str:
+        self.n += 1
+        return os.path.join(self.root, f"case{self.n}.db")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, Any]:
+    seconds = args.seconds
+    out: dict[str, Any] = {}
+
+    def make() -> SQLiteLog:
+        return SQLiteLog(scratch.path(), synchronous="FULL")
+
+    base = sqlite_baseline(scratch.path(), seconds)
+    base["case"] = "baseline: INSERT+COMMIT per event"
+    baseline = base["events_per_s"]
+    rows = [base]
+    profile = cProfile.Profile() if args.profile else None
+    for n in args.concurrency:
+        row = await append_case(
+            make,
+            "eventcast-sqlite-writer",
+            n,
+            1,
+            seconds,
+            profile if n == max(args.concurrency) else None,
+        )
+        row["case"] = f"append([e]) x {n} tasks"
+        rows.append(row)
+    for n in (1, 16):
+        row = await append_case(make, "eventcast-sqlite-writer", n, 100, seconds)
+        row["case"] = f"append(100 events) x {n} tasks"
+        rows.append(row)
+    print_rows("SQLite append (WAL, synchronous=FULL)", rows, baseline)
+    out["append"] = rows
+    if profile is not None:
+        print_profile(profile, f"SQLite append([e]) x {max(args.concurrency)} tasks")
+
+    bus_rows = []
+    for n, history in args.bus_cases:
+        row = await bus_case(make, "eventcast-sqlite-writer", n, history, seconds)
+        row["case"] = f"bus.publish x {n} (history {history:,})"
+        bus_rows.append(row)
+    print_rows("SQLite through the bus (durable publish: commit, then fan-out)", bus_rows, baseline)
+    out["bus"] = bus_rows
+
+    path = scratch.path()
+    replay = await replay_case(
+        lambda: SQLiteLog(path, synchronous="FULL"), sqlite_raw_pages(path), args.replay, 3
+    )
+    print_replay("SQLite", replay)
+    out["replay"] = replay
+    return out
+
+
+def print_replay(name: str, replay: dict[str, Any]) -> None:
+    print(f"\n## {name} replay: {replay['events']:,} events, pages of {PAGE}")
+    print(f"{'case':<46} | {'events/s':>10}")
+    print(f"{'log.read(topic, after=..., limit=1000)':<46} | {rate(replay['events_per_s']):>10}")
+    if "raw_events_per_s" in replay:
+        print(
+            f"{'raw driver SELECT of the same pages (ceiling)':<46} | "
+            f"{rate(replay['raw_events_per_s']):>10}"
+        )
+    fill = rate(replay["fill_events_per_s"])
+    print(f"{'(fill: append(1000 events) sequentially)':<46} | {fill:>10}")
+    sys.stdout.flush()
+
+
+def print_profile(profile: cProfile.Profile, title: str) -> None:
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(18)
+    print(f"\n## cProfile of the loop thread: {title} (top by own time)")
+    text = stream.getvalue()
+    start = text.find("   ncalls")
+    print(text[start:] if start >= 0 else text)
+
+
+async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
+    import psycopg
+
+    from eventcast.log.postgres import PostgresLog, split_url
+
+    seconds = args.seconds
+    schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
+    conninfo, _ = split_url(PG_URL)
+    url = f"{PG_URL}?schema={schema}"
+    out: dict[str, Any] = {}
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            settings = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                for name in ("fsync", "synchronous_commit", "wal_sync_method")
+            }
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        out["server_settings"] = settings
+        print(f"\n(PostgreSQL settings: {settings})")
+        base = pg_baseline(conninfo, schema, seconds)
+        base["case"] = "baseline: INSERT+COMMIT per event"
+        baseline = base["events_per_s"]
+        rows = [base]
+
+        def make() -> PostgresLog:
+            return PostgresLog(url)
+
+        for n in args.concurrency:
+            row = await append_case(make, None, n, 1, seconds)
+            row["case"] = f"append([e]) x {n} tasks"
+            rows.append(row)
+        for n in (1, 16):
+            row = await append_case(make, None, n, 100, seconds)
+            row["case"] = f"append(100 events) x {n} tasks"
+            rows.append(row)
+        print_rows("PostgreSQL append (PostgresLog, group commit)", rows, baseline)
+        out["append"] = rows
+        bus_rows = []
+        for n, history in args.bus_cases:
+            row = await bus_case(make, None, n, history, seconds)
+            row["case"] = f"bus.publish x {n} (history {history:,})"
+            bus_rows.append(row)
+        print_rows("PostgreSQL through the bus", bus_rows, baseline)
+        out["bus"] = bus_rows
+        # A fresh topic in a fresh schema for the replay.
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        replay = await replay_case(make, pg_raw_pages(conninfo, schema), args.replay, 3)
+        print_replay("PostgreSQL", replay)
+        out["replay"] = replay
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return out
+
+
+def pg_available() -> bool:
+    try:
+        import psycopg
+
+        from eventcast.log.postgres import split_url
+
+        with psycopg.connect(split_url(PG_URL)[0], connect_timeout=3):
+            return True
+    except Exception as exc:
+        print(f"\n(PostgreSQL skipped: {type(exc).__name__}: {exc})")
+        return False
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
+    parser.add_argument("--seconds", type=float, help="measuring window per case (default 3)")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument("--profile", action="store_true", help="cProfile the largest SQLite case")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 0.5 if args.quick else 3.0
+    args.concurrency = [1, 16, 64, 256, 1024]
+    args.bus_cases = [(1, 1000), (64, 1000), (1024, 1000), (1024, 10**9)]
+    args.replay = 20_000 if args.quick else REPLAY_EVENTS
+    print(header("durable log: group commit and replay"))
+    print(f"(window {args.seconds:g}s per case; payload {{'seq': n, 'body': 64 chars}})")
+    scratch = Scratch()
+    results: dict[str, Any] = {"machine": machine()}
+    try:
+        if not args.no_sqlite:
+            results["sqlite"] = uvloop.run(run_sqlite(args, scratch))
+        if not args.no_postgres and pg_available():
+            results["postgres"] = uvloop.run(run_postgres(args))
+    finally:
+        scratch.cleanup()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

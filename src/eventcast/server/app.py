@@ -140,13 +140,32 @@ class WebSocketEndpoint:
             if len(data) > limit:
                 conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
                 return
-            for request in session.receive(data):
-                if not conn.is_open():
-                    break
-                if session.admit(request):
-                    await hub.handle(conn, request)
-                else:
+            requests = session.receive(data)
+            i = 0
+            while i < len(requests) and conn.is_open():
+                request = requests[i]
+                if not session.admit(request):
                     conn.send_session_output()
+                    i += 1
+                    continue
+                if request.method == "publish":
+                    # Consecutive publishes of one frame run together, so durable
+                    # ones share a group commit (replies carry their ids).
+                    group = [request]
+                    while (
+                        i + len(group) < len(requests)
+                        and requests[i + len(group)].method == "publish"
+                        and session.admit(requests[i + len(group)])
+                    ):
+                        group.append(requests[i + len(group)])
+                    if len(group) > 1:
+                        await asyncio.gather(*(hub.handle(conn, r) for r in group))
+                    else:
+                        await hub.handle(conn, request)
+                    i += len(group)
+                    continue
+                await hub.handle(conn, request)
+                i += 1
             conn.send_session_output()
 
 

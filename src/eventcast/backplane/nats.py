@@ -68,7 +68,7 @@ class NATSBackplane(Backplane):
             raise BackplaneError("the backplane is closed")
         if self._nc is not None:
             return
-        import nats
+        from nats.aio.client import Client as NATS
         from nats.errors import Error as NATSError, NoServersError
 
         async def disconnected() -> None:
@@ -84,21 +84,28 @@ class NATSBackplane(Backplane):
         async def error(exc: Exception) -> None:
             logger.warning("NATS backplane error: %s", exc)
 
+        # nats-py retries the first connection forever when reconnects are
+        # unlimited: bound it, so an unreachable server is an error at start.
+        nc: Any = NATS()
         try:
-            self._nc = await nats.connect(
-                servers=self.servers,
-                connect_timeout=self.connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-                pending_size=64 * 1024 * 1024,
-            )
+            async with asyncio.timeout(self.connect_timeout * 2):
+                await nc.connect(
+                    servers=self.servers,
+                    connect_timeout=self.connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                    pending_size=64 * 1024 * 1024,
+                )
         except (NATSError, NoServersError, OSError, TimeoutError) as exc:
-            self._nc = None
-            raise BackplaneError(f"cannot reach NATS at {self.servers}: {exc}") from exc
+            with contextlib.suppress(Exception):
+                await nc.close()
+            reason = str(exc) or type(exc).__name__
+            raise BackplaneError(f"cannot reach NATS at {self.servers}: {reason}") from exc
+        self._nc = nc
         self._set_state(BackplaneState.CONNECTED)
         for topic_filter in sorted(self.filters):
             await self._subscribe(topic_filter)

@@ -67,6 +67,9 @@ class RedisBackplane(Backplane):
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._attempt = 0
+        #: Set when a cluster subscription may have opened a shard connection to read.
+        self._sources_changed = asyncio.Event()
 
     def _channel(self, topic_filter: str) -> str:
         return f"{self.prefix}:{topic_filter}"
@@ -154,14 +157,17 @@ class RedisBackplane(Backplane):
     async def _read_loop(self) -> None:
         from redis.exceptions import RedisError
 
-        attempt = 0
+        self._attempt = 0
         while not self.is_closed():
             pubsub = self._pubsub
             try:
                 if pubsub is None:
                     raise BackplaneError("no pub/sub connection")
-                await self._drain(pubsub)
-                attempt = 0
+                if self.cluster:
+                    await self._drain_cluster(pubsub)
+                else:
+                    await self._drain(pubsub)
+                    self._attempt = 0
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, BackplaneError) as exc:
@@ -170,11 +176,17 @@ class RedisBackplane(Backplane):
                 if self.state is BackplaneState.CONNECTED:
                     logger.warning("Redis backplane lost its connection: %s", exc)
                     self._set_state(BackplaneState.DISCONNECTED)
-                attempt += 1
+                self._attempt += 1
+                attempt = self._attempt
                 delay = min(self.max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
                 logger.info("Redis backplane reconnecting in %.2fs (attempt %d)", delay, attempt)
                 await asyncio.sleep(delay)
-                await self._reconnect()
+                try:
+                    await self._reconnect()
+                except BackplaneError as failed:
+                    # Still down: the next turn of the loop backs off further and
+                    # tries again (the reader must never end while not closed).
+                    logger.info("Redis backplane reconnection failed: %s", failed)
 
     async def _drain(self, pubsub: Any) -> None:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -191,6 +203,56 @@ class RedisBackplane(Backplane):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
         self._deliver(batch)
 
+    @staticmethod
+    def _cluster_sources(pubsub: Any) -> list[Any]:
+        """The connections of a cluster pub/sub: one per shard subscribed, and patterns'."""
+        # A shard's pub/sub is listed before its SSUBSCRIBE has made its connection;
+        # it is read once it has one (subscribe() wakes the readers up then).
+        sources = [p for p in pubsub.node_pubsub_mapping.values() if p.connection is not None]
+        if pubsub.connection is not None:  # PSUBSCRIBE went through a node's classic pub/sub
+            sources.append(pubsub)
+        return sources
+
+    async def _drain_cluster(self, pubsub: Any) -> None:
+        """Read every shard's pub/sub connection at once (one reader task each).
+
+        Sharded messages arrive on a connection per shard, never on the
+        cluster pub/sub's own connection (``get_message`` there fails), and
+        each must be read without waiting on the others. Returns only by
+        raising: a connection failed.
+        """
+        loop = asyncio.get_running_loop()
+        readers: dict[int, asyncio.Task[None]] = {}
+        changed = self._sources_changed
+        try:
+            while True:
+                changed.clear()
+                for source in self._cluster_sources(pubsub):
+                    if id(source) not in readers:
+                        readers[id(source)] = loop.create_task(
+                            self._read_source(source), name="eventcast-redis-shard-reader"
+                        )
+                waiter = loop.create_task(changed.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [waiter, *readers.values()], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                for task in done:
+                    if task is not waiter:
+                        task.result()  # a reader ends only by raising
+                        raise BackplaneError("a shard reader stopped")
+        finally:
+            for task in readers.values():
+                task.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
+
+    async def _read_source(self, source: Any) -> None:
+        while True:
+            await self._drain(source)
+            self._attempt = 0
+
     async def _reconnect(self) -> None:
         from redis.exceptions import RedisError
 
@@ -205,6 +267,11 @@ class RedisBackplane(Backplane):
                     await self._client.ping()
                     await self._start_pubsub()
             except (RedisError, OSError, TimeoutError) as exc:
+                # A pub/sub left half-subscribed must not be read as if it were whole.
+                failed, self._pubsub = self._pubsub, None
+                if failed is not None:
+                    with contextlib.suppress(Exception):
+                        await failed.aclose()
                 raise BackplaneError(f"Redis still unreachable: {exc}") from exc
             self.reconnects += 1
             logger.info("Redis backplane reconnected; %d filters resubscribed", len(self.filters))
@@ -265,6 +332,7 @@ class RedisBackplane(Backplane):
             await self._subscribe_on(pubsub, topic_filter)
         except (RedisError, OSError) as exc:
             logger.warning("Redis subscribe to %r deferred to reconnect: %s", topic_filter, exc)
+        self._sources_changed.set()
 
     async def unsubscribe(self, topic_filter: str) -> None:
         from redis.exceptions import RedisError

@@ -191,11 +191,46 @@ class HubApp(Starlette):
     hub: Hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if scope["type"] in ("websocket", "http"):
             # Keep the server's own send callable for the fast path: Starlette's
             # middleware wraps the one the endpoint receives.
             scope["eventcast.send"] = send
         await super().__call__(scope, receive, send)
+
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """The ASGI lifespan protocol, with one clear line when the hub cannot start.
+
+        An unreachable log or backplane is a configuration or operations
+        problem, not a bug: the server reports it without a traceback.
+        """
+        from ..exceptions import EventcastError
+
+        await receive()  # lifespan.startup
+        context = self.router.lifespan_context(self)
+        try:
+            await context.__aenter__()
+        except EventcastError as exc:
+            await send(
+                {"type": "lifespan.startup.failed", "message": f"eventcast could not start: {exc}"}
+            )
+            return
+        except BaseException:
+            import traceback
+
+            await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await context.__aexit__(None, None, None)
+        except Exception as exc:
+            await send({"type": "lifespan.shutdown.failed", "message": f"{exc!r}"})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 async def healthz(request: Request) -> Response:

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -1197,7 +1199,12 @@ def _publication(event: Event) -> Publication:
 
 
 def _presence_for(url: str) -> Presence:
-    """The presence store matching the backplane: shared across nodes, or in process."""
+    """The presence store matching the backplane: shared across nodes, or in process.
+
+    The backplane URL's ``?prefix=`` (a backplane option, not a client one) is
+    taken off the URL and becomes the presence prefix, so deployments kept
+    apart on one engine keep their presence apart too.
+    """
     if url.startswith("memory://"):
         return MemoryPresence()
     from . import presence as presence_module
@@ -1205,7 +1212,16 @@ def _presence_for(url: str) -> Presence:
     factory = getattr(presence_module, "open_presence", None)
     if factory is None:
         return MemoryPresence()
-    result: Presence = factory(url, prefix="eventcast")
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    prefix = (query.pop("prefix", None) or ["eventcast"])[-1] or "eventcast"
+    if parts.scheme.lower() in ("nats", "tls"):
+        # A NATS prefix is a subject token; the presence bucket allows fewer characters.
+        prefix = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
+    store_url = urlunsplit(
+        (parts.scheme, parts.netloc, parts.path, urlencode(query, doseq=True), "")
+    )
+    result: Presence = factory(store_url, prefix=prefix)
     return result
 
 

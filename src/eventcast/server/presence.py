@@ -117,7 +117,8 @@ def open_presence(url: str, *, prefix: str) -> Presence:
     """Build the :class:`Presence` a URL names; Redis and NATS connect on first use.
 
     * ``memory://``: :class:`MemoryPresence` (this node only);
-    * ``redis://`` / ``rediss://``: ``RedisPresence``, hashes under ``{prefix}:presence:``;
+    * ``redis://`` / ``rediss://``: ``RedisPresence``, hashes under ``{prefix}:presence:``
+      (``redis+cluster://``: the same on Redis Cluster);
     * ``nats://`` / ``tls://``: ``NATSPresence``, the JetStream bucket ``{prefix}_presence``.
 
     Raises:
@@ -131,7 +132,7 @@ def open_presence(url: str, *, prefix: str) -> Presence:
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
         return MemoryPresence()
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         try:
             import redis  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the install

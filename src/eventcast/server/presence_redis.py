@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import msgspec
 
@@ -73,9 +73,14 @@ class RedisPresence(Presence):
         retries: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        scheme = url.partition("://")[0].lower()
-        if scheme not in ("redis", "rediss") or "://" not in url:
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not sep:
             raise ConfigurationError(f"not a Redis URL: {url!r}")
+        #: ``redis+cluster://``: the hashes live on Redis Cluster (one key per command).
+        self.cluster = scheme.endswith("+cluster")
+        if self.cluster:
+            url = f"{scheme.removesuffix('+cluster')}://{rest}"
         if not prefix:
             raise ConfigurationError("the presence key prefix must not be empty")
         if connect_timeout <= 0 or timeout <= 0 or retries < 0:
@@ -100,7 +105,7 @@ class RedisPresence(Presence):
             raise BackplaneError("the presence store is closed")
         if self._client is not None:
             return
-        from redis.asyncio import Redis
+        from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, RedisError, TimeoutError
@@ -108,7 +113,7 @@ class RedisPresence(Presence):
         async with self._lock:
             if self._is_open():  # opened by another task meanwhile
                 return
-            client = Redis.from_url(
+            client = (RedisCluster if self.cluster else Redis).from_url(
                 self.url,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.connect_timeout,
@@ -128,7 +133,8 @@ class RedisPresence(Presence):
                 await asyncio.shield(client.aclose())
                 raise BackplaneError("the presence store is closed")
             self._delete_script = client.register_script(_DELETE_IF_UNCHANGED)
-            self._client = client
+            # RedisCluster offers every command used here (each touches one key).
+            self._client = cast("Redis", client)
 
     def _is_open(self) -> bool:
         return self._client is not None

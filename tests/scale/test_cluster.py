@@ -1,0 +1,197 @@
+"""Redis Cluster: sharded pub/sub between nodes, on a private 3-master cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from eventcast import Bus
+from eventcast.server.presence import open_presence
+
+from .conftest import PrivateRedis, unique, until, wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+class Cluster:
+    def __init__(self, servers: list[PrivateRedis]) -> None:
+        self.servers = servers
+
+    @property
+    def seed(self) -> int:
+        return self.servers[0].port
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving a slot."""
+        client = redis.Redis(port=self.seed)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise AssertionError(f"slot {slot} is not served")
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        if all(_free(p) for p in (port, port + 10000)):
+            return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three cluster-enabled redis-servers on free ports, joined as three masters."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli (Debian's redis-tools) are needed")
+    servers: list[PrivateRedis] = []
+    try:
+        for i in range(3):
+            directory = tmp_path / f"cluster{i}"
+            directory.mkdir()
+            server = PrivateRedis(
+                directory,
+                _cluster_port(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(directory / f"nodes-{i}.conf"),
+            )
+            server.start()
+            servers.append(server)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{s.port}" for s in servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            for server in servers:
+                client = server.client()
+                try:
+                    if client.cluster("INFO").get("cluster_state") != "ok":
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        wait_until(ready, "the cluster to be ok")
+        yield Cluster(servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _topics_on_every_shard(cluster: Cluster, prefix: str) -> list[str]:
+    """Topic names whose channels hash to slots served by each of the three masters."""
+    by_owner: dict[int, str] = {}
+    n = 0
+    while len(by_owner) < 3:
+        topic = f"shard.t{n}"
+        n += 1
+        owner = cluster.owner(key_slot(f"{prefix}:{topic}".encode()))
+        by_owner.setdefault(owner, topic)
+    return sorted(by_owner.values())
+
+
+async def test_sharded_pub_sub_delivers_across_nodes_on_every_shard(cluster: Cluster) -> None:
+    prefix = unique("bp")
+    url = f"redis+cluster://127.0.0.1:{cluster.seed}?prefix={prefix}"
+    topics = _topics_on_every_shard(cluster, prefix)
+    assert len({key_slot(f"{prefix}:{t}".encode()) for t in topics}) == 3
+    async with Bus(backplane=url) as a, Bus(backplane=url) as b:
+        assert a.backplane is not None
+        assert b.backplane is not None
+        subs_a = {topic: a.subscribe(topic) for topic in topics}
+        subs_b = {topic: b.subscribe(topic) for topic in topics}
+        everywhere = set(topics)
+        await until(lambda: everywhere <= a.backplane.filters, "a's shard subscriptions")
+        await until(lambda: everywhere <= b.backplane.filters, "b's shard subscriptions")
+        # SSUBSCRIBE is answered by the shard that owns each channel: wait for them all.
+        await until(
+            lambda: _shard_subscribers(cluster, prefix, topics) == dict.fromkeys(topics, 2),
+            "both nodes subscribed on every shard",
+        )
+
+        for round_ in range(3):
+            for topic in topics:
+                a.publish_nowait(topic, {"from": "a", "round": round_, "topic": topic})
+                b.publish_nowait(topic, {"from": "b", "round": round_, "topic": topic})
+        for subs, other in ((subs_a, "b"), (subs_b, "a")):
+            for topic, sub in subs.items():
+                got = []
+                while len(got) < 6:
+                    event = await asyncio.wait_for(sub.get(), 10)
+                    got.append(event.data)
+                # Three local, three from the other node, each once, in order per node.
+                remote = [d for d in got if d["from"] == other]
+                local = [d for d in got if d["from"] != other]
+                assert [d["round"] for d in remote] == [0, 1, 2], got
+                assert [d["round"] for d in local] == [0, 1, 2], got
+                assert all(d["topic"] == topic for d in got)
+        assert a.backplane_stats["undecodable"] == 0
+        assert b.backplane_stats["undecodable"] == 0
+        assert a.backplane.received >= 9
+        assert b.backplane.received >= 9
+
+
+def _shard_subscribers(cluster: Cluster, prefix: str, topics: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for topic in topics:
+        channel = f"{prefix}:{topic}"
+        client = redis.Redis(port=cluster.owner(key_slot(channel.encode())))
+        try:
+            [(_, count)] = client.execute_command("PUBSUB SHARDNUMSUB", channel)
+            counts[topic] = int(count)
+        finally:
+            client.close()
+    return counts
+
+
+async def test_presence_on_redis_cluster_is_shared(cluster: Cluster) -> None:
+    prefix = unique("pr")
+    url = f"redis+cluster://127.0.0.1:{cluster.seed}"
+    one = open_presence(url, prefix=prefix)
+    two = open_presence(url, prefix=prefix)
+    try:
+        for n in range(3):
+            await one.add(f"room{n}", "c1", {"client": "c1", "user": "alice"}, 60)
+            await two.add(f"room{n}", "c2", {"client": "c2", "user": "bob"}, 60)
+        for n in range(3):
+            assert set(await one.get(f"room{n}")) == {"c1", "c2"}
+            assert await two.stats(f"room{n}") == (2, 2)
+        await two.remove("room0", "c2")
+        assert set(await one.get("room0")) == {"c1"}
+    finally:
+        await one.close()
+        await two.close()

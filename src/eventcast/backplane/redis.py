@@ -64,6 +64,7 @@ class RedisBackplane(Backplane):
         self.connect_timeout = connect_timeout
         self.max_backoff = max_backoff
         self._client: Any = None
+        self._sub_client: Any = None
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -81,13 +82,13 @@ class RedisBackplane(Backplane):
         # appear in a valid name (the grammar forbids ? [ ] \).
         return channel.replace(".>", ".*").replace(">", "*")
 
-    def _make_client(self) -> Any:
+    def _make_client(self, *, retries: int = 3) -> Any:
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError
 
-        retry = Retry(ExponentialBackoff(cap=self.max_backoff, base=0.05), retries=3)
+        retry = Retry(ExponentialBackoff(cap=self.max_backoff, base=0.05), retries=retries)
         options: dict[str, Any] = {
             "retry": retry,
             "retry_on_error": [RedisConnectionError, TimeoutError],
@@ -107,6 +108,10 @@ class RedisBackplane(Backplane):
         from redis.exceptions import RedisError
 
         self._client = self._make_client()
+        # The subscriber's connection must not retry silently inside redis-py: a
+        # reconnect there would skip the catch-up from the log. Errors reach our
+        # reader, which reconnects and reports the outage to the bus.
+        self._sub_client = self._client if self.cluster else self._make_client(retries=0)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.cluster:
@@ -115,8 +120,12 @@ class RedisBackplane(Backplane):
                 await self._start_pubsub()
         except (RedisError, OSError, TimeoutError) as exc:
             client, self._client = self._client, None
+            sub_client, self._sub_client = self._sub_client, None
             with contextlib.suppress(Exception):
                 await client.aclose()
+            with contextlib.suppress(Exception):
+                if sub_client is not client:
+                    await sub_client.aclose()
             raise BackplaneError(f"cannot reach Redis at {self._safe_url()}: {exc}") from exc
         self._set_state(BackplaneState.CONNECTED)
         self._reader = asyncio.get_running_loop().create_task(
@@ -134,7 +143,7 @@ class RedisBackplane(Backplane):
             # Sharded pub/sub for exact topics; patterns through a node's classic pub/sub.
             pubsub = self._client.pubsub()
         else:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
         self._pubsub = pubsub
         # A channel of our own keeps the pub/sub connection open from the start,
         # so the reader always has a connection to watch.
@@ -288,12 +297,16 @@ class RedisBackplane(Backplane):
                 await reader
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
+        sub_client, self._sub_client = self._sub_client, None
         with contextlib.suppress(Exception):
             if pubsub is not None:
                 await pubsub.aclose()
         with contextlib.suppress(Exception):
             if client is not None:
                 await client.aclose()
+        with contextlib.suppress(Exception):
+            if sub_client is not None and sub_client is not client:
+                await sub_client.aclose()
 
     async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         from redis.exceptions import RedisError

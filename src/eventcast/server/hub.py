@@ -976,6 +976,34 @@ class Hub:
                 count += 1
         return count
 
+    def send_message(self, user: str, data: Any, client: str | None = None) -> int:
+        """Push an asynchronous ``message`` to a user's connections; return how many.
+
+        Raises:
+            EncodeError: ``data`` is not JSON-serialisable.
+        """
+        from ..events import encode_data
+
+        push = b'{"push":{"message":{"data":%s}}}' % encode_data(data)
+        conns = [c for c in self.connections_of(user, client) if not c.sse]
+        for conn in conns:
+            conn.enqueue(push)
+        return len(conns)
+
+    def refresh_user(self, user: str, expires_at: float | None, client: str | None = None) -> int:
+        """Extend (or lift) a user's connection expiry, with a ``refresh`` push; return how many."""
+        body: dict[str, Any] = {}
+        if expires_at is not None:
+            body = {"expires": True, "ttl": max(1, int(expires_at - time.time()))}
+        push = encode_push("", "refresh", body)
+        conns = self.connections_of(user, client)
+        for conn in conns:
+            conn.expires_at = expires_at
+            self._arm_expiry(conn)
+            if not conn.sse:
+                conn.enqueue(push)
+        return len(conns)
+
     async def subscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
         """Subscribe a user's connections to a channel server-side, with a subscribe push."""
         validate_topic(channel)

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ._logs import configure_logging
 from .api import handle_api
 from .config import Settings
 from .connection import Connection, writable_transport
@@ -200,7 +201,6 @@ class HubApp(Starlette):
             scope["eventcast.send"] = send
         await super().__call__(scope, receive, send)
 
-
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         """The ASGI lifespan protocol, with one clear line when the hub cannot start.
 
@@ -300,7 +300,8 @@ def uvicorn_config(settings: Settings, *, host: str, port: int) -> dict[str, Any
         "ws_per_message_deflate": False,
         "ws_ping_interval": None,
         "lifespan": "on",
-        "log_level": "info",
+        "log_level": settings.log_level,
+        "log_config": None,
         "timeout_graceful_shutdown": 10,
     }
 
@@ -369,7 +370,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> N
     """Run the hub under uvicorn until interrupted (SIGINT or SIGTERM)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
     options: MutableMapping[str, Any] = uvicorn_config(settings, host=host, port=port)
     config = uvicorn.Config(app, **options)

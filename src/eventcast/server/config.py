@@ -33,7 +33,7 @@ import re
 import socket
 import tomllib
 from contextvars import ContextVar
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -259,6 +259,8 @@ class Settings(BaseSettings):
             node's entries expire after it).
         admin_token: protects the dashboard at ``/`` when set (without it the
             dashboard is open: set one anywhere but on a developer's machine).
+        log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
 
     model_config = SettingsConfigDict(
@@ -296,6 +298,8 @@ class Settings(BaseSettings):
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _namespaces_by_name: dict[str, NamespaceConfig] = PrivateAttr(default_factory=dict)
 

@@ -1,7 +1,10 @@
-"""The ``eventcast`` command line: run the hub, mint development tokens.
+"""The ``eventcast`` command line: run the hub, mint development tokens, talk to a hub.
 
-Exit codes: 0 success, 1 error, 2 usage or configuration error. Expected errors
-print one line to stderr, never a traceback.
+Commands: ``serve``, ``token``, and (in :mod:`eventcast._cli`) ``publish``,
+``tail``, ``history``, ``dead-letters list|redrive`` and ``bench``.
+
+Exit codes: 0 success, 1 error, 2 usage or configuration error, 130 interrupted.
+Expected errors print one line to stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ except ImportError:  # pragma: no cover - older typer, on click
     from click import ClickException as _UsageException  # type: ignore[assignment, unused-ignore]
 
 from . import __version__
+from ._cli.commands import register as _register_hub_commands
+from ._cli.common import EXIT_INTERRUPTED, CliError
 from .exceptions import ConfigurationError, EventcastError
 
 __all__ = ["app", "main"]
@@ -33,7 +38,7 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 
 _EXIT_CODES_HELP: Final = (
-    "Exit codes: 0 success, 1 error, 2 usage or configuration error. "
+    "Exit codes: 0 success, 1 error, 2 usage or configuration error, 130 interrupted. "
     "Settings come from EVENTCAST_* environment variables and the optional --config TOML file."
 )
 
@@ -234,6 +239,9 @@ def serve(
     run_server(settings, host=host, port=port)
 
 
+_register_hub_commands(app)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line in-process and return its exit code.
 
@@ -241,13 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments without the program name (default: ``sys.argv[1:]``).
 
     Expected errors print one line to stderr (usage errors also show the usage)
-    and return 1 (error) or 2 (usage or configuration error).
+    and return 1 (error) or 2 (usage or configuration error); Ctrl-C returns 130
+    (``tail`` treats it as the normal way to stop: 0).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     stderr = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         result = app(args=args, prog_name="eventcast", standalone_mode=False)
-    except typer.Exit as exc:  # --help, --version
+    except typer.Exit as exc:  # --help, --version; typer turns Ctrl-C into Exit(130)
+        if exc.exit_code == EXIT_INTERRUPTED:
+            stderr.print("interrupted", markup=False)
         return exc.exit_code
     except _UsageException as exc:  # bad usage: print the usage and the error
         show = getattr(exc, "show", None)
@@ -256,12 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # pragma: no cover - every usage error of typer/click has show()
             stderr.print(f"error: {exc.format_message()}", markup=False)
         return int(exc.exit_code)
-    except typer.Abort:
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            stderr.print("interrupted", markup=False)
+            return EXIT_INTERRUPTED
         stderr.print("aborted", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
-    except _CliError as exc:
+        stderr.print("interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    except (_CliError, CliError) as exc:
         stderr.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except ConfigurationError as exc:
@@ -270,4 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EventcastError as exc:
         stderr.print(f"error: {exc}", markup=False)
         return EXIT_ERROR
+    if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into the exit code 130
+        stderr.print("interrupted", markup=False)
     return result if isinstance(result, int) else EXIT_OK

@@ -1,0 +1,183 @@
+"""The examples of examples/: each one run against a real hub."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import eventcast
+from tests.server.hubtools import SECRET, WAIT, HubServer, token
+from tests.server.ssetools import open_sse
+
+from .conftest import EXAMPLES, example_env, load_example, run_example, serve_app
+
+StartExamplesHub = Callable[..., Awaitable[HubServer]]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("chat/server.py", "--hub"),
+        ("price_ticker.py", "--symbols"),
+        ("iot_sensors.py", "--sensors"),
+    ],
+)
+def test_example_help(script: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCAST_")}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+    assert "EVENTCAST_" in done.stdout
+
+
+def test_examples_readme_documents_every_example() -> None:
+    readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    for name in ("chat/", "price_ticker.py", "iot_sensors.py", "fastapi_app.py", "eventcast.toml"):
+        assert name in readme
+
+
+async def test_chat_room_in_two_browser_pages(
+    examples_hub: StartExamplesHub, app_socket: socket.socket
+) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing")
+    origin = f"http://127.0.0.1:{app_socket.getsockname()[1]}"
+    hub = await examples_hub(allowed_origins=[origin])
+    await hub.publish("chat:lobby", {"user": "carol", "text": "earlier message"})
+    chat = load_example("chat/server.py")
+    app = chat.create_app(hub.base, SECRET, room="chat:lobby")
+    wait_ms = WAIT * 3 * 1000
+    async with (
+        serve_app(app, app_socket) as base,
+        playwright_api.async_playwright() as playwright,
+    ):
+        assert base == origin
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            pages = []
+            for user in ("alice", "bob"):
+                page = await browser.new_page()
+                await page.goto(f"{base}/")
+                await page.fill("#user", user)
+                await page.click("#join")
+                await page.wait_for_function(
+                    "document.getElementById('status').textContent.startsWith('joined')",
+                    timeout=wait_ms,
+                )
+                assert await page.text_content("#status") == f"joined chat:lobby as {user}"
+                # The recent history is shown on joining.
+                assert "earlier message" in (await page.text_content("#messages") or "")
+                pages.append(page)
+            alice, bob = pages
+            await alice.fill("#text", "hello bob")
+            await alice.press("#text", "Enter")
+            seen = (
+                "[...document.querySelectorAll('#messages li')]"
+                ".some(li => li.textContent === 'alicehello bob')"
+            )
+            await bob.wait_for_function(seen, timeout=wait_ms)
+            await alice.wait_for_function(seen, timeout=wait_ms)  # the sender sees it too
+            items = await bob.eval_on_selector_all(
+                "#messages li",
+                "items => items.map(li => [li.querySelector('.user').textContent,"
+                " li.querySelector('.text').textContent])",
+            )
+            assert items == [["carol", "earlier message"], ["alice", "hello bob"]]
+            history = await hub.api("history", channel="chat:lobby", limit=10)
+            assert history["publications"][-1]["data"] == {"user": "alice", "text": "hello bob"}
+        finally:
+            await browser.close()
+
+
+async def test_price_ticker_reaches_an_sse_stream(examples_hub: StartExamplesHub) -> None:
+    hub = await examples_hub()
+    async with open_sse(hub.base, ["prices.*"], token=token("viewer")) as stream:
+        assert stream.status == 200
+        assert (await stream.subscribed())["topics"] == ["prices.*"]
+        code, out, err = await run_example(
+            "examples/price_ticker.py",
+            "--symbols",
+            "EURUSD,BTCUSD",
+            "--ticks",
+            "3",
+            "--interval",
+            "0",
+            "--seed",
+            "1",
+            env=example_env(hub),
+        )
+        assert code == 0, err
+        assert "published 6 prices" in out
+        events = [event.json() for event in await stream.events(6)]
+    by_topic = Counter(event["topic"] for event in events)
+    assert by_topic == {"prices.EURUSD": 3, "prices.BTCUSD": 3}
+    for event in events:
+        assert event["data"]["symbol"] == event["topic"].removeprefix("prices.")
+        assert event["data"]["price"] > 0
+    page = (EXAMPLES / "price_ticker.html").read_text(encoding="utf-8")
+    assert '"/connection/sse?topic=prices.*"' in page
+    assert "new EventSource(" in page
+
+
+@pytest.mark.parametrize("via", ["client", "api"])
+async def test_iot_sensors_fan_out_to_every_subscriber(
+    examples_hub: StartExamplesHub, via: str
+) -> None:
+    hub = await examples_hub()
+    sensors, readings = 6, 3
+    got: Counter[str] = Counter()
+    async with (
+        eventcast.connect(hub.base, token=token("watcher")) as client,
+        client.subscribe("sensors.>") as sub,
+    ):
+        code, out, err = await run_example(
+            "examples/iot_sensors.py",
+            "--sensors",
+            str(sensors),
+            "--readings",
+            str(readings),
+            "--interval",
+            "0",
+            "--subscribers",
+            "2",
+            "--via",
+            via,
+            env=example_env(hub, EVENTCAST_TOKEN=token("sensors")),
+        )
+        assert code == 0, out + err
+        assert "all 2 subscriber(s) got every reading" in out
+        async with asyncio.timeout(WAIT):
+            async for event in sub:
+                data: dict[str, Any] = event.data
+                assert event.topic == f"sensors.{data['sensor']}"
+                got[data["sensor"]] += 1
+                if sum(got.values()) == sensors * readings:
+                    break
+    assert got == {f"sensor-{i:03d}": readings for i in range(1, sensors + 1)}

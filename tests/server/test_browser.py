@@ -259,12 +259,15 @@ async def test_page_on_a_disallowed_origin_is_refused(
     url = sse_url(hub.base, ["a", "b"], access_token=token())
     # The page is told nothing about a response that fails CORS; DevTools sees its status.
     statuses: dict[str, int] = {}
+    status_seen = asyncio.Event()
     failed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     devtools = await page.context.new_cdp_session(page)
-    devtools.on(
-        "Network.responseReceivedExtraInfo",
-        lambda e: statuses.__setitem__(e["requestId"], e["statusCode"]),
-    )
+
+    def record_status(event: dict[str, Any]) -> None:
+        statuses[event["requestId"]] = event["statusCode"]
+        status_seen.set()
+
+    devtools.on("Network.responseReceivedExtraInfo", record_status)
     devtools.on("Network.loadingFailed", failed.put_nowait)
     await devtools.send("Network.enable")
     await page.evaluate("(url) => window.start(url)", url)
@@ -272,6 +275,11 @@ async def test_page_on_a_disallowed_origin_is_refused(
         failure = await failed.get()
     assert failure["type"] == "EventSource"
     assert failure["corsErrorStatus"]["corsError"] == "MissingAllowOriginHeader"
+    # DevTools may report the failure before the response's extra info: wait for it.
+    async with asyncio.timeout(WAIT):
+        while failure["requestId"] not in statuses:
+            status_seen.clear()
+            await status_seen.wait()
     assert statuses[failure["requestId"]] == 403
     # EventSource fails for good (CLOSED) on a refused stream.
     await page.wait_for_function(

@@ -428,6 +428,7 @@ class Bus:
             log.retention = self._retention_for
         self._started = False
         self._letters_pending: deque[DeadLetter] = deque(maxlen=dead_letters)
+        self._letters_removed: set[int] = set()
         self._letters_flush: asyncio.Task[None] | None = None
         self._durable_cache: dict[str, Namespace] = {}
         #: How long durable commits to the log take.
@@ -530,7 +531,15 @@ class Bus:
             task.cancel()
         try:
             if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Bounded: a driver that swallows a cancellation (redis-py's
+                # PubSub.unsubscribe does) must not hang close(). What is still
+                # running is abandoned, and the backplane's close() below ends it.
+                done, stuck = await asyncio.wait(tasks, timeout=5)
+                for task in done:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: already reported by _supervise
+                if stuck:
+                    logger.warning("%d background tasks did not stop in time", len(stuck))
             if flush is not None and not flush.done():
                 # Give the dead letters in flight a bounded chance to be stored.
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -678,7 +687,7 @@ class Bus:
             replay = await log.read(topic, after=since.offset, limit=gap) if gap else []
             complete = len(replay) == gap and (not replay or replay[0].offset == since.offset + 1)
             if complete:
-                sub._finish_recovery(replay, head.offset)
+                sub._finish_recovery(replay, head.offset, head.epoch)
             else:
                 sub._finish_recovery(None, None)
         except LogError as exc:
@@ -875,6 +884,9 @@ class Bus:
 
     def _persist_letter(self, letter: DeadLetter) -> None:
         self._letters_pending.append(letter)
+        self._start_letters_flush()
+
+    def _start_letters_flush(self) -> None:
         if (self._letters_flush is None or self._letters_flush.done()) and (
             self._state is _State.OPEN
         ):
@@ -888,33 +900,31 @@ class Bus:
             self._supervise(self._letters_flush, None)
 
     async def _flush_letters(self) -> None:
+        # Saves and deletions go through this one task, in order (a letter
+        # removed right after it was added is never stored again after its
+        # deletion), and close() gives it a bounded chance to finish.
         log = self.log
         assert log is not None
-        while self._letters_pending:
-            batch = list(self._letters_pending)
+        while self._letters_pending or self._letters_removed:
+            removed, self._letters_removed = self._letters_removed, set()
+            batch = [letter for letter in self._letters_pending if letter.id not in removed]
             self._letters_pending.clear()
             try:
-                await log.save_dead_letters(batch)
+                if batch:
+                    await log.save_dead_letters(batch)
             except LogError as exc:
                 logger.warning("could not store %d dead letters: %s", len(batch), exc)
-                return
+            try:
+                if removed:
+                    await log.delete_dead_letters(sorted(removed))
+            except LogError as exc:
+                logger.warning("could not delete %d stored dead letters: %s", len(removed), exc)
 
     def _forget_letters(self, ids: set[int]) -> None:
-        log = self.log
-        if log is None or self._state is not _State.OPEN:
+        if self.log is None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-
-        async def delete() -> None:
-            try:
-                await log.delete_dead_letters(sorted(ids))
-            except LogError as exc:
-                logger.warning("could not delete %d stored dead letters: %s", len(ids), exc)
-
-        self._supervise(loop.create_task(delete(), name="eventcast-dead-letters-delete"), None)
+        self._letters_removed.update(ids)
+        self._start_letters_flush()
 
     # -- publishing ------------------------------------------------------------
 

@@ -332,6 +332,13 @@ class RedisBackplane(Backplane):
             raise BackplaneError(f"Redis publish failed: {exc}") from exc
         self.sent += len(messages)
 
+    @staticmethod
+    def _reraise_cancellation() -> None:
+        # redis-py's PubSub (un)subscribe can swallow a cancellation: restore it.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+
     async def subscribe(self, topic_filter: str) -> None:
         from redis.exceptions import RedisError
 
@@ -345,6 +352,7 @@ class RedisBackplane(Backplane):
             await self._subscribe_on(pubsub, topic_filter)
         except (RedisError, OSError) as exc:
             logger.warning("Redis subscribe to %r deferred to reconnect: %s", topic_filter, exc)
+        self._reraise_cancellation()
         self._sources_changed.set()
 
     async def unsubscribe(self, topic_filter: str) -> None:
@@ -366,3 +374,4 @@ class RedisBackplane(Backplane):
                 await pubsub.unsubscribe(channel)
         except (RedisError, OSError) as exc:
             logger.warning("Redis unsubscribe from %r failed: %s", topic_filter, exc)
+        self._reraise_cancellation()

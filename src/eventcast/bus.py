@@ -1400,7 +1400,10 @@ class Bus:
         backplane = self.backplane
         assert backplane is not None
         node = backplane.node_id
+        own = b'["%s"' % node.encode()
         for payload in payloads:
+            if payload.startswith(own):
+                continue  # this node's own publication, already delivered here
             try:
                 envelope, event = decode_envelope(payload)
             except BackplaneError as exc:

@@ -64,6 +64,7 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     binary: bool = False
 
 
+_NO_TAGS: Final[MappingProxyType[str, str]] = MappingProxyType({})
 _encode = msgspec.json.Encoder().encode
 _decode_envelope = msgspec.json.Decoder(Envelope).decode
 _decode_any = msgspec.json.Decoder().decode
@@ -111,7 +112,7 @@ def decode_envelope(payload: bytes) -> tuple[Envelope, Event]:
         time=env.time,
         offset=env.offset,
         epoch=env.epoch,
-        tags=MappingProxyType(env.tags) if env.tags else MappingProxyType({}),
+        tags=MappingProxyType(env.tags) if env.tags else _NO_TAGS,
         idempotency_key=env.ikey,
         _cache=[raw],
     )

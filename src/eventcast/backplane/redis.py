@@ -9,10 +9,13 @@
   shardable in Redis; in cluster mode pattern filters use classic
   ``PSUBSCRIBE`` on one node, which Redis broadcasts cluster-wide.
 
-The client uses redis-py's *asyncio* ``Retry`` with exponential backoff (the
-synchronous ``redis.retry.Retry`` silently disables retries in the asyncio
-client). The reader drains every message available before handing a batch to
-the bus, and reconnects with a logged backoff, resubscribing every filter.
+Publishing uses redis-py with its *asyncio* ``Retry`` and exponential backoff
+(the synchronous ``redis.retry.Retry`` silently disables retries in the asyncio
+client). Subscribing on a single Redis uses a lean reader of eventcast's own
+(hiredis on an asyncio protocol, see ``_redis_sub``), which hands the bus every
+message of a socket read in one batch; Redis Cluster's sharded pub/sub reads
+through redis-py. Either way the reader reconnects with a logged backoff,
+resubscribes every filter, and reports the outage so the bus catches up.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from ..exceptions import BackplaneError, ConfigurationError
 from ..topics import is_pattern
+from ._redis_sub import LeanPubSub
 from .base import Backplane, BackplaneState
 
 __all__ = ["RedisBackplane"]
@@ -111,7 +115,7 @@ class RedisBackplane(Backplane):
         # The subscriber's connection must not retry silently inside redis-py: a
         # reconnect there would skip the catch-up from the log. Errors reach our
         # reader, which reconnects and reports the outage to the bus.
-        self._sub_client = self._client if self.cluster else self._make_client(retries=0)
+        self._sub_client = self._client if self.cluster else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.cluster:
@@ -143,7 +147,10 @@ class RedisBackplane(Backplane):
             # Sharded pub/sub for exact topics; patterns through a node's classic pub/sub.
             pubsub = self._client.pubsub()
         else:
-            pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
+            # The lean reader: hiredis on a protocol of its own, batches to the bus.
+            pubsub = await LeanPubSub.connect(
+                self.url, timeout=self.connect_timeout, deliver=self._deliver
+            )
         self._pubsub = pubsub
         # A channel of our own keeps the pub/sub connection open from the start,
         # so the reader always has a connection to watch.
@@ -175,8 +182,8 @@ class RedisBackplane(Backplane):
                 if self.cluster:
                     await self._drain_cluster(pubsub)
                 else:
-                    await self._drain(pubsub)
                     self._attempt = 0
+                    await pubsub.watch()  # messages flow to the bus meanwhile
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, BackplaneError) as exc:

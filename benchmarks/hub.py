@@ -1,4 +1,4 @@
-"""Hub fan-out over WebSocket: server CPU per delivery, throughput and latency.
+"""Hub fan-out over WebSocket and SSE: server CPU per delivery, throughput and latency.
 
 One channel, ``--clients`` WebSocket subscribers (default 1,000) opened by
 load-generator worker processes with a minimal raw-socket WebSocket client
@@ -23,6 +23,21 @@ Servers, each measured with the same clients and publisher:
 * **websockets**: a ``websockets`` server; for each message from the
   publisher, ``await ws.send(message)`` on every subscriber in turn.
 
+Server-Sent Events (``--transport sse``; both transports by default), the
+same publisher and the same number of clients, each a raw-socket HTTP/1.1
+``GET`` that parses the chunked body minimally and counts ``data:`` lines:
+
+* **eventcast**: the same server, ``GET /connection/sse?topic=bench&topic=
+  durable:bench&access_token=<JWT>``; an event on the live channel is
+  ``data: {"topic","offset","epoch","data","tags"}``, one on the durable
+  channel also carries the stream's composite cursor as ``id:``;
+* **sse-starlette**: a Starlette app under the same uvicorn options, the usual
+  pattern: per client an ``asyncio.Queue`` and an ``EventSourceResponse``
+  over a generator yielding what the queue gets; a WebSocket endpoint
+  ``/pub`` takes the publisher's messages (like the ``websockets`` server)
+  and puts each one, wrapped in the same JSON envelope as eventcast's, into
+  every client's queue.
+
 Every publication carries ``time.time_ns()`` taken when the publisher sends
 it; a client computes publish -> receive latency from the first publication of
 each frame (the oldest), weighted by the publications in the frame.
@@ -33,7 +48,17 @@ the whole system sustains; **half** is open loop at half the rate full load
 reached. With 2+ cores the server is pinned to CPU 0 and the load generators
 to the other CPUs (``--no-pin`` to turn it off), so they do not starve it.
 
+``--live-publishers 32`` publishes eventcast's live channel from 32
+connections, as the durable one is (default 1, as in the WebSocket figures);
+``--patch-sse-batch`` is an experiment on the hub's SSE fan-out (see
+``patch_sse_batch``).
+
+Set ``EVENTCAST_BENCH_SERVER_PROFILE=/path/out.prof`` to run the eventcast
+server under cProfile (the SSE run writes ``/path/out.prof.sse``); read it
+with ``python -m pstats``.
+
     python benchmarks/hub.py [--clients 1000] [--quick] [--systems eventcast,websockets]
+                             [--transport websocket|sse|both]
 """
 
 from __future__ import annotations
@@ -61,7 +86,12 @@ SECRET = "benchmark-hmac-secret-" + "x" * 32
 API_KEY = "benchmark-api-key"
 CHANNEL = "bench"
 DURABLE_CHANNEL = "durable:bench"
-SYSTEMS = ("eventcast", "socketio", "websockets")
+SYSTEMS = ("eventcast", "socketio", "websockets")  # over WebSocket
+SSE_SYSTEMS = ("eventcast", "sse-starlette")  # over Server-Sent Events
+TRANSPORTS = ("websocket", "sse")
+#: Client kinds of the load generators that speak SSE (worker_main's ``kind``).
+SSE_CLIENT_KINDS = ("eventcast-sse", "sse-starlette")
+SSE_PATH = "/connection/sse"
 LATENCY_SAMPLE_EVERY = 5  # every 5th client records latencies
 CONNECT_CONCURRENCY = 50
 DEBUG = bool(os.environ.get("BENCH_DEBUG"))
@@ -96,7 +126,89 @@ def patch_fast_path() -> None:
     app_module._raw_transport = raw_transport  # type: ignore[assignment]
 
 
-def serve_eventcast(port: int, data_dir: str, fast_path: bool) -> None:
+def patch_sse_batch() -> None:
+    """Experiment: SSE fan-out at a cost per connection independent of the batch size.
+
+    ``Hub._deliver_sse`` (``src/eventcast/server/hub.py``) walks every event of a
+    batch for every connection and joins a new ``bytes`` per connection (so
+    ``Connection.flush`` also frames it per connection), and every stream gets
+    its own ``Cursor`` object from ``sse_open``, so ``Cursor.advance``'s memo is
+    never shared and each durable delivery builds a new cursor. This version,
+    installed in the server process only (``--patch-sse-batch``), interns
+    cursors by their text and computes a batch's output once per starting
+    cursor: connections at the same position share one payload object, framed
+    once, as the WebSocket path shares one frame.
+    """
+    from eventcast.exceptions import EncodeError
+    from eventcast.protocol.sse import Cursor, sse_body
+    from eventcast.server import hub as hub_module
+
+    interned: dict[str, Cursor] = {}
+
+    def intern(cursor: Cursor) -> Cursor:
+        same = interned.get(cursor.text)
+        if same is None:
+            if len(interned) > 4096:
+                interned.clear()
+            same = interned[cursor.text] = cursor
+        return same
+
+    def deliver_sse(self: Any, conn: Any, events: list[Any], cache: dict[Any, Any]) -> None:
+        start: Cursor = conn.cursor
+        hit = cache.get(id(start))  # event ids are str keys: no clash with int keys
+        if hit is not None and hit[0] is start:
+            conn.cursor = hit[1]
+            if hit[2] is not None:
+                conn.enqueue(hit[2])
+            return
+        cursor = intern(start)
+        if cursor is not start:  # a stream's first batch: its own cursor is a copy
+            hit = cache.get(id(cursor))
+            if hit is not None and hit[0] is cursor:
+                conn.cursor = hit[1]
+                if hit[2] is not None:
+                    conn.enqueue(hit[2])
+                return
+        out: list[bytes] = []
+        for event in events:
+            body = cache.get(event.id)
+            if body is None:
+                try:
+                    body = cache[event.id] = sse_body(event)
+                except EncodeError as exc:
+                    self.encode_failures += 1
+                    hub_module.logger.warning("skipping an event on %r: %s", event.topic, exc)
+                    continue
+            if (
+                event.offset is not None
+                and event.epoch is not None
+                and (event.topic in cursor.topics)
+            ):
+                cursor = intern(cursor.advance(event.id, event.topic, event.offset, event.epoch))
+                message = cursor.message.get(event.id)
+                if message is None:
+                    message = cursor.message[event.id] = b"id: %s\n%s" % (
+                        cursor.text.encode(),
+                        body,
+                    )
+                out.append(message)
+            else:
+                out.append(body)
+        payload = (out[0] if len(out) == 1 else b"".join(out)) if out else None
+        cache[id(start)] = (start, cursor, payload)
+        canonical = interned.get(start.text)
+        if canonical is not None and canonical is not start:
+            cache[id(canonical)] = (canonical, cursor, payload)
+        conn.cursor = cursor
+        if payload is not None:
+            conn.enqueue(payload)
+
+    hub_module.Hub._deliver_sse = deliver_sse  # type: ignore[method-assign]
+
+
+def serve_eventcast(
+    port: int, data_dir: str, fast_path: bool = False, sse_batch: bool = False
+) -> None:
     import uvicorn
 
     from eventcast.server.app import create_app, uvicorn_config
@@ -104,6 +216,8 @@ def serve_eventcast(port: int, data_dir: str, fast_path: bool) -> None:
 
     if fast_path:
         patch_fast_path()
+    if sse_batch:
+        patch_sse_batch()
 
     perms = {"allow_subscribe_for_client": True, "allow_publish_for_client": True}
     # The load is one publisher and many connections from one host: lift the
@@ -220,6 +334,58 @@ def serve_websockets(port: int) -> None:
             await server.serve_forever()
 
     uvloop.run(run())
+
+
+def serve_sse_starlette(port: int) -> None:
+    """The usual sse-starlette fan-out: one queue and one ``EventSourceResponse`` per client."""
+    import uvicorn
+    from sse_starlette import EventSourceResponse
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    subscribers: set[asyncio.Queue[str]] = set()
+    # The same envelope as eventcast's SSE events, so both send the same bytes.
+    envelope = '{"topic":"' + CHANNEL + '","offset":null,"epoch":null,"data":%s,"tags":{}}'
+
+    async def stream(request: Request) -> EventSourceResponse:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        subscribers.add(queue)
+
+        async def events() -> Any:
+            try:
+                yield {"event": "subscribed", "data": "{}"}
+                while True:
+                    yield {"data": await queue.get()}
+            finally:
+                subscribers.discard(queue)
+
+        return EventSourceResponse(events())
+
+    async def publish(ws: WebSocket) -> None:
+        await ws.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                data = envelope % await ws.receive_text()
+                for queue in subscribers:
+                    queue.put_nowait(data)
+
+    app = Starlette(routes=[Route(SSE_PATH, stream), WebSocketRoute("/pub", publish)])
+    uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_ping_interval=None,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
+        )
+    ).run()
 
 
 # -- a minimal WebSocket client ---------------------------------------------------------
@@ -395,6 +561,83 @@ class Client(asyncio.Protocol):
             self.fail()
 
 
+class SSEClient(Client):
+    """One SSE subscriber: ``GET`` the stream, then count ``data:`` lines per chunk.
+
+    The body is HTTP/1.1 chunked; a chunk is parsed only once it is complete
+    (both servers write whole events per chunk). The stream counts as
+    subscribed at its ``event: subscribed``; every later ``data:`` line is a
+    publication.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self.kind == "eventcast-sse":
+            query = b"topic=%s&topic=%s&access_token=%s" % (
+                CHANNEL.encode(),
+                DURABLE_CHANNEL.replace(":", "%3A").encode(),
+                self.token,
+            )
+        else:
+            query = b"topic=%s" % CHANNEL.encode()
+        transport.write(
+            b"GET %s?%s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\n\r\n" % (SSE_PATH.encode(), query)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        if not self.open:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = data
+                return
+            head = data[:end].lower()
+            if not head.startswith(b"http/1.1 200") or b"transfer-encoding: chunked" not in head:
+                if DEBUG:
+                    print("SSE request failed:", data[:300], file=sys.stderr)
+                self.fail()
+                return
+            self.open = True
+            data = data[end + 4 :]
+        size = len(data)
+        pos = 0
+        while pos < size:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            length = int(data[pos:eol].partition(b";")[0], 16)
+            if not length:  # the last chunk: the server ended the stream
+                if DEBUG:
+                    print("SSE stream ended", file=sys.stderr)
+                self.fail()
+                return
+            end = eol + 2 + length
+            if end + 2 > size:
+                break
+            self.chunk(data[eol + 2 : end])
+            pos = end + 2
+        if pos < size:
+            self.buf = data[pos:]
+
+    def chunk(self, payload: bytes) -> None:
+        if self.ready:
+            count = payload.count(b"data: ")
+            if count:
+                self.worker.deliver(count, payload, self.sample)
+            return
+        i = payload.find(b"event: subscribed")
+        if i < 0:  # a retry hint or a comment before the subscription
+            return
+        self.subscribed()
+        rest = payload[i:]
+        count = rest.count(b"data: ") - 1  # the subscribed event's own data line
+        if count > 0:
+            self.worker.deliver(count, rest, self.sample)
+
+
 class Worker:
     """One load-generator process: a share of the clients."""
 
@@ -435,7 +678,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         tokens = [self.token] * clients
-        if self.kind == "eventcast":  # one user per client (connections per user are limited)
+        # One user per client (connections per user are limited).
+        if self.kind in ("eventcast", "eventcast-sse"):
             from eventcast.server.auth import mint_token
 
             tokens = [
@@ -443,11 +687,12 @@ class Worker:
                 for k in range(clients)
             ]
         conns: list[Client] = []
+        client_class = SSEClient if self.kind in SSE_CLIENT_KINDS else Client
 
         async def open_one(k: int) -> bool:
             for attempt in range(5):
                 async with gate:
-                    client = Client(
+                    client = client_class(
                         self, sample=(first + k) % LATENCY_SAMPLE_EVERY == 0, token=tokens[k]
                     )
                     try:
@@ -733,8 +978,21 @@ def weighted_percentile(lat: list[int], weights: list[int], q: float) -> float:
 class Run:
     """One server with its clients; measures phases against it."""
 
-    def __init__(self, kind: str, args: argparse.Namespace, cpus: tuple[set[int], set[int]] | None):
+    def __init__(
+        self,
+        kind: str,
+        args: argparse.Namespace,
+        cpus: tuple[set[int], set[int]] | None,
+        transport: str = "websocket",
+    ):
         self.kind = kind
+        self.transport = transport
+        # What the load generators speak, and what the publisher speaks.
+        self.client_kind = kind
+        self.pub_kind = kind
+        if transport == "sse":
+            self.client_kind = "eventcast-sse" if kind == "eventcast" else kind
+            self.pub_kind = "eventcast" if kind == "eventcast" else "websockets"
         self.args = args
         self.cpus = cpus
         self.ctx = multiprocessing.get_context("fork")
@@ -757,7 +1015,12 @@ class Run:
         cmd += ["--port", str(self.port), "--data-dir", self.tmp]
         if args.patch_fast_path:
             cmd.append("--patch-fast-path")
-        self.server = subprocess.Popen(cmd, start_new_session=True)
+        if getattr(args, "patch_sse_batch", False):
+            cmd.append("--patch-sse-batch")
+        env = dict(os.environ)
+        if self.transport != "websocket" and env.get("EVENTCAST_BENCH_SERVER_PROFILE"):
+            env["EVENTCAST_BENCH_SERVER_PROFILE"] += f".{self.transport}"
+        self.server = subprocess.Popen(cmd, start_new_session=True, env=env)
         if self.cpus:
             os.sched_setaffinity(self.server.pid, self.cpus[0])
         wait_for_port(self.port, self.server)
@@ -770,7 +1033,7 @@ class Run:
                 target=worker_main,
                 args=(
                     i,
-                    self.kind,
+                    self.client_kind,
                     self.port,
                     n,
                     first,
@@ -807,7 +1070,7 @@ class Run:
         self.publisher = self.ctx.Process(
             target=publisher_main,
             args=(
-                self.kind,
+                self.pub_kind,
                 self.port,
                 channel,
                 connections,
@@ -882,6 +1145,7 @@ class Run:
         lag = self.lag()
         return {
             "system": self.kind,
+            "transport": self.transport,
             "load": label,
             "phase": self.phase_id,
             "clients": args.clients,
@@ -953,18 +1217,23 @@ class Run:
 
 
 def run_system(
-    kind: str, args: argparse.Namespace, cpus: tuple[set[int], set[int]] | None
+    kind: str,
+    args: argparse.Namespace,
+    cpus: tuple[set[int], set[int]] | None,
+    transport: str = "websocket",
 ) -> list[dict[str, Any]]:
-    variants: list[tuple[str, str, int]] = [("live", CHANNEL, 1)]
+    live_publishers = args.live_publishers if kind == "eventcast" else 1
+    variants: list[tuple[str, str, int]] = [("live", CHANNEL, live_publishers)]
     if kind == "eventcast" and not args.no_durable:
         variants.append(("durable", DURABLE_CHANNEL, args.durable_publishers))
-    run = Run(kind, args, cpus)
+    run = Run(kind, args, cpus, transport)
     rows: list[dict[str, Any]] = []
     try:
         start = time.perf_counter()
         run.start()
         print(
-            f"  {kind}: {args.clients} clients subscribed in {time.perf_counter() - start:.1f}s",
+            f"  {kind} ({transport}): {args.clients} clients subscribed in "
+            f"{time.perf_counter() - start:.1f}s",
             flush=True,
         )
         for variant, channel, connections in variants:
@@ -988,23 +1257,33 @@ def run_system(
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """One table per transport; "vs eventcast" compares with eventcast's live channel."""
+    transports = list(dict.fromkeys(r.get("transport", "websocket") for r in rows))
+    for transport in transports:
+        group = [r for r in rows if r.get("transport", "websocket") == transport]
+        print_transport_table(group, transport)
+
+
+def print_transport_table(rows: list[dict[str, Any]], transport: str = "websocket") -> None:
     ref = {
         (r["variant"], r["load"]): r["cpu_us_per_delivery"]
         for r in rows
         if r["system"] == "eventcast"
     }
+    unit = "pubs/chunk" if transport == "sse" else "pubs/frame"
+    print(f"\n{'WebSocket' if transport == 'websocket' else 'SSE'}:")
     print(
-        f"\n{'system':<11} | {'channel':<7} | {'load':<6} | {'pubs/s':>8} | {'deliveries/s':>12} "
+        f"{'system':<13} | {'channel':<7} | {'load':<6} | {'pubs/s':>8} | {'deliveries/s':>12} "
         f"| {'CPU µs/deliv':>12} | {'vs eventcast':>12} | {'server CPU (kernel)':>19} "
         f"| {'loadgen CPU':>11} "
-        f"| {'other CPU':>9} | {'pubs/frame':>10} | {'p50 ms':>7} | {'p99 ms':>7}"
+        f"| {'other CPU':>9} | {unit:>10} | {'p50 ms':>7} | {'p99 ms':>7}"
     )
     for r in rows:
         base = ref.get(("live", r["load"]))
         ratio = f"{r['cpu_us_per_delivery'] / base:11.1f}x" if base else f"{'-':>12}"
         sys_pct = r["server_system_share"] * 100
         print(
-            f"{r['system']:<11} | {r['variant']:<7} | {r['load']:<6} | "
+            f"{r['system']:<13} | {r['variant']:<7} | {r['load']:<6} | "
             f"{r['publications_per_s']:8.0f} | {rate(r['deliveries_per_s']):>12} | "
             f"{r['cpu_us_per_delivery']:12.3f} | {ratio} | "
             f"{r['server_cpu_pct']:4.0f}% ({sys_pct:2.0f}% sys) | "
@@ -1018,7 +1297,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if r["lost_clients"]:
             problems.append(f"{r['lost_clients']} clients lost")
         if problems:
-            print(f"{'':<11}   ({', '.join(problems)})")
+            print(f"{'':<13}   ({', '.join(problems)})")
     sys.stdout.flush()
 
 
@@ -1040,6 +1319,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="publishing connections for the durable channel (commands of one "
         "connection run in order, so concurrency comes from connections)",
     )
+    parser.add_argument(
+        "--live-publishers",
+        type=int,
+        default=1,
+        help="publishing connections for eventcast's live channel (default 1)",
+    )
     parser.add_argument("--no-durable", action="store_true", help="skip the durable channel")
     parser.add_argument(
         "--rate",
@@ -1056,19 +1341,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(see patch_fast_path)",
     )
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}"
+        "--patch-sse-batch",
+        action="store_true",
+        help="experiment: share each batch's SSE payload between streams at the same "
+        "cursor (see patch_sse_batch)",
+    )
+    all_systems = tuple(dict.fromkeys(SYSTEMS + SSE_SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        default=",".join(all_systems),
+        help=f"comma-separated subset of {all_systems} (each where its transport is run)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=(*TRANSPORTS, "both"),
+        default="both",
+        help="WebSocket (eventcast, socketio, websockets), SSE (eventcast, "
+        "sse-starlette) or both (default)",
     )
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--serve", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=all_systems, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.serve:  # inside the server process
         servers: dict[str, Callable[[], None]] = {
-            "eventcast": lambda: serve_eventcast(args.port, args.data_dir, args.patch_fast_path),
+            "eventcast": lambda: serve_eventcast(
+                args.port, args.data_dir, args.patch_fast_path, args.patch_sse_batch
+            ),
             "socketio": lambda: serve_socketio(args.port),
             "websockets": lambda: serve_websockets(args.port),
+            "sse-starlette": lambda: serve_sse_starlette(args.port),
         }
         servers[args.serve]()
         return {}
@@ -1081,13 +1385,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.warmup = 1.0 if args.quick else 2.0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in systems:
-        if s not in SYSTEMS:
+        if s not in all_systems:
             parser.error(f"unknown system {s!r}")
+    transports = TRANSPORTS if args.transport == "both" else (args.transport,)
+    plan = [
+        (kind, transport)
+        for transport in transports
+        for kind in systems
+        if kind in (SYSTEMS if transport == "websocket" else SSE_SYSTEMS)
+    ]
+    if not plan:
+        parser.error(f"none of {systems} runs over {args.transport}")
     cores = sorted(os.sched_getaffinity(0))
     cpus = None
     if not args.no_pin and len(cores) >= 2:
         cpus = ({cores[0]}, set(cores[1:]))
-    print(header("hub fan-out over WebSocket"))
+    names = {"websocket": "WebSocket", "sse": "SSE"}
+    print(header("hub fan-out over " + " and ".join(names[t] for t in transports)))
     print(
         f"({args.clients} clients in {args.workers} processes, window {args.seconds:g}s after "
         f"{args.warmup:g}s warm-up, full load: <= {args.window} publications in flight, "
@@ -1099,8 +1413,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     )
     rows: list[dict[str, Any]] = []
-    for kind in systems:
-        rows.extend(run_system(kind, args, cpus))
+    for kind, transport in plan:
+        rows.extend(run_system(kind, args, cpus, transport))
     print_table(rows)
     out = {
         "machine": machine(),

@@ -141,7 +141,7 @@ class _Ring:
         head = self.head = self.head + 1
         if self.privates:
             for sub in tuple(self.privates):
-                sub._push(event)
+                sub._push_live(event)
         heap = self.heap
         if heap and heap[0][0] <= head:
             self._enforce(head)
@@ -211,6 +211,7 @@ class Subscription:
         "_dropping",
         "_error",
         "_extra_waiters",
+        "_floor",
         "_heap_entry",
         "_in_waiters",
         "_private",
@@ -268,6 +269,7 @@ class Subscription:
         self._dropping = False
         self._error: EventcastError | None = None
         self._recovering = False
+        self._floor: tuple[int, str] | None = None
         #: After a resume with ``since=``: ``True`` if every missed event was
         #: replayed, ``False`` if not (nothing partial is replayed, and the
         #: subscription continues live). ``None`` when no resume was asked or
@@ -316,7 +318,7 @@ class Subscription:
                         yield event
                     continue
             elif cursor == _PRIVATE:
-                if not self._recovering:
+                if not self._recovering and self._private:
                     yield self._pop_private()
                     continue
             elif self._error is not None:
@@ -539,6 +541,8 @@ class Subscription:
         ring.privates.add(self)
 
     def _rejoin_ring(self) -> None:
+        if self._floor is not None:
+            return  # stay private (even empty) until the live stream passes the replay
         ring = self._ring
         ring.privates.discard(self)
         self._private = None
@@ -611,13 +615,26 @@ class Subscription:
         ring.privates.add(self)
         self._recovery = asyncio.get_running_loop().create_future()
 
-    def _finish_recovery(self, replay: list[Event] | None, last_offset: int | None) -> None:
+    def _push_live(self, event: Event) -> None:
+        """Deliver one live event in private mode, skipping what a resume already replayed."""
+        floor = self._floor
+        if floor is not None:
+            if event.epoch == floor[1] and event.offset is not None and event.offset <= floor[0]:
+                return  # replayed already: the log was ahead of this node's live stream
+            self._floor = None
+        self._push(event)
+
+    def _finish_recovery(
+        self, replay: list[Event] | None, last_offset: int | None, epoch: str | None = None
+    ) -> None:
         """Hand over from the replay to live delivery with no gap and no duplicate.
 
         ``replay`` is ``None`` when the gap could not be replayed in full: then
         nothing is replayed and the live events held aside are delivered.
         Live events already covered by the replay (offset <= ``last_offset``)
-        are dropped as duplicates.
+        are dropped as duplicates, those held aside now and, until a live
+        event past it arrives, those still to come (the log can be ahead of
+        this node's live stream: another writer, a lagging backplane).
         """
         if self._cursor == _CLOSED:
             return
@@ -626,6 +643,10 @@ class Subscription:
         live = list(private)
         if last_offset is not None:
             live = [e for e in live if e.offset is None or e.offset > last_offset]
+            if epoch is None and replay:
+                epoch = replay[-1].epoch
+            if not live and epoch is not None:
+                self._floor = (last_offset, epoch)
         private.clear()
         private.extend(replay or ())
         private.extend(live)

@@ -99,7 +99,7 @@ class NATSBackplane(Backplane):
                     reconnected_cb=reconnected,
                     error_cb=error,
                     pending_size=64 * 1024 * 1024,
-                no_echo=True,  # this node's own publications are delivered here already
+                    no_echo=True,  # this node's own publications are delivered here already
                 )
         except (NATSError, NoServersError, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):

@@ -170,7 +170,8 @@ class Connection:
         pending = self._pending
         if not pending:
             return None
-        data = pending[0] if len(pending) == 1 else b"\n".join(pending)
+        # Centrifuge messages are newline-separated; SSE events end with a blank line.
+        data = pending[0] if len(pending) == 1 else (b"" if self.sse else b"\n").join(pending)
         self._pending = []
         self._pending_size = 0
         self._scheduled = False

@@ -187,7 +187,7 @@ class HubChannel:
             if offset:
                 self.last_offset = offset
             payload = self._encode_batch(events)
-            sse_cache: dict[str, bytes] | None = None
+            sse_cache: dict[Any, Any] | None = None
             for conn, membership in list(self.members.items()):
                 held = membership.held
                 if held is not None:
@@ -271,6 +271,7 @@ class Hub:
         self.presence: Presence = _presence_for(settings.backplane_url)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._user_buckets: dict[str, TokenBucket] = {}
+        self._cursors: dict[str, Cursor] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -1033,10 +1034,21 @@ class Hub:
 
     # -- Server-Sent Events ----------------------------------------------------------------------
 
-    def _deliver_sse(self, conn: Connection, events: list[Event], cache: dict[str, bytes]) -> None:
-        """Queue SSE messages: the body encoded once per event, the id per cursor."""
+    def _deliver_sse(self, conn: Connection, events: list[Event], cache: dict[Any, Any]) -> None:
+        """Queue SSE messages: bodies encoded once per event, ids once per cursor.
+
+        Streams at the same position (the same interned cursor) get the very
+        same payload object for a batch, which the writer frames once for all.
+        """
+        start: Cursor = conn.cursor
+        shared = cache.get(id(start))
+        if shared is not None and shared[0] is start:
+            conn.cursor = shared[1]
+            if shared[2]:
+                conn.enqueue(shared[2])
+            return
         out: list[bytes] = []
-        cursor: Cursor = conn.cursor
+        cursor = start
         for event in events:
             body = cache.get(event.id)
             if body is None:
@@ -1061,9 +1073,21 @@ class Hub:
                 out.append(message)
             else:
                 out.append(body)
+        payload = out[0] if len(out) == 1 else b"".join(out)
+        cache[id(start)] = (start, cursor, payload)
         conn.cursor = cursor
-        if out:
-            conn.enqueue(out[0] if len(out) == 1 else b"".join(out))
+        if payload:
+            conn.enqueue(payload)
+
+    def _intern_cursor(self, cursor: Cursor) -> Cursor:
+        """One object per cursor text, so streams at the same position share their work."""
+        known = self._cursors.get(cursor.text)
+        if known is not None:
+            return known
+        if len(self._cursors) >= 10_000:
+            self._cursors.clear()
+        self._cursors[cursor.text] = cursor
+        return cursor
 
     async def sse_open(
         self, conn: Connection, topics: list[str], cursor: Cursor | None, *, malformed: bool = False
@@ -1117,7 +1141,7 @@ class Hub:
                 self._leave(conn, topic)
             raise
         recovered = recovered and was_recovering
-        conn.cursor = Cursor.of(start)
+        conn.cursor = self._intern_cursor(Cursor.of(start))
         self.recoveries[recovered] += was_recovering
         conn.enqueue(subscribed_event(topics, recovered, {"was_recovering": was_recovering}))
         if replays:

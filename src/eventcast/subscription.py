@@ -365,6 +365,16 @@ class Subscription:
                 return taken
             await self._wait()
 
+    def get_nowait_batch(self, max_items: int = 1024) -> list[Event]:
+        """Return up to ``max_items`` buffered events without waiting (maybe none).
+
+        Raises:
+            SubscriptionClosedError: as for :meth:`get`.
+        """
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        return self._take(max_items)
+
     def get_nowait(self) -> Event | None:
         """Return the next buffered event, or ``None`` if the buffer is empty.
 

@@ -149,13 +149,15 @@ class WebSocketEndpoint:
                     conn.send_session_output()
                     i += 1
                     continue
-                if request.method == "publish":
-                    # Consecutive publishes of one frame run together, so durable
-                    # ones share a group commit (replies carry their ids).
+                if _durable_publish(hub, request):
+                    # Consecutive durable publishes of one frame run together, so
+                    # they share a group commit (replies carry their ids). Live
+                    # publishes never wait, so they run in line: the whole frame
+                    # then reaches the channel's dispatcher as one batch.
                     group = [request]
                     while (
                         i + len(group) < len(requests)
-                        and requests[i + len(group)].method == "publish"
+                        and _durable_publish(hub, requests[i + len(group)])
                         and session.admit(requests[i + len(group)])
                     ):
                         group.append(requests[i + len(group)])
@@ -168,6 +170,17 @@ class WebSocketEndpoint:
                 await hub.handle(conn, request)
                 i += 1
             conn.send_session_output()
+
+
+def _durable_publish(hub: Hub, request: Any) -> bool:
+    """Whether a command publishes into a durable channel (its publish awaits a commit)."""
+    if request.method != "publish":
+        return False
+    channel = getattr(request.body, "channel", "")
+    try:
+        return bool(channel) and hub.bus.namespace(channel).durable
+    except Exception:
+        return False
 
 
 async def _deny(scope: Scope, send: Send, status: int, message: str) -> None:

@@ -1209,3 +1209,18 @@ def test_value_errors_and_subclasses() -> None:
     assert issubclass(SlowConsumerError, SubscriptionClosedError)
     assert issubclass(AckTimeoutError, DeliveryError)
     assert issubclass(PositionError, LogError)
+
+
+async def test_get_nowait_batch_takes_what_is_buffered_without_waiting():
+    async with Bus() as bus:
+        sub = bus.subscribe("nowait.batch")
+        assert sub.get_nowait_batch() == []
+        for i in range(5):
+            bus.publish_nowait("nowait.batch", i)
+        assert [e.data for e in sub.get_nowait_batch(3)] == [0, 1, 2]
+        assert [e.data for e in sub.get_nowait_batch()] == [3, 4]
+        with pytest.raises(ValueError, match="max_items"):
+            sub.get_nowait_batch(0)
+        sub.close()
+        with pytest.raises(SubscriptionClosedError):
+            sub.get_nowait_batch()

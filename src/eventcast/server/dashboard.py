@@ -237,9 +237,9 @@ class StreamEndpoint:
             while True:
                 await body(encode_event(_encode(snapshot(hub)), event="stats"))
                 if sub is None:
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(0.5)
                     continue
-                deadline = asyncio.get_running_loop().time() + 1.0
+                deadline = asyncio.get_running_loop().time() + 0.5
                 while (left := deadline - asyncio.get_running_loop().time()) > 0:
                     try:
                         async with asyncio.timeout(left):

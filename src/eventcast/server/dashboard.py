@@ -3,7 +3,7 @@
 The page (``static/``, no build step) reads:
 
 * ``GET /dashboard/api/stream?tail=PATTERN`` — Server-Sent Events: ``stats``
-  every second (connections, subscriptions, topics with their traffic and last
+  twice a second (connections, subscriptions, topics with their traffic and last
   offsets, drops, slow disconnects, dead letters) and ``tail`` events for the
   topics matching the chosen patterns;
 * ``POST /dashboard/api/publish`` — the publish form;
@@ -198,7 +198,7 @@ async def redrive(request: Request) -> Response:
 
 
 class StreamEndpoint:
-    """``/dashboard/api/stream``: stats every second, plus a live tail (SSE)."""
+    """``/dashboard/api/stream``: stats twice a second, plus a live tail (SSE)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = Request(scope, receive)

@@ -315,7 +315,9 @@ async def intake_raw_redis(url: str, shared: IntakeShared, sampler: Sampler) -> 
 async def intake_raw_nats(url: str, shared: IntakeShared, sampler: Sampler) -> dict[str, Any]:
     import nats
 
-    from eventcast.backplane.nats import PENDING_LIMIT, subject_of
+    from eventcast.backplane.nats import subject_of
+
+    pending_limit = 1_000_000  # nats-py's slow-consumer bound for this raw baseline
 
     base, _, query = url.partition("?")
     prefix = query.partition("prefix=")[2]
@@ -334,7 +336,7 @@ async def intake_raw_nats(url: str, shared: IntakeShared, sampler: Sampler) -> d
         await nc.subscribe(
             subject_of(prefix, TOPIC),
             cb=on_message,
-            pending_msgs_limit=PENDING_LIMIT,
+            pending_msgs_limit=pending_limit,
             pending_bytes_limit=256 * 1024 * 1024,
         )
         await nc.flush()

@@ -6,8 +6,11 @@ so no two topics share a subject). ``*`` and ``>`` are NATS's own wildcards
 and keep their meaning, and the topic grammar forbids every other character
 NATS treats specially, so a topic can never smuggle a wildcard into a subject.
 
-nats-py reconnects and resubscribes by itself; the backplane reports the
-transitions so the bus can catch up from the log.
+Publishing uses nats-py. Subscribing uses a lean reader of eventcast's own
+(``_nats_sub``: the core protocol's ``MSG`` frames split per socket read and
+handed to the bus in one batch), which reconnects with a logged backoff,
+resubscribes every filter, and reports the outage so the bus catches up from
+the log.
 """
 
 from __future__ import annotations
@@ -15,19 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from ..exceptions import BackplaneError, ConfigurationError
+from ._nats_sub import LeanNATSSub
 from .base import Backplane, BackplaneState
 
 __all__ = ["NATSBackplane", "subject_of"]
 
 logger = logging.getLogger("eventcast.backplane")
-
-#: Messages a NATS subscription may hold before nats-py reports a slow consumer.
-PENDING_LIMIT = 1_000_000
 
 
 def subject_of(prefix: str, topic_filter: str) -> str:
@@ -59,9 +61,8 @@ class NATSBackplane(Backplane):
         ]
         self.connect_timeout = connect_timeout
         self._nc: Any = None
-        self._subs: dict[str, Any] = {}
-        self._pending: list[bytes] = []
-        self._flush_scheduled = False
+        self._sub: LeanNATSSub | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self.state is BackplaneState.CLOSED:
@@ -72,14 +73,11 @@ class NATSBackplane(Backplane):
         from nats.errors import Error as NATSError, NoServersError
 
         async def disconnected() -> None:
-            if self.state is not BackplaneState.CLOSED:
-                logger.warning("NATS backplane lost its connection")
-                self._set_state(BackplaneState.DISCONNECTED)
+            if not self.is_closed():
+                logger.warning("NATS backplane: the publishing connection dropped")
 
         async def reconnected() -> None:
-            self.reconnects += 1
-            logger.info("NATS backplane reconnected")
-            self._set_state(BackplaneState.CONNECTED)
+            logger.info("NATS backplane: the publishing connection is back")
 
         async def error(exc: Exception) -> None:
             logger.warning("NATS backplane error: %s", exc)
@@ -101,22 +99,82 @@ class NATSBackplane(Backplane):
                     pending_size=64 * 1024 * 1024,
                     no_echo=True,  # this node's own publications are delivered here already
                 )
-        except (NATSError, NoServersError, OSError, TimeoutError) as exc:
+            self._sub = await self._connect_subscriber()
+        except (NATSError, NoServersError, OSError, TimeoutError, BackplaneError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
             reason = str(exc) or type(exc).__name__
             raise BackplaneError(f"cannot reach NATS at {self.servers}: {reason}") from exc
         self._nc = nc
         self._set_state(BackplaneState.CONNECTED)
-        for topic_filter in sorted(self.filters):
-            await self._subscribe(topic_filter)
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name="eventcast-nats-backplane"
+        )
+
+    async def _connect_subscriber(self) -> LeanNATSSub:
+        """Open the subscriber connection (first reachable server) and subscribe everything."""
+        error: BackplaneError | None = None
+        for server in self.servers:
+            try:
+                sub = await LeanNATSSub.connect(
+                    server, timeout=self.connect_timeout, deliver=self._deliver
+                )
+            except BackplaneError as exc:
+                error = exc
+                continue
+            for topic_filter in sorted(self.filters):
+                await sub.subscribe(subject_of(self.prefix, topic_filter))
+            return sub
+        assert error is not None
+        raise error
+
+    async def _watch(self) -> None:
+        """Watch the subscriber connection; reconnect with backoff and report outages."""
+        attempt = 0
+        while not self.is_closed():
+            sub = self._sub
+            try:
+                if sub is None:
+                    raise BackplaneError("no subscriber connection")
+                attempt = 0
+                await sub.watch()  # messages flow to the bus meanwhile
+            except BackplaneError as exc:
+                if self.is_closed():
+                    return
+                if self.state is BackplaneState.CONNECTED:
+                    logger.warning("NATS backplane lost its connection: %s", exc)
+                    self._set_state(BackplaneState.DISCONNECTED)
+                if sub is not None:
+                    await sub.aclose()
+                self._sub = None
+                attempt += 1
+                delay = min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                logger.info("NATS backplane reconnecting in %.2fs (attempt %d)", delay, attempt)
+                await asyncio.sleep(delay)
+                try:
+                    self._sub = await self._connect_subscriber()
+                except BackplaneError as failed:
+                    logger.info("NATS backplane reconnection failed: %s", failed)
+                    continue
+                self.reconnects += 1
+                logger.info(
+                    "NATS backplane reconnected; %d filters resubscribed", len(self.filters)
+                )
+                self._set_state(BackplaneState.CONNECTED)
 
     async def close(self) -> None:
         if self.state is BackplaneState.CLOSED:
             return
         self.state = BackplaneState.CLOSED
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.aclose()
         nc, self._nc = self._nc, None
-        self._subs.clear()
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -136,46 +194,19 @@ class NATSBackplane(Backplane):
             raise BackplaneError(f"NATS publish failed: {exc}") from exc
         self.sent += len(messages)
 
-    async def _subscribe(self, topic_filter: str) -> None:
-        nc = self._nc
-        if nc is None or topic_filter in self._subs:
-            return
-
-        async def on_message(msg: Any) -> None:
-            self._buffer(msg.data)
-
-        self._subs[topic_filter] = await nc.subscribe(
-            subject_of(self.prefix, topic_filter),
-            cb=on_message,
-            pending_msgs_limit=PENDING_LIMIT,
-            pending_bytes_limit=256 * 1024 * 1024,
-        )
-
-    def _buffer(self, payload: bytes) -> None:
-        # nats-py calls back once per message; hand the bus batches instead,
-        # flushed once per loop turn.
-        self._pending.append(payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        self._deliver(batch)
-
     async def subscribe(self, topic_filter: str) -> None:
-        from nats.errors import Error as NATSError
-
         self.filters.add(topic_filter)
+        sub = self._sub
+        if sub is None:
+            return  # subscribed on (re)connect
         try:
-            await self._subscribe(topic_filter)
-        except (NATSError, OSError) as exc:
-            logger.warning("NATS subscribe to %r failed: %s", topic_filter, exc)
+            await sub.subscribe(subject_of(self.prefix, topic_filter))
+        except BackplaneError as exc:
+            logger.warning("NATS subscribe to %r deferred to reconnect: %s", topic_filter, exc)
 
     async def unsubscribe(self, topic_filter: str) -> None:
         self.filters.discard(topic_filter)
-        sub = self._subs.pop(topic_filter, None)
+        sub = self._sub
         if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            with contextlib.suppress(BackplaneError):
+                await sub.unsubscribe(subject_of(self.prefix, topic_filter))

@@ -92,6 +92,61 @@ def decode_payload(payload: bytes, binary: bool) -> Any:
     return _decode(payload)
 
 
+#: One event to store: ``(topic, id, time, payload, binary, tags, idempotency key)``.
+AppendItem = tuple[str, str, float, bytes, bool, "bytes | None", "str | None"]
+
+
+def append_items(events: Sequence[Event]) -> list[AppendItem]:
+    """Flatten events for storage, encoding each one's data (once, cached).
+
+    Raises:
+        EncodeError: an event's data cannot be encoded (nothing is stored then).
+    """
+    return [
+        (
+            e.topic,
+            e.id,
+            e.time,
+            e.encoded_data(),
+            isinstance(e.data, bytes),
+            encode_tags(e.tags),
+            e.idempotency_key,
+        )
+        for e in events
+    ]
+
+
+def committed(event: Event, offset: int, epoch: str, payload: bytes) -> Event:
+    """The event as committed: its own fields plus its offset and epoch."""
+    return Event(
+        topic=event.topic,
+        data=event.data,
+        id=event.id,
+        time=event.time,
+        offset=offset,
+        epoch=epoch,
+        tags=event.tags,
+        idempotency_key=event.idempotency_key,
+        _cache=[payload],
+    )
+
+
+def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> list[Event]:
+    """Events for the rows an append returned: ``(epoch, topic, offset, id, time,
+    payload, binary, tags, ikey)``; a row with another id is an idempotent repeat
+    and stands for the originally stored event."""
+    out: list[Event] = []
+    for event, row in zip(events, rows, strict=True):
+        epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
+        if event_id == event.id:
+            out.append(committed(event, offset, epoch, payload))
+        else:
+            out.append(
+                stored_event(topic, offset, epoch, event_id, at, payload, bool(binary), tags, ikey)
+            )
+    return out
+
+
 def stored_event(
     topic: str,
     offset: int,

@@ -26,8 +26,10 @@ from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import ConfigurationError, LogError
 from .base import (
+    AppendItem,
     EventLog,
-    encode_tags,
+    append_items,
+    committed_events,
     letter_to_row,
     log_error,
     new_epoch,
@@ -102,7 +104,7 @@ CREATE TABLE IF NOT EXISTS {s}.dead_letters (
 _COLUMNS = 'e."offset", e.id, e.time, e.payload, e."binary", e.tags, e.ikey'
 
 # One event to insert: (topic, id, time, payload, binary, tags, ikey).
-_Item = tuple[str, str, float, bytes, bool, bytes | None, str | None]
+_Item = AppendItem
 # One event stored: (epoch, topic, offset, id, time, payload, binary, tags, ikey).
 _Stored = tuple[str, str, int, str, float, bytes, bool, "bytes | None", "str | None"]
 
@@ -387,18 +389,7 @@ class PostgresLog(EventLog):
         """Commit events atomically (group commit); see :meth:`EventLog.append`."""
         if not events:
             return []
-        items: list[_Item] = [
-            (
-                e.topic,
-                e.id,
-                e.time,
-                e.encoded_data(),
-                isinstance(e.data, bytes),
-                encode_tags(e.tags),
-                e.idempotency_key,
-            )
-            for e in events
-        ]
+        items: list[_Item] = append_items(events)
         self._ready()
         room = self._room
         writer = self._writer
@@ -414,28 +405,7 @@ class PostgresLog(EventLog):
             rows = await future
         finally:
             room.release()
-        out: list[Event] = []
-        for event, row in zip(events, rows, strict=True):
-            epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
-            if event_id == event.id:
-                out.append(
-                    Event(
-                        topic=topic,
-                        data=event.data,
-                        id=event_id,
-                        time=at,
-                        offset=offset,
-                        epoch=epoch,
-                        tags=event.tags,
-                        idempotency_key=ikey,
-                        _cache=[payload],
-                    )
-                )
-            else:  # an idempotent repeat: the original event
-                out.append(
-                    stored_event(topic, offset, epoch, event_id, at, payload, binary, tags, ikey)
-                )
-        return out
+        return committed_events(events, rows)
 
     async def _write_loop(self) -> None:
         queue = self._queue

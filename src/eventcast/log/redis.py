@@ -56,8 +56,10 @@ from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import ConfigurationError, LogError
 from .base import (
+    AppendItem,
     EventLog,
-    encode_tags,
+    append_items,
+    committed,
     letter_to_row,
     log_error,
     new_epoch,
@@ -82,7 +84,7 @@ BATCH_MEMORY_MS: Final = 300_000
 _PREFIX = re.compile(r"^[A-Za-z0-9_\-:.@/]{1,200}$")
 
 # One event to append: (topic, id, time, payload, binary, tags, ikey).
-_Item = tuple[str, str, float, bytes, bool, bytes | None, str | None]
+_Item = AppendItem
 
 # KEYS: [1] batch token key, then per topic (meta, stream), then the idempotency
 # keys. ARGV: t, expires, window ms, #topics, #events, batch ms, then per topic
@@ -627,18 +629,7 @@ class RedisStreamsLog(EventLog):
         """Commit events atomically (one script); see :meth:`EventLog.append`."""
         if not events:
             return []
-        items: list[_Item] = [
-            (
-                e.topic,
-                e.id,
-                e.time,
-                e.encoded_data(),
-                isinstance(e.data, bytes),
-                encode_tags(e.tags),
-                e.idempotency_key,
-            )
-            for e in events
-        ]
+        items: list[_Item] = append_items(events)
         self._ready()
         keys, args = self._append_call(items, secrets.token_hex(12))
         epochs_raw, results = await self._script("append", "append", keys, args)
@@ -653,19 +644,7 @@ class RedisStreamsLog(EventLog):
                 if stored.id != event.id:  # an idempotent repeat: the original event
                     out.append(stored)
                     continue
-            out.append(
-                Event(
-                    topic=event.topic,
-                    data=event.data,
-                    id=event.id,
-                    time=event.time,
-                    offset=offset,
-                    epoch=epoch,
-                    tags=event.tags,
-                    idempotency_key=event.idempotency_key,
-                    _cache=[item[3]],
-                )
-            )
+            out.append(committed(event, offset, epoch, item[3]))
         return out
 
     def _ttl_ms(self, topic: str) -> int:

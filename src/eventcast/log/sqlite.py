@@ -29,8 +29,10 @@ from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import LogError
 from .base import (
+    AppendItem,
     EventLog,
-    encode_tags,
+    append_items,
+    committed_events,
     letter_to_row,
     log_error,
     new_epoch,
@@ -93,7 +95,7 @@ CREATE TABLE IF NOT EXISTS ec_dead_letters (
 _COLUMNS = "offset, id, time, payload, binary, tags, ikey"
 
 # One row to insert: (topic, id, time, payload, binary, tags, ikey).
-_Item = tuple[str, str, float, bytes, bool, bytes | None, str | None]
+_Item = AppendItem
 
 
 @dataclass(slots=True)
@@ -534,41 +536,9 @@ class SQLiteLog(EventLog):
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
             return []
-        items: list[_Item] = [
-            (
-                e.topic,
-                e.id,
-                e.time,
-                e.encoded_data(),
-                isinstance(e.data, bytes),
-                encode_tags(e.tags),
-                e.idempotency_key,
-            )
-            for e in events
-        ]
+        items: list[_Item] = append_items(events)
         rows = await self._submit("append", items)
-        out: list[Event] = []
-        for event, row in zip(events, rows, strict=True):
-            epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
-            if event_id == event.id:
-                out.append(
-                    Event(
-                        topic=topic,
-                        data=event.data,
-                        id=event_id,
-                        time=at,
-                        offset=offset,
-                        epoch=epoch,
-                        tags=event.tags,
-                        idempotency_key=ikey,
-                        _cache=[payload],
-                    )
-                )
-            else:  # an idempotent repeat: the original event
-                out.append(
-                    stored_event(topic, offset, epoch, event_id, at, payload, binary, tags, ikey)
-                )
-        return out
+        return committed_events(events, rows)
 
     async def truncate(self, topic: str) -> Position:
         result: Position = await self._submit("truncate", topic)

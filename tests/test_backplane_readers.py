@@ -51,7 +51,7 @@ async def test_nats_errors_reach_the_pong_queue():
     protocol = _nats_sub._Protocol(lambda batch: None)
     protocol.connection_made(_Transport())  # type: ignore[arg-type]
     protocol.data_received(b"-ERR 'Authorization Violation'\r\n")
-    assert protocol.pongs.get_nowait().startswith(b"-ERR")
+    assert protocol.replies.get_nowait().startswith(b"-ERR")
 
 
 async def test_redis_pushes_split_anywhere_give_every_payload_once():

@@ -9,7 +9,6 @@ and reads; publishing stays on nats-py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 from collections.abc import Callable, Sequence
@@ -17,11 +16,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import BackplaneError
+from ._lean import close_transport, watch_liveness
 
 __all__ = ["LeanNATSSub"]
-
-#: Seconds without traffic before a PING checks the connection.
-IDLE_PING = 5.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -32,7 +29,7 @@ class _Protocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.info: asyncio.Future[bytes] = loop.create_future()
-        self.pongs: asyncio.Queue[bytes] = asyncio.Queue()
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
         self.activity = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,7 +61,7 @@ class _Protocol(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.write(b"PONG\r\n")
             elif line == b"PONG" or line.startswith(b"-ERR"):
-                self.pongs.put_nowait(line)
+                self.replies.put_nowait(line)
             elif line.startswith(b"INFO ") and not self.info.done():
                 self.info.set_result(line[5:])
         if start:
@@ -120,7 +117,7 @@ class LeanNATSSub:
                 await protocol.info
                 protocol.transport.write(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
                 protocol.transport.write(b"PING\r\n")
-                answer = await protocol.pongs.get()
+                answer = await protocol.replies.get()
         except (OSError, TimeoutError) as exc:
             raise BackplaneError(f"cannot reach NATS at {host}:{port}: {exc}") from exc
         if answer != b"PONG":
@@ -155,27 +152,8 @@ class LeanNATSSub:
         Raises:
             BackplaneError: the connection is lost, or a PING went unanswered.
         """
-        protocol = self._protocol
-        while True:
-            seen = protocol.activity
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_PING):
-                    await asyncio.shield(protocol.lost)
-            if protocol.lost.done():
-                raise BackplaneError("the NATS subscriber connection was lost")
-            if protocol.activity != seen:
-                continue
-            while not protocol.pongs.empty():
-                protocol.pongs.get_nowait()
-            self._send("PING")
-            try:
-                async with asyncio.timeout(IDLE_PING):
-                    await protocol.pongs.get()
-            except TimeoutError:
-                raise BackplaneError("NATS did not answer a PING") from None
+        await watch_liveness(self._protocol, lambda: self._send("PING"), "NATS")
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent."""
-        transport = self._protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        close_transport(self._protocol)

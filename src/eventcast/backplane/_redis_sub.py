@@ -9,18 +9,15 @@ message. It only subscribes and reads; publishing stays on redis-py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import BackplaneError
+from ._lean import close_transport, watch_liveness
 
 __all__ = ["LeanPubSub"]
-
-#: Seconds without traffic before a PING checks the connection.
-IDLE_PING = 5.0
 
 
 def command(*args: str | bytes) -> bytes:
@@ -138,27 +135,8 @@ class LeanPubSub:
         Raises:
             BackplaneError: the connection is lost, or a PING went unanswered.
         """
-        protocol = self._protocol
-        while True:
-            seen = protocol.activity
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_PING):
-                    await asyncio.shield(protocol.lost)
-            if protocol.lost.done():
-                raise BackplaneError("the Redis subscriber connection was lost")
-            if protocol.activity != seen:
-                continue  # traffic is proof of life
-            while not protocol.replies.empty():
-                protocol.replies.get_nowait()
-            self._send("PING")
-            try:
-                async with asyncio.timeout(IDLE_PING):
-                    await protocol.replies.get()
-            except TimeoutError:
-                raise BackplaneError("Redis did not answer a PING") from None
+        await watch_liveness(self._protocol, lambda: self._send("PING"), "Redis")
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent."""
-        transport = self._protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        close_transport(self._protocol)

@@ -21,8 +21,9 @@ import logging
 import random
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from .._urls import pop_option, redact_password
 from ..exceptions import BackplaneError, ConfigurationError
 from ._nats_sub import LeanNATSSub
 from .base import Backplane, BackplaneState
@@ -53,9 +54,8 @@ class NATSBackplane(Backplane):
         super().__init__()
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("nats", "tls"):
-            raise ConfigurationError(f"not a NATS URL: {url!r}")
-        query = parse_qs(parts.query)
-        self.prefix = (query.pop("prefix", ["eventcast"]) or ["eventcast"])[-1]
+            raise ConfigurationError(f"not a NATS URL: {redact_password(url)!r}")
+        self.prefix = pop_option(url, "prefix")[1] or "eventcast"
         self.servers = [
             urlunsplit((parts.scheme, netloc, "", "", "")) for netloc in parts.netloc.split(",")
         ]

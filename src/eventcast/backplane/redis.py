@@ -26,8 +26,9 @@ import logging
 import random
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from .._urls import pop_option, redact_password
 from ..exceptions import BackplaneError, ConfigurationError
 from ..topics import is_pattern
 from ._redis_sub import LeanPubSub
@@ -45,12 +46,10 @@ def _split_url(url: str) -> tuple[str, str, bool]:
     scheme = parts.scheme.lower()
     cluster = scheme in ("redis+cluster", "rediss+cluster")
     if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        raise ConfigurationError(f"not a Redis URL: {url!r}")
-    query = parse_qs(parts.query)
-    prefix = (query.pop("prefix", ["eventcast"]) or ["eventcast"])[-1]
-    rest = "&".join(f"{k}={v[-1]}" for k, v in query.items())
+        raise ConfigurationError(f"not a Redis URL: {redact_password(url)!r}")
+    rest, option = pop_option(url, "prefix")
     real_scheme = "rediss" if scheme.startswith("rediss") else "redis"
-    return urlunsplit((real_scheme, parts.netloc, parts.path, rest, "")), prefix, cluster
+    return urlunsplit(urlsplit(rest)._replace(scheme=real_scheme)), option or "eventcast", cluster
 
 
 class RedisBackplane(Backplane):

@@ -20,8 +20,9 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from .._urls import pop_option, redact_password
 from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import ConfigurationError, LogError
@@ -211,32 +212,15 @@ def split_url(url: str) -> tuple[str, str]:
     Raises:
         ConfigurationError: the URL is not a PostgreSQL URL or the schema name is invalid.
     """
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a PostgreSQL URL: {_redact(url)!r}")
-    schema = DEFAULT_SCHEMA
-    query: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "schema":
-            schema = value
-        else:
-            query.append((key, value))
+    if urlsplit(url).scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"not a PostgreSQL URL: {redact_password(url)!r}")
+    conninfo, option = pop_option(url, "schema")
+    schema = DEFAULT_SCHEMA if option is None else option
     if not _SCHEMA_NAME.match(schema):
         raise ConfigurationError(
-            f"invalid schema name {schema!r} in {_redact(url)!r}: use letters, digits and _"
+            f"invalid schema name {schema!r} in {redact_password(url)!r}: use letters, digits and _"
         )
-    conninfo = urlunsplit(parts._replace(query=urlencode(query)))
     return conninfo, schema
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 class PostgresLog(EventLog):
@@ -271,7 +255,7 @@ class PostgresLog(EventLog):
         if connect_timeout <= 0 or timeout <= 0:
             raise ValueError("connect_timeout and timeout must be positive")
         self.conninfo, self.schema = split_url(url)
-        self.url = _redact(url)
+        self.url = redact_password(url)
         self.pool_size = pool_size
         self.max_pending = max_pending
         self.max_batch = max_batch

@@ -48,10 +48,11 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 
+from .._urls import pop_option, redact_password
 from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import ConfigurationError, LogError
@@ -374,31 +375,16 @@ def split_url(url: str) -> tuple[str, str]:
     Raises:
         ConfigurationError: the URL is not a Redis URL or the prefix is invalid.
     """
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("redis", "rediss"):
-        raise ConfigurationError(f"not a Redis URL: {_redact(url)!r}")
-    prefix = DEFAULT_PREFIX
-    query: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "prefix":
-            prefix = value
-        else:
-            query.append((key, value))
+    if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+        raise ConfigurationError(f"not a Redis URL: {redact_password(url)!r}")
+    rest, option = pop_option(url, "prefix")
+    prefix = DEFAULT_PREFIX if option is None else option
     if not _PREFIX.match(prefix):
         raise ConfigurationError(
-            f"invalid key prefix {prefix!r} in {_redact(url)!r}: "
+            f"invalid key prefix {prefix!r} in {redact_password(url)!r}: "
             "use 1-200 letters, digits and _ - : . @ /"
         )
-    return urlunsplit(parts._replace(query=urlencode(query))), prefix
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+    return rest, prefix
 
 
 def _glob_escape(text: str) -> str:
@@ -471,7 +457,7 @@ class RedisStreamsLog(EventLog):
         if connect_timeout <= 0 or timeout <= 0 or health_check_interval < 0:
             raise ValueError("timeouts must be positive")
         self._redis_url, self.prefix = split_url(url)
-        self.url = _redact(url)
+        self.url = redact_password(url)
         self.max_connections = max_connections
         self.max_dead_letters = dead_letters
         self.connect_timeout = connect_timeout

@@ -34,7 +34,6 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from typing import Annotated, Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -57,6 +56,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .._urls import redact_password
 from ..bus import Namespace
 from ..exceptions import ConfigurationError
 from ..topics import namespace_of
@@ -444,13 +444,4 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _redact_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:{_REDACTED}@{host}"))
+    return redact_password(url, _REDACTED)

@@ -20,11 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 
 from .. import __version__
+from .._urls import pop_option
 from ..bus import Bus
 from ..events import Event
 from ..exceptions import (
@@ -73,7 +74,7 @@ from ..topics import is_pattern, validate_pattern, validate_topic
 from .auth import TokenVerifier
 from .connection import Connection
 from .limits import TokenBucket, origin_allowed
-from .presence import MemoryPresence, Presence
+from .presence import MemoryPresence, Presence, open_presence
 
 if TYPE_CHECKING:
     from .config import NamespaceConfig, Settings
@@ -1259,22 +1260,12 @@ def _presence_for(url: str) -> Presence:
     """
     if url.startswith("memory://"):
         return MemoryPresence()
-    from . import presence as presence_module
-
-    factory = getattr(presence_module, "open_presence", None)
-    if factory is None:
-        return MemoryPresence()
-    parts = urlsplit(url)
-    query = parse_qs(parts.query, keep_blank_values=True)
-    prefix = (query.pop("prefix", None) or ["eventcast"])[-1] or "eventcast"
-    if parts.scheme.lower() in ("nats", "tls"):
+    store_url, option = pop_option(url, "prefix")
+    prefix = option or "eventcast"
+    if urlsplit(url).scheme.lower() in ("nats", "tls"):
         # A NATS prefix is a subject token; the presence bucket allows fewer characters.
         prefix = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
-    store_url = urlunsplit(
-        (parts.scheme, parts.netloc, parts.path, urlencode(query, doseq=True), "")
-    )
-    result: Presence = factory(store_url, prefix=prefix)
-    return result
+    return open_presence(store_url, prefix=prefix)
 
 
 def _secret(value: Any) -> str | None:

@@ -258,6 +258,29 @@ async def test_stored_events_round_trip(log: EventLog) -> None:
     assert dict(raw_read.tags) == {}
 
 
+async def test_page_mixing_plain_and_rare_fields(log: EventLog) -> None:
+    # A page where common events (JSON data, no tags, no key) sit between
+    # events with tags, raw bytes and an idempotency key: every field survives,
+    # forward and reverse.
+    tags = {"q": 'a"b\\c', "u": "é", "n": "\n"}
+    sent = await log.append(
+        [
+            ev("t", {"i": 1}),
+            ev("t", {"i": 2}, tags=tags),
+            ev("t", b"\x00raw\n", idempotency_key="k-1"),
+            ev("t", {"i": 4}),
+        ]
+    )
+    for page in (await log.read("t"), list(reversed(await log.read("t", reverse=True)))):
+        assert [e.offset for e in page] == [1, 2, 3, 4]
+        assert [e.id for e in page] == [e.id for e in sent]
+        assert [e.data for e in page] == [{"i": 1}, {"i": 2}, b"\x00raw\n", {"i": 4}]
+        assert [dict(e.tags) for e in page] == [{}, tags, {}, {}]
+        assert [e.idempotency_key for e in page] == [None, None, "k-1", None]
+        assert [e.encoded_data() for e in page][1] == b'{"i":2}'
+    assert [e.offset for e in await log.read("t", after=1, before=4)] == [2, 3]
+
+
 # -- atomicity ---------------------------------------------------------------------------
 
 

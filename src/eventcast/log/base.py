@@ -204,6 +204,39 @@ def stored_events(topic: str, epoch: str, rows: Sequence[Sequence[Any]]) -> list
     return out
 
 
+def plain_events(topic: str, epoch: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
+    """Build the events of compact rows ``(offset, id, time, payload, extra)``.
+
+    ``extra`` is ``None`` for the common event (JSON data, no tags, no
+    idempotency key) and otherwise the JSON text ``[binary, tags, key]`` (tags
+    as JSON text). A page of common events skips every per-row check: one
+    decode of the page's payloads, one ``Event`` per row.
+    """
+    if any(row[4] is not None for row in rows):
+        full = []
+        for offset, event_id, at, payload, extra in rows:
+            if extra is None:
+                full.append((offset, event_id, at, payload, 0, None, None))
+            else:
+                binary, tags, key = _decode(extra)
+                full.append((offset, event_id, at, payload, binary, tags, key))
+        return stored_events(topic, epoch, full)
+    payloads = [row[3] for row in rows]
+    values = _decode_list(b"[" + b",".join(payloads) + b"]") if rows else []
+    return [
+        Event(
+            topic=topic,
+            data=value,
+            id=row[1],
+            time=row[2],
+            offset=row[0],
+            epoch=epoch,
+            _cache=[payload],
+        )
+        for row, payload, value in zip(rows, payloads, values, strict=True)
+    ]
+
+
 #: A dead letter flattened for storage; see :func:`letter_to_row`.
 LetterRow = tuple[
     int, str, str, int, "str | None", float, str, str, float, bytes, bool, "bytes | None"

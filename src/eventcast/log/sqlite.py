@@ -37,9 +37,9 @@ from .base import (
     log_error,
     new_epoch,
     now,
+    plain_events,
     row_to_letter,
     stored_event,
-    stored_events,
 )
 
 __all__ = ["SQLiteLog"]
@@ -93,6 +93,11 @@ CREATE TABLE IF NOT EXISTS ec_dead_letters (
 """
 
 _COLUMNS = "offset, id, time, payload, binary, tags, ikey"
+# A page's columns: the rare fields folded into one, NULL for the common event.
+_PAGE_COLUMNS = (
+    "offset, id, time, payload, CASE WHEN binary OR tags IS NOT NULL OR ikey IS NOT NULL "
+    "THEN json_array(binary, CAST(tags AS TEXT), ikey) END"
+)
 
 # One row to insert: (topic, id, time, payload, binary, tags, ikey).
 _Item = AppendItem
@@ -596,7 +601,6 @@ class SQLiteLog(EventLog):
             return []
         retention = self.retention(topic)
         cutoff = -1.0 if retention.ttl is None else now() - retention.ttl
-        upper = before if before is not None else 2**62
 
         def query(conn: sqlite3.Connection) -> tuple[str | None, list[Any]]:
             stream = conn.execute(
@@ -605,18 +609,28 @@ class SQLiteLog(EventLog):
             if stream is None:
                 return None, []
             floor = stream[1] - retention.size
+            where, params = "topic = ? AND offset > ?", [topic, max(after, floor)]
+            if before is not None:
+                where += " AND offset < ?"
+                params.append(before)
+            if retention.ttl is not None:
+                where += " AND time >= ?"
+                params.append(cutoff)
+            params.append(limit)
+            # Five columns, not seven: every column costs the driver a
+            # conversion per row, and most events have no tags, no key and
+            # JSON data (see plain_events).
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM ec_events WHERE topic = ? AND offset > ? "
-                f"AND offset < ? AND time >= ? ORDER BY offset "
+                f"SELECT {_PAGE_COLUMNS} FROM ec_events WHERE {where} ORDER BY offset "
                 f"{'DESC' if reverse else 'ASC'} LIMIT ?",
-                (topic, max(after, floor), upper, cutoff, limit),
+                params,
             ).fetchall()
             return stream[0], rows
 
         epoch, rows = await self._read("read", query)
         if epoch is None:
             return []
-        return stored_events(topic, epoch, rows)
+        return plain_events(topic, epoch, rows)
 
     async def position(self, topic: str) -> Position:
         def query(conn: sqlite3.Connection) -> Any:

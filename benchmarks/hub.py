@@ -86,7 +86,7 @@ SECRET = "benchmark-hmac-secret-" + "x" * 32
 API_KEY = "benchmark-api-key"
 CHANNEL = "bench"
 DURABLE_CHANNEL = "durable:bench"
-SYSTEMS = ("eventcast", "socketio", "websockets")  # over WebSocket
+SYSTEMS = ("eventcast", "socketio", "websockets", "floor")  # over WebSocket
 SSE_SYSTEMS = ("eventcast", "sse-starlette")  # over Server-Sent Events
 TRANSPORTS = ("websocket", "sse")
 #: Client kinds of the load generators that speak SSE (worker_main's ``kind``).
@@ -331,6 +331,105 @@ def serve_websockets(port: int) -> None:
             max_queue=None,
             backlog=2048,
         ) as server:
+            await server.serve_forever()
+
+    uvloop.run(run())
+
+
+def serve_floor(port: int) -> None:
+    """The floor: no framework, no protocol, no queue, no checks.
+
+    A bare uvloop protocol: what one publishing connection sends in one read
+    is framed once (one text frame per publication, concatenated) and written
+    to every subscriber's transport, one ``write`` each. Nothing any hub does
+    per delivery can cost less on one event loop, so its latency is the floor
+    the machine sets for writing to N sockets.
+    """
+    import base64
+    import hashlib
+
+    subscribers: set[asyncio.Transport] = set()
+    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    class Conn(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.buf = b""
+            self.open = False
+            self.pub = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            t = self.transport
+            assert t is not None
+            data = self.buf + data
+            self.buf = b""
+            if not self.open:
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    self.buf = data
+                    return
+                key = b""
+                for line in data[:end].split(b"\r\n"):
+                    if line.lower().startswith(b"sec-websocket-key:"):
+                        key = line.split(b":", 1)[1].strip()
+                accept = base64.b64encode(hashlib.sha1(key + guid).digest())
+                t.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+                )
+                self.open = True
+                self.pub = data.startswith(b"GET /pub")
+                if not self.pub:
+                    subscribers.add(t)
+                    t.write(b"\x81\x02ok")
+                data = data[end + 4 :]
+            if not self.pub:
+                return  # subscribers send nothing that matters here
+            frames = []
+            pos, size = 0, len(data)
+            while size - pos >= 6:
+                length = data[pos + 1] & 0x7F
+                head = 2
+                if length == 126:
+                    length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                    head = 4
+                elif length == 127:
+                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                    head = 10
+                end = pos + head + 4 + length
+                if end > size:
+                    break
+                mask = data[pos + head : pos + head + 4]
+                raw = data[pos + head + 4 : end]
+                if mask != b"\0\0\0\0":
+                    pad = (mask * (length // 4 + 1))[:length]
+                    raw = (int.from_bytes(raw, "big") ^ int.from_bytes(pad, "big")).to_bytes(
+                        length, "big"
+                    )
+                if data[pos] & 0x0F == 1:
+                    n = len(raw)
+                    if n < 126:
+                        frames.append(bytes((0x81, n)) + raw)
+                    else:
+                        frames.append(bytes((0x81, 126)) + n.to_bytes(2, "big") + raw)
+                pos = end
+            self.buf = data[pos:]
+            if frames:
+                out = b"".join(frames)
+                for sub in subscribers:
+                    sub.write(out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.transport is not None:
+                subscribers.discard(self.transport)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=2048)
+        async with server:
             await server.serve_forever()
 
     uvloop.run(run())
@@ -990,6 +1089,8 @@ class Run:
         # What the load generators speak, and what the publisher speaks.
         self.client_kind = kind
         self.pub_kind = kind
+        if kind == "floor":  # speaks what the `websockets` system's clients speak
+            self.client_kind = self.pub_kind = "websockets"
         if transport == "sse":
             self.client_kind = "eventcast-sse" if kind == "eventcast" else kind
             self.pub_kind = "eventcast" if kind == "eventcast" else "websockets"
@@ -1356,7 +1457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--transport",
         choices=(*TRANSPORTS, "both"),
         default="both",
-        help="WebSocket (eventcast, socketio, websockets), SSE (eventcast, "
+        help="WebSocket (eventcast, socketio, websockets, floor), SSE (eventcast, "
         "sse-starlette) or both (default)",
     )
     parser.add_argument("--json", help="write the results to this file")
@@ -1372,6 +1473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
             "socketio": lambda: serve_socketio(args.port),
             "websockets": lambda: serve_websockets(args.port),
+            "floor": lambda: serve_floor(args.port),
             "sse-starlette": lambda: serve_sse_starlette(args.port),
         }
         servers[args.serve]()

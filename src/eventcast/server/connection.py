@@ -157,6 +157,26 @@ class Connection:
                 self._scheduled = True
                 self._wake.set()
 
+    def push(self, payload: bytes, frame: bytes) -> None:
+        """Write ``frame`` (``payload`` framed, shared with other connections) now.
+
+        Anything already queued goes first: then ``payload`` is queued behind
+        it instead, so the order of messages never changes.
+        """
+        transport = self._transport
+        if self._pending or self.closed or transport is None:
+            self.enqueue(payload)
+            return
+        if transport.is_closing():
+            self._abort()
+            return
+        if transport.get_write_buffer_size() + len(frame) > self.queue_limit:
+            self.close(DISCONNECT_SLOW)
+            return
+        self.messages_out += 1
+        self.bytes_out += len(payload)
+        transport.write(frame)
+
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
         out = self.session.data_to_send()

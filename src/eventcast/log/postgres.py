@@ -149,6 +149,12 @@ class _Queries:
         )
         self.set_top = f"UPDATE {s}.streams SET top = %s WHERE topic = %s"
         self.delete_below = f'DELETE FROM {s}.events WHERE topic = %s AND "offset" <= %s'
+        # Bounded below by the floor already pruned: the index scan then skips
+        # the dead entries of earlier deletes that vacuum has not removed yet
+        # (with them, every prune rescanned all of them).
+        self.delete_range = (
+            f'DELETE FROM {s}.events WHERE topic = %s AND "offset" > %s AND "offset" <= %s'
+        )
         self.delete_older = f"DELETE FROM {s}.events WHERE topic = %s AND time < %s"
         self.delete_expired_keys = (
             f"DELETE FROM {s}.ikeys WHERE topic = ANY(%s::text[]) AND expires <= %s"
@@ -533,8 +539,9 @@ class PostgresLog(EventLog):
             retention = self.retention(topic)
             state = (topic, epoch)
             floor = top - retention.size
-            if floor > self._floor.get(state, 0):
-                await cur.execute(sql.delete_below, (topic, floor))
+            pruned_to = self._floor.get(state, 0)
+            if floor > pruned_to:
+                await cur.execute(sql.delete_range, (topic, pruned_to, floor))
                 floors[state] = floor
             if retention.ttl is not None and t - self._pruned_at.get(state, 0.0) >= 1.0:
                 await cur.execute(sql.delete_older, (topic, t - retention.ttl))

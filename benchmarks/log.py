@@ -336,6 +336,9 @@ def pg_raw_pages(conninfo: str, schema: str) -> Callable[[], int]:
         import psycopg
 
         with psycopg.connect(conninfo, autocommit=True) as conn:
+            # As PostgresLog's connections: stale statistics otherwise pick a
+            # bitmap scan plus sort that reads the whole stream for each page.
+            conn.execute("SET enable_bitmapscan = off")
             after, n = 0, 0
             while True:
                 rows = conn.execute(

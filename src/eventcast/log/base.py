@@ -117,18 +117,17 @@ def append_items(events: Sequence[Event]) -> list[AppendItem]:
 
 
 def committed(event: Event, offset: int, epoch: str, payload: bytes) -> Event:
-    """The event as committed: its own fields plus its offset and epoch."""
-    return Event(
-        topic=event.topic,
-        data=event.data,
-        id=event.id,
-        time=event.time,
-        offset=offset,
-        epoch=epoch,
-        tags=event.tags,
-        idempotency_key=event.idempotency_key,
-        _cache=[payload],
-    )
+    """The event as committed: its own fields plus its offset and epoch.
+
+    The copy shares the event's cache of encoded data (filled with ``payload``
+    if it was empty): the data is the same.
+    """
+    if not event._cache:
+        event._cache.append(payload)
+    return _replace(event, offset=offset, epoch=epoch)
+
+
+_replace = msgspec.structs.replace
 
 
 def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> list[Event]:

@@ -166,6 +166,9 @@ class SQLiteLog(EventLog):
         self._keys_pruned = 0.0
         self._inflight = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
+        #: True while the writer thread serves requests (a flag, not
+        #: Thread.is_alive(), which takes a lock on every append).
+        self._serving = False
         #: Committed transactions (for the group-commit benchmark and tests).
         self.commits = 0
 
@@ -246,10 +249,12 @@ class SQLiteLog(EventLog):
             error = log_error(f"open {self.path!r}", exc)
             loop.call_soon_threadsafe(_set_exception, ready, error)
             return
+        self._serving = True
         loop.call_soon_threadsafe(_set_result, ready, None)
         try:
             self._serve(conn, loop)
         finally:
+            self._serving = False
             conn.close()
 
     def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
@@ -261,16 +266,17 @@ class SQLiteLog(EventLog):
             batch = [first]
             size = _size(first)
             stop = False
+            get_nowait = self._queue.get_nowait
             while size < self.max_batch:
                 try:
-                    request = self._queue.get_nowait()
+                    request = get_nowait()
                 except queue.Empty:
                     break
                 if request is None:
                     stop = True
                     break
                 batch.append(request)
-                size += _size(request)
+                size += len(request.args) if request.kind == "append" else 1
             self._run_batch(conn, batch)
             try:
                 loop.call_soon_threadsafe(_finish, batch)
@@ -283,17 +289,15 @@ class SQLiteLog(EventLog):
         appends = [r for r in batch if r.kind == "append"]
         others = [r for r in batch if r.kind != "append"]
         if appends:
-            saved = {topic: (s.epoch, s.top, s.floor) for topic, s in self._state.items()}
+            # The state of each topic this batch touches, as it was before
+            # (None: not known before), to restore if the transaction fails.
+            saved: dict[str, tuple[str, int, int] | None] = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 batch_rows: list[tuple[Any, ...]] = []
                 batch_keys: list[tuple[str, str, int, float]] = []
-                pending_keys: dict[tuple[str, str], tuple[Any, ...]] = {}
                 touched: dict[str, _TopicState] = {}
-                for request in appends:
-                    request.result = self._append(
-                        conn, request.args, batch_rows, batch_keys, pending_keys, touched
-                    )
+                self._assign(conn, appends, batch_rows, batch_keys, touched, saved)
                 # One statement per table for the whole group commit: executemany
                 # calls hand the GIL back and forth with the loop thread.
                 conn.executemany(
@@ -309,7 +313,7 @@ class SQLiteLog(EventLog):
                     "UPDATE ec_streams SET top = ? WHERE topic = ?",
                     [(state.top, topic) for topic, state in touched.items()],
                 )
-                self._apply_retention(conn, appends)
+                self._apply_retention(conn, touched)
                 conn.execute("COMMIT")
                 self.commits += 1
             except Exception as exc:  # not only sqlite3.Error: e.g. a retention callback
@@ -330,13 +334,13 @@ class SQLiteLog(EventLog):
                 self._state.clear()
                 request.error = log_error(request.kind.replace("_", " "), exc)
 
-    def _restore(self, saved: dict[str, tuple[str, int, int]]) -> None:
-        for topic in list(self._state):
-            if topic not in saved:
-                del self._state[topic]
-        for topic, (epoch, top, floor) in saved.items():
-            state = self._state[topic]
-            state.epoch, state.top, state.floor = epoch, top, floor
+    def _restore(self, saved: dict[str, tuple[str, int, int] | None]) -> None:
+        for topic, before in saved.items():
+            if before is None:
+                self._state.pop(topic, None)
+            else:
+                state = self._state[topic]
+                state.epoch, state.top, state.floor = before
 
     def _topic(self, conn: sqlite3.Connection, topic: str) -> _TopicState:
         state = self._state.get(topic)
@@ -355,41 +359,48 @@ class SQLiteLog(EventLog):
             self._state[topic] = state
         return state
 
-    def _append(
+    def _assign(
         self,
         conn: sqlite3.Connection,
-        items: list[_Item],
+        appends: list[_Request],
         rows: list[tuple[Any, ...]],
         keys: list[tuple[str, str, int, float]],
-        pending_keys: dict[tuple[str, str], tuple[Any, ...]],
         touched: dict[str, _TopicState],
-    ) -> list[tuple[Any, ...]]:
-        """Assign offsets to one request's events, adding their rows to the batch.
+        saved: dict[str, tuple[str, int, int] | None],
+    ) -> None:
+        """Assign offsets to the events of a batch's appends, adding their rows.
 
-        Returns, per event, the stored row (the original one for an idempotent
-        repeat, found in this batch or in the table).
+        Sets each request's result: per event, the stored row (the original
+        one for an idempotent repeat, found in this batch or in the table).
         """
         t = now()
-        results: list[tuple[Any, ...]] = []
-        for item in items:
-            topic, event_id, at, payload, binary, tags, ikey = item
-            state = touched.get(topic)
-            if state is None:
-                state = touched[topic] = self._topic(conn, topic)
-            if ikey is not None:
-                original = pending_keys.get((topic, ikey)) or self._find_key(conn, topic, ikey, t)
-                if original is not None:
-                    results.append(original)
-                    continue
-                keys.append((topic, ikey, state.top + 1, t + self.dedup_window))
-            state.top += 1
-            row = (topic, state.top, event_id, at, payload, binary, tags, ikey)
-            rows.append(row)
-            stored = (state.epoch, *row)
-            if ikey is not None:
-                pending_keys[topic, ikey] = stored
-            results.append(stored)
-        return results
+        expires = t + self.dedup_window
+        pending_keys: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for request in appends:
+            results: list[tuple[Any, ...]] = []
+            for item in request.args:
+                topic, event_id, at, payload, binary, tags, ikey = item
+                state = touched.get(topic)
+                if state is None:
+                    known = self._state.get(topic)
+                    saved[topic] = None if known is None else (known.epoch, known.top, known.floor)
+                    state = touched[topic] = self._topic(conn, topic)
+                if ikey is not None:
+                    original = pending_keys.get((topic, ikey)) or self._find_key(
+                        conn, topic, ikey, t
+                    )
+                    if original is not None:
+                        results.append(original)
+                        continue
+                    keys.append((topic, ikey, state.top + 1, expires))
+                state.top += 1
+                row = (topic, state.top, event_id, at, payload, binary, tags, ikey)
+                rows.append(row)
+                stored = (state.epoch, *row)
+                if ikey is not None:
+                    pending_keys[topic, ikey] = stored
+                results.append(stored)
+            request.result = results
 
     def _find_key(
         self,
@@ -412,11 +423,9 @@ class SQLiteLog(EventLog):
             return None
         return (self._state[topic].epoch, *row)
 
-    def _apply_retention(self, conn: sqlite3.Connection, appends: list[_Request]) -> None:
-        topics = {item[0] for request in appends for item in request.args}
+    def _apply_retention(self, conn: sqlite3.Connection, touched: dict[str, _TopicState]) -> None:
         t = now()
-        for topic in topics:
-            state = self._state[topic]
+        for topic, state in touched.items():
             retention = self.retention(topic)
             floor = state.top - retention.size
             if floor > state.floor:
@@ -508,8 +517,7 @@ class SQLiteLog(EventLog):
     async def _submit(self, kind: str, args: Any) -> Any:
         if not self._opened or self._closed:
             raise LogError("the log is not open")
-        thread = self._thread
-        if thread is None or not thread.is_alive():
+        if not self._serving:
             raise LogError("the log's writer thread is not running")
         loop = self._loop
         assert loop is not None

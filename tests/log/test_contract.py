@@ -284,6 +284,21 @@ async def test_page_mixing_plain_and_rare_fields(log: EventLog) -> None:
 # -- atomicity ---------------------------------------------------------------------------
 
 
+async def test_large_batch_keeps_every_event_in_order(log: EventLog) -> None:
+    # 299 events in one append, beside smaller ones on two topics: any
+    # chunking of the inserts (SQLite writes 256, 32, 4 and 1 rows a
+    # statement) keeps every event, its data and its place.
+    batch = [ev("big", {"i": i}) for i in range(299)]
+    small = [ev("big", {"i": 299}), ev("other", {"j": 0})]
+    first, second = await asyncio.gather(log.append(batch), log.append(small))
+    assert sorted(e.offset for e in first + second[:1]) == list(range(1, 301))
+    stored = await read_all(log, "big")
+    assert [e.offset for e in stored] == list(range(1, 301))
+    by_id = {e.id: e.data for e in batch + small}
+    assert all(by_id[e.id] == e.data for e in stored)
+    assert [e.data for e in await read_all(log, "other")] == [{"j": 0}]
+
+
 async def test_batch_with_unencodable_event_stores_nothing(log: EventLog) -> None:
     await log.append([ev("a", 1)])
     with pytest.raises(EncodeError):

@@ -298,13 +298,9 @@ class SQLiteLog(EventLog):
                 batch_keys: list[tuple[str, str, int, float]] = []
                 touched: dict[str, _TopicState] = {}
                 self._assign(conn, appends, batch_rows, batch_keys, touched, saved)
-                # One statement per table for the whole group commit: executemany
-                # calls hand the GIL back and forth with the loop thread.
-                conn.executemany(
-                    "INSERT INTO ec_events (topic, offset, id, time, payload, binary, tags, ikey) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    batch_rows,
-                )
+                # A few statements for the whole group commit: each step of a
+                # statement hands the GIL back and forth with the loop thread.
+                _insert_events(conn, batch_rows)
                 if batch_keys:
                     conn.executemany(
                         "INSERT OR REPLACE INTO ec_ikeys VALUES (?, ?, ?, ?)", batch_keys
@@ -701,6 +697,29 @@ class SQLiteLog(EventLog):
 
     def __repr__(self) -> str:
         return f"<SQLiteLog {self.path!r} synchronous={self.synchronous}>"
+
+
+_INSERT_EVENTS = (
+    "INSERT INTO ec_events (topic, offset, id, time, payload, binary, tags, ikey) VALUES "
+)
+#: Rows per multi-row INSERT, largest first (a few statement shapes, all cached).
+#: 8 parameters a row: SQLite before 3.32 allows 999 parameters a statement.
+_CHUNKS: Final = (256, 32, 4, 1) if sqlite3.sqlite_version_info >= (3, 32) else (96, 32, 4, 1)
+_INSERT_SQL: Final = {
+    n: _INSERT_EVENTS + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in _CHUNKS
+}
+
+
+def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert rows with a few multi-row statements: one step (and one release of
+    the GIL) per statement, not per row as with executemany."""
+    i, total = 0, len(rows)
+    for n in _CHUNKS:
+        sql = _INSERT_SQL[n]
+        while total - i >= n:
+            chunk = rows[i : i + n]
+            conn.execute(sql, [value for row in chunk for value in row])
+            i += n
 
 
 def _size(request: _Request) -> int:

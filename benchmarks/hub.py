@@ -21,7 +21,11 @@ Servers, each measured with the same clients and publisher:
   clients join a room on connect; the publisher emits ``pub`` and the server
   does ``await sio.emit("msg", data, room="bench")``;
 * **websockets**: a ``websockets`` server; for each message from the
-  publisher, ``await ws.send(message)`` on every subscriber in turn.
+  publisher, ``await ws.send(message)`` on every subscriber in turn;
+* **floor**: no framework at all, a bare uvloop protocol that frames what the
+  publisher sends in one read once and writes it to every subscriber's
+  transport (see ``serve_floor``): the latency this machine sets for writing
+  to N sockets from one event loop.
 
 Server-Sent Events (``--transport sse``; both transports by default), the
 same publisher and the same number of clients, each a raw-socket HTTP/1.1

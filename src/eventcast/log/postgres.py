@@ -138,9 +138,12 @@ class _Queries:
             "WHERE (k.topic, k.key) IN (SELECT * FROM unnest(%s::text[], %s::text[])) "
             "AND k.expires > %s"
         )
-        self.insert_event = (
+        # A batch's events in one statement, as one array per column: psycopg
+        # sends an executemany as one message per row, with Python work per row.
+        self.insert_events = (
             f'INSERT INTO {s}.events (topic, "offset", id, time, payload, "binary", tags, ikey) '
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], "
+            "%s::double precision[], %s::bytea[], %s::boolean[], %s::bytea[], %s::text[])"
         )
         self.upsert_key = (
             f'INSERT INTO {s}.ikeys (topic, key, "offset", expires) VALUES (%s, %s, %s, %s) '
@@ -542,7 +545,8 @@ class PostgresLog(EventLog):
                     original[(topic, ikey)] = row
             results.append(stored)
         if rows:
-            await cur.executemany(sql.insert_event, rows)
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            await cur.execute(sql.insert_events, columns)
             await cur.executemany(
                 sql.set_top, [(top, topic) for topic, (_, top) in streams.items()]
             )

@@ -167,15 +167,9 @@ class Connection:
         if self._pending or self.closed or transport is None:
             self.enqueue(payload)
             return
-        if transport.is_closing():
-            self._abort()
-            return
-        if transport.get_write_buffer_size() + len(frame) > self.queue_limit:
-            self.close(DISCONNECT_SLOW)
-            return
         self.messages_out += 1
         self.bytes_out += len(payload)
-        transport.write(frame)
+        self._write_frame(transport, frame)
 
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
@@ -227,6 +221,11 @@ class Connection:
                 self._scheduled = False
                 return
             frame = self._frame(data)
+        self._write_frame(transport, frame)
+
+    def _write_frame(self, transport: asyncio.WriteTransport, frame: bytes) -> None:
+        """Write a frame to the socket, unless it is closing (then abort) or the
+        frame would take its buffer past the queue limit (then close as slow)."""
         if transport.is_closing():
             self._abort()
             return

@@ -276,7 +276,7 @@ class SQLiteLog(EventLog):
                     stop = True
                     break
                 batch.append(request)
-                size += len(request.args) if request.kind == "append" else 1
+                size += _size(request)
             self._run_batch(conn, batch)
             try:
                 loop.call_soon_threadsafe(_finish, batch)

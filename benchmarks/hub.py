@@ -392,39 +392,20 @@ def serve_floor(port: int) -> None:
                 data = data[end + 4 :]
             if not self.pub:
                 return  # subscribers send nothing that matters here
-            frames = []
-            pos, size = 0, len(data)
-            while size - pos >= 6:
-                length = data[pos + 1] & 0x7F
-                head = 2
-                if length == 126:
-                    length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                    head = 4
-                elif length == 127:
-                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                    head = 10
-                end = pos + head + 4 + length
-                if end > size:
-                    break
-                mask = data[pos + head : pos + head + 4]
-                raw = data[pos + head + 4 : end]
-                if mask != b"\0\0\0\0":
-                    pad = (mask * (length // 4 + 1))[:length]
-                    raw = (int.from_bytes(raw, "big") ^ int.from_bytes(pad, "big")).to_bytes(
-                        length, "big"
-                    )
-                if data[pos] & 0x0F == 1:
+            frames, pos = split_frames(data)
+            out = []
+            for opcode, raw in frames:
+                if opcode == 1:
                     n = len(raw)
                     if n < 126:
-                        frames.append(bytes((0x81, n)) + raw)
+                        out.append(bytes((0x81, n)) + raw)
                     else:
-                        frames.append(bytes((0x81, 126)) + n.to_bytes(2, "big") + raw)
-                pos = end
+                        out.append(bytes((0x81, 126)) + n.to_bytes(2, "big") + raw)
             self.buf = data[pos:]
-            if frames:
-                out = b"".join(frames)
+            if out:
+                joined = b"".join(out)
                 for sub in subscribers:
-                    sub.write(out)
+                    sub.write(joined)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.transport is not None:
@@ -506,6 +487,45 @@ def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
+def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete WebSocket frames at the start of ``data``, and where the rest begins.
+
+    Each frame is ``(opcode, payload)``, its payload unmasked if the peer masked it.
+    """
+    frames: list[tuple[int, bytes]] = []
+    pos, size = 0, len(data)
+    while size - pos >= 2:
+        second = data[pos + 1]
+        length = second & 0x7F
+        head = 2
+        if length == 126:
+            if size - pos < 4:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            head = 4
+        elif length == 127:
+            if size - pos < 10:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            head = 10
+        mask = b""
+        if second & 0x80:
+            mask = data[pos + head : pos + head + 4]
+            head += 4
+        end = pos + head + length
+        if end > size:
+            break
+        payload = data[pos + head : end]
+        if mask and mask != b"\0\0\0\0":
+            pad = (mask * (length // 4 + 1))[:length]
+            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(pad, "big")).to_bytes(
+                length, "big"
+            )
+        frames.append((data[pos] & 0x0F, payload))
+        pos = end
+    return frames, pos
+
+
 class Shared:
     """Shared memory between the orchestrator, the workers and the publisher."""
 
@@ -576,27 +596,8 @@ class Client(asyncio.Protocol):
                     b'{"id":3,"subscribe":{"channel":"%s"}}'
                     % (self.token, CHANNEL.encode(), DURABLE_CHANNEL.encode())
                 )
-        size = len(data)
-        pos = 0
-        while size - pos >= 2:
-            length = data[pos + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
-            end = pos + head + length
-            if end > size:
-                break
-            opcode = data[pos] & 0x0F
-            payload = data[pos + head : end]
-            pos = end
+        frames, pos = split_frames(data)
+        for opcode, payload in frames:
             if opcode == 1 or opcode == 2:
                 self.message(payload)
             elif opcode == 9:
@@ -606,7 +607,7 @@ class Client(asyncio.Protocol):
                     print("close frame", payload, file=sys.stderr)
                 self.fail()
                 return
-        if pos < size:
+        if pos < len(data):
             self.buf = data[pos:]
 
     def message(self, payload: bytes) -> None:
@@ -897,26 +898,8 @@ class Publisher(asyncio.Protocol):
                 self.write(ws_frame(b'{"id":1,"connect":{"token":"%s"}}' % self.token))
             elif self.kind == "websockets" and not self.ready.done():
                 self.ready.set_result(None)
-        pos, size = 0, len(data)
-        while size - pos >= 2:
-            length = data[pos + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
-            end = pos + head + length
-            if end > size:
-                break
-            opcode = data[pos] & 0x0F
-            payload = data[pos + head : end]
-            pos = end
+        frames, pos = split_frames(data)
+        for opcode, payload in frames:
             if opcode == 9:
                 self.write(ws_frame(payload, 0xA))
             elif opcode in (1, 2):

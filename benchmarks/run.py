@@ -21,7 +21,12 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = ("bus", "log", "hub", "backplane")
 #: Default arguments per module, so each default run stays within ~5 minutes.
-DEFAULTS = {"bus": ["--passes", "3"]}
+DEFAULTS = {
+    "bus": ["--passes", "3"],
+    # 20 publications/s beside full and half load: the latency floor of the
+    # machine, which the `floor` system measures in the same run.
+    "hub": ["--rate", "20"],
+}
 
 
 def load(name: str) -> ModuleType:

@@ -541,6 +541,8 @@ class Shared:
         self.pub_ready = ctx.Value("i", 0, lock=False)
         self.pub_errors = ctx.Value("q", 0, lock=False)
         self.base = ctx.Value("q", 0, lock=False)  # delivered when the publisher started
+        # eventcast clients subscribe to the durable channel too (1), or not (0).
+        self.durable = ctx.Value("i", 1, lock=False)
 
 
 class Client(asyncio.Protocol):
@@ -591,11 +593,14 @@ class Client(asyncio.Protocol):
             self.open = True
             data = data[end + 4 :]
             if self.kind == "eventcast":
-                self.send(
-                    b'{"id":1,"connect":{"token":"%s"}}\n{"id":2,"subscribe":{"channel":"%s"}}\n'
-                    b'{"id":3,"subscribe":{"channel":"%s"}}'
-                    % (self.token, CHANNEL.encode(), DURABLE_CHANNEL.encode())
+                commands = (
+                    b'{"id":1,"connect":{"token":"%s"}}\n{"id":2,"subscribe":{"channel":"%s"}}'
                 )
+                if self.worker.shared.durable.value:
+                    commands += (
+                        b'\n{"id":3,"subscribe":{"channel":"%s"}}' % DURABLE_CHANNEL.encode()
+                    )
+                self.send(commands % (self.token, CHANNEL.encode()))
         frames, pos = split_frames(data)
         for opcode, payload in frames:
             if opcode == 1 or opcode == 2:
@@ -634,7 +639,11 @@ class Client(asyncio.Protocol):
                 if DEBUG:
                     print("subscribe failed:", payload[:300], file=sys.stderr)
                 self.fail()
-            elif b'{"id":3,"subscribe"' in payload:
+            elif (
+                b'{"id":3,"subscribe"' in payload
+                if self.worker.shared.durable.value
+                else b'{"id":2,"subscribe"' in payload
+            ):
                 self.subscribed()
         elif self.kind == "socketio":
             if payload.startswith(b"0{"):
@@ -1086,6 +1095,8 @@ class Run:
         self.ctx = multiprocessing.get_context("fork")
         self.workers = args.workers
         self.shared = Shared(self.ctx, self.workers)
+        # Without the durable channel, each client is in one channel only.
+        self.shared.durable.value = 0 if getattr(args, "no_durable", False) else 1
         self.server: subprocess.Popen[bytes] | None = None
         self.procs: list[Any] = []
         self.publisher: Any = None

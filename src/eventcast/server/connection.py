@@ -157,20 +157,6 @@ class Connection:
                 self._scheduled = True
                 self._wake.set()
 
-    def push(self, payload: bytes, frame: bytes) -> None:
-        """Write ``frame`` (``payload`` framed, shared with other connections) now.
-
-        Anything already queued goes first: then ``payload`` is queued behind
-        it instead, so the order of messages never changes.
-        """
-        transport = self._transport
-        if self._pending or self.closed or transport is None:
-            self.enqueue(payload)
-            return
-        self.messages_out += 1
-        self.bytes_out += len(payload)
-        self._write_frame(transport, frame)
-
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
         out = self.session.data_to_send()
@@ -221,11 +207,6 @@ class Connection:
                 self._scheduled = False
                 return
             frame = self._frame(data)
-        self._write_frame(transport, frame)
-
-    def _write_frame(self, transport: asyncio.WriteTransport, frame: bytes) -> None:
-        """Write a frame to the socket, unless it is closing (then abort) or the
-        frame would take its buffer past the queue limit (then close as slow)."""
         if transport.is_closing():
             self._abort()
             return

@@ -72,7 +72,7 @@ from ..protocol.sse import Cursor, sse_body, subscribed_event
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern, validate_pattern, validate_topic
 from .auth import TokenVerifier
-from .connection import Connection, frame_text
+from .connection import Connection
 from .limits import TokenBucket, origin_allowed
 from .presence import MemoryPresence, Presence, open_presence
 
@@ -159,11 +159,6 @@ class HubChannel:
         self.task.add_done_callback(self._done)
         self.publications = 0
         self.last_offset = 0
-        # The members the dispatcher writes to straight away (WebSocket, fast
-        # path, released, in this channel only), and the rest; rebuilt after
-        # any change of membership (None: stale).
-        self._direct: list[Connection] | None = None
-        self._others: list[tuple[Connection, Membership]] = []
 
     def _encode_batch(self, events: list[Event]) -> bytes | None:
         frames: list[bytes] = []
@@ -193,11 +188,8 @@ class HubChannel:
             if offset:
                 self.last_offset = offset
             payload = self._encode_batch(events)
-            direct = self._direct
-            if direct is None:
-                direct = self._split()
             sse_cache: dict[Any, Any] | None = None
-            for conn, membership in self._others:
+            for conn, membership in list(self.members.items()):
                 held = membership.held
                 if held is not None:
                     held.extend(events)
@@ -207,32 +199,6 @@ class HubChannel:
                     self.hub._deliver_sse(conn, events, sse_cache)
                 elif payload is not None:
                     conn.enqueue(payload)
-            if payload is not None and direct:
-                # Framed once; each socket gets the same bytes in one write.
-                frame = frame_text(payload)
-                for conn in direct:
-                    conn.push(payload, frame)
-
-    def _split(self) -> list[Connection]:
-        """Sort the members into those written straight away and the rest."""
-        direct: list[Connection] = []
-        others: list[tuple[Connection, Membership]] = []
-        for conn, membership in self.members.items():
-            if (
-                membership.held is None
-                and not conn.sse
-                and conn.fast_path
-                and len(conn.channels) == 1
-            ):
-                direct.append(conn)
-            else:
-                others.append((conn, membership))
-        self._direct, self._others = direct, others
-        return direct
-
-    def changed(self) -> None:
-        """Note a change of membership: the dispatcher sorts the members again."""
-        self._direct = None
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -432,17 +398,7 @@ class Hub:
             channel = self.channels[name] = HubChannel(self, name)
         channel.members[conn] = membership
         conn.channels[name] = membership
-        self._changed(conn)
         return channel
-
-    def _changed(self, conn: Connection) -> None:
-        # A connection in several channels is queued, not written straight
-        # away, so its pushes of one loop turn share one write: every channel
-        # it is in sorts its members again.
-        for name in conn.channels:
-            channel = self.channels.get(name)
-            if channel is not None:
-                channel.changed()
 
     def _leave(self, conn: Connection, name: str) -> None:
         membership = conn.channels.pop(name, None)
@@ -452,8 +408,6 @@ class Hub:
         if channel is None:
             return
         channel.members.pop(conn, None)
-        channel.changed()
-        self._changed(conn)
         if membership is not None and membership.presence:
             self._spawn(self.presence.remove(name, conn.id), "eventcast-presence-remove")
             ns = self.settings.namespace(name)
@@ -804,8 +758,6 @@ class Hub:
         membership.held = None
         last_offset = membership.release_after
         channel = self.channels.get(membership.channel)
-        if channel is not None:
-            channel.changed()
         if channel is None or not held:
             return
         fresh = [e for e in held if last_offset is None or (e.offset or 0) > last_offset]

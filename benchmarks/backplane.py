@@ -836,7 +836,7 @@ def intake_breakdown(n: int = 50_000) -> dict[str, float]:
         await bus.start()
         try:
             sub = bus.subscribe(TOPIC, maxsize=n + 1)
-            handler = bus._on_backplane_messages  # what the backplane's reader calls
+            handler = bus.backplane.on_messages  # what the backplane's reader calls
             best = float("inf")
             for _ in range(3):
                 gc.collect()

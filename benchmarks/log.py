@@ -48,8 +48,7 @@ from typing import Any
 import uvloop
 
 from _common import header, machine, rate, thread_cpu, threads_named
-from eventcast import Bus, Event
-from eventcast.bus import Namespace
+from eventcast import Bus, Event, Namespace
 from eventcast.log.base import EventLog, Retention
 from eventcast.log.sqlite import SQLiteLog
 

@@ -216,20 +216,20 @@ async def test_topic_table_is_emptied_when_the_last_subscriber_leaves() -> None:
         c = bus.subscribe(["orders", "orders.>"], id="c")
         h = bus.on("system.*", lambda e: None, id="h")
         assert bus.topics() == ["orders", "orders.>", "system.*"]
-        assert len(bus._rings) == 3
+        assert len(bus._router.rings) == 3
         await bus.publish("orders", 1)
 
         await bus.unsubscribe("a")
         assert bus.topics() == ["orders", "orders.>", "system.*"]
         await bus.unsubscribe("b")
         assert bus.topics() == ["orders", "orders.>", "system.*"]
-        assert ("orders",) not in bus._rings
+        assert ("orders",) not in bus._router.rings
         c.close()
         assert bus.topics() == ["system.*"]
         await bus.unsubscribe(h.id)
         assert bus.topics() == []
-        assert bus._rings == {}
-        assert len(bus._matcher) == 0
+        assert bus._router.rings == {}
+        assert len(bus._router) == 0
         assert bus.statistics()["rings"] == 0
         assert bus.statistics()["subscribers"] == 0
         # Nobody listens now: publishing routes to nothing.
@@ -863,7 +863,7 @@ async def test_a_failing_handler_is_retried_then_dead_lettered() -> None:
 
 
 async def test_handler_backoff_grows_and_is_capped() -> None:
-    from eventcast.bus import backoff_delay
+    from eventcast.handlers import backoff_delay
 
     for attempt in range(8):
         delay = backoff_delay(attempt, 0.1, 1.0)
@@ -1110,7 +1110,7 @@ async def test_close_is_idempotent_ends_iterators_and_leaves_no_task() -> None:
     assert all(s.closed for s in subs)
     assert bus.subscribers() == []
     assert bus.topics() == []
-    assert bus._tasks == set()
+    assert bus._tasks.tasks == set()
     assert asyncio.all_tasks() == before
     assert "closed" in repr(bus)
 
@@ -1150,7 +1150,7 @@ async def test_bad_maxsize_raises_configuration_error(maxsize: Any) -> None:
         with pytest.raises(ConfigurationError, match="maxsize"):
             bus.on("t", lambda e: None, maxsize=maxsize if maxsize is not None else -5)
         assert bus.topics() == []
-        assert bus._rings == {}
+        assert bus._router.rings == {}
         assert bus.subscribers() == []
 
 

@@ -29,13 +29,14 @@ from eventcast import (
     ConfigurationError,
     EncodeError,
     Event,
+    History,
     LogError,
+    Namespace,
     Position,
     PositionError,
     Subscription,
     SubscriptionClosedError,
 )
-from eventcast.bus import History, Namespace
 from eventcast.exceptions import UnrecoverablePositionError
 from eventcast.log import EventLog, MemoryLog, open_log
 from tests.conftest import RUN_ID

@@ -266,7 +266,9 @@ class BusMachine(RuleBasedStateMachine):
     def topic_table_matches(self) -> None:
         expected = sorted({f for m in self.model.values() for f in m.filters})
         assert self.bus.topics() == expected
-        assert len(self.bus._rings) == len({tuple(sorted(m.filters)) for m in self.model.values()})
+        assert len(self.bus._router.rings) == len(
+            {tuple(sorted(m.filters)) for m in self.model.values()}
+        )
 
 
 BusMachine.TestCase.settings = settings(

@@ -172,8 +172,8 @@ async def test_close_while_an_acked_publish_waits_raises_in_the_publisher() -> N
     await bus.close()
     with pytest.raises(BusClosedError, match="acknowledged"):
         await asyncio.wait_for(publisher, SAFETY)
-    assert bus._acks == {}
-    assert bus._tasks == set()
+    assert bus._handlers.acks == {}
+    assert bus._tasks.tasks == set()
 
 
 async def test_cancelling_an_acked_publish_cleans_up() -> None:
@@ -191,7 +191,7 @@ async def test_cancelling_an_acked_publish_cleans_up() -> None:
         publisher = asyncio.create_task(bus.publish("t", 1, ack=True, timeout=SAFETY))
         await asyncio.wait_for(started.wait(), SAFETY)
         await cancel(publisher)
-        assert bus._acks == {}
+        assert bus._handlers.acks == {}
         release.set()
         await until(lambda: h.processed == 1)
         # The handler carries on with later events.
@@ -233,6 +233,6 @@ async def test_close_cancelled_midway_still_leaves_the_bus_closed() -> None:
         bus.subscribe("t")
     await bus.close()  # idempotent, returns at once
     release.set()
-    await asyncio.wait_for(asyncio.gather(*bus._tasks, return_exceptions=True), SAFETY)
-    await until(lambda: not bus._tasks)
+    await asyncio.wait_for(asyncio.gather(*bus._tasks.tasks, return_exceptions=True), SAFETY)
+    await until(lambda: not bus._tasks.tasks)
     assert asyncio.all_tasks() == before

@@ -27,8 +27,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from eventcast import EARLIEST, Bus, Event, Position, Subscription
-from eventcast.bus import Namespace
+from eventcast import EARLIEST, Bus, Event, Namespace, Position, Subscription
 from tests.conftest import RUN_ID
 
 SAFETY = 30.0  # a safety net only: every wait ends on an event long before

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .bus import Bus as Bus, Handler as Handler
+from .bus import Bus as Bus
 from .deadletters import DeadLetter as DeadLetter, DeadLetters as DeadLetters
-from .events import EARLIEST as EARLIEST, Event as Event, Position as Position
+from .events import (
+    EARLIEST as EARLIEST,
+    Event as Event,
+    History as History,
+    Position as Position,
+)
 from .exceptions import (
     AckTimeoutError as AckTimeoutError,
     BusClosedError as BusClosedError,
@@ -25,6 +30,8 @@ from .exceptions import (
     SubscriberNotFoundError as SubscriberNotFoundError,
     SubscriptionClosedError as SubscriptionClosedError,
 )
+from .handlers import Handler as Handler
+from .namespaces import Namespace as Namespace
 from .subscription import (
     Overflow as Overflow,
     Subscription as Subscription,
@@ -49,8 +56,10 @@ __all__ = [
     "Event",
     "EventcastError",
     "Handler",
+    "History",
     "InvalidTopicError",
     "LogError",
+    "Namespace",
     "Overflow",
     "Position",
     "PositionError",

@@ -9,19 +9,27 @@ redriven back to the subscribers.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
 
 from .events import Event
+from .exceptions import EncodeError, LogError
 
 if TYPE_CHECKING:
-    from .bus import Bus
+    from .log.base import EventLog
 
 __all__ = ["DEFAULT_DEAD_LETTERS", "DeadLetter", "DeadLetters"]
+
+logger = logging.getLogger("eventcast.bus")
 
 #: Default bound of the dead letter store, in records. When full, the oldest
 #: record is evicted and counted in :attr:`DeadLetters.evicted`.
@@ -52,14 +60,48 @@ class DeadLetter:
     time: float = field(default_factory=time.time)
     id: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        """The record as the HTTP API, the dashboard and the CLI show it.
+
+        ``data`` is the event's JSON data, or its ``repr`` when it has no JSON
+        form (in-process data).
+        """
+        event = self.event
+        try:
+            data: Any = msgspec.Raw(event.encoded_data())
+        except EncodeError:
+            data = repr(event.data)
+        return {
+            "id": self.id,
+            "topic": event.topic,
+            "offset": event.offset,
+            "subscriber": self.subscriber,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "error": self.error,
+            "time": self.time,
+            "data": data,
+        }
+
+
+Redeliver = Callable[[DeadLetter], bool]
+
 
 class DeadLetters:
-    """A bounded, inspectable, redrivable store of :class:`DeadLetter` records."""
+    """A bounded, inspectable, redrivable store of :class:`DeadLetter` records.
 
-    def __init__(self, bus: Bus, *, maxsize: int = DEFAULT_DEAD_LETTERS) -> None:
+    Args:
+        redeliver: gives a record's event back to its subscriber; returns
+            ``False`` when the subscriber is gone (the bus provides it).
+        maxsize: bound of the store, in records.
+    """
+
+    def __init__(
+        self, redeliver: Redeliver | None = None, *, maxsize: int = DEFAULT_DEAD_LETTERS
+    ) -> None:
         if maxsize < 1:
             raise ValueError("the dead letter store needs a positive maxsize")
-        self._bus = bus
+        self._redeliver = redeliver
         self._items: deque[DeadLetter] = deque(maxlen=maxsize)
         self._next_id = 1
         #: How many records were evicted because the store was full.
@@ -172,9 +214,10 @@ class DeadLetters:
             for letter in self.list(subscriber=subscriber, reason=reason)
             if ids is None or letter.id in ids
         ]
+        redeliver = self._redeliver
         delivered: builtins.list[DeadLetter] = []
         for letter in chosen:
-            if self._bus._redeliver(letter):
+            if redeliver is not None and redeliver(letter):
                 delivered.append(letter)
         if delivered:
             self.remove(delivered)
@@ -188,3 +231,97 @@ class DeadLetters:
 
     def __repr__(self) -> str:
         return f"<DeadLetters {len(self)}/{self.maxsize} evicted={self.evicted}>"
+
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+class LetterArchive:
+    """Keeps a :class:`DeadLetters` store in the log, so records survive a restart.
+
+    New records and removals are written by one task, in order (a record
+    removed right after it was added is never stored again after its
+    deletion); :meth:`aclose` gives what is in flight a bounded chance to be
+    stored.
+
+    Args:
+        letters: the store to keep.
+        log: the log that stores the records.
+        spawn: runs a supervised background task.
+    """
+
+    #: How long :meth:`aclose` waits for records in flight, in seconds.
+    CLOSE_TIMEOUT: Final = 5.0
+
+    def __init__(self, letters: DeadLetters, log: EventLog, spawn: Spawn) -> None:
+        self._letters = letters
+        self._log = log
+        self._spawn = spawn
+        self._pending: deque[DeadLetter] = deque(maxlen=letters.maxsize)
+        self._removed: set[int] = set()
+        self._flush: asyncio.Task[Any] | None = None
+        self._open = False
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The flush in progress, if any."""
+        return self._flush
+
+    async def open(self) -> None:
+        """Load the stored records into the store, then keep the log up to date."""
+        try:
+            for letter in await self._log.load_dead_letters(self._letters.maxsize):
+                self._letters._restore(letter)
+        except LogError:
+            logger.exception("could not load the stored dead letters")
+        self._letters.listeners.append(self._saved)
+        self._letters.removal_listeners.append(self._removed_ids)
+        self._open = True
+
+    def _saved(self, letter: DeadLetter) -> None:
+        self._pending.append(letter)
+        self._start()
+
+    def _removed_ids(self, ids: set[int]) -> None:
+        self._removed.update(ids)
+        self._start()
+
+    def _start(self) -> None:
+        if not self._open or (self._flush is not None and not self._flush.done()):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flush = self._spawn(self._write(), "eventcast-dead-letters")
+
+    async def _write(self) -> None:
+        log = self._log
+        while self._pending or self._removed:
+            removed, self._removed = self._removed, set()
+            batch = [letter for letter in self._pending if letter.id not in removed]
+            self._pending.clear()
+            try:
+                if batch:
+                    await log.save_dead_letters(batch)
+            except LogError as exc:
+                logger.warning("could not store %d dead letters: %s", len(batch), exc)
+            try:
+                if removed:
+                    await log.delete_dead_letters(sorted(removed))
+            except LogError as exc:
+                logger.warning("could not delete %d stored dead letters: %s", len(removed), exc)
+
+    async def aclose(self) -> None:
+        """Stop writing, after a bounded wait for the records in flight. Idempotent."""
+        self._open = False
+        flush = self._flush
+        if flush is None or flush.done():
+            return
+        try:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(self.CLOSE_TIMEOUT):
+                    await asyncio.shield(flush)
+        finally:
+            if not flush.done():
+                flush.cancel()

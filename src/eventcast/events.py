@@ -19,7 +19,7 @@ import msgspec
 
 from .exceptions import EncodeError, PositionError
 
-__all__ = ["EARLIEST", "Event", "Position", "encode_data", "new_event_id"]
+__all__ = ["EARLIEST", "Event", "History", "Position", "encode_data", "new_event_id"]
 
 _EMPTY_TAGS: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -187,3 +187,16 @@ class Position:
 
 #: Pass as ``since=`` to replay everything a durable topic still keeps.
 EARLIEST: Final = "earliest"
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of a durable topic's history.
+
+    Attributes:
+        events: the events, in the order asked for.
+        position: the topic's latest position (its top offset and epoch).
+    """
+
+    events: list[Event]
+    position: Position

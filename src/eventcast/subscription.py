@@ -29,10 +29,10 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .events import Event
 from .exceptions import (
@@ -43,7 +43,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    from .bus import Bus
+    from .replay import Handoff
 
 __all__ = [
     "DEFAULT_MAXSIZE",
@@ -79,6 +79,22 @@ class Overflow(enum.Enum):
     BLOCK = "block"
     #: Close the subscription with :class:`SlowConsumerError`.
     DISCONNECT = "disconnect"
+
+
+class SubscriptionHost(Protocol):
+    """What a subscription tells the bus that created it (its subscriber registry)."""
+
+    def dead_letter(self, sub: Subscription, events: Iterable[Event], reason: str) -> int:
+        """Record events ``sub`` lost as dead letters; return how many."""
+        ...
+
+    def drop_episode(self, sub: Subscription, reason: str) -> None:
+        """``sub`` started dropping events (once per episode)."""
+        ...
+
+    def release(self, sub: Subscription) -> None:
+        """``sub`` closed: forget it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +220,15 @@ class Subscription:
 
     __slots__ = (
         "__weakref__",
-        "_bus",
         "_cursor",
         "_delivered",
         "_dropped",
         "_dropping",
         "_error",
         "_extra_waiters",
-        "_floor",
+        "_handoff",
         "_heap_entry",
+        "_host",
         "_in_waiters",
         "_private",
         "_recovering",
@@ -232,7 +248,7 @@ class Subscription:
 
     def __init__(
         self,
-        bus: Bus,
+        host: SubscriptionHost,
         ring: _Ring,
         *,
         id: str,
@@ -247,7 +263,7 @@ class Subscription:
             raise ConfigurationError(f"overflow must be an Overflow member, not {policy!r}")
         if block_timeout < 0:
             raise ConfigurationError("block_timeout must be >= 0")
-        self._bus = bus
+        self._host = host
         self._ring = ring
         #: The subscriber's id, unique on its bus.
         self.id = id
@@ -269,7 +285,7 @@ class Subscription:
         self._dropping = False
         self._error: EventcastError | None = None
         self._recovering = False
-        self._floor: tuple[int, str] | None = None
+        self._handoff: Handoff | None = None
         #: After a resume with ``since=``: ``True`` if every missed event was
         #: replayed, ``False`` if not (nothing partial is replayed, and the
         #: subscription continues live). ``None`` when no resume was asked or
@@ -521,15 +537,11 @@ class Subscription:
             self._record_drops((event,), reason)
 
     def _record_drops(self, events: Iterable[Event], reason: str) -> None:
-        count = 0
-        bus = self._bus
-        for event in events:
-            bus.dead_letters.add(event, self.id, reason)
-            count += 1
+        host = self._host
+        count = host.dead_letter(self, events, reason)
         if not count:
             return
         self._dropped += count
-        bus._count_drops(count)
         if not self._dropping:
             self._dropping = True
             logger.warning(
@@ -539,7 +551,7 @@ class Subscription:
                 reason,
                 self.maxsize,
             )
-            bus._report_drop(self, reason)
+            host.drop_episode(self, reason)
 
     def _go_private(self, keep_end: int) -> None:
         ring = self._ring
@@ -551,7 +563,7 @@ class Subscription:
         ring.privates.add(self)
 
     def _rejoin_ring(self) -> None:
-        if self._floor is not None:
+        if self._handoff is not None:
             return  # stay private (even empty) until the live stream passes the replay
         ring = self._ring
         ring.privates.discard(self)
@@ -626,42 +638,37 @@ class Subscription:
         self._recovery = asyncio.get_running_loop().create_future()
 
     def _push_live(self, event: Event) -> None:
-        """Deliver one live event in private mode, skipping what a resume already replayed."""
-        floor = self._floor
-        if floor is not None:
-            if event.epoch == floor[1] and event.offset is not None and event.offset <= floor[0]:
-                return  # replayed already: the log was ahead of this node's live stream
-            self._floor = None
+        """Deliver one live event in private mode, under the handoff rule of a resume."""
+        handoff = self._handoff
+        if handoff is not None:
+            if not handoff.admits(event):
+                return  # given already by the replay (see eventcast.replay)
+            self._handoff = None
         self._push(event)
 
     def _finish_recovery(
-        self, replay: list[Event] | None, last_offset: int | None, epoch: str | None = None
+        self, replay: list[Event], recovered: bool, handoff: Handoff | None
     ) -> None:
         """Hand over from the replay to live delivery with no gap and no duplicate.
 
-        ``replay`` is ``None`` when the gap could not be replayed in full: then
-        nothing is replayed and the live events held aside are delivered.
-        Live events already covered by the replay (offset <= ``last_offset``)
-        are dropped as duplicates, those held aside now and, until a live
-        event past it arrives, those still to come (the log can be ahead of
-        this node's live stream: another writer, a lagging backplane).
+        ``replay`` is given first (empty when nothing was missed or the gap
+        could not be replayed); the live events held aside meanwhile follow,
+        under ``handoff``, which also applies to live events still to come
+        until one past its floor arrives (the log can be ahead of this node's
+        live stream). See :mod:`eventcast.replay`.
         """
         if self._cursor == _CLOSED:
             return
         private = self._private
         assert private is not None
-        live = list(private)
-        if last_offset is not None:
-            live = [e for e in live if e.offset is None or e.offset > last_offset]
-            if epoch is None and replay:
-                epoch = replay[-1].epoch
-            if not live and epoch is not None:
-                self._floor = (last_offset, epoch)
+        live = list(private) if handoff is None else handoff.filter(private)
         private.clear()
-        private.extend(replay or ())
+        private.extend(replay)
         private.extend(live)
+        if handoff is not None and not handoff.passed:
+            self._handoff = handoff
         self._recovering = False
-        self.recovered = replay is not None
+        self.recovered = recovered
         if self._recovery is not None and not self._recovery.done():
             self._recovery.set_result(self.recovered)
         if not private:
@@ -717,7 +724,7 @@ class Subscription:
         if self._recovery is not None and not self._recovery.done():
             self._recovery.set_result(False)
         self._ring.discard(self)
-        self._bus._forget(self)
+        self._host.release(self)
         self._wake()
         self._notify_space()
 
@@ -744,6 +751,3 @@ class Subscription:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"buffered={self.buffered}"
         return f"<Subscription id={self.id!r} topics={list(self.topics)} {state}>"
-
-
-OnDrop = Callable[[Subscription, str], None]

@@ -26,9 +26,8 @@ from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from .bus import History
 from .client import Client, ClientPresence, PresenceStats, Subscription
-from .events import Event, Position
+from .events import Event, History, Position
 from .exceptions import ClientClosedError
 
 __all__ = ["SyncClient", "SyncSubscription", "connect"]

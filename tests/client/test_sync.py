@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import eventcast.sync
-from eventcast import Event, Position
-from eventcast.bus import History
+from eventcast import Event, History, Position
 from eventcast.exceptions import ClientClosedError, HandshakeError, ReplyError
 from tests.server.hubtools import WAIT, HubServer, free_port, token
 

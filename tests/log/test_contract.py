@@ -347,7 +347,7 @@ async def test_group_commit_failure_fails_the_whole_batch_only(
 
 
 async def test_retention_by_count(log: EventLog) -> None:
-    log.retention = lambda topic: Retention(size=3)
+    log.set_retention(lambda topic: Retention(size=3))
     for i in range(1, 6):
         await log.append([ev("a", i)])
     await log.append([ev("b", i) for i in range(1, 8)])
@@ -365,7 +365,7 @@ async def test_retention_by_count(log: EventLog) -> None:
 
 
 async def test_retention_by_age(log: EventLog) -> None:
-    log.retention = lambda topic: Retention(size=100, ttl=60)
+    log.set_retention(lambda topic: Retention(size=100, ttl=60))
     old = time.time() - 3600
     await log.append([ev("a", 1, time=old), ev("a", 2, time=old + 1)])
     await log.append([ev("a", 3), ev("a", 4), ev("a", 5)])
@@ -568,7 +568,7 @@ async def test_reopened_store_keeps_epoch_and_offsets(backend: Backend) -> None:
 
 
 async def test_concurrent_appenders(log: EventLog) -> None:
-    log.retention = lambda topic: Retention(size=10_000)
+    log.set_retention(lambda topic: Retention(size=10_000))
 
     async def appender(task: int) -> list[Event]:
         out: list[Event] = []

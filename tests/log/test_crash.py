@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(
             from eventcast.log.postgres import PostgresLog
             log = PostgresLog(target)
         await log.open()
-        log.retention = lambda topic: Retention(size=10**9)
+        log.set_retention(lambda topic: Retention(size=10**9))
         i = 0
         while True:
             [event] = await log.append(
@@ -91,7 +91,7 @@ async def _crash_child(kind: str, target: str) -> list[tuple[int, int, str]]:
 
 
 async def _check_after_crash(log: EventLog, acks: list[tuple[int, int, str]]) -> None:
-    log.retention = lambda topic: Retention(size=10**9)
+    log.set_retention(lambda topic: Retention(size=10**9))
     stored: list[Event] = []
     after = 0
     while page := await log.read("crash", after=after, limit=250):

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
     async def main(url, name, tasks, rounds):
         log = PostgresLog(url)
         await log.open()
-        log.retention = lambda topic: Retention(size=10**9)
+        log.set_retention(lambda topic: Retention(size=10**9))
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         acked = []
@@ -127,7 +127,7 @@ async def test_two_processes_append_to_one_topic_without_gaps(schema_url: str) -
     log = PostgresLog(schema_url)
     await log.open()
     try:
-        log.retention = lambda topic: Retention(size=10**9)
+        log.set_retention(lambda topic: Retention(size=10**9))
         stored: list[Event] = []
         after = 0
         while page := await log.read("shared", after=after, limit=500):

@@ -22,11 +22,11 @@ async def test_a_failing_retention_callback_fails_the_append_not_the_writer(
         def broken(topic: str) -> Retention:
             raise RuntimeError("boom")
 
-        log.retention = broken
+        log.set_retention(broken)
         async with asyncio.timeout(30):  # a guard: this used to hang forever
             with pytest.raises(LogError, match="boom"):
                 await log.append([Event(topic="a", data=1)])
-        log.retention = lambda topic: Retention(size=10)
+        log.set_retention(lambda topic: Retention(size=10))
         # Nothing was committed, and the writer still serves.
         [event] = await log.append([Event(topic="a", data=2)])
         assert event.offset == 1

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from eventcast import Bus
-from eventcast.bus import Namespace
+from eventcast import Bus, Namespace
 from eventcast.exceptions import BackplaneError, ConfigurationError, LogError
 from eventcast.log.postgres import PostgresLog
 from tests.server.hubtools import WAIT, free_port

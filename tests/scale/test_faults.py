@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from eventcast import Bus
-from eventcast.bus import Namespace
+from eventcast import Bus, Namespace
 from tests.server.opstools import Clients
 
 from .conftest import PrivateNats, PrivateRedis, unique, until

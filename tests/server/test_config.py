@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from eventcast.bus import Namespace
+from eventcast import Namespace
 from eventcast.exceptions import ConfigurationError
 from eventcast.server.config import NamespaceConfig, Settings, parse_duration
 

@@ -33,6 +33,7 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "new_node_id",
+    "own_prefix",
 ]
 
 #: Envelope kinds.
@@ -91,6 +92,14 @@ def encode_envelope(node: str, event: Event, *, kind: int = KIND_EVENT) -> bytes
             binary=isinstance(event.data, bytes),
         )
     )
+
+
+def own_prefix(node: str) -> bytes:
+    """The bytes every envelope encoded by ``node`` starts with.
+
+    A node skips its own messages by this prefix, before decoding anything.
+    """
+    return _encode([node])[:-1]  # the array's opening and first element: b'["<node>"'
 
 
 def decode_envelope(payload: bytes) -> tuple[Envelope, Event]:

@@ -39,8 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect as ws_connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from .. import __version__
-from ..bus import History
-from ..events import EARLIEST, Event, Position, encode_data
+from ..events import EARLIEST, Event, History, Position, encode_data
 from ..exceptions import (
     ClientClosedError,
     ConfigurationError,

@@ -310,8 +310,6 @@ class EventLog(ABC):
     Every method raises only :class:`LogError` for a failure of the store.
     """
 
-    #: Called with a topic to learn its retention; set by the bus.
-    retention: Callable[[str], Retention]
     #: How long an idempotency key is remembered, in seconds.
     dedup_window: float
 
@@ -319,7 +317,21 @@ class EventLog(ABC):
         if dedup_window <= 0:
             raise ValueError("dedup_window must be positive")
         self.dedup_window = dedup_window
-        self.retention = lambda topic: DEFAULT_RETENTION
+        self._retention: Callable[[str], Retention] = lambda topic: DEFAULT_RETENTION
+
+    # -- retention --------------------------------------------------------------
+
+    def set_retention(self, policy: Callable[[str], Retention]) -> None:
+        """Say what each topic keeps: ``policy(topic)`` returns its :class:`Retention`.
+
+        The bus calls this with its namespaces' limits before it opens the log;
+        until then every topic keeps :data:`DEFAULT_RETENTION`.
+        """
+        self._retention = policy
+
+    def retention(self, topic: str) -> Retention:
+        """Return what ``topic`` keeps (size and age limits)."""
+        return self._retention(topic)
 
     # -- lifecycle --------------------------------------------------------------
 

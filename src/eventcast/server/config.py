@@ -57,8 +57,8 @@ from pydantic_settings import (
 )
 
 from .._urls import redact_password
-from ..bus import Namespace
 from ..exceptions import ConfigurationError
+from ..namespaces import Namespace
 from ..topics import namespace_of
 
 __all__ = ["NamespaceConfig", "Settings", "parse_duration"]

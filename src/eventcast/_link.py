@@ -1,0 +1,201 @@
+"""The backplane link: this bus's publications out to other nodes, theirs in.
+
+Outgoing publications wait in a bounded outbox and go out in batches from one
+supervised task; a durable publication whose send failed is kept for the
+reconnect (other nodes also catch up from the log). Incoming batches are
+decoded once per publication and handed to the bus; control messages (join,
+leave) go to the control listeners. A second task keeps the backplane
+subscribed to exactly the filters that have local subscribers. The wire format
+belongs to :mod:`eventcast.backplane.base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final
+
+from .backplane.base import (
+    KIND_CONTROL,
+    Backplane,
+    decode_envelope,
+    encode_envelope,
+    own_prefix,
+)
+from .events import Event
+from .exceptions import BackplaneError, EncodeError
+
+__all__ = ["DEFAULT_OUTBOX", "BackplaneLink"]
+
+logger = logging.getLogger("eventcast.bus")
+
+#: Default bound of the queue of publications waiting for the backplane.
+DEFAULT_OUTBOX: Final = 100_000
+#: Most publications sent to the backplane in one call.
+_BATCH: Final = 1000
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], object]
+ControlListener = Callable[[str, str, bytes], None]
+
+
+class BackplaneLink:
+    """Connects a bus to a backplane.
+
+    Args:
+        backplane: the engine shared with other nodes.
+        outbox: bound of the outgoing queue, in publications (the oldest is
+            dropped and counted when full).
+        spawn: runs a supervised background task.
+        wanted: returns the filters with local subscribers.
+        on_event: called with each publication from another node.
+        on_up: called after the backplane (re)connected and what failed was queued again.
+    """
+
+    def __init__(
+        self,
+        backplane: Backplane,
+        *,
+        outbox: int,
+        spawn: Spawn,
+        wanted: Callable[[], set[str]],
+        on_event: Callable[[Event], None],
+        on_up: Callable[[], None],
+    ) -> None:
+        self.backplane = backplane
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()
+        self._outbox_size = outbox
+        self._retry: deque[tuple[str, bytes, bool]] = deque(maxlen=outbox)
+        self._spawn = spawn
+        self._wanted = wanted
+        self._on_event = on_event
+        self._on_up = on_up
+        self._outbox_wake: asyncio.Event | None = None
+        self._interest_wake: asyncio.Event | None = None
+        self._own = own_prefix(backplane.node_id)
+        self.open = False
+        #: Called with ``(kind, topic, payload)`` for control messages from other nodes.
+        self.control_listeners: list[ControlListener] = []
+        #: Counters: outgoing publications dropped, incoming ones undecodable.
+        self.stats = {"outbox_dropped": 0, "undecodable": 0}
+
+    async def start(self) -> None:
+        """Connect and start the sender and the interest tasks.
+
+        Raises:
+            BackplaneError: the engine cannot be reached.
+        """
+        backplane = self.backplane
+        backplane.on_messages = self._receive
+        backplane.on_state = self._state_changed
+        await backplane.open()
+        self.open = True
+        self._outbox_wake = asyncio.Event()
+        self._interest_wake = asyncio.Event()
+        self._interest_wake.set()
+        self._spawn(self._send_outbox(), "eventcast-outbox")
+        self._spawn(self._sync_interest(), "eventcast-interest")
+
+    async def aclose(self) -> None:
+        """Stop receiving and close the backplane. Idempotent."""
+        self.open = False
+        await self.backplane.close()
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def forward(self, event: Event) -> None:
+        """Queue a local publication for the other nodes."""
+        try:
+            payload = encode_envelope(self.backplane.node_id, event)
+        except EncodeError:
+            return  # in-process only data: other nodes cannot receive it
+        self._queue(event.topic, payload, event.offset is not None)
+
+    def send_control(self, kind: str, topic: str, payload: bytes) -> None:
+        """Send a control message (join, leave…) to the other nodes (best effort)."""
+        event = Event(topic=topic, data=payload, tags={"kind": kind})
+        self._queue(topic, encode_envelope(self.backplane.node_id, event, kind=KIND_CONTROL), False)
+
+    def _queue(self, topic: str, payload: bytes, durable: bool) -> None:
+        if len(self._outbox) >= self._outbox_size:
+            self._outbox.popleft()
+            self.stats["outbox_dropped"] += 1
+        self._outbox.append((topic, payload, durable))
+        wake = self._outbox_wake
+        if wake is not None:
+            wake.set()
+
+    async def _send_outbox(self) -> None:
+        wake = self._outbox_wake
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(_BATCH, len(self._outbox)))]
+                try:
+                    await self.backplane.publish([(topic, payload) for topic, payload, _ in batch])
+                except BackplaneError as exc:
+                    # Durable publications are kept and sent again after the
+                    # reconnect (other nodes also catch up from the log).
+                    kept = [item for item in batch if item[2]]
+                    self._retry.extend(kept)
+                    self.stats["outbox_dropped"] += len(batch) - len(kept)
+                    logger.debug("backplane publish failed: %s", exc)
+
+    # -- interest ------------------------------------------------------------------
+
+    def interest_changed(self) -> None:
+        """The filters with local subscribers changed: update the subscriptions."""
+        if self._interest_wake is not None:
+            self._interest_wake.set()
+
+    async def _sync_interest(self) -> None:
+        backplane = self.backplane
+        wake = self._interest_wake
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            wanted = self._wanted()
+            for topic_filter in sorted(wanted - backplane.filters):
+                await backplane.subscribe(topic_filter)
+            for topic_filter in sorted(backplane.filters - wanted):
+                await backplane.unsubscribe(topic_filter)
+
+    # -- incoming ------------------------------------------------------------------
+
+    def _receive(self, payloads: Sequence[bytes]) -> None:
+        """Hand a batch from the backplane to the bus (each decoded once)."""
+        if not self.open:
+            return
+        own = self._own
+        for payload in payloads:
+            if payload.startswith(own):
+                continue  # this node's own publication, already delivered here
+            try:
+                envelope, event = decode_envelope(payload)
+            except BackplaneError as exc:
+                self.stats["undecodable"] += 1
+                logger.warning("skipping a backplane message: %s", exc)
+                continue
+            if envelope.kind == KIND_CONTROL:
+                kind = event.tags.get("kind", "")
+                data = event.data if isinstance(event.data, bytes) else event.encoded_data()
+                for listener in list(self.control_listeners):
+                    try:
+                        listener(kind, event.topic, data)
+                    except Exception:
+                        logger.exception("a control listener failed")
+                continue
+            self._on_event(event)
+
+    def _state_changed(self, up: bool) -> None:
+        if not up or not self.open:
+            return
+        if self._retry:
+            for topic, payload, durable in self._retry:
+                self._queue(topic, payload, durable)
+            self._retry.clear()
+        self._on_up()

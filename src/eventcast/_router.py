@@ -1,0 +1,99 @@
+"""Routing: which rings an event goes to, and the one fan-out loop.
+
+Subscribers with the same filter set share one ring (see
+:mod:`eventcast.subscription`). The router keeps the rings by filter set,
+finds those matching a topic (exact names by dict, patterns by trie, each
+topic's answer cached until the next subscribe or unsubscribe changes the
+table), and appends an event to each of them. Every local delivery in the
+bus, whether from a publish, the sequencer or the backplane, goes through
+:meth:`Router.fan_out`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from .events import Event
+from .subscription import _Ring
+from .topics import TopicMatcher, validate_topic
+
+__all__ = ["Router"]
+
+#: Most topics whose routes are cached.
+_ROUTE_CACHE_SIZE: Final = 10_000
+
+
+class Router:
+    """The rings of a bus, by filter set, and the fan-out of events into them.
+
+    Args:
+        on_change: called whenever the set of filters with subscribers changes
+            (the backplane link then updates what it receives).
+    """
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self._matcher = TopicMatcher()
+        #: The rings, keyed by their sorted filter set.
+        self.rings: dict[tuple[str, ...], _Ring] = {}
+        self._routes: dict[str, tuple[_Ring, ...]] = {}
+        self.on_change = on_change
+
+    def ring(self, filters: tuple[str, ...]) -> _Ring:
+        """Return the ring for a sorted filter set: the registered one, or a new one.
+
+        A new ring receives nothing until :meth:`register` is called.
+        """
+        return self.rings.get(filters) or _Ring(filters)
+
+    def register(self, ring: _Ring) -> None:
+        """Start routing events to a new ring (idempotent)."""
+        if self.rings.get(ring.filters) is ring:
+            return
+        self.rings[ring.filters] = ring
+        for f in ring.filters:
+            self._matcher.add(f, ring)
+        self._changed()
+
+    def release(self, ring: _Ring) -> bool:
+        """Stop routing to ``ring`` if it has no members left; return whether it was removed."""
+        if ring.members or self.rings.get(ring.filters) is not ring:
+            return False
+        del self.rings[ring.filters]
+        for f in ring.filters:
+            self._matcher.remove(f, ring)
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self._routes.clear()
+        if self.on_change is not None:
+            self.on_change()
+
+    def route(self, topic: str) -> tuple[_Ring, ...]:
+        """Return the rings an event on ``topic`` goes to.
+
+        Raises:
+            InvalidTopicError: the topic name breaks the grammar.
+        """
+        rings = self._routes.get(topic)
+        if rings is None:
+            validate_topic(topic)
+            rings = tuple(self._matcher.match(topic))  # type: ignore[arg-type]
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[topic] = rings
+        return rings
+
+    def fan_out(self, event: Event, rings: tuple[_Ring, ...] | None = None) -> None:
+        """Append ``event`` once to each matching ring (or to ``rings``); never waits."""
+        for ring in self.route(event.topic) if rings is None else rings:
+            ring.append(event)
+
+    def filters(self) -> set[str]:
+        """The topic filters that have at least one subscriber."""
+        return {f for key in self.rings for f in key}
+
+    def __len__(self) -> int:
+        """The number of filters registered in the matcher."""
+        return len(self._matcher)

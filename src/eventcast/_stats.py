@@ -1,0 +1,58 @@
+"""Counters cheap enough for every publish: append latency and traffic per topic."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from .events import Event
+
+__all__ = ["LatencyHistogram", "TopicStats"]
+
+#: Most topics whose traffic is counted (the least recently created is forgotten).
+TOPIC_STATS_LIMIT: Final = 10_000
+
+
+class LatencyHistogram:
+    """A fixed-bucket latency histogram (seconds), cheap enough for every publish."""
+
+    BOUNDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        """Record one duration."""
+        self.total += seconds
+        self.count += 1
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, count in zip((*self.BOUNDS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class TopicStats(dict[str, list[Any]]):
+    """Traffic per topic since start: ``[events, last offset, last time]`` (bounded)."""
+
+    def count(self, event: Event) -> None:
+        """Count one event delivered on this node."""
+        stats = self.get(event.topic)
+        if stats is None:
+            if len(self) >= TOPIC_STATS_LIMIT:
+                self.pop(next(iter(self)))
+            stats = self[event.topic] = [0, None, 0.0]
+        stats[0] += 1
+        if event.offset is not None:
+            stats[1] = event.offset
+        stats[2] = event.time

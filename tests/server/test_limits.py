@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from eventcast.server import hub as hub_module
+from eventcast.server import commands as commands_module, hub as hub_module
 from eventcast.server.limits import TokenBucket, origin_allowed
 
 from .conftest import StartHub
@@ -30,7 +30,9 @@ OpenClient = Callable[..., Awaitable[RawClient]]
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Make the hub's token buckets (connection and command rates) run on a fake clock."""
     fake = FakeClock()
-    monkeypatch.setattr(hub_module, "TokenBucket", functools.partial(TokenBucket, clock=fake))
+    bucket = functools.partial(TokenBucket, clock=fake)
+    monkeypatch.setattr(hub_module, "TokenBucket", bucket)  # the connection rate
+    monkeypatch.setattr(commands_module, "TokenBucket", bucket)  # the command rates
     return fake
 
 

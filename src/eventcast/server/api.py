@@ -20,13 +20,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..exceptions import EncodeError, EventcastError, InvalidTopicError, LogError
+from ..exceptions import EncodeError, EventcastError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError, Disconnect
 from ..protocol.frames import HistoryResult
-from .hub import CommandError, Hub
+from .errors import CommandError
+from .hub import Hub
 
-__all__ = ["API_METHODS", "handle_api"]
+__all__ = ["API_METHODS", "count_api", "handle_api"]
 
 logger = logging.getLogger("eventcast.api")
 
@@ -39,12 +40,8 @@ _decode = msgspec.json.Decoder().decode
 Method = Callable[[Hub, dict[str, Any]], Awaitable[Any]]
 
 
-class APIError(Exception):
-    """An API call failed with a protocol error code."""
-
-    def __init__(self, error: ClientError) -> None:
-        super().__init__(error.message)
-        self.error = error
+def _bad(message: str) -> CommandError:
+    return CommandError(codes.ERROR_BAD_REQUEST.with_message(message))
 
 
 def _json(status: int, body: Any) -> Response:
@@ -55,10 +52,10 @@ def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
     value = params.get(name)
     if value is None or value == "":
         if required:
-            raise APIError(codes.ERROR_BAD_REQUEST.with_message(f"{name} required"))
+            raise _bad(f"{name} required")
         return ""
     if not isinstance(value, str):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message(f"{name} must be a string"))
+        raise _bad(f"{name} must be a string")
     return value
 
 
@@ -69,56 +66,41 @@ def _tags(params: dict[str, Any]) -> dict[str, str] | None:
     if not isinstance(tags, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
     ):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("tags must map strings to strings"))
+        raise _bad("tags must map strings to strings")
     return tags
 
 
 async def _publish_one(hub: Hub, channel: str, params: dict[str, Any]) -> dict[str, Any]:
     if "data" not in params:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("data required"))
+        raise _bad("data required")
     key = params.get("idempotency_key")
     if key is not None and not isinstance(key, str):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("idempotency_key must be a string"))
-    try:
-        event = await hub.bus.publish(
-            channel, params["data"], tags=_tags(params), idempotency_key=key or None
-        )
-    except InvalidTopicError as exc:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+        raise _bad("idempotency_key must be a string")
+    event = await hub.publish(
+        channel, params["data"], tags=_tags(params), idempotency_key=key or None
+    )
     result: dict[str, Any] = {}
     if event.offset:
         result = {"offset": event.offset, "epoch": event.epoch}
     return result
 
 
-def _check_channel(hub: Hub, channel: str) -> None:
-    try:
-        hub._check_channel(channel)
-    except CommandError as exc:
-        answer = exc.answer
-        assert isinstance(answer, ClientError)
-        raise APIError(answer) from None
-
-
 async def api_publish(hub: Hub, params: dict[str, Any]) -> Any:
-    channel = _str(params, "channel")
-    _check_channel(hub, channel)
-    return await _publish_one(hub, channel, params)
+    return await _publish_one(hub, _str(params, "channel"), params)
 
 
 async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
     channels = params.get("channels")
     if not isinstance(channels, list) or not channels:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("channels required"))
+        raise _bad("channels required")
     responses: list[dict[str, Any]] = []
     for channel in channels:
         try:
             if not isinstance(channel, str):
-                raise APIError(codes.ERROR_BAD_REQUEST.with_message("channel must be a string"))
-            _check_channel(hub, channel)
+                raise _bad("channel must be a string")
             responses.append({"result": await _publish_one(hub, channel, params)})
-        except APIError as exc:
-            responses.append({"error": _error(exc.error)})
+        except CommandError as exc:
+            responses.append({"error": _error(exc)})
         except LogError as exc:
             logger.warning("broadcast to %r failed: %s", channel, exc)
             responses.append({"error": _error(codes.ERROR_INTERNAL)})
@@ -127,28 +109,22 @@ async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
 
 async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
     channel = _str(params, "channel")
-    _check_channel(hub, channel)
+    hub.permissions.channel(channel)
     limit = params.get("limit") or 0
     if not isinstance(limit, int) or isinstance(limit, bool):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int"))
+        raise _bad("limit must be an int")
     since_raw = params.get("since")
     since = None
     if since_raw is not None:
         if not isinstance(since_raw, dict):
-            raise APIError(codes.ERROR_BAD_REQUEST.with_message("since must be an object"))
+            raise _bad("since must be an object")
         offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
         if not isinstance(offset, int) or not isinstance(epoch, str):
-            raise APIError(codes.ERROR_BAD_REQUEST.with_message("malformed since"))
+            raise _bad("malformed since")
         since = (offset, epoch)
-    try:
-        result: HistoryResult = await hub.history(
-            channel, since=since, limit=limit, reverse=bool(params.get("reverse"))
-        )
-    except CommandError as exc:
-        answer = exc.answer
-        raise APIError(
-            answer if isinstance(answer, ClientError) else codes.ERROR_BAD_REQUEST
-        ) from None
+    result: HistoryResult = await hub.history(
+        channel, since=since, limit=limit, reverse=bool(params.get("reverse"))
+    )
     if result.publications is None:
         result.publications = []
     return result
@@ -156,20 +132,18 @@ async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
 
 async def api_history_remove(hub: Hub, params: dict[str, Any]) -> Any:
     channel = _str(params, "channel")
-    _check_channel(hub, channel)
+    hub.permissions.channel(channel)
     log = hub.bus.log
     if log is None or hub.bus.namespace(channel).history_size <= 0:
-        raise APIError(codes.ERROR_NOT_AVAILABLE)
+        raise CommandError(codes.ERROR_NOT_AVAILABLE)
     await log.truncate(channel)
     return {}
 
 
 def _presence_channel(hub: Hub, params: dict[str, Any]) -> str:
     channel = _str(params, "channel")
-    _check_channel(hub, channel)
-    ns = hub.settings.namespace(channel)
-    if ns is None or not ns.presence:
-        raise APIError(codes.ERROR_NOT_AVAILABLE)
+    if not hub.permissions.channel(channel).presence:
+        raise CommandError(codes.ERROR_NOT_AVAILABLE)
     return channel
 
 
@@ -194,10 +168,10 @@ def _glob(pattern: str, name: str) -> bool:
 async def api_channels(hub: Hub, params: dict[str, Any]) -> Any:
     pattern = params.get("pattern") or ""
     if not isinstance(pattern, str):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("pattern must be a string"))
+        raise _bad("pattern must be a string")
     channels = {
         name: {"num_clients": len(channel.members)}
-        for name, channel in hub.channels.items()
+        for name, channel in hub.channels.by_name.items()
         if not pattern or _glob(pattern, name)
     }
     return {"channels": channels}
@@ -222,14 +196,14 @@ async def api_disconnect(hub: Hub, params: dict[str, Any]) -> Any:
     user = _str(params, "user", required=False)
     client = _str(params, "client", required=False) or None
     if not user and not client:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("user required"))
+        raise _bad("user required")
     spec = params.get("disconnect") or {}
     if not isinstance(spec, dict):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("disconnect must be an object"))
+        raise _bad("disconnect must be an object")
     code = spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code
     reason = spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason
     if not isinstance(code, int) or not isinstance(reason, str) or not 3000 <= code < 5000:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("disconnect code must be 3000-4999"))
+        raise _bad("disconnect code must be 3000-4999")
     if client and not user:
         conn = hub.connections.get(client)
         if conn is not None:
@@ -249,20 +223,15 @@ async def api_unsubscribe(hub: Hub, params: dict[str, Any]) -> Any:
 async def api_subscribe(hub: Hub, params: dict[str, Any]) -> Any:
     user = _str(params, "user")
     channel = _str(params, "channel")
-    _check_channel(hub, channel)
-    try:
-        await hub.subscribe_user(user, channel, _str(params, "client", required=False) or None)
-    except CommandError as exc:
-        if isinstance(exc.answer, ClientError):
-            raise APIError(exc.answer) from None
-        raise APIError(codes.ERROR_BAD_REQUEST) from None
+    hub.permissions.channel(channel)
+    await hub.subscribe_user(user, channel, _str(params, "client", required=False) or None)
     return {}
 
 
 async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
     commands = params.get("commands")
     if not isinstance(commands, list):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("commands required"))
+        raise _bad("commands required")
 
     async def one(command: Any) -> dict[str, Any]:
         if not isinstance(command, dict) or len(command) != 1:
@@ -273,8 +242,8 @@ async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
             return {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}
         try:
             return {method: await handler(hub, body)}
-        except APIError as exc:
-            return {"error": _error(exc.error)}
+        except CommandError as exc:
+            return {"error": _error(exc)}
         except LogError:
             return {"error": _error(codes.ERROR_INTERNAL)}
 
@@ -289,34 +258,17 @@ async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
     """eventcast extension: list dead letters (filters: subscriber, reason, topic, limit)."""
     limit = params.get("limit", 100)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int >= 0"))
+        raise _bad("limit must be an int >= 0")
     found = hub.bus.dead_letters.list(
         subscriber=_str(params, "subscriber", required=False) or None,
         reason=_str(params, "reason", required=False) or None,
         topic=_str(params, "topic", required=False) or None,
     )
     letters = found[-limit:] if limit else []
-    out = []
-    for letter in letters:
-        event = letter.event
-        try:
-            data: Any = msgspec.Raw(event.encoded_data())
-        except EncodeError:
-            data = repr(event.data)
-        out.append(
-            {
-                "id": letter.id,
-                "topic": event.topic,
-                "offset": event.offset,
-                "subscriber": letter.subscriber,
-                "reason": letter.reason,
-                "attempts": letter.attempts,
-                "error": letter.error,
-                "time": letter.time,
-                "data": data,
-            }
-        )
-    return {"dead_letters": out, "total": len(hub.bus.dead_letters)}
+    return {
+        "dead_letters": [letter.to_json() for letter in letters],
+        "total": len(hub.bus.dead_letters),
+    }
 
 
 async def api_dead_letters_redrive(hub: Hub, params: dict[str, Any]) -> Any:
@@ -325,7 +277,7 @@ async def api_dead_letters_redrive(hub: Hub, params: dict[str, Any]) -> Any:
     if ids is not None and not (
         isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
     ):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("ids must be a list of ints"))
+        raise _bad("ids must be a list of ints")
     count = await hub.bus.dead_letters.redrive(
         ids=ids,
         subscriber=_str(params, "subscriber", required=False) or None,
@@ -352,8 +304,18 @@ API_METHODS: dict[str, Method] = {
 }
 
 
-def _error(error: ClientError) -> dict[str, Any]:
+def _error(error: ClientError | CommandError) -> dict[str, Any]:
+    """The ``{"code", "message"}`` of an answer (a disconnect answers as a bad request)."""
+    if isinstance(error, CommandError):
+        answer = error.answer
+        error = answer if isinstance(answer, ClientError) else codes.ERROR_BAD_REQUEST
     return {"code": error.code, "message": error.message}
+
+
+def count_api(hub: Hub, method: str, result: str) -> None:
+    """Count one HTTP API call for the metrics (unknown methods under ``unknown``)."""
+    key = (method if method in API_METHODS else "unknown", result)
+    hub.api_calls[key] = hub.api_calls.get(key, 0) + 1
 
 
 def _authorized(request: Request, key: str | None) -> bool:
@@ -407,8 +369,8 @@ async def handle_api(request: Request) -> Response:
             return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
         try:
             result = await handler(hub, params)
-        except APIError as exc:
-            return _json(200, {"error": _error(exc.error)})
+        except CommandError as exc:
+            return _json(200, {"error": _error(exc)})
         except EncodeError as exc:
             return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
         except LogError as exc:
@@ -425,4 +387,4 @@ async def handle_api(request: Request) -> Response:
             return _json(200, result)
         return _json(200, {"result": result})
     finally:
-        hub.count_api(method, result_status)
+        count_api(hub, method, result_status)

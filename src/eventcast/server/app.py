@@ -75,16 +75,12 @@ class WebSocketEndpoint:
         await send({"type": "websocket.accept"})
         raw_send = scope.get("eventcast.send", send)
         transport = _raw_transport(raw_send)
-        conn = Connection(
-            hub,
-            send=raw_send if transport is not None else send,
-            transport=transport,
-            queue_limit=settings.client_queue_bytes,
-            max_bad_commands=settings.max_bad_commands,
+        conn = hub.new_connection(
+            send=raw_send if transport is not None else send, transport=transport
         )
         loop = asyncio.get_running_loop()
         stale = loop.call_later(settings.handshake_timeout, self._stale, conn)
-        pinger = loop.call_later(settings.ping_interval, self._ping, conn, -1)
+        pinger = loop.call_later(settings.ping_interval, self._ping, conn, settings)
         try:
             await self._serve(conn, hub, receive, settings.max_message_size)
         finally:
@@ -102,28 +98,26 @@ class WebSocketEndpoint:
         if not conn.session.connected_state and not conn.closed:
             conn.close(codes.DISCONNECT_STALE)
 
-    def _ping(self, conn: Connection, pongs_before: int) -> None:
+    def _ping(self, conn: Connection, settings: Settings) -> None:
         if conn.closed:
             return
-        settings = conn.hub.settings
         loop = asyncio.get_running_loop()
         if not conn.session.connected_state:
-            loop.call_later(settings.ping_interval, self._ping, conn, -1)
+            loop.call_later(settings.ping_interval, self._ping, conn, settings)
             return
         conn.session.ping()
         conn.send_session_output()
         pongs = conn.session.pongs
-        loop.call_later(settings.pong_timeout, self._check_pong, conn, pongs)
+        loop.call_later(settings.pong_timeout, self._check_pong, conn, settings, pongs)
 
-    def _check_pong(self, conn: Connection, pongs_at_ping: int) -> None:
+    def _check_pong(self, conn: Connection, settings: Settings, pongs_at_ping: int) -> None:
         if conn.closed:
             return
         if conn.session.pongs == pongs_at_ping:
             conn.close(codes.DISCONNECT_NO_PONG)
             return
-        settings = conn.hub.settings
         asyncio.get_running_loop().call_later(
-            max(0.0, settings.ping_interval - settings.pong_timeout), self._ping, conn, -1
+            max(0.0, settings.ping_interval - settings.pong_timeout), self._ping, conn, settings
         )
 
     async def _serve(self, conn: Connection, hub: Hub, receive: Receive, limit: int) -> None:

@@ -19,17 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
-from ..protocol.codes import DISCONNECT_SLOW, Disconnect
+from ..protocol.codes import DISCONNECT_EXPIRED, DISCONNECT_SLOW, Disconnect
+from ..protocol.framing import frame_chunk, frame_text
 from ..protocol.session import ServerSession
 
 if TYPE_CHECKING:
-    from .hub import Hub, Membership
+    from .channels import Membership
 
-__all__ = ["Connection", "frame_text"]
+__all__ = ["Connection", "Flusher"]
 
 logger = logging.getLogger("eventcast.server")
 
@@ -51,30 +53,57 @@ def writable_transport(transport: object) -> asyncio.WriteTransport | None:
     return transport  # type: ignore[return-value]
 
 
-def frame_chunk(payload: bytes) -> bytes:
-    """Wrap ``payload`` as one HTTP/1.1 chunk (for SSE over chunked encoding)."""
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
+class Flusher:
+    """Coalesces writes: every connection queued to in a loop turn is written once, at its end.
 
+    Connections on the fast path (a socket transport of ours) call
+    :meth:`schedule` when they get something to write; the flush at the end of
+    the loop turn writes each connection's queue as one frame, and frames a
+    payload shared by many connections (one batch of one channel) only once.
+    """
 
-def frame_text(payload: bytes) -> bytes:
-    """Wrap ``payload`` in an unmasked, final WebSocket text frame (RFC 6455 §5.2)."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def schedule(self, conn: Connection) -> None:
+        """Write ``conn``'s queue at the end of this loop turn."""
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        frames: dict[int, tuple[bytes, bytes]] = {}
+        for conn in dirty:
+            conn.flush(frames)
 
 
 class Connection:
-    """A connected client: protocol session, subscriptions and outgoing queue."""
+    """A connected client: protocol session, subscriptions and outgoing queue.
+
+    The connection knows nothing of the hub: it writes through ``send`` (ASGI)
+    or straight to ``transport``, schedules fast-path writes on ``flusher``,
+    and reports its end once to ``on_closed``.
+
+    Args:
+        flusher: coalesces fast-path writes to the end of the loop turn.
+        on_closed: called once when the connection closes or is lost.
+        send: the ASGI send callable (the portable path).
+        transport: the socket's transport, to write pre-framed bytes to.
+        queue_limit: bound of the outgoing queue, in bytes (3008 past it).
+        max_bad_commands: malformed commands tolerated before 3509.
+        transport_name: ``websocket`` or ``sse``.
+        start_writer: start writing now (an SSE stream attaches later).
+    """
 
     def __init__(
         self,
-        hub: Hub,
         *,
+        flusher: Flusher,
+        on_closed: Callable[[Connection], None],
         send: Send,
         transport: asyncio.WriteTransport | None,
         queue_limit: int = DEFAULT_QUEUE_BYTES,
@@ -84,7 +113,8 @@ class Connection:
     ) -> None:
         if transport_name not in ("websocket", "sse"):
             raise ValueError(f"unknown transport {transport_name!r}")
-        self.hub = hub
+        self._flusher = flusher
+        self._on_closed = on_closed
         self.id = str(uuid.uuid4())
         self.session = ServerSession(max_bad_commands=max_bad_commands)
         self.user = ""
@@ -136,7 +166,7 @@ class Connection:
                 self._wake.set()
         elif transport is not None and self._pending:
             self._scheduled = True
-            self.hub._schedule_flush(self)
+            self._flusher.schedule(self)
 
     # -- queueing --------------------------------------------------------------------
 
@@ -152,7 +182,7 @@ class Connection:
         if not self._scheduled:
             if self._transport is not None:
                 self._scheduled = True
-                self.hub._schedule_flush(self)
+                self._flusher.schedule(self)
             elif self._wake is not None:
                 self._scheduled = True
                 self._wake.set()
@@ -250,7 +280,7 @@ class Connection:
                 return
         self.closed = True
         self._pending = []
-        self.hub._forget(self)
+        self._on_closed(self)
         loop = asyncio.get_running_loop()
         self._closer = loop.create_task(
             self._send_close(disconnect), name=f"eventcast-close-{self.id}"
@@ -295,10 +325,27 @@ class Connection:
         self.closed = True
         self.disconnect = Disconnect(3000, "connection closed")
         self._pending = []
-        self.hub._forget(self)
+        self._on_closed(self)
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
         self._closed_event.set()
+
+    def arm_expiry(self) -> None:
+        """Close the connection with 3005 "expired" once :attr:`expires_at` passes.
+
+        Re-arming after a refresh is safe: a timer whose expiry was replaced
+        does nothing when it fires.
+        """
+        expected = self.expires_at
+        if expected is None:
+            return
+
+        def check() -> None:
+            if self.expires_at == expected and not self.closed:
+                self.close(DISCONNECT_EXPIRED)
+
+        delay = max(0.0, expected - time.time())
+        asyncio.get_running_loop().call_later(delay + 0.05, check)
 
     @property
     def fast_path(self) -> bool:

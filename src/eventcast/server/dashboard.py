@@ -32,6 +32,7 @@ from ..exceptions import EventcastError, InvalidTopicError
 from ..protocol.sse import encode_event, retry
 from ..subscription import Overflow
 from ..topics import validate_pattern
+from .errors import CommandError
 from .hub import Hub
 
 __all__ = ["dashboard_routes"]
@@ -71,7 +72,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "time": time.time(),
         "node": hub.stats(),
         "connections": transports,
-        "subscriptions": sum(len(c.members) for c in hub.channels.values()),
+        "subscriptions": sum(len(c.members) for c in hub.channels.by_name.values()),
         "channels": len(hub.channels),
         "topics": topics,
         "published": bus["published"],
@@ -80,24 +81,6 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "disconnects": {str(k): v for k, v in sorted(hub.disconnects.items())},
         "dead_letters": bus["dead_letters"],
         "backplane_up": hub.backplane_up(),
-    }
-
-
-def _letter(letter: Any) -> dict[str, Any]:
-    event = letter.event
-    try:
-        data: Any = msgspec.json.decode(event.encoded_data())
-    except (EventcastError, msgspec.DecodeError):
-        data = repr(event.data)
-    return {
-        "id": letter.id,
-        "topic": event.topic,
-        "subscriber": letter.subscriber,
-        "reason": letter.reason,
-        "attempts": letter.attempts,
-        "error": letter.error,
-        "time": letter.time,
-        "data": data,
     }
 
 
@@ -164,9 +147,9 @@ async def publish(request: Request) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("topic"), str) or "data" not in body:
         return JSONResponse({"error": "expected {topic, data}"}, status_code=400)
     try:
-        event = await hub.bus.publish(body["topic"], body["data"])
-    except InvalidTopicError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        event = await hub.publish(body["topic"], body["data"])
+    except CommandError as exc:
+        return JSONResponse({"error": exc.message}, status_code=400)
     except EventcastError as exc:
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=503)
     return JSONResponse({"offset": event.offset, "epoch": event.epoch, "id": event.id})
@@ -178,7 +161,8 @@ async def dead_letters(request: Request) -> Response:
     if not _authorized(request, hub):
         return _denied()
     letters = hub.bus.dead_letters.list()[-200:]
-    return Response(_encode([_letter(x) for x in reversed(letters)]), media_type="application/json")
+    body = _encode([letter.to_json() for letter in reversed(letters)])
+    return Response(body, media_type="application/json")
 
 
 async def redrive(request: Request) -> Response:

@@ -90,7 +90,7 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "eventcast_subscriptions",
             "Channel subscriptions of connected clients.",
-            value=sum(len(c.members) for c in hub.channels.values()),
+            value=sum(len(c.members) for c in hub.channels.by_name.values()),
         )
         yield GaugeMetricFamily(
             "eventcast_channels", "Channels with subscribers on this node.", value=len(hub.channels)
@@ -153,10 +153,10 @@ class HubCollector(Collector):
 
 async def metrics_endpoint(request: Request) -> Response:
     """Serve ``/metrics`` in the Prometheus text format."""
-    hub: Hub = request.app.state.hub
-    registry = getattr(hub, "_registry", None)
+    state = request.app.state
+    registry = getattr(state, "metrics_registry", None)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(HubCollector(hub))
-        hub._registry = registry
+        registry.register(HubCollector(state.hub))
+        state.metrics_registry = registry
     return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")

@@ -9,12 +9,29 @@ node sees the same presence.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol
 
-__all__ = ["DEFAULT_PRESENCE_TTL", "MemoryPresence", "Presence", "PresenceInfo"]
+import msgspec
+
+from ..exceptions import EventcastError
+from ..protocol.frames import NO_DATA, ClientInfo, PresenceResult, PresenceStatsResult, raw
+
+__all__ = [
+    "DEFAULT_PRESENCE_TTL",
+    "MemoryPresence",
+    "Presence",
+    "PresenceInfo",
+    "PresenceKeeper",
+    "client_info",
+]
+
+logger = logging.getLogger("eventcast.server")
+_encode = msgspec.json.Encoder().encode
 
 #: Seconds a presence entry lives unless refreshed.
 DEFAULT_PRESENCE_TTL: Final = 60.0
@@ -155,3 +172,80 @@ def open_presence(url: str, *, prefix: str) -> Presence:
     raise ConfigurationError(
         f"unknown presence URL scheme {scheme!r}; expected memory://, redis:// or nats://"
     )
+
+
+class PresenceKeeper:
+    """Keeps this node's presence entries in the store: added, refreshed, removed.
+
+    Each entry lives ``ttl`` seconds; the keeper refreshes this node's entries
+    every ``ttl / 3`` so those of a node that crashed expire on their own.
+
+    Args:
+        store: returns the presence store (read on each call, so it can be swapped).
+        ttl: how long an entry lives unless refreshed, in seconds.
+    """
+
+    def __init__(self, store: Callable[[], Presence], ttl: float) -> None:
+        self._store = store
+        self.ttl = ttl
+
+    async def add(self, channel: str, conn: Client) -> None:
+        """Add (or refresh) a client's entry in a channel.
+
+        Raises:
+            EventcastError: the store failed.
+        """
+        await self._store().add(channel, conn.id, client_info(conn), self.ttl)
+
+    async def remove(self, channel: str, client: str) -> None:
+        """Remove a client's entry from a channel (logged, not raised, on failure)."""
+        try:
+            await self._store().remove(channel, client)
+        except EventcastError as exc:
+            logger.warning("presence removal failed: %s", exc)
+
+    async def refresh(self, members: Callable[[], Iterable[tuple[str, Client]]]) -> None:
+        """Refresh every entry ``members()`` lists, every ``ttl / 3`` seconds, forever."""
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            for channel, conn in list(members()):
+                try:
+                    await self.add(channel, conn)
+                except EventcastError as exc:
+                    logger.warning("presence refresh failed: %s", exc)
+
+    async def entries(self, channel: str) -> PresenceResult:
+        """The clients in a channel, as the protocol and the API return them."""
+        entries = await self._store().get(channel)
+        return PresenceResult(
+            presence={
+                client: ClientInfo(
+                    user=str(info.get("user", "")),
+                    client=str(info.get("client", client)),
+                    conn_info=raw(_encode(info["conn_info"])) if "conn_info" in info else NO_DATA,
+                )
+                for client, info in entries.items()
+            }
+        )
+
+    async def stats(self, channel: str) -> PresenceStatsResult:
+        """How many clients and unique users are in a channel."""
+        clients, users = await self._store().stats(channel)
+        return PresenceStatsResult(num_clients=clients, num_users=users)
+
+
+class Client(Protocol):
+    """What presence knows of a client (a :class:`~eventcast.server.connection.Connection`)."""
+
+    id: str
+    user: str
+    #: Connection info from the token, encoded once (``None`` when absent).
+    info: bytes | None
+
+
+def client_info(conn: Client) -> dict[str, Any]:
+    """A client's presence entry and join/leave info: client, user, connection info."""
+    info: dict[str, Any] = {"client": conn.id, "user": conn.user}
+    if conn.info is not None:
+        info["conn_info"] = msgspec.json.decode(conn.info)
+    return info

@@ -20,22 +20,174 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
 import msgspec
 
-from ..exceptions import AuthError, TokenExpiredError
+from ..events import Event
+from ..exceptions import AuthError, EncodeError, TokenExpiredError
 from ..protocol import codes
-from ..protocol.codes import ClientError
-from ..protocol.sse import parse_cursor, retry
+from ..protocol.sse import Cursor, parse_cursor, retry, sse_body, subscribed_event
+from ..topics import is_pattern
+from .channels import Membership
 from .connection import Connection, writable_transport
-from .hub import CommandError, Hub
+from .errors import CommandError
 
-__all__ = ["SSEEndpoint"]
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["SSEEndpoint", "SSEStreams"]
 
 logger = logging.getLogger("eventcast.server")
 _encode = msgspec.json.Encoder().encode
+
+#: Most cursors interned (the table is cleared past it).
+_CURSORS_LIMIT: Final = 10_000
+
+
+class SSEStreams:
+    """The SSE streams of a hub: opening them, and encoding batches for their positions.
+
+    A stream's ``id:`` is its composite cursor, so the same batch reads
+    differently for streams at different positions. Bodies are encoded once
+    per event; streams at the same position share one interned cursor, and so
+    one payload object per batch, which the writer frames once for all.
+
+    Args:
+        hub: the hub the streams belong to.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._cursors: dict[str, Cursor] = {}
+
+    def deliver(self, conn: Connection, events: list[Event], cache: dict[Any, Any]) -> int:
+        """Queue a batch on an SSE stream; return how many events could not be encoded.
+
+        ``cache`` is shared by the streams receiving the same batch.
+        """
+        failures = 0
+        start: Cursor = conn.cursor
+        shared = cache.get(id(start))
+        if shared is not None and shared[0] is start:
+            conn.cursor = shared[1]
+            if shared[2]:
+                conn.enqueue(shared[2])
+            return 0
+        out: list[bytes] = []
+        cursor = start
+        for event in events:
+            body = cache.get(event.id)
+            if body is None:
+                try:
+                    body = cache[event.id] = sse_body(event)
+                except EncodeError as exc:
+                    failures += 1
+                    logger.warning("skipping an event on %r for SSE: %s", event.topic, exc)
+                    continue
+            if (
+                event.offset is not None
+                and event.epoch is not None
+                and (event.topic in cursor.topics)
+            ):
+                cursor = cursor.advance(event.id, event.topic, event.offset, event.epoch)
+                message = cursor.message.get(event.id)
+                if message is None:
+                    message = cursor.message[event.id] = b"id: %s\n%s" % (
+                        cursor.text.encode(),
+                        body,
+                    )
+                out.append(message)
+            else:
+                out.append(body)
+        payload = out[0] if len(out) == 1 else b"".join(out)
+        cache[id(start)] = (start, cursor, payload)
+        conn.cursor = cursor
+        if payload:
+            conn.enqueue(payload)
+        return failures
+
+    def _intern(self, cursor: Cursor) -> Cursor:
+        """One object per cursor text, so streams at the same position share their work."""
+        known = self._cursors.get(cursor.text)
+        if known is not None:
+            return known
+        if len(self._cursors) >= _CURSORS_LIMIT:
+            self._cursors.clear()
+        self._cursors[cursor.text] = cursor
+        return cursor
+
+    async def open(
+        self, conn: Connection, topics: list[str], cursor: Cursor | None, *, malformed: bool = False
+    ) -> tuple[bool, bool]:
+        """Subscribe an SSE connection to ``topics``, replaying what ``cursor`` missed.
+
+        Queues the ``subscribed`` event, the replayed events and the live
+        events held meanwhile, in that order; each durable topic then keeps a
+        handoff so no offset reaches the stream twice (see
+        :mod:`eventcast.replay`). Returns ``(recovered, was_recovering)``.
+
+        Raises:
+            CommandError: a topic is invalid or not permitted.
+        """
+        hub = self._hub
+        channels = hub.channels
+        namespaces = {}
+        for topic in topics:
+            ns, _ = hub.permissions.subscribe(conn, topic)
+            namespaces[topic] = ns
+        for topic in topics:
+            channels.join(conn, topic, Membership(channel=topic))
+        was_recovering = cursor is not None or malformed
+        recovered = not malformed
+        known = cursor.as_dict() if cursor is not None else {}
+        start: dict[str, tuple[int, str]] = {}
+        replays: list[Event] = []
+        try:
+            for topic in topics:
+                if namespaces[topic].history_size <= 0 or is_pattern(topic):
+                    continue
+                since = known.get(topic)
+                if since is None:
+                    recovered = recovered and not was_recovering
+                replay = await hub.replay(topic, since)
+                conn.channels[topic].handoff = replay.handoff()
+                if replay.recovered:
+                    assert since is not None
+                    start[topic] = since
+                    replays.extend(replay.events)
+                else:
+                    recovered = recovered and since is None
+                    start[topic] = (replay.position.offset, replay.position.epoch)
+        except BaseException:
+            for topic in topics:
+                channels.leave(conn, topic)
+            raise
+        recovered = recovered and was_recovering
+        conn.cursor = self._intern(Cursor.of(start))
+        hub.recoveries[recovered] += was_recovering
+        conn.enqueue(subscribed_event(topics, recovered, {"was_recovering": was_recovering}))
+        if replays:
+            hub.channels.encode_failures += self.deliver(conn, replays, {})
+        for membership in list(conn.channels.values()):
+            if membership.held is not None:
+                channels.release(conn, membership)
+        return recovered, was_recovering
+
+    def arm(self, conn: Connection) -> None:
+        """Start an SSE stream's heartbeat and close it when its token expires."""
+        loop = asyncio.get_running_loop()
+        interval = self._hub.settings.sse_heartbeat
+
+        def beat() -> None:
+            if conn.closed:
+                return
+            conn.enqueue(b": ping\n\n")
+            loop.call_later(interval, beat)
+
+        loop.call_later(interval, beat)
+        conn.arm_expiry()
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -93,16 +245,9 @@ class SSEEndpoint:
         token = (
             token or _cookie(scope, settings.sse_cookie) or (query.get("access_token") or [None])[0]
         )
-        conn = Connection(
-            hub,
-            send=send,
-            transport=None,
-            queue_limit=settings.client_queue_bytes,
-            transport_name="sse",
-            start_writer=False,
-        )
+        conn = hub.new_connection(send=send, transport=None, transport_name="sse")
         try:
-            hub.authenticate(conn, token)
+            hub.commands.authenticate(conn, token)
         except TokenExpiredError:
             await self._error(send, 401, "token expired", cors)
             return
@@ -110,10 +255,8 @@ class SSEEndpoint:
             await self._error(send, 401, "invalid or missing token", cors)
             return
         except CommandError as exc:
-            answer = exc.answer
-            text = answer.message if isinstance(answer, ClientError) else answer.reason
-            status = 429 if answer.code == codes.DISCONNECT_CONNECTION_LIMIT.code else 401
-            await self._error(send, status, text, cors)
+            status = 429 if exc.code == codes.DISCONNECT_CONNECTION_LIMIT.code else 401
+            await self._error(send, status, exc.message, cors)
             return
         last_id = _header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
         cursor = parse_cursor(last_id, topics)
@@ -121,18 +264,16 @@ class SSEEndpoint:
         # Subscribe before answering, so a bad topic gets a 4xx status rather than a
         # 200 stream with an error in it; what is queued meanwhile waits for attach().
         conn.enqueue(retry(int(settings.sse_retry * 1000)))
-        hub._register(conn)
+        hub.registry.register(conn)
         try:
-            await hub.sse_open(conn, topics, cursor, malformed=malformed)
+            await hub.sse.open(conn, topics, cursor, malformed=malformed)
         except CommandError as exc:
-            hub._forget(conn)
-            answer = exc.answer
-            message = answer.message if isinstance(answer, ClientError) else answer.reason
-            status = 403 if answer.code == codes.ERROR_PERMISSION_DENIED.code else 400
-            await self._error(send, status, message, cors)
+            hub.connection_closed(conn)
+            status = 403 if exc.code == codes.ERROR_PERMISSION_DENIED.code else 400
+            await self._error(send, status, exc.message, cors)
             return
         except Exception:
-            hub._forget(conn)
+            hub.connection_closed(conn)
             logger.exception("SSE subscribe failed")
             await self._error(send, 500, "internal server error", cors)
             return
@@ -158,7 +299,7 @@ class SSEEndpoint:
         raw_send = scope.get("eventcast.send", send)
         conn.sse_end = end
         conn.attach(raw_send, _raw_http_transport(raw_send))
-        hub.arm_sse(conn)
+        hub.sse.arm(conn)
         await self._wait(conn, receive)
 
     @staticmethod

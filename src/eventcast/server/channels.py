@@ -1,0 +1,284 @@
+"""Channels with members on this node: one bus subscription and one dispatcher each.
+
+Fan-out works per channel. Each channel any client subscribed to has one bus
+subscription and one dispatcher task. The dispatcher takes a batch of events,
+encodes each publication push once, joins the batch into one payload, and
+queues that same payload object for every WebSocket member; the connections
+write it in one frame at the end of the loop turn. SSE members get the batch
+encoded for their stream position (see :mod:`eventcast.server.sse`). There is
+no task and no encoding per delivery.
+
+A member that is subscribing holds the live events aside until its subscribe
+reply (and replay) has been queued; after that, a member that was given a
+replay or a position keeps a :class:`~eventcast.replay.Handoff` until the
+live stream passes it, so no offset is ever given to it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+
+from ..events import Event
+from ..exceptions import EncodeError, SlowConsumerError, SubscriptionClosedError
+from ..protocol import codes
+from ..protocol.codec import encode_push, publication_push
+from ..replay import Handoff
+from ..subscription import Overflow, Subscription
+from ..topics import is_pattern
+from .connection import Connection
+
+if TYPE_CHECKING:
+    from ..bus import Bus
+
+__all__ = ["CHANNEL_BUFFER", "Channels", "HubChannel", "Membership"]
+
+logger = logging.getLogger("eventcast.server")
+
+#: Buffer of each channel's bus subscription, in events. Past it the channel's
+#: members get 3010 "insufficient state" and recover on reconnect.
+CHANNEL_BUFFER: Final = 65_536
+
+#: Delivers a batch to an SSE member (encoded per stream position); returns
+#: how many events could not be encoded.
+SSEDeliver = Callable[[Connection, list[Event], dict[object, object]], int]
+#: Called when a member left a channel (presence and leave pushes follow it).
+LeftHandler = Callable[[Connection, "HubChannel", "Membership"], None]
+
+
+@dataclass(slots=True)
+class Membership:
+    """A connection's subscription to one channel."""
+
+    channel: str
+    server_side: bool = False
+    #: Events held while the subscribe reply (and its replay) is being prepared.
+    held: list[Event] | None = field(default_factory=list)
+    #: The handoff rule after a replay or a position was given (see eventcast.replay).
+    handoff: Handoff | None = None
+    expires_at: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    #: The client receives join and leave pushes for this channel.
+    join_leave: bool = False
+    #: The client is listed in the channel's presence.
+    presence: bool = False
+
+    def arm_expiry(self, conn: Connection) -> None:
+        """Close ``conn`` with 3503 when this subscription's token expires."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        expected = self.expires_at
+        if expected is None:
+            return
+
+        def check() -> None:
+            if self.expires_at == expected and not conn.closed:
+                conn.close(codes.DISCONNECT_SUB_EXPIRED)
+
+        delay = max(0.0, expected - time.time()) + 0.05
+        self.timer = asyncio.get_running_loop().call_later(delay, check)
+
+
+class HubChannel:
+    """One channel (or pattern) with members on this node: its bus subscription and dispatcher."""
+
+    def __init__(self, channels: Channels, name: str, sub: Subscription) -> None:
+        self._channels = channels
+        self.name = name
+        self.pattern = is_pattern(name)
+        self.members: dict[Connection, Membership] = {}
+        self.sub = sub
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"eventcast-channel-{name}"
+        )
+        self.task.add_done_callback(self._done)
+        self.publications = 0
+        self.last_offset = 0
+
+    def encode(self, events: list[Event]) -> bytes | None:
+        """The publication pushes of a batch, each encoded once, newline-joined."""
+        frames: list[bytes] = []
+        for event in events:
+            try:
+                frames.append(publication_push(self.name, event, concrete_channel=self.pattern))
+            except EncodeError as exc:
+                self._channels.encode_failures += 1
+                logger.warning("skipping an event on %r for network clients: %s", self.name, exc)
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else b"\n".join(frames)
+
+    async def _run(self) -> None:
+        sub = self.sub
+        channels = self._channels
+        while True:
+            try:
+                events = await sub.get_batch(4096)
+            except SlowConsumerError:
+                # The dispatcher fell behind: continuity is lost for every member.
+                channels.overflowed(self)
+                return
+            except SubscriptionClosedError:
+                return
+            self.publications += len(events)
+            offset = events[-1].offset
+            if offset:
+                self.last_offset = offset
+            payload = self.encode(events)
+            sse_cache: dict[object, object] | None = None
+            for conn, membership in list(self.members.items()):
+                held = membership.held
+                if held is not None:
+                    held.extend(events)
+                elif membership.handoff is not None:
+                    channels.give(conn, membership, events)
+                elif conn.sse:
+                    if sse_cache is None:
+                        sse_cache = {}
+                    channels.encode_failures += channels.deliver_sse(conn, events, sse_cache)
+                elif payload is not None:
+                    conn.enqueue(payload)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("dispatcher of %r failed", self.name, exc_info=exc)
+            for conn in list(self.members):
+                conn.close(codes.DISCONNECT_SERVER_ERROR)
+
+    def close(self) -> None:
+        """Stop the dispatcher and the bus subscription."""
+        self.sub.close()
+        self.task.cancel()
+
+
+class Channels:
+    """The channels with members on this node.
+
+    Args:
+        bus: where each channel's subscription comes from.
+        deliver_sse: delivers a batch to an SSE member.
+        on_left: called after a member left a channel, whatever the reason.
+    """
+
+    def __init__(self, bus: Bus, deliver_sse: SSEDeliver, on_left: LeftHandler) -> None:
+        self._bus = bus
+        self.deliver_sse = deliver_sse
+        self._on_left = on_left
+        self.by_name: dict[str, HubChannel] = {}
+        self._ids = itertools.count(1)
+        #: Publications that could not be encoded for network clients.
+        self.encode_failures = 0
+
+    def join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
+        """Add ``conn`` to a channel (created on first member); it holds live events for now."""
+        channel = self.by_name.get(name)
+        if channel is None:
+            sub = self._bus.subscribe(
+                name,
+                id=f"hub:{name}:{next(self._ids)}",
+                maxsize=CHANNEL_BUFFER,
+                overflow=Overflow.DISCONNECT,
+            )
+            channel = self.by_name[name] = HubChannel(self, name, sub)
+        channel.members[conn] = membership
+        conn.channels[name] = membership
+        return channel
+
+    def leave(self, conn: Connection, name: str) -> None:
+        """Remove ``conn`` from a channel (closed with its last member)."""
+        membership = conn.channels.pop(name, None)
+        if membership is not None and membership.timer is not None:
+            membership.timer.cancel()
+        channel = self.by_name.get(name)
+        if channel is None:
+            return
+        channel.members.pop(conn, None)
+        if membership is not None:
+            self._on_left(conn, channel, membership)
+        if not channel.members:
+            del self.by_name[name]
+            channel.close()
+
+    def release(self, conn: Connection, membership: Membership) -> None:
+        """Start live delivery after the subscribe reply: the held events, under the handoff."""
+        held = membership.held or []
+        membership.held = None
+        channel = self.by_name.get(membership.channel)
+        if channel is not None and held:
+            self.give(conn, membership, held)
+
+    def give(self, conn: Connection, membership: Membership, events: list[Event]) -> None:
+        """Deliver a batch to one member alone, under its handoff rule (the rare path)."""
+        handoff = membership.handoff
+        if handoff is not None:
+            events = handoff.filter(events)
+            if handoff.passed:
+                membership.handoff = None
+        if not events:
+            return
+        if conn.sse:
+            self.encode_failures += self.deliver_sse(conn, events, {})
+            return
+        channel = self.by_name.get(membership.channel)
+        payload = channel.encode(events) if channel is not None else None
+        if payload is not None:
+            conn.enqueue(payload)
+
+    def overflowed(self, channel: HubChannel) -> None:
+        """A dispatcher fell behind its bus subscription: its members must recover."""
+        if self.by_name.get(channel.name) is channel:
+            del self.by_name[channel.name]
+        for conn in list(channel.members):
+            conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
+
+    def push_join_leave(self, name: str, kind: str, info: bytes) -> None:
+        """Push a join or leave (``info``: the client's encoded info) to members who want it."""
+        channel = self.by_name.get(name)
+        if channel is None:
+            return
+        push: bytes | None = None
+        for conn, membership in channel.members.items():
+            if membership.join_leave and membership.held is None:
+                if push is None:
+                    push = encode_push(name, kind, {"info": msgspec.Raw(info)})
+                conn.enqueue(push)
+
+    def lost_continuity(self, topic: str, durable: bool) -> None:
+        """Continuity of a topic was lost on this node: tell the clients that read it.
+
+        A durable channel's members are disconnected with 3010 "insufficient
+        state" and recover on reconnect; a live-only channel's WebSocket members
+        get an unsubscribe push with 2500, on which the SDKs resubscribe, and
+        SSE streams end so the browser reconnects.
+        """
+        channel = self.by_name.get(topic)
+        if channel is None:
+            return
+        code, reason = codes.UNSUBSCRIBE_INSUFFICIENT_STATE
+        push = encode_push(topic, "unsubscribe", {"code": code, "reason": reason})
+        for conn in list(channel.members):
+            if durable or conn.sse:
+                conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
+            else:
+                self.leave(conn, topic)
+                conn.enqueue(push)
+
+    def close(self) -> None:
+        """Stop every channel's dispatcher."""
+        for channel in list(self.by_name.values()):
+            channel.close()
+        self.by_name.clear()
+
+    def __len__(self) -> int:
+        return len(self.by_name)

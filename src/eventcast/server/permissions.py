@@ -1,0 +1,180 @@
+"""Who may do what on which channel: one module for every entry point.
+
+The WebSocket commands, the SSE endpoint and the HTTP API ask the same
+questions here and get the same :class:`~eventcast.server.errors.CommandError`
+for the same refusal, so a rule cannot differ between entry points.
+
+The options are Centrifugo's, per namespace (see
+:class:`~eventcast.server.config.NamespaceConfig`): ``allow_subscribe_for_client``,
+``allow_publish_for_subscriber``, user-limited ``#`` channels, and so on. The
+HTTP API is trusted: it only needs a channel that is valid and in a configured
+namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from ..exceptions import AuthError, InvalidTopicError, TokenExpiredError
+from ..protocol import codes
+from ..topics import is_pattern, validate_pattern, validate_topic
+from .errors import CommandError
+
+if TYPE_CHECKING:
+    from .auth import TokenVerifier
+    from .config import NamespaceConfig, Settings
+
+__all__ = ["Client", "Permissions"]
+
+
+class Client(Protocol):
+    """What permissions know of a client: who it is and what it is subscribed to.
+
+    A :class:`~eventcast.server.connection.Connection` is one.
+    """
+
+    user: str
+    anonymous: bool
+
+    @property
+    def channels(self) -> Mapping[str, object]:
+        """The channels the client is subscribed to."""
+        ...
+
+
+class Permissions:
+    """The hub's permission checks, by namespace options and tokens.
+
+    Args:
+        settings: the hub's settings (namespaces and their options).
+        verifier: checks subscription tokens.
+    """
+
+    def __init__(self, settings: Settings, verifier: TokenVerifier) -> None:
+        self._settings = settings
+        self._verifier = verifier
+
+    def namespace(self, channel: str) -> NamespaceConfig:
+        """Return a channel's namespace options.
+
+        Raises:
+            CommandError: 102, the channel's namespace is not configured.
+        """
+        ns = self._settings.namespace(channel)
+        if ns is None:
+            raise CommandError(codes.ERROR_UNKNOWN_CHANNEL)
+        return ns
+
+    def channel(self, channel: str, *, allow_pattern: bool = False) -> NamespaceConfig:
+        """Check a channel name (or pattern) and return its namespace options.
+
+        Raises:
+            CommandError: 107 for a missing or malformed name, 102 for an
+                unknown namespace.
+        """
+        if not channel or not isinstance(channel, str):
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
+        try:
+            if allow_pattern:
+                validate_pattern(channel)
+            else:
+                validate_topic(channel)
+        except InvalidTopicError as exc:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+        return self.namespace(channel)
+
+    @staticmethod
+    def user_limited(channel: str, user: str) -> bool:
+        """Centrifugo's ``#`` channels: ``dialog#42,43`` admits users 42 and 43."""
+        _, sep, users = channel.rpartition("#")
+        return bool(sep) and bool(user) and user in users.split(",")
+
+    def subscribe(
+        self, client: Client, channel: str, *, token: str = "", server_side: bool = False
+    ) -> tuple[NamespaceConfig, float | None]:
+        """Check that ``client`` may subscribe; return the namespace and the expiry, if any.
+
+        A server-side subscription (from the token, the API or a hook) is
+        already authorized: only the name and the namespace are checked.
+
+        Raises:
+            CommandError: 103 permission denied, 109 token expired, 107/102 as
+                for :meth:`channel`.
+        """
+        ns = self.channel(channel, allow_pattern=True)
+        if is_pattern(channel) and not ns.allow_patterns:
+            raise CommandError(
+                codes.ERROR_PERMISSION_DENIED.with_message("pattern subscriptions not allowed")
+            )
+        if server_side:
+            return ns, None
+        if token:
+            try:
+                claims = self._verifier.verify_subscription(
+                    token, user=client.user, channel=channel
+                )
+            except TokenExpiredError:
+                raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
+            except AuthError:
+                raise CommandError(codes.ERROR_PERMISSION_DENIED) from None
+            expires: float | None = claims.expires_at
+            return ns, expires
+        if "#" in channel:
+            if ns.allow_user_limited_channels and self.user_limited(channel, client.user):
+                return ns, None
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if client.anonymous and not ns.allow_subscribe_for_anonymous:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if not ns.allow_subscribe_for_client:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        return ns, None
+
+    @staticmethod
+    def _may(client: Client, channel: str, for_client: bool, for_subscriber: bool) -> bool:
+        return for_client or (for_subscriber and channel in client.channels)
+
+    def publish(self, client: Client, channel: str) -> NamespaceConfig:
+        """Check that ``client`` may publish into ``channel``.
+
+        Raises:
+            CommandError: 103 permission denied, 107/102 as for :meth:`channel`.
+        """
+        ns = self.channel(channel)
+        if client.anonymous and not ns.allow_publish_for_anonymous:
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if not self._may(
+            client, channel, ns.allow_publish_for_client, ns.allow_publish_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        return ns
+
+    def history(self, client: Client, channel: str) -> NamespaceConfig:
+        """Check that ``client`` may read ``channel``'s history, and that it keeps one.
+
+        Raises:
+            CommandError: 103 permission denied, 108 no history kept, 107/102.
+        """
+        ns = self.channel(channel)
+        if not self._may(
+            client, channel, ns.allow_history_for_client, ns.allow_history_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if ns.history_size <= 0:
+            raise CommandError(codes.ERROR_NOT_AVAILABLE)
+        return ns
+
+    def presence(self, client: Client, channel: str) -> NamespaceConfig:
+        """Check that ``client`` may read ``channel``'s presence, and that it is tracked.
+
+        Raises:
+            CommandError: 108 presence off, 103 permission denied, 107/102.
+        """
+        ns = self.channel(channel)
+        if not ns.presence:
+            raise CommandError(codes.ERROR_NOT_AVAILABLE)
+        if not self._may(
+            client, channel, ns.allow_presence_for_client, ns.allow_presence_for_subscriber
+        ):
+            raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        return ns

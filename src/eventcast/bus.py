@@ -284,12 +284,18 @@ class Bus:
         self._check_open()
         self._loop = asyncio.get_running_loop()
         if not self._started:
-            if self.log is not None:
-                await self.log.open()
-                assert self._archive is not None
-                await self._archive.open()
-            if self._link is not None:
-                await self._link.start()  # raises BackplaneError: a clear error at start
+            try:
+                if self.log is not None:
+                    await self.log.open()
+                    assert self._archive is not None
+                    await self._archive.open()
+                if self._link is not None:
+                    await self._link.start()  # raises BackplaneError: a clear error at start
+            except BaseException:
+                # Release what did open (closing a log is idempotent).
+                if self.log is not None:
+                    await self.log.close()
+                raise
             self._started = True
         self._handlers.start()
 

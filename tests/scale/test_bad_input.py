@@ -98,6 +98,7 @@ def test_serve_with_an_unreachable_backplane_exits_with_a_clear_error(tmp_path: 
     assert result.returncode != 0, result
     assert "cannot reach Redis" in result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.postgres
@@ -118,6 +119,7 @@ def test_serve_with_an_unreachable_log_exits_with_a_clear_error(
     assert result.returncode != 0, result
     assert "event log could not open" in result.stderr
     assert f"port {port} failed" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- faults while running -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from ..exceptions import EventcastError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ._logs import configure_logging
@@ -197,47 +198,27 @@ class HubApp(Starlette):
     """The hub's Starlette application; ``app.state.hub`` is the :class:`Hub`."""
 
     hub: Hub
+    #: Why the lifespan could not start the hub, when it was the hub's own error.
+    startup_error: EventcastError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            # Starlette runs the lifespan; an unreachable log or backplane is an
+            # operations problem, not a bug, so its report is one clear line
+            # instead of the traceback Starlette formats.
+            async def send_clearly(message: MutableMapping[str, Any]) -> None:
+                error = self.startup_error
+                if message["type"] == "lifespan.startup.failed" and error is not None:
+                    message = {**message, "message": f"eventcast could not start: {error}"}
+                await send(message)
+
+            await super().__call__(scope, receive, send_clearly)
             return
         if scope["type"] in ("websocket", "http"):
             # Keep the server's own send callable for the fast path: Starlette's
             # middleware wraps the one the endpoint receives.
             scope["eventcast.send"] = send
         await super().__call__(scope, receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """The ASGI lifespan protocol, with one clear line when the hub cannot start.
-
-        An unreachable log or backplane is a configuration or operations
-        problem, not a bug: the server reports it without a traceback.
-        """
-        from ..exceptions import EventcastError
-
-        await receive()  # lifespan.startup
-        context = self.router.lifespan_context(self)
-        try:
-            await context.__aenter__()
-        except EventcastError as exc:
-            await send(
-                {"type": "lifespan.startup.failed", "message": f"eventcast could not start: {exc}"}
-            )
-            return
-        except BaseException:
-            import traceback
-
-            await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
-            raise
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        try:
-            await context.__aexit__(None, None, None)
-        except Exception as exc:
-            await send({"type": "lifespan.shutdown.failed", "message": f"{exc!r}"})
-            return
-        await send({"type": "lifespan.shutdown.complete"})
 
 
 async def healthz(request: Request) -> Response:
@@ -272,7 +253,13 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await hub.start()
+        try:
+            await hub.start()
+        except EventcastError as exc:
+            assert isinstance(app, HubApp)
+            app.startup_error = exc
+            await hub.close()
+            raise
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, NoReturn
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
@@ -25,17 +25,10 @@ except ImportError:  # pragma: no cover - older typer, on click
 
 from . import __version__
 from ._cli.commands import register as _register_hub_commands
-from ._cli.common import EXIT_INTERRUPTED, CliError
+from ._cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, fail
 from .exceptions import ConfigurationError, EventcastError
 
 __all__ = ["app", "main"]
-
-#: Success.
-EXIT_OK: Final = 0
-#: An error while running the command.
-EXIT_ERROR: Final = 1
-#: Bad usage or configuration.
-EXIT_USAGE: Final = 2
 
 _EXIT_CODES_HELP: Final = (
     "Exit codes: 0 success, 1 error, 2 usage or configuration error, 130 interrupted. "
@@ -51,18 +44,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
-
-
-class _CliError(Exception):
-    """An expected failure: one line on stderr and an exit code, no traceback."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _fail(message: str, exit_code: int = EXIT_ERROR) -> NoReturn:
-    raise _CliError(message, exit_code)
 
 
 ConfigOption = Annotated[
@@ -81,7 +62,7 @@ def _load_settings(config: Path | None, **overrides: Any) -> Any:
     try:
         from .server.config import Settings
     except ImportError as exc:
-        _fail(
+        fail(
             f"the server extra is not installed ({exc.name} is missing): "
             "pip install 'eventcast[server]'",
             EXIT_ERROR,
@@ -179,18 +160,18 @@ def token(
     from .server.auth import mint_token
 
     if sub_channel is not None and channel:
-        _fail("use either --channel (connection token) or --sub-channel", EXIT_USAGE)
+        fail("use either --channel (connection token) or --sub-channel", EXIT_USAGE)
     info_value: Any = None
     if info is not None:
         try:
             info_value = json.loads(info)
         except json.JSONDecodeError as exc:
-            _fail(f"--info is not valid JSON: {exc}", EXIT_USAGE)
+            fail(f"--info is not valid JSON: {exc}", EXIT_USAGE)
     settings = _load_settings(config)
     if secret is None and settings.token_hmac_secret is not None:
         secret = settings.token_hmac_secret.get_secret_value()
     if not secret:
-        _fail(
+        fail(
             "no token secret: pass --secret or set EVENTCAST_TOKEN_HMAC_SECRET "
             "(or token_hmac_secret in the --config file)",
             EXIT_USAGE,
@@ -207,7 +188,7 @@ def token(
             issuer=settings.token_issuer,
         )
     except ValueError as exc:  # an invalid channel name (InvalidTopicError) or ttl
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     typer.echo(signed)
 
 
@@ -231,7 +212,7 @@ def serve(
     try:
         from .server.app import serve as run_server  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
-        _fail(
+        fail(
             f"the hub server is not available ({exc}); "
             "install the server extra: pip install 'eventcast[server]'",
             EXIT_ERROR,
@@ -276,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.print("interrupted", markup=False)
         return EXIT_INTERRUPTED
-    except (_CliError, CliError) as exc:
+    except CliError as exc:
         stderr.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except ConfigurationError as exc:

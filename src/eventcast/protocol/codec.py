@@ -17,7 +17,7 @@ import msgspec
 
 from ..events import Event
 from .codes import ClientError
-from .frames import METHODS, Command, Publication, Reply
+from .frames import METHODS, Command, Reply
 
 __all__ = [
     "PING",
@@ -171,15 +171,3 @@ def publication_push(channel: str, event: Event, *, concrete_channel: bool = Fal
     """
     pub = publication_of(event, concrete_channel=concrete_channel)
     return b'{"push":{"channel":%s,"pub":%s}}' % (_encode(channel), pub)
-
-
-def decode_publication(data: bytes) -> Publication:
-    """Decode one publication object (for clients and tests).
-
-    Raises:
-        ProtocolError: the bytes are not a publication.
-    """
-    try:
-        return msgspec.json.decode(data, type=Publication)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed publication: {exc}") from None

@@ -48,6 +48,7 @@ from .exceptions import (
     UnrecoverablePositionError,
 )
 from .log.base import EventLog, Retention
+from .schema import SchemaSpec, check_publication, compile_schema
 from .subscription import DEFAULT_MAXSIZE, Overflow, Subscription, _Ring
 from .topics import TopicMatcher, is_pattern, namespace_of, validate_many, validate_topic
 
@@ -77,16 +78,23 @@ class Namespace:
         history_size: how many of the newest events each topic keeps (0: none,
             the topics are live-only).
         history_ttl: how long events are kept, in seconds (``None``: no age limit).
+        schema: what every publication's data must match (a msgspec ``Struct``
+            class, a pydantic model class or a JSON Schema dict; compiled once
+            into a :class:`~eventcast.schema.Schema`); ``None``: anything.
+            See :mod:`eventcast.schema`.
     """
 
     history_size: int = 0
     history_ttl: float | None = None
+    schema: SchemaSpec | None = None
 
     def __post_init__(self) -> None:
         if self.history_size < 0:
             raise ConfigurationError("history_size must be >= 0")
         if self.history_ttl is not None and self.history_ttl <= 0:
             raise ConfigurationError("history_ttl must be positive or None")
+        if self.schema is not None:
+            object.__setattr__(self, "schema", compile_schema(self.schema))
 
     @property
     def durable(self) -> bool:
@@ -945,6 +953,7 @@ class Bus:
         tags: Mapping[str, str] | None,
         idempotency_key: str | None,
     ) -> Event:
+        check_publication(self.namespace(topic).schema, topic, data)
         if tags is None and idempotency_key is None:
             return Event(topic=topic, data=data)
         return Event(
@@ -1070,6 +1079,7 @@ class Bus:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise TypeError("publish_many takes (topic, data) pairs")
             validate_topic(pair[0])
+            check_publication(self.namespace(pair[0]).schema, pair[0], pair[1])
         if self._blockers and any(
             ring.blockers for topic, _ in pairs for ring in self._route(topic)
         ):

@@ -20,7 +20,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..exceptions import EncodeError, EventcastError, InvalidTopicError, LogError
+from ..exceptions import EncodeError, EventcastError, InvalidDataError, InvalidTopicError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError, Disconnect
 from ..protocol.frames import HistoryResult
@@ -83,7 +83,7 @@ async def _publish_one(hub: Hub, channel: str, params: dict[str, Any]) -> dict[s
         event = await hub.bus.publish(
             channel, params["data"], tags=_tags(params), idempotency_key=key or None
         )
-    except InvalidTopicError as exc:
+    except (InvalidTopicError, InvalidDataError) as exc:
         raise APIError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
     result: dict[str, Any] = {}
     if event.offset:

@@ -32,6 +32,7 @@ from ..exceptions import (
     ConfigurationError,
     EncodeError,
     EventcastError,
+    InvalidDataError,
     InvalidTopicError,
     LogError,
     PositionError,
@@ -831,7 +832,12 @@ class Hub:
             value = _decode(data)
         except msgspec.DecodeError:
             raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data is not JSON")) from None
-        return await self.bus.publish(channel, value, tags=tags, idempotency_key=idempotency_key)
+        try:
+            return await self.bus.publish(
+                channel, value, tags=tags, idempotency_key=idempotency_key
+            )
+        except InvalidDataError as exc:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
 
     async def _cmd_history(self, conn: Connection, req: HistoryRequest) -> HistoryResult:
         ns = self._check_channel(req.channel)

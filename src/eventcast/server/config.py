@@ -283,6 +283,8 @@ class Settings(BaseSettings):
             node's entries expire after it).
         admin_token: protects the dashboard at ``/`` when set (without it the
             dashboard is open: set one anywhere but on a developer's machine).
+        asyncapi: serve the hub's AsyncAPI 3.0 document at ``GET /asyncapi.json``
+            (off by default: it lists the namespaces and their permissions).
         log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
@@ -322,6 +324,7 @@ class Settings(BaseSettings):
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
+    asyncapi: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -27,7 +27,15 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from .bus import History
-from .client import Client, ClientPresence, PresenceStats, Subscription
+from .client import (
+    Client,
+    ClientPresence,
+    ClientState,
+    PresenceCallback,
+    PresenceStats,
+    Subscription,
+    SubscriptionTokenGetter,
+)
 from .events import Event, Position
 from .exceptions import ClientClosedError
 
@@ -95,6 +103,11 @@ class SyncClient:
     def closed(self) -> bool:
         """Whether the client is closed (or failed for good)."""
         return self._closed or self._client.closed
+
+    @property
+    def state(self) -> ClientState:
+        """``"disconnected"``, ``"connecting"`` or ``"connected"`` (see :attr:`Client.state`)."""
+        return self._client.state
 
     def __enter__(self) -> SyncClient:
         return self
@@ -166,19 +179,57 @@ class SyncClient:
         on_lost: Literal["continue", "raise"] = "continue",
         buffer: int | None = None,
         token: str = "",
+        get_token: SubscriptionTokenGetter | None = None,
+        join_leave: bool = False,
+        on_join: PresenceCallback | None = None,
+        on_leave: PresenceCallback | None = None,
+        type: Any = None,
     ) -> SyncSubscription:
         """Subscribe now; return an iterator of events (and a context manager).
 
-        See :meth:`Client.subscribe` for the arguments.
+        See :meth:`Client.subscribe` for the arguments. The callbacks
+        (``get_token``, ``on_join``, ``on_leave``) run on the client's
+        thread; ``get_token`` may be a plain function.
         """
 
         async def start() -> Subscription:
             sub = self._client.subscribe(
-                channel, since=since, on_lost=on_lost, buffer=buffer, token=token
+                channel,
+                since=since,
+                on_lost=on_lost,
+                buffer=buffer,
+                token=token,
+                get_token=get_token,
+                join_leave=join_leave,
+                on_join=on_join,
+                on_leave=on_leave,
+                type=type,
             )
             return await sub
 
         return SyncSubscription(self, self._call(start()))
+
+    def server_subscription(
+        self,
+        channel: str,
+        *,
+        buffer: int | None = None,
+        on_join: PresenceCallback | None = None,
+        on_leave: PresenceCallback | None = None,
+        type: Any = None,
+    ) -> SyncSubscription:
+        """The events of a server-side subscription (see :meth:`Client.server_subscription`).
+
+        Pass ``on_publication=`` to :func:`connect` to see every server-side
+        publication from the first connect on.
+        """
+
+        async def find() -> Subscription:
+            return self._client.server_subscription(
+                channel, buffer=buffer, on_join=on_join, on_leave=on_leave, type=type
+            )
+
+        return SyncSubscription(self, self._call(find()))
 
 
 class SyncSubscription:
@@ -207,6 +258,16 @@ class SyncSubscription:
     def lost(self) -> int:
         """How many times the stream could not be recovered."""
         return self.subscription.lost
+
+    @property
+    def state(self) -> str:
+        """``"subscribing"``, ``"subscribed"`` or ``"unsubscribed"``."""
+        return self.subscription.state
+
+    @property
+    def refreshes(self) -> int:
+        """Subscription token refreshes done through ``get_token``."""
+        return self.subscription.refreshes
 
     def __iter__(self) -> Iterator[Event]:
         return self

@@ -270,6 +270,7 @@ class Subscription:
     Attributes:
         channel: the channel or pattern subscribed to.
         recovered: whether the last (re)subscribe recovered every missed event.
+        was_recovering: whether the last (re)subscribe asked to recover from a position.
         lost: how many times the stream could not be recovered.
         server_side: whether the server subscribed the client (not the application).
         refreshes: subscription token refreshes done through ``get_token``.
@@ -299,6 +300,7 @@ class Subscription:
         self.channel = channel
         self.on_lost: OnLost = on_lost
         self.recovered = False
+        self.was_recovering = False
         self.lost = 0
         self.token = token
         self.server_side = server_side
@@ -425,6 +427,7 @@ class Subscription:
 
     def _subscribed(self, result: SubscribeResult, epoch_position: Position | None) -> None:
         self.recovered = result.recovered
+        self.was_recovering = result.was_recovering
         self._epoch = result.epoch or None
         self._subscribed_once = True
         if result.was_recovering and not result.recovered:

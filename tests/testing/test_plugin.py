@@ -84,3 +84,16 @@ def test_the_plugin_is_registered_and_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_kit_exports_its_names_lazily() -> None:
+    import eventcast
+    import eventcast.testing as kit
+
+    assert kit.__all__ == sorted(kit.__all__)
+    for name in kit.__all__:
+        assert getattr(kit, name) is not None
+        assert name in dir(kit)
+    with pytest.raises(AttributeError):
+        _ = kit.NoSuchName  # type: ignore[attr-defined]
+    assert "InvalidDataError" in eventcast.__all__

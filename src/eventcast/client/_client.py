@@ -991,18 +991,9 @@ class Client:
                 logger.exception("on_publication callback failed")
 
     def _on_server_subscribed(self, event: SubscribedPush) -> None:
-        push = event.push
-        result = SubscribeResult(
-            recoverable=push.recoverable,
-            epoch=push.epoch,
-            offset=push.offset,
-            positioned=push.positioned,
-            recovered=event.recovered,
-            was_recovering=event.was_recovering,
-        )
         sub = self._server_subs.get(event.channel)
         if sub is not None:
-            sub._subscribed(result, _result_position(result))
+            sub._subscribed(event.result, _result_position(event.result))
 
     def _on_reply(self, event: ReplyReceived) -> None:
         sub = self._subscribing.pop(event.id, None)

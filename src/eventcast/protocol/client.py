@@ -57,7 +57,6 @@ from .frames import (
     SendRequest,
     StreamPosition,
     SubRefreshRequest,
-    SubscribePush,
     SubscribeRequest,
     SubscribeResult,
     UnsubscribeRequest,
@@ -158,15 +157,14 @@ class SubscribedPush:
     """The server subscribed the client to ``channel`` (a server-side subscription).
 
     Emitted for a ``subscribe`` push, and for each server-side subscription
-    in a connect result (then ``recovered`` and ``was_recovering`` tell how
-    the resume from the position this session tracked went; the recovered
-    publications follow as :class:`PublicationReceived` events).
+    in a connect result. ``result`` has the stream's position either way;
+    from a connect result it also tells how the resume from the position this
+    session tracked went (``recovered``, ``was_recovering``), and the recovered
+    publications follow as :class:`PublicationReceived` events.
     """
 
     channel: str
-    push: SubscribePush
-    recovered: bool = False
-    was_recovering: bool = False
+    result: SubscribeResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,14 +437,7 @@ class ClientSession:
             self._positions.pop(gone, None)
         self._server_side = set(subs)
         for channel, sub in subs.items():
-            push = SubscribePush(
-                recoverable=sub.recoverable,
-                epoch=sub.epoch,
-                offset=sub.offset,
-                positioned=sub.positioned,
-                data=sub.data,
-            )
-            events.append(SubscribedPush(channel, push, sub.recovered, sub.was_recovering))
+            events.append(SubscribedPush(channel, sub))
             self._subscribed(channel, sub, events)
 
     def _subscribed(
@@ -498,7 +489,14 @@ class ClientSession:
             if sub.positioned or sub.recoverable or sub.epoch:
                 self._positions[channel] = (sub.offset, sub.epoch)
             self._server_side.add(channel)
-            events.append(SubscribedPush(channel, sub))
+            result = SubscribeResult(
+                recoverable=sub.recoverable,
+                epoch=sub.epoch,
+                offset=sub.offset,
+                positioned=sub.positioned,
+                data=sub.data,
+            )
+            events.append(SubscribedPush(channel, result))
         elif push.disconnect is not None:
             events.append(DisconnectReceived(push.disconnect.code, push.disconnect.reason))
         elif push.message is not None:

@@ -24,18 +24,10 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from .bus import History
-from .client import (
-    Client,
-    ClientPresence,
-    ClientState,
-    PresenceCallback,
-    PresenceStats,
-    Subscription,
-    SubscriptionTokenGetter,
-)
+from .client import Client, ClientPresence, ClientState, PresenceStats, Subscription
 from .events import Event, Position
 from .exceptions import ClientClosedError
 
@@ -171,63 +163,29 @@ class SyncClient:
         """Send an asynchronous message to the hub."""
         self._call(self._client.send(data))
 
-    def subscribe(
-        self,
-        channel: str,
-        *,
-        since: Position | str | tuple[int, str] | None = None,
-        on_lost: Literal["continue", "raise"] = "continue",
-        buffer: int | None = None,
-        token: str = "",
-        get_token: SubscriptionTokenGetter | None = None,
-        join_leave: bool = False,
-        on_join: PresenceCallback | None = None,
-        on_leave: PresenceCallback | None = None,
-        type: Any = None,
-    ) -> SyncSubscription:
+    def subscribe(self, channel: str, **options: Any) -> SyncSubscription:
         """Subscribe now; return an iterator of events (and a context manager).
 
-        See :meth:`Client.subscribe` for the arguments. The callbacks
-        (``get_token``, ``on_join``, ``on_leave``) run on the client's
-        thread; ``get_token`` may be a plain function.
+        Takes the arguments of :meth:`Client.subscribe` (``since``,
+        ``on_lost``, ``buffer``, ``token``, ``get_token``, ``join_leave``,
+        ``on_join``, ``on_leave``, ``type``). The callbacks run on the
+        client's thread; ``get_token`` may be a plain function.
         """
 
         async def start() -> Subscription:
-            sub = self._client.subscribe(
-                channel,
-                since=since,
-                on_lost=on_lost,
-                buffer=buffer,
-                token=token,
-                get_token=get_token,
-                join_leave=join_leave,
-                on_join=on_join,
-                on_leave=on_leave,
-                type=type,
-            )
-            return await sub
+            return await self._client.subscribe(channel, **options)
 
         return SyncSubscription(self, self._call(start()))
 
-    def server_subscription(
-        self,
-        channel: str,
-        *,
-        buffer: int | None = None,
-        on_join: PresenceCallback | None = None,
-        on_leave: PresenceCallback | None = None,
-        type: Any = None,
-    ) -> SyncSubscription:
+    def server_subscription(self, channel: str, **options: Any) -> SyncSubscription:
         """The events of a server-side subscription (see :meth:`Client.server_subscription`).
 
-        Pass ``on_publication=`` to :func:`connect` to see every server-side
-        publication from the first connect on.
+        Takes the same arguments. Pass ``on_publication=`` to :func:`connect`
+        to see every server-side publication from the first connect on.
         """
 
         async def find() -> Subscription:
-            return self._client.server_subscription(
-                channel, buffer=buffer, on_join=on_join, on_leave=on_leave, type=type
-            )
+            return self._client.server_subscription(channel, **options)
 
         return SyncSubscription(self, self._call(find()))
 

@@ -20,7 +20,7 @@ from eventcast.client import Client, ClientPresence
 from eventcast.exceptions import ReplyError, SubscriptionClosedError
 from eventcast.testing import assert_received, wait_for_publication
 from tests.server.conftest import StartHub
-from tests.server.hubtools import NAMESPACES, WAIT, HubServer, token
+from tests.server.hubtools import NAMESPACES, SECRET, WAIT, HubServer, token
 
 ROOM: dict[str, Any] = {
     "name": "room",
@@ -214,3 +214,25 @@ async def test_sync_client_gets_the_same(hub: HubServer) -> None:
     assert joined == []  # priv has no join_leave
     assert refreshes == 0
     assert not [t for t in threading.enumerate() if t.name == "eventcast-sync-client"]
+
+
+async def test_a_failing_token_callback_fails_only_its_subscribe() -> None:
+    """On the in-memory hub: the error is a SubscriptionClosedError chaining the cause."""
+    from eventcast.testing import TestHub
+
+    def down(channel: str) -> str:
+        raise RuntimeError("the token service is down")
+
+    async with (
+        TestHub(namespaces=NAMESPACES, token_hmac_secret=SECRET) as hub,
+        hub.client(user="tia") as client,
+        client.subscribe("news.other") as other,
+    ):
+        with pytest.raises(SubscriptionClosedError, match="returned int"):
+            await client.subscribe("priv:a", get_token=lambda channel: 42)  # type: ignore[arg-type, return-value]
+        with pytest.raises(SubscriptionClosedError, match="token service is down") as info:
+            await client.subscribe("priv:b", get_token=down)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        await hub.publish("news.other", "fine")
+        assert (await wait_for_publication(other)).data == "fine"
+        assert client.connected

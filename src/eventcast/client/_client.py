@@ -411,15 +411,19 @@ class Subscription:
         """Ask ``get_token`` for a new subscription token; return whether there is one.
 
         Raises:
-            ConfigurationError: ``get_token`` returned something else than a str.
+            SubscriptionClosedError: ``get_token`` failed (chained as ``__cause__``)
+                or returned something else than a str.
         """
         if self._get_token is None:
             return False
-        value = self._get_token(self.channel)
-        if inspect.isawaitable(value):
-            value = await value
+        try:
+            value = self._get_token(self.channel)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise SubscriptionClosedError(f"get_token of {self.channel!r} failed: {exc!r}") from exc
         if not isinstance(value, str):
-            raise ConfigurationError(f"get_token returned {type(value).__name__}, not str")
+            raise SubscriptionClosedError(f"get_token returned {type(value).__name__}, not str")
         self.token = value
         return True
 
@@ -813,7 +817,9 @@ class Client:
             *(self._subscribe_on(ws, sub) for sub in subs), return_exceptions=True
         )
         for sub, outcome in zip(subs, results, strict=True):
-            if isinstance(outcome, ReplyError) and not outcome.temporary:
+            if isinstance(outcome, SubscriptionClosedError) or (
+                isinstance(outcome, ReplyError) and not outcome.temporary
+            ):
                 sub._end(outcome)
                 self._forget(sub, unsubscribe=False)
             elif isinstance(outcome, ReplyError | DisconnectedError | ReplyTimeoutError):
@@ -1023,12 +1029,10 @@ class Client:
             await asyncio.sleep(max(0.0, ttl * 0.8))
             try:
                 await sub._fresh_token()
-            except Exception as exc:
-                logger.warning("get_token of %r failed: %r", sub.channel, exc)
-                failure = SubscriptionClosedError(f"get_token of {sub.channel!r} failed: {exc!r}")
-                failure.__cause__ = exc
+            except SubscriptionClosedError as exc:
+                logger.warning("%s", exc)
                 self._forget(sub, unsubscribe=True)
-                sub._end(failure)
+                sub._end(exc)
                 return
             try:
                 reply = await self._command_on(ws, lambda s: s.sub_refresh(sub.channel, sub.token))

@@ -634,6 +634,7 @@ class Bus:
         tags: Mapping[str, str] | None,
         idempotency_key: str | None,
     ) -> Event:
+        self.namespace(topic).check(topic, data)
         if tags is None and idempotency_key is None:
             return Event(topic=topic, data=data)
         return Event(
@@ -703,6 +704,7 @@ class Bus:
             LogError: the topic is durable and the log failed; nothing was
                 fanned out.
             EncodeError: the topic is durable and the data cannot be encoded.
+            InvalidDataError: the data does not match its namespace's schema.
             DeliveryError: with ``ack``, a handler failed every attempt.
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
@@ -755,6 +757,8 @@ class Bus:
 
         Raises:
             InvalidTopicError: a topic name breaks the grammar.
+            InvalidDataError: an item's data does not match its namespace's
+                schema; nothing was published.
             BusClosedError: the bus is closed.
             LogError: the log failed; nothing was published.
         """
@@ -764,6 +768,7 @@ class Bus:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise TypeError("publish_many takes (topic, data) pairs")
             validate_topic(pair[0])
+            self.namespace(pair[0]).check(pair[0], pair[1])
         if self._subs.blockers and any(
             ring.blockers for topic, _ in pairs for ring in self._router.route(topic)
         ):

@@ -1,6 +1,6 @@
 """The ``eventcast`` command line: run the hub, mint development tokens, talk to a hub.
 
-Commands: ``serve``, ``token``, and (in :mod:`eventcast._cli`) ``publish``,
+Commands: ``serve``, ``token``, ``asyncapi``, and (in :mod:`eventcast._cli`) ``publish``,
 ``tail``, ``history``, ``dead-letters list|redrive`` and ``bench``.
 
 Exit codes: 0 success, 1 error, 2 usage or configuration error, 130 interrupted.
@@ -218,6 +218,46 @@ def serve(
             EXIT_ERROR,
         )
     run_server(settings, host=host, port=port)
+
+
+@app.command(epilog=_EXIT_CODES_HELP)
+def asyncapi(
+    host: Annotated[
+        str,
+        typer.Option("--host", help="The `host[:port]` clients reach the hub at.", metavar="HOST"),
+    ] = "localhost:8000",
+    secure: Annotated[
+        bool, typer.Option("--secure", help="Clients use wss:// and https://.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write to this file instead of stdout.", show_default=False
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print the hub's AsyncAPI 3.0 document: servers, channels by namespace, operations.
+
+    Each namespace's `schema` is its messages' payload; the operations follow
+    its permissions.
+
+    Examples:
+
+    * `eventcast asyncapi --config eventcast.toml`
+    * `eventcast asyncapi --host rt.example.com --secure -o asyncapi.json`
+    """
+    settings = _load_settings(config)
+    from .server.asyncapi import asyncapi_document
+
+    text = json.dumps(asyncapi_document(settings, host=host, secure=secure), indent=2) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
 
 
 _register_hub_commands(app)

@@ -9,6 +9,7 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     EventcastError
     ├── InvalidTopicError (also ValueError)
     ├── EncodeError (also ValueError)
+    ├── InvalidDataError (also ValueError)
     ├── BusClosedError
     ├── SubscriberExistsError
     ├── SubscriberNotFoundError
@@ -53,6 +54,7 @@ __all__ = [
     "EventcastError",
     "HandshakeError",
     "HubClientError",
+    "InvalidDataError",
     "InvalidTokenError",
     "InvalidTopicError",
     "LogError",
@@ -79,6 +81,24 @@ class InvalidTopicError(EventcastError, ValueError):
 
 class EncodeError(EventcastError, ValueError):
     """An event's data cannot be encoded to bytes (for the log or the network)."""
+
+
+class InvalidDataError(EventcastError, ValueError):
+    """Data does not match the schema its namespace declares (or the type a client asked for).
+
+    Raised by a publish into a typed namespace (nothing is published), and by
+    a typed subscription's iterator for an event that does not fit. The
+    message says where the data broke which rule; it never quotes the data.
+
+    Attributes:
+        topic: the topic the data was published to.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, message: str, topic: str = "") -> None:
+        super().__init__(message)
+        self.topic = topic
 
 
 class BusClosedError(EventcastError):

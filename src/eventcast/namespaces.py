@@ -14,6 +14,7 @@ from typing import Final
 
 from .exceptions import ConfigurationError
 from .log.base import Retention
+from .schema import Schema, SchemaSpec, compile_schema
 from .topics import namespace_of
 
 __all__ = ["Namespace", "Namespaces"]
@@ -34,16 +35,34 @@ class Namespace:
         history_size: how many of the newest events each topic keeps (0: none,
             the topics are live-only).
         history_ttl: how long events are kept, in seconds (``None``: no age limit).
+        schema: what every publication's data must match (a msgspec ``Struct``
+            class, a pydantic model class or a JSON Schema dict; compiled once
+            into a :class:`~eventcast.schema.Schema`); ``None``: anything.
+            See :mod:`eventcast.schema`.
     """
 
     history_size: int = 0
     history_ttl: float | None = None
+    schema: SchemaSpec | None = None
 
     def __post_init__(self) -> None:
         if self.history_size < 0:
             raise ConfigurationError("history_size must be >= 0")
         if self.history_ttl is not None and self.history_ttl <= 0:
             raise ConfigurationError("history_ttl must be positive or None")
+        if self.schema is not None:
+            object.__setattr__(self, "schema", compile_schema(self.schema))
+
+    def check(self, topic: str, data: object) -> None:
+        """Check a publication's data against the schema (nothing to do without one).
+
+        Raises:
+            InvalidDataError: the data does not match the schema.
+        """
+        schema = self.schema
+        if schema is not None:
+            assert isinstance(schema, Schema)  # compiled in __post_init__
+            schema.validate(data, topic)
 
     @property
     def durable(self) -> bool:

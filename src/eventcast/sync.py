@@ -24,9 +24,9 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from .client import Client, ClientPresence, PresenceStats, Subscription
+from .client import Client, ClientPresence, ClientState, PresenceStats, Subscription
 from .events import Event, History, Position
 from .exceptions import ClientClosedError
 
@@ -95,6 +95,11 @@ class SyncClient:
         """Whether the client is closed (or failed for good)."""
         return self._closed or self._client.closed
 
+    @property
+    def state(self) -> ClientState:
+        """``"disconnected"``, ``"connecting"`` or ``"connected"`` (see :attr:`Client.state`)."""
+        return self._client.state
+
     def __enter__(self) -> SyncClient:
         return self
 
@@ -157,27 +162,31 @@ class SyncClient:
         """Send an asynchronous message to the hub."""
         self._call(self._client.send(data))
 
-    def subscribe(
-        self,
-        channel: str,
-        *,
-        since: Position | str | tuple[int, str] | None = None,
-        on_lost: Literal["continue", "raise"] = "continue",
-        buffer: int | None = None,
-        token: str = "",
-    ) -> SyncSubscription:
+    def subscribe(self, channel: str, **options: Any) -> SyncSubscription:
         """Subscribe now; return an iterator of events (and a context manager).
 
-        See :meth:`Client.subscribe` for the arguments.
+        Takes the arguments of :meth:`Client.subscribe` (``since``,
+        ``on_lost``, ``buffer``, ``token``, ``get_token``, ``join_leave``,
+        ``on_join``, ``on_leave``, ``type``). The callbacks run on the
+        client's thread; ``get_token`` may be a plain function.
         """
 
         async def start() -> Subscription:
-            sub = self._client.subscribe(
-                channel, since=since, on_lost=on_lost, buffer=buffer, token=token
-            )
-            return await sub
+            return await self._client.subscribe(channel, **options)
 
         return SyncSubscription(self, self._call(start()))
+
+    def server_subscription(self, channel: str, **options: Any) -> SyncSubscription:
+        """The events of a server-side subscription (see :meth:`Client.server_subscription`).
+
+        Takes the same arguments. Pass ``on_publication=`` to :func:`connect`
+        to see every server-side publication from the first connect on.
+        """
+
+        async def find() -> Subscription:
+            return self._client.server_subscription(channel, **options)
+
+        return SyncSubscription(self, self._call(find()))
 
 
 class SyncSubscription:
@@ -206,6 +215,16 @@ class SyncSubscription:
     def lost(self) -> int:
         """How many times the stream could not be recovered."""
         return self.subscription.lost
+
+    @property
+    def state(self) -> str:
+        """``"subscribing"``, ``"subscribed"`` or ``"unsubscribed"``."""
+        return self.subscription.state
+
+    @property
+    def refreshes(self) -> int:
+        """Subscription token refreshes done through ``get_token``."""
+        return self.subscription.refreshes
 
     def __iter__(self) -> Iterator[Event]:
         return self

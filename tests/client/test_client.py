@@ -22,6 +22,7 @@ from eventcast.exceptions import (
     SubscriberExistsError,
     SubscriptionClosedError,
 )
+from eventcast.testing import TestHub
 from tests.server.conftest import StartHub
 from tests.server.hubtools import NAMESPACES, SECRET, WAIT, HubServer, token
 
@@ -74,6 +75,22 @@ def expired_token(user: str) -> str:
 @pytest.fixture
 async def client(hub: HubServer) -> AsyncIterator[Client]:
     async with eventcast.connect(hub.base, token=token("alice"), **FAST) as made:
+        yield made
+
+
+# Tests of command semantics run on the in-memory hub of eventcast.testing (the same hub
+# code, no socket); the transport-level ones above and below keep real sockets.
+
+
+@pytest.fixture
+async def memory_hub() -> AsyncIterator[TestHub]:
+    async with TestHub(namespaces=[*NAMESPACES, ROOM], token_hmac_secret=SECRET) as made:
+        yield made
+
+
+@pytest.fixture
+async def memory_client(memory_hub: TestHub) -> AsyncIterator[Client]:
+    async with memory_hub.client(user="alice") as made:
         yield made
 
 
@@ -168,7 +185,8 @@ async def test_since_replays_what_was_missed(hub: HubServer, client: Client) -> 
         assert live.offset == 5
 
 
-async def test_subscribe_errors_are_typed(client: Client) -> None:
+async def test_subscribe_errors_are_typed(memory_client: Client) -> None:
+    client = memory_client
     with pytest.raises(ReplyError) as info:
         await client.subscribe("nope:x").__aenter__()
     assert info.value.code == 102  # unknown channel
@@ -181,7 +199,8 @@ async def test_subscribe_errors_are_typed(client: Client) -> None:
             await client.subscribe("news.twice").__aenter__()
 
 
-async def test_subscription_token(hub: HubServer, client: Client) -> None:
+async def test_subscription_token(memory_hub: TestHub, memory_client: Client) -> None:
+    hub, client = memory_hub, memory_client
     sub_token = token("alice", channel="priv:secret")
     async with client.subscribe("priv:secret", token=sub_token) as sub:
         await hub.publish("priv:secret", {"ok": True})
@@ -189,7 +208,9 @@ async def test_subscription_token(hub: HubServer, client: Client) -> None:
     assert event.data == {"ok": True}
 
 
-async def test_rpc(hub: HubServer, client: Client) -> None:
+async def test_rpc(memory_hub: TestHub, memory_client: Client) -> None:
+    hub, client = memory_hub, memory_client
+
     async def echo(conn: Any, data: Any) -> Any:
         return {"echo": data, "user": conn.user}
 
@@ -201,7 +222,8 @@ async def test_rpc(hub: HubServer, client: Client) -> None:
     assert not info.value.temporary
 
 
-async def test_send_reaches_the_message_handler(hub: HubServer, client: Client) -> None:
+async def test_send_reaches_the_message_handler(memory_hub: TestHub, memory_client: Client) -> None:
+    hub, client = memory_hub, memory_client
     received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def handler(conn: Any, data: Any) -> None:
@@ -213,7 +235,8 @@ async def test_send_reaches_the_message_handler(hub: HubServer, client: Client) 
     assert await asyncio.wait_for(received, WAIT) == ("alice", {"hello": "hub"})
 
 
-async def test_publish_refused_and_unencodable(client: Client) -> None:
+async def test_publish_refused_and_unencodable(memory_client: Client) -> None:
+    client = memory_client
     with pytest.raises(ReplyError) as info:
         await client.publish("priv:secret", {"x": 1})
     assert info.value.code == 103
@@ -221,11 +244,10 @@ async def test_publish_refused_and_unencodable(client: Client) -> None:
         await client.publish("news.a", {"x": object()})
 
 
-async def test_presence(start_hub: StartHub) -> None:
-    server = await start_hub(namespaces=[*NAMESPACES, ROOM])
+async def test_presence(memory_hub: TestHub) -> None:
     async with (
-        eventcast.connect(server.base, token=token("alice", info={"name": "Alice"})) as alice,
-        eventcast.connect(server.base, token=token("bob")) as bob,
+        memory_hub.client(user="alice", info={"name": "Alice"}) as alice,
+        memory_hub.client(user="bob") as bob,
         alice.subscribe("room:lobby"),
         bob.subscribe("room:lobby"),
     ):
@@ -324,7 +346,10 @@ async def test_wrong_epoch_since(hub: HubServer, client: Client, on_lost: Any) -
         assert sub.position == Position(2, event.epoch or "")
 
 
-async def test_server_unsubscribe_ends_the_iterator(hub: HubServer, client: Client) -> None:
+async def test_server_unsubscribe_ends_the_iterator(
+    memory_hub: TestHub, memory_client: Client
+) -> None:
+    hub, client = memory_hub, memory_client
     async with client.subscribe("news.kicked") as sub:
         await hub.api("unsubscribe", user="alice", channel="news.kicked")
         with pytest.raises(SubscriptionClosedError, match="2000"):
@@ -334,10 +359,13 @@ async def test_server_unsubscribe_ends_the_iterator(hub: HubServer, client: Clie
     assert (await client.history("news.kicked")).events == []
 
 
-async def test_terminal_disconnect_fails_the_client(hub: HubServer) -> None:
-    async with eventcast.connect(hub.base, token=token("erin"), **FAST) as client:
+async def test_terminal_disconnect_fails_the_client(memory_hub: TestHub) -> None:
+    async with memory_hub.client(user="erin") as client:
         async with client.subscribe("news.terminal") as sub:
-            await kick(hub, "erin", code=3503)  # force disconnect, no reconnect
+            # force disconnect, no reconnect
+            await memory_hub.api(
+                "disconnect", user="erin", disconnect={"code": 3503, "reason": "test kick"}
+            )
             with pytest.raises(ClientClosedError) as info:
                 await take(sub, 1)
             assert (info.value.code, info.value.reason) == (3503, "test kick")

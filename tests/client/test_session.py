@@ -311,3 +311,61 @@ def test_a_connect_reply_without_result_is_a_protocol_error() -> None:
     session.connect()
     with pytest.raises(ProtocolError, match="connect"):
         session.receive(b'{"id":1}')
+
+
+def test_server_side_subscriptions_are_resumed_on_the_next_connect() -> None:
+    session = ClientSession()
+    session.connect(token="t")
+    session.data_to_send()
+    reply = {
+        "id": 1,
+        "connect": {
+            "client": "c1",
+            "subs": {"news": {"recoverable": True, "epoch": "E", "offset": 4}},
+        },
+    }
+    _, subscribed = session.receive(json.dumps(reply).encode())
+    assert isinstance(subscribed, SubscribedPush)
+    assert (subscribed.channel, subscribed.result.offset) == ("news", 4)
+    assert session.server_side == {"news"}
+    # A push moves the position; a pushed subscription is server-side too.
+    pub = {"push": {"channel": "news", "pub": {"data": {"n": 5}, "offset": 5}}}
+    push = {"push": {"channel": "late", "subscribe": {"epoch": "L", "offset": 1}}}
+    session.receive(json.dumps(pub).encode() + b"\n" + json.dumps(push).encode())
+    assert session.server_side == {"news", "late"}
+
+    session.connection_lost()
+    session.connect(token="t")
+    [command] = lines(session.data_to_send())
+    assert command["connect"]["subs"] == {  # type: ignore[index]
+        "late": {"recover": True, "epoch": "L", "offset": 1},
+        "news": {"recover": True, "epoch": "E", "offset": 5},
+    }
+    # The hub resumes "news" (one missed publication, one already seen); "late" is gone.
+    reply = {
+        "id": 2,
+        "connect": {
+            "client": "c2",
+            "subs": {
+                "news": {
+                    "recoverable": True,
+                    "epoch": "E",
+                    "offset": 6,
+                    "recovered": True,
+                    "was_recovering": True,
+                    "publications": [{"data": 5, "offset": 5}, {"data": 6, "offset": 6}],
+                }
+            },
+        },
+    }
+    _, subscribed, recovered = session.receive(json.dumps(reply).encode())
+    assert isinstance(subscribed, SubscribedPush)
+    assert subscribed.result.recovered
+    assert isinstance(recovered, PublicationReceived)
+    assert (recovered.publication.offset, recovered.recovered) == (6, True)
+    assert session.duplicates == 1
+    assert session.server_side == {"news"}
+    assert session.position("late") is None
+    gone = {"push": {"channel": "news", "unsubscribe": {"code": 2000, "reason": "x"}}}
+    session.receive(json.dumps(gone).encode())
+    assert session.server_side == frozenset()

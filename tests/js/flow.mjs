@@ -6,40 +6,20 @@
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
+import { env, waiters } from './waiting.mjs';
+
 const url = env('HUB_WS_URL');
 const token = env('HUB_TOKEN');
 const apiUrl = env('HUB_API_URL');
 const apiKey = env('HUB_API_KEY');
 const channel = env('HUB_CHANNEL');
-// A safety net only: every step waits for an event.
-const TIMEOUT_MS = 10000;
 
 const received = [];
 const subscribed = [];
 const published = [];
 const states = [];
 
-// Waiters re-checked on every event.
-let waiters = [];
-const notify = () => {
-  waiters = waiters.filter((w) => {
-    if (!w.predicate()) return true;
-    clearTimeout(w.timer);
-    w.resolve();
-    return false;
-  });
-};
-const until = (what, predicate) =>
-  new Promise((resolve, reject) => {
-    if (predicate()) return resolve();
-    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), TIMEOUT_MS);
-    waiters.push({ predicate, resolve, timer });
-  });
+const { notify, until } = waiters();
 
 async function publish(data) {
   const response = await fetch(`${apiUrl}/publish`, {

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,81 @@ async def test_js_sdk_recovers_missed_publications(hub: HubServer) -> None:
     # The hub agrees.
     history = await hub.api("history", channel=channel, limit=100)
     assert [p["offset"] for p in history["publications"]] == list(range(1, 8))
+
+
+async def test_js_sdk_and_python_client_reconnect_alike(hub: HubServer) -> None:
+    """The SDK behaviour spec, checked side by side: states, resubscribe, recovery.
+
+    The hub drops each client with 3000 (reconnect) while publications go on;
+    centrifuge-js and eventcast's client must go through the same states,
+    resubscribe recovering, and receive every publication once, in order.
+    """
+    node = _node()
+    outcomes = {}
+    for sdk in ("js", "python"):
+        channel = f"sdk.alike.{sdk}"
+        user = f"{sdk}-user"
+        if sdk == "js":
+            env = {
+                **os.environ,
+                "HUB_WS_URL": hub.ws_url,
+                "HUB_TOKEN": token(user),
+                "HUB_API_URL": hub.api_url,
+                "HUB_API_KEY": API_KEY,
+                "HUB_CHANNEL": channel,
+                "HUB_USER": user,
+            }
+            process = await asyncio.create_subprocess_exec(
+                node, "reconnect.mjs", cwd=JS_DIR, env=env, stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                stdout, _ = await asyncio.wait_for(process.communicate(), 3 * WAIT)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            result = json.loads(stdout.decode().strip().splitlines()[-1])
+            assert result["error"] is None, result["error"]
+            outcomes[sdk] = (result["states"][:4], result["subscribed"], result["received"])
+        else:
+            outcomes[sdk] = await _python_reconnect(hub, channel, user)
+    assert outcomes["js"] == outcomes["python"]
+    states, subscribed, received = outcomes["python"]
+    assert states == ["connecting", "connected", "connecting", "connected"]
+    assert subscribed[1] == {"wasRecovering": True, "recovered": True}
+    assert received == [1, 2, 3, 4]
+
+
+async def _python_reconnect(hub: HubServer, channel: str, user: str) -> tuple[Any, ...]:
+    import eventcast
+    from eventcast.testing import collect
+
+    states: list[str] = []
+    subscribed: list[dict[str, bool]] = []
+    connected = asyncio.Event()
+
+    def on_state(state: str) -> None:
+        states.append(state)
+        if state == "connected":
+            connected.set()
+
+    client = eventcast.connect(
+        hub.base,
+        token=token(user),
+        on_state=on_state,
+        min_reconnect_delay=0.02,
+        max_reconnect_delay=0.2,
+    )
+    async with client, client.subscribe(channel) as sub:
+        subscribed.append({"wasRecovering": sub.was_recovering, "recovered": sub.recovered})
+        for n in (1, 2):
+            await hub.publish(channel, {"n": n})
+        received = [e.offset for e in await collect(sub, 2, timeout=WAIT)]
+        connected.clear()
+        await hub.api("disconnect", user=user, disconnect={"code": 3000, "reason": "test kick"})
+        for n in (3, 4):
+            await hub.publish(channel, {"n": n})
+        received += [e.offset for e in await collect(sub, 2, timeout=WAIT)]
+        await asyncio.wait_for(connected.wait(), WAIT)
+        subscribed.append({"wasRecovering": sub.was_recovering, "recovered": sub.recovered})
+    return states[:4], subscribed, received

@@ -1,25 +1,39 @@
-"""Server-initiated pushes: message, refresh, subscribe and unsubscribe (real sockets)."""
+"""Server-initiated pushes: message, refresh, subscribe and unsubscribe."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
-from tests.server.hubtools import RawClient, token
+from eventcast.testing import TestHub, wait_for_publication
+from tests.server.hubtools import WAIT, RawClient, token
 
 
-async def test_message_push_reaches_only_the_user(hub):
+async def test_message_push_reaches_only_the_user() -> None:
+    """On the in-memory hub of eventcast.testing, through the Python client's on_message."""
+    received: dict[str, list[Any]] = {"alice": [], "bob": []}
+    arrived = asyncio.Event()
+
+    def inbox(user: str) -> Any:
+        def on_message(data: Any) -> None:
+            received[user].append(data)
+            arrived.set()
+
+        return on_message
+
     async with (
-        await RawClient.open(hub.ws_url) as alice,
-        await RawClient.open(hub.ws_url) as bob,
+        TestHub() as hub,
+        hub.client(user="alice", on_message=inbox("alice")) as alice,
+        hub.client(user="bob", on_message=inbox("bob")) as bob,
     ):
-        await alice.connect(token("alice"))
-        await bob.connect(token("bob"))
         assert hub.hub.send_message("alice", {"hello": "alice"}) == 1
-        message = await alice.message()
-        assert message == {"push": {"message": {"data": {"hello": "alice"}}}}
-        # bob got nothing: his next message is the reply to his own command.
-        reply = await bob.request("ping", {})
-        assert "error" not in reply
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        assert received["alice"] == [{"hello": "alice"}]
+        # bob got nothing: his command's reply comes after anything queued before it.
+        await bob.history("news")
+        assert received["bob"] == []
+        assert alice.connected
 
 
 async def test_refresh_push_extends_the_connection(hub):
@@ -36,17 +50,15 @@ async def test_refresh_push_extends_the_connection(hub):
         assert conn.expires_at == later
 
 
-async def test_server_side_subscribe_and_unsubscribe_pushes(hub):
-    async with await RawClient.open(hub.ws_url) as client:
-        await client.connect(token("dave"))
+async def test_server_side_subscribe_and_unsubscribe_pushes() -> None:
+    """On the in-memory hub: the pushes reach the client's server-side subscription."""
+    async with TestHub() as hub, hub.client(user="dave") as client:
+        news = client.server_subscription("news")
         assert await hub.hub.subscribe_user("dave", "news") == 1
-        push = await client.message()
-        assert push["push"]["channel"] == "news"
-        assert "subscribe" in push["push"]
         await hub.publish("news", {"n": 1})
-        publication = await client.publication()
-        assert publication["pub"]["data"] == {"n": 1}
+        assert (await wait_for_publication(news)).data == {"n": 1}
+        assert client.server_channels == {"news"}
         assert hub.hub.unsubscribe_user("dave", "news") == 1
-        push = await client.message()
-        assert push["push"]["unsubscribe"]["code"] == 2000
+        await client.history("news")  # replies come after the push queued before them
+        assert client.server_channels == frozenset()  # code 2000: the subscription is over
         assert "news" not in hub.hub.connections_of("dave")[0].channels

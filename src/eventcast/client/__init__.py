@@ -11,8 +11,12 @@
 
 It reconnects by itself (jittered exponential backoff), resubscribes every
 subscription and recovers what it missed from each one's last position,
-refreshes its token through ``get_token``, answers the hub's pings and
-replaces a connection that stopped receiving them. See ``docs/client.md``.
+refreshes its connection and subscription tokens through ``get_token``
+callbacks, answers the hub's pings and replaces a connection that stopped
+receiving them. Subscriptions surface join and leave pushes (``on_join``,
+``on_leave``) and can decode into a declared type (``type=``); the channels
+the hub subscribes the client to are read with ``client.server_subscription``.
+See ``docs/client.md``.
 
 For threads and scripts without asyncio, see :mod:`eventcast.sync`. Needs the
 ``websockets`` package (``pip install 'eventcast[server]'``).
@@ -25,8 +29,12 @@ from ._client import (
     DEFAULT_TIMEOUT as DEFAULT_TIMEOUT,
     Client as Client,
     ClientPresence as ClientPresence,
+    ClientState as ClientState,
+    PresenceCallback as PresenceCallback,
     PresenceStats as PresenceStats,
     Subscription as Subscription,
+    SubscriptionState as SubscriptionState,
+    SubscriptionTokenGetter as SubscriptionTokenGetter,
     TokenGetter as TokenGetter,
     connect as connect,
     websocket_url as websocket_url,
@@ -37,8 +45,12 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Client",
     "ClientPresence",
+    "ClientState",
+    "PresenceCallback",
     "PresenceStats",
     "Subscription",
+    "SubscriptionState",
+    "SubscriptionTokenGetter",
     "TokenGetter",
     "connect",
     "websocket_url",

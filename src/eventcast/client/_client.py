@@ -10,8 +10,14 @@ Tasks and who supervises them:
   on a terminal disconnect code;
 * the **token refresher** (one per connection, only with ``get_token`` and an
   expiring token);
+* a **subscription token refresher** per subscription whose token expires and
+  that has a ``get_token`` callback (one per subscribe reply; the next
+  reply replaces it);
 * short helpers (a resubscribe after an unsubscribe push with code >= 2500, an
   unsubscribe after a buffer overflow).
+
+The connection itself is a :class:`~eventcast.client._transport.Transport`:
+a WebSocket by default, or the in-memory one of :mod:`eventcast.testing`.
 
 Any of them failing unexpectedly fails the whole client: pending commands
 raise, and every subscription iterator raises :class:`ClientClosedError` with
@@ -35,8 +41,6 @@ from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect as ws_connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from .. import __version__
 from ..events import EARLIEST, Event, History, Position, encode_data
@@ -46,6 +50,7 @@ from ..exceptions import (
     DisconnectedError,
     EventcastError,
     HandshakeError,
+    InvalidDataError,
     PositionLostError,
     ReplyError,
     ReplyTimeoutError,
@@ -56,6 +61,8 @@ from ..exceptions import (
 from ..protocol.client import (
     ClientSession,
     DisconnectReceived,
+    JoinReceived,
+    LeaveReceived,
     MessageReceived,
     PublicationReceived,
     ReplyReceived,
@@ -66,6 +73,7 @@ from ..protocol.client import (
 from ..protocol.codec import ProtocolError
 from ..protocol.codes import ERROR_TOKEN_EXPIRED, Disconnect
 from ..protocol.frames import (
+    ClientInfo,
     ConnectResult,
     HistoryResult,
     PresenceResult,
@@ -73,16 +81,23 @@ from ..protocol.frames import (
     Publication,
     RefreshResult,
     RPCResult,
+    SubRefreshResult,
     SubscribeResult,
 )
+from ..schema import Decoder, decoder_for
+from ._transport import Opener, Transport, TransportClosed, websocket_opener
 
 __all__ = [
     "DEFAULT_BUFFER",
     "DEFAULT_TIMEOUT",
     "Client",
     "ClientPresence",
+    "ClientState",
+    "PresenceCallback",
     "PresenceStats",
     "Subscription",
+    "SubscriptionState",
+    "SubscriptionTokenGetter",
     "TokenGetter",
     "connect",
     "websocket_url",
@@ -99,7 +114,14 @@ WEBSOCKET_PATH: Final = "/connection/websocket"
 
 #: ``get_token``: returns a fresh connection token (may be a coroutine function).
 TokenGetter: TypeAlias = Callable[[], Awaitable[str] | str]
+#: A subscription's ``get_token``: called with the channel, returns a fresh
+#: subscription token (may be a coroutine function).
+SubscriptionTokenGetter: TypeAlias = Callable[[str], Awaitable[str] | str]
 OnLost: TypeAlias = Literal["continue", "raise"]
+#: The client's state, as the Centrifuge SDK specification names them.
+ClientState: TypeAlias = Literal["disconnected", "connecting", "connected"]
+#: A subscription's state, as the Centrifuge SDK specification names them.
+SubscriptionState: TypeAlias = Literal["unsubscribed", "subscribing", "subscribed"]
 
 _decode = msgspec.json.Decoder().decode
 _EMPTY_TAGS: Final[MappingProxyType[str, str]] = MappingProxyType({})
@@ -135,6 +157,10 @@ class ClientPresence:
     chan_info: Any = None
 
 
+#: ``on_join`` / ``on_leave``: called with who joined or left a channel.
+PresenceCallback: TypeAlias = Callable[["ClientPresence"], object]
+
+
 @dataclass(frozen=True, slots=True)
 class PresenceStats:
     """How many clients and unique users are in a channel."""
@@ -168,18 +194,41 @@ def _raw_value(data: msgspec.Raw) -> Any:
     return _decode(data) if data else None
 
 
+def _presence(info: ClientInfo, client: str = "") -> ClientPresence:
+    return ClientPresence(
+        client=info.client or client,
+        user=info.user,
+        conn_info=_raw_value(info.conn_info),
+        chan_info=_raw_value(info.chan_info),
+    )
+
+
 def _tags(tags: dict[str, str] | None) -> Any:
     return MappingProxyType(dict(tags)) if tags else _EMPTY_TAGS
 
 
 def _event(
-    pub: Publication, channel: str, epoch: str | None, default_topic: str | None = None
+    pub: Publication,
+    channel: str,
+    epoch: str | None,
+    default_topic: str | None = None,
+    decode: Decoder | None = None,
 ) -> Event:
+    """The :class:`Event` of a publication (``decode`` turns its JSON into the declared type).
+
+    Raises:
+        InvalidDataError: ``decode`` refused the data.
+    """
     tags = pub.tags or {}
     offset = pub.offset or None
+    topic = pub.channel or tags.get("topic") or default_topic or channel
+    if decode is None:
+        data = _raw_value(pub.data)
+    else:
+        data = decode(bytes(pub.data) if pub.data else b"null", topic)
     return Event(
-        topic=pub.channel or tags.get("topic") or default_topic or channel,
-        data=_raw_value(pub.data),
+        topic=topic,
+        data=data,
         time=pub.time / 1000 if pub.time else time.time(),
         offset=offset,
         epoch=epoch if offset is not None else None,
@@ -207,10 +256,23 @@ class Subscription:
     :class:`SlowConsumerError` after the buffered events, and the
     subscription ends (resubscribe with ``since=sub.position`` to catch up).
 
+    With a declared ``type`` (a msgspec ``Struct``, a pydantic model, or any
+    type msgspec decodes), each event's ``data`` is decoded into it; a
+    publication that does not fit makes the iterator raise
+    :class:`InvalidDataError` at that point of the stream (iterate again to
+    go on).
+
+    A server-side subscription (:meth:`Client.server_subscription`) is the
+    same object; the server decides when it starts and stops, and it lasts
+    until the client closes (or it is unsubscribed locally).
+
     Attributes:
         channel: the channel or pattern subscribed to.
         recovered: whether the last (re)subscribe recovered every missed event.
+        was_recovering: whether the last (re)subscribe asked to recover from a position.
         lost: how many times the stream could not be recovered.
+        server_side: whether the server subscribed the client (not the application).
+        refreshes: subscription token refreshes done through ``get_token``.
     """
 
     def __init__(
@@ -222,6 +284,12 @@ class Subscription:
         on_lost: OnLost,
         buffer: int,
         token: str,
+        get_token: SubscriptionTokenGetter | None = None,
+        join_leave: bool = False,
+        on_join: PresenceCallback | None = None,
+        on_leave: PresenceCallback | None = None,
+        type: Any = None,
+        server_side: bool = False,
     ) -> None:
         if on_lost not in ("continue", "raise"):
             raise ConfigurationError(f"on_lost must be 'continue' or 'raise', not {on_lost!r}")
@@ -231,20 +299,30 @@ class Subscription:
         self.channel = channel
         self.on_lost: OnLost = on_lost
         self.recovered = False
+        self.was_recovering = False
         self.lost = 0
         self.token = token
+        self.server_side = server_side
+        self.refreshes = 0
+        self.join_leave = join_leave or on_join is not None or on_leave is not None
+        self._get_token = get_token
+        self._on_join = on_join
+        self._on_leave = on_leave
+        self._decode: Decoder | None = None if type is None else decoder_for(type)
         self._since = since
         self._buffer = buffer
-        self._items: deque[Event | _Reset] = deque()
+        self._items: deque[Event | _Reset | EventcastError] = deque()
         self._wake = asyncio.Event()
         self._epoch: str | None = None
         self._delivered: Position | None = since if isinstance(since, Position) else None
         self._error: BaseException | None = None
         self._ended = False
         self._entered = False
+        self._subscribed_once = False
+        self._refresher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.channel!r} position={self.position!r}>"
+        return f"<Subscription {self.channel!r} {self.state} position={self.position!r}>"
 
     @property
     def position(self) -> Position | None:
@@ -255,6 +333,15 @@ class Subscription:
     def active(self) -> bool:
         """Whether the subscription still receives events."""
         return not self._ended
+
+    @property
+    def state(self) -> SubscriptionState:
+        """``"subscribing"``, ``"subscribed"`` or ``"unsubscribed"`` (the SDK spec's states)."""
+        if self._ended:
+            return "unsubscribed"
+        if self._client._is_subscribed(self):
+            return "subscribed"
+        return "subscribing"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -276,7 +363,11 @@ class Subscription:
         return self.__aenter__().__await__()
 
     async def unsubscribe(self) -> None:
-        """Stop receiving; the iterator ends after the buffered events. Idempotent."""
+        """Stop receiving; the iterator ends after the buffered events. Idempotent.
+
+        A server-side subscription stops being delivered locally (the hub
+        keeps the client subscribed).
+        """
         if self._ended:
             return
         self._end(None)
@@ -295,6 +386,8 @@ class Subscription:
                     if item.offset is not None and item.epoch is not None:
                         self._delivered = Position(item.offset, item.epoch)
                     return item
+                if isinstance(item, EventcastError):
+                    raise item
                 self._delivered = item.position
                 if item.lost and self.on_lost == "raise":
                     raise PositionLostError(
@@ -311,11 +404,35 @@ class Subscription:
             self._wake.clear()
             await self._wake.wait()
 
+    # -- tokens ----------------------------------------------------------------------------
+
+    async def _fresh_token(self) -> bool:
+        """Ask ``get_token`` for a new subscription token; return whether there is one.
+
+        Raises:
+            SubscriptionClosedError: ``get_token`` failed (chained as ``__cause__``)
+                or returned something else than a str.
+        """
+        if self._get_token is None:
+            return False
+        try:
+            value = self._get_token(self.channel)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise SubscriptionClosedError(f"get_token of {self.channel!r} failed: {exc!r}") from exc
+        if not isinstance(value, str):
+            raise SubscriptionClosedError(f"get_token returned {type(value).__name__}, not str")
+        self.token = value
+        return True
+
     # -- fed by the client's reader (synchronous, in stream order) -------------------------
 
     def _subscribed(self, result: SubscribeResult, epoch_position: Position | None) -> None:
         self.recovered = result.recovered
+        self.was_recovering = result.was_recovering
         self._epoch = result.epoch or None
+        self._subscribed_once = True
         if result.was_recovering and not result.recovered:
             self.lost += 1
             self._put(_Reset(epoch_position, lost=True))
@@ -332,11 +449,23 @@ class Subscription:
                     f"resubscribe with since=sub.position to catch up"
                 )
             )
-            self._client._forget(self, unsubscribe=True)
+            self._client._forget(self, unsubscribe=not self.server_side)
             return
-        self._put(_event(pub, self.channel, self._epoch))
+        try:
+            self._put(_event(pub, self.channel, self._epoch, decode=self._decode))
+        except InvalidDataError as exc:
+            self._put(exc)
 
-    def _put(self, item: Event | _Reset) -> None:
+    def _presence_event(self, joined: bool, info: ClientInfo) -> None:
+        callback = self._on_join if joined else self._on_leave
+        if callback is None or self._ended:
+            return
+        try:
+            callback(_presence(info))
+        except Exception:
+            logger.exception("%s callback of %r failed", "on_join" if joined else "on_leave", self)
+
+    def _put(self, item: Event | _Reset | EventcastError) -> None:
         self._items.append(item)
         self._wake.set()
 
@@ -346,6 +475,9 @@ class Subscription:
         self._ended = True
         self._error = error
         self._wake.set()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -373,8 +505,11 @@ class Client:
         buffer: int = DEFAULT_BUFFER,
         headers: dict[str, str] | None = None,
         on_message: Callable[[Any], object] | None = None,
+        on_publication: Callable[[Event], object] | None = None,
+        on_state: Callable[[ClientState], object] | None = None,
         proxy: str | Literal[True] | None = True,
         max_size: int = 16 * 1024 * 1024,
+        opener: Opener | None = None,
     ) -> None:
         if timeout <= 0:
             raise ConfigurationError("timeout must be > 0")
@@ -394,15 +529,21 @@ class Client:
         self._version = version
         self._headers = headers
         self._on_message = on_message
-        self._proxy = proxy
-        self._max_size = max_size
+        self._on_publication = on_publication
+        self._on_state = on_state
+        self._opener: Opener = opener or websocket_opener(
+            self.url, timeout=timeout, max_size=max_size, headers=headers, proxy=proxy
+        )
+        self._state: ClientState = "disconnected"
         self._session = ClientSession()
-        self._ws: ClientConnection | None = None
+        self._ws: Transport | None = None
         self._reader: asyncio.Task[_Closed] | None = None
         self._connected = asyncio.Event()
         self._futures: dict[int, asyncio.Future[ReplyReceived]] = {}
         self._subscribing: dict[int, Subscription] = {}
         self._subs: dict[str, Subscription] = {}
+        #: Server-side channels the application asked for (or was delivered) by name.
+        self._server_subs: dict[str, Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -417,8 +558,27 @@ class Client:
         self.refreshes = 0
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "connected" if self.connected else "connecting"
-        return f"<Client {self.url} {state}>"
+        return f"<Client {self.url} {self.state}>"
+
+    @property
+    def state(self) -> ClientState:
+        """``"disconnected"``, ``"connecting"`` or ``"connected"`` (the SDK spec's states).
+
+        A new client is disconnected; ``start()`` makes it connecting, then
+        connected; a lost connection makes it connecting again until it is
+        back; ``close()`` (or a failure for good) makes it disconnected.
+        """
+        return self._state
+
+    def _set_state(self, state: ClientState) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        if self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception:
+                logger.exception("on_state callback failed")
 
     @property
     def connected(self) -> bool:
@@ -444,6 +604,7 @@ class Client:
             return self
         self._started = True
         self._check_open()
+        self._set_state("connecting")
         try:
             _, reader = await self._establish()
         except BaseException:
@@ -477,9 +638,11 @@ class Client:
         """
         if self._closer is None:
             closed = ClientClosedError("the client is closed")
-            for sub in list(self._subs.values()):
+            for sub in [*self._subs.values(), *self._server_subs.values()]:
                 sub._end(None)
             self._subs.clear()
+            self._server_subs.clear()
+            self._set_state("disconnected")
             self._fail_futures(closed)
             self._connected.set()  # wake waiters; they see the client closed
             self._closer = asyncio.ensure_future(self._shutdown())
@@ -496,7 +659,7 @@ class Client:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(min(self.timeout, 2.0)):
                     await ws.close()
-            ws.transport.abort()
+            ws.abort()
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -518,9 +681,11 @@ class Client:
             failure.__cause__ = exc
         self._failure = failure
         logger.warning("eventcast client of %s failed: %s", self.url, exc)
-        for sub in list(self._subs.values()):
+        for sub in [*self._subs.values(), *self._server_subs.values()]:
             sub._end(failure)
         self._subs.clear()
+        self._server_subs.clear()
+        self._set_state("disconnected")
         self._fail_futures(failure)
         self._connected.set()
         self._closer = asyncio.ensure_future(self._shutdown())
@@ -533,7 +698,7 @@ class Client:
             if not future.done():
                 future.set_exception(exc)
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Run a helper task; its unexpected failure fails the client."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -546,6 +711,7 @@ class Client:
                 self._fail(error)
 
         task.add_done_callback(done)
+        return task
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -559,24 +725,7 @@ class Client:
             self._token = value
         return self._token
 
-    async def _open_socket(self) -> ClientConnection:
-        try:
-            return await ws_connect(
-                self.url,
-                open_timeout=self.timeout,
-                ping_interval=None,
-                close_timeout=min(self.timeout, 2.0),
-                max_size=self._max_size,
-                additional_headers=self._headers,
-                proxy=self._proxy,
-                user_agent_header=f"eventcast-python/{__version__}",
-            )
-        except TimeoutError:
-            raise HandshakeError(f"timed out opening {self.url}") from None
-        except (OSError, WebSocketException) as exc:
-            raise HandshakeError(f"cannot open {self.url}: {exc}") from exc
-
-    async def _establish(self) -> tuple[ClientConnection, asyncio.Task[_Closed]]:
+    async def _establish(self) -> tuple[Transport, asyncio.Task[_Closed]]:
         """One connection: socket, connect, resubscribe. A 109 gets one retry with a new token.
 
         Raises:
@@ -597,8 +746,8 @@ class Client:
                     continue
                 raise
 
-    async def _establish_once(self, token: str) -> tuple[ClientConnection, asyncio.Task[_Closed]]:
-        ws = await self._open_socket()
+    async def _establish_once(self, token: str) -> tuple[Transport, asyncio.Task[_Closed]]:
+        ws = await self._opener()
         self._session.connection_lost()
         reader = asyncio.get_running_loop().create_task(
             self._read(ws), name="eventcast-client-reader"
@@ -634,6 +783,7 @@ class Client:
             raise
         self.connects += 1
         self._connected.set()
+        self._set_state("connected")
         if result.expires and self._get_token is not None:
             self._start_refresher(ws, result.ttl)
         return ws, reader
@@ -649,16 +799,16 @@ class Client:
                 raise
             return _Closed(None, "no reply")
 
-    async def _abort(self, ws: ClientConnection, reader: asyncio.Task[_Closed]) -> None:
+    async def _abort(self, ws: Transport, reader: asyncio.Task[_Closed]) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(min(self.timeout, 2.0)):
                 await ws.close()
-        ws.transport.abort()
+        ws.abort()
         reader.cancel()
         with contextlib.suppress(BaseException):
             await reader
 
-    async def _resubscribe_all(self, ws: ClientConnection) -> None:
+    async def _resubscribe_all(self, ws: Transport) -> None:
         subs = list(self._subs.values())
         if not subs:
             return
@@ -666,7 +816,9 @@ class Client:
             *(self._subscribe_on(ws, sub) for sub in subs), return_exceptions=True
         )
         for sub, outcome in zip(subs, results, strict=True):
-            if isinstance(outcome, ReplyError) and not outcome.temporary:
+            if isinstance(outcome, SubscriptionClosedError) or (
+                isinstance(outcome, ReplyError) and not outcome.temporary
+            ):
                 sub._end(outcome)
                 self._forget(sub, unsubscribe=False)
             elif isinstance(outcome, ReplyError | DisconnectedError | ReplyTimeoutError):
@@ -676,7 +828,7 @@ class Client:
             elif isinstance(outcome, BaseException):
                 raise outcome
 
-    def _start_refresher(self, ws: ClientConnection, ttl: int) -> None:
+    def _start_refresher(self, ws: Transport, ttl: int) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
         task = asyncio.get_running_loop().create_task(
@@ -691,7 +843,7 @@ class Client:
 
         task.add_done_callback(done)
 
-    async def _refresh_loop(self, ws: ClientConnection, ttl: int) -> None:
+    async def _refresh_loop(self, ws: Transport, ttl: int) -> None:
         """Replace the connection token before it expires (at 80% of its ttl)."""
         while True:
             await asyncio.sleep(max(0.0, ttl * 0.8))
@@ -719,6 +871,7 @@ class Client:
                 self._connected.clear()
                 if self.closed:
                     return
+                self._set_state("connecting")
                 if self._refresher is not None:
                     self._refresher.cancel()
                     self._refresher = None
@@ -740,7 +893,7 @@ class Client:
         ceiling = min(self.max_reconnect_delay, self.min_reconnect_delay * 2 ** min(attempt, 30))
         return random.uniform(ceiling / 2, ceiling)
 
-    async def _reconnect(self) -> tuple[ClientConnection, asyncio.Task[_Closed]]:
+    async def _reconnect(self) -> tuple[Transport, asyncio.Task[_Closed]]:
         attempt = 0
         while True:
             await asyncio.sleep(self._backoff(attempt))
@@ -760,16 +913,16 @@ class Client:
             return None
         return connected.ping + self.ping_margin
 
-    async def _read(self, ws: ClientConnection) -> _Closed:
+    async def _read(self, ws: Transport) -> _Closed:
         closed = _Closed(None, "connection lost")
         try:
             while True:
                 try:
                     async with asyncio.timeout(self._idle_limit()):
-                        frame = await ws.recv(decode=False)
+                        frame = await ws.recv()
                 except TimeoutError:
                     closed = _Closed(None, "no ping from the hub")
-                    ws.transport.abort()
+                    ws.abort()
                     break
                 try:
                     events = self._session.receive(frame)
@@ -782,11 +935,10 @@ class Client:
                 self._dispatch(events)
                 out = self._session.data_to_send()
                 if out:
-                    await ws.send(out, text=True)
-        except ConnectionClosed as exc:
-            received = exc.rcvd
-            if received is not None:
-                closed = _Closed(received.code, received.reason)
+                    await ws.send(out)
+        except TransportClosed as exc:
+            if exc.code is not None:
+                closed = _Closed(exc.code, exc.reason)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -807,11 +959,13 @@ class Client:
     def _dispatch(self, events: list[SessionEvent]) -> None:
         for event in events:
             if isinstance(event, PublicationReceived):
-                sub = self._subs.get(event.channel)
-                if sub is not None:
-                    sub._publication(event.publication)
+                self._on_publication_push(event)
             elif isinstance(event, ReplyReceived):
                 self._on_reply(event)
+            elif isinstance(event, JoinReceived | LeaveReceived):
+                sub = self._subs.get(event.channel) or self._server_subs.get(event.channel)
+                if sub is not None:
+                    sub._presence_event(isinstance(event, JoinReceived), event.info)
             elif isinstance(event, UnsubscribedPush):
                 self._on_unsubscribed(event)
             elif isinstance(event, MessageReceived):
@@ -819,23 +973,85 @@ class Client:
             elif isinstance(event, DisconnectReceived):
                 logger.info("the hub announced a disconnect: %s %s", event.code, event.reason)
             elif isinstance(event, SubscribedPush):
-                logger.debug("ignoring server-side subscription to %r", event.channel)
-            # Pings are answered by the session; joins and leaves are not surfaced.
+                self._on_server_subscribed(event)
+            # Pings are answered by the session.
+
+    def _on_publication_push(self, event: PublicationReceived) -> None:
+        channel = event.channel
+        sub = self._subs.get(channel)
+        if sub is not None:
+            sub._publication(event.publication)
+            return
+        if channel not in self._session.server_side:
+            return  # unsubscribed meanwhile: a late publication
+        server_sub = self._server_subs.get(channel)
+        if server_sub is not None:
+            server_sub._publication(event.publication)
+        callback = self._on_publication
+        if callback is not None:
+            epoch = self._session.position(channel)
+            try:
+                callback(_event(event.publication, channel, epoch[1] if epoch else None))
+            except Exception:
+                logger.exception("on_publication callback failed")
+
+    def _on_server_subscribed(self, event: SubscribedPush) -> None:
+        sub = self._server_subs.get(event.channel)
+        if sub is not None:
+            sub._subscribed(event.result, _result_position(event.result))
 
     def _on_reply(self, event: ReplyReceived) -> None:
         sub = self._subscribing.pop(event.id, None)
         if sub is not None and event.error is None and isinstance(event.result, SubscribeResult):
             result = event.result
-            positioned = result.positioned or result.recoverable or bool(result.epoch)
-            sub._subscribed(result, Position(result.offset, result.epoch) if positioned else None)
+            sub._subscribed(result, _result_position(result))
+            if result.expires and sub._get_token is not None and self._ws is not None:
+                self._start_sub_refresher(self._ws, sub, result.ttl)
         future = self._futures.pop(event.id, None)
         if future is not None and not future.done():
             future.set_result(event)
 
+    def _start_sub_refresher(self, ws: Transport, sub: Subscription, ttl: int) -> None:
+        if sub._refresher is not None:
+            sub._refresher.cancel()
+        sub._refresher = self._spawn(
+            self._sub_refresh_loop(ws, sub, ttl), "eventcast-client-sub-refresh"
+        )
+
+    async def _sub_refresh_loop(self, ws: Transport, sub: Subscription, ttl: int) -> None:
+        """Replace a subscription token before it expires (at 80% of its ttl).
+
+        A refused refresh ends the subscription with the :class:`ReplyError`;
+        a lost connection ends the loop (the resubscribe starts a new one).
+        """
+        while not sub._ended:
+            await asyncio.sleep(max(0.0, ttl * 0.8))
+            try:
+                await sub._fresh_token()
+            except SubscriptionClosedError as exc:
+                logger.warning("%s", exc)
+                self._forget(sub, unsubscribe=True)
+                sub._end(exc)
+                return
+            try:
+                reply = await self._command_on(ws, lambda s: s.sub_refresh(sub.channel, sub.token))
+            except ReplyError as exc:
+                logger.warning("subscription token refresh of %r refused: %s", sub.channel, exc)
+                self._forget(sub, unsubscribe=True)
+                sub._end(exc)
+                return
+            except (DisconnectedError, ReplyTimeoutError, ClientClosedError):
+                return
+            sub.refreshes += 1
+            result = reply.result
+            if not isinstance(result, SubRefreshResult) or not result.expires:
+                return
+            ttl = result.ttl
+
     def _on_unsubscribed(self, event: UnsubscribedPush) -> None:
         sub = self._subs.get(event.channel)
         if sub is None:
-            return
+            return  # a server-side subscription's object lasts: the server may subscribe again
         if event.resubscribe and self._ws is not None:
             self._spawn(self._resubscribe(self._ws, sub), "eventcast-client-resubscribe")
             return
@@ -858,7 +1074,7 @@ class Client:
 
     async def _command_on(
         self,
-        ws: ClientConnection,
+        ws: Transport,
         build: Callable[[ClientSession], int],
         sub: Subscription | None = None,
     ) -> ReplyReceived:
@@ -879,13 +1095,13 @@ class Client:
             self._subscribing[command_id] = sub
         try:
             async with asyncio.timeout(self.timeout):
-                await ws.send(data, text=True)
+                await ws.send(data)
                 reply = await future
         except TimeoutError:
             raise ReplyTimeoutError(
                 f"no reply from the hub within {self.timeout} s (command {command_id})"
             ) from None
-        except ConnectionClosed as exc:
+        except TransportClosed as exc:
             raise DisconnectedError(f"connection lost: {exc}") from None
         finally:
             self._futures.pop(command_id, None)
@@ -896,7 +1112,7 @@ class Client:
             raise ReplyError(error.code, error.message, error.temporary)
         return reply
 
-    async def _ready(self) -> ClientConnection:
+    async def _ready(self) -> Transport:
         """The current connection, once up (waiting at most ``timeout``)."""
         self._check_open()
         if not self._started:
@@ -916,17 +1132,38 @@ class Client:
     async def _request(self, build: Callable[[ClientSession], int]) -> ReplyReceived:
         return await self._command_on(await self._ready(), build)
 
-    async def _subscribe_on(self, ws: ClientConnection, sub: Subscription) -> None:
+    async def _subscribe_on(self, ws: Transport, sub: Subscription) -> None:
+        """Send subscribe for ``sub``; with ``get_token``, fetch a token first or on a 109.
+
+        Raises:
+            ReplyError: the hub refused (after one retry with a fresh token on 109).
+        """
         since = sub._since
         sub._since = None  # only the first subscribe uses it; then the tracked position
         explicit = (since.offset, since.epoch) if isinstance(since, Position) else None
-        await self._command_on(
-            ws,
-            lambda s: s.subscribe(sub.channel, recover=True, since=explicit, token=sub.token),
-            sub,
-        )
+        if not sub.token:
+            await sub._fresh_token()
+        retried = False
+        while True:
+            try:
+                await self._command_on(
+                    ws,
+                    lambda s: s.subscribe(
+                        sub.channel,
+                        recover=True,
+                        since=explicit,
+                        token=sub.token,
+                        join_leave=sub.join_leave,
+                    ),
+                    sub,
+                )
+                return
+            except ReplyError as exc:
+                if exc.code != ERROR_TOKEN_EXPIRED.code or retried or not await sub._fresh_token():
+                    raise
+                retried = True
 
-    async def _resubscribe(self, ws: ClientConnection, sub: Subscription) -> None:
+    async def _resubscribe(self, ws: Transport, sub: Subscription) -> None:
         try:
             await self._subscribe_on(ws, sub)
         except ReplyError as exc:
@@ -954,7 +1191,16 @@ class Client:
             sub._end(exc if isinstance(exc, EventcastError) else None)
             raise
 
+    def _is_subscribed(self, sub: Subscription) -> bool:
+        if sub.server_side:
+            return sub.channel in self._session.server_side and self.connected
+        return self._subs.get(sub.channel) is sub and sub._subscribed_once and self.connected
+
     def _forget(self, sub: Subscription, *, unsubscribe: bool) -> None:
+        if sub.server_side:
+            if self._server_subs.get(sub.channel) is sub:
+                del self._server_subs[sub.channel]
+            return
         if self._subs.get(sub.channel) is sub:
             del self._subs[sub.channel]
         self._session.forget_position(sub.channel)
@@ -982,6 +1228,11 @@ class Client:
         on_lost: OnLost = "continue",
         buffer: int | None = None,
         token: str = "",
+        get_token: SubscriptionTokenGetter | None = None,
+        join_leave: bool = False,
+        on_join: PresenceCallback | None = None,
+        on_leave: PresenceCallback | None = None,
+        type: Any = None,
     ) -> Subscription:
         """Subscribe to a channel or pattern: ``async with client.subscribe(...) as sub``.
 
@@ -997,9 +1248,24 @@ class Client:
             buffer: events buffered before :class:`SlowConsumerError`
                 (default :data:`DEFAULT_BUFFER`).
             token: a subscription token, for channels that need one.
+            get_token: called with the channel to get a fresh subscription
+                token (plain or coroutine function): for the first subscribe
+                when ``token`` is empty, when the hub answers 109 "token
+                expired", and before an expiring token runs out (at 80% of its
+                ttl, with ``sub_refresh``, without resubscribing). If it raises
+                or the refresh is refused, the subscription ends with that error.
+            join_leave: ask for join and leave pushes (the namespace must
+                enable ``join_leave``); implied by ``on_join`` / ``on_leave``.
+            on_join: called with a :class:`ClientPresence` when a client joins.
+            on_leave: called with a :class:`ClientPresence` when a client leaves.
+            type: decode each event's data into this type (a msgspec
+                ``Struct``, a pydantic model, or any type msgspec decodes).
 
         The subscribe command is sent on ``__aenter__`` (or ``await``);
         it raises :class:`ReplyError` when the hub refuses.
+
+        .. versionchanged:: 0.2
+            ``get_token``, ``join_leave``, ``on_join``, ``on_leave`` and ``type``.
         """
         if since is not None and not isinstance(since, Position | str):
             since = Position.coerce(since)
@@ -1010,7 +1276,68 @@ class Client:
             on_lost=on_lost,
             buffer=self.buffer if buffer is None else buffer,
             token=token,
+            get_token=get_token,
+            join_leave=join_leave,
+            on_join=on_join,
+            on_leave=on_leave,
+            type=type,
         )
+
+    def server_subscription(
+        self,
+        channel: str,
+        *,
+        buffer: int | None = None,
+        on_join: PresenceCallback | None = None,
+        on_leave: PresenceCallback | None = None,
+        type: Any = None,
+    ) -> Subscription:
+        """The events of a server-side subscription (one the hub made, not the application).
+
+        Channels listed in the connection token's ``channels`` claim, or
+        subscribed through the HTTP API's ``subscribe``, deliver their
+        publications here: iterate the returned :class:`Subscription`
+        (``async for event in client.server_subscription("news")``). Ask for
+        it before connecting to miss nothing; publications of server-side
+        channels nobody asked for go to ``on_publication`` only. Calling it
+        again with the same channel returns the same object. The hub resumes
+        it from its position on reconnect (``recovered`` tells how it went).
+
+        Args:
+            channel: the server-side channel.
+            buffer: events buffered before :class:`SlowConsumerError`.
+            on_join, on_leave: join and leave callbacks (the namespace must
+                push them: ``force_push_join_leave``).
+            type: decode each event's data into this type.
+
+        .. versionadded:: 0.2
+        """
+        sub = self._server_subs.get(channel)
+        if sub is None or not sub.active:
+            self._check_open()
+            sub = Subscription(
+                self,
+                channel,
+                since=None,
+                on_lost="continue",
+                buffer=self.buffer if buffer is None else buffer,
+                token="",
+                on_join=on_join,
+                on_leave=on_leave,
+                type=type,
+                server_side=True,
+            )
+            sub._entered = True
+            self._server_subs[channel] = sub
+            position = self._session.position(channel)
+            if position is not None:
+                sub._epoch = position[1]
+        return sub
+
+    @property
+    def server_channels(self) -> frozenset[str]:
+        """The channels the hub subscribed this client to (server-side subscriptions)."""
+        return self._session.server_side
 
     async def publish(self, channel: str, data: Any) -> None:
         """Publish ``data`` (any JSON value; ``bytes`` are sent as already-encoded JSON).
@@ -1029,11 +1356,16 @@ class Client:
         limit: int = 0,
         since: Position | tuple[int, str] | None = None,
         reverse: bool = False,
+        type: Any = None,
     ) -> History:
         """A page of a durable channel's history and its current position.
 
         ``limit=0`` returns only the position; ``since`` returns the events
-        after that position; ``reverse`` starts from the newest.
+        after that position; ``reverse`` starts from the newest; ``type``
+        decodes each event's data into that type.
+
+        Raises:
+            InvalidDataError: with ``type``, an event's data does not fit it.
         """
         start = None if since is None else Position.coerce(since)
         pair = None if start is None else (start.offset, start.epoch)
@@ -1042,22 +1374,15 @@ class Client:
         )
         result = reply.result if isinstance(reply.result, HistoryResult) else HistoryResult()
         epoch = result.epoch
-        events = [_event(pub, channel, epoch) for pub in result.publications or ()]
+        decode = None if type is None else decoder_for(type)
+        events = [_event(pub, channel, epoch, decode=decode) for pub in result.publications or ()]
         return History(events=events, position=Position(result.offset, epoch))
 
     async def presence(self, channel: str) -> dict[str, ClientPresence]:
         """Who is in a channel, by client id."""
         reply = await self._request(lambda s: s.presence(channel))
         result = reply.result if isinstance(reply.result, PresenceResult) else PresenceResult()
-        return {
-            client: ClientPresence(
-                client=info.client or client,
-                user=info.user,
-                conn_info=_raw_value(info.conn_info),
-                chan_info=_raw_value(info.chan_info),
-            )
-            for client, info in (result.presence or {}).items()
-        }
+        return {client: _presence(info, client) for client, info in (result.presence or {}).items()}
 
     async def presence_stats(self, channel: str) -> PresenceStats:
         """How many clients and unique users are in a channel."""
@@ -1084,9 +1409,14 @@ class Client:
         ws = await self._ready()
         self._session.send(payload)
         try:
-            await ws.send(self._session.data_to_send(), text=True)
-        except ConnectionClosed as exc:
+            await ws.send(self._session.data_to_send())
+        except TransportClosed as exc:
             raise DisconnectedError(f"connection lost: {exc}") from None
+
+
+def _result_position(result: SubscribeResult) -> Position | None:
+    positioned = result.positioned or result.recoverable or bool(result.epoch)
+    return Position(result.offset, result.epoch) if positioned else None
 
 
 def _terminal(exc: HandshakeError) -> bool:
@@ -1112,6 +1442,8 @@ def connect(
     buffer: int = DEFAULT_BUFFER,
     headers: dict[str, str] | None = None,
     on_message: Callable[[Any], object] | None = None,
+    on_publication: Callable[[Event], object] | None = None,
+    on_state: Callable[[ClientState], object] | None = None,
     proxy: str | Literal[True] | None = True,
 ) -> Client:
     """Connect to a hub: ``async with connect(url, token=...) as client`` (or ``await``).
@@ -1135,6 +1467,10 @@ def connect(
         buffer: events buffered per subscription (default :data:`DEFAULT_BUFFER`).
         headers: extra HTTP headers of the WebSocket handshake.
         on_message: called with each asynchronous message the hub sends.
+        on_publication: called with each event of every server-side
+            subscription (see :meth:`Client.server_subscription`).
+        on_state: called with each new client state (``"connecting"``,
+            ``"connected"``, ``"disconnected"``).
         proxy: passed to ``websockets`` (``True``: from the environment).
     """
     return Client(
@@ -1149,5 +1485,7 @@ def connect(
         buffer=buffer,
         headers=headers,
         on_message=on_message,
+        on_publication=on_publication,
+        on_state=on_state,
         proxy=proxy,
     )

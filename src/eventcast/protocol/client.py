@@ -57,7 +57,6 @@ from .frames import (
     SendRequest,
     StreamPosition,
     SubRefreshRequest,
-    SubscribePush,
     SubscribeRequest,
     SubscribeResult,
     UnsubscribeRequest,
@@ -155,10 +154,17 @@ class UnsubscribedPush:
 
 @dataclass(frozen=True, slots=True)
 class SubscribedPush:
-    """The server subscribed the client to ``channel`` (a server-side subscription)."""
+    """The server subscribed the client to ``channel`` (a server-side subscription).
+
+    Emitted for a ``subscribe`` push, and for each server-side subscription
+    in a connect result. ``result`` has the stream's position either way;
+    from a connect result it also tells how the resume from the position this
+    session tracked went (``recovered``, ``was_recovering``), and the recovered
+    publications follow as :class:`PublicationReceived` events.
+    """
 
     channel: str
-    push: SubscribePush
+    result: SubscribeResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +223,8 @@ class ClientSession:
         self._pending: dict[int, tuple[str, str]] = {}
         #: channel -> (offset, epoch) for positioned subscriptions.
         self._positions: dict[str, tuple[int, str]] = {}
+        #: Channels the server subscribed this client to (resumed on the next connect).
+        self._server_side: set[str] = set()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -236,12 +244,24 @@ class ClientSession:
         data: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> int:
-        """Queue ``connect`` (the first command of every connection); return its id."""
+        """Queue ``connect`` (the first command of every connection); return its id.
+
+        The request asks to resume every server-side subscription of the
+        previous connection whose stream position this session tracked.
+        """
         self.state = ClientState.CONNECTING
         self.connect_result = None
         request = ConnectRequest(
             token=token, name=name, version=version, data=raw(data), headers=headers or None
         )
+        subs: dict[str, SubscribeRequest] = {}
+        for channel in sorted(self._server_side):
+            position = self._positions.get(channel)
+            if position is not None:
+                offset, epoch = position
+                subs[channel] = SubscribeRequest(recover=True, offset=offset, epoch=epoch)
+        if subs:
+            request.subs = subs
         return self._command("connect", request)
 
     def subscribe(
@@ -343,6 +363,11 @@ class ClientSession:
         self._positions.pop(channel, None)
 
     @property
+    def server_side(self) -> frozenset[str]:
+        """The channels the server subscribed this client to."""
+        return frozenset(self._server_side)
+
+    @property
     def pending(self) -> frozenset[int]:
         """The ids of commands still waiting for a reply."""
         return frozenset(self._pending)
@@ -402,6 +427,18 @@ class ClientSession:
         events.append(ReplyReceived(reply.id, method, result))
         if method == "subscribe" and isinstance(result, SubscribeResult):
             self._subscribed(channel, result, events)
+        elif method == "connect" and isinstance(result, ConnectResult):
+            self._server_subscribed(result, events)
+
+    def _server_subscribed(self, result: ConnectResult, events: list[SessionEvent]) -> None:
+        """The server-side subscriptions of a connect result, with their recovered publications."""
+        subs = result.subs or {}
+        for gone in self._server_side - set(subs):
+            self._positions.pop(gone, None)
+        self._server_side = set(subs)
+        for channel, sub in subs.items():
+            events.append(SubscribedPush(channel, sub))
+            self._subscribed(channel, sub, events)
 
     def _subscribed(
         self, channel: str, result: SubscribeResult, events: list[SessionEvent]
@@ -445,12 +482,21 @@ class ClientSession:
             event = UnsubscribedPush(channel, push.unsubscribe.code, push.unsubscribe.reason)
             if not event.resubscribe:
                 self._positions.pop(channel, None)
+                self._server_side.discard(channel)
             events.append(event)
         elif push.subscribe is not None:
             sub = push.subscribe
             if sub.positioned or sub.recoverable or sub.epoch:
                 self._positions[channel] = (sub.offset, sub.epoch)
-            events.append(SubscribedPush(channel, sub))
+            self._server_side.add(channel)
+            result = SubscribeResult(
+                recoverable=sub.recoverable,
+                epoch=sub.epoch,
+                offset=sub.offset,
+                positioned=sub.positioned,
+                data=sub.data,
+            )
+            events.append(SubscribedPush(channel, result))
         elif push.disconnect is not None:
             events.append(DisconnectReceived(push.disconnect.code, push.disconnect.reason))
         elif push.message is not None:

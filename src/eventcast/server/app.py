@@ -246,6 +246,16 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def asyncapi_endpoint(request: Request) -> Response:
+    """The hub's AsyncAPI 3.0 document (the ``asyncapi`` setting turns it on)."""
+    from .asyncapi import asyncapi_document
+
+    hub: Hub = request.app.state.hub
+    host = request.headers.get("host") or "localhost"
+    document = asyncapi_document(hub.settings, host=host, secure=request.url.scheme == "https")
+    return JSONResponse(document)
+
+
 def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> HubApp:
     """Build the hub's ASGI app. Its lifespan opens the bus and log and closes them."""
     if hub is None:
@@ -267,6 +277,7 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
 
     app = HubApp(
         routes=[
+            *([Route("/asyncapi.json", asyncapi_endpoint)] if hub.settings.asyncapi else []),
             WebSocketRoute("/connection/websocket", WebSocketEndpoint()),
             Route("/connection/sse", SSEEndpoint(), methods=["GET"]),
             Route("/api/{method}", handle_api, methods=["POST"]),

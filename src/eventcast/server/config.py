@@ -43,6 +43,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -59,6 +60,7 @@ from pydantic_settings import (
 from .._urls import redact_password
 from ..exceptions import ConfigurationError
 from ..namespaces import Namespace
+from ..schema import Schema, compile_schema
 from ..topics import namespace_of
 
 __all__ = ["NamespaceConfig", "Settings", "parse_duration"]
@@ -160,9 +162,14 @@ class NamespaceConfig(BaseModel):
             the listed users only.
         allow_patterns: (eventcast extension) clients may subscribe to patterns
             with ``*`` and ``>``.
+        schema: (eventcast extension) what every publication's data must match:
+            a JSON Schema (a TOML table, or JSON in the environment), or in
+            Python a msgspec ``Struct`` or pydantic model class. Publishes that
+            do not match are refused (error 107). Read it as ``data_schema``
+            (a compiled :class:`~eventcast.schema.Schema`).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     name: str
     history_size: int = Field(default=0, ge=0)
@@ -183,6 +190,22 @@ class NamespaceConfig(BaseModel):
     force_push_join_leave: bool = False
     allow_user_limited_channels: bool = False
     allow_patterns: bool = False
+    # Not named ``schema``: that would shadow a (deprecated) BaseModel attribute.
+    data_schema: Any = Field(default=None, alias="schema")
+
+    @field_validator("data_schema")
+    @classmethod
+    def _compile_schema(cls, value: Any) -> Schema | None:
+        if value is None:
+            return None
+        try:
+            return compile_schema(value)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_serializer("data_schema")
+    def _schema_as_json(self, value: Schema | None) -> dict[str, Any] | None:
+        return None if value is None else value.json_schema
 
     @field_validator("name")
     @classmethod
@@ -199,6 +222,7 @@ class NamespaceConfig(BaseModel):
         return Namespace(
             history_size=self.history_size,
             history_ttl=self.history_ttl if self.history_ttl > 0 else None,
+            schema=self.data_schema,
         )
 
 
@@ -259,6 +283,8 @@ class Settings(BaseSettings):
             node's entries expire after it).
         admin_token: protects the dashboard at ``/`` when set (without it the
             dashboard is open: set one anywhere but on a developer's machine).
+        asyncapi: serve the hub's AsyncAPI 3.0 document at ``GET /asyncapi.json``
+            (off by default: it lists the namespaces and their permissions).
         log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
@@ -298,6 +324,7 @@ class Settings(BaseSettings):
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
+    asyncapi: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

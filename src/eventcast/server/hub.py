@@ -34,7 +34,12 @@ from .._tasks import Supervisor
 from .._urls import pop_option
 from ..bus import Bus
 from ..events import Event, Position
-from ..exceptions import ConfigurationError, PositionError, UnrecoverablePositionError
+from ..exceptions import (
+    ConfigurationError,
+    InvalidDataError,
+    PositionError,
+    UnrecoverablePositionError,
+)
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ..protocol.frames import (
@@ -307,7 +312,10 @@ class Hub:
                 raise CommandError(
                     codes.ERROR_BAD_REQUEST.with_message("data is not JSON")
                 ) from None
-        return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
+        try:
+            return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
+        except InvalidDataError as exc:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
 
     async def replay(self, channel: str, since: StreamPosition | tuple[int, str] | None) -> Replay:
         """What a client resuming ``channel`` after ``since`` missed (the bus's one replay path).

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..protocol import codes
+from ..schema import Schema
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -108,6 +109,16 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "eventcast_dead_letters", "Dead letters kept.", value=bus["dead_letters"]
         )
+        refused = CounterMetricFamily(
+            "eventcast_publications_refused",
+            "Publications refused because their data broke the namespace's schema.",
+            labels=["namespace", "reason"],
+        )
+        for name, namespace in sorted(hub.bus.namespaces.items()):
+            schema = namespace.schema
+            if isinstance(schema, Schema):
+                refused.add_metric([name, "schema"], schema.refused)
+        yield refused
         disconnects = CounterMetricFamily(
             "eventcast_disconnects", "Client disconnects by code.", labels=["code", "reason"]
         )
@@ -120,12 +131,12 @@ class HubCollector(Collector):
         recoveries.add_metric(["ok"], hub.recoveries[True])
         recoveries.add_metric(["failed"], hub.recoveries[False])
         yield recoveries
-        refused = CounterMetricFamily(
+        handshakes = CounterMetricFamily(
             "eventcast_handshakes_refused", "Handshakes refused, by reason.", labels=["reason"]
         )
         for reason, count in hub.refused.items():
-            refused.add_metric([reason], count)
-        yield refused
+            handshakes.add_metric([reason], count)
+        yield handshakes
         api = CounterMetricFamily(
             "eventcast_api_calls",
             "HTTP API calls by method and result.",

@@ -53,9 +53,7 @@ reached. With 2+ cores the server is pinned to CPU 0 and the load generators
 to the other CPUs (``--no-pin`` to turn it off), so they do not starve it.
 
 ``--live-publishers 32`` publishes eventcast's live channel from 32
-connections, as the durable one is (default 1, as in the WebSocket figures);
-``--patch-sse-batch`` is an experiment on the hub's SSE fan-out (see
-``patch_sse_batch``).
+connections, as the durable one is (default 1, as in the WebSocket figures).
 
 Set ``EVENTCAST_BENCH_SERVER_PROFILE=/path/out.prof`` to run the eventcast
 server under cProfile (the SSE run writes ``/path/out.prof.sse``); read it
@@ -104,124 +102,11 @@ DEBUG = bool(os.environ.get("BENCH_DEBUG"))
 # -- servers (each runs in its own process: hub.py --serve KIND --port N) ---------------
 
 
-def patch_fast_path() -> None:
-    """Experiment: accept uvloop's transport for the hub's pre-framed fast path.
-
-    ``eventcast.server.app._raw_transport`` checks ``isinstance(transport,
-    asyncio.WriteTransport)``, which uvloop's ``TCPTransport`` is not, so under
-    ``eventcast serve`` (uvloop) every connection falls back to the ASGI path.
-    This replaces the check with duck typing, in the server process only, to
-    measure what the fix is worth (``--patch-fast-path``).
-    """
-    import eventcast.server.app as app_module
-
-    def raw_transport(send: Any) -> Any:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import (
-            WebSocketsSansIOProtocol,
-        )
-
-        owner = getattr(send, "__self__", None)
-        if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
-            return None
-        transport = owner.transport
-        needed = ("write", "is_closing", "get_write_buffer_size")
-        return transport if all(hasattr(transport, n) for n in needed) else None
-
-    app_module._raw_transport = raw_transport  # type: ignore[assignment]
-
-
-def patch_sse_batch() -> None:
-    """Experiment: SSE fan-out at a cost per connection independent of the batch size.
-
-    ``Hub._deliver_sse`` (``src/eventcast/server/hub.py``) walks every event of a
-    batch for every connection and joins a new ``bytes`` per connection (so
-    ``Connection.flush`` also frames it per connection), and every stream gets
-    its own ``Cursor`` object from ``sse_open``, so ``Cursor.advance``'s memo is
-    never shared and each durable delivery builds a new cursor. This version,
-    installed in the server process only (``--patch-sse-batch``), interns
-    cursors by their text and computes a batch's output once per starting
-    cursor: connections at the same position share one payload object, framed
-    once, as the WebSocket path shares one frame.
-    """
-    from eventcast.exceptions import EncodeError
-    from eventcast.protocol.sse import Cursor, sse_body
-    from eventcast.server import hub as hub_module
-
-    interned: dict[str, Cursor] = {}
-
-    def intern(cursor: Cursor) -> Cursor:
-        same = interned.get(cursor.text)
-        if same is None:
-            if len(interned) > 4096:
-                interned.clear()
-            same = interned[cursor.text] = cursor
-        return same
-
-    def deliver_sse(self: Any, conn: Any, events: list[Any], cache: dict[Any, Any]) -> None:
-        start: Cursor = conn.cursor
-        hit = cache.get(id(start))  # event ids are str keys: no clash with int keys
-        if hit is not None and hit[0] is start:
-            conn.cursor = hit[1]
-            if hit[2] is not None:
-                conn.enqueue(hit[2])
-            return
-        cursor = intern(start)
-        if cursor is not start:  # a stream's first batch: its own cursor is a copy
-            hit = cache.get(id(cursor))
-            if hit is not None and hit[0] is cursor:
-                conn.cursor = hit[1]
-                if hit[2] is not None:
-                    conn.enqueue(hit[2])
-                return
-        out: list[bytes] = []
-        for event in events:
-            body = cache.get(event.id)
-            if body is None:
-                try:
-                    body = cache[event.id] = sse_body(event)
-                except EncodeError as exc:
-                    self.encode_failures += 1
-                    hub_module.logger.warning("skipping an event on %r: %s", event.topic, exc)
-                    continue
-            if (
-                event.offset is not None
-                and event.epoch is not None
-                and (event.topic in cursor.topics)
-            ):
-                cursor = intern(cursor.advance(event.id, event.topic, event.offset, event.epoch))
-                message = cursor.message.get(event.id)
-                if message is None:
-                    message = cursor.message[event.id] = b"id: %s\n%s" % (
-                        cursor.text.encode(),
-                        body,
-                    )
-                out.append(message)
-            else:
-                out.append(body)
-        payload = (out[0] if len(out) == 1 else b"".join(out)) if out else None
-        cache[id(start)] = (start, cursor, payload)
-        canonical = interned.get(start.text)
-        if canonical is not None and canonical is not start:
-            cache[id(canonical)] = (canonical, cursor, payload)
-        conn.cursor = cursor
-        if payload is not None:
-            conn.enqueue(payload)
-
-    hub_module.Hub._deliver_sse = deliver_sse  # type: ignore[method-assign]
-
-
-def serve_eventcast(
-    port: int, data_dir: str, fast_path: bool = False, sse_batch: bool = False
-) -> None:
+def serve_eventcast(port: int, data_dir: str) -> None:
     import uvicorn
 
     from eventcast.server.app import create_app, uvicorn_config
     from eventcast.server.config import Settings
-
-    if fast_path:
-        patch_fast_path()
-    if sse_batch:
-        patch_sse_batch()
 
     perms = {"allow_subscribe_for_client": True, "allow_publish_for_client": True}
     # The load is one publisher and many connections from one host: lift the
@@ -1112,10 +997,6 @@ class Run:
         self.port = free_port()
         cmd = [sys.executable, os.path.abspath(__file__), "--serve", self.kind]
         cmd += ["--port", str(self.port), "--data-dir", self.tmp]
-        if args.patch_fast_path:
-            cmd.append("--patch-fast-path")
-        if getattr(args, "patch_sse_batch", False):
-            cmd.append("--patch-sse-batch")
         env = dict(os.environ)
         if self.transport != "websocket" and env.get("EVENTCAST_BENCH_SERVER_PROFILE"):
             env["EVENTCAST_BENCH_SERVER_PROFILE"] += f".{self.transport}"
@@ -1433,18 +1314,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also measure at this many publications/s (repeatable)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument(
-        "--patch-fast-path",
-        action="store_true",
-        help="experiment: let eventcast's pre-framed fast path accept uvloop's transport "
-        "(see patch_fast_path)",
-    )
-    parser.add_argument(
-        "--patch-sse-batch",
-        action="store_true",
-        help="experiment: share each batch's SSE payload between streams at the same "
-        "cursor (see patch_sse_batch)",
-    )
     all_systems = tuple(dict.fromkeys(SYSTEMS + SSE_SYSTEMS))
     parser.add_argument(
         "--systems",
@@ -1466,9 +1335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.serve:  # inside the server process
         servers: dict[str, Callable[[], None]] = {
-            "eventcast": lambda: serve_eventcast(
-                args.port, args.data_dir, args.patch_fast_path, args.patch_sse_batch
-            ),
+            "eventcast": lambda: serve_eventcast(args.port, args.data_dir),
             "socketio": lambda: serve_socketio(args.port),
             "websockets": lambda: serve_websockets(args.port),
             "floor": lambda: serve_floor(args.port),

@@ -460,11 +460,7 @@ class Bus:
             PositionError: ``since`` is beyond the head of the current epoch.
             LogError: the log failed.
         """
-        self._check_open()
-        log = self._durable_log(topic)
-        if log is None:
-            raise ConfigurationError(f"topic {topic!r} keeps no history")
-        await self._ensure_started()
+        log = await self._history_log(topic)
         return await replay(
             log,
             topic,
@@ -562,6 +558,22 @@ class Bus:
             return None
         return self.log if self.namespace(topic).durable else None
 
+    async def _history_log(self, topic: str) -> EventLog:
+        """The log of a durable topic, started, for reading it.
+
+        Raises:
+            BusClosedError: the bus is closed.
+            InvalidTopicError: the topic name breaks the grammar.
+            ConfigurationError: the topic keeps no history.
+        """
+        self._check_open()
+        validate_topic(topic)
+        log = self._durable_log(topic)
+        if log is None:
+            raise ConfigurationError(f"topic {topic!r} keeps no history")
+        await self._ensure_started()
+        return log
+
     async def history(
         self,
         topic: str,
@@ -583,14 +595,9 @@ class Bus:
             PositionError: ``since`` is malformed.
             LogError: the log failed.
         """
-        self._check_open()
-        validate_topic(topic)
-        log = self._durable_log(topic)
-        if log is None:
-            raise ConfigurationError(f"topic {topic!r} keeps no history")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigurationError("limit must be an int >= 0")
-        await self._ensure_started()
+        log = await self._history_log(topic)
         head = await log.position(topic)
         offset: int | None = None
         if since is not None:
@@ -617,12 +624,7 @@ class Bus:
             ConfigurationError: the topic keeps no history.
             LogError: the log failed.
         """
-        self._check_open()
-        validate_topic(topic)
-        log = self._durable_log(topic)
-        if log is None:
-            raise ConfigurationError(f"topic {topic!r} keeps no history")
-        await self._ensure_started()
+        log = await self._history_log(topic)
         return await log.position(topic)
 
     # -- publishing ------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Final
 import msgspec
 
 __all__ = [
+    "RESPONSE_HEADERS",
     "Cursor",
     "InvalidFieldError",
     "comment",
@@ -43,6 +44,12 @@ _FORBIDDEN: Final = ("\r", "\n", "\0")
 _VERSION: Final = "1"
 #: The longest cursor accepted from a client, in characters.
 MAX_CURSOR_LENGTH: Final = 65_536
+#: The headers of an event stream's response (no caching, no proxy buffering).
+RESPONSE_HEADERS: Final = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
 
 
 class InvalidFieldError(ValueError):

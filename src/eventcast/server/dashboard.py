@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..exceptions import EventcastError, InvalidTopicError
-from ..protocol.sse import encode_event, retry
+from ..protocol.sse import RESPONSE_HEADERS, encode_event, retry
 from ..subscription import Overflow
 from ..topics import validate_pattern
 from .errors import CommandError
@@ -206,10 +206,7 @@ class StreamEndpoint:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                ],
+                "headers": list(RESPONSE_HEADERS),
             }
         )
 

@@ -28,7 +28,14 @@ import msgspec
 from ..events import Event
 from ..exceptions import AuthError, EncodeError, TokenExpiredError
 from ..protocol import codes
-from ..protocol.sse import Cursor, parse_cursor, retry, sse_body, subscribed_event
+from ..protocol.sse import (
+    RESPONSE_HEADERS,
+    Cursor,
+    parse_cursor,
+    retry,
+    sse_body,
+    subscribed_event,
+)
 from ..topics import is_pattern
 from .channels import Membership
 from .connection import Connection, writable_transport
@@ -281,12 +288,7 @@ class SSEEndpoint:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                    *cors,
-                ],
+                "headers": [*RESPONSE_HEADERS, *cors],
             }
         )
 

@@ -52,5 +52,5 @@ class Order(BaseModel):
 @app.post("/orders", status_code=201)
 async def create_order(order: Order) -> dict[str, Any]:
     """Store the order (not shown), then tell every subscriber of ``orders``."""
-    event = await hub.bus.publish("orders", order.model_dump())
+    event = await hub.publish("orders", order.model_dump())
     return {"order": order.model_dump(), "offset": event.offset, "epoch": event.epoch}

@@ -20,7 +20,7 @@
 
     @app.post("/orders")
     async def create_order(order: dict) -> dict:
-        await realtime.hub.bus.publish("orders", order)  # in process: no HTTP hop
+        await realtime.hub.publish("orders", order)  # in process: no HTTP hop
         return order
 
 A mounted application's own lifespan is not run by Starlette or FastAPI: the

@@ -1,8 +1,9 @@
-"""One contract for every EventLog: memory, SQLite, PostgreSQL and Redis behave alike."""
+"""One contract for every EventLog: memory, SQLite, PostgreSQL, Redis and JetStream alike."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -38,16 +39,23 @@ class Backend:
     """Builds logs of one kind over one store, and can wipe or sabotage that store."""
 
     def __init__(
-        self, kind: str, tmp_path: Path, pg_url: str | None, redis_url: str | None = None
+        self,
+        kind: str,
+        tmp_path: Path,
+        pg_url: str | None,
+        redis_url: str | None = None,
+        nats_url: str | None = None,
     ) -> None:
         self.kind = kind
         self.durable = kind != "memory"
         self.path = tmp_path / "events.db"
         self.pg_url = pg_url
         self.redis_url = redis_url
+        self.nats_url = nats_url
         n = next(_schemas)
         self.schema = f"ec_{RUN_ID}_{n}"
         self.prefix = f"ectest:{RUN_ID}:{n}"
+        self.nats_prefix = f"ectest-{RUN_ID}-{n}"
         self.logs: list[EventLog] = []
 
     @property
@@ -61,6 +69,10 @@ class Backend:
             from eventcast.log import redis as redis_module
 
             return redis_module
+        if self.kind == "jetstream":
+            from eventcast.log import jetstream
+
+            return jetstream
         from eventcast.log import postgres
 
         return postgres
@@ -74,6 +86,11 @@ class Backend:
             from eventcast.log.redis import RedisStreamsLog
 
             return RedisStreamsLog(f"{self.redis_url}?prefix={self.prefix}", **kwargs)
+        if self.kind == "jetstream":
+            from eventcast.log.jetstream import JetStreamLog
+
+            url = self.nats_url.replace("nats://", "nats+jetstream://", 1)  # type: ignore[union-attr]
+            return JetStreamLog(f"{url}?prefix={self.nats_prefix}", **kwargs)
         from eventcast.log.postgres import PostgresLog
 
         return PostgresLog(f"{self.pg_url}?schema={self.schema}", **kwargs)
@@ -110,6 +127,24 @@ class Backend:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         elif self.kind == "redis":
             self._delete_redis_keys()  # like a FLUSHDB, limited to this test's keys
+        elif self.kind == "jetstream":
+            # Every stream of this test's prefix, from a thread with a loop of its
+            # own (wipe() is called from within the test's running loop).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(lambda: asyncio.run(self._delete_streams())).result()
+
+    async def _delete_streams(self) -> None:
+        import nats
+
+        assert self.nats_url is not None
+        nc = await nats.connect(self.nats_url)
+        try:
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                if info.config.name and info.config.name.startswith(f"{self.nats_prefix}_"):
+                    await js.delete_stream(info.config.name)
+        finally:
+            await nc.close()
 
     def poison(self) -> None:
         """Make the store reject (with an error) the insert of an event whose id is 'poison'."""
@@ -151,6 +186,20 @@ class Backend:
                     return keys, args
 
                 setattr(log, "_append_call", poisoned)  # noqa: B010
+        elif self.kind == "jetstream":
+            # A message holding the 'poison' event asks the server to check it
+            # goes to a stream that does not exist: the server refuses it.
+            for log in self.logs:
+                publish = log._publish  # type: ignore[attr-defined]
+
+                async def poisoned_publish(
+                    subject: str, body: bytes, headers: dict[str, str], publish: Any = publish
+                ) -> Any:
+                    if b"poison" in body:
+                        headers = {**headers, "Nats-Expected-Stream": "no-such-stream"}
+                    return await publish(subject, body, headers)
+
+                setattr(log, "_publish", poisoned_publish)  # noqa: B010
         else:
             pytest.skip("the memory log has no store that can fail")
 
@@ -175,6 +224,8 @@ class Backend:
                     f"UNION SELECT topic FROM {s}.ikeys"
                 ).fetchall()
             return {row[0] for row in rows}
+        if self.kind == "jetstream":
+            return await self._jetstream_topics(log)
         assert self.kind == "redis"
         # Every key but the store-wide ones (store id, counters, health check)
         # and those that expire on their own within minutes (the outcomes of
@@ -193,11 +244,34 @@ class Backend:
                     topics.add(f"unexpected key {raw!r}")
         return topics
 
+    async def _jetstream_topics(self, log: EventLog) -> set[str]:
+        """The topics with a subject in an event stream, and those the log remembers."""
+        import nats
+
+        from eventcast.log.jetstream import JetStreamLog
+
+        assert isinstance(log, JetStreamLog)
+        assert self.nats_url is not None
+        topics = set(log._heads) | set(log._lanes)
+        nc = await nats.connect(self.nats_url)
+        try:
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                name = info.config.name or ""
+                if name.startswith(f"{self.nats_prefix}_ev_"):
+                    state = (await js.stream_info(name, subjects_filter=">")).state
+                    topics |= {log._topic_of(subject) for subject in state.subjects or {}}
+        finally:
+            await nc.close()
+        return topics
+
     async def aclose(self) -> None:
         for log in self.logs:
             await log.close()
         if self.kind in ("postgres", "redis"):
             self.wipe()  # drops only the schema (or keys) this test created
+        elif self.kind == "jetstream":
+            await self._delete_streams()
 
 
 @pytest.fixture(
@@ -206,12 +280,14 @@ class Backend:
         "sqlite",
         pytest.param("postgres", marks=pytest.mark.postgres),
         pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("jetstream", marks=pytest.mark.nats),
     ]
 )
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     pg_url = request.getfixturevalue("postgres_service") if request.param == "postgres" else None
     redis_url = request.getfixturevalue("redis_service") if request.param == "redis" else None
-    backend = Backend(request.param, tmp_path, pg_url, redis_url)
+    nats_url = request.getfixturevalue("nats_service") if request.param == "jetstream" else None
+    backend = Backend(request.param, tmp_path, pg_url, redis_url, nats_url)
     try:
         yield backend
     finally:

@@ -8,7 +8,10 @@ Choose one by URL with :func:`open_log`, or pass an instance:
 * ``postgresql://user@host/db``: PostgreSQL through psycopg 3
   (``?schema=name`` picks the schema, default ``eventcast``);
 * ``redis://host:port/db`` (``rediss://`` for TLS): Redis Streams through
-  redis-py (``?prefix=name`` picks the key prefix, default ``eventcast``).
+  redis-py (``?prefix=name`` picks the key prefix, default ``eventcast``);
+* ``nats+jetstream://host:4222`` (``nats+jetstream+tls://`` for TLS): NATS
+  JetStream through nats-py (``?prefix=name``, default ``eventcast``, and
+  ``?replicas=n``, default 1).
 """
 
 from __future__ import annotations
@@ -67,7 +70,15 @@ def open_log(url: str) -> EventLog:
                 "the Redis log needs redis-py: pip install 'eventcast[redis]'"
             ) from exc
         return RedisStreamsLog(url)
-    known = "memory://, sqlite:///path, postgresql://, redis://"
+    if scheme in ("nats+jetstream", "nats+jetstream+tls"):
+        try:
+            from .jetstream import JetStreamLog
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "the JetStream log needs nats-py: pip install 'eventcast[nats]'"
+            ) from exc
+        return JetStreamLog(url)
+    known = "memory://, sqlite:///path, postgresql://, redis://, nats+jetstream://"
     raise ConfigurationError(
         f"unknown log URL scheme {scheme!r} in {urlsplit(url).geturl()!r}; expected one of {known}"
     )

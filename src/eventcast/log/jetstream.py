@@ -221,9 +221,13 @@ def _api_error(error: dict[str, Any]) -> LogError:
     """The exception for an error reply of the JetStream API (nats-py's error as its cause)."""
     from nats.js.errors import APIError
 
-    code = error.get("err_code")
+    code = int(error.get("err_code") or 0)
     text = f"JetStream refused the request: {error.get('description')} (error {code})"
-    kind = {10058: _StreamExists, 10059: _StreamMissing, _WRONG_LAST_SEQUENCE: _Conflict}
+    kind: dict[int, type[LogError]] = {
+        10058: _StreamExists,  # stream name already in use
+        10059: _StreamMissing,  # stream not found
+        _WRONG_LAST_SEQUENCE: _Conflict,
+    }
     exc = kind.get(code, LogError)(text)
     exc.__cause__ = APIError(
         code=error.get("code"), description=error.get("description"), err_code=code

@@ -31,6 +31,7 @@ from eventcast.log import (
 from eventcast.log.base import epoch_bucket
 from eventcast.log.sqlite import SQLiteLog
 from tests.conftest import RUN_ID
+from tests.log.natstools import delete_streams, stream_names, subjects
 
 _schemas = itertools.count()
 
@@ -134,17 +135,8 @@ class Backend:
                 pool.submit(lambda: asyncio.run(self._delete_streams())).result()
 
     async def _delete_streams(self) -> None:
-        import nats
-
         assert self.nats_url is not None
-        nc = await nats.connect(self.nats_url)
-        try:
-            js = nc.jetstream()
-            for info in await js.streams_info():
-                if info.config.name and info.config.name.startswith(f"{self.nats_prefix}_"):
-                    await js.delete_stream(info.config.name)
-        finally:
-            await nc.close()
+        await delete_streams(self.nats_url, self.nats_prefix)
 
     def poison(self) -> None:
         """Make the store reject (with an error) the insert of an event whose id is 'poison'."""
@@ -246,23 +238,14 @@ class Backend:
 
     async def _jetstream_topics(self, log: EventLog) -> set[str]:
         """The topics with a subject in an event stream, and those the log remembers."""
-        import nats
-
         from eventcast.log.jetstream import JetStreamLog
 
         assert isinstance(log, JetStreamLog)
         assert self.nats_url is not None
         topics = set(log._heads) | set(log._lanes)
-        nc = await nats.connect(self.nats_url)
-        try:
-            js = nc.jetstream()
-            for info in await js.streams_info():
-                name = info.config.name or ""
-                if name.startswith(f"{self.nats_prefix}_ev_"):
-                    state = (await js.stream_info(name, subjects_filter=">")).state
-                    topics |= {log._topic_of(subject) for subject in state.subjects or {}}
-        finally:
-            await nc.close()
+        for name in await stream_names(self.nats_url, self.nats_prefix):
+            if name.startswith(f"{self.nats_prefix}_ev_"):
+                topics |= {log._topic_of(s) for s in await subjects(self.nats_url, name)}
         return topics
 
     async def aclose(self) -> None:

@@ -46,11 +46,14 @@ round trip. An append of one topic is one message, so it is atomic.
 spans several topics, or that mixes events with idempotency keys into a batch,
 is several messages. They are published in order under this process's lock of
 every topic involved; if one fails, those already published are deleted again
-before the error is raised. That is exact unless another process appended to
-one of those topics in the meantime (the message cannot be taken back without
-a gap, and the error says the append was partly committed), or a reader looked
-at the topic in the instant between. Single-topic appends, which is what
-``bus.publish`` makes, are never affected.
+before the error is raised (and, since NATS 2.9 forgets a subject's last
+sequence when its last message is deleted, a marker restores the topic's head:
+the server keeps one message per topic more than the retention, room for such
+a marker). That is exact unless another process appended to one of those
+topics in the meantime (the message cannot be taken back without a gap, and
+the error says the append stays partly committed), or a reader looked at the
+topic in the instant between. Single-topic appends without idempotency keys,
+which is what ``bus.publish`` makes, are never affected.
 
 **Idempotency keys.** An event with a key is a message of its own with
 ``Nats-Msg-Id`` derived from the topic and the key, so the server itself stores
@@ -265,6 +268,17 @@ class _Head:
     top: int
     epoch: str | None
     token: str = ""
+
+
+@dataclass(slots=True)
+class _Written:
+    """A message published for an append: where, its first offset and epoch, and
+    the sequence of the subject's message before it (0: none; ``None``: unknown)."""
+
+    seq: int
+    first: int
+    epoch: str
+    before: int | None
 
 
 @dataclass(slots=True)
@@ -547,7 +561,7 @@ class JetStreamLog(EventLog):
             "num_replicas": self.replicas,
             "allow_direct": True,
             "max_msgs": max_msgs,
-            "max_msgs_per_subject": 1 if retention is None else retention.size,
+            "max_msgs_per_subject": 1,
         }
         if retention is not None:
             _set_retention(config, retention, self.dedup_window)
@@ -827,14 +841,11 @@ class JetStreamLog(EventLog):
 
     # -- writing -----------------------------------------------------------------------
 
-    async def _write(
-        self, topic: str, records: list[_Record], key: str | None
-    ) -> tuple[int, int, str] | Event:
+    async def _write(self, topic: str, records: list[_Record], key: str | None) -> _Written | Event:
         """Publish one message of a topic's events under the topic's lock.
 
-        Returns ``(sequence, first offset, epoch)``; for an event whose key is
-        stored already (within the dedup window, in this epoch), the original
-        event instead.
+        Returns where it was written; for an event whose key is stored already
+        (within the dedup window, in this epoch), the original event instead.
         """
         stream, subject = self._names(topic)
         await self._ensure_stream(topic, stream)
@@ -878,7 +889,7 @@ class JetStreamLog(EventLog):
                     mine = await self._find_token(stream, subject, uncertain, token)
                     if mine is not None:
                         self.commits += 1
-                        return mine.seq, mine.first, mine.epoch
+                        return _Written(mine.seq, mine.first, mine.epoch, None)
                 await _backoff(attempt)
                 continue
             seq = int(ack["seq"])
@@ -891,7 +902,7 @@ class JetStreamLog(EventLog):
                 continue
             self._remember(topic, _Head(seq, top, epoch, token))
             self.commits += 1
-            return seq, top - count + 1, epoch
+            return _Written(seq, top - count + 1, epoch, head.seq)
         raise LogError(
             f"could not append to {topic!r}: {self.retries} attempts conflicted with other writers"
         )
@@ -990,6 +1001,10 @@ class JetStreamLog(EventLog):
                     if batch:
                         await self._commit_batch(topic, batch, records)
         finally:
+            # Normally the queue is empty here; if this task was cancelled (the
+            # loop is going away), nobody will publish what is left.
+            while lane.queue:
+                _fail(lane.queue.popleft().future, _CLOSED)
             lane.task = None
             self._release(topic, lane)
 
@@ -999,16 +1014,19 @@ class JetStreamLog(EventLog):
         """Publish a writer's batch as one message and resolve its requests."""
         try:
             result = await self._run("append", self._write(topic, records, None))
+        except asyncio.CancelledError:
+            for request in batch:
+                _fail(request.future, _CLOSED)
+            raise
         except Exception as exc:
             if not isinstance(exc, LogError):
                 logger.exception("unexpected error while appending to %s", self.url)
                 exc = log_error("append", exc)
             for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                _fail(request.future, exc)
             return
-        assert isinstance(result, tuple)  # no idempotency key: never a repeat
-        _, offset, epoch = result
+        assert isinstance(result, _Written)  # no idempotency key: never a repeat
+        offset, epoch = result.first, result.epoch
         for request in batch:
             out = [
                 committed(event, offset + i, epoch, item[3])
@@ -1041,17 +1059,16 @@ class JetStreamLog(EventLog):
     ) -> list[Event]:
         out: list[Event | None] = [None] * len(events)
         repeats: list[tuple[int, int]] = []
-        written: list[tuple[str, int]] = []
+        written: list[tuple[str, _Written]] = []
 
         async def publish(topic: str, indices: list[int], key: str | None) -> None:
             result = await self._write(topic, [_record(items[i]) for i in indices], key)
             if isinstance(result, Event):
                 out[indices[0]] = result
                 return
-            seq, offset, epoch = result
-            written.append((topic, seq))
+            written.append((topic, result))
             for n, i in enumerate(indices):
-                out[i] = committed(events[i], offset + n, epoch, items[i][3])
+                out[i] = committed(events[i], result.first + n, result.epoch, items[i][3])
 
         try:
             for topic in topics:
@@ -1094,24 +1111,52 @@ class JetStreamLog(EventLog):
         assert all(event is not None for event in out)
         return out  # type: ignore[return-value]
 
-    async def _take_back(self, written: list[tuple[str, int]]) -> set[str]:
+    async def _take_back(self, written: list[tuple[str, _Written]]) -> set[str]:
         """Delete the messages of a failed append; return the topics where that was unsafe."""
         kept: set[str] = set()
-        for topic, seq in reversed(written):
+        for topic, message in reversed(written):
             stream, subject = self._names(topic)
             self._heads.pop(topic, None)
             try:
                 head = await self._read_head(stream, subject)
-                if head.seq != seq:  # another writer appended after it: a gap otherwise
+                if head.seq != message.seq:  # another writer appended after it: a gap otherwise
                     kept.add(topic)
                     continue
-                await self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+                await self._api(
+                    f"STREAM.MSG.DELETE.{stream}", {"seq": message.seq, "no_erase": True}
+                )
+                if message.before != 0 and not await self._restore_head(subject, message):
+                    kept.add(topic)
             except Exception:
-                logger.exception("could not take back message %d of %r", seq, topic)
+                logger.exception("could not take back message %d of %r", message.seq, topic)
                 kept.add(topic)
         if kept:
             logger.error("an append failed half-way: it stays committed to %s", sorted(kept))
         return kept
+
+    async def _restore_head(self, subject: str, deleted: _Written) -> bool:
+        """Publish a marker carrying the top and epoch from before a deleted message.
+
+        NATS 2.9 forgets a subject's last sequence when its last message is
+        deleted (a publish must then expect 0, and a direct get of the last
+        message finds none); the marker (no events) is the subject's last
+        message again, so offsets go on from where they were.
+        """
+        headers = {
+            "Ec-Epoch": deleted.epoch,
+            "Ec-Top": str(deleted.first - 1),
+            "Ec-Count": "0",
+            "Ec-At": repr(now()),
+            "Ec-Token": secrets.token_hex(8),
+        }
+        expected = ["0"] if deleted.before is None else ["0", str(deleted.before)]
+        for seq in expected:  # the second: a server that remembers the last sequence
+            try:
+                await self._publish(subject, b"", {**headers, _EXPECTED_SEQ: seq})
+            except _Conflict:
+                continue
+            return True
+        return False
 
     async def truncate(self, topic: str) -> Position:
         """Remove a topic's history and start a new epoch; return the new position."""
@@ -1444,17 +1489,26 @@ def _seq_of(raw: Msg) -> int:
 
 def _retention_of(config: dict[str, Any]) -> Retention:
     """The retention a stream's configuration keeps at least."""
-    size = config.get("max_msgs_per_subject", -1)
+    size = config.get("max_msgs_per_subject", -1) - 1  # one message is room for a marker
     max_age = config.get("max_age", 0)
     return Retention(size=size if size > 0 else 2**62, ttl=max_age / 1e9 if max_age else None)
 
 
 def _set_retention(config: dict[str, Any], retention: Retention, dedup_window: float) -> None:
     """Set a stream's limits from a retention (the server's dedup window within its max age)."""
-    config["max_msgs_per_subject"] = retention.size
+    config["max_msgs_per_subject"] = retention.size + 1  # room for one marker
     config["max_age"] = _duration(retention.ttl)
     window = dedup_window if retention.ttl is None else min(dedup_window, retention.ttl)
     config["duplicate_window"] = _duration(window)
+
+
+#: The error of appends whose writer was cancelled before publishing them.
+_CLOSED: Final = "the log was closed before the append was committed"
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException | str) -> None:
+    if not future.done():
+        future.set_exception(LogError(error) if isinstance(error, str) else error)
 
 
 async def _backoff(attempt: int) -> None:

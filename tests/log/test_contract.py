@@ -242,7 +242,7 @@ class Backend:
 
         assert isinstance(log, JetStreamLog)
         assert self.nats_url is not None
-        topics = set(log._heads) | set(log._lanes)
+        topics = set(log._heads) | set(log._lanes) | set(map(log._topic_of, log._hints))
         for name in await stream_names(self.nats_url, self.nats_prefix):
             if name.startswith(f"{self.nats_prefix}_ev_"):
                 topics |= {log._topic_of(s) for s in await subjects(self.nats_url, name)}

@@ -81,9 +81,10 @@ events' own times) even before the server deletes it.
 
 **Durability.** JetStream acknowledges a message once its stream's leader (and,
 with replicas, a majority) stored it; it syncs to disk every two minutes by
-default (``sync_interval``; ``sync: always`` for every write). An acknowledged
-append survives the death of the publishing process; on a single server with
-the default sync interval, a power loss can lose the last writes.
+default (``sync_interval``; ``always``, where the server supports it, syncs
+every write). An acknowledged append survives the death of the publishing
+process; on a single server with the default sync interval, a power loss can
+lose the last writes.
 """
 
 from __future__ import annotations
@@ -420,6 +421,8 @@ class JetStreamLog(EventLog):
         #: Event streams known to exist, with the retention they keep at least.
         self._streams: dict[str, Retention] = {}
         self._heads: OrderedDict[str, _Head] = OrderedDict()
+        #: Where the last read of a subject ended (without its data), by subject.
+        self._hints: OrderedDict[str, _Msg] = OrderedDict()
         self._lanes: dict[str, _Lane] = {}
         self._room: asyncio.Semaphore | None = None
         self._opened = False
@@ -753,14 +756,26 @@ class JetStreamLog(EventLog):
                 lo = found
         return hi
 
-    async def _locate(self, stream: str, subject: str, head: _Msg, offset: int) -> _Msg:
-        """The subject's first message holding ``offset`` or a later one."""
+    async def _locate(
+        self, stream: str, subject: str, head: _Msg, offset: int, hint: _Msg | None = None
+    ) -> _Msg:
+        """The subject's first message holding ``offset`` or a later one.
+
+        ``hint``, a message read before (where the previous page ended), is
+        tried first: a replay paging forward finds its next page in one probe.
+        """
         if offset >= head.first:
             return head
+        if hint is not None and hint.epoch == head.epoch and hint.top < offset < head.first:
+            found = await self._next_msg(stream, subject, hint.seq + 1)
+            if found is not None and found.top >= offset:
+                if found.first <= offset or found.seq == hint.seq + 1:
+                    return found  # the very next message: nothing in between
+                return await self._seek(stream, subject, hint, found, offset, _top)
         first = await self._next_msg(stream, subject, 1)
         if first is None or first.top >= offset:
             return head if first is None else first
-        return await self._seek(stream, subject, first, head, offset, lambda m: m.top)
+        return await self._seek(stream, subject, first, head, offset, _top)
 
     # -- the store id and the generation counters -----------------------------------------
 
@@ -1269,21 +1284,35 @@ class JetStreamLog(EventLog):
         rows: list[tuple[Any, ...]] = []
         if low > high:
             return rows
-        start = await self._locate(stream, subject, head, low)
+        start = await self._locate(stream, subject, head, low, self._hints.get(subject))
         async with contextlib.aclosing(self._following(stream, subject, start)) as messages:
             async for msg in messages:
-                if msg.first > high:
+                first = msg.first
+                if first > high:
                     break
-                if msg.epoch == head.epoch:
-                    for i, (event_id, at, payload, binary, tags, key) in enumerate(msg.records()):
-                        offset = msg.first + i
-                        if low <= offset <= high and at >= cutoff:
-                            rows.append((offset, event_id, at, payload, binary, tags, key))
-                            if len(rows) >= limit:
-                                return rows
+                if msg.epoch == head.epoch and msg.count:
+                    records = msg.records()[max(0, low - first) : high - first + 1]
+                    begin = max(low, first)
+                    rows += (
+                        (begin + i, event_id, at, payload, binary, tags, key)
+                        for i, (event_id, at, payload, binary, tags, key) in enumerate(records)
+                        if at >= cutoff
+                    )
+                    if len(rows) >= limit:
+                        del rows[limit:]
+                        self._hint(subject, msg)
+                        return rows
                 if msg.top >= high or msg.seq >= head.seq:
+                    self._hint(subject, msg)
                     break
         return rows
+
+    def _hint(self, subject: str, msg: _Msg) -> None:
+        """Remember where a read ended: the next page of a replay starts right after it."""
+        self._hints[subject] = _Msg(msg.seq, msg.top, msg.count, msg.epoch, msg.at, "", b"")
+        self._hints.move_to_end(subject)
+        while len(self._hints) > self.max_topics:
+            self._hints.popitem(last=False)
 
     async def position(self, topic: str) -> Position:
         """Return the latest position of a topic (writes nothing; see :mod:`.base`)."""
@@ -1481,6 +1510,10 @@ class JetStreamLog(EventLog):
 _CLOCK_MARGIN: Final = 5.0
 
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _top(msg: _Msg) -> float:
+    return msg.top
 
 
 def _seq_of(raw: Msg) -> int:

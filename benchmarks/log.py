@@ -524,6 +524,33 @@ def print_profile(profile: cProfile.Profile, title: str) -> None:
     print(text[start:] if start >= 0 else text)
 
 
+async def server_cases(
+    args: argparse.Namespace,
+    make: Callable[[], EventLog],
+    base: dict[str, Any],
+    name: str,
+    detail: str,
+) -> dict[str, Any]:
+    """The append and bus rows of a log on a server (no writer thread of its own to time)."""
+    rows = [base]
+    for n in args.concurrency:
+        row = await append_case(make, None, n, 1, args.seconds)
+        row["case"] = f"append([e]) x {n} tasks"
+        rows.append(row)
+    for n in (1, 16):
+        row = await append_case(make, None, n, 100, args.seconds)
+        row["case"] = f"append(100 events) x {n} tasks"
+        rows.append(row)
+    print_rows(f"{name} append ({detail})", rows, base["events_per_s"])
+    bus_rows = []
+    for n, history in args.bus_cases:
+        row = await bus_case(make, None, n, history, args.seconds)
+        row["case"] = f"bus.publish x {n} (history {history:,})"
+        bus_rows.append(row)
+    print_rows(f"{name} through the bus", bus_rows, base["events_per_s"])
+    return {"append": rows, "bus": bus_rows}
+
+
 async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
     import psycopg
 
@@ -545,29 +572,11 @@ async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n(PostgreSQL settings: {settings})")
         base = pg_baseline(conninfo, schema, seconds)
         base["case"] = "baseline: INSERT+COMMIT per event"
-        baseline = base["events_per_s"]
-        rows = [base]
 
         def make() -> PostgresLog:
             return PostgresLog(url)
 
-        for n in args.concurrency:
-            row = await append_case(make, None, n, 1, seconds)
-            row["case"] = f"append([e]) x {n} tasks"
-            rows.append(row)
-        for n in (1, 16):
-            row = await append_case(make, None, n, 100, seconds)
-            row["case"] = f"append(100 events) x {n} tasks"
-            rows.append(row)
-        print_rows("PostgreSQL append (PostgresLog, group commit)", rows, baseline)
-        out["append"] = rows
-        bus_rows = []
-        for n, history in args.bus_cases:
-            row = await bus_case(make, None, n, history, seconds)
-            row["case"] = f"bus.publish x {n} (history {history:,})"
-            bus_rows.append(row)
-        print_rows("PostgreSQL through the bus", bus_rows, baseline)
-        out["bus"] = bus_rows
+        out.update(await server_cases(args, make, base, "PostgreSQL", "PostgresLog, group commit"))
         # A fresh topic in a fresh schema for the replay.
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -661,25 +670,11 @@ async def run_jetstream(args: argparse.Namespace) -> dict[str, Any]:
     try:
         base = await js_baseline(prefix, seconds)
         base["case"] = "baseline: publish+ack per event"
-        baseline = base["events_per_s"]
-        rows = [base]
-        for n in args.concurrency:
-            row = await append_case(make, None, n, 1, seconds)
-            row["case"] = f"append([e]) x {n} tasks"
-            rows.append(row)
-        for n in (1, 16):
-            row = await append_case(make, None, n, 100, seconds)
-            row["case"] = f"append(100 events) x {n} tasks"
-            rows.append(row)
-        print_rows("JetStream append (JetStreamLog, one message per group commit)", rows, baseline)
-        out["append"] = rows
-        bus_rows = []
-        for n, history in args.bus_cases:
-            row = await bus_case(make, None, n, history, seconds)
-            row["case"] = f"bus.publish x {n} (history {history:,})"
-            bus_rows.append(row)
-        print_rows("JetStream through the bus", bus_rows, baseline)
-        out["bus"] = bus_rows
+        out.update(
+            await server_cases(
+                args, make, base, "JetStream", "JetStreamLog, one message per group commit"
+            )
+        )
         # A fresh topic under a fresh prefix for the replay.
         replay_prefix = f"{prefix}-r"
         replay_url = url.replace(f"prefix={prefix}", f"prefix={replay_prefix}")

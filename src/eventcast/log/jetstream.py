@@ -382,8 +382,6 @@ class JetStreamLog(EventLog):
         connect_timeout: seconds to reach a server when opening.
         timeout: seconds to wait for each reply of the server.
         retries: attempts of a publish that conflicts with other writers.
-
-    .. versionadded:: 0.2
     """
 
     def __init__(

@@ -987,6 +987,7 @@ class JetStreamLog(EventLog):
             lane.task = loop.create_task(
                 self._drain(topic, lane), name="eventcast-jetstream-writer"
             )
+            lane.task.add_done_callback(_writer_done)
         return await future
 
     async def _drain(self, topic: str, lane: _Lane) -> None:
@@ -1531,6 +1532,12 @@ def _set_retention(config: dict[str, Any], retention: Retention, dedup_window: f
     config["max_age"] = _duration(retention.ttl)
     window = dedup_window if retention.ttl is None else min(dedup_window, retention.ttl)
     config["duplicate_window"] = _duration(window)
+
+
+def _writer_done(task: asyncio.Task[None]) -> None:
+    """Log a writer task that died of something else than its appends' own errors."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a JetStream log writer task failed", exc_info=task.exception())
 
 
 #: The error of appends whose writer was cancelled before publishing them.

@@ -340,3 +340,39 @@ async def test_dead_letters_are_bounded(target: tuple[str, str], logs: list[JetS
     await log.save_dead_letters(letters)
     assert [d.id for d in await log.load_dead_letters(10)] == [3, 4, 5]
     assert [d.event.data for d in await log.load_dead_letters(2)] == [4, 5]
+
+
+# -- cancellation -------------------------------------------------------------------------------
+
+
+async def test_cancelled_appends_and_close_leave_no_gap_and_no_hang(
+    target: tuple[str, str], logs: list[JetStreamLog]
+) -> None:
+    url, _ = target
+    log = await open_js(url, logs)
+    tasks = [asyncio.create_task(log.append([ev("c", i)])) for i in range(60)]
+    await asyncio.sleep(0)  # let them queue behind the topic's writer
+    for task in tasks[::2]:
+        task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    acked = [r[0] for r in done if isinstance(r, list)]
+    assert len(acked) >= 30  # every append not cancelled was committed
+    # A cancelled append is committed or not, never half: offsets have no gap.
+    stored = await read_all(log, "c")
+    assert [e.offset for e in stored] == list(range(1, len(stored) + 1))
+    assert {e.id for e in acked} <= {e.id for e in stored}
+    # Closing while appends are queued: each ends (committed or LogError), none hangs.
+    pending = [asyncio.create_task(log.append([ev("c", f"late {i}")])) for i in range(20)]
+    await asyncio.sleep(0)
+    async with asyncio.timeout(10):
+        await log.close()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, list | LogError) for r in results)
+    await log.close()  # idempotent
+    with pytest.raises(LogError):
+        await log.append([ev("c", "after close")])
+    other = await open_js(url, logs)
+    after = await read_all(other, "c")
+    assert [e.offset for e in after] == list(range(1, len(after) + 1))
+    committed = {r[0].id for r in results if isinstance(r, list)}
+    assert committed <= {e.id for e in after}

@@ -52,13 +52,15 @@ the server keeps one message per topic more than the retention, room for such
 a marker). That is exact unless another process appended to one of those
 topics in the meantime (the message cannot be taken back without a gap, and
 the error says the append stays partly committed), or a reader looked at the
-topic in the instant between. Single-topic appends without idempotency keys,
-which is what ``bus.publish`` makes, are never affected.
+topic in the instant between. An append of one event (what ``bus.publish``
+makes, with or without a key), or of one topic's events without keys, is
+never affected.
 
 **Idempotency keys.** An event with a key is a message of its own with
 ``Nats-Msg-Id`` derived from the topic and the key, so the server itself stores
 it once however many processes publish it (the stream's duplicate window is
-the log's dedup window). A repeat returns the originally stored event. When
+the log's dedup window, or the age retention if shorter: an event older than
+that is gone anyway). A repeat returns the originally stored event. When
 the server reports a duplicate whose original is gone (retention, truncation)
 or older than the dedup window by the log's clock, the event is stored again
 under a message id chained to the original's sequence.
@@ -74,10 +76,12 @@ new. A deleted stream loses its topics' epochs with them, so subscribers learn
 plainly that they cannot resume.
 
 **Reads** find the message holding an offset by interpolation search on the
-sequences (direct gets, a few round trips whatever the stream's length), then
-read forward: by direct gets for a few messages, through an ephemeral pull
-consumer for more. Readers skip what retention removed (by count and by the
-events' own times) even before the server deletes it.
+sequences (direct gets, a few round trips whatever the stream's length; a
+replay paging forward finds its next page in one, right after where the
+previous page ended), then read forward: by direct gets for a few messages,
+through an ephemeral pull consumer for more. Readers skip what retention
+removed (by count and by the events' own times) even before the server
+deletes it.
 
 **Durability.** JetStream acknowledges a message once its stream's leader (and,
 with replicas, a majority) stored it; it syncs to disk every two minutes by
@@ -163,12 +167,12 @@ _WRONG_LAST_SEQUENCE: Final = 10071
 
 # One event in a message body: (id, time, payload, binary, tags, idempotency key).
 _Record = tuple[str, float, bytes, bool, "bytes | None", "str | None"]
-_encode_records = msgspec.msgpack.Encoder().encode
+_encode_msgpack = msgspec.msgpack.Encoder().encode
 _decode_records = msgspec.msgpack.Decoder(
     list[tuple[str, float, bytes, bool, bytes | None, str | None]]
 ).decode
-_encode_row = msgspec.msgpack.Encoder().encode
 _decode_row = msgspec.msgpack.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 
 
@@ -536,7 +540,7 @@ class JetStreamLog(EventLog):
     async def _api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JetStream API request; an error reply raises :class:`LogError`."""
         nc = self._connection()
-        body = b"" if request is None else msgspec.json.encode(request)
+        body = b"" if request is None else _encode_json(request)
         reply = await nc.request(f"$JS.API.{subject}", body, timeout=self.timeout)
         response: dict[str, Any] = _decode_json(reply.data)
         error = response.get("error")
@@ -862,7 +866,7 @@ class JetStreamLog(EventLog):
         """
         stream, subject = self._names(topic)
         await self._ensure_stream(topic, stream)
-        body = _encode_records(records)
+        body = _encode_msgpack(records)
         token = secrets.token_hex(8)
         msg_id = None if key is None else _msg_id(topic, key)
         count = len(records)
@@ -1459,7 +1463,7 @@ class JetStreamLog(EventLog):
 
         async def run() -> None:
             for row in rows:  # one subject per letter: a new save of an id replaces it
-                await self._publish(f"{self.prefix}.dl.{row[0]}", _encode_row(row), {})
+                await self._publish(f"{self.prefix}.dl.{row[0]}", _encode_msgpack(row), {})
 
         await self._run("save dead letters", run())
 
@@ -1507,8 +1511,6 @@ class JetStreamLog(EventLog):
 
 #: Margin for the clocks of several writers when a lookup seeks by append time.
 _CLOCK_MARGIN: Final = 5.0
-
-_encode_json = msgspec.json.Encoder().encode
 
 
 def _top(msg: _Msg) -> float:

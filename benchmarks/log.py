@@ -1,8 +1,9 @@
 """Durable log: append throughput with group commit, and replay throughput.
 
-SQLite (``SQLiteLog``: WAL, ``synchronous=FULL``, one writer thread) and
-PostgreSQL (``PostgresLog``), each measured against a one-commit-per-event
-baseline on the same machine in the same run:
+SQLite (``SQLiteLog``: WAL, ``synchronous=FULL``, one writer thread),
+PostgreSQL (``PostgresLog``) and NATS JetStream (``JetStreamLog``), each
+measured against a one-commit-per-event baseline on the same machine in the
+same run:
 
 * **append, 1 event per call**: N concurrent tasks, each awaiting
   ``log.append([event])`` one at a time, for a fixed time. Group commit puts
@@ -10,10 +11,12 @@ baseline on the same machine in the same run:
 * **append, 100 events per call**: the same with ``log.append(list_of_100)``;
 * **baseline**: a plain driver connection doing ``INSERT`` + ``COMMIT`` per
   event (SQLite: ``sqlite3``, WAL, ``synchronous=FULL``; PostgreSQL: psycopg),
-  into a table of the same shape;
+  into a table of the same shape; for JetStream, nats-py publishing one
+  message per event and awaiting each acknowledgement;
 * **replay**: read 100k stored events in pages of 1,000 with
   ``log.read(topic, after=..., limit=1000)``, beside a raw driver ``SELECT``
-  of the same pages (no ``Event`` objects) as the ceiling;
+  of the same pages (no ``Event`` objects) as the ceiling (JetStream: a
+  nats-py pull consumer fetching the topic's messages, nothing decoded);
 * **through the bus**: ``Bus(log=..., namespaces={"": Namespace(history_size=...)})``
   with N concurrent publishers awaiting ``bus.publish(...)`` (a durable publish
   commits, then fans out to one subscriber draining with ``get_batch``).
@@ -22,13 +25,14 @@ Each append row also reports the events per commit and where the CPU went: the
 event-loop thread and (SQLite) the writer thread, in µs of CPU per event, from
 ``/proc/self/task/<tid>/stat``.
 
-    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--profile]
+    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--no-jetstream] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import cProfile
 import gc
@@ -55,6 +59,7 @@ from eventcast.log.sqlite import SQLiteLog
 TOPIC = "bench"
 BODY = "x" * 64
 PG_URL = os.environ.get("EVENTCAST_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("EVENTCAST_BENCH_NATS", "nats://127.0.0.1:4222")
 REPLAY_EVENTS = 100_000
 PAGE = 1000
 UNLIMITED = Retention(size=10**12)
@@ -518,6 +523,33 @@ def print_profile(profile: cProfile.Profile, title: str) -> None:
     print(text[start:] if start >= 0 else text)
 
 
+async def server_cases(
+    args: argparse.Namespace,
+    make: Callable[[], EventLog],
+    base: dict[str, Any],
+    name: str,
+    detail: str,
+) -> dict[str, Any]:
+    """The append and bus rows of a log on a server (no writer thread of its own to time)."""
+    rows = [base]
+    for n in args.concurrency:
+        row = await append_case(make, None, n, 1, args.seconds)
+        row["case"] = f"append([e]) x {n} tasks"
+        rows.append(row)
+    for n in (1, 16):
+        row = await append_case(make, None, n, 100, args.seconds)
+        row["case"] = f"append(100 events) x {n} tasks"
+        rows.append(row)
+    print_rows(f"{name} append ({detail})", rows, base["events_per_s"])
+    bus_rows = []
+    for n, history in args.bus_cases:
+        row = await bus_case(make, None, n, history, args.seconds)
+        row["case"] = f"bus.publish x {n} (history {history:,})"
+        bus_rows.append(row)
+    print_rows(f"{name} through the bus", bus_rows, base["events_per_s"])
+    return {"append": rows, "bus": bus_rows}
+
+
 async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
     import psycopg
 
@@ -539,29 +571,11 @@ async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n(PostgreSQL settings: {settings})")
         base = pg_baseline(conninfo, schema, seconds)
         base["case"] = "baseline: INSERT+COMMIT per event"
-        baseline = base["events_per_s"]
-        rows = [base]
 
         def make() -> PostgresLog:
             return PostgresLog(url)
 
-        for n in args.concurrency:
-            row = await append_case(make, None, n, 1, seconds)
-            row["case"] = f"append([e]) x {n} tasks"
-            rows.append(row)
-        for n in (1, 16):
-            row = await append_case(make, None, n, 100, seconds)
-            row["case"] = f"append(100 events) x {n} tasks"
-            rows.append(row)
-        print_rows("PostgreSQL append (PostgresLog, group commit)", rows, baseline)
-        out["append"] = rows
-        bus_rows = []
-        for n, history in args.bus_cases:
-            row = await bus_case(make, None, n, history, seconds)
-            row["case"] = f"bus.publish x {n} (history {history:,})"
-            bus_rows.append(row)
-        print_rows("PostgreSQL through the bus", bus_rows, baseline)
-        out["bus"] = bus_rows
+        out.update(await server_cases(args, make, base, "PostgreSQL", "PostgresLog, group commit"))
         # A fresh topic in a fresh schema for the replay.
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -573,6 +587,133 @@ async def run_postgres(args: argparse.Namespace) -> dict[str, Any]:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     return out
+
+
+async def js_baseline(prefix: str, seconds: float) -> dict[str, Any]:
+    """nats-py publishing one message per event to a stream, awaiting each acknowledgement."""
+    import nats
+
+    from eventcast.events import encode_data
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=f"{prefix}_baseline", subjects=[f"{prefix}.baseline"])
+        n = 0
+        cpu0 = time.thread_time()
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            for _ in range(10):
+                event = Event(topic=TOPIC, data=payload(n))
+                n += 1
+                await js.publish(f"{prefix}.baseline", encode_data(event.data))
+        elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - cpu0
+    finally:
+        await nc.close()
+    return {
+        "events": n,
+        "seconds": elapsed,
+        "events_per_s": n / elapsed,
+        "commits": n,
+        "events_per_commit": 1.0,
+        "loop_us_per_event": cpu / n * 1e6,
+        "writer_us_per_event": None,
+    }
+
+
+def js_raw_pages(prefix: str) -> Callable[[], int]:
+    """Every message of the replayed topic through a nats-py pull consumer; events counted
+    from the message headers, nothing decoded (run in a thread: replay_case is async)."""
+
+    async def read() -> int:
+        import nats
+
+        nc = await nats.connect(NATS_URL)
+        try:
+            js = nc.jetstream()
+            subject, stream = f"{prefix}.ev.~.{TOPIC}", f"{prefix}_ev_~"
+            total = (await js.stream_info(stream, subjects_filter=subject)).state.messages
+            sub = await js.pull_subscribe(subject, stream=stream, durable=None)
+            n = received = 0
+            while received < total:
+                messages = await sub.fetch(min(256, total - received), timeout=5)
+                received += len(messages)
+                n += sum(int((m.headers or {})["Ec-Count"]) for m in messages)
+            await sub.unsubscribe()
+            return n
+        finally:
+            await nc.close()
+
+    def run() -> int:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: asyncio.run(read())).result()
+
+    return run
+
+
+async def run_jetstream(args: argparse.Namespace) -> dict[str, Any]:
+    import nats
+
+    from eventcast.log.jetstream import JetStreamLog
+
+    seconds = args.seconds
+    prefix = f"bench-{os.getpid()}-{secrets.token_hex(3)}"
+    url = NATS_URL.replace("nats://", "nats+jetstream://", 1) + f"?prefix={prefix}"
+    out: dict[str, Any] = {}
+
+    def make() -> JetStreamLog:
+        return JetStreamLog(url)
+
+    try:
+        base = await js_baseline(prefix, seconds)
+        base["case"] = "baseline: publish+ack per event"
+        out.update(
+            await server_cases(
+                args, make, base, "JetStream", "JetStreamLog, one message per group commit"
+            )
+        )
+        # A fresh topic under a fresh prefix for the replay.
+        replay_prefix = f"{prefix}-r"
+        replay_url = url.replace(f"prefix={prefix}", f"prefix={replay_prefix}")
+        replay = await replay_case(
+            lambda: JetStreamLog(replay_url),
+            js_raw_pages(replay_prefix),
+            args.replay,
+            3,
+        )
+        print_replay("JetStream", replay)
+        out["replay"] = replay
+    finally:
+        nc = await nats.connect(NATS_URL)
+        try:
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                name = info.config.name or ""
+                if name.startswith((f"{prefix}_", f"{prefix}-r_")):
+                    await js.delete_stream(name)
+        finally:
+            await nc.close()
+    return out
+
+
+def js_available() -> bool:
+    async def probe() -> None:
+        import nats
+
+        nc = await nats.connect(NATS_URL, connect_timeout=3, max_reconnect_attempts=0)
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(probe())
+        return True
+    except Exception as exc:
+        print(f"\n(JetStream skipped: {type(exc).__name__}: {exc})")
+        return False
 
 
 def pg_available() -> bool:
@@ -593,7 +734,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     parser.add_argument("--seconds", type=float, help="measuring window per case (default 3)")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
-    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument("--no-sqlite", action="store_true", help="no SQLite")
+    parser.add_argument("--no-jetstream", action="store_true", help="no JetStream")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest SQLite case")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
@@ -611,6 +753,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["sqlite"] = uvloop.run(run_sqlite(args, scratch))
         if not args.no_postgres and pg_available():
             results["postgres"] = uvloop.run(run_postgres(args))
+        if not args.no_jetstream and js_available():
+            results["jetstream"] = uvloop.run(run_jetstream(args))
     finally:
         scratch.cleanup()
     if args.json:

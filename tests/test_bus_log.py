@@ -15,6 +15,7 @@ import re
 import socket
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -629,6 +630,31 @@ async def test_resume_from_offset_zero_replays_everything(store: Store) -> None:
         async with bus.subscribe("d:r", since=position) as sub:
             assert sub.recovered is True
             assert [e.id for e in drain(sub)] == [e.id for e in published]
+
+
+async def test_a_stream_forgotten_by_prune_is_never_recovered_from_an_old_position(
+    store: Store,
+) -> None:
+    namespaces = {"aged": Namespace(history_size=10, history_ttl=60)}
+    async with store.bus(namespaces=namespaces) as bus:
+        empty = await bus.position("aged:x")
+        first = await fill(bus, "aged:x", 3)
+        # Before anything is lost, the empty position resumes exactly.
+        async with bus.subscribe("aged:x", since=empty, maxsize=10) as sub:
+            assert sub.recovered is True
+            assert [e.id for e in drain(sub)] == [e.id for e in first]
+        last = first[-1].position
+        assert last is not None
+        assert bus.log is not None
+        # Everything ages out and the stream is forgotten; publishing starts it again.
+        assert await bus.log.prune(time.time() + 3600) == 3
+        again = await bus.publish("aged:x", "again")
+        assert again.offset == 1
+        assert again.epoch not in (empty.epoch, last.epoch)
+        for since in (empty, last):  # both missed events that are gone
+            async with bus.subscribe("aged:x", since=since, maxsize=10) as sub:
+                assert sub.recovered is False
+                assert drain(sub) == []
 
 
 async def test_resume_beyond_retention_is_not_recovered_and_replays_nothing(

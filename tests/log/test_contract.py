@@ -1,11 +1,13 @@
-"""One contract for every EventLog: memory, SQLite, PostgreSQL and Redis behave alike."""
+"""One contract for every EventLog: memory, SQLite, PostgreSQL, Redis and JetStream alike."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +28,10 @@ from eventcast.log import (
     memory as memory_module,
     sqlite as sqlite_module,
 )
+from eventcast.log.base import epoch_bucket
 from eventcast.log.sqlite import SQLiteLog
 from tests.conftest import RUN_ID
+from tests.log.natstools import delete_streams, stream_names, subjects
 
 _schemas = itertools.count()
 
@@ -36,16 +40,23 @@ class Backend:
     """Builds logs of one kind over one store, and can wipe or sabotage that store."""
 
     def __init__(
-        self, kind: str, tmp_path: Path, pg_url: str | None, redis_url: str | None = None
+        self,
+        kind: str,
+        tmp_path: Path,
+        pg_url: str | None,
+        redis_url: str | None = None,
+        nats_url: str | None = None,
     ) -> None:
         self.kind = kind
         self.durable = kind != "memory"
         self.path = tmp_path / "events.db"
         self.pg_url = pg_url
         self.redis_url = redis_url
+        self.nats_url = nats_url
         n = next(_schemas)
         self.schema = f"ec_{RUN_ID}_{n}"
         self.prefix = f"ectest:{RUN_ID}:{n}"
+        self.nats_prefix = f"ectest-{RUN_ID}-{n}"
         self.logs: list[EventLog] = []
 
     @property
@@ -59,6 +70,10 @@ class Backend:
             from eventcast.log import redis as redis_module
 
             return redis_module
+        if self.kind == "jetstream":
+            from eventcast.log import jetstream
+
+            return jetstream
         from eventcast.log import postgres
 
         return postgres
@@ -72,6 +87,11 @@ class Backend:
             from eventcast.log.redis import RedisStreamsLog
 
             return RedisStreamsLog(f"{self.redis_url}?prefix={self.prefix}", **kwargs)
+        if self.kind == "jetstream":
+            from eventcast.log.jetstream import JetStreamLog
+
+            url = self.nats_url.replace("nats://", "nats+jetstream://", 1)  # type: ignore[union-attr]
+            return JetStreamLog(f"{url}?prefix={self.nats_prefix}", **kwargs)
         from eventcast.log.postgres import PostgresLog
 
         return PostgresLog(f"{self.pg_url}?schema={self.schema}", **kwargs)
@@ -108,6 +128,15 @@ class Backend:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         elif self.kind == "redis":
             self._delete_redis_keys()  # like a FLUSHDB, limited to this test's keys
+        elif self.kind == "jetstream":
+            # Every stream of this test's prefix, from a thread with a loop of its
+            # own (wipe() is called from within the test's running loop).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(lambda: asyncio.run(self._delete_streams())).result()
+
+    async def _delete_streams(self) -> None:
+        assert self.nats_url is not None
+        await delete_streams(self.nats_url, self.nats_prefix)
 
     def poison(self) -> None:
         """Make the store reject (with an error) the insert of an event whose id is 'poison'."""
@@ -149,14 +178,83 @@ class Backend:
                     return keys, args
 
                 setattr(log, "_append_call", poisoned)  # noqa: B010
+        elif self.kind == "jetstream":
+            # A message holding the 'poison' event asks the server to check it
+            # goes to a stream that does not exist: the server refuses it.
+            for log in self.logs:
+                publish = log._publish  # type: ignore[attr-defined]
+
+                async def poisoned_publish(
+                    subject: str, body: bytes, headers: dict[str, str], publish: Any = publish
+                ) -> Any:
+                    if b"poison" in body:
+                        headers = {**headers, "Nats-Expected-Stream": "no-such-stream"}
+                    return await publish(subject, body, headers)
+
+                setattr(log, "_publish", poisoned_publish)  # noqa: B010
         else:
             pytest.skip("the memory log has no store that can fail")
+
+    async def stored_topics(self, log: EventLog) -> set[str]:
+        """Every topic the store (and the log's memory) holds anything for, read directly."""
+        if self.kind == "memory":
+            assert isinstance(log, MemoryLog)
+            return set(log._streams)
+        if self.kind == "sqlite":
+            assert isinstance(log, SQLiteLog)
+            with contextlib.closing(sqlite3.connect(self.path)) as conn:
+                rows = conn.execute(
+                    "SELECT topic FROM ec_streams UNION SELECT topic FROM ec_events "
+                    "UNION SELECT topic FROM ec_ikeys"
+                ).fetchall()
+            return {row[0] for row in rows} | set(log._state)
+        if self.kind == "postgres":
+            s = f'"{self.schema}"'
+            with self._pg() as conn:
+                rows = conn.execute(
+                    f"SELECT topic FROM {s}.streams UNION SELECT topic FROM {s}.events "
+                    f"UNION SELECT topic FROM {s}.ikeys"
+                ).fetchall()
+            return {row[0] for row in rows}
+        if self.kind == "jetstream":
+            return await self._jetstream_topics(log)
+        assert self.kind == "redis"
+        # Every key but the store-wide ones (store id, counters, health check)
+        # and those that expire on their own within minutes (the outcomes of
+        # recent appends, idempotency keys within their dedup window).
+        topics = set()
+        with self._redis() as client:
+            for raw in client.scan_iter(f"{self.prefix}:*", count=1000):
+                kind, _, rest = raw.decode().removeprefix(f"{self.prefix}:").partition(":")
+                if kind in ("meta", "stream"):
+                    topics.add(rest)
+                elif kind == "ikey":
+                    if not 0 < client.pttl(raw) <= 120_000:
+                        length, _, rest = rest.partition(":")
+                        topics.add(rest[: int(length)])
+                elif kind not in ("store", "gens", "checked", "batch"):
+                    topics.add(f"unexpected key {raw!r}")
+        return topics
+
+    async def _jetstream_topics(self, log: EventLog) -> set[str]:
+        """The topics with a subject in an event stream, and those the log remembers."""
+        from eventcast.log.jetstream import JetStreamLog
+
+        assert isinstance(log, JetStreamLog)
+        assert self.nats_url is not None
+        topics = set(log._heads) | set(log._lanes) | set(map(log._topic_of, log._hints))
+        for name in await stream_names(self.nats_url, self.nats_prefix):
+            if name.startswith(f"{self.nats_prefix}_ev_"):
+                topics |= {log._topic_of(s) for s in await subjects(self.nats_url, name)}
+        return topics
 
     async def aclose(self) -> None:
         for log in self.logs:
             await log.close()
         if self.kind in ("postgres", "redis"):
             self.wipe()  # drops only the schema (or keys) this test created
+        elif self.kind == "jetstream":
+            await self._delete_streams()
 
 
 @pytest.fixture(
@@ -165,12 +263,14 @@ class Backend:
         "sqlite",
         pytest.param("postgres", marks=pytest.mark.postgres),
         pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("jetstream", marks=pytest.mark.nats),
     ]
 )
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     pg_url = request.getfixturevalue("postgres_service") if request.param == "postgres" else None
     redis_url = request.getfixturevalue("redis_service") if request.param == "redis" else None
-    backend = Backend(request.param, tmp_path, pg_url, redis_url)
+    nats_url = request.getfixturevalue("nats_service") if request.param == "jetstream" else None
+    backend = Backend(request.param, tmp_path, pg_url, redis_url, nats_url)
     try:
         yield backend
     finally:
@@ -372,14 +472,115 @@ async def test_retention_by_age(log: EventLog) -> None:
     assert [e.data for e in await read_all(log, "a")] == [3, 4, 5]
     assert await log.earliest("a") == 3
     assert offsets(await log.read("a", reverse=True, limit=10)) == [5, 4, 3]
-    # An hour later, everything is past its age.
+    before = await log.position("a")
+    assert before.offset == 5
+    # An hour later, everything is past its age: the stream is forgotten, and
+    # starts again from offset 1 under another epoch, so a client at (5, old
+    # epoch) cannot believe it resumed.
     removed = await log.prune(time.time() + 3600)
     assert removed >= 3
     assert await read_all(log, "a") == []
     assert await log.earliest("a") is None
-    assert (await log.position("a")).offset == 5
-    assert offsets(await log.append([ev("a", 6)])) == [6]
-    assert offsets(await read_all(log, "a")) == [6]
+    after = await log.position("a")
+    assert after.offset == 0
+    assert after.epoch != before.epoch
+    [event] = await log.append([ev("a", 6)])
+    assert (event.offset, event.epoch) == (1, after.epoch)
+    assert offsets(await read_all(log, "a")) == [1]
+
+
+async def test_positions_of_unknown_topics_store_nothing(backend: Backend, log: EventLog) -> None:
+    # A thousand random names, as a client subscribing to never-published
+    # channels would ask: no row, key or in-memory entry is left behind.
+    names = [f"rnd.{secrets.token_hex(8)}" for _ in range(1000)]
+    positions = []
+    for start in range(0, len(names), 100):
+        positions += await asyncio.gather(*(log.position(n) for n in names[start : start + 100]))
+    assert {p.offset for p in positions} == {0}
+    assert all(isinstance(p.epoch, str) and p.epoch for p in positions)
+    assert len({p.epoch for p in positions}) > 990  # derived per topic, not one shared value
+    assert await backend.stored_topics(log) == set()
+    # Stable: asked again, the same epochs.
+    assert await asyncio.gather(*(log.position(n) for n in names[:50])) == positions[:50]
+    assert await log.read(names[0]) == []
+    assert await log.earliest(names[0]) is None
+    assert await log.lookup(names[0], "k") is None
+    assert await backend.stored_topics(log) == set()
+
+
+async def test_prune_forgets_streams_without_events(backend: Backend, log: EventLog) -> None:
+    log.set_retention(lambda topic: Retention(size=10, ttl=60))
+    old = time.time() - 3600
+    await log.append([ev("keep", 1), ev("keep", 2)])
+    await log.append([ev("aged", 1, time=old), ev("aged", 2, time=old, idempotency_key="k")])
+    await log.append([ev("cut", 1, idempotency_key="k")])
+    await log.truncate("cut")
+    await log.truncate("zero")  # a stream created by truncation alone
+    before = {t: await log.position(t) for t in ("keep", "aged", "cut", "zero")}
+    assert await backend.stored_topics(log) >= {"keep", "aged", "cut", "zero"}
+    await log.prune()
+    # Only the stream that still holds events is left, untouched.
+    assert await backend.stored_topics(log) == {"keep"}
+    assert await log.position("keep") == before["keep"]
+    assert [e.data for e in await read_all(log, "keep")] == [1, 2]
+    # The others are forgotten: offset 0 under an epoch none of their clients holds.
+    for topic in ("aged", "cut", "zero"):
+        after = await log.position(topic)
+        assert after.offset == 0
+        assert after.epoch != before[topic].epoch
+        assert await log.read(topic) == []
+        assert await log.lookup(topic, "k") is None
+    fresh = await log.position("aged")
+    [event] = await log.append([ev("aged", 3, idempotency_key="k")])
+    assert (event.offset, event.epoch, event.data) == (1, fresh.epoch, 3)
+
+
+async def test_a_forgotten_stream_never_comes_back_under_an_old_epoch(log: EventLog) -> None:
+    log.set_retention(lambda topic: Retention(size=10, ttl=60))
+    seen: list[str] = []
+    for generation in range(3):
+        empty = await log.position("g")
+        assert empty.offset == 0
+        # A client that saw (0, empty epoch) before the first publication
+        # resumes exactly: the stream is born under that epoch.
+        [event] = await log.append([ev("g", generation)])
+        assert (event.offset, event.epoch) == (1, empty.epoch)
+        seen.append(empty.epoch)
+        assert await log.prune(time.time() + 3600) >= 1
+    assert len(set(seen)) == 3
+    assert (await log.position("g")).epoch not in seen
+
+
+def _same_bucket_names() -> tuple[str, str, str]:
+    """Two names that share a generation bucket, and one that does not."""
+    first: dict[int, str] = {}
+    for i in itertools.count():
+        name = f"mate.{i}"
+        bucket = epoch_bucket(name)
+        if bucket in first:
+            others = (f"solo.{j}" for j in itertools.count())
+            return first[bucket], name, next(o for o in others if epoch_bucket(o) != bucket)
+        first[bucket] = name
+    raise AssertionError("unreachable")
+
+
+async def test_a_birth_moves_the_empty_epochs_of_its_bucket_only(
+    backend: Backend, log: EventLog
+) -> None:
+    born, mate, other = _same_bucket_names()
+    mate_before = await log.position(mate)
+    other_before = await log.position(other)
+    await log.append([ev(born, 1)])
+    # The documented price of keeping no state: the never-written topics of
+    # the same bucket get a new empty epoch (a spurious "not recovered",
+    # never a false "recovered"); the others keep theirs.
+    mate_after = await log.position(mate)
+    assert mate_after.offset == 0
+    assert mate_after.epoch != mate_before.epoch
+    assert await log.position(other) == other_before
+    assert await backend.stored_topics(log) == {born}
+    [event] = await log.append([ev(mate, 1)])
+    assert event.epoch == mate_after.epoch
 
 
 async def test_earliest_of_unknown_and_empty_topics(log: EventLog) -> None:

@@ -8,54 +8,21 @@ exactly 1..top, and the log must carry on from top under the same epoch.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import signal
-import sys
-import textwrap
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from eventcast import Event, LogError
-from eventcast.log import Retention
 from eventcast.log.redis import RedisStreamsLog
 from tests.conftest import RUN_ID
+from tests.log.crashtools import Child, check_survivors
 
 pytestmark = pytest.mark.redis
 
 ACKS = 300
 WRITERS = 4
-
-#: Each writer task appends one event at a time, and prints
-#: "offset writer i id" once the append returned (it is acknowledged), forever.
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    from eventcast import Event
-    from eventcast.log import Retention
-    from eventcast.log.redis import RedisStreamsLog
-
-    async def writer(log, w):
-        i = 0
-        while True:
-            [event] = await log.append(
-                [Event(topic="crash", data={"w": w, "i": i, "pad": "x" * 200},
-                       tags={"i": str(i)})]
-            )
-            print(event.offset, w, i, event.id, event.epoch, flush=True)
-            i += 1
-
-    async def main(url, writers):
-        log = RedisStreamsLog(url)
-        await log.open()
-        log.retention = lambda topic: Retention(size=10**9)
-        await asyncio.gather(*(writer(log, w) for w in range(writers)))
-
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-    """
-)
 
 _prefixes = itertools.count()
 
@@ -70,74 +37,16 @@ def redis_target(redis_service: str) -> Iterator[str]:
             client.delete(*keys)
 
 
-async def _crash_child(url: str) -> list[tuple[int, int, int, str, str]]:
-    """Run the child until it acknowledged ACKS appends, SIGKILL it, return the acks."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CHILD,
-        url,
-        str(WRITERS),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    acks: list[tuple[int, int, int, str, str]] = []
-    try:
-        async with asyncio.timeout(90):  # a guard against a stuck child
-            while len(acks) < ACKS:
-                line = await proc.stdout.readline()
-                if not line:
-                    raise AssertionError(f"child exited: {(await proc.stderr.read()).decode()}")
-                offset, w, i, event_id, epoch = line.decode().split()
-                acks.append((int(offset), int(w), int(i), event_id, epoch))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return acks
-
-
 async def test_redis_acknowledged_appends_survive_sigkill(redis_target: str) -> None:
-    acks = await _crash_child(redis_target)
-    # Concurrent writers: each one's acks are in increasing offset order.
-    for w in range(WRITERS):
-        mine = [offset for offset, writer, _, _, _ in acks if writer == w]
-        assert mine == sorted(mine)
-    assert len({offset for offset, *_ in acks}) == len(acks)
-    epochs = {epoch for *_, epoch in acks}
-    assert len(epochs) == 1
-
+    child = await Child.start(redis_target, "solo", WRITERS)
+    try:
+        await child.read_acks(ACKS)
+    finally:
+        await child.kill()
     log = RedisStreamsLog(redis_target)
     await log.open()
     try:
-        log.retention = lambda topic: Retention(size=10**9)
-        stored: list[Event] = []
-        after = 0
-        while page := await log.read("crash", after=after, limit=250):
-            stored += page
-            after = page[-1].offset or 0
-        position = await log.position("crash")
-        top = position.offset
-        # Offsets are exactly 1..top: no gap, no duplicate, nothing half-written.
-        assert [e.offset for e in stored] == list(range(1, top + 1))
-        assert top >= len(acks)
-        assert position.epoch in epochs
-        by_offset = {e.offset: e for e in stored}
-        for offset, w, i, event_id, epoch in acks:
-            event = by_offset[offset]
-            assert event.id == event_id
-            assert event.epoch == epoch
-            assert event.data == {"w": w, "i": i, "pad": "x" * 200}
-            assert dict(event.tags) == {"i": str(i)}
-        # Each writer's events are stored in the order it appended them, without gaps.
-        for w in range(WRITERS):
-            mine = [e.data["i"] for e in stored if e.data["w"] == w]
-            assert mine == list(range(len(mine)))
-        [event] = await log.append([Event(topic="crash", data="after")])
-        assert event.offset == top + 1
-        assert event.epoch == position.epoch
+        await check_survivors(log, [child], WRITERS)
     finally:
         await log.close()
 

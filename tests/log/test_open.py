@@ -114,7 +114,7 @@ def pg_url(postgres_service: str) -> Iterator[str]:
 @pytest.mark.postgres
 async def test_postgresql_url_opens(pg_url: str) -> None:
     async with open_log(pg_url) as log:
-        log.retention = lambda topic: Retention(size=5)
+        log.set_retention(lambda topic: Retention(size=5))
         out = await log.append([Event(topic="pg", data=i) for i in range(3)])
         assert [e.offset for e in out] == [1, 2, 3]
         await log.check()

@@ -247,6 +247,16 @@ def redis_log_url(redis_service: str) -> Iterator[str]:
     drop_redis_keys(redis_service, prefix)
 
 
+@pytest.fixture
+async def js_log_url(nats_service: str) -> AsyncIterator[str]:
+    """A JetStream log URL with a prefix of its own, whose streams are deleted afterwards."""
+    from tests.log.natstools import delete_streams
+
+    prefix = unique("l").replace("_", "-")  # "_" separates a JetStream prefix in stream names
+    yield nats_service.replace("nats://", "nats+jetstream://", 1) + f"?prefix={prefix}"
+    await delete_streams(nats_service, prefix)
+
+
 # -- hub nodes --------------------------------------------------------------------------------
 
 #: Namespaces of the scale-out nodes: durable with recovery and presence, and live-only.

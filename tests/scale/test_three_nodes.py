@@ -1,9 +1,10 @@
 """Three ``eventcast serve`` processes sharing one backplane and one log.
 
-Over Redis (log: PostgreSQL) and over NATS (log: Redis Streams): clients spread
-over the nodes receive every publication made through any node's HTTP API,
-once each and in offset order; a client moved from one node to another
-recovers exactly what it missed; presence on one node lists the clients of all.
+Over Redis (log: PostgreSQL), over NATS (log: Redis Streams) and on NATS alone
+(log: JetStream): clients spread over the nodes receive every publication made
+through any node's HTTP API, once each and in offset order; a client moved from
+one node to another recovers exactly what it missed; presence on one node lists
+the clients of all.
 """
 
 from __future__ import annotations
@@ -156,6 +157,21 @@ async def test_three_nodes_over_nats_with_a_redis_streams_log(
             node.signal(signal.SIGTERM)
         for node in started:
             assert await node.wait() == 0
+    finally:
+        await _delete_presence_bucket(nats_service, prefix)
+
+
+@pytest.mark.nats
+async def test_three_nodes_on_nats_alone_with_a_jetstream_log(
+    nodes: Callable[..., Any], nats_service: str, js_log_url: str
+) -> None:
+    # A deployment on NATS alone: backplane, presence and the durable log.
+    prefix = unique("bp")
+    try:
+        started = await nodes(
+            3, backplane_url=f"{nats_service}?prefix={prefix}", log_url=js_log_url
+        )
+        await _three_node_scenario(started)
     finally:
         await _delete_presence_bucket(nats_service, prefix)
 

@@ -8,11 +8,17 @@ Choose one by URL with :func:`open_log`, or pass an instance:
 * ``postgresql://user@host/db``: PostgreSQL through psycopg 3
   (``?schema=name`` picks the schema, default ``eventcast``);
 * ``redis://host:port/db`` (``rediss://`` for TLS): Redis Streams through
-  redis-py (``?prefix=name`` picks the key prefix, default ``eventcast``).
+  redis-py (``?prefix=name`` picks the key prefix, default ``eventcast``);
+* ``nats+jetstream://host:4222`` (``nats+jetstream+tls://`` for TLS): NATS
+  JetStream through nats-py (``?prefix=name``, default ``eventcast``, and
+  ``?replicas=n``, default 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib import import_module
+from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from ..exceptions import ConfigurationError
@@ -24,6 +30,20 @@ from .base import (
 from .memory import MemoryLog as MemoryLog
 
 __all__ = ["DEFAULT_DEDUP_WINDOW", "EventLog", "MemoryLog", "Retention", "open_log"]
+
+_POSTGRES = (".postgres", "PostgresLog", "PostgreSQL", "psycopg: pip install 'eventcast[postgres]'")
+_REDIS = (".redis", "RedisStreamsLog", "Redis", "redis-py: pip install 'eventcast[redis]'")
+_JETSTREAM = (".jetstream", "JetStreamLog", "JetStream", "nats-py: pip install 'eventcast[nats]'")
+#: The logs on a server, by URL scheme: (module, class, name, what to install),
+#: imported only when chosen.
+_SERVER_LOGS: Final = {
+    "postgresql": _POSTGRES,
+    "postgres": _POSTGRES,
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "nats+jetstream": _JETSTREAM,
+    "nats+jetstream+tls": _JETSTREAM,
+}
 
 
 def open_log(url: str) -> EventLog:
@@ -51,23 +71,15 @@ def open_log(url: str) -> EventLog:
             return SQLiteLog(path[1:], synchronous=options.get("synchronous", "FULL"))
         except ValueError as exc:
             raise ConfigurationError(f"invalid SQLite URL {url!r}: {exc}") from exc
-    if scheme in ("postgresql", "postgres"):
+    server = _SERVER_LOGS.get(scheme)
+    if server is not None:
+        module, name, title, needs = server
         try:
-            from .postgres import PostgresLog
+            log_class: Callable[[str], EventLog] = getattr(import_module(module, __package__), name)
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "the PostgreSQL log needs psycopg: pip install 'eventcast[postgres]'"
-            ) from exc
-        return PostgresLog(url)
-    if scheme in ("redis", "rediss"):
-        try:
-            from .redis import RedisStreamsLog
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "the Redis log needs redis-py: pip install 'eventcast[redis]'"
-            ) from exc
-        return RedisStreamsLog(url)
-    known = "memory://, sqlite:///path, postgresql://, redis://"
+            raise ConfigurationError(f"the {title} log needs {needs}") from exc
+        return log_class(url)
+    known = "memory://, sqlite:///path, postgresql://, redis://, nats+jetstream://"
     raise ConfigurationError(
         f"unknown log URL scheme {scheme!r} in {urlsplit(url).geturl()!r}; expected one of {known}"
     )

@@ -9,10 +9,45 @@ it cannot.
 
 Implementations translate their driver's errors into :class:`LogError` and
 import their driver lazily.
+
+Streams nobody writes keep no state
+-----------------------------------
+
+Looking up the position of a topic never written must not create anything: a
+client subscribing to a thousand random names would otherwise leave a thousand
+rows behind. So a topic without stored state has offset 0 and its *empty
+epoch*, derived, not stored::
+
+    empty_epoch(store, topic, generation)  # sha1(store, topic, generation)[:8]
+
+``store`` is a random id created with the store (a wiped store gets a new one),
+``generation`` a counter shared by the topics of one of
+:data:`EPOCH_BUCKETS` buckets (``epoch_bucket(topic)``), 0 until first used.
+The first append to such a topic *claims* its empty epoch: in the same atomic
+step it creates the stream under ``empty_epoch(store, topic, g)`` and moves its
+bucket's counter to ``g + 1``. Hence:
+
+* A client that saw ``(0, e)`` before the first publication resumes exactly:
+  the stream was born under ``e``.
+* A stream may later be forgotten entirely, by :meth:`EventLog.prune` once
+  retention has removed all its events, or by the store itself (Redis keys and
+  JetStream messages that expire with age retention), and no forgetting needs
+  any bookkeeping: the counter already moved on when the stream was born, so
+  the topic's next empty epoch (and the epoch of its next stream) differs from
+  every epoch it had before. A client holding ``(n, old)`` learns plainly that
+  it cannot resume, however the stream was forgotten.
+* The price is a spurious change: when a topic is born, the empty epoch of the
+  never-written topics of its bucket (1 in 65,536) changes too, and a client
+  that saw such a topic's empty epoch gets ``recovered: false`` with nothing
+  lost. Never the reverse.
+
+The counters are bounded state (at most :data:`EPOCH_BUCKETS` small entries,
+whatever the number of topics), unlike a row per name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -29,13 +64,17 @@ from ..exceptions import EncodeError, LogError
 
 __all__ = [
     "DEFAULT_DEDUP_WINDOW",
+    "EPOCH_BUCKETS",
     "EventLog",
     "LetterRow",
     "Retention",
     "decode_payload",
     "decode_tags",
+    "empty_epoch",
     "encode_tags",
+    "epoch_bucket",
     "new_epoch",
+    "new_store_id",
 ]
 
 #: How long an idempotency key is remembered, in seconds.
@@ -45,6 +84,29 @@ DEFAULT_DEDUP_WINDOW: Final = 120.0
 def new_epoch() -> str:
     """Return a new random epoch string."""
     return secrets.token_hex(4)
+
+
+#: How many generation counters derive the empty epochs (see the module docstring).
+EPOCH_BUCKETS: Final = 65_536
+
+
+def new_store_id() -> str:
+    """Return a new random store id (one per store, created with it)."""
+    return secrets.token_hex(8)
+
+
+def epoch_bucket(topic: str) -> int:
+    """Return the generation bucket of a topic, in ``range(EPOCH_BUCKETS)``."""
+    return int.from_bytes(hashlib.sha1(topic.encode()).digest()[:4], "big") % EPOCH_BUCKETS
+
+
+def empty_epoch(store: str, topic: str, generation: int) -> str:
+    """Return the epoch of a topic with no stored state in ``store``.
+
+    The Redis log computes the same string in Lua
+    (``redis.sha1hex(store .. "\\n" .. topic .. "\\n" .. generation):sub(1, 8)``).
+    """
+    return hashlib.sha1(f"{store}\n{topic}\n{generation}".encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +460,8 @@ class EventLog(ABC):
     async def position(self, topic: str) -> Position:
         """Return the latest ``(offset, epoch)`` of a topic (offset 0 if it has no events).
 
-        A topic never written gets its stream, and so its epoch, created here.
+        Writes nothing: a topic with no stored state returns offset 0 and its
+        empty epoch, which its first append keeps (see the module docstring).
         """
 
     @abstractmethod
@@ -413,7 +476,12 @@ class EventLog(ABC):
 
     @abstractmethod
     async def prune(self, now: float | None = None) -> int:
-        """Drop events past their topic's retention (size and age); return how many."""
+        """Drop events past their topic's retention (size and age); return how many.
+
+        A stream left with no events (all past retention, or truncated) is
+        forgotten entirely: its row, keys and in-memory entries are removed,
+        and its next position has offset 0 under a new epoch.
+        """
 
     # -- dead letters --------------------------------------------------------------
 

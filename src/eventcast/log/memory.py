@@ -1,7 +1,8 @@
 """``memory://``: an in-process log with a bounded ring per topic.
 
-Nothing survives the process, so every stream gets a fresh epoch on start.
-Useful for tests and for single-process recovery after short disconnects.
+Nothing survives the process, so every stream gets a fresh epoch on start
+(each log is a new store). Useful for tests and for single-process recovery
+after short disconnects.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import msgspec
 from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import LogError
-from .base import EventLog, new_epoch, now
+from .base import (
+    EventLog,
+    empty_epoch,
+    epoch_bucket,
+    new_epoch,
+    new_store_id,
+    now,
+)
 
 __all__ = ["MemoryLog"]
 
@@ -39,6 +47,7 @@ class MemoryLog(EventLog):
     Args:
         max_topics: the most streams kept; past it, the least recently
             created empty stream is forgotten (a write then starts a new epoch).
+            A topic never written keeps no stream at all.
         dead_letters: the most dead letters kept.
         dedup_window: how long idempotency keys are remembered, in seconds.
     """
@@ -53,6 +62,9 @@ class MemoryLog(EventLog):
         super().__init__(dedup_window=dedup_window)
         self.max_topics = max_topics
         self._streams: dict[str, _Stream] = {}
+        self._store = new_store_id()
+        # Generation counters of the empty epochs, by bucket (bounded by EPOCH_BUCKETS).
+        self._generations: dict[int, int] = {}
         self._letters: deque[DeadLetter] = deque(maxlen=dead_letters)
         self._open = False
 
@@ -62,7 +74,12 @@ class MemoryLog(EventLog):
     async def close(self) -> None:
         self._open = False
 
+    def _empty_epoch(self, topic: str) -> str:
+        generation = self._generations.get(epoch_bucket(topic), 0)
+        return empty_epoch(self._store, topic, generation)
+
     def _stream(self, topic: str) -> _Stream:
+        """The topic's stream, created (claiming its empty epoch) if missing."""
         stream = self._streams.get(topic)
         if stream is None:
             if len(self._streams) >= self.max_topics:
@@ -70,7 +87,11 @@ class MemoryLog(EventLog):
                     if not old.events:
                         del self._streams[name]
                         break
-            stream = self._streams[topic] = _Stream(epoch=new_epoch())
+            bucket = epoch_bucket(topic)
+            generation = self._generations.get(bucket, 0)
+            self._generations[bucket] = generation + 1
+            epoch = empty_epoch(self._store, topic, generation)
+            stream = self._streams[topic] = _Stream(epoch=epoch)
         return stream
 
     async def append(self, events: Sequence[Event]) -> list[Event]:
@@ -164,7 +185,9 @@ class MemoryLog(EventLog):
         return [events[i] for i in range(start, min(stop, start + limit))]
 
     async def position(self, topic: str) -> Position:
-        stream = self._stream(topic)
+        stream = self._streams.get(topic)
+        if stream is None:
+            return Position(0, self._empty_epoch(topic))
         return Position(stream.top, stream.epoch)
 
     async def earliest(self, topic: str) -> int | None:
@@ -185,7 +208,15 @@ class MemoryLog(EventLog):
 
     async def prune(self, now_: float | None = None) -> int:
         t = now() if now_ is None else now_
-        return sum(self._apply_retention(topic, s, t) for topic, s in self._streams.items())
+        removed = 0
+        empty: list[str] = []
+        for topic, stream in self._streams.items():
+            removed += self._apply_retention(topic, stream, t)
+            if not stream.events:
+                empty.append(topic)
+        for topic in empty:  # forgotten: the next write claims a new epoch
+            del self._streams[topic]
+        return removed
 
     async def check(self) -> None:
         if not self._open:

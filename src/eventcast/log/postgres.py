@@ -9,6 +9,12 @@ task, which commits them all in one transaction. Inside it, each topic's row of
 ``streams`` is locked (``SELECT … FOR UPDATE``, in topic order, so two writers
 never deadlock) before offsets are assigned, so any number of processes can
 append to the same topic and its offsets stay 1, 2, 3, … with no gap.
+
+A topic gets its row in ``streams`` on its first append (or truncation), in a
+short transaction of its own that claims the topic's empty epoch from the
+``gens`` counters (see :mod:`eventcast.log.base`); positions are read, never
+written, and :meth:`PostgresLog.prune` deletes the rows of streams left without
+events.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import builtins
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -31,9 +38,12 @@ from .base import (
     EventLog,
     append_items,
     committed_events,
+    empty_epoch,
+    epoch_bucket,
     letter_to_row,
     log_error,
     new_epoch,
+    new_store_id,
     now,
     row_to_letter,
     stored_event,
@@ -57,6 +67,8 @@ DEFAULT_SCHEMA: Final = "eventcast"
 DEFAULT_MAX_PENDING: Final = 10_000
 #: Most events committed in one transaction.
 DEFAULT_MAX_BATCH: Final = 10_000
+#: How many times an append creates missing streams before giving up.
+_ENSURE_ATTEMPTS: Final = 5
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
@@ -79,6 +91,7 @@ CREATE TABLE IF NOT EXISTS {s}.events (
     ikey TEXT,
     PRIMARY KEY (topic, "offset")
 );
+CREATE TABLE IF NOT EXISTS {s}.gens (bucket INTEGER PRIMARY KEY, gen BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.ikeys (
     topic TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -116,6 +129,14 @@ class _Request:
     future: asyncio.Future[list[_Stored]]
 
 
+class _MissingStreams(Exception):
+    """Raised inside an append transaction: these topics have no row yet."""
+
+    def __init__(self, topics: list[str]) -> None:
+        super().__init__(topics)
+        self.topics = topics
+
+
 class _Queries:
     """The SQL of one schema, built once."""
 
@@ -128,6 +149,30 @@ class _Queries:
             "SELECT t, e, 0 FROM unnest(%s::text[], %s::text[]) AS u(t, e) ORDER BY t "
             "ON CONFLICT (topic) DO NOTHING"
         )
+        self.store = (
+            f"WITH new AS (INSERT INTO {s}.meta (key, value) VALUES ('store', %s) "
+            "ON CONFLICT (key) DO NOTHING RETURNING value) "
+            f"SELECT value FROM new UNION ALL SELECT value FROM {s}.meta WHERE key = 'store'"
+        )
+        # Claims generations: one row per bucket, n topics born in it; returns
+        # the counter after the claim (the claimed ones are the n before it).
+        self.claim_gens = (
+            f"INSERT INTO {s}.gens (bucket, gen) "
+            "SELECT * FROM unnest(%s::integer[], %s::bigint[]) AS u(b, n) ORDER BY b "
+            f"ON CONFLICT (bucket) DO UPDATE SET gen = {s}.gens.gen + EXCLUDED.gen "
+            "RETURNING bucket, gen"
+        )
+        self.position = (
+            f"SELECT s.epoch, s.top, g.gen FROM (SELECT 1) one "
+            f"LEFT JOIN {s}.streams s ON s.topic = %(topic)s "
+            f"LEFT JOIN {s}.gens g ON g.bucket = %(bucket)s"
+        )
+        self.forget_empty = (
+            f"DELETE FROM {s}.streams s WHERE s.topic = ANY(%s::text[]) AND NOT EXISTS "
+            f"(SELECT 1 FROM {s}.events e WHERE e.topic = s.topic) RETURNING s.topic"
+        )
+        self.existing_streams = f"SELECT topic FROM {s}.streams WHERE topic = ANY(%s::text[])"
+        self.delete_keys_of = f"DELETE FROM {s}.ikeys WHERE topic = ANY(%s::text[])"
         self.lock_streams = (
             f"SELECT topic, epoch, top FROM {s}.streams WHERE topic = ANY(%s::text[]) "
             "ORDER BY topic FOR UPDATE"
@@ -161,11 +206,6 @@ class _Queries:
         self.delete_older = f"DELETE FROM {s}.events WHERE topic = %s AND time < %s"
         self.delete_expired_keys = (
             f"DELETE FROM {s}.ikeys WHERE topic = ANY(%s::text[]) AND expires <= %s"
-        )
-        self.select_stream = f"SELECT epoch, top FROM {s}.streams WHERE topic = %s"
-        self.insert_stream = (
-            f"INSERT INTO {s}.streams (topic, epoch, top) VALUES (%s, %s, 0) "
-            "ON CONFLICT (topic) DO NOTHING RETURNING epoch, top"
         )
         self.lock_stream = f"SELECT epoch, top FROM {s}.streams WHERE topic = %s FOR UPDATE"
         self.lock_all = f"SELECT topic, top FROM {s}.streams ORDER BY topic FOR UPDATE"
@@ -293,6 +333,7 @@ class PostgresLog(EventLog):
         self._floor: dict[tuple[str, str], int] = {}
         self._pruned_at: dict[tuple[str, str], float] = {}
         self._keys_pruned = 0.0
+        self._store = ""  # the store id, read on open()
         self._opened = False
         self._closed = False
         #: Committed append transactions (for the group-commit benchmark and tests).
@@ -324,6 +365,10 @@ class PostgresLog(EventLog):
                     )
                     await conn.execute(self._sql.create_schema)
                     await conn.execute(self._sql.ddl)
+                    cur = await conn.execute(self._sql.store, (new_store_id(),))
+                    row = await cur.fetchone()
+                    assert row is not None  # inserted, or there before
+                    self._store = row[0]
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise log_error(f"open {self.url!r}", exc) from exc
 
@@ -461,8 +506,18 @@ class PostgresLog(EventLog):
         try:
             if pool is None:
                 raise LogError("the log is not open")
-            async with pool.connection() as conn, conn.transaction():
-                results = await self._append_batch(conn, batch, t, floors, pruned)
+            async with pool.connection() as conn:
+                for attempt in range(_ENSURE_ATTEMPTS):
+                    try:
+                        async with conn.transaction():
+                            results = await self._append_batch(conn, batch, t, floors, pruned)
+                        break
+                    except _MissingStreams as missing:  # rolled back: nothing was written
+                        if attempt == _ENSURE_ATTEMPTS - 1:
+                            raise LogError(
+                                "streams kept vanishing while appending (a concurrent prune?)"
+                            ) from None
+                        await self._create_streams(conn, missing.topics)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -497,15 +552,15 @@ class PostgresLog(EventLog):
         sql = self._sql
         topics = sorted({item[0] for request in batch for item in request.items})
         cur = conn.cursor()
-        # Create missing streams, then lock every stream of the batch in topic
-        # order: concurrent writers (in any process) serialise per topic.
-        await cur.execute(sql.insert_streams, (topics, [new_epoch() for _ in topics]))
+        # Lock every stream of the batch in topic order: concurrent writers (in
+        # any process) serialise per topic. A topic without a row sends the
+        # batch back to _commit, which creates the rows and starts again.
         await cur.execute(sql.lock_streams, (topics,))
         streams: dict[str, list[Any]] = {
             topic: [epoch, top] for topic, epoch, top in await cur.fetchall()
         }
-        if len(streams) != len(topics):  # pragma: no cover - a concurrent DROP
-            raise LogError("a stream vanished while appending (was the schema dropped?)")
+        if len(streams) != len(topics):
+            raise _MissingStreams([topic for topic in topics if topic not in streams])
         original: dict[tuple[str, str], _Stored] = {}
         wanted = {(item[0], item[6]) for r in batch for item in r.items if item[6] is not None}
         if wanted:
@@ -570,17 +625,44 @@ class PostgresLog(EventLog):
             pruned[("", "")] = t  # the keys' turn; applied after the commit
         return results
 
+    async def _create_streams(self, conn: AsyncConnection[TupleRow], topics: list[str]) -> None:
+        """Create the rows of topics without one, each claiming its empty epoch.
+
+        A transaction of its own, locking the ``gens`` rows (in bucket order)
+        before inserting the streams (in topic order): the append transactions
+        lock only streams, so no lock cycle can form. A row created meanwhile by
+        another process wins (``DO NOTHING``); the claim it made is then unused.
+        """
+        sql = self._sql
+        cur = await conn.execute(sql.existing_streams, (topics,))
+        known = {row[0] for row in await cur.fetchall()}
+        topics = sorted(topic for topic in set(topics) if topic not in known)
+        if not topics:
+            return
+        counts = Counter(epoch_bucket(topic) for topic in topics)
+        buckets = sorted(counts)
+        async with conn.transaction():
+            cur = await conn.execute(sql.claim_gens, (buckets, [counts[b] for b in buckets]))
+            claimed = {bucket: gen - counts[bucket] for bucket, gen in await cur.fetchall()}
+            epochs = []
+            for topic in topics:
+                bucket = epoch_bucket(topic)
+                epochs.append(empty_epoch(self._store, topic, claimed[bucket]))
+                claimed[bucket] += 1
+            await conn.execute(sql.insert_streams, (topics, epochs))
+
     async def truncate(self, topic: str) -> Position:
         """Remove a topic's history and start a new epoch; return the new position."""
         sql = self._sql
         epoch = new_epoch()
 
         async def run(conn: AsyncConnection[TupleRow]) -> Position:
+            await self._create_streams(conn, [topic])  # a no-op when the row exists
             async with conn.transaction():
-                await conn.execute(sql.insert_stream, (topic, new_epoch()))
                 cur = await conn.execute(sql.lock_stream, (topic,))
                 row = await cur.fetchone()
-                assert row is not None
+                if row is None:  # pragma: no cover - pruned between the two transactions
+                    raise LogError(f"the stream of {topic!r} vanished while truncating")
                 await conn.execute(sql.delete_topic, (topic,))
                 await conn.execute(sql.delete_topic_keys, (topic,))
                 await conn.execute(sql.set_epoch, (epoch, topic))
@@ -609,6 +691,16 @@ class PostgresLog(EventLog):
                         cur = await conn.execute(sql.delete_older, (topic, t - retention.ttl))
                         removed += max(cur.rowcount, 0)
                 await conn.execute(sql.delete_expired_keys, ([s[0] for s in streams], t))
+                # Streams left without events are forgotten (their epoch was
+                # claimed at birth, so the next one differs: see log.base).
+                cur = await conn.execute(sql.forget_empty, ([s[0] for s in streams],))
+                forgotten = [row[0] for row in await cur.fetchall()]
+                if forgotten:
+                    await conn.execute(sql.delete_keys_of, (forgotten,))
+            gone = set(forgotten)
+            for cache in (self._floor, self._pruned_at):
+                for state in [state for state in cache if state[0] in gone]:
+                    del cache[state]
             return removed
 
         return await self._run("prune", run)
@@ -685,22 +777,20 @@ class PostgresLog(EventLog):
         return stored_events(topic, found[0][0], [row[1:] for row in found])
 
     async def position(self, topic: str) -> Position:
-        """Return the latest position of a topic, creating its stream if needed."""
-        sql = self._sql
+        """Return the latest position of a topic (writes nothing; see :mod:`.base`)."""
+        query = self._sql.position
+        params = {"topic": topic, "bucket": epoch_bucket(topic)}
 
-        async def run(conn: AsyncConnection[TupleRow]) -> Position:
-            for query, params in (
-                (sql.select_stream, (topic,)),
-                (sql.insert_stream, (topic, new_epoch())),
-                (sql.select_stream, (topic,)),  # created by someone else meanwhile
-            ):
-                cur = await conn.execute(query, params)
-                row = await cur.fetchone()
-                if row is not None:
-                    return Position(row[1], row[0])
-            raise LogError(f"the stream of {topic!r} could not be created")  # pragma: no cover
+        async def run(conn: AsyncConnection[TupleRow]) -> TupleRow | None:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
 
-        return await self._run("read a position", run)
+        row = await self._run("read a position", run)
+        assert row is not None  # one row, always
+        epoch, top, generation = row
+        if epoch is None:
+            return Position(0, empty_epoch(self._store, topic, generation or 0))
+        return Position(top, epoch)
 
     async def earliest(self, topic: str) -> int | None:
         """Return the smallest retained offset of a topic, or ``None``."""

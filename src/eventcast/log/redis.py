@@ -9,9 +9,13 @@ Keys, for a topic ``T`` under prefix ``P``:
 
 * ``P:stream:T``: the topic's events, one stream entry per event with the
   entry id ``<offset>-1``, so that reads are ``XRANGE``/``XREVRANGE`` by offset;
-* ``P:meta:T``: a hash with the stream's ``epoch`` and ``top`` (its last offset);
+* ``P:meta:T``: a hash with the stream's ``epoch`` and ``top`` (its last offset),
+  created by the topic's first append (or truncation), never by a position;
 * ``P:ikey:<len(T)>:T:K``: idempotency key ``K`` (``"<epoch> <offset> <expires>"``,
   expiring with the dedup window; the length makes the name unambiguous);
+* ``P:store`` and ``P:gens``: the store id and the generation counters (a hash
+  of at most 65,536 fields) from which topics without a meta hash get their
+  epoch (see :mod:`eventcast.log.base`);
 * ``P:dead_letters``: the dead letters, a sorted set scored by id, bounded;
 * ``P:batch:<token>``: the outcome of one append, for a few minutes, so that an
   append retried after a lost reply is not committed twice.
@@ -29,11 +33,13 @@ retention filters reads by the stored event time, :meth:`RedisStreamsLog.prune`
 trims the expired head of each stream, and when a topic's retention has a
 ``ttl`` the stream and meta keys expire ``ttl`` after its last publication:
 **a topic that saw no publication for ``ttl`` seconds is forgotten entirely, so
-its next position has a new epoch** (all its events were past their age anyway).
+its next position has a new epoch** (all its events were past their age anyway;
+the epoch differs because the stream claimed its generation when it was born).
+:meth:`RedisStreamsLog.prune` also forgets streams left with no entries.
 
 The epoch lives in the meta hash: a Redis that was flushed, or restarted
-without persistence, has lost it, and every stream starts again under a new
-epoch, so subscribers learn plainly that they cannot resume. Redis acknowledges
+without persistence, has lost it (and the store id), and every stream starts
+again under a new epoch, so subscribers learn plainly that they cannot resume. Redis acknowledges
 a write once it is in memory: with ``appendfsync always`` it survives a crash
 of the server, otherwise the last second (or more) of writes may be lost
 together with the epoch guarantee that relies on the meta hash being lost too.
@@ -61,9 +67,11 @@ from .base import (
     EventLog,
     append_items,
     committed,
+    epoch_bucket,
     letter_to_row,
     log_error,
     new_epoch,
+    new_store_id,
     now,
     row_to_letter,
     stored_event,
@@ -88,9 +96,11 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_\-:.@/]{1,200}$")
 _Item = AppendItem
 
 # KEYS: [1] batch token key, then per topic (meta, stream), then the idempotency
-# keys. ARGV: t, expires, window ms, #topics, #events, batch ms, then per topic
-# (epoch if new, size, ttl ms or 0), then per event (topic index, ikey KEYS
-# index or 0, ikey, id, time, payload, binary, tags or "").
+# keys, then the store id and the generation counters. ARGV: t, expires, window
+# ms, #topics, #events, batch ms, store id if new, then per topic (topic, bucket,
+# size, ttl ms or 0), then per event (topic index, ikey KEYS index or 0, ikey,
+# id, time, payload, binary, tags or ""). A topic without a meta hash is born
+# under its empty epoch, claimed from its bucket's counter (see log.base).
 # Returns {epochs, results}; a result is {offset} for an event stored by this
 # call, {offset, fields} for an event already stored (idempotent repeat, or
 # every event when the call is a retry of a committed one).
@@ -101,7 +111,8 @@ local window_ms = ARGV[3]
 local ntopics = tonumber(ARGV[4])
 local nevents = tonumber(ARGV[5])
 local batch_ms = ARGV[6]
-local E = 6 + 3 * ntopics
+local E = 7 + 4 * ntopics
+local STORE, GENS = KEYS[#KEYS - 1], KEYS[#KEYS]
 
 local function typeof(key)
   return redis.call('TYPE', key)['ok']
@@ -136,6 +147,13 @@ end
 
 -- Phase 1: read and validate everything; nothing is written before phase 2.
 local epochs, tops, fresh, changed = {}, {}, {}, {}
+local stt, gt = typeof(STORE), typeof(GENS)
+if stt ~= 'none' and stt ~= 'string' then return fail('wrong type for ' .. STORE) end
+if gt ~= 'none' and gt ~= 'hash' then return fail('wrong type for ' .. GENS) end
+local store = redis.call('GET', STORE)
+local store_new = not store
+if store_new then store = ARGV[7] end
+local claims, claimed = {}, {}
 for j = 1, ntopics do
   local meta, stream = KEYS[2 * j], KEYS[2 * j + 1]
   local mt, st = typeof(meta), typeof(stream)
@@ -155,7 +173,15 @@ for j = 1, ntopics do
       end
     end
   else
-    epochs[j], tops[j], fresh[j] = ARGV[7 + 3 * (j - 1)], 0, true
+    local topic, bucket = ARGV[8 + 4 * (j - 1)], ARGV[9 + 4 * (j - 1)]
+    if not claims[bucket] then
+      claims[bucket] = 0
+      claimed[#claimed + 1] = bucket
+    end
+    local gen = (tonumber(redis.call('HGET', GENS, bucket)) or 0) + claims[bucket]
+    claims[bucket] = claims[bucket] + 1
+    local epoch = redis.sha1hex(store .. '\\n' .. topic .. '\\n' .. string.format('%d', gen))
+    epochs[j], tops[j], fresh[j] = string.sub(epoch, 1, 8), 0, true
   end
 end
 
@@ -210,6 +236,8 @@ for i = 1, nevents do
 end
 
 -- Phase 2: write (nothing below can fail: every key's type was checked above).
+if store_new then redis.call('SET', STORE, store) end
+for _, bucket in ipairs(claimed) do redis.call('HINCRBY', GENS, bucket, claims[bucket]) end
 for j = 1, ntopics do
   if fresh[j] then
     redis.call('DEL', KEYS[2 * j + 1])
@@ -218,7 +246,7 @@ for j = 1, ntopics do
 end
 for _, i in ipairs(writes) do
   local j = tonumber(ARGV[E + 8 * (i - 1) + 1])
-  local size = ARGV[7 + 3 * (j - 1) + 1]
+  local size = ARGV[10 + 4 * (j - 1)]
   local id = string.format('%d-1', results[i][1])
   redis.call('XADD', KEYS[2 * j + 1], 'MAXLEN', '=', size, id, unpack(fields_of(i)))
 end
@@ -232,7 +260,7 @@ for j = 1, ntopics do
   if changed[j] or fresh[j] then
     redis.call('HSET', KEYS[2 * j], 'top', tops[j])
   end
-  local ttl_ms = tonumber(ARGV[7 + 3 * (j - 1) + 2])
+  local ttl_ms = tonumber(ARGV[11 + 4 * (j - 1)])
   if ttl_ms > 0 then
     redis.call('PEXPIRE', KEYS[2 * j], ttl_ms)
     redis.call('PEXPIRE', KEYS[2 * j + 1], ttl_ms)
@@ -299,24 +327,22 @@ if #found == 0 then return {} end
 return {epoch, found[1][1], found[1][2]}
 """
 
-# KEYS: meta, stream. ARGV: epoch if new, ttl ms or 0. Returns {epoch, top}.
-_ENSURE = """#!lua
+# KEYS: meta, store, gens. ARGV: topic, bucket. Returns {epoch, top}, writing
+# nothing: a topic without a meta hash has offset 0 and its empty epoch.
+_POSITION = """#!lua flags=no-writes
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'top')
 if m[1] and tonumber(m[2]) then return {m[1], tonumber(m[2])} end
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'none' then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.error_reply('ERR eventcast: corrupt stream metadata in ' .. KEYS[1])
 end
-local st = redis.call('TYPE', KEYS[2])['ok']
-if st ~= 'none' and st ~= 'stream' then
-  return redis.error_reply('ERR eventcast: wrong type for ' .. KEYS[2])
-end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'top', 0)
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return {ARGV[1], 0}
+local store = redis.call('GET', KEYS[2]) or ''
+local gen = tonumber(redis.call('HGET', KEYS[3], ARGV[2])) or 0
+local epoch = redis.sha1hex(store .. '\\n' .. ARGV[1] .. '\\n' .. string.format('%d', gen))
+return {string.sub(epoch, 1, 8), 0}
 """
 
-# KEYS: meta, stream. ARGV: new epoch, ttl ms or 0. Returns the top offset.
+# KEYS: meta, stream, gens. ARGV: new epoch, ttl ms or 0, bucket. Returns the
+# top offset. A stream created here claims a generation of its bucket.
 _TRUNCATE = """#!lua
 local mt, st = redis.call('TYPE', KEYS[1])['ok'], redis.call('TYPE', KEYS[2])['ok']
 if mt ~= 'none' and mt ~= 'hash' then
@@ -325,6 +351,11 @@ end
 if st ~= 'none' and st ~= 'stream' then
   return redis.error_reply('ERR eventcast: wrong type for ' .. KEYS[2])
 end
+local gt = redis.call('TYPE', KEYS[3])['ok']
+if gt ~= 'none' and gt ~= 'hash' then
+  return redis.error_reply('ERR eventcast: wrong type for ' .. KEYS[3])
+end
+if mt == 'none' then redis.call('HINCRBY', KEYS[3], ARGV[3], 1) end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top')) or 0
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'top', top)
@@ -333,8 +364,14 @@ return top
 """
 
 # KEYS: meta, stream. ARGV: size, cutoff or "". Returns the entries removed.
+# A stream left without entries is forgotten (meta and stream deleted).
 _PRUNE = """#!lua
-if redis.call('TYPE', KEYS[2])['ok'] ~= 'stream' then return 0 end
+local st = redis.call('TYPE', KEYS[2])['ok']
+if st == 'none' and redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+if st ~= 'stream' then return 0 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
 if not top then return 0 end
 local removed = 0
@@ -362,6 +399,7 @@ if ARGV[2] ~= '' then
     removed = removed + redis.call('XTRIM', KEYS[2], 'MINID', '=', string.format('%d', minid))
   end
 end
+if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
 return removed
 """
 
@@ -484,6 +522,14 @@ class RedisStreamsLog(EventLog):
     def _letters(self) -> str:
         return f"{self.prefix}:dead_letters"
 
+    @property
+    def _store(self) -> str:
+        return f"{self.prefix}:store"
+
+    @property
+    def _gens(self) -> str:
+        return f"{self.prefix}:gens"
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -517,7 +563,7 @@ class RedisStreamsLog(EventLog):
                         ("append", _APPEND),
                         ("read", _READ),
                         ("lookup", _LOOKUP),
-                        ("ensure", _ENSURE),
+                        ("position", _POSITION),
                         ("truncate", _TRUNCATE),
                         ("prune", _PRUNE),
                     )
@@ -525,6 +571,7 @@ class RedisStreamsLog(EventLog):
                 for script in scripts.values():
                     # Fails plainly on a server older than 7.0 (no #!lua shebang).
                     script.sha = await client.script_load(script.script)
+                await client.set(f"{self.prefix}:store", new_store_id(), nx=True)
         except BaseException as exc:
             await asyncio.shield(client.aclose(close_connection_pool=True))
             if isinstance(exc, RedisError | OSError | TimeoutError):
@@ -583,12 +630,14 @@ class RedisStreamsLog(EventLog):
             len(topics),
             len(items),
             BATCH_MEMORY_MS,
+            new_store_id(),
         ]
         for topic in topics:
             retention = self.retention(topic)
             keys += [self._meta(topic), self._stream(topic)]
             args += [
-                new_epoch(),
+                topic,
+                epoch_bucket(topic),
                 retention.size,
                 0 if retention.ttl is None else _ms(retention.ttl),
             ]
@@ -607,6 +656,7 @@ class RedisStreamsLog(EventLog):
                 "1" if binary else "0",
                 b"" if tags is None else tags,
             ]
+        keys += [self._store, self._gens]
         return keys, args
 
     # -- writing -----------------------------------------------------------------------------
@@ -643,8 +693,8 @@ class RedisStreamsLog(EventLog):
         top = await self._script(
             "truncate",
             "truncate",
-            [self._meta(topic), self._stream(topic)],
-            [epoch, self._ttl_ms(topic)],
+            [self._meta(topic), self._stream(topic), self._gens],
+            [epoch, self._ttl_ms(topic), epoch_bucket(topic)],
         )
         return Position(int(top), epoch)
 
@@ -748,20 +798,13 @@ class RedisStreamsLog(EventLog):
         return [_entry_event(topic, epoch, entry_id, raw) for entry_id, raw in reply[1]]
 
     async def position(self, topic: str) -> Position:
-        """Return the latest position of a topic, creating its stream if needed."""
-
-        async def get(client: Redis) -> list[Any]:
-            result: list[Any] = await client.hmget(self._meta(topic), ["epoch", "top"])
-            return result
-
-        epoch, top = await self._run("read a position", get)
-        if epoch is None or top is None:
-            epoch, top = await self._script(
-                "read a position",
-                "ensure",
-                [self._meta(topic), self._stream(topic)],
-                [new_epoch(), self._ttl_ms(topic)],
-            )
+        """Return the latest position of a topic (writes nothing; see :mod:`.base`)."""
+        epoch, top = await self._script(
+            "read a position",
+            "position",
+            [self._meta(topic), self._store, self._gens],
+            [topic, epoch_bucket(topic)],
+        )
         return Position(int(top), _text(epoch))
 
     async def earliest(self, topic: str) -> int | None:

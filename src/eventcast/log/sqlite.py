@@ -6,6 +6,11 @@ commits everything waiting as one transaction (*group commit*): a burst of
 publishes shares one fsync, and each publisher is acknowledged only after the
 commit that holds its events returned. Reads run on a small pool of reader
 threads with their own connections, which WAL lets run beside the writer.
+
+A topic has a row in ``ec_streams`` only from its first append (or truncation)
+until :meth:`SQLiteLog.prune` finds it without events; positions are read,
+never written (see :mod:`eventcast.log.base` for the epochs of topics without a
+row, derived from the store id in ``ec_meta`` and the counters in ``ec_gens``).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from .base import (
     EventLog,
     append_items,
     committed_events,
+    empty_epoch,
+    epoch_bucket,
     letter_to_row,
     log_error,
     new_epoch,
+    new_store_id,
     now,
     plain_events,
     row_to_letter,
@@ -69,6 +77,7 @@ CREATE TABLE IF NOT EXISTS ec_events (
     ikey TEXT,
     PRIMARY KEY (topic, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ec_gens (bucket INTEGER PRIMARY KEY, gen INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS ec_ikeys (
     topic TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -161,6 +170,7 @@ class SQLiteLog(EventLog):
         self._reader_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state: dict[str, _TopicState] = {}
+        self._store = ""  # the store id, read when the writer opens the file
         self._closed = False
         self._opened = False
         self._keys_pruned = 0.0
@@ -241,8 +251,12 @@ class SQLiteLog(EventLog):
             conn = self._connect(readonly=False)
             conn.executescript(_SCHEMA)
             conn.execute(
-                "INSERT OR IGNORE INTO ec_meta (key, value) VALUES ('store', ?)", (new_epoch(),)
+                "INSERT OR IGNORE INTO ec_meta (key, value) VALUES ('store', ?)",
+                (new_store_id(),),
             )
+            (self._store,) = conn.execute(
+                "SELECT value FROM ec_meta WHERE key = 'store'"
+            ).fetchone()
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
@@ -339,13 +353,23 @@ class SQLiteLog(EventLog):
                 state.epoch, state.top, state.floor = before
 
     def _topic(self, conn: sqlite3.Connection, topic: str) -> _TopicState:
+        """The topic's state; its row is created if missing, claiming its empty epoch."""
         state = self._state.get(topic)
         if state is None:
             row = conn.execute(
                 "SELECT epoch, top FROM ec_streams WHERE topic = ?", (topic,)
             ).fetchone()
             if row is None:
-                epoch = new_epoch()
+                bucket = epoch_bucket(topic)
+                found = conn.execute(
+                    "SELECT gen FROM ec_gens WHERE bucket = ?", (bucket,)
+                ).fetchone()
+                generation = found[0] if found else 0
+                conn.execute(
+                    "INSERT OR REPLACE INTO ec_gens (bucket, gen) VALUES (?, ?)",
+                    (bucket, generation + 1),
+                )
+                epoch = empty_epoch(self._store, topic, generation)
                 conn.execute(
                     "INSERT INTO ec_streams (topic, epoch, top) VALUES (?, ?, 0)", (topic, epoch)
                 )
@@ -441,15 +465,6 @@ class SQLiteLog(EventLog):
 
     def _other(self, conn: sqlite3.Connection, request: _Request) -> Any:
         kind = request.kind
-        if kind == "ensure":
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                state = self._topic(conn, request.args)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._state.pop(request.args, None)
-                raise
-            return Position(state.top, state.epoch)
         if kind == "truncate":
             topic = request.args
             conn.execute("BEGIN IMMEDIATE")
@@ -466,9 +481,8 @@ class SQLiteLog(EventLog):
             t = request.args
             removed = 0
             conn.execute("BEGIN IMMEDIATE")
-            for (topic,) in conn.execute("SELECT topic FROM ec_streams").fetchall():
+            for topic, top in conn.execute("SELECT topic, top FROM ec_streams").fetchall():
                 retention = self.retention(topic)
-                top = self._topic(conn, topic).top
                 cur = conn.execute(
                     "DELETE FROM ec_events WHERE topic = ? AND offset <= ?",
                     (topic, top - retention.size),
@@ -480,8 +494,18 @@ class SQLiteLog(EventLog):
                         (topic, t - retention.ttl),
                     )
                     removed += cur.rowcount
+            # Streams left without events are forgotten (their epoch was claimed
+            # at birth, so the next one differs: see eventcast.log.base).
+            empty = conn.execute(
+                "SELECT topic FROM ec_streams s WHERE NOT EXISTS "
+                "(SELECT 1 FROM ec_events e WHERE e.topic = s.topic)"
+            ).fetchall()
+            conn.executemany("DELETE FROM ec_streams WHERE topic = ?", empty)
+            conn.executemany("DELETE FROM ec_ikeys WHERE topic = ?", empty)
             conn.execute("DELETE FROM ec_ikeys WHERE expires <= ?", (t,))
             conn.execute("COMMIT")
+            for (topic,) in empty:
+                self._state.pop(topic, None)
             return removed
         if kind == "save_letters":
             conn.execute("BEGIN IMMEDIATE")
@@ -637,16 +661,24 @@ class SQLiteLog(EventLog):
         return plain_events(topic, epoch, rows)
 
     async def position(self, topic: str) -> Position:
-        def query(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
+        store = self._store
+        bucket = epoch_bucket(topic)
+
+        def query(conn: sqlite3.Connection) -> Position:
+            row = conn.execute(
                 "SELECT epoch, top FROM ec_streams WHERE topic = ?", (topic,)
             ).fetchone()
+            if row is not None:
+                return Position(row[1], row[0])
+            # No row: the empty epoch, written nowhere (a row created meanwhile
+            # at most makes this one stale, never wrong: see log.base).
+            generation = conn.execute(
+                "SELECT gen FROM ec_gens WHERE bucket = ?", (bucket,)
+            ).fetchone()
+            return Position(0, empty_epoch(store, topic, generation[0] if generation else 0))
 
-        row = await self._read("read a position", query)
-        if row is None:
-            result: Position = await self._submit("ensure", topic)
-            return result
-        return Position(row[1], row[0])
+        result: Position = await self._read("read a position", query)
+        return result
 
     async def earliest(self, topic: str) -> int | None:
         retention = self.retention(topic)

@@ -253,7 +253,7 @@ class Settings(BaseSettings):
             it the HTTP API is disabled.
         allow_anonymous: clients may connect without a token.
         log_url: where durable history is kept (``sqlite:///path``, ``memory://``,
-            ``postgresql://...``).
+            ``postgresql://...``, ``redis://...``, ``nats+jetstream://...``).
         backplane_url: how hub nodes share publications (``memory://`` for one node).
         namespaces: channel namespaces and their options.
         allowed_origins: the origins allowed to open WebSockets (empty: same origin

@@ -29,6 +29,7 @@ from .config import Settings
 from .connection import Connection, writable_transport
 from .dashboard import dashboard_routes
 from .hub import Hub
+from .ingest import consumers_of, start_ingest, stop_ingest
 from .metrics import metrics_endpoint
 from .sse import SSEEndpoint
 
@@ -252,7 +253,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: the log accepts writes and the backplane is connected."""
+    """Readiness: the log accepts writes and the backplane is connected.
+
+    The state of each consumer is reported under ``consumers`` (a consumer
+    retrying its source does not make the hub unready: clients are served).
+    """
     hub: Hub = request.app.state.hub
     problems: dict[str, str] = {}
     log = hub.bus.log
@@ -266,9 +271,14 @@ async def readyz(request: Request) -> Response:
                 await log.check()
         except Exception as exc:
             problems["log"] = type(exc).__name__
+    body: dict[str, Any] = {"status": "ok"}
+    consumers = consumers_of(hub)
+    if consumers:
+        body["consumers"] = {c.name: c.state.value for c in consumers}
     if problems:
-        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        body.update(status="unavailable", problems=problems)
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> HubApp:
@@ -280,8 +290,10 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
         try:
+            start_ingest(hub)
             yield
         finally:
+            await stop_ingest(hub)  # consumers stop before the bus closes
             await hub.close()
 
     app = HubApp(

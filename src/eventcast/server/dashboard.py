@@ -33,6 +33,7 @@ from ..protocol.sse import encode_event, retry
 from ..subscription import Overflow
 from ..topics import validate_pattern
 from .hub import Hub
+from .ingest import consumers_of
 
 __all__ = ["dashboard_routes"]
 
@@ -80,6 +81,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "disconnects": {str(k): v for k, v in sorted(hub.disconnects.items())},
         "dead_letters": bus["dead_letters"],
         "backplane_up": hub.backplane_up(),
+        "consumers": consumers.status() if (consumers := consumers_of(hub)) else [],
     }
 
 

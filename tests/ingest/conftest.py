@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import RUN_ID, ensure_service
+from eventcast import Event
 from eventcast.ingest.base import Consumer
 from eventcast.server.ingest import consumers_of
+from tests.conftest import RUN_ID, ensure_service
 from tests.server.conftest import StartHub, start_hub
 from tests.server.hubtools import WAIT, HubServer
 
@@ -71,11 +73,22 @@ def ingest_hub(start_hub: StartHub) -> StartHub:
     return start
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait until ``condition()`` holds (checked every few ms; fail after ``timeout``)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+async def eventually(condition: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Poll a state of a running consumer (or an async check) until it holds.
+
+    The condition is a counter or state that no event signals; it is checked
+    every few milliseconds and the test fails after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for a consumer's state")
+        await asyncio.sleep(0.005)
 
 
 def running_consumers(hub: HubServer) -> list[Consumer]:
@@ -83,3 +96,12 @@ def running_consumers(hub: HubServer) -> list[Consumer]:
     consumers = consumers_of(hub.hub)
     assert consumers is not None
     return list(consumers)
+
+
+async def take(sub: Any, n: int) -> list[Event]:
+    """The next ``n`` events of a bus subscription (fail after WAIT without progress)."""
+    events: list[Event] = []
+    while len(events) < n:
+        async with asyncio.timeout(WAIT):
+            events.extend(await sub.get_batch(n - len(events)))
+    return events

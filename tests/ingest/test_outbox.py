@@ -1,4 +1,4 @@
-"""The PostgreSQL outbox: helpers in the app's transaction, the hub's consumer, on the real server."""
+"""The PostgreSQL outbox on the real server: helpers in the app's transaction, the consumer."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from eventcast import Event
 from eventcast.ingest.base import ConsumerState
 from eventcast.ingest.helpers import outbox_publish_async
 from eventcast.ingest.outbox import backlog
 from tests.server.hubtools import WAIT
 
-from .conftest import eventually, running_consumers, unique
+from .conftest import eventually, running_consumers, take, unique
 
 pytestmark = pytest.mark.postgres
 
@@ -26,15 +25,6 @@ def consumer(table: str, dsn: str, **options: Any) -> dict[str, Any]:
         "type": "postgresql",
         "postgresql": {"dsn": dsn, "outbox_table_name": table, **options},
     }
-
-
-async def take(sub: Any, n: int) -> list[Event]:
-    """The next ``n`` events of a bus subscription (fail after WAIT without progress)."""
-    events: list[Event] = []
-    while len(events) < n:
-        async with asyncio.timeout(WAIT):
-            events.extend(await sub.get_batch(n - len(events)))
-    return events
 
 
 async def test_commits_published_once_in_commit_order_rollbacks_never(

@@ -216,6 +216,9 @@ class MqttOptions(_MessageOptions):
         clean_session: start without the broker's stored session (the default,
             False, keeps it, so messages sent while the hub is down arrive later).
         keepalive: seconds between MQTT keepalive pings.
+        retained: also publish the retained messages the broker sends on every
+            (re)subscription (off: they are old state, and would be published
+            again on each reconnect).
     """
 
     url: SecretStr = SecretStr("mqtt://127.0.0.1:1883")
@@ -224,6 +227,7 @@ class MqttOptions(_MessageOptions):
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
     clean_session: bool = False
     keepalive: int = Field(default=30, ge=5, le=3600)
+    retained: bool = False
 
 
 class AmqpOptions(_MessageOptions):
@@ -276,7 +280,7 @@ class JetStreamOptions(_MessageOptions):
     Attributes:
         url: ``nats://[user:password@]host:4222``.
         stream: the JetStream stream (it must exist).
-        subjects: filter subjects within the stream (default: all of it).
+        subject: a filter subject within the stream (default: all of it).
         durable_consumer_name: the durable consumer (default
             ``eventcast-<consumer name>``); created if missing.
         ack_wait: seconds before an unacknowledged message is delivered again.
@@ -285,7 +289,7 @@ class JetStreamOptions(_MessageOptions):
 
     url: SecretStr = SecretStr("nats://127.0.0.1:4222")
     stream: str = Field(min_length=1, max_length=255)
-    subjects: list[str] = Field(default_factory=list)
+    subject: str | None = Field(default=None, min_length=1)
     durable_consumer_name: str | None = Field(default=None, min_length=1)
     ack_wait: Duration = Field(default=30.0, gt=0)
     batch: int = Field(default=256, ge=1, le=10_000)

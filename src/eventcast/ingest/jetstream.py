@@ -3,8 +3,17 @@
 It binds to (or creates) a durable consumer with explicit acknowledgement on
 an existing stream, fetches up to ``batch`` messages at a time, dispatches
 them in stream order and acknowledges each only after the hub has committed
-it. A message not acknowledged within ``ack_wait`` (the hub was killed) is
-delivered again by the server.
+it. A message not acknowledged within ``ack_wait`` is delivered again by the
+server.
+
+JetStream delivers new messages before it redelivers unacknowledged ones, which
+would reorder a channel after a crash. So when the consumer (re)connects and
+finds messages delivered but never acknowledged by its previous incarnation,
+it recreates the durable consumer at its *ack floor* (the last message
+acknowledged in order): everything after it is delivered again, in stream
+order, and what was already published is deduplicated by its key. This makes
+a durable consumer the property of one hub node: give each node its own
+``durable_consumer_name`` (or run the consumer on one node).
 
 A message's identity is its stream sequence number: the publication's
 idempotency key is ``"<stream>:<sequence>"``, so a redelivered message is
@@ -46,6 +55,7 @@ class JetStreamConsumer(Consumer):
         import nats
         from nats.errors import Error as NatsError, TimeoutError as FetchTimeout
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
 
         options = self.options
         failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -79,6 +89,17 @@ class JetStreamConsumer(Consumer):
                 max_ack_pending=max(options.batch * 4, 1000),
                 filter_subject=options.subject,
             )
+            try:
+                info = await js.consumer_info(options.stream, self._durable)
+            except NotFoundError:
+                info = None
+            if info is not None and info.num_ack_pending:
+                # Delivered before a crash, never acknowledged: restart at the ack
+                # floor so they come again before anything newer (see above).
+                floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+                await js.delete_consumer(options.stream, self._durable)
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = floor + 1
             sub = await js.pull_subscribe(
                 options.subject or "", durable=self._durable, stream=options.stream, config=config
             )

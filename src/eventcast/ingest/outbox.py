@@ -84,7 +84,8 @@ def outbox_ddl(table: str) -> list[str]:
 
 
 def _source_error(action: str, exc: BaseException) -> SourceError:
-    error = SourceError(f"PostgreSQL outbox could not {action}: {type(exc).__name__}: {exc}")
+    text = " ".join(str(exc).split())  # libpq's messages span lines
+    error = SourceError(f"PostgreSQL outbox could not {action}: {type(exc).__name__}: {text}")
     error.__cause__ = exc
     return error
 

@@ -16,9 +16,7 @@ from .conftest import unique
 pytestmark = pytest.mark.postgres
 
 
-def test_init_then_backlog_per_partition(
-    pg_dsn: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_init_then_backlog_per_partition(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     table = unique("cli_outbox")
     try:
         assert main(["outbox", "init", "--dsn", pg_dsn, "--table", table]) == 0

@@ -88,6 +88,21 @@ def outbox_payload(
     return method, _encode(body).decode()
 
 
+def _prepare(
+    table: str,
+    partition: int,
+    channel: str | Sequence[str],
+    data: Any,
+    tags: Mapping[str, str] | None,
+    idempotency_key: str | None,
+) -> tuple[tuple[str, int], str, str]:
+    """Check everything before touching the connection: the lock's arguments, method, payload."""
+    lock = lock_params(table, partition)
+    insert_sql(table)  # checks the table name
+    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
+    return lock, method, payload
+
+
 def outbox_publish(
     conn: Any,
     channel: str | Sequence[str],
@@ -113,8 +128,8 @@ def outbox_publish(
     Returns:
         The row's id.
     """
-    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
-    conn.execute(lock_sql(), lock_params(table, partition))
+    lock, method, payload = _prepare(table, partition, channel, data, tags, idempotency_key)
+    conn.execute(lock_sql(), lock)
     row = conn.execute(insert_sql(table), (method, payload, partition)).fetchone()
     return int(row[0])
 
@@ -130,8 +145,8 @@ async def outbox_publish_async(
     table: str = DEFAULT_TABLE,
 ) -> int:
     """:func:`outbox_publish` on a ``psycopg.AsyncConnection``."""
-    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
-    await conn.execute(lock_sql(), lock_params(table, partition))
+    lock, method, payload = _prepare(table, partition, channel, data, tags, idempotency_key)
+    await conn.execute(lock_sql(), lock)
     cur = await conn.execute(insert_sql(table), (method, payload, partition))
     row = await cur.fetchone()
     return int(row[0])
@@ -147,9 +162,9 @@ def _sqlalchemy_statements(table: str) -> tuple[Any, Any]:
 
 
 def _sqlalchemy_params(
-    table: str, partition: int, method: str, payload: str
+    lock: tuple[str, int], partition: int, method: str, payload: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    name, number = lock_params(table, partition)
+    name, number = lock
     return (
         {"lock_name": name, "lock_partition": number},
         {"method": method, "payload": payload, "partition": partition},
@@ -170,10 +185,10 @@ def outbox_publish_sqlalchemy(
 
     The row joins the session's transaction (``with session.begin():``).
     """
-    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
-    lock, insert = _sqlalchemy_statements(table)
-    lock_args, insert_args = _sqlalchemy_params(table, partition, method, payload)
-    session.execute(lock, lock_args)
+    lock, method, payload = _prepare(table, partition, channel, data, tags, idempotency_key)
+    lock_statement, insert = _sqlalchemy_statements(table)
+    lock_args, insert_args = _sqlalchemy_params(lock, partition, method, payload)
+    session.execute(lock_statement, lock_args)
     return int(session.execute(insert, insert_args).scalar_one())
 
 
@@ -188,10 +203,10 @@ async def outbox_publish_sqlalchemy_async(
     table: str = DEFAULT_TABLE,
 ) -> int:
     """:func:`outbox_publish` on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``."""
-    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
-    lock, insert = _sqlalchemy_statements(table)
-    lock_args, insert_args = _sqlalchemy_params(table, partition, method, payload)
-    await session.execute(lock, lock_args)
+    lock, method, payload = _prepare(table, partition, channel, data, tags, idempotency_key)
+    lock_statement, insert = _sqlalchemy_statements(table)
+    lock_args, insert_args = _sqlalchemy_params(lock, partition, method, payload)
+    await session.execute(lock_statement, lock_args)
     result = await session.execute(insert, insert_args)
     return int(result.scalar_one())
 
@@ -220,9 +235,9 @@ def outbox_publish_django(
     connection = connections[using]
     if not connection.in_atomic_block:
         raise RuntimeError("outbox_publish_django must be called inside transaction.atomic()")
-    method, payload = outbox_payload(channel, data, tags=tags, idempotency_key=idempotency_key)
+    lock, method, payload = _prepare(table, partition, channel, data, tags, idempotency_key)
     with connection.cursor() as cursor:
-        cursor.execute(lock_sql(), lock_params(table, partition))
+        cursor.execute(lock_sql(), lock)
         cursor.execute(insert_sql(table), (method, payload, partition))
         row = cursor.fetchone()
     return int(row[0])

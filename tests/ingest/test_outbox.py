@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -149,6 +150,17 @@ async def test_bad_rows_become_dead_letters_and_are_deleted(
     assert 'eventcast_consumer_dead_letters_total{consumer="orders",reason="bad_command"' in metrics
     ready = await _get(hub.base + "/readyz")
     assert '"consumers":{"orders":"running"}' in ready
+    (shown,) = json.loads(await _get(hub.base + "/dashboard/api/stats"))["consumers"]
+    assert shown == {
+        "name": "orders",
+        "type": "postgresql",
+        "state": "running",
+        "processed": 6,
+        "dead_letters": 5,
+        "errors": 0,
+        "lag": shown["lag"],  # counted every few seconds
+        "last_error": None,
+    }
 
 
 async def test_unreachable_database_is_retried_and_reported(ingest_hub: Any) -> None:

@@ -36,19 +36,28 @@ def write_psycopg(dsn: str, table: str) -> None:
     with psycopg.connect(dsn) as conn:
         with conn.transaction():
             outbox_publish(conn, "orders:helpers", {"by": "psycopg"}, table=table)
-        with pytest.raises(Rollback), conn.transaction():
-            outbox_publish(conn, "orders:helpers", {"by": "psycopg-rolled-back"}, table=table)
-            raise Rollback
+
+        def rolled_back() -> None:
+            with conn.transaction():
+                outbox_publish(conn, "orders:helpers", {"by": "nope"}, table=table)
+                raise Rollback
+
+        with pytest.raises(Rollback):
+            rolled_back()
 
 
 async def write_psycopg_async(dsn: str, table: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         async with conn.transaction():
             await outbox_publish_async(conn, "orders:helpers", {"by": "psycopg-async"}, table=table)
-        with pytest.raises(Rollback):
+
+        async def rolled_back() -> None:
             async with conn.transaction():
                 await outbox_publish_async(conn, "orders:helpers", {"by": "nope"}, table=table)
                 raise Rollback
+
+        with pytest.raises(Rollback):
+            await rolled_back()
 
 
 def write_sqlalchemy(dsn: str, table: str) -> None:
@@ -62,9 +71,14 @@ def write_sqlalchemy(dsn: str, table: str) -> None:
                 outbox_publish_sqlalchemy(
                     session, "orders:helpers", {"by": "sqlalchemy"}, table=table
                 )
-            with pytest.raises(Rollback), session.begin():
-                outbox_publish_sqlalchemy(session, "orders:helpers", {"by": "nope"}, table=table)
-                raise Rollback
+
+            def rolled_back() -> None:
+                with session.begin():
+                    outbox_publish_sqlalchemy(session, "orders:helpers", {"by": "no"}, table=table)
+                    raise Rollback
+
+            with pytest.raises(Rollback):
+                rolled_back()
     finally:
         engine.dispose()
 
@@ -79,12 +93,16 @@ async def write_sqlalchemy_async(dsn: str, table: str) -> None:
                 await outbox_publish_sqlalchemy_async(
                     session, "orders:helpers", {"by": "sqlalchemy-async"}, table=table
                 )
-            with pytest.raises(Rollback):
+
+            async def rolled_back() -> None:
                 async with session.begin():
                     await outbox_publish_sqlalchemy_async(
                         session, "orders:helpers", {"by": "nope"}, table=table
                     )
                     raise Rollback
+
+            with pytest.raises(Rollback):
+                await rolled_back()
     finally:
         await engine.dispose()
 
@@ -113,9 +131,14 @@ def write_django(table: str) -> None:
             outbox_publish_django(
                 ["orders:helpers", "orders:helpers2"], {"by": "django"}, table=table
             )
-        with pytest.raises(Rollback), transaction.atomic():
-            outbox_publish_django("orders:helpers", {"by": "nope"}, table=table)
-            raise Rollback
+
+        def rolled_back() -> None:
+            with transaction.atomic():
+                outbox_publish_django("orders:helpers", {"by": "nope"}, table=table)
+                raise Rollback
+
+        with pytest.raises(Rollback):
+            rolled_back()
         with pytest.raises(RuntimeError, match=r"transaction\.atomic"):
             outbox_publish_django("orders:helpers", {"by": "nope"}, table=table)
     finally:

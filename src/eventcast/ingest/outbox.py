@@ -165,7 +165,7 @@ class OutboxConsumer(Consumer):
         self._lock_name = f"eventcast_consumer:{table}"
         self._select = (
             f"SELECT id, method, payload::text FROM {quoted} "
-            "WHERE partition = %s ORDER BY id LIMIT %s"
+            "WHERE partition = %s AND id > %s ORDER BY id LIMIT %s"
         )
         self._delete = f"DELETE FROM {quoted} WHERE id = ANY(%s::bigint[])"
         self._count = f"SELECT count(*) FROM {quoted}"
@@ -205,26 +205,37 @@ class OutboxConsumer(Consumer):
         limit = self.options.partition_select_limit
         wakeup = self._wakeups[partition]
         interval = self.options.partition_poll_interval
+        # While a backlog drains, each read starts after the last id deleted:
+        # the index entries of the rows deleted before are dead until a vacuum,
+        # and a read from the start would step over all of them (quadratic).
+        # Once a read comes back short, the next one starts from 0 again, so a
+        # row committed late with a smaller id (written without the helpers'
+        # lock) is still found.
+        after = 0
         while True:
             wakeup.clear()
-            count = await self._drain_once(conn, partition, limit)
+            count, last = await self._drain_once(conn, partition, after, limit)
+            after = last if count == limit else 0
             if count < limit:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval):
                         await wakeup.wait()
 
-    async def _drain_once(self, conn: AsyncConnection[Any], partition: int, limit: int) -> int:
+    async def _drain_once(
+        self, conn: AsyncConnection[Any], partition: int, after: int, limit: int
+    ) -> tuple[int, int]:
+        """Publish and delete the next rows of a partition; return how many, and the last id."""
         async with conn.transaction():
             cur = await conn.execute(
                 "SELECT pg_try_advisory_xact_lock(hashtext(%s), %s)", (self._lock_name, partition)
             )
             locked = await cur.fetchone()
             if not locked or not locked[0]:
-                return 0  # another hub node drains this partition
-            cur = await conn.execute(self._select, (partition, limit))
+                return 0, 0  # another hub node drains this partition
+            cur = await conn.execute(self._select, (partition, after, limit))
             rows: Sequence[tuple[int, str, str]] = await cur.fetchall()
             if not rows:
-                return 0
+                return 0, 0
             table = self._table
             await self._dispatch(
                 [
@@ -233,7 +244,7 @@ class OutboxConsumer(Consumer):
                 ]
             )
             await conn.execute(self._delete, ([row[0] for row in rows],))
-        return len(rows)
+        return len(rows), rows[-1][0]
 
     async def _listen(self, conn: AsyncConnection[Any]) -> None:
         await conn.execute(f'LISTEN "{self._channel}"')

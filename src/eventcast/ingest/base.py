@@ -640,23 +640,25 @@ class Consumer(ABC):
 
         A message that can never succeed becomes a dead letter. Raises the
         first other failure: then the caller must acknowledge none of the
-        messages (the ones already committed are deduplicated on redelivery).
+        messages (the ones already committed are deduplicated on redelivery),
+        and no dead letter is recorded yet (the messages come again).
         """
+        rejected: list[tuple[Incoming, CommandRejectedError]] = []
         commands: list[tuple[Incoming, Command]] = []
         for item in items:
             try:
                 commands.append((item, self._decode(item)))
             except CommandRejectedError as exc:
-                self._reject(item, exc)
+                rejected.append((item, exc))
         command = self.target.command
+        results: list[BaseException | None]
         if len(commands) == 1:
-            item, cmd = commands[0]
-            results: list[BaseException | None] = []
+            cmd = commands[0][1]
             try:
                 await command(cmd.method, cmd.params, idempotency_key=cmd.idempotency_key)
-                results.append(None)
+                results = [None]
             except EventcastError as exc:
-                results.append(exc)
+                results = [exc]
         else:
             # Started in order, so they commit in order per channel (the target's
             # contract), and share the log's group commit.
@@ -667,14 +669,13 @@ class Consumer(ABC):
                 ),
                 return_exceptions=True,
             )
-        failure: BaseException | None = None
         for (item, _), result in zip(commands, results, strict=True):
             if isinstance(result, CommandRejectedError):
-                self._reject(item, result)
-            elif result is not None and failure is None:
-                failure = result
-        if failure is not None:
-            raise failure
+                rejected.append((item, result))
+            elif result is not None:
+                raise result
+        for item, error in rejected:
+            self._reject(item, error)
         self.stats.processed += len(items)
 
     # -- introspection ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from eventcast import Event
 from eventcast.ingest.base import Consumer
 from eventcast.server.ingest import consumers_of
 from tests.conftest import RUN_ID, ensure_service
+from tests.scale.conftest import until
 from tests.server.conftest import StartHub, start_hub
 from tests.server.hubtools import WAIT, HubServer
 
@@ -74,21 +74,8 @@ def ingest_hub(start_hub: StartHub) -> StartHub:
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll a state of a running consumer (or an async check) until it holds.
-
-    The condition is a counter or state that no event signals; it is checked
-    every few milliseconds and the test fails after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for a consumer's state")
-        await asyncio.sleep(0.005)
+    """Poll a consumer's state or counter (nothing signals them) until it holds."""
+    return await until(condition, "a consumer's state", timeout)
 
 
 def running_consumers(hub: HubServer) -> list[Consumer]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import pytest
 
 from eventcast.ingest.helpers import outbox_publish_async
 from eventcast.ingest.outbox import create_outbox
@@ -287,12 +289,14 @@ class JetStreamSource(Source):
 SOURCES: list[type[Source]] = [PostgresSource, MqttSource, AmqpSource, RedisSource, JetStreamSource]
 
 
-def source_ids() -> list[str]:
-    return [cls.type for cls in SOURCES]
-
-
-async def open_source(cls: type[Source]) -> Source:
+@pytest.fixture(params=SOURCES, ids=[cls.type for cls in SOURCES])
+async def source(request: pytest.FixtureRequest) -> AsyncIterator[Source]:
+    """Each source in turn, opened (its server started if down), closed after the test."""
+    cls: type[Source] = request.param
     ensure_service(cls.service)
-    source = cls()
-    await source.open()
-    return source
+    opened = cls()
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -22,22 +22,13 @@ from tests.server.hubtools import API_KEY, WAIT, free_port
 from tests.server.ssetools import HubProcess
 
 from .conftest import eventually
-from .sources import SOURCES, Source, open_source, source_ids
+from .sources import Source, source
 
 pytestmark = pytest.mark.slow
 
 #: Messages per source, and how many must be published before the kill.
 N = 600
 KILL_AFTER = 150
-
-
-@pytest.fixture(params=SOURCES, ids=source_ids())
-async def source(request: pytest.FixtureRequest) -> Any:
-    opened = await open_source(request.param)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def write_config(directory: Path) -> Path:
@@ -80,6 +71,9 @@ async def consumer_running(base: str) -> bool:
     except httpx.HTTPError:
         return False
     return bool(ready.get("consumers", {}).get("src") == "running")
+
+
+__all__ = ["source"]
 
 
 async def test_sigkill_mid_consumption_loses_and_duplicates_nothing(

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from eventcast.ingest.base import ConsumerState
 
 from .conftest import eventually, running_consumers, take
-from .sources import SOURCES, Source, open_source, source_ids
+from .sources import Source, source
 
-
-@pytest.fixture(params=SOURCES, ids=source_ids())
-async def source(request: pytest.FixtureRequest) -> Any:
-    opened = await open_source(request.param)
-    try:
-        yield opened
-    finally:
-        await opened.close()
+__all__ = ["source"]
 
 
 async def test_messages_in_order_and_garbage_to_dead_letters(

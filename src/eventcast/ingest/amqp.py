@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, Final
 
-from .._urls import redact_password
-from ..exceptions import SourceError
-from .base import AmqpOptions, CommandTarget, Consumer, Incoming
+from .base import AmqpOptions, Consumer, Incoming
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -38,11 +36,8 @@ class AmqpConsumer(Consumer):
     """Consumes one durable AMQP queue (aio-pika)."""
 
     type = "amqp"
+    source_name = "AMQP broker"
     options: AmqpOptions
-
-    def __init__(self, name: str, target: CommandTarget, options: AmqpOptions) -> None:
-        super().__init__(name, target, options)
-        self._where = redact_password(options.url.get_secret_value())
 
     async def _consume(self) -> None:
         import aio_pika
@@ -54,7 +49,7 @@ class AmqpConsumer(Consumer):
                 options.url.get_secret_value(), timeout=CONNECT_TIMEOUT
             )
         except (aiormq.AMQPError, OSError, TimeoutError) as exc:
-            raise SourceError(f"AMQP broker {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._source_error(exc) from exc
         # Bounded by prefetch: the broker never has more unacknowledged deliveries out.
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue(options.prefetch)
         waiters: list[asyncio.Future[Any]] = []
@@ -84,14 +79,14 @@ class AmqpConsumer(Consumer):
                     failed = waiters[1]
                     if failed.done() and not failed.cancelled() and failed.exception():
                         raise failed.exception()  # type: ignore[misc]
-                    raise SourceError(f"AMQP broker {self._where} closed the connection")
+                    raise self._source_error("the server closed the connection")
                 batch = [getter.result()]
                 while not inbox.empty():
                     batch.append(inbox.get_nowait())
                 await self._dispatch([self._incoming(m) for m in batch])
                 await batch[-1].ack(multiple=True)
         except (aiormq.AMQPError, aio_pika.exceptions.AMQPException, OSError) as exc:
-            raise SourceError(f"AMQP broker {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._source_error(exc) from exc
         finally:
             for waiter in waiters:
                 waiter.cancel()

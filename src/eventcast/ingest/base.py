@@ -47,11 +47,13 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from .._durations import Duration
+from .._urls import redact_password
 from ..bus import backoff_delay
 from ..exceptions import (
     CommandRejectedError,
     EventcastError,
     InvalidTopicError,
+    SourceError,
 )
 from ..topics import validate_topic
 from ._sql import check_identifier, check_table_name
@@ -542,6 +544,8 @@ class Consumer(ABC):
 
     #: The ``type`` of the settings entry.
     type: ClassVar[str]
+    #: What the source is called in error messages (``"MQTT broker"``).
+    source_name: ClassVar[str] = "source"
 
     def __init__(
         self,
@@ -562,6 +566,9 @@ class Consumer(ABC):
         self.state = ConsumerState.STARTING
         self._task: asyncio.Task[None] | None = None
         self._attempt = 0
+        url = getattr(options, "url", None) or getattr(options, "dsn", None)
+        #: The source's URL with any password masked, for messages.
+        self.where = redact_password(url.get_secret_value()) if url is not None else ""
 
     @abstractmethod
     async def _consume(self) -> None:
@@ -610,6 +617,14 @@ class Consumer(ABC):
             self.state = ConsumerState.RETRYING
             await asyncio.sleep(backoff_delay(self._attempt, self.backoff, self.max_backoff))
             self._attempt = min(self._attempt + 1, 30)
+
+    def _source_error(self, problem: BaseException | str) -> SourceError:
+        """A :class:`SourceError` naming the source (on one line), chained to ``problem``."""
+        text = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}"
+        error = SourceError(f"{self.source_name} {self.where}: {' '.join(text.split())}")
+        if isinstance(problem, BaseException):
+            error.__cause__ = problem
+        return error
 
     def _connected(self) -> None:
         """Tell the supervisor the source is connected (resets the backoff)."""

@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Final
 
-from .._urls import redact_password
-from ..exceptions import SourceError
 from .base import CommandTarget, Consumer, Incoming, JetStreamOptions
 
 if TYPE_CHECKING:
@@ -44,11 +42,11 @@ class JetStreamConsumer(Consumer):
     """Consumes a JetStream stream with a durable pull consumer (nats-py)."""
 
     type = "nats_jetstream"
+    source_name = "NATS"
     options: JetStreamOptions
 
     def __init__(self, name: str, target: CommandTarget, options: JetStreamOptions) -> None:
         super().__init__(name, target, options)
-        self._where = redact_password(options.url.get_secret_value())
         self._durable = options.durable_consumer_name or f"eventcast-{name}"
 
     async def _consume(self) -> None:
@@ -66,7 +64,7 @@ class JetStreamConsumer(Consumer):
 
         async def on_closed() -> None:
             if not failed.done():
-                failed.set_exception(SourceError(f"NATS {self._where} closed the connection"))
+                failed.set_exception(self._source_error("the server closed the connection"))
 
         try:
             nc = await nats.connect(
@@ -77,7 +75,7 @@ class JetStreamConsumer(Consumer):
                 closed_cb=on_closed,
             )
         except (NatsError, OSError, TimeoutError) as exc:
-            raise SourceError(f"NATS {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._source_error(exc) from exc
         lag: asyncio.Task[None] | None = None
         try:
             js = nc.jetstream()
@@ -118,7 +116,7 @@ class JetStreamConsumer(Consumer):
                 for message in messages:
                     await message.ack()
         except (NatsError, OSError) as exc:
-            raise SourceError(f"NATS {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._source_error(exc) from exc
         finally:
             if lag is not None:
                 lag.cancel()

@@ -30,7 +30,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .._urls import redact_password
-from ..exceptions import ConfigurationError, SourceError
+from ..exceptions import ConfigurationError
 from .base import CommandTarget, Consumer, Incoming, MqttOptions
 
 __all__ = ["MqttConsumer"]
@@ -45,6 +45,7 @@ class MqttConsumer(Consumer):
     """Consumes MQTT topic filters (aiomqtt, on paho-mqtt)."""
 
     type = "mqtt"
+    source_name = "MQTT broker"
     options: MqttOptions
 
     def __init__(self, name: str, target: CommandTarget, options: MqttOptions) -> None:
@@ -62,7 +63,6 @@ class MqttConsumer(Consumer):
         self._username = parts.username
         self._password = parts.password
         self._client_id = options.client_id or f"eventcast-{name}"
-        self._where = redact_password(url)
 
     async def _consume(self) -> None:
         import aiomqtt
@@ -99,7 +99,7 @@ class MqttConsumer(Consumer):
                         if message.qos > 0:
                             paho.ack(message.mid, message.qos)
         except aiomqtt.MqttError as exc:
-            raise SourceError(f"MQTT broker {self._where}: {exc}") from exc
+            raise self._source_error(exc) from exc
 
     async def _take(self, batch: list[Any]) -> None:
         items = []

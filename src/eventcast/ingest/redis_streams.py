@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Final
 
-from .._urls import redact_password
-from ..exceptions import CommandRejectedError, SourceError
+from ..exceptions import CommandRejectedError
 from .base import CommandTarget, Consumer, Incoming, RedisStreamOptions
 
 if TYPE_CHECKING:
@@ -39,11 +38,11 @@ class RedisStreamConsumer(Consumer):
     """Consumes Redis streams through a consumer group (redis-py, asyncio)."""
 
     type = "redis_stream"
+    source_name = "Redis"
     options: RedisStreamOptions
 
     def __init__(self, name: str, target: CommandTarget, options: RedisStreamOptions) -> None:
         super().__init__(name, target, options)
-        self._where = redact_password(options.url.get_secret_value())
         self._reader = options.consumer_name or name
         self._method_field = options.method_field.encode()
         self._payload_field = options.payload_field.encode()
@@ -75,7 +74,7 @@ class RedisStreamConsumer(Consumer):
                     lag.result()  # raises its failure
                 await self._read(client, streams, block=block)
         except RedisError as exc:
-            raise SourceError(f"Redis {self._where}: {type(exc).__name__}: {exc}") from exc
+            raise self._source_error(exc) from exc
         finally:
             if lag is not None:
                 lag.cancel()

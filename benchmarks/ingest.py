@@ -12,7 +12,9 @@ committed and delivered to a bus subscriber:
   (they share group commits);
 * ``outbox consumer, P partition(s)``: ROWS rows already in the outbox table
   (one channel per partition), drained by the hub's consumer through the HTTP
-  API's method table, each with its idempotency key, then deleted.
+  API's method table, each with its idempotency key, then deleted;
+* ``outbox consumer alone``: the same rows read, decoded and deleted, with a
+  target that runs nothing: the consumer's own ceiling, apart from the hub.
 
 Needs the PostgreSQL server on 127.0.0.1:5432 (database ``test``).
 
@@ -41,6 +43,7 @@ CASES = (
     "publish loop, 1,000 in flight",
     "outbox consumer, 1 partition",
     "outbox consumer, 4 partitions",
+    "outbox consumer alone (commands not run)",
 )
 #: CPU seconds spent filling the outbox, per case (not the consumer's).
 FILL_CPU: dict[str, float] = {}
@@ -144,6 +147,45 @@ async def outbox(directory: str, rows: int, partitions: int, name: str) -> float
         await drop_outbox(table)
 
 
+class NullTarget:
+    """A command target that runs nothing (the consumer's own cost)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = asyncio.Event()
+        self.expected = 0
+
+    async def command(self, method: str, params: Any, *, idempotency_key: str | None) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.done.set()
+
+    def dead_letter(self, consumer: str, message: bytes, *, reason: str, error: str) -> None:
+        raise AssertionError(f"a dead letter in the benchmark: {error}")
+
+
+async def outbox_alone(rows: int, name: str) -> float:
+    from eventcast.ingest.base import PostgresOptions
+    from eventcast.ingest.outbox import OutboxConsumer
+
+    table = f"bench_outbox_{uuid.uuid4().hex[:8]}"
+    cpu = time.process_time()
+    await fill_outbox(table, rows, 1)
+    FILL_CPU[name] = time.process_time() - cpu
+    target = NullTarget()
+    target.expected = rows
+    options = PostgresOptions(dsn=DSN, outbox_table_name=table)  # type: ignore[arg-type]
+    consumer = OutboxConsumer("bench", target, options)
+    try:
+        started = time.perf_counter()
+        consumer.start()
+        await target.done.wait()
+        return rows / (time.perf_counter() - started)
+    finally:
+        await consumer.aclose()
+        await drop_outbox(table)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     cases: list[tuple[str, Any]] = [  # named as in CASES
@@ -151,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ("publish loop, 1,000 in flight", lambda d: publish_loop(d, args.rows, 1000)),
         ("outbox consumer, 1 partition", lambda d: outbox(d, args.rows, 1, CASES[2])),
         ("outbox consumer, 4 partitions", lambda d: outbox(d, args.rows, 4, CASES[3])),
+        ("outbox consumer alone (commands not run)", lambda d: outbox_alone(args.rows, CASES[4])),
     ]
     print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores: above 2, others share them)")
     print("| case | events/s | CPU µs/event | goal |\n| --- | --- | --- | --- |")
@@ -161,7 +204,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rate = await case(directory)
             # The whole process (the loop and the log's writer thread), filling excluded.
             micros = (time.process_time() - cpu - FILL_CPU.pop(name, 0.0)) / count * 1e6
-        goal = f"≥ {GOAL:,}/s" if name.startswith("outbox") else ""
+        goal = f"≥ {GOAL:,}/s" if name.startswith("outbox consumer,") else ""
         print(f"| {name} | {rate:,.0f} | {micros:.0f} | {goal} |", flush=True)
         results[name] = {"events_per_s": round(rate), "cpu_us_per_event": round(micros, 1)}
     return results

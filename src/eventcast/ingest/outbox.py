@@ -243,7 +243,8 @@ class OutboxConsumer(Consumer):
                     for id_, method, payload in rows
                 ]
             )
-            await conn.execute(self._delete, ([row[0] for row in rows],))
+            # The ids as one array literal: psycopg dumps a list element by element.
+            await conn.execute(self._delete, ("{" + ",".join(str(row[0]) for row in rows) + "}",))
         return len(rows), rows[-1][0]
 
     async def _listen(self, conn: AsyncConnection[Any]) -> None:

@@ -154,6 +154,7 @@ class HubCollector(Collector):
 
 def _consumer_metrics(hub: Hub) -> Iterator[Metric]:
     """Each consumer of :mod:`eventcast.ingest`: messages, dead letters, errors, lag, state."""
+    from ..ingest.base import ConsumerState
     from .ingest import consumers_of
 
     consumers = consumers_of(hub)
@@ -192,7 +193,7 @@ def _consumer_metrics(hub: Hub) -> Iterator[Metric]:
         errors.add_metric(key, stats.errors)
         if stats.lag is not None:
             lag.add_metric(key, stats.lag)
-        up.add_metric(key, 1 if consumer.state.value == "running" else 0)
+        up.add_metric(key, 1 if consumer.state is ConsumerState.RUNNING else 0)
     yield processed
     yield dead
     yield errors

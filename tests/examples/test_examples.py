@@ -7,15 +7,15 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from starlette.staticfiles import StaticFiles
 
 from eventcast.ingest.base import ConsumerState
-from tests.conftest import RUN_ID, ensure_service
-from tests.ingest.conftest import eventually, running_consumers
+from tests.conftest import ensure_service
+from tests.ingest.conftest import eventually, running_consumers, unique
 from tests.server.hubtools import SECRET, WAIT, HubServer, token
 from tests.server.ssetools import open_sse
 
@@ -155,81 +155,74 @@ def iot_hub_settings(root: str) -> dict[str, Any]:
     return {"consumers": [{**consumer, "mqtt": mqtt}]}
 
 
-async def forget_session(root: str) -> None:
-    """End the hub's persistent MQTT session on the shared broker."""
-    import aiomqtt
-
+@pytest.fixture
+async def mqtt_root() -> AsyncIterator[str]:
+    """A topic root of the test's own; the hub's MQTT session is ended after the hub stops."""
+    aiomqtt = pytest.importorskip("aiomqtt")
+    ensure_service("mosquitto")
+    root = unique("iot")
+    yield root
     async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"{root}-hub", clean_session=True):
         pass
 
 
 async def test_iot_sensors_through_mqtt_fan_out_to_every_subscriber(
-    examples_hub: StartExamplesHub,
+    mqtt_root: str, examples_hub: StartExamplesHub
 ) -> None:
-    pytest.importorskip("aiomqtt")
-    ensure_service("mosquitto")
-    root = f"sensors-{RUN_ID}"
+    root = mqtt_root
     hub = await examples_hub(**iot_hub_settings(root))
     await until_consumer_runs(hub)
     sensors, readings = 5, 3
-    try:
-        code, out, err = await run_example(
-            "examples/iot_sensors.py",
-            *("--root", root, "--sensors", str(sensors), "--readings", str(readings)),
-            *("--interval", "0", "--subscribers", "2"),
-            env=example_env(hub, EVENTCAST_TOKEN=token("sensors")),
-        )
-        assert code == 0, out + err
-        assert f"{sensors} sensors published {sensors * readings} readings to MQTT" in out
-        assert "all 2 subscriber(s) got every reading" in out
-        history = await hub.api("history", channel=f"iot:{root}.sensor-003.reading", limit=10)
-        assert [p["data"]["seq"] for p in history["publications"]] == [1, 2, 3]
-    finally:
-        await forget_session(root)
+    code, out, err = await run_example(
+        "examples/iot_sensors.py",
+        *("--root", root, "--sensors", str(sensors), "--readings", str(readings)),
+        *("--interval", "0", "--subscribers", "2"),
+        env=example_env(hub, EVENTCAST_TOKEN=token("sensors")),
+    )
+    assert code == 0, out + err
+    assert f"{sensors} sensors published {sensors * readings} readings to MQTT" in out
+    assert "all 2 subscriber(s) got every reading" in out
+    history = await hub.api("history", channel=f"iot:{root}.sensor-003.reading", limit=10)
+    assert [p["data"]["seq"] for p in history["publications"]] == [1, 2, 3]
 
 
 async def test_iot_sensors_page_shows_readings_live_over_sse(
-    examples_hub: StartExamplesHub, app_socket: socket.socket
+    mqtt_root: str, examples_hub: StartExamplesHub, app_socket: socket.socket
 ) -> None:
     playwright_api = pytest.importorskip("playwright.async_api")
-    pytest.importorskip("aiomqtt")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing")
-    ensure_service("mosquitto")
-    root = f"page-{RUN_ID}"
+    root = mqtt_root
     origin = f"http://127.0.0.1:{app_socket.getsockname()[1]}"
     hub = await examples_hub(allowed_origins=[origin], **iot_hub_settings(root))
     await until_consumer_runs(hub)
     iot = load_example("iot_sensors.py")
     page_app = StaticFiles(directory=EXAMPLES)
     wait_ms = WAIT * 3 * 1000
-    try:
-        async with (
-            serve_app(page_app, app_socket) as base,
-            playwright_api.async_playwright() as playwright,
-        ):
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await browser.new_page()
-                query = f"hub={hub.base}&token={token('viewer')}&root={root}"
-                await page.goto(f"{base}/iot_sensors.html?{query}")
+    async with (
+        serve_app(page_app, app_socket) as base,
+        playwright_api.async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            query = f"hub={hub.base}&token={token('viewer')}&root={root}"
+            await page.goto(f"{base}/iot_sensors.html?{query}")
+            await page.wait_for_function(
+                "document.getElementById('status').textContent === 'live'", timeout=wait_ms
+            )
+            sensors = iot.sensor_ids(3)
+            await iot.run_sensors("mqtt://127.0.0.1:1883", root, sensors, 2, 0)
+            for sensor in sensors:
                 await page.wait_for_function(
-                    "document.getElementById('status').textContent === 'live'", timeout=wait_ms
+                    f"document.querySelector('#{sensor} .n')?.textContent === '2'",
+                    timeout=wait_ms,
                 )
-                sensors = iot.sensor_ids(3)
-                await iot.run_sensors("mqtt://127.0.0.1:1883", root, sensors, 2, 0)
-                for sensor in sensors:
-                    await page.wait_for_function(
-                        f"document.querySelector('#{sensor} .n')?.textContent === '2'",
-                        timeout=wait_ms,
-                    )
-                cells = await page.locator(f"#{sensors[0]} .t").text_content()
-                assert cells is not None
-                assert 18.0 <= float(cells) <= 26.0
-            finally:
-                await browser.close()
-    finally:
-        await forget_session(root)
+            cells = await page.locator(f"#{sensors[0]} .t").text_content()
+            assert cells is not None
+            assert 18.0 <= float(cells) <= 26.0
+        finally:
+            await browser.close()
 
 
 async def until_consumer_runs(hub: HubServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,12 +17,22 @@ aiomqtt = pytest.importorskip("aiomqtt")
 
 
 @pytest.fixture
-def mosquitto() -> str:
+async def mosquitto() -> AsyncIterator[str]:
+    """The shared broker; the hub's persistent sessions of the test are ended after it."""
     ensure_service("mosquitto")
-    return "mqtt://127.0.0.1:1883"
+    sessions.clear()
+    yield "mqtt://127.0.0.1:1883"
+    for client_id in sessions:
+        async with aiomqtt.Client("127.0.0.1", 1883, identifier=client_id, clean_session=True):
+            pass
+
+
+#: The client ids (persistent sessions) the current test's consumers used.
+sessions: list[str] = []
 
 
 def mqtt_consumer(url: str, root: str, **options: Any) -> dict[str, Any]:
+    sessions.append(unique("ec"))
     return {
         "name": "sensors",
         "type": "mqtt",
@@ -29,7 +40,7 @@ def mqtt_consumer(url: str, root: str, **options: Any) -> dict[str, Any]:
             "url": url,
             "topics": [f"{root}/#"],
             "channel": "iot:{topic}",
-            "client_id": unique("ec"),
+            "client_id": sessions[-1],
             **options,
         },
     }

@@ -92,3 +92,10 @@ async def take(sub: Any, n: int) -> list[Event]:
         async with asyncio.timeout(WAIT):
             events.extend(await sub.get_batch(n - len(events)))
     return events
+
+
+async def drained(dsn: str, table: str) -> bool:
+    """Whether an outbox table is empty (its rows are deleted just after their commit)."""
+    from eventcast.ingest.outbox import backlog
+
+    return await backlog(dsn, table) == []

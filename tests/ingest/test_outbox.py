@@ -12,10 +12,9 @@ import pytest
 
 from eventcast.ingest.base import ConsumerState
 from eventcast.ingest.helpers import outbox_publish_async
-from eventcast.ingest.outbox import backlog
 from tests.server.hubtools import WAIT
 
-from .conftest import eventually, running_consumers, take, unique
+from .conftest import drained, eventually, running_consumers, take, unique
 
 pytestmark = pytest.mark.postgres
 
@@ -92,7 +91,7 @@ async def test_commits_published_once_in_commit_order_rollbacks_never(
         assert got == expected
         offsets = [e.offset for e in events if e.topic == f"orders:p{partition}"]
         assert offsets == list(range(1, len(expected) + 1))
-    assert await backlog(pg_dsn, outbox_table) == []
+    await eventually(lambda: drained(pg_dsn, outbox_table))  # deleted after the commit
     async with bus.subscribe("orders:p0") as late:  # nothing more arrives: no duplicate
         await hub.publish("orders:p0", {"marker": True})
         assert [e.data for e in await take(late, 1)] == [{"marker": True}]
@@ -144,7 +143,7 @@ async def test_bad_rows_become_dead_letters_and_are_deleted(
     # A redrive refuses them (no subscriber has that id): they stay.
     assert await hub.hub.bus.dead_letters.redrive(subscriber="ingest:orders") == 0
     assert len(hub.hub.bus.dead_letters.list(subscriber="ingest:orders")) == 5
-    assert await backlog(pg_dsn, outbox_table) == []
+    await eventually(lambda: drained(pg_dsn, outbox_table))  # deleted after the commit
     metrics = await _get(hub.base + "/metrics")
     assert 'eventcast_consumer_messages_total{consumer="orders",type="postgresql"} 6.0' in metrics
     assert 'eventcast_consumer_dead_letters_total{consumer="orders",reason="bad_command"' in metrics

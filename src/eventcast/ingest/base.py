@@ -514,6 +514,8 @@ class ConsumerStats:
         lag: messages waiting at the source, when it tells (else ``None``).
         last_error: the text of the last failure (never a message body).
         last_error_time: when it happened (Unix time).
+        rejected_by_reason: the dead letters by reason (``undecodable``,
+            ``too_large``, ``bad_command``).
     """
 
     processed: int = 0

@@ -28,8 +28,10 @@ START_COMMANDS: dict[str, str] = {
         "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
         "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log"
     ),
+    "rabbitmq": "rabbitmq-server -detached",
+    "mosquitto": "mosquitto -d -c /etc/mosquitto/mosquitto.conf",
 }
-PORTS = {"postgres": 5432, "redis": 6379, "nats": 4222}
+PORTS = {"postgres": 5432, "redis": 6379, "nats": 4222, "rabbitmq": 5672, "mosquitto": 1883}
 
 #: A token unique to this test run, for database schemas, key and subject prefixes.
 RUN_ID = uuid.uuid4().hex[:10]

@@ -1,7 +1,7 @@
 """The ``eventcast`` command line: run the hub, mint development tokens, talk to a hub.
 
 Commands: ``serve``, ``token``, ``asyncapi``, and (in :mod:`eventcast._cli`) ``publish``,
-``tail``, ``history``, ``dead-letters list|redrive`` and ``bench``.
+``tail``, ``history``, ``dead-letters list|redrive``, ``bench`` and ``outbox init|backlog``.
 
 Exit codes: 0 success, 1 error, 2 usage or configuration error, 130 interrupted.
 Expected errors print one line to stderr, never a traceback.

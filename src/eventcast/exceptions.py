@@ -25,6 +25,9 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     ├── AuthError
     │   ├── InvalidTokenError
     │   └── TokenExpiredError
+    ├── IngestError
+    │   ├── SourceError
+    │   └── CommandRejectedError
     ├── HubClientError
     │   ├── HandshakeError
     │   ├── ReplyError
@@ -47,6 +50,7 @@ __all__ = [
     "BackplaneError",
     "BusClosedError",
     "ClientClosedError",
+    "CommandRejectedError",
     "ConfigurationError",
     "DeliveryError",
     "DisconnectedError",
@@ -54,6 +58,7 @@ __all__ = [
     "EventcastError",
     "HandshakeError",
     "HubClientError",
+    "IngestError",
     "InvalidDataError",
     "InvalidTokenError",
     "InvalidTopicError",
@@ -63,6 +68,7 @@ __all__ = [
     "ReplyError",
     "ReplyTimeoutError",
     "SlowConsumerError",
+    "SourceError",
     "SubscriberExistsError",
     "SubscriberNotFoundError",
     "SubscriptionClosedError",
@@ -177,6 +183,35 @@ class InvalidTokenError(AuthError):
 
 class TokenExpiredError(AuthError):
     """A token was valid but its ``exp`` claim is in the past."""
+
+
+class IngestError(EventcastError):
+    """A consumer of :mod:`eventcast.ingest` failed to take a message from its source."""
+
+
+class SourceError(IngestError):
+    """A source (PostgreSQL, an MQTT or AMQP broker, Redis, NATS) failed.
+
+    It was unreachable, dropped the connection, or refused a request. The
+    consumer reconnects with backoff; nothing unacknowledged is lost.
+    """
+
+
+class CommandRejectedError(IngestError):
+    """A consumed message can never be processed: it is acked and kept as a dead letter.
+
+    Raised for a message that cannot be decoded, is too large, names an unknown
+    method, or whose command the hub refuses (a bad channel, missing data).
+    Retrying it would fail again, so it is never retried.
+
+    Attributes:
+        reason: a short machine-readable reason (``undecodable``, ``too_large``,
+            ``bad_command``).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_command") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class HubClientError(EventcastError):

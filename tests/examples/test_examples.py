@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from starlette.staticfiles import StaticFiles
 
-import eventcast
+from eventcast.ingest.base import ConsumerState
+from tests.conftest import ensure_service
+from tests.ingest.conftest import eventually, running_consumers, unique
 from tests.server.hubtools import SECRET, WAIT, HubServer, token
 from tests.server.ssetools import open_sse
 
-from .conftest import EXAMPLES, example_env, load_example, run_example, serve_app
+from .conftest import CONFIG, EXAMPLES, example_env, load_example, run_example, serve_app
 
 StartExamplesHub = Callable[..., Awaitable[HubServer]]
 
@@ -146,38 +148,84 @@ async def test_price_ticker_reaches_an_sse_stream(examples_hub: StartExamplesHub
     assert "new EventSource(" in page
 
 
-@pytest.mark.parametrize("via", ["client", "api"])
-async def test_iot_sensors_fan_out_to_every_subscriber(
-    examples_hub: StartExamplesHub, via: str
+def iot_hub_settings(root: str) -> dict[str, Any]:
+    """The examples' settings, consuming ``<root>/#`` (a root and a session of the test's own)."""
+    (consumer,) = CONFIG["consumers"]
+    mqtt = {**consumer["mqtt"], "topics": [f"{root}/#"], "client_id": f"{root}-hub"}
+    return {"consumers": [{**consumer, "mqtt": mqtt}]}
+
+
+@pytest.fixture
+async def mqtt_root() -> AsyncIterator[str]:
+    """A topic root of the test's own; the hub's MQTT session is ended after the hub stops."""
+    aiomqtt = pytest.importorskip("aiomqtt")
+    ensure_service("mosquitto")
+    root = unique("iot")
+    yield root
+    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"{root}-hub", clean_session=True):
+        pass
+
+
+async def test_iot_sensors_through_mqtt_fan_out_to_every_subscriber(
+    mqtt_root: str, examples_hub: StartExamplesHub
 ) -> None:
-    hub = await examples_hub()
-    sensors, readings = 6, 3
-    got: Counter[str] = Counter()
+    root = mqtt_root
+    hub = await examples_hub(**iot_hub_settings(root))
+    await until_consumer_runs(hub)
+    sensors, readings = 5, 3
+    code, out, err = await run_example(
+        "examples/iot_sensors.py",
+        *("--root", root, "--sensors", str(sensors), "--readings", str(readings)),
+        *("--interval", "0", "--subscribers", "2"),
+        env=example_env(hub, EVENTCAST_TOKEN=token("sensors")),
+    )
+    assert code == 0, out + err
+    assert f"{sensors} sensors published {sensors * readings} readings to MQTT" in out
+    assert "all 2 subscriber(s) got every reading" in out
+    history = await hub.api("history", channel=f"iot:{root}.sensor-003.reading", limit=10)
+    assert [p["data"]["seq"] for p in history["publications"]] == [1, 2, 3]
+
+
+async def test_iot_sensors_page_shows_readings_live_over_sse(
+    mqtt_root: str, examples_hub: StartExamplesHub, app_socket: socket.socket
+) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing")
+    root = mqtt_root
+    origin = f"http://127.0.0.1:{app_socket.getsockname()[1]}"
+    hub = await examples_hub(allowed_origins=[origin], **iot_hub_settings(root))
+    await until_consumer_runs(hub)
+    iot = load_example("iot_sensors.py")
+    page_app = StaticFiles(directory=EXAMPLES)
+    wait_ms = WAIT * 3 * 1000
     async with (
-        eventcast.connect(hub.base, token=token("watcher")) as client,
-        client.subscribe("sensors.>") as sub,
+        serve_app(page_app, app_socket) as base,
+        playwright_api.async_playwright() as playwright,
     ):
-        code, out, err = await run_example(
-            "examples/iot_sensors.py",
-            "--sensors",
-            str(sensors),
-            "--readings",
-            str(readings),
-            "--interval",
-            "0",
-            "--subscribers",
-            "2",
-            "--via",
-            via,
-            env=example_env(hub, EVENTCAST_TOKEN=token("sensors")),
-        )
-        assert code == 0, out + err
-        assert "all 2 subscriber(s) got every reading" in out
-        async with asyncio.timeout(WAIT):
-            async for event in sub:
-                data: dict[str, Any] = event.data
-                assert event.topic == f"sensors.{data['sensor']}"
-                got[data["sensor"]] += 1
-                if sum(got.values()) == sensors * readings:
-                    break
-    assert got == {f"sensor-{i:03d}": readings for i in range(1, sensors + 1)}
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            query = f"hub={hub.base}&token={token('viewer')}&root={root}"
+            await page.goto(f"{base}/iot_sensors.html?{query}")
+            await page.wait_for_function(
+                "document.getElementById('status').textContent === 'live'", timeout=wait_ms
+            )
+            sensors = iot.sensor_ids(3)
+            await iot.run_sensors("mqtt://127.0.0.1:1883", root, sensors, 2, 0)
+            for sensor in sensors:
+                await page.wait_for_function(
+                    f"document.querySelector('#{sensor} .n')?.textContent === '2'",
+                    timeout=wait_ms,
+                )
+            cells = await page.locator(f"#{sensors[0]} .t").text_content()
+            assert cells is not None
+            assert 18.0 <= float(cells) <= 26.0
+        finally:
+            await browser.close()
+
+
+async def until_consumer_runs(hub: HubServer) -> None:
+    """The hub's MQTT consumer has subscribed (its session then keeps every reading)."""
+    (consumer,) = running_consumers(hub)
+    await eventually(lambda: consumer.state is ConsumerState.RUNNING)

@@ -281,6 +281,17 @@ class HubProcess:
             self.stop()
             raise AssertionError("eventcast serve did not start:\n" + "".join(self.output))
 
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, in the middle of whatever it was doing."""
+        process, self.process = self.process, None
+        assert process is not None, "not running"
+        process.kill()
+        process.wait(15)
+        if self._reader is not None:
+            self._reader.join(5)
+        if process.stdout is not None:
+            process.stdout.close()
+
     def stop(self) -> int | None:
         """SIGTERM (a graceful shutdown); return the exit code."""
         process, self.process = self.process, None

@@ -1,4 +1,7 @@
-"""The commands that talk to a running hub: publish, tail, history, dead-letters, bench."""
+"""The commands that talk to a running hub: publish, tail, history, dead-letters, bench.
+
+``register`` also adds ``outbox`` (:mod:`eventcast._cli.outbox`), which talks to PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -681,3 +684,6 @@ def register(app: typer.Typer) -> None:
     ):
         app.command(name, epilog=EXIT_CODES_HELP)(command)
     app.add_typer(dead_letters_app, name="dead-letters")
+    from .outbox import outbox_app
+
+    app.add_typer(outbox_app, name="outbox")

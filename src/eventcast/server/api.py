@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from starlette.requests import Request
@@ -25,7 +25,9 @@ from ..protocol import codes
 from ..protocol.codes import ClientError, Disconnect
 from ..protocol.frames import HistoryResult
 from .errors import CommandError
-from .hub import Hub
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ["API_METHODS", "count_api", "handle_api"]
 
@@ -37,7 +39,7 @@ MAX_API_BODY: Final = 1_048_576
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
-Method = Callable[[Hub, dict[str, Any]], Awaitable[Any]]
+Method = Callable[["Hub", dict[str, Any]], Awaitable[Any]]
 
 
 def _bad(message: str) -> CommandError:

@@ -227,7 +227,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: the log accepts writes and the backplane is connected."""
+    """Readiness: the log accepts writes and the backplane is connected.
+
+    The state of each consumer is reported under ``consumers`` (a consumer
+    retrying its source does not make the hub unready: clients are served).
+    """
     hub: Hub = request.app.state.hub
     problems: dict[str, str] = {}
     log = hub.bus.log
@@ -241,9 +245,14 @@ async def readyz(request: Request) -> Response:
                 await log.check()
         except Exception as exc:
             problems["log"] = type(exc).__name__
+    body: dict[str, Any] = {"status": "ok"}
+    consumers = hub.consumers
+    if consumers:
+        body["consumers"] = {c.name: c.state.value for c in consumers}
     if problems:
-        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        body.update(status="unavailable", problems=problems)
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 async def asyncapi_endpoint(request: Request) -> Response:

@@ -27,17 +27,15 @@ URLs are masked too. Use :meth:`Settings.redacted` to log the settings.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import socket
 import tomllib
 from contextvars import ContextVar
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -57,81 +55,21 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .._durations import Duration, parse_duration
 from .._urls import redact_password
 from ..exceptions import ConfigurationError
+from ..ingest.base import ConsumerConfig
 from ..namespaces import Namespace
 from ..schema import Schema, compile_schema
 from ..topics import namespace_of
 
 __all__ = ["NamespaceConfig", "Settings", "parse_duration"]
 
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS: Final = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # micro sign
-    "μs": 1e-6,  # Greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
 _NAMESPACE_NAME: Final = re.compile(r"[A-Za-z0-9_\-]*")
 _REDACTED: Final = "***"
 
 #: The TOML data of the :meth:`Settings.load` call in progress.
 _TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("eventcast_toml_data", default={})  # noqa: B039  # never mutated
-
-
-def parse_duration(value: object) -> float:
-    """Parse a duration into seconds.
-
-    Accepts a number of seconds (``>= 0``, finite) or Centrifugo's (Go's) string
-    form: one or more ``<number><unit>`` parts with units ``ns``, ``us``, ``ms``,
-    ``s``, ``m``, ``h`` (``"300s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"0s"``).
-    A string holding just a number is taken as seconds.
-
-    Raises:
-        ValueError: the value is not a valid duration (the message says why).
-    """
-    if isinstance(value, bool):
-        raise ValueError("a duration must be a number of seconds or a string like '5m'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = _parse_duration_string(text)
-    else:
-        raise ValueError(
-            f"a duration must be a number of seconds or a string like '5m', "
-            f"not {type(value).__name__}"
-        )
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"a duration must be finite and >= 0, got {value!r}")
-    return seconds
-
-
-def _parse_duration_string(text: str) -> float:
-    position, total = 0, 0.0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        position = match.end()
-    if not text or position != len(text):
-        raise ValueError(
-            f"invalid duration {text!r}: use a number of seconds or a string such as "
-            "'300s', '5m', '1h30m' or '500ms' (units: ns, us, ms, s, m, h)"
-        )
-    return total
-
-
-#: Seconds, from a number or a string such as ``"5m"``.
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class NamespaceConfig(BaseModel):
@@ -287,6 +225,10 @@ class Settings(BaseSettings):
             (off by default: it lists the namespaces and their permissions).
         log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        consumers: sources the hub consumes (PostgreSQL outbox, MQTT, AMQP, Redis
+            Streams, NATS JetStream), Centrifugo's shape: a list of ``{"name",
+            "type", "<type>": {options}}`` (TOML ``[[consumers]]``, or
+            ``EVENTCAST_CONSUMERS`` as JSON). See ``docs/ingest.md``.
     """
 
     model_config = SettingsConfigDict(
@@ -327,6 +269,7 @@ class Settings(BaseSettings):
     asyncapi: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    consumers: list[ConsumerConfig] = Field(default_factory=list)
 
     _namespaces_by_name: dict[str, NamespaceConfig] = PrivateAttr(default_factory=dict)
 
@@ -410,6 +353,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"namespace {namespace.name!r} is configured twice")
             by_name[namespace.name] = namespace
         self._namespaces_by_name = by_name
+        names = [consumer.name for consumer in self.consumers]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"consumer name(s) configured twice: {', '.join(twice)}")
         return self
 
     def namespace(self, channel: str) -> NamespaceConfig | None:

@@ -40,6 +40,7 @@ from ..exceptions import (
     PositionError,
     UnrecoverablePositionError,
 )
+from ..ingest import Consumers
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ..protocol.frames import (
@@ -55,6 +56,7 @@ from .channels import Channels, HubChannel, Membership
 from .commands import Commands, publication
 from .connection import Connection, Flusher, Send
 from .errors import CommandError
+from .ingest import HubTarget
 from .limits import TokenBucket, origin_allowed
 from .permissions import Permissions
 from .presence import MemoryPresence, Presence, PresenceKeeper, client_info, open_presence
@@ -115,6 +117,8 @@ class Hub:
         self.presence_keeper = PresenceKeeper(lambda: self.presence, settings.presence_ttl)
         bus.gap_listeners.append(self.channels.lost_continuity)
         bus.control_listeners.append(self._on_control)
+        #: The sources the hub consumes (the ``consumers`` setting), built at start.
+        self.consumers: Consumers | None = None
         self.rpc_handlers: dict[str, RPCHandler] = {}
         self.message_handler: MessageHandler | None = None
         self.started_at = time.time()
@@ -168,6 +172,9 @@ class Hub:
             await opener()
         await self.bus.start()
         self.tasks.spawn(self.presence_keeper.refresh(self._present), "eventcast-presence")
+        # Built here, so a consumer whose driver is missing is a clear error at start.
+        self.consumers = Consumers(self.settings.consumers, HubTarget(self))
+        self.consumers.start()
 
     def _present(self) -> Iterator[tuple[str, Connection]]:
         for channel in list(self.channels.by_name.values()):
@@ -198,6 +205,8 @@ class Hub:
         for conn in list(self.registry.connections.values()):
             conn.close(codes.DISCONNECT_SHUTDOWN)
         self.channels.close()
+        if self.consumers is not None:
+            await self.consumers.aclose()  # before the bus: they publish into it
         await self.tasks.aclose()
         await self.presence.close()
         await self.bus.close()

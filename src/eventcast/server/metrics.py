@@ -160,6 +160,55 @@ class HubCollector(Collector):
             "1 when the backplane is connected (always 1 for the memory backplane).",
             value=1 if hub.backplane_up() else 0,
         )
+        yield from _consumer_metrics(hub)
+
+
+def _consumer_metrics(hub: Hub) -> Iterator[Metric]:
+    """Each consumer of :mod:`eventcast.ingest`: messages, dead letters, errors, lag, state."""
+    from ..ingest.base import ConsumerState
+
+    consumers = hub.consumers
+    if not consumers:
+        return
+    labels = ["consumer", "type"]
+    processed = CounterMetricFamily(
+        "eventcast_consumer_messages",
+        "Messages a consumer acknowledged to its source (published or dead-lettered).",
+        labels=labels,
+    )
+    dead = CounterMetricFamily(
+        "eventcast_consumer_dead_letters",
+        "Consumed messages kept as dead letters, by reason.",
+        labels=[*labels, "reason"],
+    )
+    errors = CounterMetricFamily(
+        "eventcast_consumer_errors",
+        "Failures of a consumer's source or of the hub, each followed by a reconnect.",
+        labels=labels,
+    )
+    lag = GaugeMetricFamily(
+        "eventcast_consumer_lag",
+        "Messages waiting at the source (sources that tell: outbox, AMQP, Redis, JetStream).",
+        labels=labels,
+    )
+    up = GaugeMetricFamily(
+        "eventcast_consumer_up", "1 when a consumer is connected and consuming.", labels=labels
+    )
+    for consumer in consumers:
+        key = [consumer.name, consumer.type]
+        stats = consumer.stats
+        processed.add_metric(key, stats.processed)
+        for reason, count in sorted(stats.rejected_by_reason.items()):
+            dead.add_metric([*key, reason], count)
+        errors.add_metric(key, stats.errors)
+        if stats.lag is not None:
+            lag.add_metric(key, stats.lag)
+        up.add_metric(key, 1 if consumer.state is ConsumerState.RUNNING else 0)
+    yield processed
+    yield dead
+    yield errors
+    yield lag
+    yield up
 
 
 async def metrics_endpoint(request: Request) -> Response:

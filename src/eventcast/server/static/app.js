@@ -48,6 +48,27 @@ function showStats(stats) {
     cell(row, t.last_time ? new Date(t.last_time * 1000).toLocaleTimeString() : "");
     body.appendChild(row);
   }
+  showConsumers(stats.consumers || []);
+}
+
+function showConsumers(consumers) {
+  // The sources the hub consumes (docs/ingest.md); the section stays hidden without any.
+  $("consumers-section").hidden = consumers.length === 0;
+  const body = $("consumers").querySelector("tbody");
+  body.replaceChildren();
+  for (const c of consumers) {
+    const row = document.createElement("tr");
+    row.dataset.consumer = c.name;
+    cell(row, c.name);
+    cell(row, c.type);
+    cell(row, c.state).className = "state-" + c.state;
+    cell(row, c.processed);
+    cell(row, c.lag === null ? "" : c.lag);
+    cell(row, c.dead_letters);
+    cell(row, c.errors);
+    cell(row, c.last_error || "");
+    body.appendChild(row);
+  }
 }
 
 function showTail(message) {

@@ -42,7 +42,7 @@ from ._stats import LatencyHistogram, TopicStats
 from ._tasks import Supervisor
 from .backplane.base import Backplane
 from .deadletters import DEFAULT_DEAD_LETTERS, DeadLetter, DeadLetters, LetterArchive
-from .events import EARLIEST, Event, History, Position, freeze_tags
+from .events import EARLIEST, Event, History, Position, freeze_tags, new_event
 from .exceptions import (
     BusClosedError,
     ConfigurationError,
@@ -635,13 +635,13 @@ class Bus:
         data: object,
         tags: Mapping[str, str] | None,
         idempotency_key: str | None,
+        ns: Namespace,
     ) -> Event:
-        self.namespace(topic).check(topic, data)
-        if tags is None and idempotency_key is None:
-            return Event(topic=topic, data=data)
-        return Event(
-            topic=topic, data=data, tags=freeze_tags(tags), idempotency_key=idempotency_key
-        )
+        if ns.schema is not None:
+            ns.check(topic, data)
+        if tags is None:
+            return new_event(topic, data, None, idempotency_key)
+        return new_event(topic, data, freeze_tags(tags), idempotency_key)
 
     def publish_nowait(
         self,
@@ -663,11 +663,12 @@ class Bus:
         if self._state is not _State.OPEN:
             raise BusClosedError("the bus is closed")
         rings = self._router.route(topic)
-        if self._durable_log(topic) is not None:
+        ns = self._namespaces.of(topic)
+        if ns.history_size and self.log is not None:
             raise ConfigurationError(
                 f"topic {topic!r} is durable: publish it with `await bus.publish()`"
             )
-        event = self._make_event(topic, data, tags, None)
+        event = self._make_event(topic, data, tags, None, ns)
         self._deliver(event, rings)
         return event
 
@@ -712,10 +713,11 @@ class Bus:
         """
         self._check_open()
         rings = self._router.route(topic)
-        event = self._make_event(topic, data, tags, idempotency_key)
+        ns = self._namespaces.of(topic)
+        event = self._make_event(topic, data, tags, idempotency_key, ns)
         if self._subs.blockers:
             rings = await self._wait_for_blockers(topic, rings)
-        if self._durable_log(topic) is not None:
+        if ns.history_size and self.log is not None:
             # Commit before any fan-out; no await between the commit and the
             # fan-out, so subscribers see events in offset order.
             [(event, fresh)] = await self._commit([event])

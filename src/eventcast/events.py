@@ -19,7 +19,15 @@ import msgspec
 
 from .exceptions import EncodeError, PositionError
 
-__all__ = ["EARLIEST", "Event", "History", "Position", "encode_data", "new_event_id"]
+__all__ = [
+    "EARLIEST",
+    "Event",
+    "History",
+    "Position",
+    "encode_data",
+    "new_event",
+    "new_event_id",
+]
 
 _EMPTY_TAGS: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -46,6 +54,29 @@ def _make_id(now: float) -> str:
 def new_event_id() -> str:
     """Return a new time-ordered unique id: 32 decimal digits, sortable as text."""
     return _make_id(_time.time())
+
+
+def new_event(
+    topic: str,
+    data: Any,
+    tags: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> Event:
+    """Build a new event, its id and time from one clock reading (the publish hot path).
+
+    ``tags`` must already be frozen (see :func:`freeze_tags`).
+    """
+    now = _time.time()
+    if tags is None and idempotency_key is None:
+        return Event(topic=topic, data=data, id=_make_id(now), time=now)
+    return Event(
+        topic=topic,
+        data=data,
+        id=_make_id(now),
+        time=now,
+        tags=_EMPTY_TAGS if tags is None else tags,
+        idempotency_key=idempotency_key,
+    )
 
 
 _json_encode = msgspec.json.Encoder().encode

@@ -6,6 +6,9 @@ reverse. The hot path, a publication push, is assembled from pre-encoded
 pieces so the payload bytes are never decoded or encoded again.
 
 Error contract: decoding raises only :class:`ProtocolError`.
+
+:mod:`.protobuf` is the same API for the Protobuf encoding; :mod:`.encodings`
+puts both behind one interface.
 """
 
 from __future__ import annotations
@@ -17,26 +20,39 @@ import msgspec
 
 from ..events import Event
 from .codes import ClientError
-from .frames import METHODS, Command, Publication, Reply
+from .frames import METHODS, Command, EmulationRequest, Publication, Reply
 
 __all__ = [
     "PING",
     "ProtocolError",
     "decode_commands",
+    "decode_emulation_request",
     "decode_replies",
     "encode_command",
     "encode_commands",
     "encode_error",
+    "encode_pub_push",
     "encode_publication",
     "encode_push",
     "encode_reply",
     "method_of",
     "publication_push",
+    "string_data",
 ]
 
 
 class ProtocolError(Exception):
-    """A frame is not valid Centrifuge JSON (malformed, wrong types, unknown shape)."""
+    """Bytes from a peer are not a valid protocol message (malformed, wrong types, wrong shape).
+
+    Raised by every decoder of the protocol core: JSON and Protobuf frames,
+    fossil deltas (:class:`~eventcast.protocol.delta.DeltaError`) and tag
+    filters (:class:`~eventcast.protocol.filters.FilterError`).
+    """
+
+
+# A nesting deep enough to exhaust the decoder's recursion limit (``[[[[...`` in
+# a ``data`` field) raises RecursionError, not DecodeError: it is bad input too.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 _command_decoder = msgspec.json.Decoder(Command)
@@ -64,7 +80,7 @@ def decode_commands(data: bytes | str) -> list[Command]:
         raise ProtocolError("empty frame")
     try:
         return [_command_decoder.decode(line) for line in lines]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed command: {exc}") from None
 
 
@@ -84,7 +100,7 @@ def decode_replies(data: bytes | str) -> list[Reply]:
     """
     try:
         return [_reply_decoder.decode(line) for line in _lines(data)]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed reply: {exc}") from None
 
 
@@ -128,8 +144,13 @@ def encode_publication(
     channel: str | None = None,
     time_ms: int | None = None,
     info: bytes | None = None,
+    delta: bool = False,
 ) -> bytes:
-    """Assemble a publication object around already-encoded ``data``."""
+    """Assemble a publication object around already-encoded ``data``.
+
+    ``delta`` marks ``data`` as a fossil delta (see :func:`string_data` for
+    how data travels to a subscription that negotiated deltas).
+    """
     parts = [b'{"data":', data]
     if info is not None:
         parts += [b',"info":', info]
@@ -137,6 +158,8 @@ def encode_publication(
         parts.append(b',"offset":%d' % offset)
     if tags:
         parts += [b',"tags":', _encode(dict(tags))]
+    if delta:
+        parts.append(b',"delta":true')
     if time_ms:
         parts.append(b',"time":%d' % time_ms)
     if channel:
@@ -169,8 +192,52 @@ def publication_push(channel: str, event: Event, *, concrete_channel: bool = Fal
     Raises:
         EncodeError: the event's data cannot be encoded as JSON.
     """
-    pub = publication_of(event, concrete_channel=concrete_channel)
-    return b'{"push":{"channel":%s,"pub":%s}}' % (_encode(channel), pub)
+    return encode_pub_push(channel, publication_of(event, concrete_channel=concrete_channel))
+
+
+def encode_pub_push(channel: str, publication: bytes) -> bytes:
+    """Wrap an encoded publication object in the push that delivers it in ``channel``."""
+    return b'{"push":{"channel":%s,"pub":%s}}' % (_encode(channel), publication)
+
+
+def string_data(payload: bytes) -> bytes | None:
+    """Encode a payload or a fossil delta as the ``data`` of a delta-mode publication.
+
+    A subscription that negotiated ``delta: "fossil"`` over JSON receives every
+    publication's data as a JSON *string* holding the payload's text (or the
+    delta's, with ``"delta": true``); the SDK keeps those bytes as the base of
+    the next delta. Returns ``None`` when ``payload`` is not UTF-8 text (a
+    delta cut inside a multi-byte character): send the full payload then.
+    """
+    try:
+        return _encode(payload.decode())
+    except UnicodeDecodeError:
+        return None
+
+
+class _EmulationBody(msgspec.Struct, forbid_unknown_fields=False):
+    node: str = ""
+    session: str = ""
+    data: str = ""
+
+
+_emulation_decoder = msgspec.json.Decoder(_EmulationBody)
+
+
+def decode_emulation_request(body: bytes) -> EmulationRequest:
+    """Decode the JSON body POSTed to the emulation endpoint.
+
+    ``data`` is a string of newline-separated commands in JSON; it comes back
+    as bytes, ready for :func:`decode_commands`.
+
+    Raises:
+        ProtocolError: the body is not a JSON emulation request.
+    """
+    try:
+        body_ = _emulation_decoder.decode(body)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed emulation request: {exc}") from None
+    return EmulationRequest(node=body_.node, session=body_.session, data=body_.data.encode())
 
 
 def decode_publication(data: bytes) -> Publication:
@@ -181,5 +248,5 @@ def decode_publication(data: bytes) -> Publication:
     """
     try:
         return msgspec.json.decode(data, type=Publication)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed publication: {exc}") from None

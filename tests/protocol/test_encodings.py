@@ -22,7 +22,14 @@ from eventcast.protocol.encodings import (
     stream_encoding,
     websocket_encoding,
 )
-from eventcast.protocol.frames import Publication
+from eventcast.protocol.frames import (
+    ClientInfo,
+    ConnectPush,
+    ConnectRequest,
+    Publication,
+    SubscribeRequest,
+    SubscribeResult,
+)
 from eventcast.protocol.session import ServerSession
 
 PROTOBUF = get_encoding("protobuf")
@@ -174,3 +181,54 @@ def test_json_nested_too_deep_is_a_protocol_error(decode: Callable[[bytes], obje
     deep = b'{"id":1,"publish":{"channel":"c","data":' + b"[" * 5000 + b"]" * 5000 + b"}}"
     with pytest.raises(ProtocolError):
         decode(deep)
+
+
+# -- unidirectional transports (JSON only, as in Centrifugo) ------------------------------------
+
+
+def test_unidirectional_pushes_are_bare_pushes() -> None:
+    # The frames of Centrifugo's unidirectional protocol documentation.
+    join = codec.encode_uni_push("#2694", "join", {"info": ClientInfo(user="2694", client="c1")})
+    assert json.loads(join) == {
+        "channel": "#2694",
+        "join": {"info": {"user": "2694", "client": "c1"}},
+    }
+    pub = codec.encode_uni_pub_push("test", codec.encode_publication(b'{"input":1}', offset=1))
+    assert json.loads(pub) == {"channel": "test", "pub": {"data": {"input": 1}, "offset": 1}}
+    connect = codec.encode_uni_push(
+        "",
+        "connect",
+        ConnectPush(client="c1", version="v", subs={"global": SubscribeResult()}, ping=25),
+    )
+    assert json.loads(connect) == {
+        "connect": {"client": "c1", "version": "v", "subs": {"global": {}}, "ping": 25}
+    }
+    disconnect = codec.encode_uni_push("", "disconnect", {"code": 3001, "reason": "shutdown"})
+    assert json.loads(disconnect) == {"disconnect": {"code": 3001, "reason": "shutdown"}}
+    assert json.loads(codec.UNI_PING) == {}
+    # The bidirectional push is the same object inside a reply.
+    assert codec.encode_push("#2694", "join", None) == b'{"push":{"channel":"#2694","join":{}}}'
+    assert json.loads(codec.encode_pub_push("test", b'{"data":1}')) == {
+        "push": json.loads(codec.encode_uni_pub_push("test", b'{"data":1}'))
+    }
+
+
+def test_unidirectional_connect_requests() -> None:
+    body = (
+        '{"token": "<JWT>", "data": {"a": 1},'
+        ' "subs": {"user#2694": {"recover": true, "offset": 12, "epoch": "xD5R"}}}'
+    )
+    request = codec.decode_connect_request(body)
+    assert request.token == "<JWT>"
+    assert request.subs == {"user#2694": SubscribeRequest(recover=True, offset=12, epoch="xD5R")}
+    assert bytes(request.data) == b'{"a": 1}'
+    assert codec.decode_connect_request(b"{}") == ConnectRequest()
+    for bad in (
+        b"",
+        b"[]",
+        b'{"token": 1}',
+        b'{"subs": []}',
+        b'{"data":' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ):
+        with pytest.raises(ProtocolError, match="connect request"):
+            codec.decode_connect_request(bad)

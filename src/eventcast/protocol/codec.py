@@ -20,12 +20,14 @@ import msgspec
 
 from ..events import Event
 from .codes import ClientError
-from .frames import METHODS, Command, EmulationRequest, Publication, Reply
+from .frames import METHODS, Command, ConnectRequest, EmulationRequest, Publication, Reply
 
 __all__ = [
     "PING",
+    "UNI_PING",
     "ProtocolError",
     "decode_commands",
+    "decode_connect_request",
     "decode_emulation_request",
     "decode_replies",
     "encode_command",
@@ -35,6 +37,8 @@ __all__ = [
     "encode_publication",
     "encode_push",
     "encode_reply",
+    "encode_uni_pub_push",
+    "encode_uni_push",
     "method_of",
     "publication_push",
     "string_data",
@@ -61,6 +65,8 @@ _encode = msgspec.json.Encoder().encode
 
 #: A server ping (and a client pong): an empty JSON object.
 PING: Final = b"{}"
+#: The ping of unidirectional transports: an empty push.
+UNI_PING: Final = b"{}"
 
 
 def _lines(data: bytes | str) -> list[bytes]:
@@ -130,10 +136,20 @@ def encode_error(command_id: int, error: ClientError) -> bytes:
 
 def encode_push(channel: str, kind: str, body: Any) -> bytes:
     """Encode a push of ``kind`` (``pub``, ``join``, ``unsubscribe`` …) for a channel."""
+    return b'{"push":%s}' % encode_uni_push(channel, kind, body)
+
+
+def encode_uni_push(channel: str, kind: str, body: Any) -> bytes:
+    """Encode a bare push, as unidirectional transports send it (no ``Reply`` around it).
+
+    ``uni_websocket``, ``uni_http_stream`` and ``uni_sse`` carry only pushes:
+    ``{"connect": …}`` first, then ``{"channel": …, "pub": …}`` and the like;
+    :data:`UNI_PING` (an empty push) is their ping.
+    """
     inner = b"{}" if body is None else _encode(body)
     if channel:
-        return b'{"push":{"channel":%s,"%s":%s}}' % (_encode(channel), kind.encode(), inner)
-    return b'{"push":{"%s":%s}}' % (kind.encode(), inner)
+        return b'{"channel":%s,"%s":%s}' % (_encode(channel), kind.encode(), inner)
+    return b'{"%s":%s}' % (kind.encode(), inner)
 
 
 def encode_publication(
@@ -197,7 +213,33 @@ def publication_push(channel: str, event: Event, *, concrete_channel: bool = Fal
 
 def encode_pub_push(channel: str, publication: bytes) -> bytes:
     """Wrap an encoded publication object in the push that delivers it in ``channel``."""
-    return b'{"push":{"channel":%s,"pub":%s}}' % (_encode(channel), publication)
+    return b'{"push":%s}' % encode_uni_pub_push(channel, publication)
+
+
+def encode_uni_pub_push(channel: str, publication: bytes) -> bytes:
+    """Wrap an encoded publication object in a bare push (unidirectional transports)."""
+    return b'{"channel":%s,"pub":%s}' % (_encode(channel), publication)
+
+
+_connect_decoder = msgspec.json.Decoder(ConnectRequest)
+
+
+def decode_connect_request(data: bytes | str) -> ConnectRequest:
+    """Decode the connect request of a unidirectional connection.
+
+    It is the first message of ``uni_websocket``, the body of a
+    ``uni_http_stream`` (or ``uni_sse`` POST) request, or the ``cf_connect``
+    URL parameter of ``uni_sse`` and of the SSE emulation transport: a JSON
+    ``ConnectRequest`` (``token``, ``data``, ``name``, ``version``, ``subs``
+    with ``recover``/``offset``/``epoch``, ``headers``).
+
+    Raises:
+        ProtocolError: the data is not a JSON connect request.
+    """
+    try:
+        return _connect_decoder.decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed connect request: {exc}") from None
 
 
 def string_data(payload: bytes) -> bytes | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +26,9 @@ from hypothesis import given, settings, strategies as st
 from eventcast.protocol import delta
 from eventcast.protocol.codec import ProtocolError
 from eventcast.protocol.delta import DeltaError
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import JS_DIR, node_with
 
 VECTORS = Path(__file__).with_name("fossil_vectors.json")
-JS_DIR = Path(__file__).resolve().parent.parent / "js"
 
 
 def ticker_document(rng: random.Random, instruments: int = 22) -> dict[str, dict[str, object]]:
@@ -95,14 +93,7 @@ def _b64(data: bytes) -> str:
 def run_fossil_js(
     create: list[tuple[bytes, bytes]], apply: list[tuple[bytes, bytes]]
 ) -> tuple[list[bytes], list[bytes | None]]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    if not (JS_DIR / "node_modules" / "fossil-delta" / "package.json").is_file():
-        message = "tests/js/node_modules is missing: run scripts/setup.sh (make install)"
-        if REQUIRE_SERVICES:
-            pytest.fail(message)
-        pytest.skip(message)
+    node = node_with("fossil-delta")
     request = {
         "create": [[_b64(s), _b64(t)] for s, t in create],
         "apply": [[_b64(s), _b64(d)] for s, d in apply],

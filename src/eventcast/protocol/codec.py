@@ -40,6 +40,8 @@ __all__ = [
     "encode_uni_pub_push",
     "encode_uni_push",
     "method_of",
+    "publication_fields",
+    "publication_of",
     "publication_push",
     "string_data",
 ]
@@ -184,17 +186,26 @@ def encode_publication(
     return b"".join(parts)
 
 
+def publication_fields(
+    event: Event, *, concrete_channel: bool = False
+) -> tuple[Mapping[str, str] | None, str | None]:
+    """The ``tags`` and ``channel`` of the publication of ``event`` (either encoding).
+
+    For a pattern subscription (``concrete_channel``), the event's own topic
+    goes in the publication's ``channel`` and in its ``topic`` tag.
+    """
+    if concrete_channel:
+        return {**event.tags, "topic": event.topic}, event.topic
+    return event.tags or None, None
+
+
 def publication_of(event: Event, *, concrete_channel: bool = False) -> bytes:
     """Encode an event as a publication object (the concrete topic in tags if asked).
 
     Raises:
         EncodeError: the event's data cannot be encoded as JSON.
     """
-    tags: Mapping[str, str] | None = event.tags or None
-    channel = None
-    if concrete_channel:
-        tags = {**event.tags, "topic": event.topic}
-        channel = event.topic
+    tags, channel = publication_fields(event, concrete_channel=concrete_channel)
     return encode_publication(event.encoded_data(), offset=event.offset, tags=tags, channel=channel)
 
 

@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ..events import Event
 from ._pb import client_pb2 as pb
-from .codec import ProtocolError
+from .codec import ProtocolError, publication_fields
 from .codes import ClientError
 from .frames import Command, EmulationRequest, Reply
 
@@ -341,11 +341,7 @@ def publication_of(event: Event, *, concrete_channel: bool = False) -> bytes:
     Raises:
         EncodeError: the event's data cannot be encoded as JSON.
     """
-    tags: Mapping[str, str] | None = event.tags or None
-    channel = None
-    if concrete_channel:
-        tags = {**event.tags, "topic": event.topic}
-        channel = event.topic
+    tags, channel = publication_fields(event, concrete_channel=concrete_channel)
     return encode_publication(event.encoded_data(), offset=event.offset, tags=tags, channel=channel)
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,6 +25,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.message import Message
 from hypothesis import given, settings, strategies as st
 
+import eventcast
 from eventcast.events import Event
 from eventcast.protocol import codec, protobuf
 from eventcast.protocol.codec import ProtocolError
@@ -447,3 +451,30 @@ def test_history_publications_carry_their_bytes() -> None:
     assert reply.history == result
     assert [bytes(p.data) for p in reply.history.publications or []] == [b'{"n":1}', b"\x00"]
     assert isinstance(reply.history.publications[0].data, msgspec.Raw)  # type: ignore[index]
+
+
+def test_the_generated_module_matches_the_schema(tmp_path: Path) -> None:
+    # `make proto` regenerates it; a schema edited without regenerating fails here.
+    src = Path(eventcast.__file__).resolve().parents[1]
+    proto = "eventcast/protocol/_pb/client.proto"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{src}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"{src}/{proto}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("client_pb2.py", "client_pb2.pyi"):
+        generated = tmp_path / "eventcast" / "protocol" / "_pb" / name
+        assert (
+            generated.read_text() == (src / "eventcast" / "protocol" / "_pb" / name).read_text()
+        ), name

@@ -242,8 +242,10 @@ def _decode_all(
     if isinstance(data, str):
         raise ProtocolError("a Protobuf frame must be binary, not text")
     try:
+        # An empty message (a pong, a ping) is common and needs no parsing.
         return [
-            msgspec.convert(_to_builtins(_parse(cls, message)), target) for message in split(data)
+            msgspec.convert(_to_builtins(_parse(cls, message)), target) if message else target()
+            for message in split(data)
         ]
     except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed {target.__name__.lower()}: {exc}") from None

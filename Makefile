@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check bench clean
+.PHONY: install run test check bench proto clean
 
 $(STAMP): pyproject.toml scripts/setup.sh tests/js/package.json
 	./scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -25,6 +25,11 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Regenerate the Protobuf module of the client protocol from its schema (commit the result).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
+		src/eventcast/protocol/_pb/client.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Run every benchmark in turn: bus, log, hub, backplane, ingest (``make bench``).
+"""Run every benchmark in turn: bus, log, hub, backplane, ingest, wire (``make bench``).
 
 Each module is also runnable alone (``python benchmarks/<name>.py --help``)
 and exposes ``main(argv) -> dict``.
@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ("bus", "log", "hub", "backplane", "ingest")
+MODULES = ("bus", "log", "hub", "backplane", "ingest", "wire")
 #: Default arguments per module, so each default run stays within ~5 minutes.
 DEFAULTS = {
     "bus": ["--passes", "3"],

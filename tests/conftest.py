@@ -7,11 +7,13 @@ cannot be reached fails the test instead of skipping it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +67,27 @@ def ensure_service(name: str) -> None:
         if REQUIRE_SERVICES:
             pytest.fail(message)
         pytest.skip(message)
+
+
+#: The npm packages the tests run on node (tests/js, installed by scripts/setup.sh).
+JS_DIR = Path(__file__).resolve().parent / "js"
+
+
+def node_with(package: str) -> str:
+    """Return the node executable once ``package`` is installed in tests/js.
+
+    Skips without node; without the package, skips, or fails under
+    ``EVENTCAST_REQUIRE_SERVICES``.
+    """
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    if not (JS_DIR / "node_modules" / package / "package.json").is_file():
+        message = "tests/js/node_modules is missing: run scripts/setup.sh (make install)"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return node
 
 
 @pytest.fixture

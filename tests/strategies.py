@@ -1,4 +1,4 @@
-"""Hypothesis strategies for topic names and patterns.
+"""Hypothesis strategies: topic names and patterns, and the protocol's frames.
 
 Segments are drawn mostly from a small vocabulary so that generated patterns
 and names actually collide and match, with some arbitrary valid segments mixed
@@ -7,7 +7,10 @@ in to exercise every allowed character.
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import strategies as st
+
+from eventcast.protocol import frames as _f
 
 #: Every character allowed in a segment.
 SEGMENT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-@#,=+"
@@ -74,3 +77,187 @@ def pattern_for(draw: st.DrawFn, topic: str) -> str:
         elif choice == "shorter" and len(out) > 1:
             out.pop()
     return _join(namespace, out)
+
+
+# -- the Centrifuge protocol's frames (tests/protocol) ---------------------------------------
+#
+# Values a Protobuf round trip keeps exactly: proto3 drops fields at their default,
+# so an empty container is drawn as None, an empty payload as NO_DATA.
+
+uint32 = st.integers(min_value=0, max_value=2**32 - 1)
+uint64 = st.integers(min_value=0, max_value=2**64 - 1)
+int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+int32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
+#: Text that is valid UTF-8 (no lone surrogates), as Protobuf strings must be.
+texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+payloads = st.one_of(st.just(_f.NO_DATA), st.binary(min_size=1, max_size=24).map(msgspec.Raw))
+string_maps = st.one_of(st.none(), st.dictionaries(texts, texts, min_size=1, max_size=3))
+
+FILTER_COMPARISONS = (
+    "eq",
+    "neq",
+    "in",
+    "nin",
+    "ex",
+    "nex",
+    "sw",
+    "ew",
+    "ct",
+    "lt",
+    "lte",
+    "gt",
+    "gte",
+)
+
+filter_leaves = st.builds(
+    _f.FilterNode,
+    key=texts,
+    cmp=st.sampled_from(FILTER_COMPARISONS),
+    val=texts,
+    vals=st.one_of(st.none(), st.lists(texts, min_size=1, max_size=3)),
+)
+#: Filter trees as the wire carries them (not necessarily valid filters).
+filter_trees = st.recursive(
+    filter_leaves,
+    lambda children: st.builds(
+        _f.FilterNode,
+        op=st.sampled_from(["and", "or", "not"]),
+        nodes=st.lists(children, min_size=1, max_size=3),
+    ),
+    max_leaves=6,
+)
+
+subscribe_requests = st.builds(
+    _f.SubscribeRequest,
+    channel=texts,
+    token=texts,
+    recover=st.booleans(),
+    epoch=texts,
+    offset=uint64,
+    data=payloads,
+    positioned=st.booleans(),
+    recoverable=st.booleans(),
+    join_leave=st.booleans(),
+    delta=st.sampled_from(["", "fossil"]),
+    tf=st.one_of(st.none(), filter_trees),
+    flag=int64,
+)
+
+_REQUESTS = {
+    "connect": st.builds(
+        _f.ConnectRequest,
+        token=texts,
+        data=payloads,
+        subs=st.one_of(
+            st.none(), st.dictionaries(texts, subscribe_requests, min_size=1, max_size=2)
+        ),
+        name=texts,
+        version=texts,
+        headers=string_maps,
+        flag=int64,
+    ),
+    "subscribe": subscribe_requests,
+    "unsubscribe": st.builds(_f.UnsubscribeRequest, channel=texts),
+    "publish": st.builds(_f.PublishRequest, channel=texts, data=payloads),
+    "presence": st.builds(_f.PresenceRequest, channel=texts),
+    "presence_stats": st.builds(_f.PresenceStatsRequest, channel=texts),
+    "history": st.builds(
+        _f.HistoryRequest,
+        channel=texts,
+        limit=int32,
+        since=st.one_of(st.none(), st.builds(_f.StreamPosition, offset=uint64, epoch=texts)),
+        reverse=st.booleans(),
+    ),
+    "ping": st.just(_f.PingRequest()),
+    "send": st.builds(_f.SendRequest, data=payloads),
+    "rpc": st.builds(_f.RPCRequest, data=payloads, method=texts),
+    "refresh": st.builds(_f.RefreshRequest, token=texts),
+    "sub_refresh": st.builds(_f.SubRefreshRequest, channel=texts, token=texts),
+}
+
+#: A command: an id and exactly one request (every method of the protocol).
+commands = st.sampled_from(_f.METHODS).flatmap(
+    lambda method: st.builds(_f.Command, id=uint32, **{method: _REQUESTS[method]})
+)
+
+client_infos = st.builds(
+    _f.ClientInfo, user=texts, client=texts, conn_info=payloads, chan_info=payloads
+)
+publications = st.builds(
+    _f.Publication,
+    data=payloads,
+    info=st.one_of(st.none(), client_infos),
+    offset=uint64,
+    tags=string_maps,
+    delta=st.booleans(),
+    time=int64,
+    channel=texts,
+)
+subscribe_results = st.builds(
+    _f.SubscribeResult,
+    expires=st.booleans(),
+    ttl=uint32,
+    recoverable=st.booleans(),
+    epoch=texts,
+    publications=st.one_of(st.none(), st.lists(publications, min_size=1, max_size=2)),
+    recovered=st.booleans(),
+    offset=uint64,
+    positioned=st.booleans(),
+    data=payloads,
+    was_recovering=st.booleans(),
+    delta=st.booleans(),
+)
+
+#: (method, result) pairs a server replies with.
+results = st.one_of(
+    st.tuples(
+        st.just("connect"),
+        st.builds(
+            _f.ConnectResult,
+            client=texts,
+            version=texts,
+            expires=st.booleans(),
+            ttl=uint32,
+            data=payloads,
+            subs=st.one_of(
+                st.none(), st.dictionaries(texts, subscribe_results, min_size=1, max_size=2)
+            ),
+            ping=uint32,
+            pong=st.booleans(),
+            session=texts,
+            node=texts,
+            time=int64,
+        ),
+    ),
+    st.tuples(st.just("subscribe"), subscribe_results),
+    st.tuples(
+        st.just("presence"),
+        st.builds(
+            _f.PresenceResult,
+            presence=st.one_of(
+                st.none(), st.dictionaries(texts, client_infos, min_size=1, max_size=2)
+            ),
+        ),
+    ),
+    st.tuples(
+        st.just("presence_stats"),
+        st.builds(_f.PresenceStatsResult, num_clients=uint32, num_users=uint32),
+    ),
+    st.tuples(
+        st.just("history"),
+        st.builds(
+            _f.HistoryResult,
+            publications=st.one_of(st.none(), st.lists(publications, min_size=1, max_size=2)),
+            epoch=texts,
+            offset=uint64,
+        ),
+    ),
+    st.tuples(st.just("rpc"), st.builds(_f.RPCResult, data=payloads)),
+    st.tuples(
+        st.just("refresh"),
+        st.builds(_f.RefreshResult, client=texts, version=texts, expires=st.booleans(), ttl=uint32),
+    ),
+    st.tuples(
+        st.just("sub_refresh"), st.builds(_f.SubRefreshResult, expires=st.booleans(), ttl=uint32)
+    ),
+)

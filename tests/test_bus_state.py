@@ -4,6 +4,11 @@ The model keeps, per subscriber, a Python list used as a bounded queue with the
 subscriber's overflow policy, its drop count, its dead letters and its drop
 episodes. Every step compares what the bus delivers, its statistics, its dead
 letters and its topic table with the model.
+
+For ``Overflow.CONFLATE`` (keyed by topic here: the events carry no tags) the
+model is the rule as the documentation states it: once the queue overflows,
+and until it is drained, only the newest event per topic is kept, at the
+position of that newest event.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ POLICIES = [
     Overflow.DROP_NEWEST,
     Overflow.BLOCK,
     Overflow.DISCONNECT,
+    Overflow.CONFLATE,
+    Overflow.CONFLATE,
 ]
 
 REASONS = {
@@ -55,6 +62,7 @@ REASONS = {
     Overflow.DROP_NEWEST: "overflow_drop_newest",
     Overflow.BLOCK: "block_timeout",
     Overflow.DISCONNECT: "slow_consumer",
+    Overflow.CONFLATE: "overflow_drop_oldest",  # more topics pending than room
 }
 
 
@@ -71,6 +79,9 @@ class ModelSub:
     dropping: bool = False
     episodes: int = 0
     disconnected: bool = False
+    topics: dict[int, str] = field(default_factory=dict)  # the topic of each event
+    behind: bool = False  # CONFLATE: overflowed and not drained since
+    conflated: int = 0
 
     def drop(self, lost: list[int]) -> None:
         if not lost:
@@ -81,8 +92,25 @@ class ModelSub:
             self.dropping = True
             self.episodes += 1
 
+    def conflate(self, arriving: list[int]) -> None:
+        """Add events keeping only the newest per topic, then drop the oldest over maxsize."""
+        for n in arriving:
+            older = [m for m in self.queue if self.topics[m] == self.topics[n]]
+            self.conflated += len(older)
+            self.queue = [m for m in self.queue if m not in older] + [n]
+        excess = len(self.queue) - self.maxsize
+        if excess > 0:
+            lost, self.queue = self.queue[:excess], self.queue[excess:]
+            self.drop(lost)
+
     def offer(self, n: int) -> None:
-        if len(self.queue) < self.maxsize:
+        if self.policy is Overflow.CONFLATE and (self.behind or len(self.queue) == self.maxsize):
+            if not self.behind:  # the overflow: what is buffered conflates too
+                self.behind = True
+                pending, self.queue = self.queue, []
+                self.conflate(pending)
+            self.conflate([n])
+        elif len(self.queue) < self.maxsize:
             self.queue.append(n)
         elif self.policy is Overflow.DROP_OLDEST:
             lost = self.queue.pop(0)
@@ -101,6 +129,7 @@ class ModelSub:
         self.delivered += len(taken)
         if taken and not self.queue:
             self.dropping = False  # drained: the episode is over
+            self.behind = False
         return taken
 
 
@@ -160,6 +189,7 @@ class BusMachine(RuleBasedStateMachine):
             self.published += 1
             for m in self.model.values():
                 if not m.disconnected and topic in FILTER_SETS[m.filters]:
+                    m.topics[n] = topic
                     m.offer(n)
         self._settle_disconnects()
 
@@ -218,10 +248,17 @@ class BusMachine(RuleBasedStateMachine):
             return
         letters, m.letters = m.letters, []
         assert count == len(letters)
+        if m.policy is Overflow.CONFLATE and letters:
+            # A redrive goes through the subscriber's private (conflating) buffer.
+            m.behind = True
+            pending, m.queue = m.queue, []
+            m.conflate(pending)
         for n in letters:
             if m.disconnected:
                 break
             m.offer(n)
+        if not m.queue:
+            m.behind = False
         self._settle_disconnects()
 
     # -- invariants --------------------------------------------------------------
@@ -233,6 +270,7 @@ class BusMachine(RuleBasedStateMachine):
             assert stats.buffered == len(m.queue), sub_id
             assert stats.dropped == m.dropped, sub_id
             assert stats.delivered == m.delivered, sub_id
+            assert stats.conflated == m.conflated, sub_id
             assert stats.max_size == m.maxsize
             assert stats.policy is m.policy
             assert not stats.closed

@@ -364,6 +364,7 @@ class Bus:
         overflow: Overflow | None = None,
         block_timeout: float | None = None,
         since: Position | str | tuple[int, str] | Mapping[str, Any] | None = None,
+        conflation_key: str | None = None,
     ) -> Subscription:
         """Subscribe to one or more topic names or patterns.
 
@@ -378,12 +379,17 @@ class Bus:
                 retained event after it is delivered, then live events, with no
                 gap and no duplicate; ``sub.recovered`` tells whether the whole
                 gap was replayed (await ``sub.ready()`` or enter ``async with``).
+            conflation_key: with ``overflow=Overflow.CONFLATE``, the tag whose
+                value (with the topic) names the key of which only the newest
+                event is kept while the subscriber is behind; ``None``: the
+                topic alone.
 
         Raises:
             InvalidTopicError: a name or pattern breaks the grammar.
             PositionError: ``since`` is malformed.
             SubscriberExistsError: ``id`` is already registered.
-            ConfigurationError: ``maxsize`` is not a positive int.
+            ConfigurationError: ``maxsize`` is not a positive int, or
+                ``conflation_key`` is given without ``Overflow.CONFLATE``.
             BusClosedError: the bus is closed.
         """
         self._check_open()
@@ -407,6 +413,7 @@ class Bus:
             maxsize=self.maxsize if maxsize is None else maxsize,
             policy=self.overflow if overflow is None else overflow,
             block_timeout=self.block_timeout if block_timeout is None else block_timeout,
+            conflation_key=conflation_key,
         )
         self._router.register(ring)
         self._subs.add(sub)

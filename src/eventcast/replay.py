@@ -25,7 +25,7 @@ head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,7 @@ class Handoff:
         self.passed = True
         return True
 
-    def filter(self, events: Sequence[Event]) -> list[Event]:
+    def filter(self, events: Iterable[Event]) -> list[Event]:
         """The events of a batch that may be given, in order."""
         return [event for event in events if self.admits(event)]
 

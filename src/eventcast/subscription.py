@@ -19,6 +19,21 @@ holds more than twice the largest ``maxsize`` of its subscribers.
 
 Every dropped event is counted, recorded as a dead letter, and reported once
 per episode (an episode ends when the subscriber has drained its buffer).
+
+Conflation
+----------
+``Overflow.CONFLATE`` is for state that only matters as its latest value (a
+price per instrument). While the subscriber keeps up it reads the ring like
+any other, and sees every event. When it falls ``maxsize`` behind, it goes
+private with a buffer that keeps the newest event per *key* (the event's
+topic and the value of its ``conflation_key`` tag) at the position of that
+newest event: a new event for a key already buffered replaces it. What it
+then reads is a subsequence of the stream, in order, ending with the newest
+event of every key; the events replaced are counted as ``conflated`` (not
+dead letters: nothing the reader needs is lost), and their offsets are the
+gaps the reader sees. Once drained, it is back on the ring. Only when more
+distinct keys than ``maxsize`` are pending is the oldest dropped, as under
+``DROP_OLDEST``. The ring's fast path is the same code for every policy.
 """
 
 from __future__ import annotations
@@ -28,8 +43,8 @@ import enum
 import heapq
 import itertools
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -79,6 +94,11 @@ class Overflow(enum.Enum):
     BLOCK = "block"
     #: Close the subscription with :class:`SlowConsumerError`.
     DISCONNECT = "disconnect"
+    #: Keep only the newest event per key (the topic and the value of the
+    #: subscription's ``conflation_key`` tag) while the subscriber is behind;
+    #: the events replaced are counted as ``conflated``. The oldest is dropped
+    #: only when more keys than ``maxsize`` are pending.
+    CONFLATE = "conflate"
 
 
 class SubscriptionHost(Protocol):
@@ -109,6 +129,54 @@ class SubscriptionStatistics:
     max_size: int
     policy: Overflow
     closed: bool
+    #: Events replaced by a newer one of the same key (``Overflow.CONFLATE``).
+    conflated: int = 0
+
+
+class _Conflated:
+    """The private buffer of a conflating subscriber: the newest event per key, in order.
+
+    It offers the part of ``deque``'s interface that :class:`Subscription`
+    uses. ``append`` replaces (and reports) a buffered event of the same key,
+    and the new one takes the newest position, so the buffer stays in
+    publication order.
+    """
+
+    __slots__ = ("_entries", "_key", "_superseded")
+
+    def __init__(
+        self,
+        key: Callable[[Event], Hashable],
+        superseded: Callable[[Event], None],
+        events: Iterable[Event] = (),
+    ) -> None:
+        self._entries: OrderedDict[Hashable, Event] = OrderedDict()
+        self._key = key
+        self._superseded = superseded
+        self.extend(events)
+
+    def append(self, event: Event) -> None:
+        key = self._key(event)
+        old = self._entries.pop(key, None)
+        self._entries[key] = event
+        if old is not None:
+            self._superseded(old)
+
+    def extend(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.append(event)
+
+    def popleft(self) -> Event:
+        return self._entries.popitem(last=False)[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._entries.values())
 
 
 class _Ring:
@@ -220,6 +288,7 @@ class Subscription:
 
     __slots__ = (
         "__weakref__",
+        "_conflated",
         "_cursor",
         "_delivered",
         "_dropped",
@@ -239,6 +308,7 @@ class Subscription:
         "_space_waiters",
         "_waiter",
         "block_timeout",
+        "conflation_key",
         "id",
         "maxsize",
         "policy",
@@ -256,6 +326,7 @@ class Subscription:
         maxsize: int,
         policy: Overflow,
         block_timeout: float,
+        conflation_key: str | None = None,
     ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
@@ -263,6 +334,11 @@ class Subscription:
             raise ConfigurationError(f"overflow must be an Overflow member, not {policy!r}")
         if block_timeout < 0:
             raise ConfigurationError("block_timeout must be >= 0")
+        if conflation_key is not None:
+            if policy is not Overflow.CONFLATE:
+                raise ConfigurationError("conflation_key needs overflow=Overflow.CONFLATE")
+            if not isinstance(conflation_key, str) or not conflation_key:
+                raise ConfigurationError("conflation_key must be a non-empty tag name")
         self._host = host
         self._ring = ring
         #: The subscriber's id, unique on its bus.
@@ -275,13 +351,17 @@ class Subscription:
         self.policy = policy
         #: How long a publisher waits for room under ``Overflow.BLOCK``.
         self.block_timeout = block_timeout
+        #: Under ``Overflow.CONFLATE``, the tag whose value (with the topic) keys
+        #: the events; ``None``: the topic alone.
+        self.conflation_key = conflation_key
         self._heap_entry = -1
         self._cursor = ring.head
         self._seg_start = ring.head
         self._seg_skipped = 0
-        self._private: deque[Event] | None = None
+        self._private: deque[Event] | _Conflated | None = None
         self._delivered = 0
         self._dropped = 0
+        self._conflated = 0
         self._dropping = False
         self._error: EventcastError | None = None
         self._recovering = False
@@ -503,6 +583,15 @@ class Subscription:
                 )
             )
             self._record_drops(lost, "slow_consumer")
+        elif policy is Overflow.CONFLATE:
+            self._go_private(head)  # conflates what it holds
+            private = self._private
+            assert private is not None
+            excess = len(private) - self.maxsize
+            if excess > 0:  # more keys pending than room
+                self._record_drops(
+                    [private.popleft() for _ in range(excess)], "overflow_drop_oldest"
+                )
         else:
             keep_end = cursor + self.maxsize
             lost = ring.events[keep_end - base : head - base]
@@ -524,6 +613,10 @@ class Subscription:
             lost = private.popleft()
             private.append(event)
             self._record_drops((lost,), "overflow_drop_oldest")
+        elif policy is Overflow.CONFLATE:
+            private.append(event)  # replaces the buffered event of the same key, if any
+            if len(private) > self.maxsize:
+                self._record_drops((private.popleft(),), "overflow_drop_oldest")
         elif policy is Overflow.DISCONNECT:
             lost_all = [*private, event]
             self._close(
@@ -558,9 +651,23 @@ class Subscription:
         cursor = self._cursor
         base = ring.base
         self._delivered += cursor - self._seg_start - self._seg_skipped
-        self._private = deque(ring.events[cursor - base : keep_end - base])
+        self._private = self._new_private(ring.events[cursor - base : keep_end - base])
         self._cursor = _PRIVATE
         ring.privates.add(self)
+
+    def _new_private(self, events: Iterable[Event] = ()) -> deque[Event] | _Conflated:
+        if self.policy is Overflow.CONFLATE:
+            return _Conflated(self._conflation_key_of, self._supersede, events)
+        return deque(events)
+
+    def _conflation_key_of(self, event: Event) -> Hashable:
+        tag = self.conflation_key
+        if tag is None:
+            return event.topic
+        return (event.topic, event.tags.get(tag))
+
+    def _supersede(self, event: Event) -> None:
+        self._conflated += 1
 
     def _rejoin_ring(self) -> None:
         if self._handoff is not None:
@@ -631,7 +738,7 @@ class Subscription:
         """Hold live events aside while the missed ones are read from the log."""
         ring = self._ring
         self._delivered += self._cursor - self._seg_start - self._seg_skipped
-        self._private = deque()
+        self._private = self._new_private()
         self._cursor = _PRIVATE
         self._recovering = True
         ring.privates.add(self)
@@ -710,6 +817,7 @@ class Subscription:
             max_size=self.maxsize,
             policy=self.policy,
             closed=self.closed,
+            conflated=self._conflated,
         )
 
     def _close(self, error: EventcastError | None = None) -> None:

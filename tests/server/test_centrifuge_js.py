@@ -5,29 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import JS_DIR, node_with
 
 from .hubtools import API_KEY, WAIT, HubServer, token
 
-JS_DIR = Path(__file__).resolve().parent.parent / "js"
-
 
 def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    if not (JS_DIR / "node_modules" / "centrifuge" / "package.json").is_file():
-        message = "tests/js/node_modules is missing: run scripts/setup.sh (make install)"
-        if REQUIRE_SERVICES:
-            pytest.fail(message)
-        pytest.skip(message)
-    return node
+    return node_with("centrifuge")
 
 
 async def test_js_sdk_recovers_missed_publications(hub: HubServer) -> None:

@@ -6,6 +6,9 @@ reverse. The hot path, a publication push, is assembled from pre-encoded
 pieces so the payload bytes are never decoded or encoded again.
 
 Error contract: decoding raises only :class:`ProtocolError`.
+
+:mod:`.protobuf` is the same API for the Protobuf encoding; :mod:`.encodings`
+puts both behind one interface.
 """
 
 from __future__ import annotations
@@ -17,26 +20,45 @@ import msgspec
 
 from ..events import Event
 from .codes import ClientError
-from .frames import METHODS, Command, Reply
+from .frames import METHODS, Command, ConnectRequest, EmulationRequest, Reply
 
 __all__ = [
     "PING",
+    "UNI_PING",
     "ProtocolError",
     "decode_commands",
+    "decode_connect_request",
+    "decode_emulation_request",
     "decode_replies",
     "encode_command",
     "encode_commands",
     "encode_error",
+    "encode_pub_push",
     "encode_publication",
     "encode_push",
     "encode_reply",
+    "encode_uni_pub_push",
+    "encode_uni_push",
     "method_of",
+    "publication_fields",
+    "publication_of",
     "publication_push",
+    "string_data",
 ]
 
 
 class ProtocolError(Exception):
-    """A frame is not valid Centrifuge JSON (malformed, wrong types, unknown shape)."""
+    """Bytes from a peer are not a valid protocol message (malformed, wrong types, wrong shape).
+
+    Raised by every decoder of the protocol core: JSON and Protobuf frames,
+    fossil deltas (:class:`~eventcast.protocol.delta.DeltaError`) and tag
+    filters (:class:`~eventcast.protocol.filters.FilterError`).
+    """
+
+
+# A nesting deep enough to exhaust the decoder's recursion limit (``[[[[...`` in
+# a ``data`` field) raises RecursionError, not DecodeError: it is bad input too.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 _command_decoder = msgspec.json.Decoder(Command)
@@ -45,6 +67,8 @@ _encode = msgspec.json.Encoder().encode
 
 #: A server ping (and a client pong): an empty JSON object.
 PING: Final = b"{}"
+#: The ping of unidirectional transports: an empty push.
+UNI_PING: Final = b"{}"
 
 
 def _lines(data: bytes | str) -> list[bytes]:
@@ -64,7 +88,7 @@ def decode_commands(data: bytes | str) -> list[Command]:
         raise ProtocolError("empty frame")
     try:
         return [_command_decoder.decode(line) for line in lines]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed command: {exc}") from None
 
 
@@ -84,7 +108,7 @@ def decode_replies(data: bytes | str) -> list[Reply]:
     """
     try:
         return [_reply_decoder.decode(line) for line in _lines(data)]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed reply: {exc}") from None
 
 
@@ -114,10 +138,20 @@ def encode_error(command_id: int, error: ClientError) -> bytes:
 
 def encode_push(channel: str, kind: str, body: Any) -> bytes:
     """Encode a push of ``kind`` (``pub``, ``join``, ``unsubscribe`` …) for a channel."""
+    return b'{"push":%s}' % encode_uni_push(channel, kind, body)
+
+
+def encode_uni_push(channel: str, kind: str, body: Any) -> bytes:
+    """Encode a bare push, as unidirectional transports send it (no ``Reply`` around it).
+
+    ``uni_websocket``, ``uni_http_stream`` and ``uni_sse`` carry only pushes:
+    ``{"connect": …}`` first, then ``{"channel": …, "pub": …}`` and the like;
+    :data:`UNI_PING` (an empty push) is their ping.
+    """
     inner = b"{}" if body is None else _encode(body)
     if channel:
-        return b'{"push":{"channel":%s,"%s":%s}}' % (_encode(channel), kind.encode(), inner)
-    return b'{"push":{"%s":%s}}' % (kind.encode(), inner)
+        return b'{"channel":%s,"%s":%s}' % (_encode(channel), kind.encode(), inner)
+    return b'{"%s":%s}' % (kind.encode(), inner)
 
 
 def encode_publication(
@@ -128,8 +162,13 @@ def encode_publication(
     channel: str | None = None,
     time_ms: int | None = None,
     info: bytes | None = None,
+    delta: bool = False,
 ) -> bytes:
-    """Assemble a publication object around already-encoded ``data``."""
+    """Assemble a publication object around already-encoded ``data``.
+
+    ``delta`` marks ``data`` as a fossil delta (see :func:`string_data` for
+    how data travels to a subscription that negotiated deltas).
+    """
     parts = [b'{"data":', data]
     if info is not None:
         parts += [b',"info":', info]
@@ -137,6 +176,8 @@ def encode_publication(
         parts.append(b',"offset":%d' % offset)
     if tags:
         parts += [b',"tags":', _encode(dict(tags))]
+    if delta:
+        parts.append(b',"delta":true')
     if time_ms:
         parts.append(b',"time":%d' % time_ms)
     if channel:
@@ -145,17 +186,26 @@ def encode_publication(
     return b"".join(parts)
 
 
+def publication_fields(
+    event: Event, *, concrete_channel: bool = False
+) -> tuple[Mapping[str, str] | None, str | None]:
+    """The ``tags`` and ``channel`` of the publication of ``event`` (either encoding).
+
+    For a pattern subscription (``concrete_channel``), the event's own topic
+    goes in the publication's ``channel`` and in its ``topic`` tag.
+    """
+    if concrete_channel:
+        return {**event.tags, "topic": event.topic}, event.topic
+    return event.tags or None, None
+
+
 def publication_of(event: Event, *, concrete_channel: bool = False) -> bytes:
     """Encode an event as a publication object (the concrete topic in tags if asked).
 
     Raises:
         EncodeError: the event's data cannot be encoded as JSON.
     """
-    tags: Mapping[str, str] | None = event.tags or None
-    channel = None
-    if concrete_channel:
-        tags = {**event.tags, "topic": event.topic}
-        channel = event.topic
+    tags, channel = publication_fields(event, concrete_channel=concrete_channel)
     return encode_publication(event.encoded_data(), offset=event.offset, tags=tags, channel=channel)
 
 
@@ -169,5 +219,75 @@ def publication_push(channel: str, event: Event, *, concrete_channel: bool = Fal
     Raises:
         EncodeError: the event's data cannot be encoded as JSON.
     """
-    pub = publication_of(event, concrete_channel=concrete_channel)
-    return b'{"push":{"channel":%s,"pub":%s}}' % (_encode(channel), pub)
+    return encode_pub_push(channel, publication_of(event, concrete_channel=concrete_channel))
+
+
+def encode_pub_push(channel: str, publication: bytes) -> bytes:
+    """Wrap an encoded publication object in the push that delivers it in ``channel``."""
+    return b'{"push":%s}' % encode_uni_pub_push(channel, publication)
+
+
+def encode_uni_pub_push(channel: str, publication: bytes) -> bytes:
+    """Wrap an encoded publication object in a bare push (unidirectional transports)."""
+    return b'{"channel":%s,"pub":%s}' % (_encode(channel), publication)
+
+
+_connect_decoder = msgspec.json.Decoder(ConnectRequest)
+
+
+def decode_connect_request(data: bytes | str) -> ConnectRequest:
+    """Decode the connect request of a unidirectional connection.
+
+    It is the first message of ``uni_websocket``, the body of a
+    ``uni_http_stream`` (or ``uni_sse`` POST) request, or the ``cf_connect``
+    URL parameter of ``uni_sse`` and of the SSE emulation transport: a JSON
+    ``ConnectRequest`` (``token``, ``data``, ``name``, ``version``, ``subs``
+    with ``recover``/``offset``/``epoch``, ``headers``).
+
+    Raises:
+        ProtocolError: the data is not a JSON connect request.
+    """
+    try:
+        return _connect_decoder.decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed connect request: {exc}") from None
+
+
+def string_data(payload: bytes) -> bytes | None:
+    """Encode a payload or a fossil delta as the ``data`` of a delta-mode publication.
+
+    A subscription that negotiated ``delta: "fossil"`` over JSON receives every
+    publication's data as a JSON *string* holding the payload's text (or the
+    delta's, with ``"delta": true``); the SDK keeps those bytes as the base of
+    the next delta. Returns ``None`` when ``payload`` is not UTF-8 text (a
+    delta cut inside a multi-byte character): send the full payload then.
+    """
+    try:
+        return _encode(payload.decode())
+    except UnicodeDecodeError:
+        return None
+
+
+class _EmulationBody(msgspec.Struct, forbid_unknown_fields=False):
+    node: str = ""
+    session: str = ""
+    data: str = ""
+
+
+_emulation_decoder = msgspec.json.Decoder(_EmulationBody)
+
+
+def decode_emulation_request(body: bytes) -> EmulationRequest:
+    """Decode the JSON body POSTed to the emulation endpoint.
+
+    ``data`` is a string of newline-separated commands in JSON; it comes back
+    as bytes, ready for :func:`decode_commands`.
+
+    Raises:
+        ProtocolError: the body is not a JSON emulation request.
+    """
+    try:
+        body_ = _emulation_decoder.decode(body)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed emulation request: {exc}") from None
+    return EmulationRequest(node=body_.node, session=body_.session, data=body_.data.encode())

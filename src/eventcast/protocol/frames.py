@@ -21,7 +21,9 @@ __all__ = [
     "ConnectRequest",
     "ConnectResult",
     "DisconnectPush",
+    "EmulationRequest",
     "ErrorPayload",
+    "FilterNode",
     "HistoryRequest",
     "HistoryResult",
     "JoinPush",
@@ -64,8 +66,30 @@ class _Message(Struct, omit_defaults=True, forbid_unknown_fields=False):
 # -- requests (client -> server) -----------------------------------------------------------
 
 
+class FilterNode(_Message):
+    """A filter over publication tags (``tf`` of a subscribe request), as a tree.
+
+    A leaf (``op`` empty) compares the tag ``key`` with ``cmp`` (``eq``, ``neq``,
+    ``in``, ``nin``, ``ex``, ``nex``, ``sw``, ``ew``, ``ct``, ``lt``, ``lte``,
+    ``gt``, ``gte``) against ``val`` or ``vals``; a branch (``op`` ``and``,
+    ``or`` or ``not``) combines its ``nodes``. Validate and compile it with
+    :func:`eventcast.protocol.filters.compile_filter` before use.
+    """
+
+    op: str = ""
+    key: str = ""
+    cmp: str = ""
+    val: str = ""
+    vals: list[str] | None = None
+    nodes: list[FilterNode] | None = None
+
+
 class SubscribeRequest(_Message):
-    """Subscribe to a channel, optionally recovering from a stream position."""
+    """Subscribe to a channel, optionally recovering from a stream position.
+
+    ``delta`` asks for delta-compressed publications (``"fossil"``); ``tf``
+    asks the server to deliver only publications whose tags match a filter.
+    """
 
     channel: str = ""
     token: str = ""
@@ -76,6 +100,8 @@ class SubscribeRequest(_Message):
     positioned: bool = False
     recoverable: bool = False
     join_leave: bool = False
+    delta: str = ""
+    tf: FilterNode | None = None
     flag: int = 0
 
 
@@ -210,18 +236,26 @@ class ClientInfo(_Message):
 
 
 class Publication(_Message):
-    """A publication in a channel."""
+    """A publication in a channel.
+
+    With ``delta`` set, ``data`` is a fossil delta against the data of the
+    previous publication of the same subscription, not the data itself.
+    """
 
     data: Raw = NO_DATA
     info: ClientInfo | None = None
     offset: int = 0
     tags: dict[str, str] | None = None
+    delta: bool = False
     time: int = 0
     channel: str = ""
 
 
 class SubscribeResult(_Message):
-    """The answer to a subscribe, with the replayed publications when recovering."""
+    """The answer to a subscribe, with the replayed publications when recovering.
+
+    ``delta`` tells whether the delta compression asked for was accepted.
+    """
 
     expires: bool = False
     ttl: int = 0
@@ -233,6 +267,7 @@ class SubscribeResult(_Message):
     positioned: bool = False
     data: Raw = NO_DATA
     was_recovering: bool = False
+    delta: bool = False
 
 
 class ConnectResult(_Message):
@@ -396,6 +431,18 @@ class Reply(_Message):
     rpc: RPCResult | None = None
     refresh: RefreshResult | None = None
     sub_refresh: SubRefreshResult | None = None
+
+
+class EmulationRequest(_Message):
+    """A command batch POSTed to the emulation endpoint by an HTTP-streaming or SSE client.
+
+    ``session`` and ``node`` name the stream the replies go to; ``data`` holds
+    the encoded commands (JSON lines, or delimited Protobuf commands).
+    """
+
+    node: str = ""
+    session: str = ""
+    data: bytes = b""
 
 
 def raw(data: bytes | None) -> Raw:

@@ -4,17 +4,18 @@ Feed it the frames a client sent with :meth:`ServerSession.receive`; it
 returns the commands to execute. Tell it the outcome with :meth:`reply` or
 :meth:`error`, and collect the bytes to write with :meth:`data_to_send`. It
 never touches a socket or an event loop, so the server, the tests and any other
-transport drive the same logic.
+transport drive the same logic. It speaks the :class:`~.encodings.Encoding`
+it is given (JSON unless told otherwise) and never looks inside it.
 
 Rules it enforces, as the protocol documents them:
 
 * The first command must be ``connect``; anything else closes the connection
-  with 3501 "bad request". A frame that is not valid JSON does too.
+  with 3501 "bad request". A frame that cannot be decoded does too.
 * A command with an id but no known method gets error 104 "method not found".
 * Commands (except ``send``) need an id > 0.
 * After ``max_bad_commands`` error replies caused by the client, the
   connection is closed with 3509 "too many errors".
-* A bare ``{}`` from the client is a pong.
+* An empty command from the client (``{}`` in JSON) is a pong.
 
 State table (event -> next state)::
 
@@ -29,7 +30,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .codec import PING, ProtocolError, decode_commands, encode_error, encode_reply, method_of
+from .codec import ProtocolError, method_of
 from .codes import (
     DISCONNECT_BAD_REQUEST,
     DISCONNECT_TOO_MANY_ERRORS,
@@ -38,6 +39,7 @@ from .codes import (
     ClientError,
     Disconnect,
 )
+from .encodings import JSON, Encoding
 
 __all__ = ["DEFAULT_MAX_BAD_COMMANDS", "Request", "ServerSession", "SessionState"]
 
@@ -68,12 +70,19 @@ class ServerSession:
     Args:
         max_bad_commands: error replies the client may cause before it is
             disconnected with 3509.
+        encoding: the wire encoding of the connection (see
+            :func:`~.encodings.websocket_encoding` for how a client picks one).
     """
 
-    def __init__(self, *, max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS) -> None:
+    def __init__(
+        self, *, max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS, encoding: Encoding = JSON
+    ) -> None:
         if max_bad_commands < 1:
             raise ValueError("max_bad_commands must be >= 1")
         self.max_bad_commands = max_bad_commands
+        #: The wire encoding: decodes what :meth:`receive` gets, encodes what
+        #: :meth:`data_to_send` returns.
+        self.encoding = encoding
         self.state = SessionState.CONNECTING
         #: Error replies caused by the client so far.
         self.bad_commands = 0
@@ -94,7 +103,7 @@ class ServerSession:
         if self.state is SessionState.CLOSED:
             return []
         try:
-            commands = decode_commands(data)
+            commands = self.encoding.decode_commands(data)
         except ProtocolError:
             self.close(DISCONNECT_BAD_REQUEST)
             return []
@@ -140,20 +149,20 @@ class ServerSession:
         if self.state is not SessionState.CONNECTING:
             return
         self.state = SessionState.CONNECTED
-        self._out.append(encode_reply(request.id, "connect", result))
+        self._out.append(self.encoding.encode_reply(request.id, "connect", result))
 
     def reply(self, request: Request, result: Any) -> None:
         """Queue the successful reply to a command (``send`` has none)."""
         if self.state is SessionState.CLOSED or request.method == "send":
             return
-        self._out.append(encode_reply(request.id, request.method, result))
+        self._out.append(self.encoding.encode_reply(request.id, request.method, result))
 
     def error(self, command_id: int, error: ClientError, *, client_fault: bool = True) -> None:
         """Queue an error reply; count it when the client caused it."""
         if self.state is SessionState.CLOSED:
             return
         if command_id > 0:
-            self._out.append(encode_error(command_id, error))
+            self._out.append(self.encoding.encode_error(command_id, error))
         if client_fault:
             self.bad_commands += 1
             if self.bad_commands >= self.max_bad_commands:
@@ -165,8 +174,8 @@ class ServerSession:
             self._out.append(data)
 
     def ping(self) -> None:
-        """Queue a server ping (an empty object)."""
-        self.push(PING)
+        """Queue a server ping (an empty reply)."""
+        self.push(self.encoding.ping)
 
     def close(self, disconnect: Disconnect) -> None:
         """Close the session; the transport should close with ``disconnect.code``."""
@@ -176,7 +185,7 @@ class ServerSession:
         self.disconnect = disconnect
 
     def data_to_send(self) -> list[bytes]:
-        """Return and forget the messages queued so far (join them with ``\\n``)."""
+        """Return and forget the messages queued so far (join them with ``encoding.join``)."""
         out = self._out
         self._out = []
         return out

@@ -1,0 +1,1 @@
+"""Generated Protobuf code of the client protocol (``make proto`` regenerates it)."""

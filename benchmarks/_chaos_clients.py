@@ -41,7 +41,7 @@ import msgspec
 from _common import split_frames, ws_frame
 from _history import ClientHistory, Publish, Subscribed
 
-__all__ = ["Publisher", "SlowConsumer", "Subscriber"]
+__all__ = ["DataPool", "Probe", "Publisher", "SlowConsumer", "Subscriber"]
 
 #: Bound of a connect, a handshake or a reply (a safety deadline).
 TIMEOUT: Final = 10.0
@@ -380,6 +380,93 @@ class SlowConsumer:
             transport: Any = self._stream[1].transport
             transport.abort()
             self._stream = None
+
+
+class Probe:
+    """A client for the scenarios' own checks: subscribe, unsubscribe, wait for a publication.
+
+    Replies are matched to commands by ``id``; publications of every channel
+    go to one bounded queue (the checks read what they wait for, promptly).
+    """
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.token = token
+        self.publications: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self._ids = itertools.count(CONNECT_ID)
+        self._waiting: dict[int, asyncio.Future[_Reply]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Connect and authenticate."""
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=_READ)
+            self._writer = writer
+            writer.write(handshake_request(self.port))
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RefusedError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        self._reader = asyncio.get_running_loop().create_task(self._read(reader))
+        await self.command("connect", {"token": self.token})
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        buffer = b""
+        try:
+            while chunk := await reader.read(_READ):
+                frames, end = split_frames(buffer + chunk)
+                buffer = (buffer + chunk)[end:]
+                for opcode, payload in frames:
+                    if opcode == 8:
+                        return
+                    if opcode == 1:
+                        self._text(payload)
+        except OSError:
+            return
+        finally:
+            for waiter in self._waiting.values():
+                if not waiter.done():
+                    waiter.set_exception(RefusedError("the connection closed"))
+
+    def _text(self, payload: bytes) -> None:
+        for line in payload.split(b"\n"):
+            if line == b"{}":
+                if self._writer is not None:
+                    self._writer.write(_PONG)
+                continue
+            reply = _decode_reply(line)
+            push = reply.push
+            if push is not None and push.pub is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self.publications.put_nowait((push.channel, msgspec.json.decode(push.pub.data)))
+                continue
+            waiter = self._waiting.pop(reply.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)
+
+    async def command(self, method: str, params: dict[str, Any]) -> _Reply:
+        """Send one command and wait for its reply (an error reply raises)."""
+        writer = self._writer
+        if writer is None:
+            raise RefusedError("not connected")
+        ident = next(self._ids)
+        waiter: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = waiter
+        writer.write(ws_frame(_encode({"id": ident, method: params})))
+        async with asyncio.timeout(TIMEOUT):
+            reply = await waiter
+        if reply.error is not None:
+            raise RefusedError(f"{method}: {reply.error.get('message', '')}")
+        return reply
+
+    async def aclose(self) -> None:
+        """Drop the connection (idempotent)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            transport: Any = writer.transport
+            transport.abort()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class Publisher:

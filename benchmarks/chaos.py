@@ -56,6 +56,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -63,7 +64,7 @@ from typing import Any, Final
 import httpx
 import uvloop
 
-from _chaos_clients import DataPool, Publisher, SlowConsumer, Subscriber
+from _chaos_clients import DataPool, Probe, Publisher, RefusedError, SlowConsumer, Subscriber
 from _common import header, machine
 from _fleet import API_KEY, DEADLINE, SECRET, Fleet, HubNode, Proc
 from _history import Retention, Verdict, check, summary
@@ -77,6 +78,8 @@ NAMESPACE: Final = {
     "allow_subscribe_for_client": True,
     "allow_recovery": True,
 }
+#: A live-only namespace for the scenarios' own probes (interest churn, routing checks).
+PROBES: Final = {"name": "probe", "allow_subscribe_for_client": True}
 RETENTION: Final = Retention(history_size=1000, replay_cap=300, history_ttl=600)
 #: Churn: each client drops its socket after uniform(0.5, 3) seconds.
 CHURN: Final = (0.5, 3.0)
@@ -178,8 +181,8 @@ class Outcome:
 
 
 def hub_settings(**settings: Any) -> dict[str, Any]:
-    """A node's settings: the durable namespace plus ``settings``."""
-    return {"namespaces": [NAMESPACE], **settings}
+    """A node's settings: the durable namespace, the probes' namespace, ``settings``."""
+    return {"namespaces": [NAMESPACE, PROBES], **settings}
 
 
 def mint(user: str) -> str:
@@ -331,10 +334,22 @@ async def exercise(
         await load.close()
     outcome = Outcome(name, verdict, clients, rate, seconds, rss_before, rss_after)
     outcome.figures.update(load.figures(), end_offset=end)
-    tracebacks = sum(n.tracebacks() for n in nodes)
-    outcome.checks.append((f"{tracebacks} tracebacks in the hub logs", tracebacks == 0))
     outcome.wall = time.monotonic() - started
     return outcome, load
+
+
+async def shut_down(outcome: Outcome, nodes: Sequence[HubNode]) -> None:
+    """Stop the nodes still up with SIGTERM (a graceful shutdown), then read their logs.
+
+    A node must exit with status 0 and no node may have written a traceback
+    during the whole run, its shutdown included (errors are logged on one line).
+    """
+    running = [n for n in nodes if n.alive()]
+    await asyncio.gather(*(n.stop() for n in running))
+    codes = [n.process.returncode if n.process is not None else None for n in running]
+    outcome.checks.append((f"graceful exits {codes}", all(code == 0 for code in codes)))
+    tracebacks = sum(n.tracebacks() for n in nodes)
+    outcome.checks.append((f"{tracebacks} tracebacks in the hub logs", tracebacks == 0))
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -515,6 +530,73 @@ async def until_ready(nodes: Sequence[HubNode], status: int) -> bool:
     return False
 
 
+async def churn_interest(node: HubNode, stop: asyncio.Event, counts: Counter[str]) -> None:
+    """Subscribe and unsubscribe fresh live channels on a node until ``stop``.
+
+    Each cycle changes the node's backplane interest twice, so some changes
+    land while the backplane dies: they must wait for its reconnect, never
+    break the node's interest in later channels (see :func:`routes`).
+    """
+    n = 0
+    while not stop.is_set():
+        probe = Probe(node.port, mint(f"interest-{node.name}"))
+        try:
+            await probe.open()
+            while not stop.is_set():
+                channel = f"probe:churn.{node.name}.{n}"
+                n += 1
+                await probe.command("subscribe", {"channel": channel})
+                await probe.command("unsubscribe", {"channel": channel})
+                counts["cycles"] += 1
+                # Pacing: 80 commands/s, within the hub's per-connection limit.
+                await asyncio.sleep(0.025)
+        except (OSError, TimeoutError, RefusedError):
+            counts["errors"] += 1
+            await asyncio.sleep(0.2)  # the node is restarting: pace the retries
+        finally:
+            await probe.aclose()
+
+
+async def routes(nodes: Sequence[HubNode], tag: str) -> list[str]:
+    """The node pairs (``a->b``) where a publication through ``a`` never reached ``b``.
+
+    For each node, a probe subscribes to a fresh live channel there, and every
+    other node publishes to it through its API, again every 200 ms (the
+    backplane subscription follows the subscribe asynchronously), until the
+    probe has it or 10 seconds have passed.
+    """
+    failed: list[str] = []
+    async with httpx.AsyncClient(headers={"X-API-Key": API_KEY}, timeout=5) as http:
+        for target in nodes:
+            probe = Probe(target.port, mint(f"route-{target.name}"))
+            channel = f"probe:route.{tag}.{target.name}"
+            try:
+                await probe.open()
+                await probe.command("subscribe", {"channel": channel})
+                for source in nodes:
+                    if source is not target and not await _reaches(http, source, probe, channel):
+                        failed.append(f"{source.name}->{target.name}")
+            finally:
+                await probe.aclose()
+    return failed
+
+
+async def _reaches(http: httpx.AsyncClient, source: HubNode, probe: Probe, channel: str) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    wanted = {"from": source.name}
+    while loop.time() < deadline:
+        await http.post(f"{source.base}/api/publish", json={"channel": channel, "data": wanted})
+        try:
+            async with asyncio.timeout(0.2):
+                while await probe.publications.get() != (channel, wanted):
+                    pass
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
 async def backplane(fleet: Fleet, opts: Options, kind: str) -> Outcome:
     """Three nodes over a private backplane that is SIGKILLed and restarted."""
     proc: Proc
@@ -527,16 +609,22 @@ async def backplane(fleet: Fleet, opts: Options, kind: str) -> Outcome:
     await asyncio.gather(*(n.start() for n in nodes))
     seconds, flaps = opts.profile.backplane, opts.profile.flaps
     seen: list[tuple[bool, bool]] = []
+    stop, interest = asyncio.Event(), Counter[str]()
 
     async def faults() -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
-        for k in range(flaps):
-            await asyncio.sleep(max(0.0, began + seconds * (k + 1) / (flaps + 1) - loop.time()))
-            proc.kill()
-            down = await until_ready(nodes, 503)
-            await fleet.restart(proc)
-            seen.append((down, await until_ready(nodes, 200)))
+        churners = [loop.create_task(churn_interest(n, stop, interest)) for n in nodes]
+        try:
+            for k in range(flaps):
+                await asyncio.sleep(max(0.0, began + seconds * (k + 1) / (flaps + 1) - loop.time()))
+                proc.kill()
+                down = await until_ready(nodes, 503)
+                await fleet.restart(proc)
+                seen.append((down, await until_ready(nodes, 200)))
+        finally:
+            stop.set()
+            await asyncio.gather(*churners)
 
     outcome, _ = await exercise(
         f"{kind}-backplane",
@@ -547,10 +635,12 @@ async def backplane(fleet: Fleet, opts: Options, kind: str) -> Outcome:
         seed=opts.seed,
         faults=faults,
     )
-    outcome.figures.update(flaps=flaps)
+    unrouted = await routes(nodes, fleet.token)
+    outcome.figures.update(flaps=flaps, interest_cycles=interest["cycles"], unrouted=unrouted)
     outcome.checks.append((f"{len(seen)}/{flaps} backplane kills", len(seen) == flaps))
     outcome.checks.append(("/readyz 503 while down", all(down for down, _ in seen)))
     outcome.checks.append(("/readyz 200 once back", all(up for _, up in seen)))
+    outcome.checks.append((f"new channels unrouted: {unrouted or 'none'}", not unrouted))
     return outcome
 
 
@@ -608,6 +698,7 @@ async def run_one(name: str, opts: Options) -> Outcome:
     fleet = Fleet(name, keep=opts.keep)
     try:
         outcome = await SCENARIOS[name](fleet, opts)
+        await shut_down(outcome, [p for p in fleet.procs if isinstance(p, HubNode)])
     except BaseException:
         if not fleet.closed:
             for proc in fleet.procs:

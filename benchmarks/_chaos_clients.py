@@ -14,10 +14,11 @@ Its position is the highest offset it has (or the position a subscribe reply
 gave, if higher): a duplicate the hub sends never moves it back, so every
 duplicate the checker counts is a new one, not the echo of an earlier one.
 
-:class:`SlowConsumer` subscribes and then never reads its socket. (Shrinking its
-receive buffer would not help: the hub's send buffer holds most of what the
-kernel keeps, and a tiny receive window on loopback stalls even the
-handshake in zero-window probes.)
+:class:`Probe` runs the scenarios' own checks (one command at a time, publications
+queued); paused, it is the slow consumer that never reads its socket. (Shrinking
+its receive buffer would not help: the hub's send buffer holds most of what the
+kernel keeps, and a tiny receive window on loopback stalls even the handshake
+in zero-window probes.)
 
 :class:`Publisher` publishes through the HTTP API at a fixed rate (open loop)
 and records every call as a :class:`~_history.Publish`: acknowledged with its
@@ -27,7 +28,6 @@ offset and epoch, or indeterminate when the call failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import time
@@ -41,7 +41,7 @@ import msgspec
 from _common import split_frames, ws_frame
 from _history import ClientHistory, Publish, Subscribed
 
-__all__ = ["DataPool", "Probe", "Publisher", "SlowConsumer", "Subscriber"]
+__all__ = ["DataPool", "Probe", "Publisher", "Subscriber"]
 
 #: Bound of a connect, a handshake or a reply (a safety deadline).
 TIMEOUT: Final = 10.0
@@ -303,96 +303,27 @@ class Subscriber:
             self.reached.set()
 
 
-class SlowConsumer:
-    """A client that subscribes, then never reads its socket again.
-
-    Its transport stops reading once subscribed: the kernel's buffers fill
-    (a few MiB on loopback, mostly the hub's socket send buffer), then the
-    hub's queue for it grows. :meth:`close_code` reads, afterwards, everything the hub
-    managed to send and returns the close code at its end.
-    """
-
-    def __init__(self, port: int, channel: str, token: str) -> None:
-        self.port = port
-        self.channel = channel
-        self.token = token
-        #: Publications it read (before it stopped reading, and at the end).
-        self.received = 0
-        #: The payload of the close frame the hub sent, once read.
-        self.close_frame: bytes | None = None
-        self._buffer = b""
-        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def start(self) -> None:
-        """Connect, subscribe and wait for the subscribe reply; then stop reading."""
-        async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=_READ)
-        self._stream = reader, writer
-        writer.write(handshake_request(self.port))
-        connect = _encode({"id": CONNECT_ID, "connect": {"token": self.token}})
-        subscribe = _encode({"id": SUBSCRIBE_ID, "subscribe": {"channel": self.channel}})
-        async with asyncio.timeout(TIMEOUT):
-            # RFC 6455 §4.1: nothing more is sent before the server's handshake response.
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 101"):
-                raise RefusedError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-            writer.write(ws_frame(connect + b"\n" + subscribe))
-            while not await self._frames(await reader.read(_READ), b'"subscribe"'):
-                pass
-        transport: Any = writer.transport
-        transport.pause_reading()
-
-    async def _frames(self, chunk: bytes, until: bytes) -> bytes | None:
-        """Parse ``chunk`` after what is buffered; the frame containing ``until``, if one came."""
-        if not chunk:
-            raise RefusedError("the hub closed the slow consumer's connection")
-        frames, end = split_frames(self._buffer + chunk)
-        self._buffer = (self._buffer + chunk)[end:]
-        found = None
-        for opcode, payload in frames:
-            if opcode == 1:
-                self.received += payload.count(b'"pub"')
-            if until in payload and found is None:
-                found = payload
-            if opcode == 8:
-                self.close_frame = payload
-        return found
-
-    async def close_code(self, timeout: float = TIMEOUT) -> int | None:
-        """Read what the hub sent until its close frame; its code (``None``: none came)."""
-        if self._stream is None:
-            return None
-        reader, writer = self._stream
-        transport: Any = writer.transport
-        transport.resume_reading()
-        with contextlib.suppress(TimeoutError, OSError, RefusedError):
-            async with asyncio.timeout(timeout):
-                while self.close_frame is None:
-                    await self._frames(await reader.read(_READ), b"")
-        frame = self.close_frame
-        if frame is None:
-            return None
-        return int.from_bytes(frame[:2], "big") if len(frame) >= 2 else 1005
-
-    def close(self) -> None:
-        """Drop the connection (idempotent)."""
-        if self._stream is not None:
-            transport: Any = self._stream[1].transport
-            transport.abort()
-            self._stream = None
-
-
 class Probe:
     """A client for the scenarios' own checks: subscribe, unsubscribe, wait for a publication.
 
     Replies are matched to commands by ``id``; publications of every channel
-    go to one bounded queue (the checks read what they wait for, promptly).
+    go to one bounded queue (``keep`` of them; later ones are only counted).
+    :meth:`pause` makes it a *slow consumer*: its transport stops reading, the
+    kernel's buffers fill (a few MiB on loopback, mostly the hub's socket send
+    buffer), then the hub's queue for it grows. After :meth:`resume` it reads
+    what the hub managed to send, up to the close frame (:attr:`close_code`).
     """
 
-    def __init__(self, port: int, token: str) -> None:
+    def __init__(self, port: int, token: str, *, keep: int = 10_000) -> None:
         self.port = port
         self.token = token
-        self.publications: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self.publications: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=keep)
+        #: Publications received (queued or not).
+        self.received = 0
+        #: The code of the hub's close frame, once read.
+        self.close_code: int | None = None
+        #: Set when the connection has ended.
+        self.ended = asyncio.Event()
         self._ids = itertools.count(CONNECT_ID)
         self._waiting: dict[int, asyncio.Future[_Reply]] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -418,12 +349,16 @@ class Probe:
                 buffer = (buffer + chunk)[end:]
                 for opcode, payload in frames:
                     if opcode == 8:
+                        self.close_code = (
+                            int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                        )
                         return
                     if opcode == 1:
                         self._text(payload)
         except OSError:
             return
         finally:
+            self.ended.set()
             for waiter in self._waiting.values():
                 if not waiter.done():
                     waiter.set_exception(RefusedError("the connection closed"))
@@ -437,8 +372,10 @@ class Probe:
             reply = _decode_reply(line)
             push = reply.push
             if push is not None and push.pub is not None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self.publications.put_nowait((push.channel, msgspec.json.decode(push.pub.data)))
+                self.received += 1
+                if not self.publications.full():
+                    data = msgspec.json.decode(push.pub.data)
+                    self.publications.put_nowait((push.channel, data))
                 continue
             waiter = self._waiting.pop(reply.id, None)
             if waiter is not None and not waiter.done():
@@ -458,6 +395,18 @@ class Probe:
         if reply.error is not None:
             raise RefusedError(f"{method}: {reply.error.get('message', '')}")
         return reply
+
+    def pause(self) -> None:
+        """Stop reading the socket (a slow consumer from now on)."""
+        if self._writer is not None:
+            transport: Any = self._writer.transport
+            transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read the socket again."""
+        if self._writer is not None:
+            transport: Any = self._writer.transport
+            transport.resume_reading()
 
     async def aclose(self) -> None:
         """Drop the connection (idempotent)."""

@@ -20,9 +20,10 @@ Scenarios (``--only`` takes a comma-separated list):
 * ``steady``: 200 clients, 50 publications/s, one node (SQLite log);
 * ``kill9``: one node SIGKILLed and restarted on the same data and port while
   100 clients reconnect and recover;
-* ``slow``: 100 clients at 50 publications/s of 4 KiB, first alone (the
-  baseline), then beside a consumer that never reads: it must be closed with
-  3008 and the others' p99 must stay within 2x of the baseline's;
+* ``slow``: two nodes at once, each with 100 clients at 50 publications/s and
+  a consumer of a bulk channel (50 publications/s of 32 KiB); on one node that
+  consumer never reads: it must be closed with 3008, and the p99 of the 100
+  others must stay within 2x of their twins' on the other node;
 * ``churn``: 100 clients dropping their sockets (TCP RST) every 0.5-3 s and
   resubscribing with recovery, 100 publications/s;
 * ``redis-backplane`` / ``nats-backplane``: three nodes over a private Redis
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -64,7 +66,7 @@ from typing import Any, Final
 import httpx
 import uvloop
 
-from _chaos_clients import DataPool, Probe, Publisher, RefusedError, SlowConsumer, Subscriber
+from _chaos_clients import DataPool, Probe, Publisher, RefusedError, Subscriber
 from _common import header, machine
 from _fleet import API_KEY, DEADLINE, SECRET, Fleet, HubNode, Proc
 from _history import Retention, Verdict, check, summary
@@ -80,6 +82,8 @@ NAMESPACE: Final = {
 }
 #: A live-only namespace for the scenarios' own probes (interest churn, routing checks).
 PROBES: Final = {"name": "probe", "allow_subscribe_for_client": True}
+#: The slow consumer scenario's bulk live channel.
+BULK: Final = "probe:bulk"
 RETENTION: Final = Retention(history_size=1000, replay_cap=300, history_ttl=600)
 #: Churn: each client drops its socket after uniform(0.5, 3) seconds.
 CHURN: Final = (0.5, 3.0)
@@ -192,6 +196,11 @@ def mint(user: str) -> str:
     return mint_token(secret=SECRET, user=user, ttl=None)
 
 
+def up(*nodes: HubNode) -> Callable[[], list[str]]:
+    """The HTTP base URLs of those of ``nodes`` that are up (asked again at each call)."""
+    return lambda: [node.base for node in nodes if node.up]
+
+
 class Load:
     """Subscribers and a publisher over some nodes; the run's histories.
 
@@ -230,9 +239,7 @@ class Load:
             )
             for i in range(clients)
         ]
-        self.publisher = Publisher(
-            CHANNEL, lambda: [n.base for n in self.nodes if n.up], API_KEY, rate, pad=pad
-        )
+        self.publisher = Publisher(CHANNEL, up(*self.nodes), API_KEY, rate, pad=pad)
         self.tasks: list[asyncio.Task[None]] = []
 
     def ports(self) -> list[int]:
@@ -422,54 +429,77 @@ async def metric(node: HubNode, name: str, **labels: str) -> float:
 async def slow(fleet: Fleet, opts: Options) -> Outcome:
     """A consumer that never reads beside 100 clients: closed with 3008, nobody else slowed.
 
-    The baseline runs at the same time on a twin node (the same load, no slow
-    consumer), so whatever else the machine does weighs on both alike.
+    Two nodes run at once, each with 100 clients on the durable channel at 50
+    publications/s and a bulk live channel taking 50 publications/s of 32 KiB.
+    On one node a consumer subscribed to both channels stops reading (it fills
+    the kernel's buffers and its 1 MiB queue in a few seconds); on its twin, the
+    same consumer keeps reading. Whatever else the machine does weighs on both
+    alike, so the two p99s compare.
     """
     seconds = opts.profile.slow
-    pad = 16384  # 800 KB/s per client: the slow one fills the kernel's buffers and 1 MiB in ~7 s
     twin, node = fleet.hub(hub_settings()), fleet.hub(hub_settings())
     await asyncio.gather(twin.start(), node.start())
-    consumer = SlowConsumer(node.port, CHANNEL, mint(f"slow{opts.seed}"))
+    consumers = {
+        twin: Probe(twin.port, mint("bulk-twin"), keep=0),
+        node: Probe(node.port, mint("bulk-slow"), keep=0),
+    }
+    bulk = {n: Publisher(BULK, up(n), API_KEY, 50, pad=32768) for n in consumers}
+    tasks: list[asyncio.Task[None]] = []
 
-    async def start_slow(load: Load) -> None:
-        await consumer.start()
+    def before(target: HubNode) -> Callable[[Load], Awaitable[None]]:
+        async def start(load: Load) -> None:
+            consumer = consumers[target]
+            await consumer.open()
+            for channel in (CHANNEL, BULK):
+                await consumer.command("subscribe", {"channel": channel})
+            if target is node:
+                consumer.pause()
+            tasks.append(asyncio.get_running_loop().create_task(bulk[target].run(seconds)))
+
+        return start
 
     try:
         (baseline, _), (outcome, _) = await asyncio.gather(
-            exercise(
-                "slow-baseline",
-                [twin],
-                clients=100,
-                rate=50,
-                seconds=seconds,
-                seed=opts.seed,
-                pad=pad,
-            ),
-            exercise(
-                "slow",
-                [node],
-                clients=100,
-                rate=50,
-                seconds=seconds,
-                seed=opts.seed,
-                pad=pad,
-                before=start_slow,
-            ),
+            *(
+                exercise(
+                    "slow" if target is node else "slow-twin",
+                    [target],
+                    clients=100,
+                    rate=50,
+                    seconds=seconds,
+                    seed=opts.seed,
+                    before=before(target),
+                )
+                for target in (twin, node)
+            )
         )
+        await asyncio.gather(*tasks)
         closed_3008 = await metric(node, "eventcast_disconnects_total", code="3008")
-        code = await consumer.close_code()
+        slow_consumer = consumers[node]
+        slow_consumer.resume()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DEADLINE):
+                await slow_consumer.ended.wait()
+        twin_open = not consumers[twin].ended.is_set()
     finally:
-        consumer.close()
+        for task in tasks:
+            task.cancel()
+        for consumer in consumers.values():
+            await consumer.aclose()
+        for publisher in bulk.values():
+            await publisher.aclose()
+    code = slow_consumer.close_code
     p99, base_p99 = outcome.verdict.percentile_ms(99), baseline.verdict.percentile_ms(99)
     outcome.figures.update(
-        baseline=baseline.to_json(),
+        twin=baseline.to_json(),
         server_3008=closed_3008,
         slow_close_code=code,
-        slow_received=consumer.received,
+        slow_received=slow_consumer.received,
+        twin_received=consumers[twin].received,
         p99_ratio=round(p99 / base_p99, 2) if base_p99 else None,
     )
-    outcome.checks += [(f"twin: {what}", held) for what, held in baseline.checks]
     outcome.checks.append(("twin: no checker violation", baseline.verdict.ok))
+    outcome.checks.append(("the twin's reading consumer stayed connected", twin_open))
     outcome.checks.append(
         (f"the hub closed {closed_3008:g} connection with 3008", closed_3008 == 1)
     )

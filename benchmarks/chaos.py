@@ -729,7 +729,7 @@ async def run_one(name: str, opts: Options) -> Outcome:
     try:
         outcome = await SCENARIOS[name](fleet, opts)
         await shut_down(outcome, [p for p in fleet.procs if isinstance(p, HubNode)])
-    except BaseException:
+    except Exception:
         if not fleet.closed:
             for proc in fleet.procs:
                 print(f"--- {proc.name} ---\n{proc.tail()}", file=sys.stderr)
@@ -786,7 +786,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(header("eventcast chaos harness"), flush=True)
     print(f"# {' '.join(['benchmarks/chaos.py', *(argv or sys.argv[1:])])}", flush=True)
     started = time.monotonic()
-    outcomes = uvloop.run(main_async(names, opts, args.repeat))
+    try:
+        outcomes = uvloop.run(main_async(names, opts, args.repeat))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("chaos: interrupted (every server it started is stopped)", file=sys.stderr)
+        raise SystemExit(130) from None
     passed = sum(o.ok for o in outcomes)
     print(
         f"chaos: {passed}/{len(outcomes)} scenario runs passed "

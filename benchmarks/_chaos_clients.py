@@ -317,7 +317,8 @@ class Probe:
     def __init__(self, port: int, token: str, *, keep: int = 10_000) -> None:
         self.port = port
         self.token = token
-        self.publications: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=keep)
+        self.keep = keep
+        self.publications: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=max(1, keep))
         #: Publications received (queued or not).
         self.received = 0
         #: The code of the hub's close frame, once read.
@@ -373,7 +374,7 @@ class Probe:
             push = reply.push
             if push is not None and push.pub is not None:
                 self.received += 1
-                if not self.publications.full():
+                if self.keep and not self.publications.full():
                     data = msgspec.json.decode(push.pub.data)
                     self.publications.put_nowait((push.channel, data))
                 continue

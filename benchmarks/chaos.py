@@ -67,9 +67,9 @@ import httpx
 import uvloop
 
 from _chaos_clients import DataPool, Probe, Publisher, RefusedError, Subscriber
-from _common import header, machine
+from _common import header, loadavg, machine, percentile, process_cpu
 from _fleet import API_KEY, DEADLINE, SECRET, Fleet, HubNode, Proc
-from _history import Retention, Verdict, check, summary
+from _history import Received, Retention, Verdict, check, summary
 
 CHANNEL: Final = "chaos.stream"
 #: The durable namespace every hub runs (the defaults elsewhere: replay cap 300, 1 MiB queues).
@@ -159,7 +159,8 @@ class Outcome:
             f"(replayed {v.replayed}), lost {v.lost}, duplicated {v.duplicated}, "
             f"out of order {v.out_of_order}, recovered {v.recovered}/{v.resumes}, "
             f"p50 {v.percentile_ms(50):.1f} ms, p99 {v.percentile_ms(99):.1f} ms, "
-            f"hub RSS {mib(self.rss_before)} -> {mib(self.rss_after)} MiB"
+            f"hub RSS {mib(self.rss_before)} -> {mib(self.rss_after)} MiB, "
+            f"load {self.figures.get('loadavg', '?')}"
         )
         failed = [what for what, held in self.checks if not held]
         other = {k.value: n for k, n in v.counts.items()}
@@ -296,13 +297,40 @@ class Load:
                 failures[key] = failures.get(key, 0) + count
             for code, count in s.closes.items():
                 closes[str(code)] = closes.get(str(code), 0) + count
+        acks = [p.acked_at - p.sent_at for p in self.publisher.publishes if p.acked_at is not None]
         return {
+            # Publish call to acknowledgement (the log's commit included), for comparison
+            # with the delivery latency.
+            "ack_ms": {"p50": percentile(acks, 50) * 1000, "p99": percentile(acks, 99) * 1000},
             "connections": sum(s.sessions for s in self.subscribers),
             "drops": sum(s.drops for s in self.subscribers),
             "connect_failures": failures,
             "close_codes": closes,
             "publish_errors": dict(self.publisher.errors),
         }
+
+    def timeline(self, bucket: float = 5.0) -> list[dict[str, float]]:
+        """Live latency (ms) by ``bucket`` seconds of publish time: p50, p99, and how many."""
+        sent = {p.offset: p.sent_at for p in self.publisher.publishes if p.offset is not None}
+        if not sent:
+            return []
+        start = min(sent.values())
+        buckets: dict[int, list[float]] = {}
+        for subscriber in self.subscribers:
+            for record in subscriber.history.records():
+                if isinstance(record, Received) and not record.replayed:
+                    at = sent.get(record.offset)
+                    if at is not None:
+                        buckets.setdefault(int((at - start) / bucket), []).append(record.at - at)
+        return [
+            {
+                "from_s": index * bucket,
+                "p50": round(percentile(values, 50) * 1000, 1),
+                "p99": round(percentile(values, 99) * 1000, 1),
+                "n": len(values),
+            }
+            for index, values in sorted(buckets.items())
+        ]
 
     async def close(self) -> None:
         """Stop every client and the publisher."""
@@ -333,14 +361,33 @@ async def exercise(
         await load.connect()
         if before is not None:
             await before(load)
+        cpu = [(n.pid, process_cpu(n.pid)) for n in nodes]
+        own_cpu, began = time.process_time(), time.monotonic()
         await load.run(seconds, faults)
+        load_seconds = time.monotonic() - began
+        # CPU share of each node over the load (None for a node restarted meanwhile).
+        hub_cpu = [
+            round((process_cpu(pid) - used) / load_seconds, 2)
+            if n.alive() and n.pid == pid
+            else None
+            for n, (pid, used) in zip(nodes, cpu, strict=True)
+        ]
+        own_cpu = round((time.process_time() - own_cpu) / load_seconds, 2)
         end = await load.drain()
         rss_after = [n.rss_mib() for n in nodes]
         verdict = load.verdict(end)
     finally:
         await load.close()
     outcome = Outcome(name, verdict, clients, rate, seconds, rss_before, rss_after)
-    outcome.figures.update(load.figures(), end_offset=end)
+    outcome.figures.update(
+        load.figures(),
+        end_offset=end,
+        hub_cpu=hub_cpu,
+        harness_cpu=own_cpu,
+        latency_timeline=load.timeline(),
+        # The machine's load average at the end: the latencies depend on it (shared cores).
+        loadavg=loadavg().split()[0],
+    )
     outcome.wall = time.monotonic() - started
     return outcome, load
 

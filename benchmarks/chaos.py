@@ -39,7 +39,7 @@ Profiles: the default (``make chaos``) runs about 10 minutes; ``--short`` (CI,
 ``tests/benchmarks/test_chaos.py``) under 3 minutes. ``--seconds S`` sets every
 scenario's length, ``--repeat N`` runs each selected scenario N times (each
 with fresh servers). The long runs of issue 12 are ``make chaos-long``:
-``--only churn --seconds 300`` and ``--only kill9 --repeat 20``.
+``--only churn --seconds 300`` and ``--only kill9 --short --repeat 20``.
 
     python benchmarks/chaos.py [--short] [--only churn,kill9] [--seconds S] [--repeat N]
                                [--json results.json] [--seed N] [--keep]
@@ -356,6 +356,7 @@ async def exercise(
     """Run a load over ``nodes`` (already started) and check its histories."""
     started = time.monotonic()
     rss_before = [n.rss_mib() for n in nodes]
+    rss_timeline: list[list[float | None]] = []
     load = Load(nodes, clients=clients, rate=rate, seed=seed, churn=churn, pad=pad)
     try:
         await load.connect()
@@ -363,7 +364,11 @@ async def exercise(
             await before(load)
         cpu = [(n.pid, process_cpu(n.pid)) for n in nodes]
         own_cpu, began = time.process_time(), time.monotonic()
-        await load.run(seconds, faults)
+        sampler = asyncio.get_running_loop().create_task(sample_rss(nodes, rss_timeline))
+        try:
+            await load.run(seconds, faults)
+        finally:
+            sampler.cancel()
         load_seconds = time.monotonic() - began
         # CPU share of each node over the load (None for a node restarted meanwhile).
         hub_cpu = [
@@ -385,11 +390,19 @@ async def exercise(
         hub_cpu=hub_cpu,
         harness_cpu=own_cpu,
         latency_timeline=load.timeline(),
+        rss_timeline=rss_timeline,
         # The machine's load average at the end: the latencies depend on it (shared cores).
         loadavg=loadavg().split()[0],
     )
     outcome.wall = time.monotonic() - started
     return outcome, load
+
+
+async def sample_rss(nodes: Sequence[HubNode], into: list[list[float | None]]) -> None:
+    """Append the nodes' RSS (MiB) every 5 seconds until cancelled (does a node grow?)."""
+    while True:
+        into.append([None if (r := n.rss_mib()) is None else round(r, 1) for n in nodes])
+        await asyncio.sleep(5.0)  # the sampling period
 
 
 async def shut_down(outcome: Outcome, nodes: Sequence[HubNode]) -> None:

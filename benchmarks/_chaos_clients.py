@@ -343,26 +343,33 @@ class Probe:
         await self.command("connect", {"token": self.token})
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        buffer = b""
+        why = "the connection closed"
         try:
-            while chunk := await reader.read(_READ):
-                frames, end = split_frames(buffer + chunk)
-                buffer = (buffer + chunk)[end:]
-                for opcode, payload in frames:
-                    if opcode == 8:
-                        self.close_code = (
-                            int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                        )
-                        return
-                    if opcode == 1:
-                        self._text(payload)
+            await self._frames(reader)
         except OSError:
-            return
+            pass
+        except msgspec.DecodeError as exc:  # the hub sent something that is not the protocol
+            why = f"undecodable reply: {exc}"
         finally:
             self.ended.set()
             for waiter in self._waiting.values():
                 if not waiter.done():
-                    waiter.set_exception(RefusedError("the connection closed"))
+                    waiter.set_exception(RefusedError(why))
+
+    async def _frames(self, reader: asyncio.StreamReader) -> None:
+        """Read frames until the connection ends or the hub's close frame arrives."""
+        buffer = b""
+        while chunk := await reader.read(_READ):
+            frames, end = split_frames(buffer + chunk)
+            buffer = (buffer + chunk)[end:]
+            for opcode, payload in frames:
+                if opcode == 8:
+                    self.close_code = (
+                        int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                    )
+                    return
+                if opcode == 1:
+                    self._text(payload)
 
     def _text(self, payload: bytes) -> None:
         for line in payload.split(b"\n"):

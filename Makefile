@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check bench proto clean
+.PHONY: install run test check bench proto chaos chaos-short chaos-long clean
 
 $(STAMP): pyproject.toml scripts/setup.sh tests/js/package.json
 	./scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -30,6 +30,19 @@ bench: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
 		src/eventcast/protocol/_pb/client.proto
+
+# The chaos harness (docs/reliability.md): every scenario, ~10 minutes; one line each.
+chaos: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py $(CHAOS_ARGS)
+
+# The CI profile (< 3 minutes; tests/benchmarks/test_chaos.py runs it scenario by scenario).
+chaos-short: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py --short $(CHAOS_ARGS)
+
+# Issue 12's long runs: churn for 5 minutes (> 10,000 recoveries), kill -9 repeated 20 times.
+chaos-long: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py --only churn --seconds 300 $(CHAOS_ARGS)
+	$(BIN)/python benchmarks/chaos.py --only kill9 --short --repeat 20 $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

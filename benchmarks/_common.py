@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: the machine, CPU time from /proc, percentiles."""
+"""Helpers shared by the benchmarks: the machine, CPU time, percentiles, WebSocket frames."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -75,7 +76,7 @@ def threads_named(prefix: str) -> list[int]:
     ]
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) by nearest rank; NaN for no values."""
     if not values:
         return float("nan")
@@ -104,3 +105,57 @@ def system_busy() -> float:
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+# -- a minimal WebSocket client's framing (RFC 6455) ----------------------------------------
+
+
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A masked client frame; the mask key is zero, so the payload goes as is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete WebSocket frames at the start of ``data``, and where the rest begins.
+
+    Each frame is ``(opcode, payload)``, its payload unmasked if the peer masked it.
+    """
+    frames: list[tuple[int, bytes]] = []
+    pos, size = 0, len(data)
+    while size - pos >= 2:
+        second = data[pos + 1]
+        length = second & 0x7F
+        head = 2
+        if length == 126:
+            if size - pos < 4:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            head = 4
+        elif length == 127:
+            if size - pos < 10:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            head = 10
+        mask = b""
+        if second & 0x80:
+            mask = data[pos + head : pos + head + 4]
+            head += 4
+        end = pos + head + length
+        if end > size:
+            break
+        payload = data[pos + head : end]
+        if mask and mask != b"\0\0\0\0":
+            pad = (mask * (length // 4 + 1))[:length]
+            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(pad, "big")).to_bytes(
+                length, "big"
+            )
+        frames.append((data[pos] & 0x0F, payload))
+        pos = end
+    return frames, pos

@@ -82,7 +82,16 @@ from typing import Any
 
 import uvloop
 
-from _common import header, machine, process_cpu, process_times, rate, system_busy
+from _common import (
+    header,
+    machine,
+    process_cpu,
+    process_times,
+    rate,
+    split_frames,
+    system_busy,
+    ws_frame,
+)
 
 SECRET = "benchmark-hmac-secret-" + "x" * 32
 API_KEY = "benchmark-api-key"
@@ -358,57 +367,6 @@ def serve_sse_starlette(port: int) -> None:
 
 
 # -- a minimal WebSocket client ---------------------------------------------------------
-
-
-def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
-    """A masked client frame; the mask key is zero, so the payload goes as is."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
-
-
-def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete WebSocket frames at the start of ``data``, and where the rest begins.
-
-    Each frame is ``(opcode, payload)``, its payload unmasked if the peer masked it.
-    """
-    frames: list[tuple[int, bytes]] = []
-    pos, size = 0, len(data)
-    while size - pos >= 2:
-        second = data[pos + 1]
-        length = second & 0x7F
-        head = 2
-        if length == 126:
-            if size - pos < 4:
-                break
-            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            head = 4
-        elif length == 127:
-            if size - pos < 10:
-                break
-            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            head = 10
-        mask = b""
-        if second & 0x80:
-            mask = data[pos + head : pos + head + 4]
-            head += 4
-        end = pos + head + length
-        if end > size:
-            break
-        payload = data[pos + head : end]
-        if mask and mask != b"\0\0\0\0":
-            pad = (mask * (length // 4 + 1))[:length]
-            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(pad, "big")).to_bytes(
-                length, "big"
-            )
-        frames.append((data[pos] & 0x0F, payload))
-        pos = end
-    return frames, pos
 
 
 class Shared:

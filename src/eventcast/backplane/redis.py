@@ -356,7 +356,9 @@ class RedisBackplane(Backplane):
             return  # subscribed on (re)connect
         try:
             await self._subscribe_on(pubsub, topic_filter)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, BackplaneError) as exc:
+            # BackplaneError: the lean subscriber's connection died and the reader
+            # has not noticed yet; its reconnect subscribes every wanted filter.
             logger.warning("Redis subscribe to %r deferred to reconnect: %s", topic_filter, exc)
         self._reraise_cancellation()
         self._sources_changed.set()
@@ -378,6 +380,7 @@ class RedisBackplane(Backplane):
                 await pubsub.sunsubscribe(channel)
             else:
                 await pubsub.unsubscribe(channel)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, BackplaneError) as exc:
+            # The connection is lost: the reconnect subscribes only the filters kept.
             logger.warning("Redis unsubscribe from %r failed: %s", topic_filter, exc)
         self._reraise_cancellation()

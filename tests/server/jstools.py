@@ -1,0 +1,57 @@
+"""Running the scripts of tests/js (centrifuge-js on node) and reading their JSON result."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REQUIRE_SERVICES
+
+from .hubtools import WAIT
+
+__all__ = ["JS_DIR", "node", "run_js"]
+
+JS_DIR = Path(__file__).resolve().parent.parent / "js"
+
+
+def node() -> str:
+    """The node executable, with tests/js's packages installed (else skip, or fail in CI)."""
+    found = shutil.which("node")
+    if found is None:
+        pytest.skip("node is not installed")
+    if not (JS_DIR / "node_modules" / "centrifuge" / "package.json").is_file():
+        message = "tests/js/node_modules is missing: run scripts/setup.sh (make install)"
+        if REQUIRE_SERVICES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+async def run_js(script: str, **env: str) -> dict[str, Any]:
+    """Run ``node tests/js/<script>`` with ``env`` added; return the JSON of its last line.
+
+    Fails the test when the script exits with an error status (its output is shown).
+    """
+    process = await asyncio.create_subprocess_exec(
+        node(),
+        script,
+        cwd=JS_DIR,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 3 * WAIT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, (stdout + stderr).decode()
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return result

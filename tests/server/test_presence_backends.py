@@ -62,6 +62,8 @@ class Kind:
         if self.name == "redis":
             with redis.Redis.from_url(self.url) as client:
                 keys = list(client.scan_iter(f"{self.prefix}:*", count=1000))
+                # Channel occupancy beside presence: {prefix:occupancy}…
+                keys += list(client.scan_iter(f"{{{self.prefix}:*", count=1000))
                 if keys:
                     client.delete(*keys)
         elif self.name == "nats":
@@ -70,8 +72,9 @@ class Kind:
             nc = await nats.connect(self.url)
             try:
                 js = nc.jetstream()
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await js.delete_key_value(f"{self.prefix}_presence")
+                for bucket in ("presence", "occupancy"):
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await js.delete_key_value(f"{self.prefix}_{bucket}")
             finally:
                 await nc.close()
 

@@ -63,7 +63,8 @@ __all__ = ["CLOSE_TIMEOUT", "Webhook", "Webhooks", "sign"]
 
 logger = logging.getLogger("eventcast.server")
 
-#: Seconds a stopping hub gives the queued events before they become dead letters.
+#: The most seconds a stopping hub gives the queued events (and at most
+#: ``webhook_timeout``) before they become dead letters.
 CLOSE_TIMEOUT: Final = 5.0
 #: Longest webhook answer read (it is discarded).
 _MAX_ANSWER: Final = 65_536
@@ -302,7 +303,8 @@ class Webhooks:
     async def aclose(self) -> None:
         """Give up this node's channels, send what is queued (bounded), keep the rest. Idempotent.
 
-        Events still undelivered after :data:`CLOSE_TIMEOUT` seconds become
+        Events still undelivered after ``webhook_timeout`` seconds (at most
+        :data:`CLOSE_TIMEOUT`) become
         dead letters (``webhook_shutdown``), which the log keeps when it
         stores dead letters, for a redrive after the restart.
         """
@@ -312,7 +314,7 @@ class Webhooks:
             await self.occupancy.aclose()
         self._closed = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_TIMEOUT
+        deadline = loop.time() + min(CLOSE_TIMEOUT, self.timeout)
         while True:
             self.drained.clear()
             if all(e.idle for e in self.endpoints):

@@ -146,7 +146,7 @@ def keeper(store: Occupancy, node: str, events: Events) -> OccupancyKeeper:
     made = OccupancyKeeper(
         store,
         node=node,
-        ttl=options.get("ttl", 60),
+        ttl=60,
         vacated_delay=0.2,
         emit=events.emit,
         spawn=spawn,

@@ -13,8 +13,10 @@ awaits :meth:`JWKS.prepare`, which fetches the set when:
 * the set is older than ``cache_ttl`` seconds.
 
 Concurrent callers share one fetch. A failed fetch keeps the keys already
-loaded; with none loaded, the token cannot be checked and
-:class:`~eventcast.exceptions.KeySetError` says so (a temporary failure).
+loaded; when the set could not be read and the token's key is not among them,
+the token cannot be checked and :class:`~eventcast.exceptions.KeySetError`
+says so (a temporary failure: the client tries again, the endpoint is asked
+again at most once per ``min_refresh``).
 Only signing keys (``use`` absent or ``sig``) of type RSA or EC are kept;
 each accepts the algorithm its ``alg`` names, or without one, those of its
 type (``RS256``/``RS384``/``RS512``, or the ``ES*`` of its curve).
@@ -130,6 +132,7 @@ class JWKS:
         self._keys: dict[str | None, SigningKey] = {}
         self._loaded_at: float | None = None
         self._attempted_at = -math.inf
+        self._failed = False
         self._fetch: asyncio.Task[None] | None = None
         #: Fetches made (successful or not), for tests and metrics.
         self.fetches = 0
@@ -150,20 +153,19 @@ class JWKS:
         """Fetch the set if it is missing, stale, or lacks ``kid`` (within the rate limit).
 
         Raises:
-            KeySetError: no set could be loaded yet.
+            KeySetError: no set could be loaded yet, or ``kid`` is unknown and
+                the set could not be read lately: the token cannot be checked
+                now (a temporary failure, unlike an unknown key).
         """
         now = self._clock()
-        if self._loaded_at is None:
-            if now - self._attempted_at < self.min_refresh and self._fetch is None:
-                raise KeySetError("the JWKS endpoint could not be read; retry later")
-            await self._refresh()
-            if not self.loaded:
+        if self._loaded_at is None or self.key(kid) is None:
+            if now - self._attempted_at >= self.min_refresh or self._fetch is not None:
+                await self._refresh()
+            if self._loaded_at is None or (self.key(kid) is None and self._failed):
                 raise KeySetError("the JWKS endpoint could not be read; retry later")
             return
-        stale = now - self._loaded_at >= self.cache_ttl
-        unknown = self.key(kid) is None and now - self._attempted_at >= self.min_refresh
-        if stale or unknown or self._fetch is not None:
-            await self._refresh()
+        if now - self._loaded_at >= self.cache_ttl or self._fetch is not None:
+            await self._refresh()  # a failure keeps the keys already loaded
 
     async def _refresh(self) -> None:
         """Fetch the set once for every concurrent caller (a failure is logged, not raised)."""
@@ -187,8 +189,10 @@ class JWKS:
         try:
             keys = await self._read()
         except KeySetError as exc:
+            self._failed = True
             logger.warning("%s", exc)
             return
+        self._failed = False
         self._keys = keys
         self._loaded_at = self._clock()
 

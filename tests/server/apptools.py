@@ -22,9 +22,12 @@ def listening_socket(port: int = 0) -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any, sock: socket.socket) -> AsyncIterator[str]:
-    """Serve an ASGI app on ``sock`` under uvicorn in this loop; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+async def serve_app(app: Any, sock: socket.socket, *, lifespan: str = "off") -> AsyncIterator[str]:
+    """Serve an ASGI app on ``sock`` under uvicorn in this loop; yield its base URL.
+
+    ``lifespan="on"`` runs the app's lifespan (a host app that opens a mounted hub).
+    """
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
     listening = asyncio.Event()
     startup = server.startup
 

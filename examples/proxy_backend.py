@@ -106,7 +106,7 @@ app = Starlette(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="A backend answering the hub's HTTP proxy (see examples/proxy.toml).",
-        epilog="The hub reads its settings from examples/proxy.toml or EVENTCAST_PROXY_* variables.",
+        epilog="The hub: examples/proxy.toml, or the EVENTCAST_PROXY_* variables.",
     )
     parser.add_argument("--port", type=int, default=3000, help="the port to listen on")
     args = parser.parse_args(argv)

@@ -15,7 +15,8 @@ Its rules (an application's, made up for the tests):
   ``expire_at``;
 * subscribe: ``secret:`` channels are refused with error 103;
 * publish: the text is upper-cased and signed by the user;
-* rpc: ``whoami``, ``fail`` (HTTP 500), ``custom-error`` (error 1000),
+* rpc: ``whoami``, ``fail`` (HTTP 500), ``custom-error`` (error 1000), the
+  :data:`MALFORMED` answers,
   ``hang`` (no answer until the hub hangs up), anything else echoes;
 * refresh and sub_refresh: extend once by ``extend`` seconds, then expire.
 """
@@ -36,6 +37,15 @@ from starlette.routing import Route
 __all__ = ["ProxyBackend", "Received"]
 
 SESSIONS = {"s-alice": "alice", "s-bob": "bob"}
+#: Answers that break the documentation, by rpc method.
+MALFORMED = {
+    "not-json": b"<html>oops</html>",
+    "neither": b"{}",
+    "bad-error-code": b'{"error": {"code": 5000, "message": "out of range"}}',
+    "bad-disconnect-code": b'{"disconnect": {"code": 1000, "reason": "not a disconnect code"}}',
+    "bad-b64": b'{"result": {"b64data": "***"}}',
+    "b64-not-json": b'{"result": {"b64data": "bm90IGpzb24="}}',
+}
 
 
 @dataclass
@@ -146,6 +156,8 @@ class ProxyBackend:
             return JSONResponse({"detail": "boom"}, status_code=500)
         if method == "custom-error":
             return JSONResponse({"error": {"code": 1000, "message": "custom error"}})
+        if method in MALFORMED:
+            return Response(MALFORMED[method], media_type="application/json")
         if method == "hang":
             # Never answer: wait until the hub gives up and drops the connection.
             while (await request.receive())["type"] != "http.disconnect":

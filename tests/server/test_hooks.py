@@ -87,7 +87,10 @@ def application() -> App:
             info={"name": user.title()},
             data={"hello": user},
             channels=[f"personal:{user}"],
-            subs={"live:news": SubscribeOptions(data={"welcome": "news"})},
+            subs={
+                f"personal:{user}": SubscribeOptions(info={"role": "owner"}),
+                "live:news": SubscribeOptions(data={"welcome": "news"}),
+            },
             meta={"tenant": "acme", "session": session},
         )
 
@@ -188,6 +191,7 @@ async def test_connect_hook_admits_a_client_without_a_token(
         (entry,) = presence["presence"]["presence"].values()
         assert entry["user"] == "alice"
         assert entry["conn_info"] == {"name": "Alice"}
+        assert entry["chan_info"] == {"role": "owner"}
         # Publications on a server-side channel arrive; later hooks get user and meta.
         await hub.publish("personal:alice", {"note": 1})
         push = await client.publication()

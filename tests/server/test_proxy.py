@@ -20,7 +20,7 @@ from .apptools import listening_socket, serve_app
 from .conftest import StartHub
 from .hubtools import API_KEY, HubServer, RawClient
 from .jstools import run_js
-from .proxy_backend import ProxyBackend
+from .proxy_backend import MALFORMED, ProxyBackend
 from .sdktools import sdk_client, subscription
 
 KINDS = ("connect", "refresh", "subscribe", "publish", "sub_refresh", "rpc")
@@ -192,6 +192,23 @@ async def test_proxy_errors_and_failures(
     async with await RawClient.open(hub.ws_url) as client:
         await client.command("connect", {"data": {"session": "nobody"}})
         assert await client.closed() == (4501, "unauthorized")
+
+
+async def test_malformed_answers_are_failures(
+    proxied: Proxied, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub, _ = proxied
+    caplog.set_level(logging.WARNING, logger="eventcast")
+    async with await RawClient.open(hub.ws_url) as client:
+        await client.connect(data={"session": "s-alice"})
+        for method in MALFORMED:
+            reply = await client.request("rpc", {"method": method})
+            assert reply["error"]["code"] == 100, (method, reply)
+    lines = [r.getMessage() for r in caplog.records if "rpc hook" in r.getMessage()]
+    assert len(lines) == len(MALFORMED)
+    assert all("HookError" in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records)
+    assert "oops" not in caplog.text  # bodies are never logged
 
 
 async def test_namespaces_without_a_proxy_keep_their_options(proxied: Proxied) -> None:

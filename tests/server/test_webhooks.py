@@ -277,3 +277,28 @@ def test_signature_follows_standard_webhooks() -> None:
     # A plain secret (no whsec_ prefix) is used as is.
     plain = {**headers, "webhook-signature": sign("plain-secret", "msg_1", 1_700_000_000, body)}
     assert verify("plain-secret", plain, body)
+
+
+async def test_a_full_queue_keeps_its_oldest_events_as_dead_letters() -> None:
+    sock = listening_socket()  # refused: nothing is delivered
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/hooks"
+    settings = Settings.load(
+        log_url="memory://",
+        **webhook_settings(url, webhook_queue_size=2, webhook_timeout=0.2),
+    )
+    hub = Hub(settings)
+    await hub.start()
+    try:
+        assert hub.webhooks is not None
+        for n in range(5):  # no await in between: the sender has not taken any yet
+            hub.webhooks.emit("connect", {"client": f"c{n}", "user": "u", "transport": "sse"})
+    finally:
+        await hub.close()
+        sock.close()
+    letters = hub.bus.dead_letters
+
+    def clients(reason: str) -> list[str]:
+        return [json.loads(x.event.data)["data"]["client"] for x in letters.list(reason=reason)]
+
+    assert clients("webhook_overflow") == ["c0", "c1", "c2"]
+    assert clients("webhook_shutdown") == ["c3", "c4"]

@@ -368,7 +368,9 @@ class Commands:
             raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
         except InvalidTokenError:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
-        if not conn.is_open():  # closed while a hook or the JWKS was awaited
+        if hub.closing:  # began while a hook or the JWKS was awaited
+            raise CommandError(codes.DISCONNECT_SHUTDOWN)
+        if not conn.is_open():
             raise CommandError(codes.DISCONNECT_CONNECTION_CLOSED)
         hub.registry.register(conn)
         result = ConnectResult(
@@ -515,7 +517,7 @@ class Commands:
             if ns.presence:
                 await hub.presence_keeper.add(name, conn)
                 if ns.join_leave:
-                    hub.join_leave(name, "join", conn)
+                    hub.join_leave(name, "join", conn, membership.info)
             self.arm_subscription(conn, membership, grant)
             if expires_at is not None and not grant.refreshed_by_hook:
                 # The client refreshes with a new subscription token.

@@ -264,11 +264,13 @@ class Hub:
         )
         ns = self.settings.namespace(channel.name)
         if ns is not None and ns.join_leave:
-            self.join_leave(channel.name, "leave", conn)
+            self.join_leave(channel.name, "leave", conn, membership.info)
 
-    def join_leave(self, channel: str, kind: str, conn: Connection) -> None:
+    def join_leave(
+        self, channel: str, kind: str, conn: Connection, chan_info: bytes | None = None
+    ) -> None:
         """Tell the members of ``channel`` on every node that ``conn`` joined or left."""
-        info = _encode(client_info(conn))
+        info = _encode(client_info(conn, chan_info))
         self.bus.send_control(kind, channel, info)
         self.channels.push_join_leave(channel, kind, info)
 

@@ -8,7 +8,7 @@
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
 
-import { env, waiters } from './waiting.mjs';
+import { apiPublish, env, waiters } from './waiting.mjs';
 
 const url = env('HUB_WS_URL');
 const apiUrl = env('HUB_API_URL');
@@ -25,18 +25,6 @@ const out = {
   roomPublications: [],
   rpc: null,
 };
-
-async function publish(channel, data) {
-  const response = await fetch(`${apiUrl}/publish`, {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json', 'X-API-Key': apiKey },
-    body: JSON.stringify({ channel, data }),
-  });
-  const body = await response.json();
-  if (response.status !== 200 || body.error) {
-    throw new Error(`publish failed: ${response.status} ${JSON.stringify(body)}`);
-  }
-}
 
 const client = new Centrifuge(url, {
   websocket: WebSocket,
@@ -78,7 +66,7 @@ try {
   await until('connected', () => out.connectedData !== null);
   await until('2 server-side subscriptions', () => out.serverSubscribed.length === 2);
   const personal = out.serverSubscribed.find((s) => s.channel.startsWith('personal:')).channel;
-  await publish(personal, { note: 'for you' });
+  await apiPublish(apiUrl, apiKey, personal, { note: 'for you' });
   await until('a publication on the personal channel', () => out.serverPublications.length === 1);
 
   secret.subscribe();

@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import REQUIRE_SERVICES
 
-from .hubtools import WAIT
+from .hubtools import API_KEY, WAIT, HubServer
 
-__all__ = ["JS_DIR", "node", "run_js"]
+__all__ = ["JS_DIR", "node", "run_hooks_js", "run_js"]
 
 JS_DIR = Path(__file__).resolve().parent.parent / "js"
 
@@ -54,4 +54,17 @@ async def run_js(script: str, **env: str) -> dict[str, Any]:
             await process.wait()
     assert process.returncode == 0, (stdout + stderr).decode()
     result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+async def run_hooks_js(hub: HubServer, session: str) -> dict[str, Any]:
+    """``hooks.mjs``: centrifuge-js through a hub whose hooks decide (see the script)."""
+    result = await run_js(
+        "hooks.mjs",
+        HUB_WS_URL=hub.ws_url,
+        HUB_API_URL=hub.api_url,
+        HUB_API_KEY=API_KEY,
+        HUB_SESSION=session,
+    )
+    assert result["error"] is None, result["error"]
     return result

@@ -15,7 +15,7 @@ from centrifuge import (
 )
 
 from .hubtools import WAIT, HubServer, token
-from .sdktools import Recorder, sdk_client, subscription
+from .opstools import Clients, Recorder, subscription
 
 ClientFactory = Callable[..., tuple[Client, Recorder]]
 
@@ -23,16 +23,13 @@ ClientFactory = Callable[..., tuple[Client, Recorder]]
 @pytest.fixture
 async def make_client(hub: HubServer) -> AsyncIterator[ClientFactory]:
     """Build centrifuge-python clients of the hub; disconnect them after the test."""
-    clients: list[Client] = []
+    clients = Clients()
 
     def make(connect_token: str = "", **kwargs: Any) -> tuple[Client, Recorder]:
-        client, recorder = sdk_client(hub.ws_url, connect_token, **kwargs)
-        clients.append(client)
-        return client, recorder
+        return clients.new(hub.ws_url, connect_token, **kwargs)
 
     yield make
-    for client in clients:
-        await client.disconnect()
+    await clients.close()
 
 
 async def test_recovery_after_reconnect(hub: HubServer, make_client: ClientFactory) -> None:

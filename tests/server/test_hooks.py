@@ -37,9 +37,9 @@ from eventcast.server.hooks import (
 )
 
 from .conftest import StartHub
-from .hubtools import API_KEY, WAIT, HubServer, RawClient
-from .jstools import run_js
-from .sdktools import sdk_client, subscription
+from .hubtools import WAIT, HubServer, RawClient
+from .jstools import run_hooks_js
+from .opstools import Clients, subscription
 from .ssetools import open_sse
 
 #: Sessions of the application, by cookie value.
@@ -216,7 +216,8 @@ async def test_connect_hook_refusals_close_the_connection(hooked: tuple[HubServe
 
 async def test_centrifuge_python_through_the_hooks(hooked: tuple[HubServer, App]) -> None:
     hub, app = hooked
-    client, events = sdk_client(hub.ws_url, data={"session": "s-bob"})
+    clients = Clients()
+    client, events = clients.new(hub.ws_url, data={"session": "s-bob"})
     room, room_events = subscription(client, "chat.room", data={"why": "reading"})
     secret, secret_events = subscription(client, "secret:plans")
     try:
@@ -252,7 +253,7 @@ async def test_centrifuge_python_through_the_hooks(hooked: tuple[HubServer, App]
         assert answer.data["user"] == "bob"
         assert answer.data["meta"]["tenant"] == "acme"
     finally:
-        await client.disconnect()
+        await clients.close()
 
 
 async def test_failing_hooks_answer_100_in_one_log_line(
@@ -351,14 +352,7 @@ async def test_sse_streams_authenticate_and_subscribe_through_the_hooks(
 
 async def test_centrifuge_js_through_the_hooks(hooked: tuple[HubServer, App]) -> None:
     hub, _ = hooked
-    result = await run_js(
-        "hooks.mjs",
-        HUB_WS_URL=hub.ws_url,
-        HUB_API_URL=hub.api_url,
-        HUB_API_KEY=API_KEY,
-        HUB_SESSION="s-alice",
-    )
-    assert result["error"] is None, result["error"]
+    result = await run_hooks_js(hub, "s-alice")
     assert result["connectedData"] == {"hello": "alice"}
     assert {s["channel"]: s["data"] for s in result["serverSubscribed"]} == {
         "personal:alice": None,

@@ -24,7 +24,7 @@ from eventcast.server.occupancy import (
 from eventcast.server.occupancy_nats import NATSOccupancy
 from eventcast.server.presence_nats import NATSPresence
 
-from .test_presence_backends import Kind
+from .test_presence_backends import ENGINES, Kind, engine
 
 
 class Stores:
@@ -53,24 +53,10 @@ class Stores:
             await asyncio.sleep(seconds)  # the subject here is time itself: Redis's clock
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("nats", marks=pytest.mark.nats),
-    ]
-)
+@pytest.fixture(params=ENGINES)
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
-    url = "memory://"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_service")
-    elif request.param == "nats":
-        url = request.getfixturevalue("nats_service")
-    kind = Kind(request.param, url)
-    try:
+    async with engine(request) as kind:
         yield Stores(kind)
-    finally:
-        await kind.aclose()
 
 
 async def test_first_share_occupies_and_last_vacates(stores: Stores) -> None:

@@ -79,24 +79,31 @@ class Kind:
                 await nc.close()
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("nats", marks=pytest.mark.nats),
-    ]
-)
-async def kind(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+#: The engines every contract runs on (Redis and NATS: the shared servers).
+ENGINES = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("nats", marks=pytest.mark.nats),
+]
+
+
+@contextlib.asynccontextmanager
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+    """The :class:`Kind` of a test parametrized over :data:`ENGINES`; cleaned up after."""
     url = "memory://"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_service")
-    elif request.param == "nats":
-        url = request.getfixturevalue("nats_service")
+    if request.param in ("redis", "nats"):
+        url = request.getfixturevalue(f"{request.param}_service")
     kind = Kind(request.param, url)
     try:
         yield kind
     finally:
         await kind.aclose()
+
+
+@pytest.fixture(params=ENGINES)
+async def kind(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+    async with engine(request) as made:
+        yield made
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:

@@ -18,10 +18,10 @@ from eventcast.server.hooks import AppHooks, RPCRequest, RPCResult
 
 from .apptools import listening_socket, serve_app
 from .conftest import StartHub
-from .hubtools import API_KEY, HubServer, RawClient
-from .jstools import run_js
+from .hubtools import HubServer, RawClient
+from .jstools import run_hooks_js
+from .opstools import Clients, subscription
 from .proxy_backend import MALFORMED, ProxyBackend
-from .sdktools import sdk_client, subscription
 
 KINDS = ("connect", "refresh", "subscribe", "publish", "sub_refresh", "rpc")
 
@@ -101,7 +101,8 @@ async def test_connect_proxy_gets_the_documented_request(proxied: Proxied) -> No
 
 async def test_every_proxy_type_with_centrifuge_python(proxied: Proxied) -> None:
     hub, backend = proxied
-    client, events = sdk_client(hub.ws_url, data={"session": "s-bob"})
+    clients = Clients()
+    client, events = clients.new(hub.ws_url, data={"session": "s-bob"})
     room, room_events = subscription(client, "chat.room", data={"hi": 1})
     secret, secret_events = subscription(client, "secret:plans")
     try:
@@ -123,7 +124,7 @@ async def test_every_proxy_type_with_centrifuge_python(proxied: Proxied) -> None
         answer = await client.rpc("whoami", {})
         assert answer.data == {"user": "bob", "meta": {"tenant": "acme"}}
     finally:
-        await client.disconnect()
+        await clients.close()
     subscribe, refused = backend.bodies("/centrifugo/subscribe")
     assert subscribe == {
         "client": subscribe["client"],
@@ -268,14 +269,7 @@ async def test_in_process_hooks_come_before_the_proxy(start_proxied: StartProxie
 
 async def test_centrifuge_js_through_the_proxy(proxied: Proxied) -> None:
     hub, _ = proxied
-    result = await run_js(
-        "hooks.mjs",
-        HUB_WS_URL=hub.ws_url,
-        HUB_API_URL=hub.api_url,
-        HUB_API_KEY=API_KEY,
-        HUB_SESSION="s-alice",
-    )
-    assert result["error"] is None, result["error"]
+    result = await run_hooks_js(hub, "s-alice")
     assert result["connectedData"] == {"hello": "alice"}
     assert sorted(s["channel"] for s in result["serverSubscribed"]) == [
         "live:news",

@@ -75,7 +75,7 @@ from . import hooks
 from .channels import Membership
 from .connection import Connection
 from .errors import CommandError
-from .hooks import HookCaller, Hooks
+from .hooks import HookCaller, HookKind, Hooks
 from .limits import TokenBucket
 from .permissions import Permissions
 
@@ -663,75 +663,65 @@ class Commands:
 
     def _session_expired(self, conn: Connection) -> None:
         """A session expired while a refresh hook is configured: ask it (in the background)."""
-        self._hub.tasks.spawn(self._refresh_session(conn), f"eventcast-refresh-{conn.id}")
-
-    async def _refresh_session(self, conn: Connection) -> None:
-        """Ask the refresh hook until it answers; extend the session, or close it with 3005.
-
-        A hook that fails (100) is asked again with backoff while the session
-        stays open (as Centrifugo does), so a backend's downtime does not end
-        established connections.
-        """
-        attempt = 0
-        while conn.is_open():
-            request = hooks.RefreshRequest(**_who(conn))
-
-            async def run(h: Hooks, request: hooks.RefreshRequest = request) -> bytes | None:
-                result = await h.refresh(request)
-                info = _json(result.info, "the refresh hook's info")
-                if result.expired:
-                    conn.close(codes.DISCONNECT_EXPIRED)
-                else:
-                    conn.expires_at = result.expire_at
-                return info
-
-            try:
-                info = await self.hooks.call("refresh", conn, run)
-            except CommandError as exc:
-                if self._ended(conn, exc, codes.DISCONNECT_EXPIRED):
-                    return
-                await asyncio.sleep(backoff_delay(attempt, _REFRESH_RETRY_BASE, _REFRESH_RETRY_CAP))
-                attempt += 1
-                continue
-            if conn.is_open():
-                if info is not None:
-                    conn.info = info
-                conn.arm_expiry()
-            return
+        self._hub.tasks.spawn(
+            self._refresh(conn, conn, None, conn.arm_expiry), f"eventcast-refresh-{conn.id}"
+        )
 
     def _subscription_expired(self, conn: Connection, membership: Membership) -> None:
         """A subscription expired while a sub_refresh hook is configured: ask it."""
         self._hub.tasks.spawn(
-            self._refresh_subscription(conn, membership), f"eventcast-sub-refresh-{conn.id}"
+            self._refresh(
+                conn, membership, membership.channel, lambda: membership.arm_expiry(conn)
+            ),
+            f"eventcast-sub-refresh-{conn.id}",
         )
 
-    async def _refresh_subscription(self, conn: Connection, membership: Membership) -> None:
-        """Ask the sub_refresh hook until it answers; extend the subscription or close (3006)."""
-        name = membership.channel
-        attempt = 0
-        while conn.is_open() and conn.channels.get(name) is membership:
-            request = hooks.SubRefreshRequest(**_who(conn), channel=name)
+    async def _refresh(
+        self,
+        conn: Connection,
+        target: Connection | Membership,
+        channel: str | None,
+        rearm: Callable[[], None],
+    ) -> None:
+        """Ask the refresh (or, for a ``channel``, the sub_refresh) hook until it answers.
 
-            async def run(h: Hooks, request: hooks.SubRefreshRequest = request) -> None:
-                result = await h.sub_refresh(request)
-                info = _json(result.info, "the sub_refresh hook's info")
+        It extends the session (subscription) and re-arms its expiry, or ends
+        it: 3005 (3006). A hook that fails (100) is asked again with backoff
+        while the session stays open, as Centrifugo does, so a backend's
+        downtime does not end established connections.
+        """
+        kind: HookKind = "refresh" if channel is None else "sub_refresh"
+        expired = codes.DISCONNECT_EXPIRED if channel is None else codes.DISCONNECT_SUB_EXPIRED
+        attempt = 0
+        while conn.is_open() and (channel is None or conn.channels.get(channel) is target):
+
+            async def run(h: Hooks) -> None:
+                if channel is None:
+                    result: hooks.RefreshResult | hooks.SubRefreshResult = await h.refresh(
+                        hooks.RefreshRequest(**_who(conn))
+                    )
+                else:
+                    result = await h.sub_refresh(
+                        hooks.SubRefreshRequest(**_who(conn), channel=channel)
+                    )
+                info = _json(result.info, f"the {kind} hook's info")
                 if result.expired:
-                    conn.close(codes.DISCONNECT_SUB_EXPIRED)
+                    conn.close(expired)
                     return
-                membership.expires_at = result.expire_at
+                target.expires_at = result.expire_at
                 if info is not None:
-                    membership.info = info
+                    target.info = info
 
             try:
-                await self.hooks.call("sub_refresh", conn, run, name)
+                await self.hooks.call(kind, conn, run, channel)
             except CommandError as exc:
-                if self._ended(conn, exc, codes.DISCONNECT_SUB_EXPIRED):
+                if self._ended(conn, exc, expired):
                     return
                 await asyncio.sleep(backoff_delay(attempt, _REFRESH_RETRY_BASE, _REFRESH_RETRY_CAP))
                 attempt += 1
                 continue
             if conn.is_open():
-                membership.arm_expiry(conn)
+                rearm()
             return
 
     @staticmethod

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from eventcast.exceptions import ConfigurationError
 from eventcast.protocol import codes
 from eventcast.protocol.codes import Disconnect
 from eventcast.server.errors import CommandError
@@ -370,3 +371,45 @@ async def test_centrifuge_js_through_the_hooks(hooked: tuple[HubServer, App]) ->
         "user": "alice",
         "meta": {"tenant": "acme", "session": "s-alice"},
     }
+
+
+def test_the_hooks_api_is_exported_from_eventcast_asgi() -> None:
+    import eventcast.asgi
+    from eventcast.server import hooks
+
+    for name in (
+        "AppHooks",
+        "Hooks",
+        "ClientRequest",
+        "ConnectRequest",
+        "ConnectResult",
+        "RefreshRequest",
+        "RefreshResult",
+        "SubscribeOptions",
+        "SubscribeRequest",
+        "SubscribeResult",
+        "PublishRequest",
+        "PublishResult",
+        "SubRefreshRequest",
+        "SubRefreshResult",
+        "RPCRequest",
+        "RPCResult",
+    ):
+        assert name in eventcast.asgi.__all__
+        assert getattr(eventcast.asgi, name) is getattr(hooks, name)
+    assert eventcast.asgi.CommandError is CommandError
+
+
+def test_app_hooks_refuse_a_second_registration_and_bad_timeouts() -> None:
+    hooks = AppHooks()
+
+    @hooks.on_rpc
+    async def first(request: RPCRequest) -> RPCResult:
+        return RPCResult()
+
+    assert hooks.handles("rpc")
+    assert not hooks.handles("connect")
+    with pytest.raises(ConfigurationError, match="registered already"):
+        hooks.on_rpc(first)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        AppHooks(timeout=0)

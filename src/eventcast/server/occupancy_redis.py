@@ -80,6 +80,15 @@ return redis.call('ZREM', KEYS[2], ARGV[2])
 """
 
 
+# KEYS: the index. ARGV: the most channels to return.
+# The channels whose every share expired (by Redis's clock, one key: fine on a cluster).
+_EXPIRED: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+
 class RedisOccupancy(Occupancy):
     """:class:`~eventcast.server.occupancy.Occupancy` in the Redis of a ``RedisPresence``.
 
@@ -123,9 +132,9 @@ class RedisOccupancy(Occupancy):
         index = self._index
 
         async def expired(redis: Redis) -> list[Any]:
-            seconds, micros = await redis.time()
-            now = seconds * 1000 + micros // 1000
-            found: list[Any] = await redis.zrangebyscore(index, "-inf", now, start=0, num=limit)
+            found: list[Any] = await self._script(redis, "expired", _EXPIRED)(
+                keys=[index], args=[limit], client=redis
+            )
             return found
 
         vacated: list[str] = []

@@ -413,3 +413,30 @@ def test_app_hooks_refuse_a_second_registration_and_bad_timeouts() -> None:
         hooks.on_rpc(first)
     with pytest.raises(ConfigurationError, match="timeout"):
         AppHooks(timeout=0)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        ConnectResult(user="u", channels=["not a channel!"]),
+        ConnectResult(user="u", subs={"live:x": SubscribeOptions(info=b"{not json")}),
+        ConnectResult(user="u", data=object()),  # no JSON form
+    ],
+)
+async def test_a_bad_connect_result_is_the_hooks_failure(
+    start_hub: StartHub, caplog: pytest.LogCaptureFixture, result: ConnectResult
+) -> None:
+    hooks = AppHooks()
+
+    @hooks.on_connect
+    async def connect(request: ConnectRequest) -> ConnectResult:
+        return result
+
+    hub = await start_hub(hooks=hooks, namespaces=NAMESPACES)
+    caplog.set_level(logging.WARNING, logger="eventcast")
+    async with await open_raw(hub) as client:
+        reply = await client.request("connect", {})
+        assert reply["error"]["code"] == 100
+    (line,) = [r.getMessage() for r in caplog.records if "connect hook" in r.getMessage()]
+    assert "HookError" in line
+    assert not any(r.exc_info for r in caplog.records)

@@ -281,7 +281,7 @@ class Commands:
 
         A token wins; without one the connect hook decides, if there is one;
         else the client is anonymous, if that is allowed. With a refresh hook,
-        the hub asks it when the session expires (see :meth:`_refresh_session`).
+        the hub asks it when the session expires (see :meth:`_refresh`).
 
         Args:
             conn: the connection (WebSocket or SSE).
@@ -336,7 +336,11 @@ class Commands:
                 for name in result.channels:
                     channels[validate_topic(name)] = None
                 for name, options in result.subs.items():
-                    channels[validate_topic(name)] = options
+                    # Encoded here, so a bad value is the hook's failure (100).
+                    channels[validate_topic(name)] = hooks.SubscribeOptions(
+                        info=_json(options.info, "the connect hook's channel info"),
+                        data=_json(options.data, "the connect hook's channel data"),
+                    )
             except InvalidTopicError as exc:
                 raise HookError(f"the connect hook returned a bad channel: {exc}") from None
             conn.user = result.user
@@ -483,7 +487,8 @@ class Commands:
             conn: the connection.
             req: the subscribe request (its token, recovery position, data).
             server_side: the server subscribes the connection (already authorized).
-            options: the connect hook's options of a server-side subscription.
+            options: the connect hook's options of a server-side subscription,
+                with ``info`` and ``data`` encoded.
 
         Raises:
             CommandError: the subscription is refused.
@@ -494,9 +499,9 @@ class Commands:
             raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
         grant = await self.authorize(conn, req, server_side=server_side)
         ns, expires_at = grant.namespace, grant.expires_at
-        if options is not None:
-            grant.info = _json(options.info, "the connect hook's channel info")
-            grant.data = _json(options.data, "the connect hook's channel data")
+        if options is not None:  # encoded JSON already (see _connect_hook)
+            grant.info = options.info
+            grant.data = options.data
         if not conn.is_open():  # closed while the hook was awaited
             raise CommandError(codes.ERROR_INTERNAL)
         if name in conn.channels:

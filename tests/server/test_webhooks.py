@@ -302,3 +302,28 @@ async def test_a_full_queue_keeps_its_oldest_events_as_dead_letters() -> None:
 
     assert clients("webhook_overflow") == ["c0", "c1", "c2"]
     assert clients("webhook_shutdown") == ["c3", "c4"]
+
+
+async def test_a_cancelled_close_still_keeps_the_queued_events() -> None:
+    sock = listening_socket()  # refused: the events wait in the queue
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/hooks"
+    hub = Hub(Settings.load(log_url="memory://", **webhook_settings(url, webhook_timeout=5.0)))
+    await hub.start()
+    webhooks = hub.webhooks
+    assert webhooks is not None
+    try:
+        for n in range(3):
+            webhooks.emit("connect", {"client": f"c{n}", "user": "u", "transport": "sse"})
+        closing = asyncio.ensure_future(webhooks.aclose())
+        await asyncio.sleep(0)  # let the close begin to wait for the sender (up to 5 s)
+        assert not closing.done()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        kept = hub.bus.dead_letters.list(reason="webhook_shutdown")
+        assert len(kept) == 3
+        await webhooks.aclose()  # idempotent
+        assert len(hub.bus.dead_letters) == 3
+    finally:
+        await hub.close()
+        sock.close()

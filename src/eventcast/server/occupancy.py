@@ -308,4 +308,5 @@ class OccupancyKeeper:
                 await self._apply()
         except (TimeoutError, EventcastError) as exc:
             logger.warning("could not give up this node's channel occupancy: %r", exc)
-        await self.store.close()
+        finally:
+            await self.store.close()

@@ -238,6 +238,7 @@ class Webhooks:
             hub.channels.occupancy_listeners.append(self.occupancy.local)
         if self._wanted & {"connect", "disconnect"}:
             hub.registry.listeners.append(self._connection)
+        self._closing = False
         self._closed = False
 
     def start(self) -> None:
@@ -304,32 +305,39 @@ class Webhooks:
         """Give up this node's channels, send what is queued (bounded), keep the rest. Idempotent.
 
         Events still undelivered after ``webhook_timeout`` seconds (at most
-        :data:`CLOSE_TIMEOUT`) become
-        dead letters (``webhook_shutdown``), which the log keeps when it
-        stores dead letters, for a redrive after the restart.
+        :data:`CLOSE_TIMEOUT`), or when the close is cancelled, become dead
+        letters (``webhook_shutdown``), which the log keeps when it stores dead
+        letters, for a redrive after the restart.
         """
-        if self._closed:
+        if self._closing:
             return
-        if self.occupancy is not None:
-            await self.occupancy.aclose()
-        self._closed = True
+        self._closing = True
+        try:
+            if self.occupancy is not None:
+                await self.occupancy.aclose()  # its last channel_vacated events go out too
+            self._closed = True
+            await self._drain()
+        finally:
+            self._closed = True
+            for endpoint in self.endpoints:
+                task, endpoint.task = endpoint.task, None
+                if task is not None:
+                    task.cancel()
+                for event in endpoint.take_all():
+                    self.dead_letter(endpoint, event, "webhook_shutdown", 0, "the hub stopped")
+            if self._own_client:
+                await self.client.aclose()
+
+    async def _drain(self) -> None:
+        """Wait (bounded) until every sender emptied its queue."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(CLOSE_TIMEOUT, self.timeout)
         while True:
             self.drained.clear()
             if all(e.idle for e in self.endpoints):
-                break
+                return
             try:
                 async with asyncio.timeout_at(deadline):
                     await self.drained.wait()
             except TimeoutError:
-                break
-        for endpoint in self.endpoints:
-            task, endpoint.task = endpoint.task, None
-            if task is not None:
-                task.cancel()
-                await asyncio.wait({task})
-            for event in endpoint.take_all():
-                self.dead_letter(endpoint, event, "webhook_shutdown", 0, "the hub stopped")
-        if self._own_client:
-            await self.client.aclose()
+                return

@@ -62,9 +62,11 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = [
+    "CHANNEL_HOOKS",
     "DEFAULT_HOOK_TIMEOUT",
     "HOOK_KINDS",
     "AppHooks",
+    "ChainedHooks",
     "ClientRequest",
     "ConnectRequest",
     "ConnectResult",

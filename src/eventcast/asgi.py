@@ -26,6 +26,19 @@
 A mounted application's own lifespan is not run by Starlette or FastAPI: the
 host must enter :func:`hub_lifespan` from its lifespan, or the hub is never
 opened. See ``docs/embedding.md``.
+
+The application decides who connects, subscribes and publishes, and answers
+RPCs, with in-process hooks (``create_app(settings, hooks=hooks)``, see
+``docs/hooks.md``)::
+
+    hooks = AppHooks()
+
+    @hooks.on_connect
+    async def connect(request: ConnectRequest) -> ConnectResult:
+        user = await user_of_session(request.cookies.get("session"))
+        if user is None:
+            raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+        return ConnectResult(user=user.id, channels=[f"user:{user.id}"])
 """
 
 from __future__ import annotations
@@ -34,9 +47,50 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from .server.app import HubApp, create_app
+from .server.errors import CommandError
+from .server.hooks import (
+    AppHooks,
+    ClientRequest,
+    ConnectRequest,
+    ConnectResult,
+    Hooks,
+    PublishRequest,
+    PublishResult,
+    RefreshRequest,
+    RefreshResult,
+    RPCRequest,
+    RPCResult,
+    SubRefreshRequest,
+    SubRefreshResult,
+    SubscribeOptions,
+    SubscribeRequest,
+    SubscribeResult,
+)
 from .server.hub import Hub
 
-__all__ = ["Hub", "HubApp", "create_app", "hub_lifespan"]
+__all__ = [
+    "AppHooks",
+    "ClientRequest",
+    "CommandError",
+    "ConnectRequest",
+    "ConnectResult",
+    "Hooks",
+    "Hub",
+    "HubApp",
+    "PublishRequest",
+    "PublishResult",
+    "RPCRequest",
+    "RPCResult",
+    "RefreshRequest",
+    "RefreshResult",
+    "SubRefreshRequest",
+    "SubRefreshResult",
+    "SubscribeOptions",
+    "SubscribeRequest",
+    "SubscribeResult",
+    "create_app",
+    "hub_lifespan",
+]
 
 
 @contextlib.asynccontextmanager

@@ -44,8 +44,9 @@ class DeadLetter:
         event: the event, shared (not copied).
         subscriber: the id of the subscriber it was meant for.
         reason: why: ``overflow_drop_oldest``, ``overflow_drop_newest``,
-            ``block_timeout``, ``slow_consumer``, ``handler_error`` or
-            ``ack_failed``.
+            ``block_timeout``, ``slow_consumer``, ``handler_error``,
+            ``ack_failed``, or for the hub's webhooks ``webhook_failed``,
+            ``webhook_overflow`` and ``webhook_shutdown``.
         attempts: how many delivery attempts were made.
         error: the text of the last error, if any.
         time: Unix time it was recorded.
@@ -110,6 +111,9 @@ class DeadLetters:
         self.listeners: list[Callable[[DeadLetter], None]] = []
         #: Called with the ids of removed records.
         self.removal_listeners: list[Callable[[set[int]], None]] = []
+        #: How to redeliver the records of subscribers that are not the bus's
+        #: (the hub's webhooks), by subscriber id.
+        self.targets: dict[str, Redeliver] = {}
 
     @property
     def maxsize(self) -> int:
@@ -214,9 +218,9 @@ class DeadLetters:
             for letter in self.list(subscriber=subscriber, reason=reason)
             if ids is None or letter.id in ids
         ]
-        redeliver = self._redeliver
         delivered: builtins.list[DeadLetter] = []
         for letter in chosen:
+            redeliver = self.targets.get(letter.subscriber, self._redeliver)
             if redeliver is not None and redeliver(letter):
                 delivered.append(letter)
         if delivered:

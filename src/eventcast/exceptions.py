@@ -24,7 +24,9 @@ and chained with ``from exc``, so callers only ever catch eventcast's own types.
     ├── BackplaneError
     ├── AuthError
     │   ├── InvalidTokenError
-    │   └── TokenExpiredError
+    │   ├── TokenExpiredError
+    │   └── KeySetError
+    ├── HookError
     ├── IngestError
     │   ├── SourceError
     │   └── CommandRejectedError
@@ -57,11 +59,13 @@ __all__ = [
     "EncodeError",
     "EventcastError",
     "HandshakeError",
+    "HookError",
     "HubClientError",
     "IngestError",
     "InvalidDataError",
     "InvalidTokenError",
     "InvalidTopicError",
+    "KeySetError",
     "LogError",
     "PositionError",
     "PositionLostError",
@@ -183,6 +187,22 @@ class InvalidTokenError(AuthError):
 
 class TokenExpiredError(AuthError):
     """A token was valid but its ``exp`` claim is in the past."""
+
+
+class KeySetError(AuthError):
+    """The JWKS endpoint could not be read, so a token could not be checked (a temporary failure).
+
+    Unlike :class:`InvalidTokenError`, it says nothing of the token: the client
+    should try again later.
+    """
+
+
+class HookError(EventcastError):
+    """An application hook failed: its backend could not be reached, timed out or answered badly.
+
+    The client whose command asked the hook gets error 100 "internal server
+    error"; the message never contains request or response bodies.
+    """
 
 
 class IngestError(EventcastError):

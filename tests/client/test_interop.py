@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from typing import Any
 
 from centrifuge import (
@@ -20,40 +18,23 @@ from centrifuge import (
 
 import eventcast
 from tests.server.hubtools import WAIT, HubServer, token
-from tests.server.test_centrifuge_js import JS_DIR, _node
+from tests.server.jstools import run_js
 
 
 async def test_our_client_receives_what_centrifuge_js_publishes(hub: HubServer) -> None:
-    node = _node()
     channel = "interop.from-js"
     count = 5
     async with (
         eventcast.connect(hub.base, token=token("py-reader")) as client,
         client.subscribe(channel) as sub,
     ):
-        env = {
-            **os.environ,
-            "HUB_WS_URL": hub.ws_url,
-            "HUB_TOKEN": token("js-writer"),
-            "HUB_CHANNEL": channel,
-            "HUB_COUNT": str(count),
-        }
-        process = await asyncio.create_subprocess_exec(
-            node,
+        result = await run_js(
             "publish.mjs",
-            cwd=JS_DIR,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            HUB_WS_URL=hub.ws_url,
+            HUB_TOKEN=token("js-writer"),
+            HUB_CHANNEL=channel,
+            HUB_COUNT=str(count),
         )
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), 3 * WAIT)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        assert process.returncode == 0, (stdout + stderr).decode()
-        result = json.loads(stdout.decode().strip().splitlines()[-1])
         assert result["error"] is None
         assert len(result["published"]) == count
 

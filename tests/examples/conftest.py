@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import socket
 import sys
@@ -14,12 +13,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import uvicorn
 
+from tests.server.apptools import serve_app
 from tests.server.conftest import StartHub, start_hub
 from tests.server.hubtools import API_KEY, HubServer
 
-__all__ = ["start_hub"]
+__all__ = ["serve_app", "start_hub"]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CONFIG = tomllib.loads((EXAMPLES / "eventcast.toml").read_text(encoding="utf-8"))
@@ -82,32 +81,3 @@ async def app_socket() -> AsyncIterator[socket.socket]:
         yield sock
     finally:
         sock.close()
-
-
-@contextlib.asynccontextmanager
-async def serve_app(app: Any, sock: socket.socket) -> AsyncIterator[str]:
-    """Serve an ASGI app on ``sock`` under uvicorn in this loop; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    listening = asyncio.Event()
-    startup = server.startup
-
-    async def startup_then_signal(sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await startup(sockets=sockets)
-        finally:
-            listening.set()
-
-    server.startup = startup_then_signal  # type: ignore[method-assign]
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    ready = asyncio.ensure_future(listening.wait())
-    try:
-        await asyncio.wait({ready, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ready.cancel()
-    assert server.started, "the app did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(15):
-            await task

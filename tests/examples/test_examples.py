@@ -6,17 +6,22 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.staticfiles import StaticFiles
 
 from eventcast.ingest.base import ConsumerState
 from tests.conftest import ensure_service
 from tests.ingest.conftest import eventually, running_consumers, unique
-from tests.server.hubtools import SECRET, WAIT, HubServer, token
+from tests.server.apptools import listening_socket
+from tests.server.conftest import StartHub
+from tests.server.hubtools import SECRET, WAIT, HubServer, RawClient, token
 from tests.server.ssetools import open_sse
 
 from .conftest import CONFIG, EXAMPLES, example_env, load_example, run_example, serve_app
@@ -41,6 +46,7 @@ CHROMIUM_ARGS = [
         ("chat/server.py", "--hub"),
         ("price_ticker.py", "--symbols"),
         ("iot_sensors.py", "--sensors"),
+        ("proxy_backend.py", "--port"),
     ],
 )
 def test_example_help(script: str, expected: str) -> None:
@@ -60,7 +66,16 @@ def test_example_help(script: str, expected: str) -> None:
 
 def test_examples_readme_documents_every_example() -> None:
     readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
-    for name in ("chat/", "price_ticker.py", "iot_sensors.py", "fastapi_app.py", "eventcast.toml"):
+    for name in (
+        "chat/",
+        "price_ticker.py",
+        "iot_sensors.py",
+        "fastapi_app.py",
+        "fastapi_hooks.py",
+        "proxy_backend.py",
+        "proxy.toml",
+        "eventcast.toml",
+    ):
         assert name in readme
 
 
@@ -229,3 +244,98 @@ async def until_consumer_runs(hub: HubServer) -> None:
     """The hub's MQTT consumer has subscribed (its session then keeps every reading)."""
     (consumer,) = running_consumers(hub)
     await eventually(lambda: consumer.state is ConsumerState.RUNNING)
+
+
+async def test_fastapi_hooks_authorize_from_the_session_cookie(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("EVENTCAST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("EVENTCAST_LOG_URL", f"sqlite:///{tmp_path}/rooms.db")
+    example = load_example("fastapi_hooks.py")
+    async with serve_app(example.app, listening_socket(), lifespan="on") as base:
+        ws_url = base.replace("http://", "ws://", 1) + "/realtime/connection/websocket"
+        cookies = {}
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+            for user in ("alice", "bob"):
+                response = await http.post("/login", json={"user": user})
+                assert response.status_code == 200, response.text
+                cookies[user] = f"session={response.cookies['session']}"
+            assert (await http.post("/login", json={"user": "mallory"})).status_code == 403
+
+        async with (
+            await RawClient.open(ws_url, additional_headers={"Cookie": cookies["alice"]}) as alice,
+            await RawClient.open(ws_url, additional_headers={"Cookie": cookies["bob"]}) as bob,
+        ):
+            connected = await alice.connect()
+            assert connected["data"] == {"rooms": ["lobby", "staff"]}
+            assert list(connected["subs"]) == ["user:alice"]
+            await bob.connect()
+            staff = await alice.subscribe("room:staff")
+            assert staff["data"] == {"members": ["alice"]}
+            refused = await bob.request("subscribe", {"channel": "room:staff"})
+            assert refused["error"]["code"] == 103
+            await bob.subscribe("room:lobby")
+
+            await bob.request("publish", {"channel": "room:lobby", "data": {"text": "hi all"}})
+            push = await bob.publication()
+            assert push["pub"]["data"] == {"user": "bob", "text": "hi all"}
+            bad = await bob.request("publish", {"channel": "room:lobby", "data": {"html": "<b>"}})
+            assert bad["error"]["code"] == 107
+            assert (await alice.request("rpc", {"method": "rooms"}))["rpc"]["data"] == [
+                "lobby",
+                "staff",
+            ]
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+                response = await http.post("/rooms/lobby/announce", json={"text": "closing"})
+                assert response.status_code == 200, response.text
+            push = await bob.publication()
+            assert push["pub"]["data"] == {"user": "server", "text": "closing"}
+
+        async with await RawClient.open(ws_url) as stranger:
+            await stranger.command("connect", {})
+            assert await stranger.closed() == (3500, "invalid token")
+
+
+async def test_proxy_backend_answers_the_hubs_proxy(start_hub: StartHub) -> None:
+    backend = load_example("proxy_backend.py")
+    config = tomllib.loads((EXAMPLES / "proxy.toml").read_text(encoding="utf-8"))
+    async with serve_app(backend.app, listening_socket()) as base:
+        settings = {
+            key: value.replace("http://127.0.0.1:3000", base)
+            if key.endswith("_endpoint")
+            else value
+            for key, value in config.items()
+            if key not in ("log_url", "api_key")
+        }
+        hub = await start_hub(**settings)
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+            cookies = {}
+            for user in ("alice", "bob"):
+                response = await http.post("/login", json={"user": user})
+                cookies[user] = f"session={response.cookies['session']}"
+        async with (
+            await RawClient.open(
+                hub.ws_url, additional_headers={"Cookie": cookies["alice"]}
+            ) as alice,
+            await RawClient.open(hub.ws_url, additional_headers={"Cookie": cookies["bob"]}) as bob,
+        ):
+            connected = await alice.connect()
+            assert connected["data"] == {"boards": ["general", "ops"]}
+            assert list(connected["subs"]) == ["user:alice"]
+            await bob.connect()
+            assert (await alice.subscribe("board:ops"))["data"] == {"members": ["alice"]}
+            assert (await bob.request("subscribe", {"channel": "board:ops"}))["error"][
+                "code"
+            ] == 103
+            await alice.request("publish", {"channel": "board:ops", "data": {"text": "  ship it "}})
+            push = await alice.publication()
+            assert push["pub"]["data"] == {"user": "alice", "text": "ship it"}
+            boards = await bob.request("rpc", {"method": "boards"})
+            assert boards["rpc"]["data"] == ["general"]
+            await hub.publish("user:bob", {"note": "for bob"})
+            assert (await bob.publication())["pub"]["data"] == {"note": "for bob"}
+        async with await RawClient.open(hub.ws_url) as anonymous:
+            await anonymous.command("connect", {})
+            assert await anonymous.closed() == (4501, "login required")

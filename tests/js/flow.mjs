@@ -6,7 +6,7 @@
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
 
-import { env, waiters } from './waiting.mjs';
+import { apiPublish, env, waiters } from './waiting.mjs';
 
 const url = env('HUB_WS_URL');
 const token = env('HUB_TOKEN');
@@ -22,17 +22,9 @@ const states = [];
 const { notify, until } = waiters();
 
 async function publish(data) {
-  const response = await fetch(`${apiUrl}/publish`, {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json', 'X-API-Key': apiKey },
-    body: JSON.stringify({ channel, data }),
-  });
-  const body = await response.json();
-  if (response.status !== 200 || body.error) {
-    throw new Error(`publish failed: ${response.status} ${JSON.stringify(body)}`);
-  }
-  published.push(body.result);
-  return body.result;
+  const result = await apiPublish(apiUrl, apiKey, channel, data);
+  published.push(result);
+  return result;
 }
 
 const client = new Centrifuge(url, {

@@ -1,5 +1,5 @@
-// Shared by the scripts of tests/js: read the environment, and wait for conditions re-checked
-// on every event (never a sleep; the timeout is a safety net only).
+// Shared by the scripts of tests/js: read the environment, wait for conditions re-checked on
+// every event (never a sleep; the timeout is a safety net only), publish through the HTTP API.
 
 export const TIMEOUT_MS = 10000;
 
@@ -28,4 +28,18 @@ export function waiters() {
       pending.push({ predicate, resolve, timer });
     });
   return { notify, until };
+}
+
+// Publish through the hub's HTTP API (fetch); returns the API's result ({offset, epoch}).
+export async function apiPublish(apiUrl, apiKey, channel, data) {
+  const response = await fetch(`${apiUrl}/publish`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'X-API-Key': apiKey },
+    body: JSON.stringify({ channel, data }),
+  });
+  const body = await response.json();
+  if (response.status !== 200 || body.error) {
+    throw new Error(`publish failed: ${response.status} ${JSON.stringify(body)}`);
+  }
+  return body.result;
 }

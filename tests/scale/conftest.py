@@ -229,10 +229,11 @@ def pg_log_url(postgres_service: str) -> Iterator[str]:
 
 
 def drop_redis_keys(url: str, prefix: str) -> None:
-    """Delete every key under ``prefix:`` on a Redis (the shared one: only ours)."""
+    """Delete every key under ``prefix:`` (and ``{prefix:``) on a Redis (the shared one: ours)."""
     client = redis.Redis.from_url(url)
     try:
         keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        keys += list(client.scan_iter(f"{{{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
     finally:
@@ -292,10 +293,13 @@ def write_node_config(path: Path, **settings: Any) -> Path:
         "replay_cap": 10000,
         **settings,
     }
-    lines = [f"{key} = {_toml(value)}" for key, value in values.items()]
-    for namespace in SCALE_NAMESPACES:
-        lines += ["", "[[namespaces]]"]
-        lines += [f"{key} = {_toml(value)}" for key, value in namespace.items()]
+    # Lists of tables ([[webhooks]]) go after the plain keys, as TOML wants.
+    tables = {k: v for k, v in values.items() if isinstance(v, list) and v and type(v[0]) is dict}
+    lines = [f"{key} = {_toml(value)}" for key, value in values.items() if key not in tables]
+    for key, rows in {"namespaces": SCALE_NAMESPACES, **tables}.items():
+        for row in rows:
+            lines += ["", f"[[{key}]]"]
+            lines += [f"{name} = {_toml(value)}" for name, value in row.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -195,3 +195,25 @@ async def test_presence_on_redis_cluster_is_shared(cluster: Cluster) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_channel_occupancy_on_redis_cluster(cluster: Cluster) -> None:
+    """The occupancy keys share one hash tag, so each script's keys are in one slot."""
+    from eventcast.server.occupancy import Change, occupancy_for
+
+    url = f"redis+cluster://127.0.0.1:{cluster.seed}"
+    prefix = unique("oc")
+    presences = [open_presence(url, prefix=prefix) for _ in range(2)]
+    one, two = (occupancy_for(p) for p in presences)
+    try:
+        for n in range(3):
+            assert await one.join(f"room{n}", "n1", 60) is Change.OCCUPIED
+            assert await two.join(f"room{n}", "n2", 60) is Change.NONE
+            assert await one.leave(f"room{n}", "n1") is False
+            assert await two.leave(f"room{n}", "n2") is True
+        assert await one.join("brief", "n1", 0.2) is Change.OCCUPIED
+        await asyncio.sleep(0.3)  # the subject is expiry by Redis's own clock
+        assert await two.sweep() == ["brief"]
+    finally:
+        for presence in presences:
+            await presence.close()

@@ -24,6 +24,7 @@ import uvicorn
 
 from eventcast.server.app import HubApp, create_app, make_server, uvicorn_config
 from eventcast.server.config import Settings
+from eventcast.server.hooks import Hooks
 
 from .hubtools import HubServer, free_port, make_settings, write_config
 
@@ -51,10 +52,10 @@ def _server(app: HubApp, options: dict[str, Any]) -> tuple[uvicorn.Server, async
 
 @pytest.fixture
 async def start_hub(tmp_path: Path) -> AsyncIterator[StartHub]:
-    """Start in-process hubs (``await start_hub(**setting_overrides)``); stop them after."""
+    """Start in-process hubs (``await start_hub(hooks=..., **settings)``); stop them after."""
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(**overrides: Any) -> HubServer:
+    async def start(*, hooks: Hooks | None = None, **overrides: Any) -> HubServer:
         directory = tmp_path / f"hub{len(running)}"
         directory.mkdir()
         settings = make_settings(directory, **overrides)
@@ -65,7 +66,7 @@ async def start_hub(tmp_path: Path) -> AsyncIterator[StartHub]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        app = create_app(settings)
+        app = create_app(settings, hooks=hooks)
         options = uvicorn_config(settings, host="127.0.0.1", port=port)
         options["log_level"] = "warning"
         server, listening = _server(app, options)

@@ -30,6 +30,8 @@ from centrifuge import (
     JoinContext,
     LeaveContext,
     PublicationContext,
+    ServerPublicationContext,
+    ServerSubscribedContext,
     SubscribedContext,
     SubscribingContext,
     SubscriptionErrorContext,
@@ -93,6 +95,12 @@ class ClientEvents(ClientEventHandler):
 
     async def on_error(self, ctx: ErrorContext) -> None:
         self.r.put("error", ctx)
+
+    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
+        self.r.put("subscribed", ctx)  # a server-side subscription
+
+    async def on_publication(self, ctx: ServerPublicationContext) -> None:
+        self.r.put("publication", ctx)  # on a server-side subscription
 
 
 class SubEvents(SubscriptionEventHandler):

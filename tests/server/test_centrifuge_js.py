@@ -3,46 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from typing import Any
 
-from tests.conftest import JS_DIR, node_with
-
 from .hubtools import API_KEY, WAIT, HubServer, token
-
-
-def _node() -> str:
-    return node_with("centrifuge")
+from .jstools import run_js
 
 
 async def test_js_sdk_recovers_missed_publications(hub: HubServer) -> None:
-    node = _node()
     channel = "js.recovery"
-    env = {
-        **os.environ,
-        "HUB_WS_URL": hub.ws_url,
-        "HUB_TOKEN": token("js-user"),
-        "HUB_API_URL": hub.api_url,
-        "HUB_API_KEY": API_KEY,
-        "HUB_CHANNEL": channel,
-    }
-    process = await asyncio.create_subprocess_exec(
-        node,
+    result = await run_js(
         "flow.mjs",
-        cwd=JS_DIR,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        HUB_WS_URL=hub.ws_url,
+        HUB_TOKEN=token("js-user"),
+        HUB_API_URL=hub.api_url,
+        HUB_API_KEY=API_KEY,
+        HUB_CHANNEL=channel,
     )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 3 * WAIT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, (stdout + stderr).decode()
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
     assert result["error"] is None
 
     epoch = result["published"][0]["epoch"]
@@ -81,31 +57,20 @@ async def test_js_sdk_and_python_client_reconnect_alike(hub: HubServer) -> None:
     centrifuge-js and eventcast's client must go through the same states,
     resubscribe recovering, and receive every publication once, in order.
     """
-    node = _node()
     outcomes = {}
     for sdk in ("js", "python"):
         channel = f"sdk.alike.{sdk}"
         user = f"{sdk}-user"
         if sdk == "js":
-            env = {
-                **os.environ,
-                "HUB_WS_URL": hub.ws_url,
-                "HUB_TOKEN": token(user),
-                "HUB_API_URL": hub.api_url,
-                "HUB_API_KEY": API_KEY,
-                "HUB_CHANNEL": channel,
-                "HUB_USER": user,
-            }
-            process = await asyncio.create_subprocess_exec(
-                node, "reconnect.mjs", cwd=JS_DIR, env=env, stdout=asyncio.subprocess.PIPE
+            result = await run_js(
+                "reconnect.mjs",
+                HUB_WS_URL=hub.ws_url,
+                HUB_TOKEN=token(user),
+                HUB_API_URL=hub.api_url,
+                HUB_API_KEY=API_KEY,
+                HUB_CHANNEL=channel,
+                HUB_USER=user,
             )
-            try:
-                stdout, _ = await asyncio.wait_for(process.communicate(), 3 * WAIT)
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-            result = json.loads(stdout.decode().strip().splitlines()[-1])
             assert result["error"] is None, result["error"]
             outcomes[sdk] = (result["states"][:4], result["subscribed"], result["received"])
         else:

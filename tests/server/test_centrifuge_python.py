@@ -4,96 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from centrifuge import (
     Client,
-    ClientEventHandler,
     ClientState,
-    ConnectedContext,
-    ConnectingContext,
-    DisconnectedContext,
-    ErrorContext,
-    PublicationContext,
     ReplyError,
-    ServerPublicationContext,
-    ServerSubscribedContext,
-    SubscribedContext,
-    SubscribingContext,
-    SubscriptionErrorContext,
-    SubscriptionEventHandler,
-    UnsubscribedContext,
 )
 
 from .hubtools import WAIT, HubServer, token
-
-
-class Recorder:
-    """Events of one client or subscription, by kind, awaited in order."""
-
-    def __init__(self) -> None:
-        self.queues: defaultdict[str, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
-        self.counts: defaultdict[str, int] = defaultdict(int)
-
-    def put(self, kind: str, ctx: Any) -> None:
-        self.counts[kind] += 1
-        self.queues[kind].put_nowait(ctx)
-
-    async def next(self, kind: str) -> Any:
-        return await asyncio.wait_for(self.queues[kind].get(), WAIT)
-
-    async def take(self, kind: str, n: int) -> list[Any]:
-        return [await self.next(kind) for _ in range(n)]
-
-    def pending(self, kind: str) -> int:
-        return self.queues[kind].qsize()
-
-
-class ClientEvents(ClientEventHandler):
-    def __init__(self, recorder: Recorder) -> None:
-        self.r = recorder
-
-    async def on_connecting(self, ctx: ConnectingContext) -> None:
-        self.r.put("connecting", ctx)
-
-    async def on_connected(self, ctx: ConnectedContext) -> None:
-        self.r.put("connected", ctx)
-
-    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
-        self.r.put("disconnected", ctx)
-
-    async def on_error(self, ctx: ErrorContext) -> None:
-        self.r.put("error", ctx)
-
-    async def on_subscribed(self, ctx: ServerSubscribedContext) -> None:
-        self.r.put("subscribed", ctx)
-
-    async def on_publication(self, ctx: ServerPublicationContext) -> None:
-        self.r.put("publication", ctx)
-
-
-class SubEvents(SubscriptionEventHandler):
-    def __init__(self, recorder: Recorder) -> None:
-        self.r = recorder
-
-    async def on_subscribing(self, ctx: SubscribingContext) -> None:
-        self.r.put("subscribing", ctx)
-
-    async def on_subscribed(self, ctx: SubscribedContext) -> None:
-        self.r.put("subscribed", ctx)
-
-    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
-        self.r.put("unsubscribed", ctx)
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        self.r.put("publication", ctx)
-
-    async def on_error(self, ctx: SubscriptionErrorContext) -> None:
-        self.r.put("error", ctx)
-
+from .opstools import Clients, Recorder, subscription
 
 ClientFactory = Callable[..., tuple[Client, Recorder]]
 
@@ -101,30 +23,13 @@ ClientFactory = Callable[..., tuple[Client, Recorder]]
 @pytest.fixture
 async def make_client(hub: HubServer) -> AsyncIterator[ClientFactory]:
     """Build centrifuge-python clients of the hub; disconnect them after the test."""
-    clients: list[Client] = []
+    clients = Clients()
 
     def make(connect_token: str = "", **kwargs: Any) -> tuple[Client, Recorder]:
-        recorder = Recorder()
-        client = Client(
-            hub.ws_url,
-            events=ClientEvents(recorder),
-            token=connect_token,
-            proxy=None,
-            min_reconnect_delay=0.05,
-            max_reconnect_delay=0.5,
-            **kwargs,
-        )
-        clients.append(client)
-        return client, recorder
+        return clients.new(hub.ws_url, connect_token, **kwargs)
 
     yield make
-    for client in clients:
-        await client.disconnect()
-
-
-def subscription(client: Client, channel: str, **options: Any) -> tuple[Any, Recorder]:
-    recorder = Recorder()
-    return client.new_subscription(channel, events=SubEvents(recorder), **options), recorder
+    await clients.close()
 
 
 async def test_recovery_after_reconnect(hub: HubServer, make_client: ClientFactory) -> None:

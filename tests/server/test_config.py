@@ -291,3 +291,70 @@ def test_settings_are_immutable() -> None:
     settings = Settings.load()
     with pytest.raises(ValidationError):
         settings.api_key = SecretStr("x")
+
+
+def test_hook_proxy_and_webhook_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings.load()
+    assert defaults.proxy_connect_endpoint is None
+    assert (defaults.proxy_connect_timeout, defaults.proxy_rpc_timeout) == (1.0, 1.0)
+    assert defaults.proxy_http_headers == []
+    assert defaults.webhooks == []
+    assert (defaults.webhook_retries, defaults.webhook_queue_size) == (10, 10_000)
+    assert defaults.token_jwks_url is None
+
+    monkeypatch.setenv("EVENTCAST_PROXY_CONNECT_ENDPOINT", "http://backend:3000/connect")
+    monkeypatch.setenv("EVENTCAST_PROXY_CONNECT_TIMEOUT", "500ms")
+    monkeypatch.setenv("EVENTCAST_PROXY_HTTP_HEADERS", "Cookie, Authorization X-Request-Id")
+    monkeypatch.setenv(
+        "EVENTCAST_WEBHOOKS",
+        '[{"url": "https://hooks.example/in", "events": ["connect"], "secret": "whsec_c2VjcmV0"}]',
+    )
+    monkeypatch.setenv("EVENTCAST_TOKEN_JWKS_URL", "https://idp.example/.well-known/jwks.json")
+    settings = Settings.load()
+    assert settings.proxy_connect_endpoint == "http://backend:3000/connect"
+    assert settings.proxy_connect_timeout == 0.5
+    assert settings.proxy_http_headers == ["Cookie", "Authorization", "X-Request-Id"]
+    (hook,) = settings.webhooks
+    assert (hook.url, hook.events) == ("https://hooks.example/in", ("connect",))
+    assert "whsec_c2VjcmV0" not in repr(settings)
+    assert settings.redacted()["webhooks"][0]["secret"] == "**********"
+    assert settings.token_jwks_url == "https://idp.example/.well-known/jwks.json"
+
+    monkeypatch.delenv("EVENTCAST_WEBHOOKS")
+    path = write(
+        tmp_path,
+        """
+        [[webhooks]]
+        url = "http://127.0.0.1:9000/events"
+
+        [[namespaces]]
+        name = "chat"
+        proxy_subscribe = true
+        proxy_publish = true
+        """,
+    )
+    from_file = Settings.load(path)
+    assert from_file.webhooks[0].events == (
+        "connect",
+        "disconnect",
+        "channel_occupied",
+        "channel_vacated",
+    )
+    chat = from_file.namespace("chat:1")
+    assert chat is not None
+    assert (chat.proxy_subscribe, chat.proxy_publish, chat.proxy_sub_refresh) == (True, True, False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"proxy_rpc_endpoint": "ftp://backend/rpc"}, "proxy_rpc_endpoint"),
+        ({"token_jwks_url": "backend/jwks"}, "token_jwks_url"),
+        ({"webhooks": [{"url": "mailto:ops@example.com"}]}, "webhooks.0.url"),
+        ({"webhooks": [{"url": "http://x/", "events": ["joined"]}]}, "webhooks.0.events"),
+        ({"proxy_publish_timeout": 0}, "proxy_publish_timeout"),
+    ],
+)
+def test_invalid_hook_settings(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError, match=field.replace(".", r"\.")):
+        Settings.load(**overrides)

@@ -62,6 +62,8 @@ class Kind:
         if self.name == "redis":
             with redis.Redis.from_url(self.url) as client:
                 keys = list(client.scan_iter(f"{self.prefix}:*", count=1000))
+                # Channel occupancy beside presence: {prefix:occupancy}…
+                keys += list(client.scan_iter(f"{{{self.prefix}:*", count=1000))
                 if keys:
                     client.delete(*keys)
         elif self.name == "nats":
@@ -70,30 +72,38 @@ class Kind:
             nc = await nats.connect(self.url)
             try:
                 js = nc.jetstream()
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await js.delete_key_value(f"{self.prefix}_presence")
+                for bucket in ("presence", "occupancy"):
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await js.delete_key_value(f"{self.prefix}_{bucket}")
             finally:
                 await nc.close()
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("nats", marks=pytest.mark.nats),
-    ]
-)
-async def kind(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+#: The engines every contract runs on (Redis and NATS: the shared servers).
+ENGINES = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("nats", marks=pytest.mark.nats),
+]
+
+
+@contextlib.asynccontextmanager
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+    """The :class:`Kind` of a test parametrized over :data:`ENGINES`; cleaned up after."""
     url = "memory://"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_service")
-    elif request.param == "nats":
-        url = request.getfixturevalue("nats_service")
+    if request.param in ("redis", "nats"):
+        url = request.getfixturevalue(f"{request.param}_service")
     kind = Kind(request.param, url)
     try:
         yield kind
     finally:
         await kind.aclose()
+
+
+@pytest.fixture(params=ENGINES)
+async def kind(request: pytest.FixtureRequest) -> AsyncIterator[Kind]:
+    async with engine(request) as made:
+        yield made
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:

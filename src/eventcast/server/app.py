@@ -29,6 +29,7 @@ from .api import handle_api
 from .config import Settings
 from .connection import Connection, writable_transport
 from .dashboard import dashboard_routes
+from .hooks import Hooks
 from .hub import Hub
 from .metrics import metrics_endpoint
 from .sse import SSEEndpoint
@@ -77,7 +78,7 @@ class WebSocketEndpoint:
         raw_send = scope.get("eventcast.send", send)
         transport = _raw_transport(raw_send)
         conn = hub.new_connection(
-            send=raw_send if transport is not None else send, transport=transport
+            send=raw_send if transport is not None else send, transport=transport, scope=scope
         )
         loop = asyncio.get_running_loop()
         stale = loop.call_later(settings.handshake_timeout, self._stale, conn)
@@ -265,10 +266,18 @@ async def asyncapi_endpoint(request: Request) -> Response:
     return JSONResponse(document)
 
 
-def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> HubApp:
-    """Build the hub's ASGI app. Its lifespan opens the bus and log and closes them."""
+def create_app(
+    settings: Settings | None = None, *, hub: Hub | None = None, hooks: Hooks | None = None
+) -> HubApp:
+    """Build the hub's ASGI app. Its lifespan opens the bus and log and closes them.
+
+    Args:
+        settings: the hub's settings (default: :meth:`Settings.load`).
+        hub: an existing hub to serve (then ``settings`` and ``hooks`` are its own).
+        hooks: the application's in-process hooks (:class:`~eventcast.server.hooks.AppHooks`).
+    """
     if hub is None:
-        hub = Hub(settings or Settings.load())
+        hub = Hub(settings or Settings.load(), hooks=hooks)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

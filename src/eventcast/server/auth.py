@@ -18,6 +18,12 @@ verified only with the HMAC secret, ``RS*`` only with an RSA public key, and
 unknown algorithms and algorithm confusion (an ``HS256`` token "signed" with the
 public key's PEM text as the HMAC secret) are rejected.
 
+With a JWKS endpoint (:class:`~eventcast.server.jwks.JWKS`), ``RS*``/``ES*``
+tokens are verified with the key their ``kid`` names, and only with the
+algorithms that key accepts; a token naming no known key falls back to the
+configured public key, if any. The verifier itself never does I/O: callers
+``await verifier.prepare(token)`` first, which loads the key the token names.
+
 Error messages never contain the token.
 """
 
@@ -29,7 +35,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -42,6 +48,9 @@ from ..exceptions import (
     TokenExpiredError,
 )
 from ..topics import validate_topic
+
+if TYPE_CHECKING:
+    from .jwks import JWKS
 
 __all__ = [
     "HMAC_ALGORITHMS",
@@ -118,15 +127,24 @@ class TokenVerifier:
             ``aud`` claim is ignored.
         issuer: when set, tokens must carry this ``iss``.
         leeway: seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+        jwks: the keys of a JWKS endpoint, picked by the token's ``kid``.
 
-    With neither key configured, every token is refused.
+    With no key configured, every token is refused.
 
     Raises:
         ConfigurationError: the public key is not a PEM RSA or EC public key, or
             ``leeway`` is negative or not finite.
     """
 
-    __slots__ = ("_algorithms", "_audience", "_hmac_secret", "_issuer", "_leeway", "_public_key")
+    __slots__ = (
+        "_algorithms",
+        "_audience",
+        "_hmac_secret",
+        "_issuer",
+        "_jwks",
+        "_leeway",
+        "_public_key",
+    )
 
     def __init__(
         self,
@@ -136,6 +154,7 @@ class TokenVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0,
+        jwks: JWKS | None = None,
     ) -> None:
         if not math.isfinite(leeway) or leeway < 0:
             raise ConfigurationError("leeway must be a finite number of seconds >= 0")
@@ -154,16 +173,38 @@ class TokenVerifier:
                 )
         if public_key:
             self._public_key = _load_public_key(public_key)
-            if isinstance(self._public_key, rsa.RSAPublicKey):
-                algorithms.update(_RSA_ALGORITHMS)
-            else:
-                algorithms.add(_EC_ALGORITHM_BY_CURVE[self._public_key.curve.name])
+            algorithms.update(_algorithms_of(self._public_key))
+        self._jwks = jwks
+        if jwks is not None:
+            algorithms.update(PUBLIC_KEY_ALGORITHMS)
         self._algorithms: frozenset[str] = frozenset(algorithms)
 
     @property
     def algorithms(self) -> frozenset[str]:
         """The algorithms this verifier accepts, given its keys."""
         return self._algorithms
+
+    async def prepare(self, token: str) -> None:
+        """Load the key a token names, if it comes from the JWKS (before verifying it).
+
+        Does nothing without a JWKS, or for a token the JWKS does not verify
+        (HMAC, or a malformed header: verifying it then says why).
+
+        Raises:
+            KeySetError: the JWKS could not be read yet (a temporary failure).
+        """
+        if self._jwks is None:
+            return
+        header = _header(token)
+        if header is None or header.get("alg") in HMAC_ALGORITHMS:
+            return
+        kid = header.get("kid")
+        await self._jwks.prepare(kid if isinstance(kid, str) else None)
+
+    async def aclose(self) -> None:
+        """Release the JWKS client, if any. Idempotent."""
+        if self._jwks is not None:
+            await self._jwks.aclose()
 
     def verify_connection(self, token: str) -> ConnectionClaims:
         """Verify a connection token and return its claims.
@@ -226,21 +267,19 @@ class TokenVerifier:
             raise InvalidTokenError("invalid token: no token key configured")
         if not token:
             raise InvalidTokenError("invalid token: empty token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise InvalidTokenError("invalid token: malformed header") from exc
+        header = _header(token)
+        if header is None:
+            raise InvalidTokenError("invalid token: malformed header")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             shown = alg if isinstance(alg, str) and len(alg) <= 16 else "?"
             raise InvalidTokenError(f"invalid token: algorithm {shown!r} is not accepted")
-        key: str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+        key: Any
         if alg in HMAC_ALGORITHMS:
             assert self._hmac_secret is not None  # alg is allowed only with a secret
             key = self._hmac_secret
         else:
-            assert self._public_key is not None  # alg is allowed only with a public key
-            key = self._public_key
+            key = self._public_key_for(alg, header.get("kid"))
         try:
             with warnings.catch_warnings():
                 # A short secret was logged once at construction.
@@ -275,6 +314,39 @@ class TokenVerifier:
             raise InvalidTokenError(f"invalid token: {problem}") from exc
         return payload
 
+    def _public_key_for(self, alg: str, kid: object) -> Any:
+        """The key of an ``RS*``/``ES*`` token: the JWKS key its ``kid`` names, or the PEM key."""
+        public_key = self._public_key
+        if self._jwks is not None:
+            found = self._jwks.key(kid if isinstance(kid, str) else None)
+            if found is not None:
+                if alg not in found.algorithms:
+                    raise InvalidTokenError(
+                        f"invalid token: algorithm {alg!r} is not accepted for its key"
+                    )
+                return found.key
+            if public_key is None:
+                raise InvalidTokenError("invalid token: no key with the token's 'kid'")
+        if public_key is None or alg not in _algorithms_of(public_key):
+            raise InvalidTokenError(f"invalid token: algorithm {alg!r} is not accepted")
+        return public_key
+
+
+def _header(token: str) -> dict[str, Any] | None:
+    """A token's unverified header, or ``None`` when it is malformed."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _algorithms_of(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> frozenset[str]:
+    """The algorithms a PEM public key verifies."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return frozenset(_RSA_ALGORITHMS)
+    return frozenset({_EC_ALGORITHM_BY_CURVE[key.curve.name]})
+
 
 def mint_token(
     *,
@@ -288,6 +360,7 @@ def mint_token(
     issuer: str | None = None,
     algorithm: str = "HS256",
     private_key: str | None = None,
+    kid: str | None = None,
 ) -> str:
     """Create a signed token, for development and tests.
 
@@ -305,6 +378,7 @@ def mint_token(
         issuer: the ``iss`` claim, when given.
         algorithm: one of :data:`HMAC_ALGORITHMS` or :data:`PUBLIC_KEY_ALGORITHMS`.
         private_key: a PEM private key, required for the ``RS*``/``ES*`` algorithms.
+        kid: the key id put in the header (``kid``), for keys served by a JWKS.
 
     Raises:
         ConfigurationError: unknown algorithm, missing key, or a bad ``ttl``.
@@ -345,7 +419,9 @@ def mint_token(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _KEY_LENGTH_WARNING)
-            return jwt.encode(payload, key, algorithm=algorithm)
+            return jwt.encode(
+                payload, key, algorithm=algorithm, headers=None if kid is None else {"kid": kid}
+            )
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise ConfigurationError(
             f"cannot sign the token with {algorithm}: {type(exc).__name__}"

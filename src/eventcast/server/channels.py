@@ -69,9 +69,14 @@ class Membership:
     join_leave: bool = False
     #: The client is listed in the channel's presence.
     presence: bool = False
+    #: Channel information of this subscriber from a subscribe hook, encoded once.
+    info: bytes | None = None
+    #: Called instead of closing with 3006 when the subscription expires (a
+    #: sub_refresh hook decides then).
+    on_expire: Callable[[Connection, Membership], None] | None = None
 
     def arm_expiry(self, conn: Connection) -> None:
-        """Close ``conn`` with 3503 when this subscription's token expires."""
+        """Close ``conn`` with 3006 when this subscription expires (or call :attr:`on_expire`)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -81,7 +86,10 @@ class Membership:
 
         def check() -> None:
             if self.expires_at == expected and not conn.closed:
-                conn.close(codes.DISCONNECT_SUB_EXPIRED)
+                if self.on_expire is not None:
+                    self.on_expire(conn, self)
+                else:
+                    conn.close(codes.DISCONNECT_SUB_EXPIRED)
 
         delay = max(0.0, expected - time.time()) + 0.05
         self.timer = asyncio.get_running_loop().call_later(delay, check)
@@ -179,6 +187,18 @@ class Channels:
         self._ids = itertools.count(1)
         #: Publications that could not be encoded for network clients.
         self.encode_failures = 0
+        #: Called with ``(channel, True)`` when a channel (not a pattern) gets its
+        #: first member on this node, ``(channel, False)`` when it lost its last.
+        self.occupancy_listeners: list[Callable[[str, bool], None]] = []
+
+    def _occupancy(self, channel: HubChannel, occupied: bool) -> None:
+        if channel.pattern:
+            return
+        for listener in list(self.occupancy_listeners):
+            try:
+                listener(channel.name, occupied)
+            except Exception:
+                logger.exception("an occupancy listener failed")
 
     def join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
         """Add ``conn`` to a channel (created on first member); it holds live events for now."""
@@ -191,6 +211,7 @@ class Channels:
                 overflow=Overflow.DISCONNECT,
             )
             channel = self.by_name[name] = HubChannel(self, name, sub)
+            self._occupancy(channel, True)
         channel.members[conn] = membership
         conn.channels[name] = membership
         return channel
@@ -209,6 +230,7 @@ class Channels:
         if not channel.members:
             del self.by_name[name]
             channel.close()
+            self._occupancy(channel, False)
 
     def release(self, conn: Connection, membership: Membership) -> None:
         """Start live delivery after the subscribe reply: the held events, under the handoff."""
@@ -239,6 +261,7 @@ class Channels:
         """A dispatcher fell behind its bus subscription: its members must recover."""
         if self.by_name.get(channel.name) is channel:
             del self.by_name[channel.name]
+            self._occupancy(channel, False)
         for conn in list(channel.members):
             conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
 
@@ -276,9 +299,11 @@ class Channels:
 
     def close(self) -> None:
         """Stop every channel's dispatcher."""
-        for channel in list(self.by_name.values()):
-            channel.close()
+        channels = list(self.by_name.values())
         self.by_name.clear()
+        for channel in channels:
+            channel.close()
+            self._occupancy(channel, False)
 
     def __len__(self) -> int:
         return len(self.by_name)

@@ -13,19 +13,36 @@ holding live events aside, then the replay (if asked) and the head position
 are read through the bus's one replay path. The caller queues the reply and
 then :meth:`~eventcast.server.channels.Channels.release` hands over to live
 delivery under the handoff rule of :mod:`eventcast.replay`.
+
+The application's hooks (:mod:`eventcast.server.hooks`) are asked here, and
+only here: on connect without a token, on subscribe and publish where a hook
+decides (instead of the namespace's ``allow_*`` options), on rpc when no
+in-process handler answers, and when a session or a subscription expires
+while a refresh hook is configured (the hub extends it, not the client).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+from starlette.datastructures import Headers
 
 from .. import __version__
-from ..exceptions import InvalidTokenError, LogError, TokenExpiredError
+from ..exceptions import (
+    HookError,
+    InvalidTokenError,
+    InvalidTopicError,
+    KeySetError,
+    LogError,
+    TokenExpiredError,
+)
+from ..handlers import backoff_delay
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ..protocol.frames import (
@@ -53,17 +70,21 @@ from ..protocol.frames import (
     raw,
 )
 from ..protocol.session import Request
-from ..topics import is_pattern
+from ..topics import is_pattern, validate_topic
+from . import hooks
 from .channels import Membership
 from .connection import Connection
 from .errors import CommandError
+from .hooks import HookCaller, HookKind, Hooks
 from .limits import TokenBucket
+from .permissions import Permissions
 
 if TYPE_CHECKING:
     from ..events import Event
+    from .config import NamespaceConfig
     from .hub import Hub
 
-__all__ = ["CommandHandler", "Commands", "publication"]
+__all__ = ["Admission", "CommandHandler", "Commands", "Grant", "publication"]
 
 logger = logging.getLogger("eventcast.server")
 
@@ -73,8 +94,83 @@ CommandHandler = Callable[[Connection, Any], Awaitable[Any]]
 #: Most users whose command rate is tracked (the table is cleared past it).
 _USER_BUCKETS_LIMIT: Final = 100_000
 
+#: Retries of a refresh hook that failed (the session stays open meanwhile):
+#: exponential backoff from this base, in seconds, up to the cap.
+_REFRESH_RETRY_BASE: Final = 1.0
+_REFRESH_RETRY_CAP: Final = 30.0
+
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+
+
+def _json(value: Any, what: str) -> bytes | None:
+    """A hook's ``data``/``info`` as encoded JSON (``bytes`` must be JSON already).
+
+    Raises:
+        HookError: the value is not JSON.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        encoded = bytes(value)
+        try:
+            _decode(encoded)
+        except msgspec.DecodeError:
+            raise HookError(f"{what} is not JSON") from None
+        return encoded
+    try:
+        return _encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise HookError(f"{what} cannot be encoded as JSON: {type(exc).__name__}") from None
+
+
+def _client_data(data: msgspec.Raw) -> Any:
+    """What a client sent as ``data`` (valid JSON: the frame decoded), as a value."""
+    return _decode(bytes(data)) if data else None
+
+
+def _who(conn: Connection) -> dict[str, Any]:
+    """The fields of :class:`~eventcast.server.hooks.ClientRequest` for a connection."""
+    return {
+        "client": conn.id,
+        "user": conn.user,
+        "transport": conn.transport_name,
+        "headers": Headers(raw=list(conn.headers)),
+        "address": conn.address,
+        "meta": conn.meta,
+    }
+
+
+@dataclass(slots=True)
+class Admission:
+    """What authentication decided beyond the connection's identity.
+
+    Attributes:
+        channels: the server-side channels to join, with the connect hook's options.
+        data: for the client, in the connect reply (encoded JSON).
+    """
+
+    channels: dict[str, hooks.SubscribeOptions | None] = field(default_factory=dict)
+    data: bytes | None = None
+
+
+@dataclass(slots=True)
+class Grant:
+    """A subscription that may go ahead.
+
+    Attributes:
+        namespace: the channel's namespace options.
+        expires_at: when it expires (Unix seconds), or ``None``.
+        info: channel information of the subscriber, from the hook (encoded JSON).
+        data: for the client, in the subscribe reply (encoded JSON).
+        refreshed_by_hook: a sub_refresh hook extends it (not the client).
+    """
+
+    namespace: NamespaceConfig
+    expires_at: float | None = None
+    info: bytes | None = None
+    data: bytes | None = None
+    refreshed_by_hook: bool = False
 
 
 def publication(event: Event) -> Publication:
@@ -93,8 +189,10 @@ class Commands:
         hub: the hub whose parts the commands use.
     """
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, hooks: Hooks | None = None) -> None:
         self._hub = hub
+        #: Calls the application's hooks (see :mod:`eventcast.server.hooks`).
+        self.hooks = HookCaller(hooks)
         #: Method name -> handler. A method missing here is answered with 104.
         self.table: Final[Mapping[str, CommandHandler]] = {
             "connect": self.connect,
@@ -151,7 +249,7 @@ class Commands:
                 session.close(answer)
             else:
                 session.error(request.id, answer, client_fault=answer.code != 100)
-        except LogError as exc:
+        except (LogError, KeySetError) as exc:
             logger.warning("%s on %s failed: %s", method, conn.id, exc)
             session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
         except Exception:
@@ -176,32 +274,83 @@ class Commands:
 
     # -- connecting --------------------------------------------------------------------
 
-    def authenticate(self, conn: Connection, token: str | None) -> tuple[str, ...]:
-        """Set a connection's identity from its token; return its server-side channels.
+    async def authenticate(
+        self, conn: Connection, token: str | None, req: ConnectRequest | None = None
+    ) -> Admission:
+        """Set a connection's identity from its token or the connect hook.
+
+        A token wins; without one the connect hook decides, if there is one;
+        else the client is anonymous, if that is allowed. With a refresh hook,
+        the hub asks it when the session expires (see :meth:`_refresh`).
+
+        Args:
+            conn: the connection (WebSocket or SSE).
+            token: the connection token, if the client sent one.
+            req: the ``connect`` command (``None`` for SSE).
 
         Raises:
             TokenExpiredError: the token expired.
             InvalidTokenError: the token is invalid, or missing while anonymous
                 connections are not allowed.
-            CommandError: the user has too many connections on this node (3504).
+            KeySetError: the JWKS needed to check the token could not be read.
+            CommandError: the connect hook refused or failed, or the user has
+                too many connections on this node (3504).
         """
         hub = self._hub
-        channels: tuple[str, ...] = ()
+        admission = Admission()
         if token:
+            await hub.verifier.prepare(token)
             claims = hub.verifier.verify_connection(token)
             conn.user = claims.user
             conn.anonymous = False
             conn.expires_at = claims.expires_at
             conn.info = None if claims.info is None else _encode(claims.info)
-            channels = claims.channels
+            admission.channels = dict.fromkeys(claims.channels)
+        elif self.hooks.handles("connect"):
+            admission = await self._connect_hook(conn, req)
         elif not hub.settings.allow_anonymous:
             raise InvalidTokenError("a token is required")
+        if self.hooks.handles("refresh"):
+            conn.on_expire = self._session_expired
         # Anonymous clients share the empty user id: they are not one user (as in Centrifugo).
         if conn.user and hub.registry.user_connections(conn.user) >= (
             hub.settings.connections_per_user
         ):
             raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
-        return channels
+        return admission
+
+    async def _connect_hook(self, conn: Connection, req: ConnectRequest | None) -> Admission:
+        request = hooks.ConnectRequest(
+            **_who(conn),
+            data=_client_data(req.data) if req is not None else None,
+            name=req.name if req is not None else "",
+            version=req.version if req is not None else "",
+        )
+
+        async def run(h: Hooks) -> Admission:
+            result = await h.connect(request)
+            if not isinstance(result.user, str):
+                raise HookError("the connect hook returned a user that is not a str")
+            channels: dict[str, hooks.SubscribeOptions | None] = {}
+            try:
+                for name in result.channels:
+                    channels[validate_topic(name)] = None
+                for name, options in result.subs.items():
+                    # Encoded here, so a bad value is the hook's failure (100).
+                    channels[validate_topic(name)] = hooks.SubscribeOptions(
+                        info=_json(options.info, "the connect hook's channel info"),
+                        data=_json(options.data, "the connect hook's channel data"),
+                    )
+            except InvalidTopicError as exc:
+                raise HookError(f"the connect hook returned a bad channel: {exc}") from None
+            conn.user = result.user
+            conn.anonymous = not result.user
+            conn.expires_at = result.expire_at
+            conn.info = _json(result.info, "the connect hook's info")
+            conn.meta = result.meta
+            return Admission(channels, _json(result.data, "the connect hook's data"))
+
+        return await self.hooks.call("connect", conn, run)
 
     def _claims(self, token: str) -> Any:
         try:
@@ -212,17 +361,21 @@ class Commands:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
 
     async def connect(self, conn: Connection, req: ConnectRequest) -> ConnectResult:
-        """``connect``: authenticate, register, and join the token's server-side channels."""
+        """``connect``: authenticate, register, and join the server-side channels."""
         hub = self._hub
         settings = hub.settings
         if hub.closing:
             raise CommandError(codes.DISCONNECT_SHUTDOWN)
         try:
-            channels = self.authenticate(conn, req.token)
+            admission = await self.authenticate(conn, req.token, req)
         except TokenExpiredError:
             raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
         except InvalidTokenError:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN) from None
+        if hub.closing:  # began while a hook or the JWKS was awaited
+            raise CommandError(codes.DISCONNECT_SHUTDOWN)
+        if not conn.is_open():
+            raise CommandError(codes.DISCONNECT_CONNECTION_CLOSED)
         hub.registry.register(conn)
         result = ConnectResult(
             client=conn.id,
@@ -230,17 +383,19 @@ class Commands:
             ping=int(settings.ping_interval),
             pong=True,
             node=settings.node_name,
+            data=raw(admission.data),
         )
-        if conn.expires_at is not None:
+        if conn.expires_at is not None and conn.on_expire is None:
+            # Without a refresh hook the client refreshes with a new token.
             result.expires = True
             result.ttl = max(1, int(conn.expires_at - time.time()))
-        if channels:
+        if admission.channels:
             subs: dict[str, SubscribeResult] = {}
             wanted = req.subs or {}
-            for name in channels:
+            for name, options in admission.channels.items():
                 sub_req = wanted.get(name) or SubscribeRequest(channel=name)
                 sub_req.channel = name
-                subs[name] = await self.join(conn, sub_req, server_side=True)
+                subs[name] = await self.join(conn, sub_req, server_side=True, options=options)
             result.subs = subs
         return result
 
@@ -255,6 +410,7 @@ class Commands:
         """``refresh``: extend the connection's expiry with a new token."""
         if not req.token:
             raise CommandError(codes.ERROR_BAD_REQUEST.with_message("token required"))
+        await self._hub.verifier.prepare(req.token)
         claims = self._claims(req.token)
         if claims.user != conn.user:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
@@ -272,22 +428,82 @@ class Commands:
         """``subscribe``: join a channel as the client asked (see :meth:`join`)."""
         return await self.join(conn, req, server_side=False)
 
-    async def join(
+    async def authorize(
         self, conn: Connection, req: SubscribeRequest, *, server_side: bool
+    ) -> Grant:
+        """Check that ``conn`` may subscribe as ``req`` asks: the permissions, then the hook.
+
+        The subscribe hook decides where one is configured, except for a
+        subscription token, a ``#`` user-limited channel or a server-side
+        subscription (as Centrifugo's subscribe proxy).
+
+        Raises:
+            CommandError: the subscription is refused (by a rule or the hook),
+                or the hook failed (100).
+            KeySetError: the JWKS needed to check the token could not be read.
+        """
+        hub = self._hub
+        name = req.channel
+        if req.token:
+            await hub.verifier.prepare(req.token)
+        hooked = self.hooks.handles("subscribe", name) and Permissions.hook_decides(
+            name, token=req.token, server_side=server_side
+        )
+        ns, expires_at = hub.permissions.subscribe(
+            conn, name, token=req.token, server_side=server_side, hooked=hooked
+        )
+        grant = Grant(ns, expires_at)
+        if hooked:
+            request = hooks.SubscribeRequest(
+                **_who(conn), channel=name, data=_client_data(req.data)
+            )
+
+            async def run(h: Hooks) -> None:
+                result = await h.subscribe(request)
+                grant.expires_at = result.expire_at
+                grant.info = _json(result.info, "the subscribe hook's info")
+                grant.data = _json(result.data, "the subscribe hook's data")
+
+            await self.hooks.call("subscribe", conn, run, name)
+        grant.refreshed_by_hook = grant.expires_at is not None and self.hooks.handles(
+            "sub_refresh", name
+        )
+        return grant
+
+    async def join(
+        self,
+        conn: Connection,
+        req: SubscribeRequest,
+        *,
+        server_side: bool,
+        options: hooks.SubscribeOptions | None = None,
     ) -> SubscribeResult:
         """Join a channel, holding live events until the caller has queued the reply.
 
         The caller must queue the reply (or push), then call
         :meth:`Channels.release <eventcast.server.channels.Channels.release>`.
 
+        Args:
+            conn: the connection.
+            req: the subscribe request (its token, recovery position, data).
+            server_side: the server subscribes the connection (already authorized).
+            options: the connect hook's options of a server-side subscription,
+                with ``info`` and ``data`` encoded.
+
         Raises:
             CommandError: the subscription is refused.
         """
         hub = self._hub
         name = req.channel
-        ns, expires_at = hub.permissions.subscribe(
-            conn, name, token=req.token, server_side=server_side
-        )
+        if name in conn.channels:
+            raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
+        grant = await self.authorize(conn, req, server_side=server_side)
+        ns, expires_at = grant.namespace, grant.expires_at
+        if options is not None:  # encoded JSON already (see _connect_hook)
+            grant.info = options.info
+            grant.data = options.data
+        if not conn.is_open():  # closed while the hook was awaited
+            raise CommandError(codes.ERROR_INTERNAL)
         if name in conn.channels:
             raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
         if len(conn.channels) >= hub.settings.channels_per_connection:
@@ -298,18 +514,20 @@ class Commands:
             expires_at=expires_at,
             join_leave=ns.join_leave and (req.join_leave or ns.force_push_join_leave),
             presence=ns.presence,
+            info=grant.info,
         )
         hub.channels.join(conn, name, membership)
-        result = SubscribeResult()
+        result = SubscribeResult(data=raw(grant.data))
         try:
             if ns.presence:
                 await hub.presence_keeper.add(name, conn)
                 if ns.join_leave:
-                    hub.join_leave(name, "join", conn)
-            if expires_at is not None:
+                    hub.join_leave(name, "join", conn, membership.info)
+            self.arm_subscription(conn, membership, grant)
+            if expires_at is not None and not grant.refreshed_by_hook:
+                # The client refreshes with a new subscription token.
                 result.expires = True
                 result.ttl = max(1, int(expires_at - time.time()))
-                membership.arm_expiry(conn)
             if ns.history_size > 0 and not is_pattern(name):
                 recover = req.recover and ns.allow_recovery
                 since = StreamPosition(offset=req.offset, epoch=req.epoch) if recover else None
@@ -332,11 +550,21 @@ class Commands:
             raise CommandError(codes.ERROR_INTERNAL)
         return result
 
+    def arm_subscription(self, conn: Connection, membership: Membership, grant: Grant) -> None:
+        """Arm a new subscription's expiry: then the sub_refresh hook extends it, or 3006."""
+        if grant.expires_at is None:
+            return
+        if grant.refreshed_by_hook:
+            membership.on_expire = self._subscription_expired
+        membership.arm_expiry(conn)
+
     async def sub_refresh(self, conn: Connection, req: SubRefreshRequest) -> SubRefreshResult:
         """``sub_refresh``: extend a subscription's expiry with a new subscription token."""
         membership = conn.channels.get(req.channel)
         if membership is None:
             raise CommandError(codes.ERROR_PERMISSION_DENIED.with_message("not subscribed"))
+        if req.token:
+            await self._hub.verifier.prepare(req.token)
         _, expires_at = self._hub.permissions.subscribe(conn, req.channel, token=req.token)
         membership.expires_at = expires_at
         result = SubRefreshResult()
@@ -353,12 +581,36 @@ class Commands:
     # -- publishing and reading --------------------------------------------------------
 
     async def publish(self, conn: Connection, req: PublishRequest) -> None:
-        """``publish``: into a channel the client may publish to."""
+        """``publish``: into a channel the client may publish to (a publish hook may rewrite it)."""
         hub = self._hub
-        hub.permissions.publish(conn, req.channel)
+        channel = req.channel
+        hooked = self.hooks.handles("publish", channel)
+        hub.permissions.publish(conn, channel, hooked=hooked)
         if not req.data:
             raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data required"))
-        await hub.publish(req.channel, bytes(req.data))
+        data = bytes(req.data)
+        if not hooked:
+            await hub.publish(channel, data)
+            return
+        request = hooks.PublishRequest(**_who(conn), channel=channel, data=_decode(data))
+
+        async def run(h: Hooks) -> hooks.PublishResult:
+            result = await h.publish(request)
+            rewritten = _json(result.data, "the publish hook's data")
+            if rewritten is None:
+                return result
+            return hooks.PublishResult(
+                data=rewritten, tags=result.tags, idempotency_key=result.idempotency_key
+            )
+
+        result = await self.hooks.call("publish", conn, run, channel)
+        tags = dict(result.tags) if result.tags else None
+        await hub.publish(
+            channel,
+            data if result.data is None else result.data,
+            tags=tags,
+            idempotency_key=result.idempotency_key,
+        )
 
     async def history(self, conn: Connection, req: HistoryRequest) -> HistoryResult:
         """``history``: a page of a channel's history the client may read."""
@@ -396,10 +648,95 @@ class Commands:
             await result
 
     async def rpc(self, conn: Connection, req: RPCRequest) -> RPCResult:
-        """``rpc``: call the application's handler registered for the method."""
+        """``rpc``: the handler registered for the method, else the rpc hook."""
         handler = self._hub.rpc_handlers.get(req.method)
-        if handler is None:
+        data = _client_data(req.data)
+        if handler is not None:
+            value = await handler(conn, data)
+            return RPCResult(data=raw(_encode(value)))
+        if not self.hooks.handles("rpc"):
             raise CommandError(codes.ERROR_METHOD_NOT_FOUND)
-        data = _decode(bytes(req.data)) if req.data else None
-        value = await handler(conn, data)
-        return RPCResult(data=raw(_encode(value)))
+        request = hooks.RPCRequest(**_who(conn), method=req.method, data=data)
+
+        async def run(h: Hooks) -> bytes | None:
+            result = await h.rpc(request)
+            return _json(result.data, "the rpc hook's data")
+
+        return RPCResult(data=raw(await self.hooks.call("rpc", conn, run)))
+
+    # -- expiring sessions and subscriptions (with a refresh hook) ---------------------
+
+    def _session_expired(self, conn: Connection) -> None:
+        """A session expired while a refresh hook is configured: ask it (in the background)."""
+        self._hub.tasks.spawn(
+            self._refresh(conn, conn, None, conn.arm_expiry), f"eventcast-refresh-{conn.id}"
+        )
+
+    def _subscription_expired(self, conn: Connection, membership: Membership) -> None:
+        """A subscription expired while a sub_refresh hook is configured: ask it."""
+        self._hub.tasks.spawn(
+            self._refresh(
+                conn, membership, membership.channel, lambda: membership.arm_expiry(conn)
+            ),
+            f"eventcast-sub-refresh-{conn.id}",
+        )
+
+    async def _refresh(
+        self,
+        conn: Connection,
+        target: Connection | Membership,
+        channel: str | None,
+        rearm: Callable[[], None],
+    ) -> None:
+        """Ask the refresh (or, for a ``channel``, the sub_refresh) hook until it answers.
+
+        It extends the session (subscription) and re-arms its expiry, or ends
+        it: 3005 (3006). A hook that fails (100) is asked again with backoff
+        while the session stays open, as Centrifugo does, so a backend's
+        downtime does not end established connections.
+        """
+        kind: HookKind = "refresh" if channel is None else "sub_refresh"
+        expired = codes.DISCONNECT_EXPIRED if channel is None else codes.DISCONNECT_SUB_EXPIRED
+        attempt = 0
+        while conn.is_open() and (channel is None or conn.channels.get(channel) is target):
+
+            async def run(h: Hooks) -> None:
+                if channel is None:
+                    result: hooks.RefreshResult | hooks.SubRefreshResult = await h.refresh(
+                        hooks.RefreshRequest(**_who(conn))
+                    )
+                else:
+                    result = await h.sub_refresh(
+                        hooks.SubRefreshRequest(**_who(conn), channel=channel)
+                    )
+                info = _json(result.info, f"the {kind} hook's info")
+                if result.expired:
+                    conn.close(expired)
+                    return
+                target.expires_at = result.expire_at
+                if info is not None:
+                    target.info = info
+
+            try:
+                await self.hooks.call(kind, conn, run, channel)
+            except CommandError as exc:
+                if self._ended(conn, exc, expired):
+                    return
+                await asyncio.sleep(backoff_delay(attempt, _REFRESH_RETRY_BASE, _REFRESH_RETRY_CAP))
+                attempt += 1
+                continue
+            if conn.is_open():
+                rearm()
+            return
+
+    @staticmethod
+    def _ended(conn: Connection, exc: CommandError, expired: Disconnect) -> bool:
+        """After a refresh hook refused: close the connection unless it merely failed (100)."""
+        answer = exc.answer
+        if isinstance(answer, Disconnect):
+            conn.close(answer)
+            return True
+        if answer.code != codes.ERROR_INTERNAL.code:
+            conn.close(expired)
+            return True
+        return False

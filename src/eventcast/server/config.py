@@ -100,6 +100,14 @@ class NamespaceConfig(BaseModel):
             the listed users only.
         allow_patterns: (eventcast extension) clients may subscribe to patterns
             with ``*`` and ``>``.
+        proxy_subscribe: client subscriptions to this namespace are decided by the
+            HTTP subscribe proxy (``proxy_subscribe_endpoint``) instead of the
+            ``allow_subscribe_*`` options (not for subscription tokens or ``#``
+            channels, as in Centrifugo).
+        proxy_publish: client publications are decided (and may be rewritten) by
+            the HTTP publish proxy instead of the ``allow_publish_*`` options.
+        proxy_sub_refresh: expiring subscriptions are extended by the HTTP
+            sub_refresh proxy instead of closing the connection.
         schema: (eventcast extension) what every publication's data must match:
             a JSON Schema (a TOML table, or JSON in the environment), or in
             Python a msgspec ``Struct`` or pydantic model class. Publishes that
@@ -128,6 +136,9 @@ class NamespaceConfig(BaseModel):
     force_push_join_leave: bool = False
     allow_user_limited_channels: bool = False
     allow_patterns: bool = False
+    proxy_subscribe: bool = False
+    proxy_publish: bool = False
+    proxy_sub_refresh: bool = False
     # Not named ``schema``: that would shadow a (deprecated) BaseModel attribute.
     data_schema: Any = Field(default=None, alias="schema")
 
@@ -164,18 +175,63 @@ class NamespaceConfig(BaseModel):
         )
 
 
+#: The lifecycle events a webhook can receive.
+WebhookEvent = Literal["connect", "disconnect", "channel_occupied", "channel_vacated"]
+#: Every lifecycle event, the default of :attr:`WebhookConfig.events`.
+WEBHOOK_EVENTS: Final[tuple[WebhookEvent, ...]] = (
+    "connect",
+    "disconnect",
+    "channel_occupied",
+    "channel_vacated",
+)
+
+
+def _check_http_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if scheme.lower() not in ("http", "https") or not sep or not rest.strip("/"):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+class WebhookConfig(BaseModel):
+    """One lifecycle webhook: where to POST which events, and how to sign them.
+
+    Attributes:
+        url: the ``http://`` or ``https://`` endpoint.
+        events: the events to send (default: all of :data:`WEBHOOK_EVENTS`).
+        secret: signs each request (``webhook-signature``, see ``docs/hooks.md``);
+            a ``whsec_``-prefixed secret is base64-decoded first, as the
+            Standard Webhooks specification says. Without it requests are unsigned.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: tuple[WebhookEvent, ...] = WEBHOOK_EVENTS
+    secret: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _check_http_url(value)
+
+
 #: The options of channels without a namespace when no ``""`` namespace is configured.
 _DEFAULT_NAMESPACE: Final = NamespaceConfig(name="")
 
 
+#: List settings also given as a comma- (or space-) separated string in the environment.
+_LIST_FIELDS: Final = ("allowed_origins", "proxy_http_headers")
+
+
 class _EnvSource(EnvSettingsSource):
-    """The environment source, leaving ``allowed_origins`` raw (JSON or comma-separated)."""
+    """The environment source, leaving the :data:`_LIST_FIELDS` raw (JSON or separated)."""
 
     def prepare_field_value(
         self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
     ) -> Any:
-        if field_name == "allowed_origins" and isinstance(value, str):
-            return value  # parsed by Settings._parse_origins
+        if field_name in _LIST_FIELDS and isinstance(value, str):
+            return value  # parsed by Settings._parse_list
         return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
@@ -223,6 +279,41 @@ class Settings(BaseSettings):
             dashboard is open: set one anywhere but on a developer's machine).
         asyncapi: serve the hub's AsyncAPI 3.0 document at ``GET /asyncapi.json``
             (off by default: it lists the namespaces and their permissions).
+        token_jwks_url: verify ``RS*``/``ES*`` tokens against the keys of this JWKS
+            endpoint (Keycloak, Auth0, Cognito), chosen by the token's ``kid``.
+        token_jwks_cache_ttl: seconds the JWKS is used before it is fetched again
+            (in the background; tokens keep being verified meanwhile).
+        token_jwks_min_refresh: the least seconds between two fetches caused by a
+            token naming an unknown ``kid`` (so unknown keys cause no request storm).
+        proxy_connect_endpoint: Centrifugo's HTTP connect proxy: a client without a
+            token is authenticated by a POST here.
+        proxy_refresh_endpoint: extends expiring connections (server-side refresh).
+        proxy_subscribe_endpoint: decides subscriptions in namespaces with
+            ``proxy_subscribe``.
+        proxy_publish_endpoint: decides (and may rewrite) publications in namespaces
+            with ``proxy_publish``.
+        proxy_sub_refresh_endpoint: extends expiring subscriptions in namespaces with
+            ``proxy_sub_refresh``.
+        proxy_rpc_endpoint: answers ``rpc`` calls no in-process handler answers.
+        proxy_connect_timeout: seconds a connect proxy call may take (the other
+            ``proxy_*_timeout`` settings likewise for theirs); past it the client
+            gets error 100.
+        proxy_http_headers: the client request headers forwarded to every proxy
+            call (case-insensitive). From the environment, a JSON list or a comma-
+            or space-separated string.
+        proxy_binary_encoding: send client data as ``b64data`` (base64) instead of
+            ``data`` (Centrifugo's ``binary_encoding``).
+        webhooks: lifecycle webhooks (TOML ``[[webhooks]]``, or JSON in
+            ``EVENTCAST_WEBHOOKS``), see :class:`WebhookConfig`.
+        webhook_timeout: seconds one webhook POST may take.
+        webhook_retries: retries of a failed webhook delivery before it becomes a
+            dead letter (with exponential backoff and jitter).
+        webhook_backoff: base delay of the retry backoff, in seconds.
+        webhook_max_backoff: cap of the retry backoff, in seconds.
+        webhook_queue_size: events waiting for delivery per webhook; past it the
+            oldest becomes a dead letter.
+        webhook_vacated_delay: seconds a channel must stay empty on every node
+            before ``channel_vacated`` is sent.
         log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         consumers: sources the hub consumes (PostgreSQL outbox, MQTT, AMQP, Redis
@@ -267,6 +358,30 @@ class Settings(BaseSettings):
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
     asyncapi: bool = False
+    token_jwks_url: str | None = None
+    token_jwks_cache_ttl: Duration = Field(default=300.0, gt=0)
+    token_jwks_min_refresh: Duration = Field(default=10.0, gt=0)
+    proxy_connect_endpoint: str | None = None
+    proxy_refresh_endpoint: str | None = None
+    proxy_subscribe_endpoint: str | None = None
+    proxy_publish_endpoint: str | None = None
+    proxy_sub_refresh_endpoint: str | None = None
+    proxy_rpc_endpoint: str | None = None
+    proxy_connect_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_refresh_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_subscribe_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_publish_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_sub_refresh_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_rpc_timeout: Duration = Field(default=1.0, gt=0)
+    proxy_http_headers: list[str] = Field(default_factory=list)
+    proxy_binary_encoding: bool = False
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    webhook_timeout: Duration = Field(default=5.0, gt=0)
+    webhook_retries: int = Field(default=10, ge=0)
+    webhook_backoff: Duration = Field(default=0.5, gt=0)
+    webhook_max_backoff: Duration = Field(default=30.0, gt=0)
+    webhook_queue_size: int = Field(default=10_000, gt=0)
+    webhook_vacated_delay: Duration = Field(default=5.0, ge=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     consumers: list[ConsumerConfig] = Field(default_factory=list)
@@ -324,9 +439,9 @@ class Settings(BaseSettings):
         finally:
             _TOML_DATA.reset(reset)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod
-    def _parse_origins(cls, value: object) -> object:
+    def _parse_list(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         text = value.strip()
@@ -334,9 +449,22 @@ class Settings(BaseSettings):
             try:
                 parsed: object = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"allowed_origins is not a valid JSON list: {exc}") from exc
+                raise ValueError(f"not a valid JSON list: {exc}") from exc
             return parsed
-        return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return [item for item in re.split(r"[,\s]+", text) if item]
+
+    @field_validator(
+        "token_jwks_url",
+        "proxy_connect_endpoint",
+        "proxy_refresh_endpoint",
+        "proxy_subscribe_endpoint",
+        "proxy_publish_endpoint",
+        "proxy_sub_refresh_endpoint",
+        "proxy_rpc_endpoint",
+    )
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if not value else _check_http_url(value)
 
     @field_validator("log_url", "backplane_url")
     @classmethod

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol.codes import DISCONNECT_EXPIRED, DISCONNECT_SLOW, Disconnect
@@ -97,6 +97,8 @@ class Connection:
         max_bad_commands: malformed commands tolerated before 3509.
         transport_name: ``websocket`` or ``sse``.
         start_writer: start writing now (an SSE stream attaches later).
+        headers: the headers of the connection's HTTP request (ASGI's raw pairs).
+        address: the client's IP address, if known.
     """
 
     def __init__(
@@ -110,6 +112,8 @@ class Connection:
         max_bad_commands: int = 10,
         transport_name: str = "websocket",
         start_writer: bool = True,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        address: str | None = None,
     ) -> None:
         if transport_name not in ("websocket", "sse"):
             raise ValueError(f"unknown transport {transport_name!r}")
@@ -121,7 +125,18 @@ class Connection:
         #: Connection info from the token, encoded once (``None`` when absent).
         self.info: bytes | None = None
         self.expires_at: float | None = None
+        #: Called instead of closing with 3005 when :attr:`expires_at` passes
+        #: (a refresh hook decides then).
+        self.on_expire: Callable[[Connection], None] | None = None
         self.anonymous = True
+        #: The headers of the connection's HTTP request (ASGI's raw pairs).
+        self.headers = headers
+        #: The client's IP address, if known.
+        self.address = address
+        #: What the connect hook attached (given to later hooks, never to the client).
+        self.meta: Any = None
+        #: Keeps this connection's hook calls in order (created on first use).
+        self.hooks_lock: asyncio.Lock | None = None
         self.transport_name = transport_name
         #: Channels this connection is subscribed to, with their state.
         self.channels: dict[str, Membership] = {}
@@ -333,8 +348,9 @@ class Connection:
     def arm_expiry(self) -> None:
         """Close the connection with 3005 "expired" once :attr:`expires_at` passes.
 
-        Re-arming after a refresh is safe: a timer whose expiry was replaced
-        does nothing when it fires.
+        With :attr:`on_expire` set, that is called instead. Re-arming after a
+        refresh is safe: a timer whose expiry was replaced does nothing when it
+        fires.
         """
         expected = self.expires_at
         if expected is None:
@@ -342,7 +358,10 @@ class Connection:
 
         def check() -> None:
             if self.expires_at == expected and not self.closed:
-                self.close(DISCONNECT_EXPIRED)
+                if self.on_expire is not None:
+                    self.on_expire(self)
+                else:
+                    self.close(DISCONNECT_EXPIRED)
 
         delay = max(0.0, expected - time.time())
         asyncio.get_running_loop().call_later(delay + 0.05, check)

@@ -56,12 +56,16 @@ from .channels import Channels, HubChannel, Membership
 from .commands import Commands, publication
 from .connection import Connection, Flusher, Send
 from .errors import CommandError
+from .hooks import Hooks
 from .ingest import HubTarget
+from .jwks import jwks_for
 from .limits import TokenBucket, origin_allowed
 from .permissions import Permissions
 from .presence import MemoryPresence, Presence, PresenceKeeper, client_info, open_presence
+from .proxy import configured_hooks
 from .registry import Registry
 from .sse import SSEStreams
+from .webhooks import Webhooks
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -84,9 +88,14 @@ class Hub:
         settings: the hub's :class:`~eventcast.server.config.Settings`.
         bus: an existing bus to serve (it must have the log and namespaces);
             by default one is built from the settings.
+        hooks: the application's in-process hooks (see
+            :mod:`eventcast.server.hooks`); the ``proxy_*`` settings add
+            Centrifugo's HTTP proxy for the hooks these do not answer.
     """
 
-    def __init__(self, settings: Settings, *, bus: Bus | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, bus: Bus | None = None, hooks: Hooks | None = None
+    ) -> None:
         self.settings = settings
         if bus is None:
             namespaces = {ns.name: ns.to_bus() for ns in settings.namespaces}
@@ -103,6 +112,7 @@ class Hub:
             public_key=_secret(settings.token_public_key),
             audience=settings.token_audience,
             issuer=settings.token_issuer,
+            jwks=jwks_for(settings),
         )
         self.tasks = Supervisor(logger)
         self.flusher = Flusher()
@@ -110,11 +120,13 @@ class Hub:
         self.permissions = Permissions(settings, self.verifier)
         self.sse = SSEStreams(self)
         self.channels = Channels(bus, self.sse.deliver, self._left)
-        self.commands = Commands(self)
+        self.commands = Commands(self, configured_hooks(settings, hooks))
         self.admin = Admin(self)
         #: Who is in which channel (in process here; Redis or NATS across nodes).
         self.presence: Presence = _presence_for(settings.backplane_url)
         self.presence_keeper = PresenceKeeper(lambda: self.presence, settings.presence_ttl)
+        #: Lifecycle webhooks (``None`` when none is configured).
+        self.webhooks = Webhooks(self) if settings.webhooks else None
         bus.gap_listeners.append(self.channels.lost_continuity)
         bus.control_listeners.append(self._on_control)
         #: The sources the hub consumes (the ``consumers`` setting), built at start.
@@ -172,6 +184,8 @@ class Hub:
             await opener()
         await self.bus.start()
         self.tasks.spawn(self.presence_keeper.refresh(self._present), "eventcast-presence")
+        if self.webhooks is not None:
+            self.webhooks.start()
         # Built here, so a consumer whose driver is missing is a clear error at start.
         self.consumers = Consumers(self.settings.consumers, HubTarget(self))
         self.consumers.start()
@@ -207,7 +221,11 @@ class Hub:
         self.channels.close()
         if self.consumers is not None:
             await self.consumers.aclose()  # before the bus: they publish into it
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
         await self.tasks.aclose()
+        await self.commands.hooks.aclose()
+        await self.verifier.aclose()
         await self.presence.close()
         await self.bus.close()
 
@@ -219,9 +237,14 @@ class Hub:
         send: Send,
         transport: asyncio.WriteTransport | None,
         transport_name: str = "websocket",
+        scope: Any = None,
     ) -> Connection:
-        """A connection of this hub, with its limits (an SSE one starts writing on attach)."""
+        """A connection of this hub, with its limits (an SSE one starts writing on attach).
+
+        ``scope`` (the ASGI scope) gives the request's headers and client address to hooks.
+        """
         settings = self.settings
+        client = scope.get("client") if scope else None
         return Connection(
             flusher=self.flusher,
             on_closed=self.connection_closed,
@@ -231,6 +254,8 @@ class Hub:
             max_bad_commands=settings.max_bad_commands,
             transport_name=transport_name,
             start_writer=transport_name != "sse",
+            headers=scope.get("headers", ()) if scope else (),
+            address=client[0] if client else None,
         )
 
     def connection_closed(self, conn: Connection) -> None:
@@ -248,11 +273,13 @@ class Hub:
         )
         ns = self.settings.namespace(channel.name)
         if ns is not None and ns.join_leave:
-            self.join_leave(channel.name, "leave", conn)
+            self.join_leave(channel.name, "leave", conn, membership.info)
 
-    def join_leave(self, channel: str, kind: str, conn: Connection) -> None:
+    def join_leave(
+        self, channel: str, kind: str, conn: Connection, chan_info: bytes | None = None
+    ) -> None:
         """Tell the members of ``channel`` on every node that ``conn`` joined or left."""
-        info = _encode(client_info(conn))
+        info = _encode(client_info(conn, chan_info))
         self.bus.send_control(kind, channel, info)
         self.channels.push_join_leave(channel, kind, info)
 

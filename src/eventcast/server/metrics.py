@@ -145,6 +145,30 @@ class HubCollector(Collector):
         for (method, result), count in sorted(hub.api_calls.items()):
             api.add_metric([method, result], count)
         yield api
+        hook_calls = CounterMetricFamily(
+            "eventcast_hook_calls",
+            "Application hook calls by hook and outcome (ok, rejected, error, timeout).",
+            labels=["hook", "result"],
+        )
+        for (kind, outcome), count in sorted(hub.commands.hooks.calls.items()):
+            hook_calls.add_metric([kind, outcome], count)
+        yield hook_calls
+        webhooks = hub.webhooks
+        if webhooks is not None:
+            deliveries = CounterMetricFamily(
+                "eventcast_webhook_events",
+                "Lifecycle webhook events by webhook and outcome (delivered, failed).",
+                labels=["webhook", "result"],
+            )
+            queued = GaugeMetricFamily(
+                "eventcast_webhook_queue", "Events waiting for a webhook.", labels=["webhook"]
+            )
+            for endpoint in webhooks.endpoints:
+                deliveries.add_metric([endpoint.subscriber, "delivered"], endpoint.delivered)
+                deliveries.add_metric([endpoint.subscriber, "failed"], endpoint.failed)
+                queued.add_metric([endpoint.subscriber], endpoint.queued)
+            yield deliveries
+            yield queued
         latency = hub.bus.append_latency
         yield HistogramMetricFamily(
             "eventcast_log_append_seconds",

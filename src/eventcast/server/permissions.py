@@ -90,13 +90,31 @@ class Permissions:
         _, sep, users = channel.rpartition("#")
         return bool(sep) and bool(user) and user in users.split(",")
 
+    @staticmethod
+    def hook_decides(channel: str, *, token: str, server_side: bool) -> bool:
+        """Whether a subscribe hook decides this subscription (if one is configured).
+
+        Not for a subscription token, a ``#`` user-limited channel or a
+        server-side subscription: those decide on their own (as with
+        Centrifugo's subscribe proxy).
+        """
+        return not server_side and not token and "#" not in channel
+
     def subscribe(
-        self, client: Client, channel: str, *, token: str = "", server_side: bool = False
+        self,
+        client: Client,
+        channel: str,
+        *,
+        token: str = "",
+        server_side: bool = False,
+        hooked: bool = False,
     ) -> tuple[NamespaceConfig, float | None]:
         """Check that ``client`` may subscribe; return the namespace and the expiry, if any.
 
         A server-side subscription (from the token, the API or a hook) is
-        already authorized: only the name and the namespace are checked.
+        already authorized: only the name and the namespace are checked. With
+        ``hooked`` (see :meth:`hook_decides`) the application's subscribe hook
+        decides instead of the namespace's ``allow_*`` options.
 
         Raises:
             CommandError: 103 permission denied, 109 token expired, 107/102 as
@@ -124,6 +142,8 @@ class Permissions:
             if ns.allow_user_limited_channels and self.user_limited(channel, client.user):
                 return ns, None
             raise CommandError(codes.ERROR_PERMISSION_DENIED)
+        if hooked:
+            return ns, None
         if client.anonymous and not ns.allow_subscribe_for_anonymous:
             raise CommandError(codes.ERROR_PERMISSION_DENIED)
         if not ns.allow_subscribe_for_client:
@@ -134,13 +154,18 @@ class Permissions:
     def _may(client: Client, channel: str, for_client: bool, for_subscriber: bool) -> bool:
         return for_client or (for_subscriber and channel in client.channels)
 
-    def publish(self, client: Client, channel: str) -> NamespaceConfig:
+    def publish(self, client: Client, channel: str, *, hooked: bool = False) -> NamespaceConfig:
         """Check that ``client`` may publish into ``channel``.
+
+        With ``hooked`` the application's publish hook decides instead of the
+        namespace's ``allow_publish_*`` options: only the name is checked.
 
         Raises:
             CommandError: 103 permission denied, 107/102 as for :meth:`channel`.
         """
         ns = self.channel(channel)
+        if hooked:
+            return ns
         if client.anonymous and not ns.allow_publish_for_anonymous:
             raise CommandError(codes.ERROR_PERMISSION_DENIED)
         if not self._may(

@@ -195,7 +195,9 @@ class PresenceKeeper:
         Raises:
             EventcastError: the store failed.
         """
-        await self._store().add(channel, conn.id, client_info(conn), self.ttl)
+        membership = conn.channels.get(channel)
+        chan_info = None if membership is None else membership.info
+        await self._store().add(channel, conn.id, client_info(conn, chan_info), self.ttl)
 
     async def remove(self, channel: str, client: str) -> None:
         """Remove a client's entry from a channel (logged, not raised, on failure)."""
@@ -223,6 +225,7 @@ class PresenceKeeper:
                     user=str(info.get("user", "")),
                     client=str(info.get("client", client)),
                     conn_info=raw(_encode(info["conn_info"])) if "conn_info" in info else NO_DATA,
+                    chan_info=raw(_encode(info["chan_info"])) if "chan_info" in info else NO_DATA,
                 )
                 for client, info in entries.items()
             }
@@ -234,18 +237,32 @@ class PresenceKeeper:
         return PresenceStatsResult(num_clients=clients, num_users=users)
 
 
+class Subscribed(Protocol):
+    """What presence knows of a client's subscription (a ``Membership``)."""
+
+    #: Channel info of the subscriber (from a subscribe hook), encoded once.
+    info: bytes | None
+
+
 class Client(Protocol):
     """What presence knows of a client (a :class:`~eventcast.server.connection.Connection`)."""
 
     id: str
     user: str
-    #: Connection info from the token, encoded once (``None`` when absent).
+    #: Connection info from the token or the connect hook, encoded once (``None`` when absent).
     info: bytes | None
 
+    @property
+    def channels(self) -> Mapping[str, Subscribed]:
+        """The client's subscriptions, by channel."""
+        ...
 
-def client_info(conn: Client) -> dict[str, Any]:
-    """A client's presence entry and join/leave info: client, user, connection info."""
+
+def client_info(conn: Client, chan_info: bytes | None = None) -> dict[str, Any]:
+    """A client's presence entry and join/leave info: client, user, connection and channel info."""
     info: dict[str, Any] = {"client": conn.id, "user": conn.user}
     if conn.info is not None:
         info["conn_info"] = msgspec.json.decode(conn.info)
+    if chan_info is not None:
+        info["chan_info"] = msgspec.json.decode(chan_info)
     return info

@@ -29,7 +29,7 @@ import msgspec
 from ..exceptions import BackplaneError, ConfigurationError
 from .presence import DEFAULT_PRESENCE_TTL, Presence, PresenceInfo
 
-__all__ = ["NATSPresence", "encode_key_token"]
+__all__ = ["NATSPresence", "decode_key_token", "encode_key_token"]
 
 logger = logging.getLogger("eventcast.presence")
 
@@ -50,7 +50,8 @@ def encode_key_token(text: str) -> str:
     return "k" + base64.b32encode(text.encode()).decode().rstrip("=")
 
 
-def _decode_key_token(token: str) -> str:
+def decode_key_token(token: str) -> str:
+    """The string :func:`encode_key_token` encoded."""
     raw = token[1:]
     return base64.b32decode(raw + "=" * (-len(raw) % 8)).decode()
 
@@ -161,6 +162,20 @@ class NATSPresence(Presence):
         if nc is not None:
             await asyncio.shield(_quiet_close(nc))
 
+    async def jetstream(self) -> Any:
+        """The connected JetStream context (connecting first if needed).
+
+        Other stores sharing this NATS connection (channel occupancy) use it.
+
+        Raises:
+            BackplaneError: NATS cannot be reached, or the store is closed.
+        """
+        await self._bucket()
+        nc = self._nc
+        if nc is None:
+            raise BackplaneError("the presence store is closed")
+        return nc.jetstream(timeout=self.timeout)
+
     async def _bucket(self) -> Any:
         if self._kv is None:
             await self.open()
@@ -227,7 +242,7 @@ class NATSPresence(Presence):
             try:
                 value = _decode(entry.value)
                 info, expires_at = value["info"], float(value["expires_at"])
-                client = _decode_key_token(entry.key.partition(".")[2])
+                client = decode_key_token(entry.key.partition(".")[2])
             except (msgspec.DecodeError, KeyError, TypeError, ValueError):
                 expires_at, info = -math.inf, None  # unreadable: drop it
             if expires_at <= now or not isinstance(info, dict):

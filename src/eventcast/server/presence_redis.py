@@ -149,7 +149,14 @@ class RedisPresence(Presence):
         if client is not None:
             await asyncio.shield(client.aclose())
 
-    async def _run(self, action: str, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
+    async def run(self, action: str, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
+        """Run ``await fn(client)`` on the connected client (connecting first if needed).
+
+        Other stores sharing this Redis (channel occupancy) run here too.
+
+        Raises:
+            BackplaneError: Redis failed (the message says what ``action`` was).
+        """
         from redis.exceptions import RedisError
 
         if self._client is None:
@@ -180,7 +187,7 @@ class RedisPresence(Presence):
                 pipe.pexpire(key, ms, gt=True)
                 await pipe.execute()
 
-        await self._run("add an entry", run)
+        await self.run("add an entry", run)
 
     async def remove(self, channel: str, client: str) -> None:
         key = self._key(channel)
@@ -188,7 +195,7 @@ class RedisPresence(Presence):
         async def run(redis: Redis) -> None:
             await redis.hdel(key, client)
 
-        await self._run("remove an entry", run)
+        await self.run("remove an entry", run)
 
     async def get(self, channel: str) -> dict[str, PresenceInfo]:
         key = self._key(channel)
@@ -196,7 +203,7 @@ class RedisPresence(Presence):
         async def fetch(redis: Redis) -> dict[Any, Any]:
             return dict(await redis.hgetall(key))
 
-        raw = await self._run("read entries", fetch)
+        raw = await self.run("read entries", fetch)
         now = self._clock()
         live: dict[str, PresenceInfo] = {}
         expired: list[bytes] = []
@@ -217,7 +224,7 @@ class RedisPresence(Presence):
             async def delete(redis: Redis) -> None:
                 await script(keys=[key], args=expired, client=redis)
 
-            await self._run("delete expired entries", delete)
+            await self.run("delete expired entries", delete)
         return live
 
     def __repr__(self) -> str:

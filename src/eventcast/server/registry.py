@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from .connection import Connection
+
+logger = logging.getLogger("eventcast.server")
 
 __all__ = ["Registry"]
 
@@ -20,11 +25,22 @@ class Registry:
         #: Counters of closed connections by transport: (messages out, bytes out,
         #: messages in, bytes in), so metrics never go backwards.
         self.closed_totals: dict[str, tuple[int, int, int, int]] = {}
+        #: Called with ``(connection, True)`` once it is registered and with
+        #: ``(connection, False)`` once a registered connection is forgotten.
+        self.listeners: list[Callable[[Connection, bool], None]] = []
+
+    def _tell(self, conn: Connection, connected: bool) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(conn, connected)
+            except Exception:
+                logger.exception("a connection listener failed")
 
     def register(self, conn: Connection) -> None:
         """Add a connection that completed its handshake."""
         self.connections[conn.id] = conn
         self.users.setdefault(conn.user, set()).add(conn)
+        self._tell(conn, True)
 
     def forget(self, conn: Connection) -> None:
         """Remove a closed connection, counting its disconnect code and traffic."""
@@ -40,11 +56,16 @@ class Registry:
                 d + conn.bytes_in,
             )
             del self.connections[conn.id]
+            registered = True
+        else:
+            registered = False
         users = self.users.get(conn.user)
         if users is not None:
             users.discard(conn)
             if not users:
                 del self.users[conn.user]
+        if registered:
+            self._tell(conn, False)
 
     def user_connections(self, user: str) -> int:
         """How many connections a user has on this node."""

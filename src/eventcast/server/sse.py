@@ -26,8 +26,9 @@ from urllib.parse import parse_qs
 import msgspec
 
 from ..events import Event
-from ..exceptions import AuthError, EncodeError, TokenExpiredError
+from ..exceptions import AuthError, EncodeError, KeySetError, TokenExpiredError
 from ..protocol import codes
+from ..protocol.frames import SubscribeRequest
 from ..protocol.sse import (
     RESPONSE_HEADERS,
     Cursor,
@@ -140,12 +141,16 @@ class SSEStreams:
         """
         hub = self._hub
         channels = hub.channels
-        namespaces = {}
+        grants = {}
         for topic in topics:
-            ns, _ = hub.permissions.subscribe(conn, topic)
-            namespaces[topic] = ns
-        for topic in topics:
-            channels.join(conn, topic, Membership(channel=topic))
+            grants[topic] = await hub.commands.authorize(
+                conn, SubscribeRequest(channel=topic), server_side=False
+            )
+        namespaces = {topic: grant.namespace for topic, grant in grants.items()}
+        for topic, grant in grants.items():
+            membership = Membership(channel=topic, expires_at=grant.expires_at, info=grant.info)
+            channels.join(conn, topic, membership)
+            hub.commands.arm_subscription(conn, membership, grant)
         was_recovering = cursor is not None or malformed
         recovered = not malformed
         known = cursor.as_dict() if cursor is not None else {}
@@ -252,18 +257,23 @@ class SSEEndpoint:
         token = (
             token or _cookie(scope, settings.sse_cookie) or (query.get("access_token") or [None])[0]
         )
-        conn = hub.new_connection(send=send, transport=None, transport_name="sse")
+        conn = hub.new_connection(send=send, transport=None, transport_name="sse", scope=scope)
         try:
-            hub.commands.authenticate(conn, token)
+            await hub.commands.authenticate(conn, token)
         except TokenExpiredError:
             await self._error(send, 401, "token expired", cors)
+            return
+        except KeySetError:
+            await self._error(send, 503, "token keys unavailable, retry later", cors)
             return
         except AuthError:
             await self._error(send, 401, "invalid or missing token", cors)
             return
         except CommandError as exc:
-            status = 429 if exc.code == codes.DISCONNECT_CONNECTION_LIMIT.code else 401
-            await self._error(send, status, exc.message, cors)
+            await self._error(send, _status(exc, 401), exc.message, cors)
+            return
+        if hub.closing:  # began while the token keys or a hook were awaited
+            await self._error(send, 503, "shutting down", cors)
             return
         last_id = _header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
         cursor = parse_cursor(last_id, topics)
@@ -276,8 +286,7 @@ class SSEEndpoint:
             await hub.sse.open(conn, topics, cursor, malformed=malformed)
         except CommandError as exc:
             hub.connection_closed(conn)
-            status = 403 if exc.code == codes.ERROR_PERMISSION_DENIED.code else 400
-            await self._error(send, status, exc.message, cors)
+            await self._error(send, _status(exc, 400), exc.message, cors)
             return
         except Exception:
             hub.connection_closed(conn)
@@ -332,6 +341,18 @@ class SSEEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _status(exc: CommandError, default: int) -> int:
+    """The HTTP status of a refusal: 429 over the user's connections, 403 denied, 503 failed."""
+    code = exc.code
+    if code == codes.DISCONNECT_CONNECTION_LIMIT.code:
+        return 429
+    if code == codes.ERROR_INTERNAL.code:
+        return 503  # a hook failed: temporary
+    if code == codes.ERROR_PERMISSION_DENIED.code:
+        return 403
+    return default
 
 
 def _redact_token(scope: dict[str, Any]) -> None:

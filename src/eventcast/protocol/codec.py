@@ -5,11 +5,16 @@ server decodes commands and encodes replies and pushes; the client does the
 reverse. The hot path, a publication push, is assembled from pre-encoded
 pieces so the payload bytes are never decoded or encoded again.
 
-Error contract: decoding raises only :class:`ProtocolError`.
+Error contract: decoding raises only :class:`ProtocolError`, in time linear in
+the size of its input. JSON nested deeper than :data:`MAX_JSON_DEPTH` levels is
+malformed here: the depth of what the decoder accepts must not depend on how
+deep the Python stack happens to be when it runs (msgspec's own guard does).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -20,9 +25,11 @@ from .codes import ClientError
 from .frames import METHODS, Command, Publication, Reply
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "PING",
     "ProtocolError",
     "decode_commands",
+    "decode_json",
     "decode_replies",
     "encode_command",
     "encode_commands",
@@ -43,13 +50,58 @@ _command_decoder = msgspec.json.Decoder(Command)
 _reply_decoder = msgspec.json.Decoder(Reply)
 _encode = msgspec.json.Encoder().encode
 
+_decode_any = msgspec.json.Decoder().decode
+
 #: A server ping (and a client pong): an empty JSON object.
 PING: Final = b"{}"
+
+#: The deepest nesting of arrays and objects accepted in JSON from outside.
+MAX_JSON_DEPTH: Final = 64
+
+# A JSON string, or the unterminated rest of the input: every match attempt that
+# starts at a quote succeeds, so the scan is linear whatever the input.
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.?)*+(?:"|\Z)', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``data`` nests arrays and objects deeper than ``limit`` levels.
+
+    Linear in ``len(data)`` and done in C: bracket counts decide for nearly all
+    inputs; otherwise strings are removed and the brackets left are summed. Over
+    the valid prefix of any input the running sum is the depth a JSON decoder
+    reaches; what follows a syntax error (where a decoder stops) may only make
+    the input look deeper.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    steps = _JSON_STRING.sub(b"", data).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    if b"\x01" * (limit + 1) in steps:  # the usual attack, found without summing
+        return True
+    return max(itertools.accumulate(memoryview(steps).cast("b")), default=0) > limit
+
+
+def decode_json(data: bytes | str) -> Any:
+    """Decode a JSON value from outside (a request body, a message's data).
+
+    Raises:
+        ProtocolError: ``data`` is not JSON, not UTF-8, or nested deeper than
+            :data:`MAX_JSON_DEPTH`.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if too_deep(data):
+        raise ProtocolError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return _decode_any(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
 
 
 def _lines(data: bytes | str) -> list[bytes]:
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode("utf-8", "surrogatepass")
     return [line for line in data.split(b"\n") if line.strip()]
 
 
@@ -57,15 +109,21 @@ def decode_commands(data: bytes | str) -> list[Command]:
     """Decode every command in one frame.
 
     Raises:
-        ProtocolError: the frame is empty, not JSON, or a command is malformed.
+        ProtocolError: the frame is empty, not JSON, nested deeper than
+            :data:`MAX_JSON_DEPTH`, or a command is malformed.
     """
     lines = _lines(data)
     if not lines:
         raise ProtocolError("empty frame")
-    try:
-        return [_command_decoder.decode(line) for line in lines]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed command: {exc}") from None
+    commands: list[Command] = []
+    for line in lines:
+        if too_deep(line):
+            raise ProtocolError(f"command nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            commands.append(_command_decoder.decode(line))
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ProtocolError(f"malformed command: {exc}") from None
+    return commands
 
 
 def method_of(command: Command) -> str | None:

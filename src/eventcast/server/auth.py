@@ -70,6 +70,8 @@ _OTHER_CLAIM_ERRORS: Final = {
     "InvalidJTIError": "'jti' must be a string",
 }
 _KEY_LENGTH_WARNING: Final[type[Warning]] = getattr(jwt, "InsecureKeyLengthWarning", UserWarning)
+#: The longest JWT header segment accepted (base64url); real headers are under 200 bytes.
+MAX_HEADER_SEGMENT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +228,13 @@ class TokenVerifier:
             raise InvalidTokenError("invalid token: no token key configured")
         if not token:
             raise InvalidTokenError("invalid token: empty token")
+        if len(token.partition(".")[0]) > MAX_HEADER_SEGMENT:
+            raise InvalidTokenError("invalid token: malformed header")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, RecursionError) as exc:
+            # ValueError: a str that is not UTF-8 encodable; RecursionError: JSON nested
+            # deeper than the stack allows (the parser does not bound it otherwise).
             raise InvalidTokenError("invalid token: malformed header") from exc
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
@@ -268,7 +274,7 @@ class TokenVerifier:
             raise InvalidTokenError("invalid token: not valid yet ('nbf' or 'iat')") from exc
         except jwt.DecodeError as exc:
             raise InvalidTokenError("invalid token: malformed token") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:
             # Other claim errors; PyJWT's messages do not quote the token, but ours
             # stay fixed anyway (and some classes only exist in newer PyJWT).
             problem = _OTHER_CLAIM_ERRORS.get(type(exc).__name__, type(exc).__name__)

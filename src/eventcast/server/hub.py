@@ -485,13 +485,14 @@ class Hub:
             if isinstance(answer, Disconnect):
                 session.close(answer)
             else:
-                session.error(request.id, answer, client_fault=answer.code != 100)
+                session.error(request.id, answer)
         except LogError as exc:
             logger.warning("%s on %s failed: %s", request.method, conn.id, exc)
-            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+            session.error(request.id, codes.ERROR_INTERNAL)
         except Exception:
+            # Counted like a client's error: a command that keeps failing ends in 3509.
             logger.exception("%s on %s failed", request.method, conn.id)
-            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+            session.error(request.id, codes.ERROR_INTERNAL)
         else:
             if request.method == "connect":
                 session.connected(request, result)

@@ -4,8 +4,9 @@ Authenticate with ``X-API-Key: <key>`` or ``Authorization: apikey <key>``.
 Answers are ``{"result": …}`` or ``{"error": {"code", "message"}}`` with HTTP
 200, as Centrifugo does; transport-level problems use HTTP statuses: 401 for a
 missing or wrong key, 404 for an unknown method, 400 for a body that is not a
-JSON object, 413 for a body over the size limit. With no API key configured the
-API is disabled (every call gets 401).
+JSON object (or nested too deeply), 413 for a body over ``max_body_size``, 408
+for a body slower than ``body_timeout``. With no API key configured the API is
+disabled (every call gets 401).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -23,18 +24,15 @@ from starlette.responses import Response
 from ..exceptions import EncodeError, EventcastError, InvalidTopicError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError, Disconnect
-from ..protocol.frames import HistoryResult
+from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
+from ._http import BodyError, read_json
 from .hub import CommandError, Hub
 
 __all__ = ["API_METHODS", "handle_api"]
 
 logger = logging.getLogger("eventcast.api")
 
-#: The largest API request body accepted, in bytes.
-MAX_API_BODY: Final = 1_048_576
-
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 Method = Callable[[Hub, dict[str, Any]], Awaitable[Any]]
 
@@ -47,8 +45,19 @@ class APIError(Exception):
         self.error = error
 
 
-def _json(status: int, body: Any) -> Response:
-    return Response(_encode(body), status_code=status, media_type="application/json")
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _count(value: object, name: str) -> int:
+    """A count or offset from a request: an int in ``[0, MAX_INT]``."""
+    if not int_in_range(value):
+        raise APIError(
+            codes.ERROR_BAD_REQUEST.with_message(f"{name} must be an int in 0..{MAX_INT}")
+        )
+    return value
 
 
 def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
@@ -125,24 +134,32 @@ async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
     return {"responses": responses}
 
 
-async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
-    channel = _str(params, "channel")
-    _check_channel(hub, channel)
-    limit = params.get("limit") or 0
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int"))
+def history_params(params: dict[str, Any]) -> tuple[int, tuple[int, str] | None, bool]:
+    """The ``limit``, ``since`` and ``reverse`` of a history call.
+
+    Raises:
+        APIError: 107 when one is malformed or out of range.
+    """
+    limit = _count(params.get("limit") or 0, "limit")
     since_raw = params.get("since")
     since = None
     if since_raw is not None:
         if not isinstance(since_raw, dict):
             raise APIError(codes.ERROR_BAD_REQUEST.with_message("since must be an object"))
         offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
-        if not isinstance(offset, int) or not isinstance(epoch, str):
+        if not isinstance(epoch, str):
             raise APIError(codes.ERROR_BAD_REQUEST.with_message("malformed since"))
-        since = (offset, epoch)
+        since = (_count(offset, "since.offset"), epoch)
+    return limit, since, bool(params.get("reverse"))
+
+
+async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel")
+    _check_channel(hub, channel)
+    limit, since, reverse = history_params(params)
     try:
         result: HistoryResult = await hub.history(
-            channel, since=since, limit=limit, reverse=bool(params.get("reverse"))
+            channel, since=since, limit=limit, reverse=reverse
         )
     except CommandError as exc:
         answer = exc.answer
@@ -287,9 +304,7 @@ async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
 
 async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
     """eventcast extension: list dead letters (filters: subscriber, reason, topic, limit)."""
-    limit = params.get("limit", 100)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise APIError(codes.ERROR_BAD_REQUEST.with_message("limit must be an int >= 0"))
+    limit = _count(params.get("limit", 100), "limit")
     found = hub.bus.dead_letters.list(
         subscriber=_str(params, "subscriber", required=False) or None,
         reason=_str(params, "reason", required=False) or None,
@@ -322,9 +337,7 @@ async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
 async def api_dead_letters_redrive(hub: Hub, params: dict[str, Any]) -> Any:
     """eventcast extension: redrive dead letters (by ``ids``, ``subscriber`` or ``reason``)."""
     ids = params.get("ids")
-    if ids is not None and not (
-        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-    ):
+    if ids is not None and not (isinstance(ids, list) and all(int_in_range(i) for i in ids)):
         raise APIError(codes.ERROR_BAD_REQUEST.with_message("ids must be a list of ints"))
     count = await hub.bus.dead_letters.redrive(
         ids=ids,
@@ -369,20 +382,6 @@ def _authorized(request: Request, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def handle_api(request: Request) -> Response:
     """Serve ``POST /api/<method>``."""
     hub: Hub = request.app.state.hub
@@ -396,13 +395,11 @@ async def handle_api(request: Request) -> Response:
         handler = API_METHODS.get(method)
         if handler is None:
             return _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)})
-        body = await _read_body(request, MAX_API_BODY)
-        if body is None:
-            return _json(413, {"error": {"code": 107, "message": "request body too large"}})
         try:
-            params = _decode(body) if body.strip() else {}
-        except msgspec.DecodeError:
-            return _json(400, {"error": {"code": 107, "message": "body is not valid JSON"}})
+            params = await read_json(request, empty={})
+        except BodyError as exc:
+            error = {"code": codes.ERROR_BAD_REQUEST.code, "message": exc.message}
+            return _json(exc.status, {"error": error}, exc.headers)
         if not isinstance(params, dict):
             return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
         try:

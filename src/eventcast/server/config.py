@@ -206,14 +206,18 @@ class NamespaceConfig(BaseModel):
 _DEFAULT_NAMESPACE: Final = NamespaceConfig(name="")
 
 
+#: List settings that the environment may also give as comma-separated strings.
+_LIST_SETTINGS: Final = ("allowed_origins", "forwarded_allow_ips")
+
+
 class _EnvSource(EnvSettingsSource):
-    """The environment source, leaving ``allowed_origins`` raw (JSON or comma-separated)."""
+    """The environment source, leaving list settings raw (JSON or comma-separated)."""
 
     def prepare_field_value(
         self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
     ) -> Any:
-        if field_name == "allowed_origins" and isinstance(value, str):
-            return value  # parsed by Settings._parse_origins
+        if field_name in _LIST_SETTINGS and isinstance(value, str):
+            return value  # parsed by Settings._parse_list
         return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
@@ -243,8 +247,21 @@ class Settings(BaseSettings):
         channels_per_connection: the most channels one connection may subscribe to.
         max_bad_commands: a client sending this many bad commands is disconnected.
         replay_cap: the most publications replayed on recovery.
-        handshake_timeout: seconds a client has to send its connect command (and an
-            HTTP client to send its request headers).
+        handshake_timeout: seconds a client has to send its connect command, and an
+            HTTP client to send the line and headers of each request (every request
+            of a keep-alive connection, timed from its first byte).
+        max_header_size: the most bytes of an HTTP request line and headers
+            (``eventcast serve``); larger requests get 431 and the connection is
+            closed.
+        max_body_size: the most bytes of an HTTP request body, on every endpoint
+            (endpoints that need less accept less); larger bodies get 413.
+        body_timeout: seconds an HTTP request body has to arrive once the request
+            started; slower bodies get 408 and the connection is closed.
+        forwarded_allow_ips: the proxies trusted to say who the client is:
+            requests from these addresses (or networks, or ``"*"``) take their
+            client address from ``X-Forwarded-For`` and their scheme from
+            ``X-Forwarded-Proto``, as uvicorn's ``forwarded_allow_ips``. From the
+            environment, a JSON list or a comma-separated string.
         node_name: this node's name (default: the host name).
         connections_per_user: the most connections one user may have on this node.
         connection_rate: new connections per second this node accepts (token
@@ -257,8 +274,11 @@ class Settings(BaseSettings):
         sse_cookie: the cookie that may carry an SSE connection token.
         presence_ttl: seconds a presence entry lives unless refreshed (a crashed
             node's entries expire after it).
-        admin_token: protects the dashboard at ``/`` when set (without it the
-            dashboard is open: set one anywhere but on a developer's machine).
+        admin_token: opens the dashboard at ``/`` to clients that log in with it.
+            Without it the dashboard answers loopback clients only.
+        admin_session_ttl: seconds a dashboard login lasts (its signed cookie).
+        admin_login_rate: dashboard login attempts per second per client address
+            (token bucket, burst of five); over it a login gets 429.
         log_format: ``text`` or ``json`` (one object per line) for ``eventcast serve``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
@@ -288,6 +308,10 @@ class Settings(BaseSettings):
     max_bad_commands: int = Field(default=10, gt=0)
     replay_cap: int = Field(default=300, gt=0)
     handshake_timeout: Duration = Field(default=10.0, gt=0)
+    max_header_size: int = Field(default=16_384, ge=1024)
+    max_body_size: int = Field(default=1_048_576, gt=0)
+    body_timeout: Duration = Field(default=10.0, gt=0)
+    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
     connections_per_user: int = Field(default=100, gt=0)
     connection_rate: float = Field(default=500.0, gt=0)
@@ -298,6 +322,8 @@ class Settings(BaseSettings):
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
+    admin_session_ttl: Duration = Field(default=43_200.0, gt=0)
+    admin_login_rate: float = Field(default=1.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -354,9 +380,9 @@ class Settings(BaseSettings):
         finally:
             _TOML_DATA.reset(reset)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator(*_LIST_SETTINGS, mode="before")
     @classmethod
-    def _parse_origins(cls, value: object) -> object:
+    def _parse_list(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         text = value.strip()
@@ -364,9 +390,9 @@ class Settings(BaseSettings):
             try:
                 parsed: object = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"allowed_origins is not a valid JSON list: {exc}") from exc
+                raise ValueError(f"not a valid JSON list: {exc}") from exc
             return parsed
-        return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return [item.strip() for item in text.split(",") if item.strip()]
 
     @field_validator("log_url", "backplane_url")
     @classmethod

@@ -268,6 +268,55 @@ async def test_a_body_nobody_reads_cannot_hold_the_connection(hub: HubServer) ->
     assert elapsed < BODY_TIMEOUT + BODY_GRACE + 1.0
 
 
+async def test_the_body_limits_hold_when_the_hub_is_mounted_in_another_app(
+    tmp_path: Path,
+) -> None:
+    """Plain uvicorn (not eventcast's protocol) serves a host app with the hub mounted."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from eventcast.asgi import create_app, hub_lifespan
+
+    from .hubtools import make_settings
+    from .test_embedding import run
+
+    realtime = create_app(make_settings(tmp_path, body_timeout=1.0, max_body_size=65_536))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with hub_lifespan(realtime):
+            yield
+
+    running = await run(Starlette(routes=[Mount("/realtime", realtime)], lifespan=lifespan))
+    hub = HubServer(base=f"{running.base}/realtime", settings=realtime.hub.settings)
+    host, port = running.base.removeprefix("http://").rsplit(":", 1)
+    try:
+        async with Neighbour(hub):
+
+            async def endless() -> AsyncIterator[bytes]:  # chunked: no declared length
+                for _ in range(1000):
+                    yield b" " * 65_536
+
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                big = await client.post(
+                    f"{hub.api_url}/publish", content=endless(), headers={"X-API-Key": API_KEY}
+                )
+            assert big.status_code == 413
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                head(
+                    "POST", "/realtime/api/publish", f"X-API-Key: {API_KEY}", "Content-Length: 100"
+                )
+            )
+            writer.write(b"{")  # and nothing more
+            async with asyncio.timeout(WAIT):
+                slow = await reader.read()
+            writer.close()
+            assert status_of(slow) == 408
+    finally:
+        await running.stop()
+
+
 # -- 2. request heads: capped, answered 431, closed ------------------------------------------------
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check bench clean
+.PHONY: install run test check fuzz bench clean
 
 $(STAMP): pyproject.toml scripts/setup.sh tests/js/package.json
 	./scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzz tests of tests/fuzz with many examples each (Hypothesis profile "fuzz").
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest tests/fuzz --hypothesis-profile=fuzz --timeout=0 $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

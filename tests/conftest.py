@@ -14,6 +14,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+#: ``make fuzz``: the fuzz tests of tests/fuzz with many more examples (``--hypothesis-profile``).
+settings.register_profile("fuzz", max_examples=20_000)
 
 REQUIRE_SERVICES = os.environ.get("EVENTCAST_REQUIRE_SERVICES", "") not in ("", "0")
 

@@ -58,28 +58,44 @@ PING: Final = b"{}"
 #: The deepest nesting of arrays and objects accepted in JSON from outside.
 MAX_JSON_DEPTH: Final = 64
 
-# A JSON string, or the unterminated rest of the input: every match attempt that
-# starts at a quote succeeds, so the scan is linear whatever the input.
-_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.?)*+(?:"|\Z)', re.DOTALL)
-_NOT_BRACKETS: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_STRUCTURE_ONLY: Final = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+# A string that still holds brackets, once escapes are gone (possessive: one scan).
+_BRACKETED_STRING: Final = re.compile(rb'"[^"]*+"')
+# Opening brackets become +1, closing ones -1 (as signed bytes).
+_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+#: Innermost layers removed with bytes.replace before the remaining depth is summed.
+_PASSES: Final = 8
 
 
 def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON ``data`` nests arrays and objects deeper than ``limit`` levels.
 
-    Linear in ``len(data)`` and done in C: bracket counts decide for nearly all
-    inputs; otherwise strings are removed and the brackets left are summed. Over
-    the valid prefix of any input the running sum is the depth a JSON decoder
-    reaches; what follows a syntax error (where a decoder stops) may only make
-    the input look deeper.
+    Linear in ``len(data)`` and done in C. A bracket count decides for nearly
+    all inputs. Otherwise escapes and strings are removed, leaving the
+    brackets; a few passes of ``bytes.replace`` remove the innermost layers (so
+    that wide, shallow JSON costs nothing more), and the depth of what is left
+    is summed. Over the valid prefix of any input the result is exact; what
+    follows a syntax error (where a decoder stops) can only make it larger.
     """
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
-    steps = _JSON_STRING.sub(b"", data).translate(_BRACKET_STEPS, _NOT_BRACKETS)
-    if b"\x01" * (limit + 1) in steps:  # the usual attack, found without summing
+    structure = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _STRUCTURE_ONLY)
+    structure = structure.replace(b'""', b"")  # strings without brackets
+    if b'"' in structure:
+        structure = _BRACKETED_STRING.sub(b"", structure)
+        structure = structure.partition(b'"')[0]  # an unterminated string ends the input
+    steps = structure.translate(_STEPS)
+    removed = 0
+    while removed < _PASSES and steps:
+        reduced = steps.replace(b"\x01\xff", b"")
+        if len(reduced) == len(steps):
+            break
+        steps, removed = reduced, removed + 1
+    if not steps:
+        return False
+    if b"\x01" * (limit - removed + 1) in steps:  # the usual attack, found without summing
         return True
-    return max(itertools.accumulate(memoryview(steps).cast("b")), default=0) > limit
+    return removed + max(itertools.accumulate(memoryview(steps).cast("b"))) > limit
 
 
 def decode_json(data: bytes | str) -> Any:

@@ -18,7 +18,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fuzz tests of tests/fuzz with many examples each (Hypothesis profile "fuzz").
+# The fuzz tests of tests/fuzz with many examples each (Hypothesis profile "fuzz";
+# EVENTCAST_FUZZ_EXAMPLES=N for more or fewer, 5,000 by default).
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest tests/fuzz --hypothesis-profile=fuzz --timeout=0 $(PYTEST_ARGS)
 

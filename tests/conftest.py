@@ -16,8 +16,11 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-#: ``make fuzz``: the fuzz tests of tests/fuzz with many more examples (``--hypothesis-profile``).
-settings.register_profile("fuzz", max_examples=20_000)
+#: ``make fuzz``: the fuzz tests of tests/fuzz with many more examples (``--hypothesis-profile``);
+#: ``EVENTCAST_FUZZ_EXAMPLES`` sets how many (5,000 by default: a few minutes).
+settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("EVENTCAST_FUZZ_EXAMPLES", "5000"))
+)
 
 REQUIRE_SERVICES = os.environ.get("EVENTCAST_REQUIRE_SERVICES", "") not in ("", "0")
 

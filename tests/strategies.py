@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from eventcast.protocol.frames import METHODS
+
 #: Every character allowed in a segment.
 SEGMENT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-@#,=+"
 #: Every character allowed in a namespace.
@@ -117,23 +119,7 @@ _request_fields = st.fixed_dictionaries(
     },
 )
 
-_METHODS = st.sampled_from(
-    [
-        "connect",
-        "subscribe",
-        "unsubscribe",
-        "publish",
-        "presence",
-        "presence_stats",
-        "history",
-        "ping",
-        "send",
-        "rpc",
-        "refresh",
-        "sub_refresh",
-        "nope",
-    ]
-)
+_METHODS = st.sampled_from([*METHODS, "nope"])
 
 
 @st.composite

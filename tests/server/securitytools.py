@@ -1,26 +1,28 @@
 """Tools of the security tests: a neighbour that must keep receiving, raw HTTP, and log checks.
 
 Every hostile input of ``test_security.py`` is sent while a :class:`Neighbour`
-runs: a well-behaved WebSocket subscriber and a publisher that publishes on a
-fixed schedule. Afterwards the neighbour asserts that it received every
-publication, in order, none later than :data:`MAX_DELAY` after it was due: the
-hub kept serving everyone else while it was attacked.
+runs in a process of its own: a well-behaved WebSocket subscriber and a
+publisher that publishes on a fixed schedule. Afterwards the neighbour asserts
+that it received every publication, in order, none later than
+:data:`MAX_DELAY` after it was due: the hub kept serving everyone else while it
+was attacked.
 
 The machines the tests run on are shared: another program's load delays every
 process now and then, the hub and the test alike (by over 200 ms at a load of
 7 on two cores, with no attack at all). :class:`MachineNoise` measures what the
 machine took during each publication's flight: how long the threads on the
-delivery path (the test's event loop, and the hub's when it runs in a process
-of its own) waited for a CPU, and how late a separate sleeping process woke up
-(the whole machine held up). A publication's delay is judged net of the larger:
-an attack that stalls the hub keeps its event loop *running*, so it is never
-discounted, while a busy machine is. Raw and net figures are both reported.
+delivery path (the neighbour's, and the hub's event loop) waited for a CPU, and
+how late a separate sleeping process woke up (the whole machine held up). A
+publication's delay is judged net of the larger: an attack that stalls the hub
+keeps its event loop *running*, so it is never discounted, while a busy
+machine is. Raw and net figures are both reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -31,11 +33,11 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
-
-from .hubtools import API_KEY, WAIT, HubServer, RawClient, token
+from .hubtools import API_KEY, WAIT, HubServer, token
 
 #: Seconds between the neighbour's publications.
 PERIOD = 0.02
@@ -148,14 +150,18 @@ class NoiseProbe:
             self._process.stdout.close()
 
 
+_NEIGHBOUR = Path(__file__).with_name("neighbour.py")
+
+
 @dataclass
 class Neighbour:
-    """A subscriber and a steady publisher next to an attack; checked on exit.
+    """A subscriber and a steady publisher next to an attack, in a process of their own.
 
-    ``async with Neighbour(hub) as neighbour: <attack>``. Publication ``k`` is due
-    at ``start + k * PERIOD`` and published then (through the HTTP API); its delay
-    is its arrival at the subscriber minus that due time, so a stall anywhere
-    (the hub's event loop, its HTTP API, its fan-out) shows.
+    ``async with Neighbour(hub) as neighbour: <attack>``, then checked on exit.
+    Publication ``k`` is due at ``start + k * PERIOD`` and published then (through
+    the HTTP API); its delay is its arrival at the subscriber minus that due time,
+    so a stall anywhere (the hub's event loop, its HTTP API, its fan-out) shows.
+    See ``neighbour.py``.
     """
 
     hub: HubServer
@@ -166,43 +172,47 @@ class Neighbour:
     received: list[int] = field(default_factory=list)
     #: Arrival minus due time, by number.
     delays: dict[int, float] = field(default_factory=dict)
-    #: The same, net of the machine's own delay meanwhile (see NoiseProbe).
+    #: The same, net of the machine's own delay meanwhile (see MachineNoise).
     net_delays: dict[int, float] = field(default_factory=dict)
     published: int = 0
 
     async def __aenter__(self) -> Neighbour:
-        pids = [os.getpid()] if self.hub.pid is None else [os.getpid(), self.hub.pid]
-        self._noise = MachineNoise(pids)
-        self._client = await RawClient.open(self.hub.ws_url)
-        await self._client.connect(token("neighbour"))
-        await self._client.subscribe(self.channel)
-        self._http = httpx.AsyncClient(timeout=WAIT, headers={"X-API-Key": API_KEY})
-        self._stop = asyncio.Event()
-        self._progress = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-        self._publisher = asyncio.create_task(self._publish())
-        await self._until_received(1)  # live before the attack starts
+        url = urlsplit(self.hub.base)
+        assert url.hostname is not None
+        assert url.port is not None
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(_NEIGHBOUR),
+            url.hostname,
+            str(url.port),
+            url.path.rstrip("/"),
+            self.channel,
+            token("neighbour"),
+            API_KEY,
+            str(PERIOD),
+            str(AFTERWARDS),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        # The hub's event loop (here when it runs in this process) and the neighbour's.
+        loop_pid = os.getpid() if self.hub.pid is None else self.hub.pid
+        self._noise = MachineNoise([loop_pid, self._process.pid])
+        try:
+            assert self._process.stdout is not None
+            async with asyncio.timeout(WAIT):
+                ready = await self._process.stdout.readline()
+            assert ready == b"ready\n", ready
+        except BaseException:
+            await self._end()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             if exc_info[0] is None:
-                await self._until_received(self.published + AFTERWARDS)
+                await self._collect()
         finally:
-            self._stop.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
-            if exc_info[0] is None:
-                await self._until_received(self.published)
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            await self._http.aclose()
-            await self._client.close()
-            self._noise.close()
-        for n, delay in self.delays.items():
-            due = self.due[n]
-            self.net_delays[n] = max(0.0, delay - self._noise.during(due, due + delay))
+            await self._end()
         print(
             f"neighbour: {self.published} publications, max delay {self.max_delay * 1000:.1f} ms, "
             f"net of the machine's {max(self.net_delays.values(), default=0) * 1000:.1f} ms"
@@ -210,40 +220,30 @@ class Neighbour:
         if exc_info[0] is None:
             self.check()
 
-    async def _publish(self) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while not self._stop.is_set():
-            due = start + (self.published + 1) * PERIOD
-            with contextlib.suppress(TimeoutError):
-                # Pacing (time is the subject here), ended early by the stop event.
-                await asyncio.wait_for(self._stop.wait(), max(0.0, due - loop.time()))
-            if self._stop.is_set():
-                return
-            self.published += 1
-            self.due[self.published] = due
-            response = await self._http.post(
-                f"{self.hub.api_url}/publish",
-                json={"channel": self.channel, "data": {"n": self.published}},
-            )
-            assert response.status_code == 200, response.text
+    async def _collect(self) -> None:
+        process = self._process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        process.stdin.write(b"stop\n")
+        await process.stdin.drain()
+        async with asyncio.timeout(WAIT * 3):
+            line = await process.stdout.readline()
+        assert line, "the neighbour ended without its summary"
+        summary = json.loads(line)
+        self.published = summary["published"]
+        self.due = {int(n): t for n, t in summary["due"].items()}
+        self.received = summary["order"]
+        for n, arrived in summary["arrived"].items():
+            due = self.due[int(n)]
+            delay = self.delays[int(n)] = arrived - due
+            self.net_delays[int(n)] = max(0.0, delay - self._noise.during(due, arrived))
 
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            push = await self._client.publication()
-            n = push["pub"]["data"]["n"]
-            self.delays[n] = loop.time() - self.due[n]
-            self.received.append(n)
-            self._progress.set()
-
-    async def _until_received(self, count: int) -> None:
-        async with asyncio.timeout(WAIT):
-            while len(self.received) < count:
-                if self._reader.done():
-                    self._reader.result()  # raise what stopped it
-                await self._progress.wait()
-                self._progress.clear()
+    async def _end(self) -> None:
+        self._noise.close()
+        process = self._process
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
 
     @property
     def max_delay(self) -> float:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import struct
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +29,11 @@ from .hubtools import WAIT, HubServer, token
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 #: Safety timeout of the page-side waits, in milliseconds (never a synchronisation device).
 WAIT_MS = WAIT * 3 * 1000
 #: The issue's promise: a publication shows on the page within a second.
 SHOWN_WITHIN_MS = 1000
 ADMIN_TOKEN = "dashboard-admin-token-0123456789"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing (scripts/setup.sh installs Debian's chromium)")
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 class Dashboard:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -200,40 +199,47 @@ async def test_every_endpoint_has_its_body_limit(hub: HubServer) -> None:
         assert refused.status_code == 401
 
 
+async def trickle_until_closed(hub: HubServer, request_head: bytes) -> tuple[bytes, float]:
+    """Send a request head, then its body a byte per 0.1 s until the server closes.
+
+    Returns what the server sent and the seconds from the head to the close.
+    """
+    host, port = address(hub)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request_head)
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # the slow client's pace
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(WAIT):
+                answer = await reader.read()  # until the server closes
+        finally:
+            trickling.cancel()
+        return answer, time.monotonic() - started
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("path", ["/api/publish", "/dashboard/api/login"])
 async def test_a_slow_body_gets_408_and_the_connection_closes(hub: HubServer, path: str) -> None:
-    host, port = address(hub)
+    request_head = head(
+        "POST",
+        path,
+        f"X-API-Key: {API_KEY}",
+        "Content-Type: application/json",
+        "Content-Length: 1000",
+        login_from(4),
+    )
     async with Neighbour(hub):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(
-                head(
-                    "POST",
-                    path,
-                    f"X-API-Key: {API_KEY}",
-                    "Content-Type: application/json",
-                    "Content-Length: 1000",
-                    login_from(4),
-                )
-            )
-            started = time.monotonic()
-
-            async def trickle() -> None:
-                with contextlib.suppress(ConnectionError):
-                    while True:
-                        writer.write(b" ")
-                        await writer.drain()
-                        await asyncio.sleep(0.1)  # the slow client's pace
-
-            trickling = asyncio.create_task(trickle())
-            try:
-                async with asyncio.timeout(WAIT):
-                    answer = await reader.read()  # until the server closes
-            finally:
-                trickling.cancel()
-            elapsed = time.monotonic() - started
-        finally:
-            writer.close()
+        answer, elapsed = await trickle_until_closed(hub, request_head)
     assert status_of(answer) == 408
     assert b"connection: close" in answer.lower()
     assert BODY_TIMEOUT - 0.2 < elapsed < BODY_TIMEOUT + 1.0
@@ -241,29 +247,10 @@ async def test_a_slow_body_gets_408_and_the_connection_closes(hub: HubServer, pa
 
 async def test_a_body_nobody_reads_cannot_hold_the_connection(hub: HubServer) -> None:
     """The route answers without reading (405), the client keeps sending the body slowly."""
-    host, port = address(hub)
     async with Neighbour(hub):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(head("POST", "/healthz", "Content-Length: 100000"))
-            started = time.monotonic()
-
-            async def trickle() -> None:
-                with contextlib.suppress(ConnectionError):
-                    while True:
-                        writer.write(b" ")
-                        await writer.drain()
-                        await asyncio.sleep(0.1)
-
-            trickling = asyncio.create_task(trickle())
-            try:
-                async with asyncio.timeout(WAIT):
-                    answer = await reader.read()
-            finally:
-                trickling.cancel()
-            elapsed = time.monotonic() - started
-        finally:
-            writer.close()
+        answer, elapsed = await trickle_until_closed(
+            hub, head("POST", "/healthz", "Content-Length: 100000")
+        )
     assert status_of(answer) == 405
     assert elapsed < BODY_TIMEOUT + BODY_GRACE + 1.0
 
@@ -606,20 +593,6 @@ async def page_server(page: bytes) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    from .test_dashboard import CHROMIUM, CHROMIUM_ARGS, playwright_api
-
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing (scripts/setup.sh installs Debian's chromium)")
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
 # -- 5. tokens never reach the log -----------------------------------------------------------------
 
 
@@ -817,9 +790,9 @@ async def test_internal_errors_count_toward_the_error_budget(start: StartHub) ->
 async def test_a_last_event_id_with_a_non_ascii_digit_starts_unrecovered(hub: HubServer) -> None:
     channel = f"sse{uuid.uuid4().hex[:6]}"
     await hub.publish(channel, {"n": 1})
-    headers = {
-        "Authorization": f"Bearer {secret_token()}",
-        "Last-Event-ID": f"1;{channel}!\xb2!abc".encode("latin-1"),
+    headers = {  # bytes on the wire: Latin-1, as the hub reads them
+        b"Authorization": f"Bearer {secret_token()}".encode(),
+        b"Last-Event-ID": f"1;{channel}!\xb2!abc".encode("latin-1"),
     }
     async with (
         Neighbour(hub),

@@ -61,7 +61,7 @@ def test_a_missing_internal_fails_loudly_with_the_version(monkeypatch: pytest.Mo
     assert "Server.no_such_method" in message
     assert "Server()._no_such_attribute" in message
     with pytest.raises(ConfigurationError, match=f"uvicorn {VERSION}"):
-        _uvicorn.make_server(uvicorn.Config(app=None), before_shutdown=_noop)
+        _uvicorn.make_server(uvicorn.Config(app="nowhere:app"), before_shutdown=_noop)
 
 
 async def _noop() -> None:

@@ -327,8 +327,8 @@ class Dashboard:
         hub: Hub = request.app.state.hub
         return Response(_encode(snapshot(hub)), media_type="application/json")
 
-    async def publish(self, request: Request) -> Response:
-        """The publish form: ``{"topic": ..., "data": <JSON>}``."""
+    async def _change(self, request: Request, limit: int | None = None) -> Any:
+        """The JSON body of a state-changing request by an allowed caller, or the refusal."""
         caller = self._caller(request)
         if isinstance(caller, Response):
             return caller
@@ -336,9 +336,15 @@ class Dashboard:
         if refusal is not None:
             return refusal
         try:
-            body = await read_json(request)
+            return await read_json(request, limit, empty={})
         except BodyError as exc:
             return _error(exc.status, exc.message, exc.headers)
+
+    async def publish(self, request: Request) -> Response:
+        """The publish form: ``{"topic": ..., "data": <JSON>}``."""
+        body = await self._change(request)
+        if isinstance(body, Response):
+            return body
         topic = body.get("topic") if isinstance(body, dict) else None
         if not isinstance(topic, str) or "data" not in body:
             return _error(400, "expected {topic, data}")
@@ -364,16 +370,9 @@ class Dashboard:
 
     async def redrive(self, request: Request) -> Response:
         """Redrive dead letters: ``{"ids": [...]}`` (all when omitted)."""
-        caller = self._caller(request)
-        if isinstance(caller, Response):
-            return caller
-        refusal = self._change_refusal(request, caller)
-        if refusal is not None:
-            return refusal
-        try:
-            body = await read_json(request, REDRIVE_BODY_LIMIT, empty={})
-        except BodyError as exc:
-            return _error(exc.status, exc.message, exc.headers)
+        body = await self._change(request, REDRIVE_BODY_LIMIT)
+        if isinstance(body, Response):
+            return body
         ids = body.get("ids") if isinstance(body, dict) else None
         if ids is not None and not (isinstance(ids, list) and all(int_in_range(i) for i in ids)):
             return _error(400, "ids must be a list of ints")

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +49,7 @@ from .securitytools import (
     exchange,
     log_capture,
     problems_in,
+    read_until_closed,
     status_of,
 )
 from .ssetools import HubProcess
@@ -334,6 +336,37 @@ async def test_request_heads_over_16_kib_get_431(hub: HubServer, request_head: b
         )
     assert status_of(response) == 431
     assert status_of(fits) == 200
+
+
+async def test_pipelined_requests_are_counted_each_on_its_own(hub: HubServer) -> None:
+    """Requests behind one another: each head is held to the limit, not their sum.
+
+    (A head that begins inside a read, behind another request, is counted from
+    the next read on: it may exceed the limit by what that one read held.)
+    """
+    body = b"x" * 15_000
+    post = head("POST", "/healthz", f"Content-Length: {len(body)}") + body
+    small_second = head("GET", "/healthz", f"X-Pad: {'p' * 2_000}", "Connection: close")
+    huge_second = head("GET", "/healthz", f"X-Pad: {'p' * 40_000}", "Connection: close")
+
+    def statuses(*writes: bytes) -> list[int]:
+        with socket.create_connection(address(hub), timeout=WAIT) as sock:
+            for i, data in enumerate(writes):
+                sock.sendall(data)
+                if i == 0 and len(writes) > 1:
+                    first = sock.recv(65536)  # the first answer: the next write is a new read
+                    assert first.startswith(b"HTTP/1.1 200 "), first
+            rest = read_until_closed(sock)
+        found = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", rest)]
+        return [200, *found] if len(writes) > 1 else found
+
+    async with Neighbour(hub):
+        fine = await asyncio.to_thread(statuses, post + small_second)
+        refused = await asyncio.to_thread(
+            statuses, head("GET", "/healthz") + huge_second[:100], huge_second[100:]
+        )
+    assert fine == [405, 200]  # (405: POST on /healthz; its body read and discarded)
+    assert refused == [200, 431]
 
 
 # -- 3. every request's head within handshake_timeout, keep-alive or not ---------------------------

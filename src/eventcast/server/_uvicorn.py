@@ -213,9 +213,10 @@ def http_protocol(
             has not ended (a body nobody reads, on a keep-alive connection).
         max_head: the most bytes of a request line and headers. Past it the
             client gets 431 and the connection is closed. The count is exact
-            for the first request of a connection and for every request that
-            starts at the beginning of a read; a request pipelined behind
-            another in the same read is counted from the next read on.
+            for every request that starts at the beginning of a read (the first
+            of a connection, and the next of a keep-alive connection); a request
+            pipelined behind another in the same read is counted from the next
+            read on (within one read, no header is concatenated piece by piece).
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -224,6 +225,8 @@ def http_protocol(
 
         _timer: asyncio.TimerHandle | None = None
         _in_head = True
+        #: A new request's head began while the current read was fed.
+        _new_head = False
         _head_bytes = 0
         _refused = False
 
@@ -238,25 +241,26 @@ def http_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # draining after a refusal
+            if self._in_head and len(data) > max_head - self._head_bytes:
+                # Feed only what the limit allows: the head may end inside it.
+                room = max(0, max_head - self._head_bytes)
+                self._new_head = False
+                if room:
+                    super().data_received(data[:room])
+                    if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                        return  # answered 400, or upgraded to WebSocket
+                if self._head_pending() and not self._new_head:
+                    self._refuse()  # the same head, past the limit
+                    return
+                data = data[room:]
             if self._in_head:
-                room = max_head - self._head_bytes
-                if len(data) > room:
-                    # Feed only what the limit allows: the head may end inside it.
-                    self._head_bytes = max_head
-                    if room > 0:
-                        super().data_received(data[:room])
-                        if self.transport.is_closing() or self.transport.get_protocol() is not self:
-                            return  # answered 400, or upgraded to WebSocket
-                    if self._head_pending():
-                        self._refuse()
-                        return
-                    data = data[room:]
-                else:
-                    self._head_bytes += len(data)
+                # (A head that starts inside this read, behind another request, is
+                # counted from the next read: within one read nothing is quadratic.)
+                self._head_bytes += len(data)
             super().data_received(data)
 
         def _head_pending(self) -> bool:
-            """Whether the request's line and headers are still arriving (parser callbacks
+            """Whether a request's line and headers are still arriving (parser callbacks
             change it while data is fed)."""
             return self._in_head
 
@@ -264,6 +268,7 @@ def http_protocol(
             super().on_message_begin()
             if not self._in_head:  # a further request on a keep-alive connection
                 self._in_head = True
+                self._new_head = True
                 self._head_bytes = 0
                 self._arm(header_timeout, self._head_too_slow)
 

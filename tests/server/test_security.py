@@ -721,13 +721,14 @@ async def test_invalid_utf8_text_frames_close_1007_without_a_log_line(
     start: StartHub, caplog: pytest.LogCaptureFixture
 ) -> None:
     hub = await start()
+    # Connected first: the clients' handshakes run in this process, the hub's event loop.
+    sockets = [await RawSocket.open(hub, small_buffer=False) for _ in range(50)]
     async with Neighbour(hub):
-        sockets = [await RawSocket.open(hub, small_buffer=False) for _ in range(50)]
         for raw in sockets:
             raw.send_frame(b'{"id":1,"connect":{"name":"\xff\xfe"}}')
         codes = [await raw.close_code() for raw in sockets]
-        for raw in sockets:
-            raw.close()
+    for raw in sockets:
+        raw.close()
     assert codes == [1007] * 50
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert noisy == []

@@ -44,6 +44,7 @@ def test_each_internal_exists(module: str, cls: str, name: str) -> None:
 
 
 def test_every_internal_the_adapter_uses_is_there() -> None:
+    _uvicorn._missing.cache_clear()
     missing = _uvicorn._missing()
     if missing:
         pytest.fail(f"uvicorn {VERSION} lacks what eventcast's adapter uses: {', '.join(missing)}")
@@ -54,14 +55,21 @@ def test_a_missing_internal_fails_loudly_with_the_version(monkeypatch: pytest.Mo
     internals = (*_uvicorn._INTERNALS, ("uvicorn.server", "Server", ("no_such_method",)))
     monkeypatch.setattr(_uvicorn, "_INTERNALS", internals)
     monkeypatch.setitem(_uvicorn._INSTANCE_ATTRIBUTES, "Server", ("_no_such_attribute",))
-    with pytest.raises(ConfigurationError) as raised:
-        _uvicorn.check()
+    _uvicorn._missing.cache_clear()  # checked once per process otherwise
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            _uvicorn.check()
+    finally:
+        _uvicorn._missing.cache_clear()
     message = str(raised.value)
     assert f"uvicorn {VERSION} lacks" in message
     assert "Server.no_such_method" in message
     assert "Server()._no_such_attribute" in message
-    with pytest.raises(ConfigurationError, match=f"uvicorn {VERSION}"):
-        _uvicorn.make_server(uvicorn.Config(app="nowhere:app"), before_shutdown=_noop)
+    try:
+        with pytest.raises(ConfigurationError, match=f"uvicorn {VERSION}"):
+            _uvicorn.make_server(uvicorn.Config(app="nowhere:app"), before_shutdown=_noop)
+    finally:
+        _uvicorn._missing.cache_clear()
 
 
 async def _noop() -> None:

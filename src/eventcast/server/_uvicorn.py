@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -103,8 +104,9 @@ def uvicorn_version() -> str:
     return str(uvicorn.__version__)
 
 
-def _missing() -> list[str]:
-    """The internals this module needs that the installed uvicorn lacks."""
+@functools.cache
+def _missing() -> tuple[str, ...]:
+    """The internals this module needs that the installed uvicorn lacks (checked once)."""
     import importlib
     import inspect
 
@@ -126,7 +128,7 @@ def _missing() -> list[str]:
             for name in expected
             if not re.search(rf"self\.{name}\s*(?::[^=\n]*)?=", source)  # assigned somewhere
         ]
-    return missing
+    return tuple(missing)
 
 
 def check() -> None:

@@ -112,7 +112,8 @@ class Sessions:
         self._clock = clock
 
     def _sign(self, text: str) -> str:
-        return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
+        data = text.encode("utf-8", "surrogatepass")
+        return _b64(hmac.new(self._key, data, hashlib.sha256).digest())
 
     def issue(self) -> str:
         """A new session value."""
@@ -160,10 +161,10 @@ def _loopback_host(host: str | None) -> bool:
     if host is None:
         return True
     name = host.strip().lower()
-    if name.startswith("["):
-        name = name[1 : name.find("]")] if "]" in name else name
-    else:
-        name = name.rpartition(":")[0] or name if name.count(":") == 1 else name
+    if name.startswith("["):  # [::1]:8000
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:  # 127.0.0.1:8000, localhost:8000
+        name = name.partition(":")[0]
     return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 

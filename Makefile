@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check bench proto chaos chaos-short chaos-long clean
+.PHONY: install run test check fuzz bench proto chaos chaos-short chaos-long clean
 
 $(STAMP): pyproject.toml scripts/setup.sh tests/js/package.json
 	./scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -17,6 +17,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzz tests of tests/fuzz with many examples each (Hypothesis profile "fuzz";
+# EVENTCAST_FUZZ_EXAMPLES=N for more or fewer, 5,000 by default).
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest tests/fuzz --hypothesis-profile=fuzz --timeout=0 $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -16,6 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+#: ``make fuzz``: the fuzz tests of tests/fuzz with many more examples (``--hypothesis-profile``);
+#: ``EVENTCAST_FUZZ_EXAMPLES`` sets how many (5,000 by default: a few minutes).
+settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("EVENTCAST_FUZZ_EXAMPLES", "5000"))
+)
 
 REQUIRE_SERVICES = os.environ.get("EVENTCAST_REQUIRE_SERVICES", "") not in ("", "0")
 

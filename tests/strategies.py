@@ -11,6 +11,7 @@ import msgspec
 from hypothesis import strategies as st
 
 from eventcast.protocol import frames as _f
+from eventcast.protocol.frames import METHODS
 
 #: Every character allowed in a segment.
 SEGMENT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-@#,=+"
@@ -261,3 +262,75 @@ results = st.one_of(
         st.just("sub_refresh"), st.builds(_f.SubRefreshResult, expires=st.booleans(), ttl=uint32)
     ),
 )
+# -- input from outside, for the decoders' fuzz tests (tests/fuzz) ---------------------------
+
+#: Any JSON value.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+#: Numbers where range checks bite: both ends of a signed 64-bit integer and past them.
+edge_integers = (
+    st.sampled_from([0, 1, -1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63), 10**30, -(10**30)])
+    | st.integers()
+)
+
+_request_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "channel": st.text(max_size=12) | json_values,
+        "token": st.text(max_size=12) | json_values,
+        "data": json_values,
+        "limit": edge_integers | json_values,
+        "offset": edge_integers | json_values,
+        "epoch": st.text(max_size=6) | json_values,
+        "recover": st.booleans() | json_values,
+        "since": st.fixed_dictionaries({}, optional={"offset": edge_integers, "epoch": st.text()})
+        | json_values,
+        "subs": st.dictionaries(
+            st.text(max_size=6), st.fixed_dictionaries({}, optional={"offset": edge_integers})
+        ),
+        "method": st.text(max_size=6),
+        "flag": edge_integers,
+    },
+)
+
+_METHODS = st.sampled_from([*METHODS, "nope"])
+
+
+@st.composite
+def raw_commands(draw: st.DrawFn) -> dict[str, object]:
+    """A Centrifuge command as JSON, well formed or nearly: an id, a method and request fields."""
+    command: dict[str, object] = {}
+    if draw(st.integers(0, 5)):
+        command["id"] = draw(edge_integers | json_values)
+    if draw(st.integers(0, 5)):
+        command[draw(_METHODS)] = draw(_request_fields | json_values)
+    return command
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    """A WebSocket frame's bytes: commands (one per line), mangled now and then."""
+    import json
+
+    lines = draw(st.lists(raw_commands(), min_size=1, max_size=3))
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    mangle = draw(st.sampled_from(["none", "none", "cut", "insert", "nest"]))
+    if mangle == "cut" and data:
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif mangle == "insert":
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(max_size=8)) + data[at:]
+    elif mangle == "nest":
+        depth = draw(st.integers(1, 2000))
+        data = b'{"id":1,"publish":{"channel":"a","data":' + b"[" * depth + b"]" * depth + b"}}"
+    return data

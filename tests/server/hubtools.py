@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import socket
 from collections import deque
 from dataclasses import dataclass, field
@@ -101,6 +103,8 @@ class HubServer:
     base: str
     settings: Settings
     app: HubApp | None = None
+    #: The server's process id, when it runs in a process of its own.
+    pid: int | None = None
 
     @property
     def ws_url(self) -> str:
@@ -230,3 +234,76 @@ class RawClient:
             if received is None:
                 return None, ""
             return received.code, received.reason
+
+
+class RawSocket:
+    """A WebSocket client on a bare TCP socket: it sends any frame, even an invalid one.
+
+    With ``small_buffer`` (the default) its receive buffer is tiny, so it can stop
+    reading and be a slow consumer.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, hub: HubServer, *, small_buffer: bool = True) -> RawSocket:
+        host, port = hub.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        if small_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        # The stream stops reading from the socket past 2 * limit buffered bytes.
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /connection/websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        return cls(reader, writer)
+
+    def send(self, text: str) -> None:
+        self.send_frame(text.encode())
+
+    def send_frame(self, payload: bytes, opcode: int = 0x1) -> None:
+        """Send one masked, final frame; its payload may be anything (even invalid UTF-8)."""
+        mask = os.urandom(4)
+        n = len(payload)
+        first = 0x80 | opcode
+        if n < 126:
+            header = bytes((first, 0x80 | n))
+        elif n < 65536:
+            header = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    async def frame(self) -> tuple[int, bytes]:
+        """The next frame from the server: ``(opcode, payload)``."""
+        first, second = await self.reader.readexactly(2)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await self.reader.readexactly(8), "big")
+        return first & 0x0F, await self.reader.readexactly(n)
+
+    async def close_code(self) -> int | None:
+        """Drain everything; the close code the server sent, or None if the socket just ended."""
+        try:
+            while True:
+                opcode, payload = await asyncio.wait_for(self.frame(), WAIT)
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        self.writer.close()

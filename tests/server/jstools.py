@@ -13,6 +13,7 @@ from .hubtools import API_KEY, WAIT, HubServer
 
 __all__ = ["JS_DIR", "node", "run_hooks_js", "run_js"]
 
+
 def node() -> str:
     """The node executable, with tests/js's packages installed (else skip, or fail in CI)."""
     return node_with("centrifuge")

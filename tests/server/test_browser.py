@@ -8,10 +8,9 @@ opens ``new EventSource(url, {withCredentials: true})``.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,6 @@ from .ssetools import HubProcess, publish_offline, sse_url
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 #: Safety timeout of the page-side waits, in milliseconds.
 WAIT_MS = WAIT * 3 * 1000
 
@@ -88,18 +77,6 @@ def page_origin() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing (scripts/setup.sh installs Debian's chromium)")
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def open_page(browser: Any, page_origin: str) -> Any:

@@ -46,6 +46,13 @@ def test_defaults() -> None:
     assert settings.replay_cap == 300
     assert settings.handshake_timeout == 10.0
     assert settings.node_name == socket.gethostname()
+    # The HTTP surface (docs/security.md).
+    assert settings.max_header_size == 16_384
+    assert settings.max_body_size == 1_048_576
+    assert settings.body_timeout == 10.0
+    assert settings.forwarded_allow_ips == ["127.0.0.1", "::1"]
+    assert settings.admin_session_ttl == 43_200.0
+    assert settings.admin_login_rate == 1.0
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +220,36 @@ def test_allowed_origins_from_environment(
 ) -> None:
     monkeypatch.setenv("EVENTCAST_ALLOWED_ORIGINS", raw)
     assert Settings.load().allowed_origins == origins
+
+
+@pytest.mark.parametrize(
+    ("raw", "hosts"),
+    [
+        ("10.0.0.1, 10.0.0.2", ["10.0.0.1", "10.0.0.2"]),
+        ('["192.168.0.0/16"]', ["192.168.0.0/16"]),
+        ("*", ["*"]),
+    ],
+)
+def test_forwarded_allow_ips_from_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, hosts: list[str]
+) -> None:
+    monkeypatch.setenv("EVENTCAST_FORWARDED_ALLOW_IPS", raw)
+    assert Settings.load().forwarded_allow_ips == hosts
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_header_size", 512),  # too small for any real request
+        ("max_body_size", 0),
+        ("body_timeout", 0),
+        ("admin_session_ttl", 0),
+        ("admin_login_rate", 0),
+    ],
+)
+def test_http_limits_must_be_finite_and_positive(name: str, value: int) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        Settings.load(**{name: value})
 
 
 def test_allowed_origins_bad_json_is_a_configuration_error(

@@ -56,7 +56,9 @@ class Running:
 
 async def run(app: Any) -> Running:
     """Serve ``app`` with plain uvicorn (as a host application would) on a free port."""
-    sock = socket.socket()
+    # IPPROTO_TCP explicitly, so that asyncio sets TCP_NODELAY on accepted sockets (see
+    # conftest.start_hub): otherwise each two-part response waits for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

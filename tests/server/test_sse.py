@@ -170,14 +170,29 @@ async def test_the_replayed_ids_continue_the_cursor(hub: HubServer) -> None:
         "1;!1!abc",  # no topic
         "1;a!1!ab-c",  # epoch not alphanumeric
         "1;a!-1!abc",
-        "1;" + "a!1!abc;" * 9000,  # over the length limit
+        "1;a!²!abc",  # a digit, but not an ASCII one
+        "1;a!" + "9" * 5000 + "!abc",  # more digits than int() takes
+        "1;a!9223372036854775808!abc",  # past a signed 64-bit offset
     ],
 )
 async def test_malformed_last_event_id_is_treated_as_none(
     hub: HubServer, logs: pytest.LogCaptureFixture, last_id: str
 ) -> None:
+    await _assert_no_recovery(hub, logs, last_id)
+
+
+async def test_a_last_event_id_over_the_length_limit_is_treated_as_none(
+    start_hub: StartHub, logs: pytest.LogCaptureFixture
+) -> None:
+    # (Over the default max_header_size too: the request would get 431.)
+    hub = await start_hub(max_header_size=131_072)
+    await _assert_no_recovery(hub, logs, "1;" + "a!1!abc;" * 9000)
+
+
+async def _assert_no_recovery(hub: HubServer, logs: pytest.LogCaptureFixture, last_id: str) -> None:
     await publish(hub, "a", {"n": 1})
-    headers = {"Last-Event-ID": last_id}
+    # Header bytes are Latin-1 on the wire (how the hub reads them).
+    headers = {"Last-Event-ID": last_id.encode("latin-1")}
     async with open_sse(hub.base, ["a", "b"], token=token(), headers=headers) as stream:
         assert stream.status == 200
         subscribed = await stream.subscribed()

@@ -5,7 +5,10 @@ server decodes commands and encodes replies and pushes; the client does the
 reverse. The hot path, a publication push, is assembled from pre-encoded
 pieces so the payload bytes are never decoded or encoded again.
 
-Error contract: decoding raises only :class:`ProtocolError`.
+Error contract: decoding raises only :class:`ProtocolError`, in time linear in
+the size of its input. JSON nested deeper than :data:`MAX_JSON_DEPTH` levels is
+malformed here: the depth of what the decoder accepts must not depend on how
+deep the Python stack happens to be when it runs (msgspec's own guard does).
 
 :mod:`.protobuf` is the same API for the Protobuf encoding; :mod:`.encodings`
 puts both behind one interface.
@@ -13,6 +16,8 @@ puts both behind one interface.
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -23,12 +28,14 @@ from .codes import ClientError
 from .frames import METHODS, Command, ConnectRequest, EmulationRequest, Reply
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "PING",
     "UNI_PING",
     "ProtocolError",
     "decode_commands",
     "decode_connect_request",
     "decode_emulation_request",
+    "decode_json",
     "decode_replies",
     "encode_command",
     "encode_commands",
@@ -65,15 +72,81 @@ _command_decoder = msgspec.json.Decoder(Command)
 _reply_decoder = msgspec.json.Decoder(Reply)
 _encode = msgspec.json.Encoder().encode
 
+_decode_any = msgspec.json.Decoder().decode
+
 #: A server ping (and a client pong): an empty JSON object.
 PING: Final = b"{}"
 #: The ping of unidirectional transports: an empty push.
 UNI_PING: Final = b"{}"
 
+#: The deepest nesting of arrays and objects accepted in JSON from outside.
+MAX_JSON_DEPTH: Final = 64
+
+_STRUCTURE_ONLY: Final = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+# A string that still holds brackets, once escapes are gone (possessive: one scan).
+_BRACKETED_STRING: Final = re.compile(rb'"[^"]*+"')
+# Opening brackets become +1, closing ones -1 (as signed bytes).
+_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+#: Innermost layers removed with bytes.replace before the remaining depth is summed.
+_PASSES: Final = 8
+
+
+def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``data`` nests arrays and objects deeper than ``limit`` levels.
+
+    Linear in ``len(data)`` and done in C. A bracket count decides for nearly
+    all inputs. Otherwise escapes and strings are removed, leaving the
+    brackets; a few passes of ``bytes.replace`` remove the innermost layers (so
+    that wide, shallow JSON costs nothing more), and the depth of what is left
+    is summed. Over the valid prefix of any input the result is exact; what
+    follows a syntax error (where a decoder stops) can only make it larger.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    structure = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _STRUCTURE_ONLY)
+    structure = structure.replace(b'""', b"")  # strings without brackets
+    if b'"' in structure:
+        structure = _BRACKETED_STRING.sub(b"", structure)
+        structure = structure.partition(b'"')[0]  # an unterminated string ends the input
+    steps = structure.translate(_STEPS)
+    removed = 0
+    while removed < _PASSES and steps:
+        reduced = steps.replace(b"\x01\xff", b"")
+        if len(reduced) == len(steps):
+            break
+        steps, removed = reduced, removed + 1
+    if not steps:
+        return False
+    if b"\x01" * (limit - removed + 1) in steps:  # the usual attack, found without summing
+        return True
+    return removed + max(itertools.accumulate(memoryview(steps).cast("b"))) > limit
+
+
+def decode_json(data: bytes | str) -> Any:
+    """Decode a JSON value from outside (a request body, a message's data).
+
+    Raises:
+        ProtocolError: ``data`` is not JSON, not UTF-8, or nested deeper than
+            :data:`MAX_JSON_DEPTH`.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return _checked(_decode_any, data, "JSON")
+
+
+def _checked(decode: Any, data: bytes, what: str) -> Any:
+    """Decode one JSON message from outside: bounded depth, only ProtocolError."""
+    if too_deep(data):
+        raise ProtocolError(f"{what} nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed {what}: {exc}") from None
+
 
 def _lines(data: bytes | str) -> list[bytes]:
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode("utf-8", "surrogatepass")
     return [line for line in data.split(b"\n") if line.strip()]
 
 
@@ -81,15 +154,14 @@ def decode_commands(data: bytes | str) -> list[Command]:
     """Decode every command in one frame.
 
     Raises:
-        ProtocolError: the frame is empty, not JSON, or a command is malformed.
+        ProtocolError: the frame is empty, not JSON, nested deeper than
+            :data:`MAX_JSON_DEPTH`, or a command is malformed.
     """
     lines = _lines(data)
     if not lines:
         raise ProtocolError("empty frame")
-    try:
-        return [_command_decoder.decode(line) for line in lines]
-    except _DECODE_ERRORS as exc:
-        raise ProtocolError(f"malformed command: {exc}") from None
+    decode = _command_decoder.decode
+    return [_checked(decode, line, "command") for line in lines]
 
 
 def method_of(command: Command) -> str | None:
@@ -106,10 +178,8 @@ def decode_replies(data: bytes | str) -> list[Reply]:
     Raises:
         ProtocolError: the frame is not valid replies.
     """
-    try:
-        return [_reply_decoder.decode(line) for line in _lines(data)]
-    except _DECODE_ERRORS as exc:
-        raise ProtocolError(f"malformed reply: {exc}") from None
+    decode = _reply_decoder.decode
+    return [_checked(decode, line, "reply") for line in _lines(data)]
 
 
 def encode_command(command: Command) -> bytes:
@@ -247,10 +317,10 @@ def decode_connect_request(data: bytes | str) -> ConnectRequest:
     Raises:
         ProtocolError: the data is not a JSON connect request.
     """
-    try:
-        return _connect_decoder.decode(data)
-    except _DECODE_ERRORS as exc:
-        raise ProtocolError(f"malformed connect request: {exc}") from None
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    request: ConnectRequest = _checked(_connect_decoder.decode, data, "connect request")
+    return request
 
 
 def string_data(payload: bytes) -> bytes | None:
@@ -286,8 +356,5 @@ def decode_emulation_request(body: bytes) -> EmulationRequest:
     Raises:
         ProtocolError: the body is not a JSON emulation request.
     """
-    try:
-        body_ = _emulation_decoder.decode(body)
-    except _DECODE_ERRORS as exc:
-        raise ProtocolError(f"malformed emulation request: {exc}") from None
+    body_: _EmulationBody = _checked(_emulation_decoder.decode, body, "emulation request")
     return EmulationRequest(node=body_.node, session=body_.session, data=body_.data.encode())

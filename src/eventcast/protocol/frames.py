@@ -8,12 +8,13 @@ their default, as the protocol's JSON encoding does. ``data`` fields are
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeGuard
 
 import msgspec
 from msgspec import Raw, Struct
 
 __all__ = [
+    "MAX_INT",
     "NO_DATA",
     "ClientInfo",
     "Command",
@@ -52,11 +53,47 @@ __all__ = [
     "SubscribeResult",
     "UnsubscribePush",
     "UnsubscribeRequest",
+    "int_in_range",
+    "out_of_range",
 ]
 
 
 #: An absent ``data`` field (an empty ``Raw``; JSON ``null`` is ``Raw(b"null")``).
 NO_DATA: Final = Raw()
+
+#: The largest number a client may send (offsets, limits, flags): a signed 64-bit
+#: integer, which every log backend can store and compare.
+MAX_INT: Final = 2**63 - 1
+
+
+def int_in_range(value: object, low: int = 0, high: int = MAX_INT) -> TypeGuard[int]:
+    """Whether ``value`` is an ``int`` (not a ``bool``) in ``[low, high]``."""
+    return type(value) is int and low <= value <= high
+
+
+def out_of_range(message: Struct) -> str | None:
+    """Name the first number of a decoded request outside ``[0, MAX_INT]``, or ``None``.
+
+    Every integer field of every request (and of the requests nested in it, such
+    as ``connect.subs`` and ``history.since``) is checked: numbers come from
+    outside and reach the log backends, whose integers are signed 64-bit.
+    """
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        if type(value) is int:
+            if not 0 <= value <= MAX_INT:
+                return f"{name} out of range"
+        elif isinstance(value, Struct):
+            problem = out_of_range(value)
+            if problem is not None:
+                return f"{name}.{problem}"
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, Struct):
+                    problem = out_of_range(item)
+                    if problem is not None:
+                        return f"{name}.{problem}"
+    return None
 
 
 class _Message(Struct, omit_defaults=True, forbid_unknown_fields=False):

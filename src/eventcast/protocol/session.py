@@ -12,6 +12,8 @@ Rules it enforces, as the protocol documents them:
 * The first command must be ``connect``; anything else closes the connection
   with 3501 "bad request". A frame that cannot be decoded does too.
 * A command with an id but no known method gets error 104 "method not found".
+* A command with a number outside ``[0, 2**63 - 1]`` gets error 107 "bad
+  request" (see :func:`~eventcast.protocol.frames.out_of_range`).
 * Commands (except ``send``) need an id > 0.
 * After ``max_bad_commands`` error replies caused by the client, the
   connection is closed with 3509 "too many errors".
@@ -40,6 +42,7 @@ from .codes import (
     Disconnect,
 )
 from .encodings import JSON, Encoding
+from .frames import out_of_range
 
 __all__ = ["DEFAULT_MAX_BAD_COMMANDS", "Request", "ServerSession", "SessionState"]
 
@@ -121,7 +124,14 @@ class ServerSession:
             if command.id <= 0 and method != "send":
                 self.close(DISCONNECT_BAD_REQUEST)
                 return []
-            requests.append(Request(command.id, method, getattr(command, method)))
+            body = getattr(command, method)
+            problem = out_of_range(body)
+            if problem is not None:
+                self.error(command.id, ERROR_BAD_REQUEST.with_message(problem))
+                if self.disconnect is not None:
+                    return []
+                continue
+            requests.append(Request(command.id, method, body))
         return requests
 
     def admit(self, request: Request) -> bool:

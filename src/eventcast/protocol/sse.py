@@ -26,6 +26,8 @@ from typing import Any, Final
 
 import msgspec
 
+from .frames import MAX_INT
+
 __all__ = [
     "RESPONSE_HEADERS",
     "Cursor",
@@ -181,10 +183,19 @@ def parse_cursor(text: str | None, topics: Iterable[str] = ()) -> Cursor | None:
         if len(fields) != 3:
             return None
         topic, offset_text, epoch = fields
-        if not topic or not offset_text.isdigit() or not epoch.isalnum():
+        # ASCII only: str.isdigit() accepts "²", which int() refuses.
+        # (At most 19 digits: 2**63 - 1 has 19, and int() refuses over 4300.)
+        if not (
+            topic and len(offset_text) <= 19 and offset_text.isascii() and offset_text.isdigit()
+        ):
+            return None
+        if not (epoch.isascii() and epoch.isalnum()):
+            return None
+        offset = int(offset_text)
+        if offset > MAX_INT:
             return None
         if not wanted or topic in wanted:
-            positions[topic] = (int(offset_text), epoch)
+            positions[topic] = (offset, epoch)
     return Cursor.of(positions)
 
 

@@ -1,75 +1,214 @@
-"""The hub's outgoing HTTP (proxy hooks, webhooks, JWKS): pooled clients and bounded exchanges.
+"""Request bodies of every HTTP endpoint: bounded in size and time, decoded in one place.
 
-Each part that calls out owns one :func:`pooled_client` (keep-alive
-connections, reused across calls) and makes every call through
-:func:`exchange`, which bounds it in time and the answer in size, and turns
-every failure into the part's own :class:`~eventcast.exceptions.EventcastError`
-whose message names what failed, never a body.
+:class:`RequestLimits` is an ASGI middleware in front of every route of the hub,
+so the limits hold whichever server runs it (``eventcast serve``, or a host
+application the hub is mounted in):
+
+* a body larger than the limit is refused with **413** as soon as its declared
+  ``Content-Length`` says so, or while it streams in, before the rest is read;
+* a body that has not fully arrived ``body_timeout`` seconds after the request
+  started is refused with **408** and the connection is closed.
+
+The limit is ``max_body_size`` (1 MiB by default); an endpoint that needs less
+lowers it for its request with :func:`read_body`'s ``limit``. Under ``eventcast
+serve`` the HTTP protocol also bounds request heads and closes connections whose
+bodies never end (see :mod:`eventcast.server._uvicorn`).
+
+Endpoints read bodies with :func:`read_body` or :func:`read_json`; both raise
+:class:`BodyError`, which an endpoint may turn into its own answer format or
+leave to the middleware (a JSON ``{"error": message}`` with the status).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Final
+import ipaddress
+from typing import Any, Final
 
-import httpx
+import msgspec
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..exceptions import EventcastError
+from ..protocol.codec import ProtocolError, decode_json
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "exchange", "pooled_client"]
+__all__ = [
+    "BodyError",
+    "RequestLimits",
+    "client_host",
+    "is_loopback",
+    "read_body",
+    "read_json",
+]
 
-#: The largest answer read from a proxy backend, a webhook endpoint or a JWKS endpoint.
-DEFAULT_MAX_RESPONSE_BYTES: Final = 1_048_576
-#: Connections kept per client (and open at once).
-_MAX_CONNECTIONS: Final = 100
-#: Seconds an idle keep-alive connection is kept.
-_KEEPALIVE_EXPIRY: Final = 30.0
-
-
-def pooled_client(timeout: float) -> httpx.AsyncClient:
-    """A client with a pool of keep-alive connections; ``timeout`` bounds each phase."""
-    return httpx.AsyncClient(
-        timeout=timeout,
-        limits=httpx.Limits(
-            max_connections=_MAX_CONNECTIONS,
-            max_keepalive_connections=_MAX_CONNECTIONS,
-            keepalive_expiry=_KEEPALIVE_EXPIRY,
-        ),
-        follow_redirects=False,
-    )
+_encode = msgspec.json.Encoder().encode
+#: The scope key holding the body limit of the request in progress.
+_LIMIT_KEY: Final = "eventcast.body_limit"
 
 
-async def exchange(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    error: type[EventcastError],
-    what: str,
-    timeout: float,
-    content: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-    limit: int = DEFAULT_MAX_RESPONSE_BYTES,
-) -> tuple[int, bytes]:
-    """Make one request within ``timeout`` seconds; return the status and the body.
+class BodyError(Exception):
+    """A request body was refused: too large (413), too slow (408) or not JSON (400)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers of the refusal: a body that is too slow also closes the connection.
+
+        A body that is too large does not: the server discards the rest of it
+        (within the body timeout), so the client reads the 413 rather than a
+        reset connection.
+        """
+        return {"connection": "close"} if self.status == 408 else {}
+
+
+def _too_large() -> BodyError:
+    return BodyError(413, "request body too large")
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            text = value.decode("latin-1").strip()
+            # The server's parser checked it is a number; be strict anyway.
+            return int(text) if text.isascii() and text.isdigit() else None
+    return None
+
+
+class RequestLimits:
+    """ASGI middleware: every HTTP request body at most ``max_body`` bytes and ``timeout`` seconds.
+
+    Args:
+        app: the application.
+        max_body: the largest body accepted, in bytes.
+        timeout: seconds the whole body has to arrive, from the start of the request.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, timeout: float) -> None:
+        if max_body < 0 or timeout <= 0:
+            raise ValueError("max_body must be >= 0 and timeout > 0")
+        self.app = app
+        self.max_body = max_body
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[_LIMIT_KEY] = self.max_body
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        received = 0
+        ended = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, ended
+            if ended:  # the body is complete: what follows is the wait for a disconnect
+                return await receive()
+            limit: int = scope[_LIMIT_KEY]
+            if received == 0:
+                declared = _declared_length(scope)
+                if declared is not None and declared > limit:
+                    raise _too_large()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyError(408, "request body timeout") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large()
+                ended = not message.get("more_body", False)
+            else:
+                ended = True
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyError as exc:
+            if started:  # too late for a status: end the response
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            headers = [(b"content-type", b"application/json")]
+            headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": _encode({"error": exc.message})})
+
+
+async def read_body(request: Request, limit: int | None = None) -> bytes:
+    """Read a request body, at most ``limit`` bytes (default: the hub's body limit).
 
     Raises:
-        error: (the caller's error type) the endpoint could not be reached,
-            did not answer in time, or answered more than ``limit`` bytes.
+        BodyError: 413 past the limit (declared or streamed), 408 past the body
+            timeout.
     """
+    scope = request.scope
+    if limit is not None:
+        current = scope.get(_LIMIT_KEY)
+        scope[_LIMIT_KEY] = limit if current is None else min(current, limit)
+        declared = _declared_length(scope)
+        if declared is not None and declared > scope[_LIMIT_KEY]:
+            raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    bound = scope.get(_LIMIT_KEY)
+    async for chunk in request.stream():
+        size += len(chunk)
+        if bound is not None and size > bound:  # no middleware in front (a bare mount)
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int | None = None, *, empty: Any = None) -> Any:
+    """Read and decode a JSON body (``empty`` when the body is blank).
+
+    Raises:
+        BodyError: 413 or 408 as :func:`read_body`; 400 when the body is not
+            JSON (malformed, not UTF-8, or nested too deeply).
+    """
+    body = await read_body(request, limit)
+    if not body.strip():
+        return empty
     try:
-        async with asyncio.timeout(timeout):
-            async with client.stream(
-                method, url, content=content, headers=headers, timeout=timeout
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise error(f"{what} answered more than {limit} bytes")
-                return response.status_code, bytes(body)
-    except TimeoutError:
-        raise error(f"{what} did not answer within {timeout:g} s") from None
-    except (httpx.HTTPError, OSError) as exc:
-        raise error(f"{what} could not be reached: {type(exc).__name__}") from exc
+        return decode_json(body)
+    except ProtocolError:
+        raise BodyError(400, "body is not valid JSON") from None
+
+
+# -- client addresses -------------------------------------------------------------------------
+
+
+def client_host(scope: Scope) -> str | None:
+    """The client's address: the forwarded one when a trusted proxy sent the request.
+
+    (The hub's app rewrites ``scope["client"]`` from ``X-Forwarded-For`` for
+    trusted proxies, as uvicorn's ``forwarded_allow_ips`` defines them.)
+    """
+    client = scope.get("client")
+    if not client:
+        return None
+    return str(client[0])
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether an address is a loopback address (``127.0.0.0/8``, ``::1``, mapped IPv4)."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

@@ -4,8 +4,9 @@ Authenticate with ``X-API-Key: <key>`` or ``Authorization: apikey <key>``.
 Answers are ``{"result": …}`` or ``{"error": {"code", "message"}}`` with HTTP
 200, as Centrifugo does; transport-level problems use HTTP statuses: 401 for a
 missing or wrong key, 404 for an unknown method, 400 for a body that is not a
-JSON object, 413 for a body over the size limit. With no API key configured the
-API is disabled (every call gets 401).
+JSON object (or nested too deeply), 413 for a body over ``max_body_size``, 408
+for a body slower than ``body_timeout``. With no API key configured the API is
+disabled (every call gets 401).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
@@ -23,7 +24,8 @@ from starlette.responses import Response
 from ..exceptions import EncodeError, EventcastError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError, Disconnect
-from ..protocol.frames import HistoryResult
+from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
+from ._http import BodyError, read_json
 from .errors import CommandError
 
 if TYPE_CHECKING:
@@ -33,11 +35,7 @@ __all__ = ["API_METHODS", "count_api", "handle_api"]
 
 logger = logging.getLogger("eventcast.api")
 
-#: The largest API request body accepted, in bytes.
-MAX_API_BODY: Final = 1_048_576
-
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 Method = Callable[["Hub", dict[str, Any]], Awaitable[Any]]
 
@@ -46,8 +44,17 @@ def _bad(message: str) -> CommandError:
     return CommandError(codes.ERROR_BAD_REQUEST.with_message(message))
 
 
-def _json(status: int, body: Any) -> Response:
-    return Response(_encode(body), status_code=status, media_type="application/json")
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _count(value: object, name: str) -> int:
+    """A count or offset from a request: an int in ``[0, MAX_INT]``."""
+    if not int_in_range(value):
+        raise _bad(f"{name} must be an int in 0..{MAX_INT}")
+    return value
 
 
 def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
@@ -109,24 +116,30 @@ async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
     return {"responses": responses}
 
 
-async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
-    channel = _str(params, "channel")
-    hub.permissions.channel(channel)
-    limit = params.get("limit") or 0
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        raise _bad("limit must be an int")
+def history_params(params: dict[str, Any]) -> tuple[int, tuple[int, str] | None, bool]:
+    """The ``limit``, ``since`` and ``reverse`` of a history call.
+
+    Raises:
+        CommandError: 107 when one is malformed or out of range.
+    """
+    limit = _count(params.get("limit") or 0, "limit")
     since_raw = params.get("since")
     since = None
     if since_raw is not None:
         if not isinstance(since_raw, dict):
             raise _bad("since must be an object")
         offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
-        if not isinstance(offset, int) or not isinstance(epoch, str):
+        if not isinstance(epoch, str):
             raise _bad("malformed since")
-        since = (offset, epoch)
-    result: HistoryResult = await hub.history(
-        channel, since=since, limit=limit, reverse=bool(params.get("reverse"))
-    )
+        since = (_count(offset, "since.offset"), epoch)
+    return limit, since, bool(params.get("reverse"))
+
+
+async def api_history(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel")
+    hub.permissions.channel(channel)
+    limit, since, reverse = history_params(params)
+    result: HistoryResult = await hub.history(channel, since=since, limit=limit, reverse=reverse)
     if result.publications is None:
         result.publications = []
     return result
@@ -258,9 +271,7 @@ async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
 
 async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
     """eventcast extension: list dead letters (filters: subscriber, reason, topic, limit)."""
-    limit = params.get("limit", 100)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise _bad("limit must be an int >= 0")
+    limit = _count(params.get("limit", 100), "limit")
     found = hub.bus.dead_letters.list(
         subscriber=_str(params, "subscriber", required=False) or None,
         reason=_str(params, "reason", required=False) or None,
@@ -276,9 +287,7 @@ async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
 async def api_dead_letters_redrive(hub: Hub, params: dict[str, Any]) -> Any:
     """eventcast extension: redrive dead letters (by ``ids``, ``subscriber`` or ``reason``)."""
     ids = params.get("ids")
-    if ids is not None and not (
-        isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-    ):
+    if ids is not None and not (isinstance(ids, list) and all(int_in_range(i) for i in ids)):
         raise _bad("ids must be a list of ints")
     count = await hub.bus.dead_letters.redrive(
         ids=ids,
@@ -333,20 +342,6 @@ def _authorized(request: Request, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def handle_api(request: Request) -> Response:
     """Serve ``POST /api/<method>``."""
     hub: Hub = request.app.state.hub
@@ -360,13 +355,11 @@ async def handle_api(request: Request) -> Response:
         handler = API_METHODS.get(method)
         if handler is None:
             return _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)})
-        body = await _read_body(request, MAX_API_BODY)
-        if body is None:
-            return _json(413, {"error": {"code": 107, "message": "request body too large"}})
         try:
-            params = _decode(body) if body.strip() else {}
-        except msgspec.DecodeError:
-            return _json(400, {"error": {"code": 107, "message": "body is not valid JSON"}})
+            params = await read_json(request, empty={})
+        except BodyError as exc:
+            error = {"code": codes.ERROR_BAD_REQUEST.code, "message": exc.message}
+            return _json(exc.status, {"error": error}, exc.headers)
         if not isinstance(params, dict):
             return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
         try:

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -24,11 +25,14 @@ from starlette.types import Receive, Scope, Send
 from ..exceptions import EventcastError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
-from ._logs import configure_logging
+from . import _uvicorn
+from ._http import RequestLimits
+from ._logs import configure_logging, install_redaction
+from ._uvicorn import websocket_transport
 from .api import handle_api
 from .config import Settings
-from .connection import Connection, writable_transport
-from .dashboard import dashboard_routes
+from .connection import Connection
+from .dashboard import dashboard_routes, log_access_mode
 from .hooks import Hooks
 from .hub import Hub
 from .metrics import metrics_endpoint
@@ -37,27 +41,6 @@ from .sse import SSEEndpoint
 __all__ = ["HubApp", "create_app", "serve"]
 
 logger = logging.getLogger("eventcast.server")
-
-
-def _raw_transport(send: Any) -> asyncio.WriteTransport | None:
-    """The socket transport behind uvicorn's sans-I/O WebSocket protocol, if that is the server.
-
-    Writing pre-framed bytes straight to it is eventcast's fast path; any
-    other server gets the portable ASGI path.
-    """
-    owner = getattr(send, "__self__", None)
-    if owner is None:
-        return None
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import (
-            WebSocketsSansIOProtocol,
-        )
-    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
-        return None
-    if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
-        return None
-    transport = owner.transport
-    return writable_transport(transport)
 
 
 class WebSocketEndpoint:
@@ -76,7 +59,7 @@ class WebSocketEndpoint:
             return
         await send({"type": "websocket.accept"})
         raw_send = scope.get("eventcast.send", send)
-        transport = _raw_transport(raw_send)
+        transport = websocket_transport(raw_send)
         conn = hub.new_connection(
             send=raw_send if transport is not None else send, transport=transport, scope=scope
         )
@@ -279,6 +262,9 @@ def create_app(
     if hub is None:
         hub = Hub(settings or Settings.load(), hooks=hooks)
 
+    settings = hub.settings
+    install_redaction()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
@@ -288,6 +274,7 @@ def create_app(
             app.startup_error = exc
             await hub.close()
             raise
+        log_access_mode(settings)
         try:
             yield
         finally:
@@ -302,7 +289,14 @@ def create_app(
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            *dashboard_routes(),
+            *dashboard_routes(settings),
+        ],
+        middleware=[
+            # Outermost: every part of the hub sees a forwarded request's own client.
+            Middleware(_uvicorn.forwarded_headers, trusted_hosts=settings.forwarded_allow_ips),
+            Middleware(
+                RequestLimits, max_body=settings.max_body_size, timeout=settings.body_timeout
+            ),
         ],
         lifespan=lifespan,
     )
@@ -317,49 +311,22 @@ def uvicorn_config(settings: Settings, *, host: str, port: int) -> dict[str, Any
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": header_timeout_protocol(settings.handshake_timeout),
-        "ws": "websockets-sansio",
+        "http": _uvicorn.http_protocol(
+            header_timeout=settings.handshake_timeout,
+            body_timeout=settings.body_timeout,
+            max_head=settings.max_header_size,
+        ),
+        "ws": _uvicorn.websocket_protocol(),
         "ws_max_size": settings.max_message_size,
         "ws_per_message_deflate": False,
         "ws_ping_interval": None,
+        # The app applies forwarded headers itself (settings.forwarded_allow_ips).
+        "proxy_headers": False,
         "lifespan": "on",
         "log_level": settings.log_level,
         "log_config": None,
         "timeout_graceful_shutdown": 10,
     }
-
-
-def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, closing connections that send headers too slowly.
-
-    A slowloris client that never finishes its request headers is closed after
-    ``timeout`` seconds.
-    """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
-
-        def _headers_too_slow(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def on_headers_complete(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol
 
 
 def make_server(app: HubApp, config: Any) -> Any:
@@ -369,24 +336,7 @@ def make_server(app: HubApp, config: Any) -> Any:
     end with a retry hint while the log is still open; then uvicorn closes what
     is left and the lifespan closes the bus and the log.
     """
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            for server in self.servers:
-                server.close()  # stop accepting first
-            await app.hub.begin_shutdown()
-            await super().shutdown(sockets)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                yield
-                # uvicorn re-raises the signal that stopped it, so the process would
-                # die of SIGTERM (exit 143); a graceful stop is a success: exit 0.
-                self._captured_signals.clear()
-
-    return Server(config)
+    return _uvicorn.make_server(config, before_shutdown=app.hub.begin_shutdown)
 
 
 def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> None:

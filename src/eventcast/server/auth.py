@@ -79,6 +79,8 @@ _OTHER_CLAIM_ERRORS: Final = {
     "InvalidJTIError": "'jti' must be a string",
 }
 _KEY_LENGTH_WARNING: Final[type[Warning]] = getattr(jwt, "InsecureKeyLengthWarning", UserWarning)
+#: The longest JWT header segment accepted (base64url); real headers are under 200 bytes.
+MAX_HEADER_SEGMENT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +309,7 @@ class TokenVerifier:
             raise InvalidTokenError("invalid token: not valid yet ('nbf' or 'iat')") from exc
         except jwt.DecodeError as exc:
             raise InvalidTokenError("invalid token: malformed token") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:
             # Other claim errors; PyJWT's messages do not quote the token, but ours
             # stay fixed anyway (and some classes only exist in newer PyJWT).
             problem = _OTHER_CLAIM_ERRORS.get(type(exc).__name__, type(exc).__name__)
@@ -333,10 +335,18 @@ class TokenVerifier:
 
 
 def _header(token: str) -> dict[str, Any] | None:
-    """A token's unverified header, or ``None`` when it is malformed."""
+    """A token's unverified header, or ``None`` when it is malformed.
+
+    Bounded: a header segment longer than :data:`MAX_HEADER_SEGMENT` is
+    malformed; a str that is not UTF-8 encodable (``ValueError``) and JSON nested
+    deeper than the stack allows (``RecursionError``, which the parser does not
+    bound otherwise) are too.
+    """
+    if len(token.partition(".")[0]) > MAX_HEADER_SEGMENT:
+        return None
     try:
         header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, ValueError, RecursionError):
         return None
     return header if isinstance(header, dict) else None
 

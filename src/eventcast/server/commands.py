@@ -248,13 +248,15 @@ class Commands:
             if isinstance(answer, Disconnect):
                 session.close(answer)
             else:
-                session.error(request.id, answer, client_fault=answer.code != 100)
+                session.error(request.id, answer)
         except (LogError, KeySetError) as exc:
             logger.warning("%s on %s failed: %s", method, conn.id, exc)
-            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+            session.error(request.id, codes.ERROR_INTERNAL)
         except Exception:
+            # Every error counts toward the connection's budget, internal ones (100)
+            # included: a connection whose commands keep failing ends in 3509.
             logger.exception("%s on %s failed", method, conn.id)
-            session.error(request.id, codes.ERROR_INTERNAL, client_fault=False)
+            session.error(request.id, codes.ERROR_INTERNAL)
         else:
             if method == "connect":
                 session.connected(request, result)

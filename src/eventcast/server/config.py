@@ -221,7 +221,7 @@ _DEFAULT_NAMESPACE: Final = NamespaceConfig(name="")
 
 
 #: List settings also given as a comma- (or space-) separated string in the environment.
-_LIST_FIELDS: Final = ("allowed_origins", "proxy_http_headers")
+_LIST_FIELDS: Final = ("allowed_origins", "forwarded_allow_ips", "proxy_http_headers")
 
 
 class _EnvSource(EnvSettingsSource):
@@ -261,8 +261,21 @@ class Settings(BaseSettings):
         channels_per_connection: the most channels one connection may subscribe to.
         max_bad_commands: a client sending this many bad commands is disconnected.
         replay_cap: the most publications replayed on recovery.
-        handshake_timeout: seconds a client has to send its connect command (and an
-            HTTP client to send its request headers).
+        handshake_timeout: seconds a client has to send its connect command, and an
+            HTTP client to send the line and headers of each request (every request
+            of a keep-alive connection, timed from its first byte).
+        max_header_size: the most bytes of an HTTP request line and headers
+            (``eventcast serve``); larger requests get 431 and the connection is
+            closed.
+        max_body_size: the most bytes of an HTTP request body, on every endpoint
+            (endpoints that need less accept less); larger bodies get 413.
+        body_timeout: seconds an HTTP request body has to arrive once the request
+            started; slower bodies get 408 and the connection is closed.
+        forwarded_allow_ips: the proxies trusted to say who the client is:
+            requests from these addresses (or networks, or ``"*"``) take their
+            client address from ``X-Forwarded-For`` and their scheme from
+            ``X-Forwarded-Proto``, as uvicorn's ``forwarded_allow_ips``. From the
+            environment, a JSON list or a comma-separated string.
         node_name: this node's name (default: the host name).
         connections_per_user: the most connections one user may have on this node.
         connection_rate: new connections per second this node accepts (token
@@ -275,8 +288,11 @@ class Settings(BaseSettings):
         sse_cookie: the cookie that may carry an SSE connection token.
         presence_ttl: seconds a presence entry lives unless refreshed (a crashed
             node's entries expire after it).
-        admin_token: protects the dashboard at ``/`` when set (without it the
-            dashboard is open: set one anywhere but on a developer's machine).
+        admin_token: opens the dashboard at ``/`` to clients that log in with it.
+            Without it the dashboard answers loopback clients only.
+        admin_session_ttl: seconds a dashboard login lasts (its signed cookie).
+        admin_login_rate: dashboard login attempts per second per client address
+            (token bucket, burst of five); over it a login gets 429.
         asyncapi: serve the hub's AsyncAPI 3.0 document at ``GET /asyncapi.json``
             (off by default: it lists the namespaces and their permissions).
         token_jwks_url: verify ``RS*``/``ES*`` tokens against the keys of this JWKS
@@ -347,6 +363,10 @@ class Settings(BaseSettings):
     max_bad_commands: int = Field(default=10, gt=0)
     replay_cap: int = Field(default=300, gt=0)
     handshake_timeout: Duration = Field(default=10.0, gt=0)
+    max_header_size: int = Field(default=16_384, ge=1024)
+    max_body_size: int = Field(default=1_048_576, gt=0)
+    body_timeout: Duration = Field(default=10.0, gt=0)
+    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
     connections_per_user: int = Field(default=100, gt=0)
     connection_rate: float = Field(default=500.0, gt=0)
@@ -357,6 +377,8 @@ class Settings(BaseSettings):
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
     admin_token: SecretStr | None = None
+    admin_session_ttl: Duration = Field(default=43_200.0, gt=0)
+    admin_login_rate: float = Field(default=1.0, gt=0)
     asyncapi: bool = False
     token_jwks_url: str | None = None
     token_jwks_cache_ttl: Duration = Field(default=300.0, gt=0)

@@ -38,7 +38,7 @@ import jwt
 import msgspec
 
 from ..exceptions import ConfigurationError, KeySetError
-from ._http import exchange, pooled_client
+from ._outgoing import exchange, pooled_client
 
 if TYPE_CHECKING:
     from .config import Settings

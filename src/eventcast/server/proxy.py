@@ -42,7 +42,7 @@ import msgspec
 from ..exceptions import HookError
 from ..protocol.codes import ClientError, Disconnect
 from ..protocol.frames import NO_DATA
-from ._http import exchange, pooled_client
+from ._outgoing import exchange, pooled_client
 from .errors import CommandError
 from .hooks import (
     CHANNEL_HOOKS,

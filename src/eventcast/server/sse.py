@@ -9,7 +9,8 @@
 
 Topics come from repeated ``topic`` query parameters. The token comes from the
 ``Authorization: Bearer`` header, the cookie named by ``sse_cookie``, or the
-``access_token`` query parameter (which is redacted from logs). The browser's
+``access_token`` query parameter (redacted from logs, as every secret-looking
+query parameter is: see :mod:`eventcast.server._logs`). The browser's
 ``Last-Event-ID`` header (or a ``lastEventID`` query parameter on the first
 connection) resumes every durable topic exactly; see
 :mod:`eventcast.protocol.sse` for the event format.
@@ -38,8 +39,9 @@ from ..protocol.sse import (
     subscribed_event,
 )
 from ..topics import is_pattern
+from ._uvicorn import http_transport as _raw_http_transport
 from .channels import Membership
-from .connection import Connection, writable_transport
+from .connection import Connection
 from .errors import CommandError
 
 if TYPE_CHECKING:
@@ -227,7 +229,6 @@ class SSEEndpoint:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        _redact_token(scope)  # before any answer: the server's access log reads the scope
         origin = _header(scope, b"origin")
         cors: list[tuple[bytes, bytes]] = []
         if origin is not None:
@@ -355,29 +356,8 @@ def _status(exc: CommandError, default: int) -> int:
     return default
 
 
-def _redact_token(scope: dict[str, Any]) -> None:
-    """Mask the ``access_token`` query parameter in the scope the server's access log reads."""
-    raw = scope.get("query_string", b"")
-    if b"access_token=" not in raw:
-        return
-    parts = raw.split(b"&")
-    for i, part in enumerate(parts):
-        if part.startswith(b"access_token="):
-            parts[i] = b"access_token=***"
-    scope["query_string"] = b"&".join(parts)
-
-
 async def _until_disconnect(receive: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _raw_http_transport(send: Any) -> asyncio.WriteTransport | None:
-    """The transport behind uvicorn's httptools protocol, when the response is chunked."""
-    owner = getattr(send, "__self__", None)
-    if owner is None or not getattr(owner, "chunked_encoding", False):
-        return None
-    transport = getattr(owner, "transport", None)
-    return writable_transport(transport)

@@ -51,7 +51,7 @@ from ..deadletters import DeadLetter
 from ..events import Event, new_event_id
 from ..exceptions import DeliveryError
 from ..handlers import backoff_delay
-from ._http import exchange, pooled_client
+from ._outgoing import exchange, pooled_client
 from .config import WebhookConfig
 from .occupancy import OccupancyKeeper, occupancy_for
 

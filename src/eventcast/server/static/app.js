@@ -5,6 +5,14 @@
 const $ = (id) => document.getElementById(id);
 const previous = new Map(); // topic -> {count, time} for rates
 let source = null;
+let csrf = null; // the session's CSRF token (null when the hub needs none)
+
+// Every state-changing request: a JSON body, and the session's CSRF token.
+function post(path, body) {
+  const headers = { "content-type": "application/json" };
+  if (csrf) headers["x-csrf-token"] = csrf;
+  return fetch(path, { method: "POST", credentials: "same-origin", headers, body: JSON.stringify(body) });
+}
 
 function text(value) {
   return value === null || value === undefined ? "" : String(value);
@@ -115,12 +123,7 @@ async function loadDeadLetters() {
 }
 
 async function redrive(ids) {
-  await fetch("/dashboard/api/dead-letters/redrive", {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(ids ? { ids } : {}),
-  });
+  await post("/dashboard/api/dead-letters/redrive", ids ? { ids } : {});
   await loadDeadLetters();
 }
 
@@ -130,11 +133,13 @@ function showLogin() {
 }
 
 async function start() {
-  const response = await fetch("/dashboard/api/stats", { credentials: "same-origin" });
-  if (response.status === 401) {
+  const session = await fetch("/dashboard/api/session", { credentials: "same-origin" });
+  if (session.status === 401) {
     showLogin();
     return;
   }
+  csrf = (await session.json()).csrf;
+  const response = await fetch("/dashboard/api/stats", { credentials: "same-origin" });
   $("login").hidden = true;
   $("main").hidden = false;
   showStats(await response.json());
@@ -145,12 +150,7 @@ async function start() {
 
 $("login-form").addEventListener("submit", async (e) => {
   e.preventDefault();
-  const response = await fetch("/dashboard/api/login", {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ token: $("login-token").value }),
-  });
+  const response = await post("/dashboard/api/login", { token: $("login-token").value });
   if (response.ok) {
     $("login-error").textContent = "";
     await start();
@@ -175,12 +175,7 @@ $("publish-form").addEventListener("submit", async (e) => {
     result.textContent = "data is not valid JSON";
     return;
   }
-  const response = await fetch("/dashboard/api/publish", {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ topic: $("publish-topic").value, data }),
-  });
+  const response = await post("/dashboard/api/publish", { topic: $("publish-topic").value, data });
   const body = await response.json();
   result.textContent = response.ok
     ? `published${body.offset ? " at offset " + body.offset : ""}`

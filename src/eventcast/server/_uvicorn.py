@@ -1,0 +1,407 @@
+"""Everything eventcast does with uvicorn's internals, in one place.
+
+``eventcast serve`` runs the hub under uvicorn and relies on parts of it that
+uvicorn does not document:
+
+* **the HTTP protocol class** (``HttpToolsProtocol``), subclassed to bound every
+  request of a connection: its request line and headers in size (431, then the
+  connection is closed) and in time (``header_timeout``, armed again for each
+  request of a keep-alive connection), and its body in time (a backstop to the
+  ASGI-level limit of :mod:`eventcast.server._http`, for bodies nobody reads);
+* **the WebSocket protocol class** (``WebSocketsSansIOProtocol``), subclassed so
+  that a text frame which is not UTF-8 is closed with 1007 without the ERROR and
+  traceback uvicorn logs for it;
+* **the transports** behind uvicorn's ``send`` callables, which the hub's fast
+  path writes pre-framed bytes to;
+* **the server's shutdown and signal handling** (``Server.shutdown``,
+  ``capture_signals`` and ``_captured_signals``), for the graceful stop.
+
+:func:`check` verifies each of them against the installed uvicorn and names its
+version when one is missing; :func:`make_server` calls it, so a uvicorn that
+changed fails at start rather than running without the protections, and
+``tests/server/test_uvicorn_adapter.py`` calls it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+from ..exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = [
+    "check",
+    "forwarded_headers",
+    "http_protocol",
+    "http_transport",
+    "make_server",
+    "uvicorn_version",
+    "websocket_protocol",
+    "websocket_transport",
+]
+
+#: How long a refused connection keeps draining what the client still sends before it
+#: is closed, so the refusal (431) reaches the client instead of being lost to a reset.
+LINGER: Final = 2.0
+#: Past the ASGI body timeout, how long the protocol waits before it closes a
+#: connection whose request body never completed (the application answers 408 first).
+BODY_GRACE: Final = 1.0
+
+#: The undocumented uvicorn names eventcast relies on: ``(module, class, attributes)``.
+_INTERNALS: Final = (
+    (
+        "uvicorn.protocols.http.httptools_impl",
+        "HttpToolsProtocol",
+        (
+            "connection_made",
+            "connection_lost",
+            "data_received",
+            "on_message_begin",
+            "on_headers_complete",
+            "on_message_complete",
+            "_should_upgrade",
+        ),
+    ),
+    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", ("send",)),
+    (
+        "uvicorn.protocols.websockets.websockets_sansio_impl",
+        "WebSocketsSansIOProtocol",
+        ("send_receive_event_to_app", "handle_parser_exception", "send", "data_received"),
+    ),
+    ("uvicorn.server", "Server", ("shutdown", "capture_signals", "startup")),
+    ("uvicorn.middleware.proxy_headers", "ProxyHeadersMiddleware", ("__call__",)),
+)
+#: Instance attributes (assigned in methods, so not visible on the class).
+_INSTANCE_ATTRIBUTES: Final = {
+    "HttpToolsProtocol": ("transport", "cycle", "parser", "loop"),
+    "RequestResponseCycle": ("transport", "chunked_encoding", "response_complete"),
+    "WebSocketsSansIOProtocol": (
+        "transport",
+        "handshake_complete",
+        "conn",
+        "frames",
+        "curr_msg_data_type",
+        "close_sent",
+        "logger",
+    ),
+    "Server": ("servers", "_captured_signals"),
+}
+
+
+def uvicorn_version() -> str:
+    """The installed uvicorn's version (``"not installed"`` without it)."""
+    try:
+        import uvicorn
+    except ImportError:
+        return "not installed"
+    return str(uvicorn.__version__)
+
+
+@functools.cache
+def _missing() -> tuple[str, ...]:
+    """The internals this module needs that the installed uvicorn lacks (checked once)."""
+    import importlib
+    import inspect
+
+    missing: list[str] = []
+    for module_name, class_name, names in _INTERNALS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}.{class_name}")
+            continue
+        missing += [f"{class_name}.{name}" for name in names if not hasattr(cls, name)]
+        expected = _INSTANCE_ATTRIBUTES.get(class_name, ())
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # no source shipped: nothing more to check
+            continue
+        missing += [
+            f"{class_name}().{name}"
+            for name in expected
+            if not re.search(rf"self\.{name}\s*(?::[^=\n]*)?=", source)  # assigned somewhere
+        ]
+    return tuple(missing)
+
+
+def check() -> None:
+    """Verify that the installed uvicorn has every internal this module relies on.
+
+    Raises:
+        ConfigurationError: one is missing; the message names them and the
+            installed uvicorn version.
+    """
+    missing = _missing()
+    if missing:
+        raise ConfigurationError(
+            f"uvicorn {uvicorn_version()} lacks internals eventcast relies on "
+            f"({', '.join(missing)}): install a uvicorn version eventcast supports"
+        )
+
+
+# -- transports of the fast path ---------------------------------------------------------------
+
+
+def _writable(transport: object) -> asyncio.WriteTransport | None:
+    from .connection import writable_transport
+
+    return writable_transport(transport)
+
+
+def websocket_transport(send: Any) -> asyncio.WriteTransport | None:
+    """The socket transport behind uvicorn's sans-I/O WebSocket protocol, if that is the server.
+
+    Writing pre-framed bytes straight to it is eventcast's fast path; any
+    other server gets the portable ASGI path (``None``).
+    """
+    owner = getattr(send, "__self__", None)
+    if owner is None:
+        return None
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
+        return None
+    if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
+        return None
+    return _writable(owner.transport)
+
+
+def http_transport(send: Any) -> asyncio.WriteTransport | None:
+    """The transport behind uvicorn's httptools protocol, when the response is chunked."""
+    owner = getattr(send, "__self__", None)
+    if owner is None or not getattr(owner, "chunked_encoding", False):
+        return None
+    return _writable(getattr(owner, "transport", None))
+
+
+# -- the HTTP protocol -------------------------------------------------------------------------
+
+
+def _response(status: int, reason: str, message: str) -> bytes:
+    body = message.encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status, reason.encode(), len(body), body)
+    )
+
+
+_HEAD_TOO_LARGE: Final = _response(
+    431, "Request Header Fields Too Large", "request line and headers too large"
+)
+
+
+def http_protocol(
+    *, header_timeout: float, body_timeout: float, max_head: int
+) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with every request's head and body bounded.
+
+    Args:
+        header_timeout: seconds a client has to send each request's line and
+            headers, from its first byte (from the connection for the first
+            request); past it the connection is closed.
+        body_timeout: seconds a request body has to arrive once its headers
+            did. The ASGI layer answers 408 at that point; this protocol closes
+            the connection :data:`BODY_GRACE` seconds later if the body still
+            has not ended (a body nobody reads, on a keep-alive connection).
+        max_head: the most bytes of a request line and headers. Past it the
+            client gets 431 and the connection is closed. The count is exact
+            for every request that starts at the beginning of a read (the first
+            of a connection, and the next of a keep-alive connection); a request
+            pipelined behind another in the same read is counted from the next
+            read on (within one read, no header is concatenated piece by piece).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HardenedHttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol with bounded request heads and bodies."""
+
+        _timer: asyncio.TimerHandle | None = None
+        _in_head = True
+        #: A new request's head began while the current read was fed.
+        _new_head = False
+        _head_bytes = 0
+        _refused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm(header_timeout, self._head_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # draining after a refusal
+            if self._in_head and len(data) > max_head - self._head_bytes:
+                # Feed only what the limit allows: the head may end inside it.
+                room = max(0, max_head - self._head_bytes)
+                self._new_head = False
+                if room:
+                    super().data_received(data[:room])
+                    if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                        return  # answered 400, or upgraded to WebSocket
+                if self._head_pending() and not self._new_head:
+                    self._refuse()  # the same head, past the limit
+                    return
+                data = data[room:]
+            if self._in_head:
+                # (A head that starts inside this read, behind another request, is
+                # counted from the next read: within one read nothing is quadratic.)
+                self._head_bytes += len(data)
+            super().data_received(data)
+
+        def _head_pending(self) -> bool:
+            """Whether a request's line and headers are still arriving (parser callbacks
+            change it while data is fed)."""
+            return self._in_head
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if not self._in_head:  # a further request on a keep-alive connection
+                self._in_head = True
+                self._new_head = True
+                self._head_bytes = 0
+                self._arm(header_timeout, self._head_too_slow)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._disarm()
+            upgrade = self.parser.should_upgrade() and self._should_upgrade()
+            super().on_headers_complete()
+            if not upgrade:
+                self._arm(body_timeout + BODY_GRACE, self._body_too_slow)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(delay, callback)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _head_too_slow(self) -> None:
+            self._timer = None
+            if self._in_head and not self.transport.is_closing():
+                self.transport.close()
+
+        def _body_too_slow(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _refuse(self) -> None:
+            """Answer 431 (unless a response is in flight), then drain and close."""
+            self._refused = True
+            transport = self.transport
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                transport.close()  # a pipelined request behind one still answering
+                return
+            transport.write(_HEAD_TOO_LARGE)
+            # Half-close and drain what the client still sends before closing, or the
+            # close would reset the connection and the 431 could be lost.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._arm(LINGER, transport.close)
+
+    return HardenedHttpProtocol
+
+
+# -- the WebSocket protocol --------------------------------------------------------------------
+
+
+def websocket_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's sans-I/O WebSocket protocol, closing non-UTF-8 text with 1007 quietly.
+
+    uvicorn closes such a frame with 1007, as RFC 6455 requires, but logs an
+    ERROR with a traceback for each: anyone could flood the log with them. This
+    class closes the same way and logs nothing.
+    """
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class QuietWebSocketsProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's WebSocket protocol, without a traceback for invalid UTF-8."""
+
+        def send_receive_event_to_app(self) -> None:
+            if self.curr_msg_data_type == "text" and not self.close_sent:
+                frames = self.frames
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    self.conn.send_close(1007, "invalid UTF-8")
+                    self.handle_parser_exception()
+                    return
+            super().send_receive_event_to_app()
+
+    return QuietWebSocketsProtocol
+
+
+# -- proxies -----------------------------------------------------------------------------------
+
+
+def forwarded_headers(app: Any, trusted_hosts: list[str]) -> Any:
+    """Wrap an ASGI app so forwarded requests carry their original client address.
+
+    Uses uvicorn's ``ProxyHeadersMiddleware``: when the direct peer is one of
+    ``trusted_hosts`` (addresses, networks, or ``"*"``), the client address and
+    scheme come from ``X-Forwarded-For`` and ``X-Forwarded-Proto``.
+    """
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    return ProxyHeadersMiddleware(app, trusted_hosts=trusted_hosts)
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def make_server(
+    config: uvicorn.Config, *, before_shutdown: Callable[[], Awaitable[None]]
+) -> uvicorn.Server:
+    """A uvicorn server that runs ``before_shutdown`` before it closes connections.
+
+    On SIGTERM or SIGINT it stops accepting, awaits ``before_shutdown`` (the hub
+    tells its clients to reconnect), then lets uvicorn close what is left. A
+    graceful stop exits with status 0.
+
+    Raises:
+        ConfigurationError: the installed uvicorn lacks an internal this module
+            relies on (see :func:`check`).
+    """
+    import uvicorn
+
+    check()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:
+                server.close()  # stop accepting first
+            await before_shutdown()
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                # uvicorn re-raises the signal that stopped it, so the process would
+                # die of SIGTERM (exit 143); a graceful stop is a success: exit 0.
+                self._captured_signals.clear()
+
+    return Server(config)

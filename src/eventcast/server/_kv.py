@@ -1,0 +1,330 @@
+"""Connections to the shared engines behind the hub's stores: one Redis client, one NATS KV bucket.
+
+Presence (:mod:`~eventcast.server.presence_redis`,
+:mod:`~eventcast.server.presence_nats`) and the access store of blocked users
+and revoked tokens (:mod:`~eventcast.server.access_redis`,
+:mod:`~eventcast.server.access_nats`) keep their data in Redis or in a
+JetStream key-value bucket. They share how they connect: on first use (or
+:meth:`open`), once even when many tasks ask at the same moment, with bounded
+timeouts, and with every driver error translated into
+:class:`~eventcast.exceptions.BackplaneError`. ``close()`` is idempotent and
+final, also when cancelled. The drivers are imported lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from ..exceptions import BackplaneError, ConfigurationError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["NATSBucket", "RedisConnection", "decode_key_token", "encode_key_token"]
+
+logger = logging.getLogger("eventcast.server")
+
+_T = TypeVar("_T")
+
+
+def encode_key_token(text: str) -> str:
+    """Encode any string as one token of a KV key (``k`` + base32, no padding)."""
+    return "k" + base64.b32encode(text.encode()).decode().rstrip("=")
+
+
+def decode_key_token(token: str) -> str:
+    """The string :func:`encode_key_token` encoded.
+
+    Raises:
+        ValueError: ``token`` is not such a token.
+    """
+    raw = token[1:]
+    try:
+        return base64.b32decode(raw + "=" * (-len(raw) % 8)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not an encoded key token: {token[:40]!r}") from exc
+
+
+class RedisConnection:
+    """One Redis (or Redis Cluster) client, connected on first use.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS,
+            ``redis+cluster://`` for Redis Cluster).
+        what: what the connection is for, in error messages ("presence").
+        connect_timeout: seconds to wait for a connection to Redis.
+        timeout: seconds to wait for a reply.
+        retries: retries of a command after a connection error or timeout.
+
+    Raises:
+        ConfigurationError: not a Redis URL, or bad timeouts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        what: str,
+        connect_timeout: float = 5.0,
+        timeout: float = 5.0,
+        retries: int = 3,
+    ) -> None:
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not sep:
+            raise ConfigurationError(f"not a Redis URL: {url!r}")
+        #: ``redis+cluster://``: the data lives on Redis Cluster (one key per command).
+        self.cluster = scheme.endswith("+cluster")
+        if self.cluster:
+            url = f"{scheme.removesuffix('+cluster')}://{rest}"
+        if connect_timeout <= 0 or timeout <= 0 or retries < 0:
+            raise ConfigurationError("timeouts must be positive and retries >= 0")
+        self.url = url
+        self.what = what
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.retries = retries
+        self.client: Redis | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def open(self) -> Redis:
+        """Connect to Redis and check it answers; return the client. Idempotent.
+
+        Raises:
+            BackplaneError: Redis is unreachable, or the connection is closed.
+        """
+        if self._closed:
+            raise BackplaneError(f"the {self.what} store is closed")
+        if self.client is not None:
+            return self.client
+        from redis.asyncio import Redis, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+        async with self._lock:
+            opened = self._opened()
+            if opened is not None:  # opened by another task meanwhile
+                return opened
+            client = (RedisCluster if self.cluster else Redis).from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.connect_timeout,
+                health_check_interval=10,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.retries),
+                retry_on_error=[ConnectionError, TimeoutError],
+            )
+            try:
+                async with asyncio.timeout(self.connect_timeout * 3):
+                    await client.ping()
+            except BaseException as exc:
+                await asyncio.shield(client.aclose())
+                if isinstance(exc, RedisError | OSError | TimeoutError):
+                    raise BackplaneError(f"cannot reach Redis for {self.what}: {exc}") from exc
+                raise
+            if self._is_closed():  # closed while connecting
+                await asyncio.shield(client.aclose())
+                raise BackplaneError(f"the {self.what} store is closed")
+            # RedisCluster offers every command used by the stores (each touches one key).
+            self.client = cast("Redis", client)
+            return self.client
+
+    # Calls, not attributes: they are read again after an await.
+    def _opened(self) -> Redis | None:
+        return self.client
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connections. Idempotent, also when cancelled."""
+        self._closed = True
+        client, self.client = self.client, None
+        if client is not None:
+            await asyncio.shield(client.aclose())
+
+    async def run(self, action: str, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
+        """Run ``fn`` with the client (connecting first if needed).
+
+        Raises:
+            BackplaneError: Redis failed; the message says which action.
+        """
+        from redis.exceptions import RedisError
+
+        client = self.client or await self.open()
+        try:
+            return await fn(client)
+        except (RedisError, OSError) as exc:
+            raise BackplaneError(
+                f"{self.what} could not {action}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+class NATSBucket:
+    """One JetStream key-value bucket (created if missing), connected on first use.
+
+    Args:
+        url: ``nats://host:4222`` (several comma-separated servers allowed).
+        bucket: the bucket's name.
+        what: what the bucket is for, in error messages ("presence").
+        ttl: the bucket's max age (``None``: entries never expire by age).
+        connect_timeout: seconds to reach NATS.
+        timeout: seconds to wait for one operation.
+
+    Raises:
+        ConfigurationError: not a NATS URL, or bad timeouts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        bucket: str,
+        what: str,
+        ttl: float | None = None,
+        connect_timeout: float = 5.0,
+        timeout: float = 5.0,
+    ) -> None:
+        scheme, sep, rest = url.partition("://")
+        if scheme.lower() not in ("nats", "tls", "nats+jetstream") or not sep:
+            raise ConfigurationError(f"not a NATS URL: {url!r}")
+        if (ttl is not None and ttl <= 0) or connect_timeout <= 0 or timeout <= 0:
+            raise ConfigurationError("ttl and timeouts must be positive")
+        scheme = "nats" if scheme.lower() == "nats+jetstream" else scheme
+        netloc = rest.partition("/")[0].partition("?")[0]
+        self.servers = [f"{scheme}://{host}" for host in netloc.split(",") if host]
+        self.bucket = bucket
+        self.what = what
+        self.ttl = ttl
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._nc: Any = None
+        self._kv: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def open(self) -> Any:
+        """Connect and create the bucket if it is missing; return it. Idempotent.
+
+        Raises:
+            BackplaneError: NATS is unreachable, or the bucket is closed.
+        """
+        if self._closed:
+            raise BackplaneError(f"the {self.what} store is closed")
+        if self._kv is not None:
+            return self._kv
+        import nats
+        from nats.errors import Error as NATSError
+        from nats.js.errors import BucketNotFoundError
+
+        async def error(exc: Exception) -> None:
+            logger.warning("NATS %s error: %s", self.what, exc)
+
+        async with self._lock:
+            if self._is_open():  # opened by another task meanwhile
+                return self._kv
+            nc: Any = None
+            try:
+                async with asyncio.timeout(self.connect_timeout * 3):
+                    nc = await nats.connect(
+                        servers=self.servers,
+                        connect_timeout=self.connect_timeout,
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                        error_cb=error,
+                    )
+                    js = nc.jetstream(timeout=self.timeout)
+                    try:
+                        kv = await js.key_value(self.bucket)
+                    except BucketNotFoundError:
+                        options: dict[str, Any] = {"bucket": self.bucket, "history": 1}
+                        if self.ttl is not None:
+                            options["ttl"] = self.ttl
+                        kv = await js.create_key_value(**options)
+            except BaseException as exc:
+                if nc is not None:
+                    await asyncio.shield(_quiet_close(nc))
+                if isinstance(exc, NATSError | OSError | TimeoutError):
+                    raise BackplaneError(
+                        f"cannot open the NATS {self.what} bucket {self.bucket!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                raise
+            if self._is_closed():  # closed while connecting
+                await asyncio.shield(_quiet_close(nc))
+                raise BackplaneError(f"the {self.what} store is closed")
+            self._nc, self._kv = nc, kv
+            return kv
+
+    # Calls, not attributes: they are read again after an await.
+    def _is_open(self) -> bool:
+        return self._kv is not None
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent, also when cancelled."""
+        self._closed = True
+        nc, self._nc, self._kv = self._nc, None, None
+        if nc is not None:
+            await asyncio.shield(_quiet_close(nc))
+
+    def error(self, action: str, exc: BaseException) -> BackplaneError:
+        """A driver error, translated (``raise bucket.error(...) from exc``)."""
+        return BackplaneError(f"{self.what} could not {action}: {type(exc).__name__}: {exc}")
+
+    async def run(self, action: str, fn: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Run ``fn`` with the bucket (opening it first if needed), within the timeout.
+
+        Raises:
+            BackplaneError: NATS failed; the message says which action.
+        """
+        from nats.errors import Error as NATSError
+
+        kv = self._kv or await self.open()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fn(kv)
+        except (NATSError, OSError, TimeoutError) as exc:
+            raise self.error(action, exc) from exc
+
+    async def latest(self, pattern: str) -> list[Any]:
+        """The last entry of every key matching ``pattern`` (delete markers included).
+
+        Raises:
+            BackplaneError: NATS failed or did not answer in time.
+        """
+
+        async def read(kv: Any) -> list[Any]:
+            return [entry async for entry in _watch_latest(kv, pattern)]
+
+        return await self.run("read entries", read)
+
+
+async def _watch_latest(kv: Any, pattern: str) -> AsyncIterator[Any]:
+    from nats.errors import Error as NATSError
+
+    watcher = await kv.watch(pattern, inactive_threshold=30.0)
+    try:
+        async for entry in watcher:
+            if entry is None:  # the last value of every key was delivered
+                break
+            yield entry
+            if entry.delta == 0:
+                break
+    finally:
+        with contextlib.suppress(NATSError, OSError):
+            await watcher.stop()
+
+
+async def _quiet_close(nc: Any) -> None:
+    with contextlib.suppress(Exception):
+        await nc.close()

@@ -37,6 +37,7 @@ from .connection import Connection
 
 if TYPE_CHECKING:
     from ..bus import Bus
+    from .auth import SubscriptionClaims
 
 __all__ = ["CHANNEL_BUFFER", "Channels", "HubChannel", "Membership"]
 
@@ -69,6 +70,8 @@ class Membership:
     join_leave: bool = False
     #: The client is listed in the channel's presence.
     presence: bool = False
+    #: The claims of the subscription token it was granted by, if any.
+    token: SubscriptionClaims | None = None
 
     def arm_expiry(self, conn: Connection) -> None:
         """Close ``conn`` with 3503 when this subscription's token expires."""

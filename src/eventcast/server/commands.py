@@ -176,31 +176,38 @@ class Commands:
 
     # -- connecting --------------------------------------------------------------------
 
-    def authenticate(self, conn: Connection, token: str | None) -> tuple[str, ...]:
+    async def authenticate(self, conn: Connection, token: str | None) -> tuple[str, ...]:
         """Set a connection's identity from its token; return its server-side channels.
 
         Raises:
             TokenExpiredError: the token expired.
             InvalidTokenError: the token is invalid, or missing while anonymous
                 connections are not allowed.
-            CommandError: the user has too many connections on this node (3504).
+            CommandError: the user is blocked (3503) or the token revoked
+                (3500), or the user has too many connections (3504) on this
+                node or in the cluster (see :meth:`Cluster.admit
+                <eventcast.server.cluster.Cluster.admit>`).
         """
         hub = self._hub
         channels: tuple[str, ...] = ()
         if token:
             claims = hub.verifier.verify_connection(token)
+            refusal = hub.cluster.access.refuses(claims.user, claims.token_id, claims.issued_at)
+            if refusal is not None:
+                raise CommandError(refusal)
             conn.user = claims.user
             conn.anonymous = False
             conn.expires_at = claims.expires_at
+            conn.token_id, conn.issued_at = claims.token_id, claims.issued_at
             conn.info = None if claims.info is None else _encode(claims.info)
             channels = claims.channels
         elif not hub.settings.allow_anonymous:
             raise InvalidTokenError("a token is required")
         # Anonymous clients share the empty user id: they are not one user (as in Centrifugo).
-        if conn.user and hub.registry.user_connections(conn.user) >= (
-            hub.settings.connections_per_user
-        ):
-            raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
+        if conn.user:
+            if hub.registry.user_connections(conn.user) >= hub.settings.connections_per_user:
+                raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
+            await hub.cluster.admit(conn)
         return channels
 
     def _claims(self, token: str) -> Any:
@@ -218,7 +225,7 @@ class Commands:
         if hub.closing:
             raise CommandError(codes.DISCONNECT_SHUTDOWN)
         try:
-            channels = self.authenticate(conn, req.token)
+            channels = await self.authenticate(conn, req.token)
         except TokenExpiredError:
             raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
         except InvalidTokenError:
@@ -258,7 +265,11 @@ class Commands:
         claims = self._claims(req.token)
         if claims.user != conn.user:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+        refusal = self._hub.cluster.access.refuses(claims.user, claims.token_id, claims.issued_at)
+        if refusal is not None:
+            raise CommandError(refusal)
         conn.expires_at = claims.expires_at
+        conn.token_id, conn.issued_at = claims.token_id, claims.issued_at
         result = RefreshResult(client=conn.id, version=f"eventcast {__version__}")
         if conn.expires_at is not None:
             result.expires = True
@@ -285,9 +296,8 @@ class Commands:
         """
         hub = self._hub
         name = req.channel
-        ns, expires_at = hub.permissions.subscribe(
-            conn, name, token=req.token, server_side=server_side
-        )
+        ns, claims = hub.permissions.subscribe(conn, name, token=req.token, server_side=server_side)
+        expires_at = None if claims is None else claims.expires_at
         if name in conn.channels:
             raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
         if len(conn.channels) >= hub.settings.channels_per_connection:
@@ -298,6 +308,7 @@ class Commands:
             expires_at=expires_at,
             join_leave=ns.join_leave and (req.join_leave or ns.force_push_join_leave),
             presence=ns.presence,
+            token=claims,
         )
         hub.channels.join(conn, name, membership)
         result = SubscribeResult()
@@ -337,8 +348,10 @@ class Commands:
         membership = conn.channels.get(req.channel)
         if membership is None:
             raise CommandError(codes.ERROR_PERMISSION_DENIED.with_message("not subscribed"))
-        _, expires_at = self._hub.permissions.subscribe(conn, req.channel, token=req.token)
+        _, claims = self._hub.permissions.subscribe(conn, req.channel, token=req.token)
+        expires_at = None if claims is None else claims.expires_at
         membership.expires_at = expires_at
+        membership.token = claims
         result = SubRefreshResult()
         if expires_at is not None:
             result.expires = True

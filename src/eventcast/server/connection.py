@@ -121,6 +121,9 @@ class Connection:
         #: Connection info from the token, encoded once (``None`` when absent).
         self.info: bytes | None = None
         self.expires_at: float | None = None
+        #: The connection token's id (``jti``) and issue time (``iat``), if it had them.
+        self.token_id: str | None = None
+        self.issued_at: float | None = None
         self.anonymous = True
         self.transport_name = transport_name
         #: Channels this connection is subscribed to, with their state.

@@ -247,7 +247,7 @@ class SSEEndpoint:
         )
         conn = hub.new_connection(send=send, transport=None, transport_name="sse")
         try:
-            hub.commands.authenticate(conn, token)
+            await hub.commands.authenticate(conn, token)
         except TokenExpiredError:
             await self._error(send, 401, "token expired", cors)
             return

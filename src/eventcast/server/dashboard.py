@@ -81,6 +81,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "disconnects": {str(k): v for k, v in sorted(hub.disconnects.items())},
         "dead_letters": bus["dead_letters"],
         "backplane_up": hub.backplane_up(),
+        "nodes": hub.cluster.info(),
     }
 
 

@@ -98,6 +98,11 @@ class HubCollector(Collector):
             "eventcast_channels", "Channels with subscribers on this node.", value=len(hub.channels)
         )
         yield GaugeMetricFamily(
+            "eventcast_cluster_nodes",
+            "Live nodes of the cluster (this one and those heard from in time).",
+            value=1 + len(hub.cluster.nodes),
+        )
+        yield GaugeMetricFamily(
             "eventcast_queue_bytes", "Bytes queued for clients, not yet written.", value=queue
         )
         bus = hub.bus.statistics()

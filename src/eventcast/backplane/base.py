@@ -35,6 +35,7 @@ from ..exceptions import BackplaneError
 
 __all__ = [
     "CONTROL_CHANNEL",
+    "CONTROL_MARK",
     "KIND_EVENT",
     "Backplane",
     "BackplaneState",
@@ -52,6 +53,8 @@ KIND_CONTROL: Final = 1
 
 #: The name part of the control channel (each backplane puts it behind its prefix).
 CONTROL_CHANNEL: Final = "~control"
+#: The first byte of every control payload (a JSON object); an envelope is an array.
+CONTROL_MARK: Final = b"{"
 
 MessageHandler = Callable[[Sequence[bytes]], None]
 StateHandler = Callable[[bool], None]
@@ -117,7 +120,7 @@ def own_prefix(node: str) -> bytes:
 
 def is_control(payload: bytes) -> bool:
     """Whether a payload from the backplane is a control message (a JSON object)."""
-    return payload.startswith(b"{")
+    return payload.startswith(CONTROL_MARK)
 
 
 def decode_envelope(payload: bytes) -> tuple[Envelope, Event]:

@@ -14,6 +14,7 @@ client id), minus a ``whitelist`` of client ids for ``disconnect``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from ..protocol.codec import encode_push
 from ..protocol.codes import Disconnect
 from ..protocol.frames import SubscribeRequest
 from ..topics import validate_topic
+from .errors import CommandError
 
 if TYPE_CHECKING:
     from .access import Access, AccessEntry
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 __all__ = ["Admin"]
+
+logger = logging.getLogger("eventcast.server")
 
 
 class Admin:
@@ -105,19 +109,27 @@ class Admin:
     ) -> int:
         """Subscribe a user's connections to a channel server-side, with a subscribe push.
 
+        Returns how many were subscribed: a connection already subscribed, or
+        one that cannot take another channel (its limit), is skipped.
+
         Raises:
             InvalidTopicError: the channel name breaks the grammar.
             CommandError: the channel's namespace is unknown.
         """
         validate_topic(channel)
         hub = self._hub
+        hub.permissions.namespace(channel)
         count = 0
         for conn in self.select(user, client, session):
             if channel in conn.channels or conn.closed:
                 continue
-            result = await hub.commands.join(
-                conn, SubscribeRequest(channel=channel), server_side=True
-            )
+            try:
+                result = await hub.commands.join(
+                    conn, SubscribeRequest(channel=channel), server_side=True
+                )
+            except CommandError as exc:
+                logger.info("server-side subscribe of %s to %r refused: %s", conn.id, channel, exc)
+                continue
             body = {
                 k: v
                 for k, v in (

@@ -394,6 +394,7 @@ class Cluster:
         self._handling = 0
         self._counted: dict[str, str] = {}  # client id -> user, for connections_per_user
         self._user_locks = _UserLocks()
+        self._admit_failing = False
         self._started = False
         self._handlers: dict[type[_Call], Callable[[Any], Awaitable[Any]]] = {
             _DisconnectCall: self._disconnect,
@@ -441,8 +442,6 @@ class Cluster:
                 with contextlib.suppress(BackplaneError, TimeoutError):
                     async with asyncio.timeout(1.0):
                         await backplane.publish_control(_encode(goodbye))
-            with contextlib.suppress(ValueError):
-                self._hub.bus.cluster_listeners.remove(self._receive)
         for pending in self._pending.values():
             pending.done.set()
         await self.access.store.close()
@@ -833,8 +832,13 @@ class Cluster:
             except CommandError:
                 raise
             except EventcastError as exc:
-                logger.warning("connections_per_user not checked across nodes: %s", exc)
+                if not self._admit_failing:  # once per outage, not once per connection
+                    logger.warning("connections_per_user not checked across nodes: %s", exc)
+                self._admit_failing = True
                 return
+            if self._admit_failing:
+                logger.info("connections_per_user checked across nodes again")
+                self._admit_failing = False
             self._counted[conn.id] = conn.user
         if conn.closed:  # gone while waiting: nothing to admit
             self.forget(conn)

@@ -174,75 +174,81 @@ def test_control_payloads_are_objects_and_envelopes_are_arrays() -> None:
     assert not is_control(b"")
 
 
-async def test_the_link_hands_control_messages_to_cluster_listeners() -> None:
+class Heard:
+    """A cluster listener that keeps what it heard, and a way to wait for it."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.payloads: list[bytes] = []
+        self._arrived = asyncio.Event()
+        bus.cluster_listeners.append(self._listen)
+
+    def _listen(self, payload: bytes) -> None:
+        self.payloads.append(payload)
+        self._arrived.set()
+
+    async def first(self) -> bytes:
+        async with asyncio.timeout(WAIT):
+            await self._arrived.wait()
+        return self.payloads[0]
+
+
+@pytest.fixture
+async def buses() -> AsyncIterator[tuple[Bus, Bus]]:
+    """Two buses ("nodes") sharing a memory broker; b subscribed to ``news``, interest settled."""
     broker = MemoryBroker()
     async with (
         Bus(backplane=MemoryBackplane(broker)) as a,
         Bus(backplane=MemoryBackplane(broker)) as b,
     ):
-        heard: list[bytes] = []
-        arrived = asyncio.Event()
+        yield a, b
 
-        def listen(payload: bytes) -> None:
-            heard.append(payload)
-            arrived.set()
 
-        b.cluster_listeners.append(listen)
-        sub = b.subscribe("news")
-        assert b.backplane is not None
-        await until(lambda: "news" in b.backplane.filters, "b's interest in news")
-        a.send_cluster(b'{"to":"b"}', b.backplane.node_id)
-        a.publish_nowait("news", {"n": 1})
-        async with asyncio.timeout(WAIT):
-            await arrived.wait()
-            event = await sub.get()
-        assert heard == [b'{"to":"b"}']
-        assert event.data == {"n": 1}
-        assert sub.buffered == 0
-        with pytest.raises(ValueError, match="JSON object"):
-            a.send_cluster(b'["not", "an", "object"]')
+async def _news(bus: Bus) -> Any:
+    sub = bus.subscribe("news")
+    backplane = bus.backplane
+    assert backplane is not None
+    await until(lambda: "news" in backplane.filters, "interest in news")
+    return sub
+
+
+async def test_the_link_hands_control_messages_to_cluster_listeners(
+    buses: tuple[Bus, Bus],
+) -> None:
+    a, b = buses
+    heard = Heard(b)
+    sub = await _news(b)
+    assert b.backplane is not None
+    a.send_cluster(b'{"to":"b"}', b.backplane.node_id)
+    a.publish_nowait("news", {"n": 1})
+    assert await heard.first() == b'{"to":"b"}'
+    assert (await asyncio.wait_for(sub.get(), WAIT)).data == {"n": 1}
+    assert heard.payloads == [b'{"to":"b"}']
+    assert sub.buffered == 0
+    with pytest.raises(ValueError, match="JSON object"):
+        a.send_cluster(b'["not", "an", "object"]')
 
 
 async def test_a_control_message_nobody_handles_is_counted_and_logged(
-    caplog: pytest.LogCaptureFixture,
+    buses: tuple[Bus, Bus], caplog: pytest.LogCaptureFixture
 ) -> None:
-    broker = MemoryBroker()
-    async with (
-        Bus(backplane=MemoryBackplane(broker)) as a,
-        Bus(backplane=MemoryBackplane(broker)) as b,
-    ):
-        sub = b.subscribe("news")
-        assert b.backplane is not None
-        await until(lambda: "news" in b.backplane.filters, "b's interest in news")
-        a.send_cluster(b'{"nobody":"listens"}')
-        a.publish_nowait("news", {"n": 1})
-        async with asyncio.timeout(WAIT):
-            await sub.get()
-        assert b.backplane_stats["undecodable"] == 1
-        skipped = [r for r in caplog.records if "skipping a backplane message" in r.message]
-        assert [r.levelno for r in skipped] == [logging.WARNING]
+    a, b = buses
+    sub = await _news(b)
+    a.send_cluster(b'{"nobody":"listens"}')
+    a.publish_nowait("news", {"n": 1})
+    await asyncio.wait_for(sub.get(), WAIT)
+    assert b.backplane_stats["undecodable"] == 1
+    skipped = [r for r in caplog.records if "skipping a backplane message" in r.message]
+    assert [r.levelno for r in skipped] == [logging.WARNING]
 
 
-async def test_control_messages_over_the_size_bound_are_not_sent() -> None:
+async def test_control_messages_over_the_size_bound_are_not_sent(
+    buses: tuple[Bus, Bus],
+) -> None:
     from eventcast._link import MAX_CONTROL_BYTES
 
-    broker = MemoryBroker()
-    async with (
-        Bus(backplane=MemoryBackplane(broker)) as a,
-        Bus(backplane=MemoryBackplane(broker)) as b,
-    ):
-        heard: list[bytes] = []
-        arrived = asyncio.Event()
-
-        def listen(payload: bytes) -> None:
-            heard.append(payload)
-            arrived.set()
-
-        b.cluster_listeners.append(listen)
-        big = b'{"x":"' + b"x" * MAX_CONTROL_BYTES + b'"}'
-        a.send_cluster(big)
-        a.send_cluster(b'{"small":1}')
-        async with asyncio.timeout(WAIT):
-            await arrived.wait()
-        assert heard == [b'{"small":1}']
-        assert a.backplane_stats["control_dropped"] == 1
+    a, b = buses
+    heard = Heard(b)
+    a.send_cluster(b'{"x":"' + b"x" * MAX_CONTROL_BYTES + b'"}')
+    a.send_cluster(b'{"small":1}')
+    assert await heard.first() == b'{"small":1}'
+    assert a.backplane_stats["control_dropped"] == 1

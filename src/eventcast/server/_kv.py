@@ -16,20 +16,43 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ..exceptions import BackplaneError, ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["NATSBucket", "RedisConnection", "decode_key_token", "encode_key_token"]
+__all__ = [
+    "NATSBucket",
+    "RedisConnection",
+    "decode_key_token",
+    "encode_key_token",
+    "require_driver",
+]
 
 logger = logging.getLogger("eventcast.server")
 
 _T = TypeVar("_T")
+_H = TypeVar("_H")
+
+
+def require_driver(module: str, what: str, extra: str) -> None:
+    """Check that a store's driver is installed.
+
+    Raises:
+        ConfigurationError: it is not; the message names the extra to install.
+    """
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"{what} needs {module}: pip install 'eventcast[{extra}]'"
+        ) from exc
 
 
 def encode_key_token(text: str) -> str:
@@ -50,7 +73,59 @@ def decode_key_token(token: str) -> str:
         raise ValueError(f"not an encoded key token: {token[:40]!r}") from exc
 
 
-class RedisConnection:
+class _OpenedOnce(ABC, Generic[_H]):
+    """A connection opened on first use, once even when many tasks ask at the same moment.
+
+    Subclasses say how to connect and how to let go; :meth:`close` is final.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._handle: _H | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @abstractmethod
+    async def _connect(self) -> _H:
+        """Connect (within the timeouts), or raise ``BackplaneError`` having released it all."""
+
+    @abstractmethod
+    async def _release(self, handle: _H) -> None:
+        """Close what :meth:`_connect` opened (quietly)."""
+
+    async def _opened(self) -> _H:
+        if self._closed:
+            raise BackplaneError(f"the {self.what} store is closed")
+        handle = self._handle
+        if handle is not None:
+            return handle
+        async with self._lock:
+            handle = self._current()
+            if handle is not None:  # opened by another task meanwhile
+                return handle
+            handle = await self._connect()
+            if self._is_closed():  # closed while connecting
+                await asyncio.shield(self._release(handle))
+                raise BackplaneError(f"the {self.what} store is closed")
+            self._handle = handle
+            return handle
+
+    # Calls, not attributes: they are read again after an await.
+    def _current(self) -> _H | None:
+        return self._handle
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent and final, also when cancelled."""
+        self._closed = True
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            await asyncio.shield(self._release(handle))
+
+
+class RedisConnection(_OpenedOnce["Redis"]):
     """One Redis (or Redis Cluster) client, connected on first use.
 
     Args:
@@ -84,14 +159,16 @@ class RedisConnection:
             url = f"{scheme.removesuffix('+cluster')}://{rest}"
         if connect_timeout <= 0 or timeout <= 0 or retries < 0:
             raise ConfigurationError("timeouts must be positive and retries >= 0")
+        super().__init__(what)
         self.url = url
-        self.what = what
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.retries = retries
-        self.client: Redis | None = None
-        self._lock = asyncio.Lock()
-        self._closed = False
+
+    @property
+    def client(self) -> Redis | None:
+        """The client, once connected."""
+        return self._handle
 
     async def open(self) -> Redis:
         """Connect to Redis and check it answers; return the client. Idempotent.
@@ -99,55 +176,35 @@ class RedisConnection:
         Raises:
             BackplaneError: Redis is unreachable, or the connection is closed.
         """
-        if self._closed:
-            raise BackplaneError(f"the {self.what} store is closed")
-        if self.client is not None:
-            return self.client
+        return await self._opened()
+
+    async def _connect(self) -> Redis:
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-        async with self._lock:
-            opened = self._opened()
-            if opened is not None:  # opened by another task meanwhile
-                return opened
-            client = (RedisCluster if self.cluster else Redis).from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.connect_timeout,
-                health_check_interval=10,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.retries),
-                retry_on_error=[ConnectionError, TimeoutError],
-            )
-            try:
-                async with asyncio.timeout(self.connect_timeout * 3):
-                    await client.ping()
-            except BaseException as exc:
-                await asyncio.shield(client.aclose())
-                if isinstance(exc, RedisError | OSError | TimeoutError):
-                    raise BackplaneError(f"cannot reach Redis for {self.what}: {exc}") from exc
-                raise
-            if self._is_closed():  # closed while connecting
-                await asyncio.shield(client.aclose())
-                raise BackplaneError(f"the {self.what} store is closed")
-            # RedisCluster offers every command used by the stores (each touches one key).
-            self.client = cast("Redis", client)
-            return self.client
-
-    # Calls, not attributes: they are read again after an await.
-    def _opened(self) -> Redis | None:
-        return self.client
-
-    def _is_closed(self) -> bool:
-        return self._closed
-
-    async def close(self) -> None:
-        """Close the connections. Idempotent, also when cancelled."""
-        self._closed = True
-        client, self.client = self.client, None
-        if client is not None:
+        client = (RedisCluster if self.cluster else Redis).from_url(
+            self.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.connect_timeout,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.retries),
+            retry_on_error=[ConnectionError, TimeoutError],
+        )
+        try:
+            async with asyncio.timeout(self.connect_timeout * 3):
+                await client.ping()
+        except BaseException as exc:
             await asyncio.shield(client.aclose())
+            if isinstance(exc, RedisError | OSError | TimeoutError):
+                raise BackplaneError(f"cannot reach Redis for {self.what}: {exc}") from exc
+            raise
+        # RedisCluster offers every command used by the stores (each touches one key).
+        return cast("Redis", client)
+
+    async def _release(self, handle: Redis) -> None:
+        await handle.aclose()
 
     async def run(self, action: str, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
         """Run ``fn`` with the client (connecting first if needed).
@@ -166,7 +223,7 @@ class RedisConnection:
             ) from exc
 
 
-class NATSBucket:
+class NATSBucket(_OpenedOnce[tuple[Any, Any]]):
     """One JetStream key-value bucket (created if missing), connected on first use.
 
     Args:
@@ -199,15 +256,11 @@ class NATSBucket:
         scheme = "nats" if scheme.lower() == "nats+jetstream" else scheme
         netloc = rest.partition("/")[0].partition("?")[0]
         self.servers = [f"{scheme}://{host}" for host in netloc.split(",") if host]
+        super().__init__(what)
         self.bucket = bucket
-        self.what = what
         self.ttl = ttl
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self._nc: Any = None
-        self._kv: Any = None
-        self._lock = asyncio.Lock()
-        self._closed = False
 
     async def open(self) -> Any:
         """Connect and create the bucket if it is missing; return it. Idempotent.
@@ -215,10 +268,9 @@ class NATSBucket:
         Raises:
             BackplaneError: NATS is unreachable, or the bucket is closed.
         """
-        if self._closed:
-            raise BackplaneError(f"the {self.what} store is closed")
-        if self._kv is not None:
-            return self._kv
+        return (await self._opened())[1]
+
+    async def _connect(self) -> tuple[Any, Any]:
         import nats
         from nats.errors import Error as NATSError
         from nats.js.errors import BucketNotFoundError
@@ -226,56 +278,39 @@ class NATSBucket:
         async def error(exc: Exception) -> None:
             logger.warning("NATS %s error: %s", self.what, exc)
 
-        async with self._lock:
-            if self._is_open():  # opened by another task meanwhile
-                return self._kv
-            nc: Any = None
-            try:
-                async with asyncio.timeout(self.connect_timeout * 3):
-                    nc = await nats.connect(
-                        servers=self.servers,
-                        connect_timeout=self.connect_timeout,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
-                        error_cb=error,
-                    )
-                    js = nc.jetstream(timeout=self.timeout)
-                    try:
-                        kv = await js.key_value(self.bucket)
-                    except BucketNotFoundError:
-                        options: dict[str, Any] = {"bucket": self.bucket, "history": 1}
-                        if self.ttl is not None:
-                            options["ttl"] = self.ttl
-                        kv = await js.create_key_value(**options)
-            except BaseException as exc:
-                if nc is not None:
-                    await asyncio.shield(_quiet_close(nc))
-                if isinstance(exc, NATSError | OSError | TimeoutError):
-                    raise BackplaneError(
-                        f"cannot open the NATS {self.what} bucket {self.bucket!r}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                raise
-            if self._is_closed():  # closed while connecting
-                await asyncio.shield(_quiet_close(nc))
-                raise BackplaneError(f"the {self.what} store is closed")
-            self._nc, self._kv = nc, kv
-            return kv
+        nc: Any = None
+        try:
+            async with asyncio.timeout(self.connect_timeout * 3):
+                nc = await nats.connect(
+                    servers=self.servers,
+                    connect_timeout=self.connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=error,
+                )
+                js = nc.jetstream(timeout=self.timeout)
+                try:
+                    kv = await js.key_value(self.bucket)
+                except BucketNotFoundError:
+                    options: dict[str, Any] = {"bucket": self.bucket, "history": 1}
+                    if self.ttl is not None:
+                        options["ttl"] = self.ttl
+                    kv = await js.create_key_value(**options)
+        except BaseException as exc:
+            if nc is not None:
+                await asyncio.shield(self._release((nc, None)))
+            if isinstance(exc, NATSError | OSError | TimeoutError):
+                raise BackplaneError(
+                    f"cannot open the NATS {self.what} bucket {self.bucket!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        return nc, kv
 
-    # Calls, not attributes: they are read again after an await.
-    def _is_open(self) -> bool:
-        return self._kv is not None
-
-    def _is_closed(self) -> bool:
-        return self._closed
-
-    async def close(self) -> None:
-        """Close the connection. Idempotent, also when cancelled."""
-        self._closed = True
-        nc, self._nc, self._kv = self._nc, None, None
-        if nc is not None:
-            await asyncio.shield(_quiet_close(nc))
+    async def _release(self, handle: tuple[Any, Any]) -> None:
+        with contextlib.suppress(Exception):
+            await handle[0].close()
 
     def error(self, action: str, exc: BaseException) -> BackplaneError:
         """A driver error, translated (``raise bucket.error(...) from exc``)."""
@@ -289,7 +324,7 @@ class NATSBucket:
         """
         from nats.errors import Error as NATSError
 
-        kv = self._kv or await self.open()
+        kv = await self.open()
         try:
             async with asyncio.timeout(self.timeout):
                 return await fn(kv)
@@ -323,8 +358,3 @@ async def _watch_latest(kv: Any, pattern: str) -> AsyncIterator[Any]:
     finally:
         with contextlib.suppress(NATSError, OSError):
             await watcher.stop()
-
-
-async def _quiet_close(nc: Any) -> None:
-    with contextlib.suppress(Exception):
-        await nc.close()

@@ -35,6 +35,7 @@ import msgspec
 from ..exceptions import ConfigurationError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ._kv import require_driver
 from .errors import CommandError
 
 __all__ = [
@@ -167,32 +168,17 @@ def open_access_store(url: str, *, prefix: str) -> AccessStore:
 
         return SQLiteAccessStore.from_url(url)
     if scheme in ("postgresql", "postgres"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "a PostgreSQL access store needs psycopg: pip install 'eventcast[postgres]'"
-            ) from exc
+        require_driver("psycopg", "a PostgreSQL access store", "postgres")
         from .access_sql import PostgresAccessStore
 
         return PostgresAccessStore(url)
     if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        try:
-            import redis  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "a Redis access store needs redis-py: pip install 'eventcast[redis]'"
-            ) from exc
+        require_driver("redis", "a Redis access store", "redis")
         from .access_redis import RedisAccessStore
 
         return RedisAccessStore(url, prefix=prefix)
     if scheme in ("nats", "tls", "nats+jetstream"):
-        try:
-            import nats  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "a NATS access store needs nats-py: pip install 'eventcast[nats]'"
-            ) from exc
+        require_driver("nats", "a NATS access store", "nats")
         from .access_nats import NATSAccessStore
 
         return NATSAccessStore(url, prefix=prefix)

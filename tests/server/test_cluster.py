@@ -26,6 +26,7 @@ from tests.scale.conftest import drop_redis_keys, until
 
 from .conftest import StartHub
 from .hubtools import SECRET, WAIT, HubServer, RawClient, token
+from .ssetools import Retry, open_sse
 
 StartNodes = Callable[..., Awaitable[list[HubServer]]]
 
@@ -384,3 +385,18 @@ def test_a_malformed_channels_pattern_is_a_bad_request(pattern: str) -> None:
     with pytest.raises(CommandError) as raised:
         channel_glob(pattern)
     assert raised.value.code == 107
+
+
+async def test_a_blocked_users_sse_stream_ends_and_a_new_one_is_refused(
+    start_nodes: StartNodes,
+) -> None:
+    a, _, c = await start_nodes(3)
+    async with open_sse(c.base, ["live:feed"], token=token("oscar")) as stream:
+        assert stream.status == 200
+        await stream.subscribed()
+        assert await a.hub.block_user("oscar") == 1
+        rest = await stream.rest()  # C ends the response
+        assert isinstance(rest[-1], Retry)
+    async with open_sse(a.base, ["live:feed"], token=token("oscar")) as refused_stream:
+        assert refused_stream.status == 401
+        assert refused_stream.response.json() == {"error": "blocked"}

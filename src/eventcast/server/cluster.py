@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_HANDLING",
+    "MAX_NODES",
     "MAX_PENDING",
     "USER_CONNECTIONS",
     "ChannelsAnswer",
@@ -85,6 +86,8 @@ logger = logging.getLogger("eventcast.server")
 MAX_PENDING: Final = 1000
 #: Most requests of other nodes handled at once (past it they are answered "busy").
 MAX_HANDLING: Final = 1000
+#: Most other nodes in the table (heartbeats of more new nodes are ignored, logged once).
+MAX_NODES: Final = 10_000
 #: The presence "channel" listing a user's connections on every node (``~`` is
 #: outside the topic grammar: no channel can collide with it).
 USER_CONNECTIONS: Final = "~user:"
@@ -395,6 +398,7 @@ class Cluster:
         self._counted: dict[str, str] = {}  # client id -> user, for connections_per_user
         self._user_locks = _UserLocks()
         self._admit_failing = False
+        self._full = False
         self._started = False
         self._handlers: dict[type[_Call], Callable[[Any], Awaitable[Any]]] = {
             _DisconnectCall: self._disconnect,
@@ -493,6 +497,12 @@ class Cluster:
                 self._drop(beat.node)
             return
         known = beat.node in self.nodes
+        if not known and len(self.nodes) >= MAX_NODES:
+            if not self._full:
+                logger.error("%d nodes are known: heartbeats of new ones are ignored", MAX_NODES)
+            self._full = True
+            return
+        self._full = False
         self.nodes[beat.node] = Node(beat.node, beat.stats, asyncio.get_running_loop().time())
         if not known:
             logger.info("node %s (%s) joined", beat.stats.name, beat.node)

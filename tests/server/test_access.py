@@ -25,12 +25,12 @@ from eventcast.server.access import (
     AccessEntry,
     AccessStore,
     MemoryAccessStore,
+    access_store_url,
     open_access_store,
 )
 from eventcast.server.access_nats import NATSAccessStore
 from eventcast.server.access_redis import RedisAccessStore
 from eventcast.server.access_sql import PostgresAccessStore, SQLiteAccessStore
-from eventcast.server.cluster import access_store_url
 from eventcast.server.config import Settings
 from eventcast.server.errors import CommandError
 from tests.conftest import RUN_ID
@@ -150,6 +150,14 @@ async def test_any_string_fits_a_subject_and_a_channel(nodes: Nodes) -> None:
     await store.put(block(""))  # an empty subject is stored as given
     keys = {e.key for e in await store.load(time.time())}
     assert keys == {("user_tokens", odd, "a:b.c#1,2"), ("block", "", "")}
+
+
+async def test_a_read_right_after_a_write_sees_it(nodes: Nodes) -> None:
+    """Again and again (NATS: a watch may say "nothing more" before what is on its way)."""
+    one, two = nodes(), nodes()
+    for n in range(30):
+        await one.put(block(f"user{n}"))
+        assert len(await two.load(time.time())) == n + 1
 
 
 async def test_close_is_idempotent(nodes: Nodes) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 import jwt
 import pytest
 
-from eventcast.server.cluster import USER_CONNECTIONS, channel_glob
+from eventcast.server.cluster import channel_glob
 from eventcast.server.errors import CommandError
+from eventcast.server.user_limit import USER_CONNECTIONS
 from tests.conftest import RUN_ID
 from tests.scale.conftest import drop_redis_keys, until
 
@@ -249,7 +250,7 @@ async def test_channels_answers_for_every_node_and_names_the_silent_ones(
         "z": {"num_clients": 1},
     }
     # C stops answering (it still sends heartbeats): it is named, not left out silently.
-    c.hub.bus.cluster_listeners.remove(c.hub.cluster._receive)
+    c.hub.bus.cluster_listeners.remove(c.hub.cluster.table._receive)
     started = time.monotonic()
     result = await a.api("channels")
     assert time.monotonic() - started < FAST["cluster_request_timeout"] + 1

@@ -19,7 +19,8 @@ import contextlib
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ..exceptions import BackplaneError, ConfigurationError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "KVEntry",
     "NATSBucket",
     "RedisConnection",
     "decode_key_token",
@@ -331,30 +333,67 @@ class NATSBucket(_OpenedOnce[tuple[Any, Any]]):
         except (NATSError, OSError, TimeoutError) as exc:
             raise self.error(action, exc) from exc
 
-    async def latest(self, pattern: str) -> list[Any]:
+    async def latest(self, pattern: str) -> list[KVEntry]:
         """The last entry of every key matching ``pattern`` (delete markers included).
+
+        Read with an ordered consumer delivering the last message of each
+        subject, counting what it will deliver from its own info: nats-py's
+        ``watch()`` may say "nothing more" before messages already on their
+        way arrive, and an empty answer is then wrongly empty.
 
         Raises:
             BackplaneError: NATS failed or did not answer in time.
         """
+        from nats.js.api import DeliverPolicy
 
-        async def read(kv: Any) -> list[Any]:
-            return [entry async for entry in _watch_latest(kv, pattern)]
+        handle = await self._opened()
+        js = handle[0].jetstream(timeout=self.timeout)
+        prefix = f"$KV.{self.bucket}."
+
+        async def read(kv: Any) -> list[KVEntry]:
+            sub = await js.subscribe(
+                prefix + pattern,
+                stream=f"KV_{self.bucket}",
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                inactive_threshold=30.0,
+            )
+            try:
+                info = await sub.consumer_info()
+                expected = info.delivered.consumer_seq + info.num_pending
+                entries = []
+                for _ in range(expected):
+                    msg = await sub.next_msg(timeout=self.timeout)
+                    headers = msg.header or {}
+                    entries.append(
+                        KVEntry(
+                            key=msg.subject[len(prefix) :],
+                            value=msg.data,
+                            revision=msg.metadata.sequence.stream,
+                            deleted=bool(headers.get("KV-Operation"))
+                            or bool(headers.get("Nats-Marker-Reason")),
+                        )
+                    )
+                return entries
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
         return await self.run("read entries", read)
 
 
-async def _watch_latest(kv: Any, pattern: str) -> AsyncIterator[Any]:
-    from nats.errors import Error as NATSError
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """The last message of one key of a bucket.
 
-    watcher = await kv.watch(pattern, inactive_threshold=30.0)
-    try:
-        async for entry in watcher:
-            if entry is None:  # the last value of every key was delivered
-                break
-            yield entry
-            if entry.delta == 0:
-                break
-    finally:
-        with contextlib.suppress(NATSError, OSError):
-            await watcher.stop()
+    Attributes:
+        key: the key (without the bucket's subject prefix).
+        value: the value (empty for a delete marker).
+        revision: the message's stream sequence (for a conditional delete).
+        deleted: a delete or purge marker, not a value.
+    """
+
+    key: str
+    value: bytes
+    revision: int
+    deleted: bool

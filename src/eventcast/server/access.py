@@ -28,15 +28,20 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
+from .._urls import pop_option
 from ..exceptions import ConfigurationError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ._kv import require_driver
 from .errors import CommandError
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = [
     "DEFAULT_MAX_ACCESS_ENTRIES",
@@ -44,6 +49,7 @@ __all__ = [
     "AccessEntry",
     "AccessStore",
     "MemoryAccessStore",
+    "access_store_url",
     "entry_of",
     "open_access_store",
 ]
@@ -349,3 +355,25 @@ class Access:
         if self.revoked(token_id) or self.invalidated(user, issued_at, channel):
             return codes.DISCONNECT_TOKEN_REVOKED
         return None
+
+
+def access_store_url(settings: Settings) -> tuple[str, str]:
+    """Where blocks and revocations are kept: ``(URL, key prefix)``.
+
+    ``access_url`` when set; else the log's database when the nodes share it
+    (PostgreSQL, Redis, JetStream) or when there is one node (SQLite,
+    memory); else the backplane's engine (Redis, NATS KV), which every node
+    shares.
+    """
+    if settings.access_url:
+        url = settings.access_url
+    else:
+        log_scheme = urlsplit(settings.log_url).scheme.lower()
+        shared_log = log_scheme not in ("sqlite", "memory")
+        one_node = settings.backplane_url.startswith("memory://")
+        url = settings.log_url if shared_log or one_node else settings.backplane_url
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("sqlite", "memory", "postgresql", "postgres"):
+        return url, "eventcast"
+    rest, prefix = pop_option(url, "prefix")
+    return rest, prefix or "eventcast"

@@ -90,7 +90,7 @@ class NATSAccessStore(AccessStore):
         live: list[AccessEntry] = []
         dead: list[str] = []
         for item in await self._kv.latest(">"):
-            if item.operation is not None or not item.value:  # a delete or purge marker
+            if item.deleted or not item.value:  # a delete or purge marker
                 continue
             try:
                 kind, subject, channel = item.key.split(".")

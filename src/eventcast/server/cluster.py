@@ -1,115 +1,68 @@
-"""The cluster: the nodes sharing a backplane, and every action and answer that spans them.
+"""The cluster: actions and answers that cover every node, whichever node received them.
 
-Publications reach every node through the backplane's topics; everything
-else crosses the backplane's *control channel* (see
-:mod:`eventcast.backplane.base`), which every node receives from start:
+The parts (each with one job):
 
-* **Heartbeats.** Every ``cluster_heartbeat`` seconds each node sends its
-  name, uptime, version and its numbers of clients, users, channels and
-  subscriptions. The node table is built from them: a node unheard of for
-  ``cluster_node_timeout`` seconds is dropped, and a node that stops
-  gracefully says goodbye, so the others drop it at once. A node that hears
-  a node it did not know answers with its own heartbeat, so a new node
-  knows the cluster within a round trip. ``info`` lists every live node.
-* **Requests.** A request goes to every node with an id; each node answers
-  the requesting node alone. The requester waits for the nodes of its table,
-  at most ``cluster_request_timeout`` seconds, and names the nodes that did
-  not answer in time rather than leaving them out silently.
-* **Actions.** ``disconnect``, ``unsubscribe``, ``subscribe``, ``refresh``,
-  ``send_message`` and the access entries (``block_user``, ``revoke_token``,
-  …) are requests: every node applies the action to its own connections
-  (:class:`~eventcast.server.admin.Admin`) and answers how many it reached,
-  so an action answers for the whole cluster, whichever node received it.
-* **Channels.** ``channels`` is a request too; the answers are summed per
-  channel.
-* **Connections per user.** Each connection of a user is an entry of the
-  presence store under ``~user:<user>`` (a name outside the topic grammar),
-  refreshed like presence and removed on close. Before admitting a
-  connection, a node counts the user's live entries. A node checks and
-  claims one connection of a user at a time, so the limit can be exceeded
-  only by connections of the same user admitted at the same moment on
-  different nodes: by at most the number of nodes minus one.
+* :mod:`~eventcast.server.nodes`: the node table built from heartbeats on the
+  backplane's control channel, and requests every node answers within a
+  bounded wait (the nodes that do not answer in time are named);
+* :mod:`~eventcast.server.admin`: what one node does to its own connections;
+* :mod:`~eventcast.server.access`: blocked users and revoked tokens, in a
+  shared store, with an in-memory copy on each node;
+* :mod:`~eventcast.server.user_limit`: ``connections_per_user`` across nodes.
 
-With the ``memory://`` backplane there is one node: actions and answers
-cover it alone, at once.
-
-The wire messages are JSON objects (msgspec structs tagged by ``type``), at
-most :data:`~eventcast._link.MAX_CONTROL_BYTES` each; a message that does not
-decode is counted and skipped.
+:class:`Cluster` turns each action into a *call* (a msgspec struct tagged by
+``method``), asks every node to run it (:meth:`NodeTable.ask
+<eventcast.server.nodes.NodeTable.ask>`) while running it here, and sums the
+answers: ``disconnect``, ``unsubscribe``, ``subscribe``, ``refresh``,
+``send_message``, the access entries (``block_user``, ``revoke_token``, …) and
+``channels``. With no backplane there is one node: actions and answers cover
+it alone, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
-import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 import msgspec
 
-from .._urls import pop_option
 from ..backplane.base import new_node_id
 from ..events import encode_data
 from ..exceptions import BackplaneError, EventcastError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
-from .access import Access, AccessEntry, Key, open_access_store
+from .access import Access, AccessEntry, Key, access_store_url, open_access_store
 from .errors import CommandError
+from .nodes import Node, NodeStats, NodeTable
+from .user_limit import UserLimit
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .connection import Connection
     from .hub import Hub
 
 __all__ = [
-    "MAX_HANDLING",
-    "MAX_NODES",
-    "MAX_PENDING",
-    "USER_CONNECTIONS",
+    "CHANNELS_ANSWER_BYTES",
     "ChannelsAnswer",
     "Cluster",
     "Outcome",
-    "access_store_url",
     "channel_glob",
 ]
 
 logger = logging.getLogger("eventcast.server")
 
-#: Most requests this node waits on at once (past it a new one fails at once).
-MAX_PENDING: Final = 1000
-#: Most requests of other nodes handled at once (past it they are answered "busy").
-MAX_HANDLING: Final = 1000
-#: Most other nodes in the table (heartbeats of more new nodes are ignored, logged once).
-MAX_NODES: Final = 10_000
-#: The presence "channel" listing a user's connections on every node (``~`` is
-#: outside the topic grammar: no channel can collide with it).
-USER_CONNECTIONS: Final = "~user:"
 #: How many bytes of channel names one node answers ``channels`` with at most.
 CHANNELS_ANSWER_BYTES: Final = 256 * 1024
 #: The longest ``channels`` pattern accepted, in characters.
 MAX_PATTERN: Final = 1024
 
 
-# -- what travels on the control channel ---------------------------------------------------
-
-
-class NodeStats(msgspec.Struct, frozen=True):
-    """One node's figures, as its heartbeat carries them."""
-
-    name: str
-    version: str
-    uptime: int
-    num_clients: int
-    num_users: int
-    num_channels: int
-    num_subs: int
+# -- what a node is asked to do ------------------------------------------------------------
 
 
 class _Call(msgspec.Struct, frozen=True, tag_field="method"):
@@ -174,29 +127,8 @@ Call = (
     | _ChannelsCall
 )
 
-
-class _Heartbeat(msgspec.Struct, frozen=True, tag_field="type", tag="heartbeat"):
-    node: str
-    stats: NodeStats
-    #: The node is stopping: drop it now.
-    leaving: bool = False
-
-
-class _Request(msgspec.Struct, frozen=True, tag_field="type", tag="request"):
-    node: str
-    id: int
-    call: Call
-
-
-class _Answer(msgspec.Struct, frozen=True, tag_field="type", tag="answer"):
-    node: str
-    id: int
-    result: Any = None
-    error: str | None = None
-
-
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(_Heartbeat | _Request | _Answer).decode
+_decode_call = msgspec.json.Decoder(Call).decode
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -231,32 +163,6 @@ class ChannelsAnswer:
     channels: dict[str, int]
     missing: list[str]
     truncated: bool
-
-
-@dataclass(slots=True)
-class Node:
-    """Another node, as its last heartbeat described it."""
-
-    uid: str
-    stats: NodeStats
-    #: When its last heartbeat arrived (the event loop's clock).
-    seen: float
-
-    @property
-    def label(self) -> str:
-        """``name (uid)``: how answers name the node."""
-        return f"{self.stats.name} ({self.uid})"
-
-
-@dataclass(slots=True)
-class _Pending:
-    expected: dict[str, Node]
-    answers: dict[str, _Answer] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def settle(self) -> None:
-        if self.answers.keys() >= self.expected.keys():
-            self.done.set()
 
 
 def channel_glob(pattern: str) -> Callable[[str], bool]:
@@ -323,49 +229,6 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
-def access_store_url(settings: Settings) -> tuple[str, str]:
-    """Where blocks and revocations are kept: ``(URL, key prefix)``.
-
-    ``access_url`` when set; else the log's database when the nodes share it
-    (PostgreSQL, Redis, JetStream) or when there is one node (SQLite,
-    memory); else the backplane's engine (Redis, NATS KV), which every node
-    shares.
-    """
-    if settings.access_url:
-        url = settings.access_url
-    else:
-        log_scheme = urlsplit(settings.log_url).scheme.lower()
-        shared_log = log_scheme not in ("sqlite", "memory")
-        one_node = settings.backplane_url.startswith("memory://")
-        url = settings.log_url if shared_log or one_node else settings.backplane_url
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in ("sqlite", "memory", "postgresql", "postgres"):
-        return url, "eventcast"
-    rest, prefix = pop_option(url, "prefix")
-    return rest, prefix or "eventcast"
-
-
-class _UserLocks:
-    """One lock per user being admitted on this node (dropped when nobody holds it)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, user: str) -> Any:
-        lock, users = self._locks.get(user) or (asyncio.Lock(), 0)
-        self._locks[user] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[user]
-            if users == 1:
-                del self._locks[user]
-            else:
-                self._locks[user] = (lock, users - 1)
-
-
 class Cluster:
     """This node's view of the cluster, and actions that reach every node.
 
@@ -377,29 +240,23 @@ class Cluster:
         settings = hub.settings
         self._hub = hub
         backplane = hub.bus.backplane
-        #: This node's id (the backplane's, so every node sees the same one).
-        self.node_id = backplane.node_id if backplane is not None else new_node_id()
-        #: Seconds between heartbeats; a node unheard of for ``node_timeout`` is dropped.
-        self.heartbeat = settings.cluster_heartbeat
-        self.node_timeout = settings.cluster_node_timeout
-        #: The longest wait for other nodes' answers, in seconds.
-        self.request_timeout = settings.cluster_request_timeout
         url, prefix = access_store_url(settings)
         #: Blocked users and revoked tokens, as every node knows them.
         self.access = Access(open_access_store(url, prefix=prefix))
-        #: The other live nodes, by id.
-        self.nodes: dict[str, Node] = {}
-        #: Control messages that did not decode (skipped), and requests refused (busy).
-        self.undecodable = 0
-        self.refused = 0
-        self._pending: dict[int, _Pending] = {}
-        self._ids = itertools.count(1)
-        self._handling = 0
-        self._counted: dict[str, str] = {}  # client id -> user, for connections_per_user
-        self._user_locks = _UserLocks()
-        self._admit_failing = False
-        self._full = False
-        self._started = False
+        #: The other nodes, and requests to them.
+        self.table = NodeTable(
+            hub.bus,
+            # The backplane's id, so every node sees the same one.
+            node_id=backplane.node_id if backplane is not None else new_node_id(),
+            stats=self.stats,
+            handle=self._handle,
+            spawn=hub.tasks.spawn,
+            heartbeat=settings.cluster_heartbeat,
+            node_timeout=settings.cluster_node_timeout,
+            request_timeout=settings.cluster_request_timeout,
+        )
+        #: ``connections_per_user`` across nodes.
+        self.user_limit = UserLimit(hub)
         self._handlers: dict[type[_Call], Callable[[Any], Awaitable[Any]]] = {
             _DisconnectCall: self._disconnect,
             _UnsubscribeCall: self._unsubscribe,
@@ -411,9 +268,14 @@ class Cluster:
         }
 
     @property
-    def shared(self) -> bool:
-        """Whether other nodes may exist (the hub's bus has a backplane)."""
-        return self._hub.bus.backplane is not None
+    def node_id(self) -> str:
+        """This node's id (``uid`` in ``info``)."""
+        return self.table.node_id
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        """The other live nodes, by id."""
+        return self.table.nodes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -424,33 +286,15 @@ class Cluster:
             EventcastError: the access store cannot be read (a node that
                 cannot tell who is blocked does not start).
         """
-        hub = self._hub
         await self.access.open()
-        hub.bus.cluster_listeners.append(self._receive)
-        self._started = True
-        hub.tasks.spawn(self._beat(), "eventcast-heartbeat")
-        hub.tasks.spawn(self._reload_access(), "eventcast-access-reload")
-        if self.shared:
-            hub.tasks.spawn(
-                hub.presence_keeper.refresh(self._user_entries), "eventcast-user-connections"
-            )
+        self.table.start()
+        self.user_limit.start()
+        self._hub.tasks.spawn(self._reload_access(), "eventcast-access-reload")
 
     async def close(self) -> None:
         """Say goodbye to the other nodes and close the access store. Idempotent."""
-        if self._started:
-            self._started = False
-            backplane = self._hub.bus.backplane
-            if backplane is not None and backplane.connected:
-                goodbye = _Heartbeat(node=self.node_id, stats=self.stats(), leaving=True)
-                # Sent straight, not queued: the bus closes its outbox next.
-                with contextlib.suppress(BackplaneError, TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await backplane.publish_control(_encode(goodbye))
-        for pending in self._pending.values():
-            pending.done.set()
+        await self.table.close()
         await self.access.store.close()
-
-    # -- the node table --------------------------------------------------------------------
 
     def stats(self) -> NodeStats:
         """This node's figures, as its heartbeat sends them."""
@@ -467,132 +311,35 @@ class Cluster:
 
     def info(self) -> list[dict[str, Any]]:
         """Every live node, this one first: uid, name, version, uptime and counts."""
-        rows = [(self.node_id, self.stats())]
-        rows += sorted(((n.uid, n.stats) for n in self.nodes.values()), key=lambda r: r[1].name)
-        return [{"uid": uid, **msgspec.structs.asdict(stats)} for uid, stats in rows]
+        return self.table.info()
 
-    async def _beat(self) -> None:
-        while True:
-            self._send(_Heartbeat(node=self.node_id, stats=self.stats()))
-            self._sweep()
-            await asyncio.sleep(self.heartbeat)
+    async def admit(self, conn: Connection) -> None:
+        """Count a new connection among its user's on every node, or refuse it (3504).
 
-    def _sweep(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for node in [n for n in self.nodes.values() if now - n.seen > self.node_timeout]:
-            logger.warning("node %s dropped: no heartbeat for %.1fs", node.label, self.node_timeout)
-            self._drop(node.uid)
+        See :meth:`UserLimit.admit <eventcast.server.user_limit.UserLimit.admit>`.
+        """
+        await self.user_limit.admit(conn)
 
-    def _drop(self, uid: str) -> None:
-        self.nodes.pop(uid, None)
-        for pending in self._pending.values():
-            if pending.expected.pop(uid, None) is not None:
-                pending.settle()
+    def forget(self, conn: Connection) -> None:
+        """A connection closed: stop counting it among its user's."""
+        self.user_limit.forget(conn)
 
-    def _heard(self, beat: _Heartbeat) -> None:
-        if beat.leaving:
-            node = self.nodes.get(beat.node)
-            if node is not None:
-                logger.info("node %s left", node.label)
-                self._drop(beat.node)
-            return
-        known = beat.node in self.nodes
-        if not known and len(self.nodes) >= MAX_NODES:
-            if not self._full:
-                logger.error("%d nodes are known: heartbeats of new ones are ignored", MAX_NODES)
-            self._full = True
-            return
-        self._full = False
-        self.nodes[beat.node] = Node(beat.node, beat.stats, asyncio.get_running_loop().time())
-        if not known:
-            logger.info("node %s (%s) joined", beat.stats.name, beat.node)
-            # Tell the newcomer about this node now, not at the next heartbeat.
-            self._send(_Heartbeat(node=self.node_id, stats=self.stats()), to=beat.node)
+    # -- calls -----------------------------------------------------------------------------
 
-    # -- the control channel -----------------------------------------------------------------
-
-    def _send(self, message: _Heartbeat | _Request | _Answer, to: str | None = None) -> None:
-        self._hub.bus.send_cluster(_encode(message), to)
-
-    def _receive(self, payload: bytes) -> None:
+    async def _handle(self, payload: bytes) -> Any:
+        """Run a call another node asked for."""
         try:
-            message = _decode(payload)
+            call = _decode_call(payload)
         except msgspec.DecodeError as exc:
-            self.undecodable += 1
-            logger.warning("skipping a control message: %s", exc)
-            return
-        if message.node == self.node_id or not self._started:
-            return  # this node's own broadcast (engines echo them)
-        if isinstance(message, _Heartbeat):
-            self._heard(message)
-        elif isinstance(message, _Request):
-            self._requested(message)
-        else:
-            pending = self._pending.get(message.id)
-            if pending is not None:
-                pending.answers[message.node] = message
-                pending.settle()
-
-    def _requested(self, request: _Request) -> None:
-        if self._handling >= MAX_HANDLING:
-            self.refused += 1
-            self._send(_Answer(self.node_id, request.id, error="busy"), to=request.node)
-            return
-        self._handling += 1
-        self._hub.tasks.spawn(self._answer(request), "eventcast-cluster-request")
-
-    async def _answer(self, request: _Request) -> None:
-        answer: _Answer
-        try:
-            result = await self._handlers[type(request.call)](request.call)
-            answer = _Answer(self.node_id, request.id, result=result)
-        except EventcastError as exc:
-            answer = _Answer(self.node_id, request.id, error=str(exc))
-        except Exception:
-            logger.exception("a cluster request (%s) failed", type(request.call).__name__)
-            answer = _Answer(self.node_id, request.id, error="internal error")
-        finally:
-            self._handling -= 1
-        self._send(answer, to=request.node)
-
-    async def _ask(self, call: Call, local: Callable[[], Awaitable[Any]]) -> tuple[Any, _Pending]:
-        """Send ``call`` to every other node, run ``local`` here, wait for the answers."""
-        expected = dict(self.nodes)
-        if not expected:
-            return await local(), _Pending(expected)
-        if len(self._pending) >= MAX_PENDING:
-            raise BackplaneError(f"{MAX_PENDING} cluster requests are already waiting")
-        request_id = next(self._ids)
-        pending = self._pending[request_id] = _Pending(expected)
-        try:
-            self._send(_Request(self.node_id, request_id, call))
-            result = await local()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.request_timeout):
-                    await pending.done.wait()
-        finally:
-            del self._pending[request_id]
-        return result, pending
-
-    def _missing(self, pending: _Pending, what: str) -> list[str]:
-        missing = [n.label for uid, n in pending.expected.items() if uid not in pending.answers]
-        for uid, answer in pending.answers.items():
-            if answer.error is not None:
-                node = pending.expected.get(uid)
-                label = node.label if node is not None else uid
-                logger.warning("%s failed on node %s: %s", what, label, answer.error)
-                missing.append(label)
-        if missing:
-            logger.warning("%s: no answer in time from %s", what, ", ".join(missing))
-        return missing
+            raise BackplaneError(f"undecodable call: {exc}") from None
+        return await self._handlers[type(call)](call)
 
     async def _act(self, call: Call) -> Outcome:
         handler = self._handlers[type(call)]
-        count, pending = await self._ask(call, lambda: handler(call))
-        for answer in pending.answers.values():
-            if answer.error is None and isinstance(answer.result, int):
-                count += answer.result
-        return Outcome(count, self._missing(pending, str(call.__struct_config__.tag)))
+        what = str(call.__struct_config__.tag)
+        count, answers = await self.table.ask(_encode(call), lambda: handler(call), what)
+        count += sum(n for n in answers.results.values() if isinstance(n, int))
+        return Outcome(count, answers.missing)
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -733,18 +480,19 @@ class Cluster:
         """
         channel_glob(pattern)  # a bad pattern fails here, not on every node
         call = _ChannelsCall(pattern=pattern)
-        local, pending = await self._ask(call, lambda: self._channels(call))
+        local, answers = await self.table.ask(
+            _encode(call), lambda: self._channels(call), "channels"
+        )
         channels: dict[str, int] = dict(local["channels"])
         truncated: bool = local["truncated"]
-        for answer in pending.answers.values():
-            result = answer.result
-            if answer.error is not None or not isinstance(result, dict):
+        for result in answers.results.values():
+            if not isinstance(result, dict):
                 continue
             truncated = truncated or bool(result.get("truncated"))
             for name, count in (result.get("channels") or {}).items():
                 if isinstance(name, str) and isinstance(count, int):
                     channels[name] = channels.get(name, 0) + count
-        return ChannelsAnswer(channels, self._missing(pending, "channels"), truncated)
+        return ChannelsAnswer(channels, answers.missing, truncated)
 
     # -- what each node does -------------------------------------------------------------------
 
@@ -814,58 +562,3 @@ class Cluster:
                 continue
             if new:
                 self._hub.admin.enforce(self.access, new)
-
-    # -- connections per user ------------------------------------------------------------------
-
-    async def admit(self, conn: Connection) -> None:
-        """Count ``conn`` among its user's connections on every node, or refuse it.
-
-        On one node the registry's count is the whole count. Across nodes,
-        the user's entries in the presence store are counted; a store that
-        fails lets the connection in (logged): the limit is a quota, not a
-        lock.
-
-        Raises:
-            CommandError: 3504, the user has ``connections_per_user``
-                connections in the cluster already.
-        """
-        if not self.shared or not conn.user:
-            return
-        hub = self._hub
-        key = USER_CONNECTIONS + conn.user
-        async with self._user_locks.hold(conn.user):
-            try:
-                count = len(await hub.presence.get(key))
-                if count >= hub.settings.connections_per_user:
-                    raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
-                await hub.presence_keeper.add(key, conn)
-            except CommandError:
-                raise
-            except EventcastError as exc:
-                if not self._admit_failing:  # once per outage, not once per connection
-                    logger.warning("connections_per_user not checked across nodes: %s", exc)
-                self._admit_failing = True
-                return
-            if self._admit_failing:
-                logger.info("connections_per_user checked across nodes again")
-                self._admit_failing = False
-            self._counted[conn.id] = conn.user
-        if conn.closed:  # gone while waiting: nothing to admit
-            self.forget(conn)
-            raise CommandError(codes.DISCONNECT_CONNECTION_CLOSED)
-
-    def forget(self, conn: Connection) -> None:
-        """A connection closed: stop counting it among its user's connections."""
-        user = self._counted.pop(conn.id, None)
-        if user is not None:
-            self._hub.tasks.spawn(
-                self._hub.presence_keeper.remove(USER_CONNECTIONS + user, conn.id),
-                "eventcast-user-connection-remove",
-            )
-
-    def _user_entries(self) -> Iterator[tuple[str, Connection]]:
-        connections = self._hub.registry.connections
-        for client, user in list(self._counted.items()):
-            conn = connections.get(client)
-            if conn is not None and not conn.closed:
-                yield USER_CONNECTIONS + user, conn

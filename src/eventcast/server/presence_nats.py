@@ -23,7 +23,7 @@ from typing import Any, Final
 import msgspec
 
 from ..exceptions import ConfigurationError
-from ._kv import NATSBucket, decode_key_token, encode_key_token
+from ._kv import KVEntry, NATSBucket, decode_key_token, encode_key_token
 from .presence import DEFAULT_PRESENCE_TTL, Presence, PresenceInfo
 
 __all__ = ["NATSPresence", "encode_key_token"]
@@ -117,9 +117,9 @@ class NATSPresence(Presence):
         entries = await self._kv.latest(f"{encode_key_token(channel)}.*")
         now = self._clock()
         live: dict[str, PresenceInfo] = {}
-        expired: list[Any] = []
+        expired: list[KVEntry] = []
         for entry in entries:
-            if entry.operation is not None or not entry.value:  # a delete or purge marker
+            if entry.deleted or not entry.value:  # a delete or purge marker
                 continue
             try:
                 value = _decode(entry.value)
@@ -139,7 +139,7 @@ class NATSPresence(Presence):
         return f"<NATSPresence bucket={self.bucket!r}>"
 
 
-def _deleter(entry: Any) -> Callable[[Any], Awaitable[None]]:
+def _deleter(entry: KVEntry) -> Callable[[Any], Awaitable[None]]:
     """Delete an entry read expired, only if nobody refreshed it since it was read."""
 
     async def delete(kv: Any) -> None:

@@ -366,6 +366,8 @@ async def test_the_api_checks_its_arguments(start_hub: StartHub) -> None:
         ("refresh", {"user": "a", "expired": "yes"}, "expired must be a boolean"),
         ("refresh", {"client": "c"}, "user required"),
         ("disconnect", {"user": "a", "whitelist": "c1"}, "whitelist must be a list"),
+        ("disconnect", {"user": "a", "disconnect": {"code": 200}}, "3000-4999"),
+        ("disconnect", {"user": "a", "disconnect": {"reason": "é" * 62}}, "123 bytes"),
         ("channels", {"pattern": "[unclosed"}, "malformed pattern"),
         ("channels", {"pattern": "x" * 2000}, "pattern too long"),
     ):

@@ -32,9 +32,22 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .hub import Hub
 
-__all__ = ["Admin"]
+__all__ = ["Admin", "disconnect_of"]
 
 logger = logging.getLogger("eventcast.server")
+
+
+def disconnect_of(code: object, reason: object) -> Disconnect:
+    """A disconnect an action may send: code 3000-4999, reason at most 123 bytes of UTF-8.
+
+    Raises:
+        ValueError: the code or the reason is not one (the message says which).
+    """
+    if isinstance(code, bool) or not isinstance(code, int) or not 3000 <= code < 5000:
+        raise ValueError("disconnect code must be 3000-4999")
+    if not isinstance(reason, str) or len(reason.encode()) > 123:
+        raise ValueError("disconnect reason must be a string of at most 123 bytes")
+    return Disconnect(code, reason)
 
 
 class Admin:

@@ -23,8 +23,9 @@ from starlette.responses import Response
 
 from ..exceptions import BackplaneError, EncodeError, EventcastError, LogError
 from ..protocol import codes
-from ..protocol.codes import ClientError, Disconnect
+from ..protocol.codes import ClientError
 from ..protocol.frames import HistoryResult
+from .admin import disconnect_of
 from .errors import CommandError
 from .hub import Hub
 
@@ -212,16 +213,19 @@ async def api_disconnect(hub: Hub, params: dict[str, Any]) -> Any:
     spec = params.get("disconnect") or {}
     if not isinstance(spec, dict):
         raise _bad("disconnect must be an object")
-    code = spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code
-    reason = spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason
-    if not isinstance(code, int) or not isinstance(reason, str) or not 3000 <= code < 5000:
-        raise _bad("disconnect code must be 3000-4999")
+    try:
+        disconnect = disconnect_of(
+            spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code,
+            spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason,
+        )
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
     whitelist = params.get("whitelist") or []
     if not isinstance(whitelist, list) or not all(isinstance(c, str) for c in whitelist):
         raise _bad("whitelist must be a list of client ids")
     outcome = await hub.cluster.disconnect(
         user,
-        Disconnect(code, reason),
+        disconnect,
         client,
         session=_str(params, "session", required=False) or None,
         whitelist=whitelist,

@@ -38,6 +38,7 @@ from ..exceptions import BackplaneError, EventcastError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from .access import Access, AccessEntry, Key, access_store_url, open_access_store
+from .admin import disconnect_of
 from .errors import CommandError
 from .nodes import Node, NodeStats, NodeTable
 from .user_limit import UserLimit
@@ -352,7 +353,12 @@ class Cluster:
         session: str | None = None,
         whitelist: Collection[str] = (),
     ) -> Outcome:
-        """Close a user's connections on every node (see :meth:`Admin.select`)."""
+        """Close a user's connections on every node (see :meth:`Admin.select`).
+
+        Raises:
+            ValueError: the code is not 3000-4999 or the reason is over 123 bytes.
+        """
+        disconnect_of(disconnect.code, disconnect.reason)
         return await self._act(
             _DisconnectCall(
                 user=user,
@@ -497,7 +503,10 @@ class Cluster:
     # -- what each node does -------------------------------------------------------------------
 
     async def _disconnect(self, call: _DisconnectCall) -> int:
-        disconnect = Disconnect(call.code, call.reason)
+        try:
+            disconnect = disconnect_of(call.code, call.reason)
+        except ValueError as exc:
+            raise BackplaneError(f"bad disconnect call: {exc}") from None
         return self._hub.admin.disconnect(
             call.user,
             disconnect,

@@ -1,8 +1,9 @@
 """The control plane on three ``eventcast serve`` processes: every action sent to node A
 takes effect on a client connected to node C.
 
-Over Redis (log: PostgreSQL), NATS (log: Redis Streams) and a private Redis
-Cluster (log: PostgreSQL), a client on C sees the unsubscribe push, the
+Over Redis (log: PostgreSQL), NATS alone (a memory log per node: blocks are
+kept in a JetStream KV bucket) and a private Redis Cluster (log: PostgreSQL),
+a client on C sees the unsubscribe push, the
 subscribe push and then the new subscription's publications, the refresh
 push with the longer expiry, the disconnect code; ``channels`` on A counts
 C's subscribers; a blocked user and a revoked token are closed on C and
@@ -14,6 +15,7 @@ node: every node applied the action within ``cluster_request_timeout`` (1 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -164,20 +166,29 @@ async def test_control_plane_over_redis(
 
 
 @pytest.mark.nats
-@pytest.mark.redis
-async def test_control_plane_over_nats(
-    nodes: Callable[..., Any], nats_service: str, redis_log_url: str
-) -> None:
-    from .test_three_nodes import _delete_presence_bucket
-
+async def test_control_plane_over_nats_alone(nodes: Callable[..., Any], nats_service: str) -> None:
+    """NATS and nothing else (a memory log per node): blocks live in a JetStream KV bucket."""
     prefix = unique("bp")
     try:
         started = await nodes(
-            3, backplane_url=f"{nats_service}?prefix={prefix}", log_url=redis_log_url, **TIMINGS
+            3, backplane_url=f"{nats_service}?prefix={prefix}", log_url="memory://", **TIMINGS
         )
         await _control_scenario(started)
     finally:
-        await _delete_presence_bucket(nats_service, prefix)
+        await _delete_buckets(nats_service, prefix)
+
+
+async def _delete_buckets(url: str, prefix: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for bucket in ("presence", "access"):
+            with contextlib.suppress(Exception):  # the bucket may not exist
+                await js.delete_key_value(f"{prefix}_{bucket}")
+    finally:
+        await nc.close()
 
 
 @pytest.mark.postgres

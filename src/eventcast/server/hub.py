@@ -203,8 +203,8 @@ class Hub:
         for conn in list(self.registry.connections.values()):
             conn.close(codes.DISCONNECT_SHUTDOWN)
         self.channels.close()
-        await self.cluster.close()
         await self.tasks.aclose()
+        await self.cluster.close()
         await self.presence.close()
         await self.bus.close()
 

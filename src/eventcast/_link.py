@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
 from .backplane.base import (
-    CONTROL_MARK,
     KIND_CONTROL,
     Backplane,
     decode_envelope,
@@ -226,12 +225,13 @@ class BackplaneLink:
         for payload in payloads:
             if payload.startswith(own):
                 continue  # this node's own publication, already delivered here
-            if payload.startswith(CONTROL_MARK):  # is_control(), inlined: a call per message
-                self._cluster_message(payload)
-                continue
             try:
                 envelope, event = decode_envelope(payload)
             except BackplaneError as exc:
+                # Told apart only when it is not an envelope: publications pay nothing.
+                if is_control(payload):
+                    self._cluster_message(payload)
+                    continue
                 self.stats["undecodable"] += 1
                 logger.warning("skipping a backplane message: %s", exc)
                 continue

@@ -3,10 +3,15 @@
 Outgoing publications wait in a bounded outbox and go out in batches from one
 supervised task; a durable publication whose send failed is kept for the
 reconnect (other nodes also catch up from the log). Incoming batches are
-decoded once per publication and handed to the bus; control messages (join,
-leave) go to the control listeners. A second task keeps the backplane
-subscribed to exactly the filters that have local subscribers. The wire format
-belongs to :mod:`eventcast.backplane.base`.
+decoded once per publication and handed to the bus; control envelopes of a
+topic (join, leave) go to the control listeners. A second task keeps the
+backplane subscribed to exactly the filters that have local subscribers.
+
+Messages of the control channel (admin actions, heartbeats, requests and
+answers between nodes) wait in a small queue of their own, sent before the
+publications, and arrive to the cluster listeners. The wire format belongs to
+:mod:`eventcast.backplane.base`; what a control message means belongs to
+:mod:`eventcast.server.cluster`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from .backplane.base import (
     Backplane,
     decode_envelope,
     encode_envelope,
+    is_control,
     own_prefix,
 )
 from .events import Event
 from .exceptions import BackplaneError, EncodeError
 
-__all__ = ["DEFAULT_OUTBOX", "BackplaneLink"]
+__all__ = ["CONTROL_OUTBOX", "DEFAULT_OUTBOX", "MAX_CONTROL_BYTES", "BackplaneLink"]
 
 logger = logging.getLogger("eventcast.bus")
 
@@ -35,9 +41,16 @@ logger = logging.getLogger("eventcast.bus")
 DEFAULT_OUTBOX: Final = 100_000
 #: Most publications sent to the backplane in one call.
 _BATCH: Final = 1000
+#: Bound of the queue of control-channel messages waiting for the backplane
+#: (the oldest is dropped and counted when full).
+CONTROL_OUTBOX: Final = 10_000
+#: The largest control-channel message accepted from or sent to the backplane, in
+#: bytes (NATS refuses messages over its ``max_payload``, 1 MiB by default).
+MAX_CONTROL_BYTES: Final = 512 * 1024
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], object]
 ControlListener = Callable[[str, str, bytes], None]
+ClusterListener = Callable[[bytes], None]
 
 
 class BackplaneLink:
@@ -77,8 +90,13 @@ class BackplaneLink:
         self.open = False
         #: Called with ``(kind, topic, payload)`` for control messages from other nodes.
         self.control_listeners: list[ControlListener] = []
-        #: Counters: outgoing publications dropped, incoming ones undecodable.
-        self.stats = {"outbox_dropped": 0, "undecodable": 0}
+        #: Called with each message of the control channel (this node's own too,
+        #: on engines that echo them: listeners skip those by content).
+        self.cluster_listeners: list[ClusterListener] = []
+        self._control: deque[tuple[str | None, bytes]] = deque()
+        #: Counters: outgoing publications dropped, incoming ones undecodable,
+        #: control-channel messages dropped (queue full, too big, engine down).
+        self.stats = {"outbox_dropped": 0, "undecodable": 0, "control_dropped": 0}
 
     async def start(self) -> None:
         """Connect and start the sender and the interest tasks.
@@ -117,6 +135,37 @@ class BackplaneLink:
         event = Event(topic=topic, data=payload, tags={"kind": kind})
         self._queue(topic, encode_envelope(self.backplane.node_id, event, kind=KIND_CONTROL), False)
 
+    def send_cluster(self, payload: bytes, node: str | None = None) -> None:
+        """Queue a control-channel message for every node, or one node by id (best effort).
+
+        Raises:
+            ValueError: ``payload`` is not a JSON object.
+        """
+        if not is_control(payload):
+            raise ValueError("a control-channel message is a JSON object")
+        if len(payload) > MAX_CONTROL_BYTES:
+            self.stats["control_dropped"] += 1
+            logger.warning("a control message of %d bytes was not sent (too big)", len(payload))
+            return
+        if len(self._control) >= CONTROL_OUTBOX:
+            self._control.popleft()
+            self.stats["control_dropped"] += 1
+        self._control.append((node, payload))
+        wake = self._outbox_wake
+        if wake is not None:
+            wake.set()
+
+    async def _send_control(self) -> None:
+        while self._control:
+            node, payload = self._control.popleft()
+            try:
+                await self.backplane.publish_control(payload, node)
+            except BackplaneError as exc:
+                # Lost: heartbeats are sent again, and who waits for an answer
+                # names the nodes that did not answer.
+                self.stats["control_dropped"] += 1
+                logger.debug("control message not sent: %s", exc)
+
     def _queue(self, topic: str, payload: bytes, durable: bool) -> None:
         if len(self._outbox) >= self._outbox_size:
             self._outbox.popleft()
@@ -132,6 +181,7 @@ class BackplaneLink:
         while True:
             await wake.wait()
             wake.clear()
+            await self._send_control()
             while self._outbox:
                 batch = [self._outbox.popleft() for _ in range(min(_BATCH, len(self._outbox)))]
                 try:
@@ -143,6 +193,7 @@ class BackplaneLink:
                     self._retry.extend(kept)
                     self.stats["outbox_dropped"] += len(batch) - len(kept)
                     logger.debug("backplane publish failed: %s", exc)
+                await self._send_control()  # queued meanwhile: before the next batch
 
     # -- interest ------------------------------------------------------------------
 
@@ -177,6 +228,10 @@ class BackplaneLink:
             try:
                 envelope, event = decode_envelope(payload)
             except BackplaneError as exc:
+                # Told apart only when it is not an envelope: publications pay nothing.
+                if is_control(payload):
+                    self._cluster_message(payload)
+                    continue
                 self.stats["undecodable"] += 1
                 logger.warning("skipping a backplane message: %s", exc)
                 continue
@@ -190,6 +245,19 @@ class BackplaneLink:
                         logger.exception("a control listener failed")
                 continue
             self._on_event(event)
+
+    def _cluster_message(self, payload: bytes) -> None:
+        listeners = self.cluster_listeners
+        if not listeners or len(payload) > MAX_CONTROL_BYTES:
+            self.stats["undecodable"] += 1
+            why = "too big" if listeners else "no cluster layer handles it"
+            logger.warning("skipping a backplane message: a control message (%s)", why)
+            return
+        for listener in list(listeners):
+            try:
+                listener(payload)
+            except Exception:
+                logger.exception("a cluster listener failed")
 
     def _state_changed(self, up: bool) -> None:
         if not up or not self.open:

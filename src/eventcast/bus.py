@@ -262,12 +262,23 @@ class Bus:
         return self._link.control_listeners if self._link is not None else []
 
     @property
+    def cluster_listeners(self) -> list[Callable[[bytes], None]]:
+        """Called with each message of the backplane's control channel (see ``_link``)."""
+        return self._link.cluster_listeners if self._link is not None else []
+
+    def send_cluster(self, payload: bytes, node: str | None = None) -> None:
+        """Send a message on the control channel: to every node, or to one by id (best effort)."""
+        if self._link is not None:
+            self._link.send_cluster(payload, node)
+
+    @property
     def backplane_stats(self) -> dict[str, int]:
         """Backplane counters: dropped outgoing, undecodable incoming, gaps filled."""
         link = self._link.stats if self._link is not None else {}
         return {
             "outbox_dropped": link.get("outbox_dropped", 0),
             "undecodable": link.get("undecodable", 0),
+            "control_dropped": link.get("control_dropped", 0),
             "gaps": self._sequencer.gaps,
             "caught_up": self._sequencer.caught_up,
         }

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -214,6 +216,108 @@ def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
         yield server
     finally:
         server.stop()
+
+
+# -- a private Redis Cluster ----------------------------------------------------------------
+
+
+class RedisClusterServers:
+    """A private Redis Cluster: its servers, a seed port, and who serves a slot."""
+
+    def __init__(self, servers: list[PrivateRedis]) -> None:
+        self.servers = servers
+
+    @property
+    def seed(self) -> int:
+        return self.servers[0].port
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving a slot."""
+        client = redis.Redis(port=self.seed)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise AssertionError(f"slot {slot} is not served")
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        if all(_free(p) for p in (port, port + 10000)):
+            return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def redis_cluster(directory: Path) -> Iterator[RedisClusterServers]:
+    """Three cluster-enabled redis-servers on free ports, joined as three masters."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli (Debian's redis-tools) are needed")
+    servers: list[PrivateRedis] = []
+    try:
+        for i in range(3):
+            node_directory = directory / f"cluster{i}"
+            node_directory.mkdir()
+            server = PrivateRedis(
+                node_directory,
+                _cluster_port(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_directory / f"nodes-{i}.conf"),
+            )
+            server.start()
+            servers.append(server)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{s.port}" for s in servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            for server in servers:
+                client = server.client()
+                try:
+                    if client.cluster("INFO").get("cluster_state") != "ok":
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        wait_until(ready, "the cluster to be ok")
+        yield RedisClusterServers(servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A private Redis Cluster of three masters, stopped by PID afterwards."""
+    with redis_cluster(tmp_path) as servers:
+        yield servers
 
 
 # -- shared logs ----------------------------------------------------------------------------

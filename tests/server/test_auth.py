@@ -98,7 +98,8 @@ def test_hs256_connection_token_is_verified(verifier: TokenVerifier) -> None:
 def test_every_hmac_algorithm_is_accepted(verifier: TokenVerifier, algorithm: str) -> None:
     token = mint_token(secret=SECRET, user="u1", ttl=None, algorithm=algorithm)
     assert jwt.get_unverified_header(token)["alg"] == algorithm
-    assert verifier.verify_connection(token) == ConnectionClaims(user="u1")
+    issued_at = float(jwt.decode(token, options={"verify_signature": False})["iat"])
+    assert verifier.verify_connection(token) == ConnectionClaims(user="u1", issued_at=issued_at)
 
 
 def test_token_without_exp_never_expires_and_empty_sub_is_allowed(verifier: TokenVerifier) -> None:
@@ -410,3 +411,19 @@ def test_auth_errors_are_eventcast_errors() -> None:
     assert issubclass(InvalidTokenError, AuthError)
     assert issubclass(TokenExpiredError, AuthError)
     assert issubclass(AuthError, EventcastError)
+
+
+def test_token_id_and_issue_time_are_in_the_claims(verifier: TokenVerifier) -> None:
+    """``jti`` and ``iat``: what ``revoke_token`` and ``invalidate_user_tokens`` look at."""
+    token = mint_token(secret=SECRET, user="u1", ttl=60, token_id="t-1")
+    claims = verifier.verify_connection(token)
+    assert claims.token_id == "t-1"
+    assert claims.issued_at is not None
+    assert abs(claims.issued_at - time.time()) < 5
+    sub = mint_token(secret=SECRET, user="u1", ttl=60, channel="news", token_id="s-1")
+    sub_claims = verifier.verify_subscription(sub, user="u1", channel="news")
+    assert (sub_claims.token_id, sub_claims.issued_at) == ("s-1", claims.issued_at)
+    bare = verifier.verify_connection(hs256({"sub": "u1"}))
+    assert (bare.token_id, bare.issued_at) == (None, None)
+    with pytest.raises(InvalidTokenError, match="jti"):
+        verifier.verify_connection(hs256({"sub": "u1", "jti": 42}))

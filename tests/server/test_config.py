@@ -290,7 +290,10 @@ def test_unknown_toml_key_is_a_configuration_error(tmp_path: Path) -> None:
         ({"ping_interval": "0s"}, "ping_interval"),
         ({"max_bad_commands": -1}, "max_bad_commands"),
         ({"log_url": "events.db"}, "log_url"),
+        ({"access_url": "events.db"}, "access_url"),
         ({"no_such_setting": 1}, "no_such_setting"),
+        ({"cluster_heartbeat": 5, "cluster_node_timeout": 5}, "cluster_node_timeout"),
+        ({"cluster_request_timeout": 0}, "cluster_request_timeout"),
     ],
 )
 def test_invalid_values_are_configuration_errors(overrides: dict[str, Any], field: str) -> None:
@@ -310,11 +313,13 @@ def test_secrets_are_masked_in_repr_str_and_redacted(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("EVENTCAST_TOKEN_HMAC_SECRET", "hmac-s3cret")
     monkeypatch.setenv("EVENTCAST_API_KEY", "api-s3cret")
     monkeypatch.setenv("EVENTCAST_LOG_URL", "postgresql://eventcast:db-s3cret@db.local/events")
+    monkeypatch.setenv("EVENTCAST_ACCESS_URL", "redis://:acl-s3cret@redis.local:6379/0")
     settings = Settings.load()
     for text in (repr(settings), str(settings), str(settings.redacted())):
         assert "hmac-s3cret" not in text
         assert "api-s3cret" not in text
         assert "db-s3cret" not in text
+        assert "acl-s3cret" not in text
     redacted = settings.redacted()
     assert redacted["token_hmac_secret"] == "***"
     assert redacted["api_key"] == "***"

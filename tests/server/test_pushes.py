@@ -27,7 +27,7 @@ async def test_message_push_reaches_only_the_user() -> None:
         hub.client(user="alice", on_message=inbox("alice")) as alice,
         hub.client(user="bob", on_message=inbox("bob")) as bob,
     ):
-        assert hub.hub.send_message("alice", {"hello": "alice"}) == 1
+        assert await hub.hub.send_message("alice", {"hello": "alice"}) == 1
         await asyncio.wait_for(arrived.wait(), WAIT)
         assert received["alice"] == [{"hello": "alice"}]
         # bob got nothing: his command's reply comes after anything queued before it.
@@ -41,7 +41,7 @@ async def test_refresh_push_extends_the_connection(hub):
         result = await client.connect(token("carol", ttl=600))
         assert result["expires"] is True
         later = time.time() + 3600
-        assert hub.hub.refresh_user("carol", later) == 1
+        assert await hub.hub.refresh_user("carol", later) == 1
         push = await client.message()
         refresh = push["push"]["refresh"]
         assert refresh["expires"] is True
@@ -58,7 +58,7 @@ async def test_server_side_subscribe_and_unsubscribe_pushes() -> None:
         await hub.publish("news", {"n": 1})
         assert (await wait_for_publication(news)).data == {"n": 1}
         assert client.server_channels == {"news"}
-        assert hub.hub.unsubscribe_user("dave", "news") == 1
+        assert await hub.hub.unsubscribe_user("dave", "news") == 1
         await client.history("news")  # replies come after the push queued before them
         assert client.server_channels == frozenset()  # code 2000: the subscription is over
         assert "news" not in hub.hub.connections_of("dave")[0].channels

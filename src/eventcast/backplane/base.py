@@ -9,6 +9,14 @@ live-only topics that continuity is lost.
 Messages travel as an *envelope*: a compact JSON array carrying the node that
 published, the event's fields and its data as raw JSON, so a receiving node
 decodes each publication once, whatever its number of local subscribers.
+
+Besides publications, a backplane carries the *control channel*: messages
+between nodes (admin actions, heartbeats, requests and their answers) that
+every node receives from the moment it opens, whatever its interest, on a
+channel of their own that no topic name or pattern can match (``~`` is outside
+the topic grammar). A node can also be addressed alone, by its id. A control
+payload is a JSON object, never an array, so it reaches the bus mixed with the
+envelopes of a batch and is told apart by its first byte (:func:`is_control`).
 """
 
 from __future__ import annotations
@@ -26,12 +34,15 @@ from ..events import Event
 from ..exceptions import BackplaneError
 
 __all__ = [
+    "CONTROL_CHANNEL",
+    "CONTROL_MARK",
     "KIND_EVENT",
     "Backplane",
     "BackplaneState",
     "Envelope",
     "decode_envelope",
     "encode_envelope",
+    "is_control",
     "new_node_id",
     "own_prefix",
 ]
@@ -39,6 +50,11 @@ __all__ = [
 #: Envelope kinds.
 KIND_EVENT: Final = 0
 KIND_CONTROL: Final = 1
+
+#: The name part of the control channel (each backplane puts it behind its prefix).
+CONTROL_CHANNEL: Final = "~control"
+#: The first byte of every control payload (a JSON object); an envelope is an array.
+CONTROL_MARK: Final = b"{"
 
 MessageHandler = Callable[[Sequence[bytes]], None]
 StateHandler = Callable[[bool], None]
@@ -102,6 +118,11 @@ def own_prefix(node: str) -> bytes:
     return _encode([node])[:-1]  # the array's opening and first element: b'["<node>"'
 
 
+def is_control(payload: bytes) -> bool:
+    """Whether a payload from the backplane is a control message (a JSON object)."""
+    return payload.startswith(CONTROL_MARK)
+
+
 def decode_envelope(payload: bytes) -> tuple[Envelope, Event]:
     """Decode an envelope and build its event (the data decoded once).
 
@@ -140,11 +161,12 @@ class BackplaneState(enum.Enum):
 class Backplane(ABC):
     """Carries publications between nodes. Subclasses import their driver lazily.
 
-    The bus sets :attr:`on_messages` (called with batches of raw envelopes, in
-    arrival order, from the backplane's reader) and :attr:`on_state` (called
-    with ``True`` when the connection comes up, ``False`` when it drops).
-    Implementations reconnect by themselves, with a logged backoff, and
-    resubscribe every filter on reconnect.
+    The bus sets :attr:`on_messages` (called with batches of raw envelopes and
+    control messages, in arrival order, from the backplane's reader) and
+    :attr:`on_state` (called with ``True`` when the connection comes up,
+    ``False`` when it drops). Implementations reconnect by themselves, with a
+    logged backoff, and resubscribe every filter, the control channel and
+    this node's own address on reconnect.
     """
 
     def __init__(self) -> None:
@@ -206,6 +228,19 @@ class Backplane(ABC):
     @abstractmethod
     async def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving a filter's messages (idempotent)."""
+
+    @abstractmethod
+    async def publish_control(self, payload: bytes, node: str | None = None) -> None:
+        """Send a control message to every node, or to the node whose id is ``node``.
+
+        ``payload`` is a JSON object (see :func:`is_control`). Every node
+        receives control messages from :meth:`open` on, with no
+        :meth:`subscribe`; whether this node receives its own broadcasts
+        depends on the engine, so receivers skip their own by content.
+
+        Raises:
+            BackplaneError: the engine is unreachable; nothing is retried here.
+        """
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.value} node={self.node_id}>"

@@ -22,6 +22,8 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.matcher = TopicMatcher()
         self.up = True
+        #: The open backplanes by node id: who receives control messages.
+        self.nodes: dict[str, MemoryBackplane] = {}
 
     def route(self, topic: str) -> list[MemoryBackplane]:
         return [bp for bp in self.matcher.match(topic) if isinstance(bp, MemoryBackplane)]
@@ -37,12 +39,16 @@ class MemoryBackplane(Backplane):
     async def open(self) -> None:
         if self.state is BackplaneState.CLOSED:
             return
+        if self.broker is not None:
+            self.broker.nodes[self.node_id] = self
         self._set_state(BackplaneState.CONNECTED)
 
     async def close(self) -> None:
         if self.broker is not None:
             for f in list(self.filters):
                 self.broker.matcher.remove(f, self)
+            if self.broker.nodes.get(self.node_id) is self:
+                del self.broker.nodes[self.node_id]
         self.filters.clear()
         self.state = BackplaneState.CLOSED
 
@@ -56,6 +62,21 @@ class MemoryBackplane(Backplane):
             for target in broker.route(topic):
                 if target is not self and target.connected:
                     loop.call_soon(target._deliver, [payload])
+
+    async def publish_control(self, payload: bytes, node: str | None = None) -> None:
+        self.sent += 1
+        broker = self.broker
+        if broker is None:
+            return
+        if node is None:
+            targets = list(broker.nodes.values())
+        else:
+            target = broker.nodes.get(node)
+            targets = [] if target is None else [target]
+        loop = asyncio.get_running_loop()
+        for target in targets:
+            if target is not self and target.connected:
+                loop.call_soon(target._deliver, [payload])
 
     async def subscribe(self, topic_filter: str) -> None:
         if topic_filter not in self.filters:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .._urls import pop_option, redact_password
 from ..exceptions import BackplaneError, ConfigurationError
 from ._nats_sub import LeanNATSSub
-from .base import Backplane, BackplaneState
+from .base import CONTROL_CHANNEL, Backplane, BackplaneState
 
 __all__ = ["NATSBackplane", "subject_of"]
 
@@ -111,6 +111,12 @@ class NATSBackplane(Backplane):
             self._watch(), name="eventcast-nats-backplane"
         )
 
+    def _control_subject(self, node: str | None = None) -> str:
+        # Two tokens: a topic's subject has three or more, and no namespace is "~…".
+        if node is None:
+            return f"{self.prefix}.{CONTROL_CHANNEL}"
+        return f"{self.prefix}.~node.{node}"
+
     async def _connect_subscriber(self) -> LeanNATSSub:
         """Open the subscriber connection (first reachable server) and subscribe everything."""
         error: BackplaneError | None = None
@@ -122,6 +128,8 @@ class NATSBackplane(Backplane):
             except BackplaneError as exc:
                 error = exc
                 continue
+            await sub.subscribe(self._control_subject())
+            await sub.subscribe(self._control_subject(self.node_id))
             for topic_filter in sorted(self.filters):
                 await sub.subscribe(subject_of(self.prefix, topic_filter))
             return sub
@@ -193,6 +201,20 @@ class NATSBackplane(Backplane):
             self.failures += len(messages)
             raise BackplaneError(f"NATS publish failed: {exc}") from exc
         self.sent += len(messages)
+
+    async def publish_control(self, payload: bytes, node: str | None = None) -> None:
+        from nats.errors import Error as NATSError
+
+        nc = self._nc
+        if nc is None or self.state is not BackplaneState.CONNECTED:
+            self.failures += 1
+            raise BackplaneError("the NATS backplane is not connected")
+        try:
+            await nc.publish(self._control_subject(node), payload)
+        except (NATSError, OSError) as exc:
+            self.failures += 1
+            raise BackplaneError(f"NATS publish failed: {exc}") from exc
+        self.sent += 1
 
     async def subscribe(self, topic_filter: str) -> None:
         self.filters.add(topic_filter)

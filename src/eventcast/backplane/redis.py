@@ -32,7 +32,7 @@ from .._urls import pop_option, redact_password
 from ..exceptions import BackplaneError, ConfigurationError
 from ..topics import is_pattern
 from ._redis_sub import LeanPubSub
-from .base import Backplane, BackplaneState
+from .base import CONTROL_CHANNEL, Backplane, BackplaneState
 
 __all__ = ["RedisBackplane"]
 
@@ -77,6 +77,12 @@ class RedisBackplane(Backplane):
 
     def _channel(self, topic_filter: str) -> str:
         return f"{self.prefix}:{topic_filter}"
+
+    def _control_channel(self, node: str | None = None) -> str:
+        # Outside "prefix:", so no PSUBSCRIBE of a topic pattern ("prefix:*") matches it.
+        if node is None:
+            return f"{self.prefix}{CONTROL_CHANNEL}"
+        return f"{self.prefix}~node:{node}"
 
     @staticmethod
     def _glob(channel: str) -> str:
@@ -151,12 +157,14 @@ class RedisBackplane(Backplane):
                 self.url, timeout=self.connect_timeout, deliver=self._deliver
             )
         self._pubsub = pubsub
-        # A channel of our own keeps the pub/sub connection open from the start,
-        # so the reader always has a connection to watch.
-        if self.cluster:
-            await pubsub.ssubscribe(f"{self.prefix}:~node:{self.node_id}")
-        else:
-            await pubsub.subscribe(f"{self.prefix}:~node:{self.node_id}")
+        # The control channel and this node's address: subscribed from the start,
+        # they also keep the pub/sub connection open, so the reader always has a
+        # connection to watch.
+        for channel in (self._control_channel(), self._control_channel(self.node_id)):
+            if self.cluster:
+                await pubsub.ssubscribe(channel)
+            else:
+                await pubsub.subscribe(channel)
         for topic_filter in sorted(self.filters):
             await self._subscribe_on(pubsub, topic_filter)
 
@@ -337,6 +345,24 @@ class RedisBackplane(Backplane):
             self.failures += len(messages)
             raise BackplaneError(f"Redis publish failed: {exc}") from exc
         self.sent += len(messages)
+
+    async def publish_control(self, payload: bytes, node: str | None = None) -> None:
+        from redis.exceptions import RedisError
+
+        client = self._client
+        if client is None or self.state is not BackplaneState.CONNECTED:
+            self.failures += 1
+            raise BackplaneError("the Redis backplane is not connected")
+        channel = self._control_channel(node)
+        try:
+            if self.cluster:
+                await client.spublish(channel, payload)
+            else:
+                await client.publish(channel, payload)
+        except (RedisError, OSError) as exc:
+            self.failures += 1
+            raise BackplaneError(f"Redis publish failed: {exc}") from exc
+        self.sent += 1
 
     @staticmethod
     def _reraise_cancellation() -> None:

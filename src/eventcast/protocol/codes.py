@@ -95,10 +95,16 @@ DISCONNECT_FORCE_NO_RECONNECT: Final = Disconnect(3503, "force disconnect")
 DISCONNECT_CONNECTION_LIMIT: Final = Disconnect(3504, "connection limit")
 DISCONNECT_CHANNEL_LIMIT: Final = Disconnect(3505, "channel limit")
 DISCONNECT_TOO_MANY_ERRORS: Final = Disconnect(3509, "too many errors")
+#: The user is blocked (``block_user``): a forced disconnect, with its own reason.
+DISCONNECT_BLOCKED: Final = Disconnect(3503, "blocked")
+#: The connection token was revoked (``revoke_token``, ``invalidate_user_tokens``).
+DISCONNECT_TOKEN_REVOKED: Final = Disconnect(3500, "token revoked")
 
 # Unsubscribe push codes.
 UNSUBSCRIBE_SERVER: Final = (2000, "server unsubscribe")
 UNSUBSCRIBE_INSUFFICIENT_STATE: Final = (2500, "insufficient state")
+#: The subscription token was revoked: the subscription ends (no resubscribe).
+UNSUBSCRIBE_TOKEN_REVOKED: Final = (2000, "token revoked")
 
 #: WebSocket close code for a frame over the size limit (RFC 6455).
 CLOSE_MESSAGE_TOO_BIG: Final = 1009

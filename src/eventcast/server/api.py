@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..exceptions import EncodeError, EventcastError, LogError
+from ..exceptions import BackplaneError, EncodeError, EventcastError, LogError
 from ..protocol import codes
-from ..protocol.codes import ClientError, Disconnect
+from ..protocol.codes import ClientError
 from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
 from ._http import BodyError, read_json
+from .admin import disconnect_of
 from .errors import CommandError
 
 if TYPE_CHECKING:
@@ -174,37 +176,48 @@ async def api_presence_stats(hub: Hub, params: dict[str, Any]) -> Any:
     return {"num_clients": result.num_clients, "num_users": result.num_users}
 
 
-def _glob(pattern: str, name: str) -> bool:
-    import fnmatch
+def _time(params: dict[str, Any], name: str, *, future: bool = False) -> float | None:
+    """A Unix time in seconds (``0`` or absent: ``None``)."""
+    value = params.get(name)
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _bad(f"{name} must be a Unix time in seconds")
+    if future and value <= time.time():
+        raise _bad(f"{name} must be in the future")
+    return float(value)
 
-    return fnmatch.fnmatchcase(name, pattern)
+
+def _bool(params: dict[str, Any], name: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{name} must be a boolean")
+    return value
+
+
+def _answered(missing: list[str], result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An answer, naming the nodes that did not answer in time (an eventcast extension)."""
+    result = {} if result is None else result
+    if missing:
+        result["missing_nodes"] = missing
+    return result
 
 
 async def api_channels(hub: Hub, params: dict[str, Any]) -> Any:
     pattern = params.get("pattern") or ""
     if not isinstance(pattern, str):
         raise _bad("pattern must be a string")
-    channels = {
-        name: {"num_clients": len(channel.members)}
-        for name, channel in hub.channels.by_name.items()
-        if not pattern or _glob(pattern, name)
+    answer = await hub.cluster.channels(pattern)
+    result: dict[str, Any] = {
+        "channels": {name: {"num_clients": n} for name, n in sorted(answer.channels.items())}
     }
-    return {"channels": channels}
+    if answer.truncated:
+        result["truncated"] = True
+    return _answered(answer.missing, result)
 
 
 async def api_info(hub: Hub, params: dict[str, Any]) -> Any:
-    stats = hub.stats()
-    node = {
-        "uid": hub.settings.node_name,
-        "name": stats["name"],
-        "version": stats["version"],
-        "num_clients": stats["num_clients"],
-        "num_users": stats["num_users"],
-        "num_channels": stats["num_channels"],
-        "num_subs": stats["num_subs"],
-        "uptime": stats["uptime"],
-    }
-    return {"nodes": [node]}
+    return {"nodes": hub.cluster.info()}
 
 
 async def api_disconnect(hub: Hub, params: dict[str, Any]) -> Any:
@@ -215,32 +228,89 @@ async def api_disconnect(hub: Hub, params: dict[str, Any]) -> Any:
     spec = params.get("disconnect") or {}
     if not isinstance(spec, dict):
         raise _bad("disconnect must be an object")
-    code = spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code
-    reason = spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason
-    if not isinstance(code, int) or not isinstance(reason, str) or not 3000 <= code < 5000:
-        raise _bad("disconnect code must be 3000-4999")
-    if client and not user:
-        conn = hub.connections.get(client)
-        if conn is not None:
-            conn.close(Disconnect(code, reason))
-        return {}
-    hub.disconnect_user(user, Disconnect(code, reason), client)
-    return {}
+    try:
+        disconnect = disconnect_of(
+            spec.get("code") or codes.DISCONNECT_FORCE_NO_RECONNECT.code,
+            spec.get("reason") or codes.DISCONNECT_FORCE_NO_RECONNECT.reason,
+        )
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    whitelist = params.get("whitelist") or []
+    if not isinstance(whitelist, list) or not all(isinstance(c, str) for c in whitelist):
+        raise _bad("whitelist must be a list of client ids")
+    outcome = await hub.cluster.disconnect(
+        user,
+        disconnect,
+        client,
+        session=_str(params, "session", required=False) or None,
+        whitelist=whitelist,
+    )
+    return _answered(outcome.missing)
 
 
 async def api_unsubscribe(hub: Hub, params: dict[str, Any]) -> Any:
-    user = _str(params, "user")
-    channel = _str(params, "channel")
-    hub.unsubscribe_user(user, channel, _str(params, "client", required=False) or None)
-    return {}
+    outcome = await hub.cluster.unsubscribe(
+        _str(params, "user"),
+        _str(params, "channel"),
+        _str(params, "client", required=False) or None,
+        session=_str(params, "session", required=False) or None,
+    )
+    return _answered(outcome.missing)
 
 
 async def api_subscribe(hub: Hub, params: dict[str, Any]) -> Any:
     user = _str(params, "user")
     channel = _str(params, "channel")
-    hub.permissions.channel(channel)
-    await hub.subscribe_user(user, channel, _str(params, "client", required=False) or None)
-    return {}
+    outcome = await hub.cluster.subscribe(
+        user,
+        channel,
+        _str(params, "client", required=False) or None,
+        session=_str(params, "session", required=False) or None,
+    )
+    return _answered(outcome.missing)
+
+
+async def api_refresh(hub: Hub, params: dict[str, Any]) -> Any:
+    outcome = await hub.cluster.refresh(
+        _str(params, "user"),
+        _time(params, "expire_at"),
+        _str(params, "client", required=False) or None,
+        session=_str(params, "session", required=False) or None,
+        expired=_bool(params, "expired"),
+    )
+    return _answered(outcome.missing)
+
+
+async def api_block_user(hub: Hub, params: dict[str, Any]) -> Any:
+    outcome = await hub.cluster.block_user(
+        _str(params, "user"), _time(params, "expire_at", future=True)
+    )
+    return _answered(outcome.missing)
+
+
+async def api_unblock_user(hub: Hub, params: dict[str, Any]) -> Any:
+    outcome = await hub.cluster.unblock_user(_str(params, "user"))
+    return _answered(outcome.missing)
+
+
+async def api_revoke_token(hub: Hub, params: dict[str, Any]) -> Any:
+    outcome = await hub.cluster.revoke_token(
+        _str(params, "uid"), _time(params, "expire_at", future=True)
+    )
+    return _answered(outcome.missing)
+
+
+async def api_invalidate_user_tokens(hub: Hub, params: dict[str, Any]) -> Any:
+    channel = _str(params, "channel", required=False)
+    if channel:
+        hub.permissions.channel(channel)
+    outcome = await hub.cluster.invalidate_user_tokens(
+        _str(params, "user"),
+        _time(params, "issued_before"),
+        _time(params, "expire_at", future=True),
+        channel,
+    )
+    return _answered(outcome.missing)
 
 
 async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
@@ -310,6 +380,11 @@ API_METHODS: dict[str, Method] = {
     "disconnect": api_disconnect,
     "unsubscribe": api_unsubscribe,
     "subscribe": api_subscribe,
+    "refresh": api_refresh,
+    "block_user": api_block_user,
+    "unblock_user": api_unblock_user,
+    "revoke_token": api_revoke_token,
+    "invalidate_user_tokens": api_invalidate_user_tokens,
     "dead_letters": api_dead_letters,
     "dead_letters_redrive": api_dead_letters_redrive,
 }
@@ -368,7 +443,7 @@ async def handle_api(request: Request) -> Response:
             return _json(200, {"error": _error(exc)})
         except EncodeError as exc:
             return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
-        except LogError as exc:
+        except (LogError, BackplaneError) as exc:
             logger.warning("API %s failed: %s", method, exc)
             return _json(200, {"error": _error(codes.ERROR_INTERNAL)})
         except EventcastError as exc:

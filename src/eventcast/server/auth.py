@@ -95,12 +95,17 @@ class ConnectionClaims:
             any JSON value), or ``None``.
         channels: channels the server subscribes the connection to (claim
             ``channels``), each a valid topic name.
+        token_id: the token's id (claim ``jti``), which ``revoke_token`` names.
+        issued_at: when the token was issued (claim ``iat``), which
+            ``invalidate_user_tokens`` compares.
     """
 
     user: str
     expires_at: float | None = None
     info: Any = None
     channels: tuple[str, ...] = ()
+    token_id: str | None = None
+    issued_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +116,14 @@ class SubscriptionClaims:
         expires_at: when the subscription expires, in seconds since the epoch
             (claim ``exp``), or ``None`` when it does not expire.
         info: channel information for this subscriber (claim ``info``), or ``None``.
+        token_id: the token's id (claim ``jti``), which ``revoke_token`` names.
+        issued_at: when the token was issued (claim ``iat``).
     """
 
     expires_at: float | None = None
     info: Any = None
+    token_id: str | None = None
+    issued_at: float | None = None
 
 
 class TokenVerifier:
@@ -241,6 +250,8 @@ class TokenVerifier:
             expires_at=_expires_at(payload),
             info=payload.get("info"),
             channels=tuple(channels),
+            token_id=_token_id(payload),
+            issued_at=_issued_at(payload),
         )
 
     def verify_subscription(self, token: str, *, user: str, channel: str) -> SubscriptionClaims:
@@ -260,7 +271,12 @@ class TokenVerifier:
             raise InvalidTokenError("invalid token: missing 'channel' claim")
         if token_channel != channel:
             raise InvalidTokenError("invalid token: the subscription token is for another channel")
-        return SubscriptionClaims(expires_at=_expires_at(payload), info=payload.get("info"))
+        return SubscriptionClaims(
+            expires_at=_expires_at(payload),
+            info=payload.get("info"),
+            token_id=_token_id(payload),
+            issued_at=_issued_at(payload),
+        )
 
     def _decode(self, token: str) -> dict[str, Any]:
         if not isinstance(token, str):
@@ -366,6 +382,7 @@ def mint_token(
     channels: Sequence[str] = (),
     channel: str | None = None,
     info: Any = None,
+    token_id: str | None = None,
     audience: str | None = None,
     issuer: str | None = None,
     algorithm: str = "HS256",
@@ -384,6 +401,7 @@ def mint_token(
         channels: server-side channels of a connection token.
         channel: the channel of a subscription token.
         info: any JSON value, put in the ``info`` claim when not ``None``.
+        token_id: the ``jti`` claim (what ``revoke_token`` names), when given.
         audience: the ``aud`` claim, when given.
         issuer: the ``iss`` claim, when given.
         algorithm: one of :data:`HMAC_ALGORITHMS` or :data:`PUBLIC_KEY_ALGORITHMS`.
@@ -413,6 +431,8 @@ def mint_token(
         payload["channels"] = [validate_topic(c) for c in channels]
     if info is not None:
         payload["info"] = info
+    if token_id is not None:
+        payload["jti"] = token_id
     if audience is not None:
         payload["aud"] = audience
     if issuer is not None:
@@ -462,6 +482,22 @@ def _user(payload: Mapping[str, Any]) -> str:
     if not isinstance(user, str):
         raise InvalidTokenError("invalid token: 'sub' must be a string")
     return user
+
+
+def _token_id(payload: Mapping[str, Any]) -> str | None:
+    jti = payload.get("jti")
+    if jti is None:
+        return None
+    if not isinstance(jti, str):
+        raise InvalidTokenError("invalid token: 'jti' must be a string")
+    return jti
+
+
+def _issued_at(payload: Mapping[str, Any]) -> float | None:
+    iat = payload.get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        return None  # PyJWT already refused an 'iat' that is not a number
+    return float(iat)
 
 
 def _expires_at(payload: Mapping[str, Any]) -> float | None:

@@ -37,6 +37,7 @@ from .connection import Connection
 
 if TYPE_CHECKING:
     from ..bus import Bus
+    from .auth import SubscriptionClaims
 
 __all__ = ["CHANNEL_BUFFER", "Channels", "HubChannel", "Membership"]
 
@@ -74,6 +75,8 @@ class Membership:
     #: Called instead of closing with 3006 when the subscription expires (a
     #: sub_refresh hook decides then).
     on_expire: Callable[[Connection, Membership], None] | None = None
+    #: The claims of the subscription token it was granted by, if any.
+    token: SubscriptionClaims | None = None
 
     def arm_expiry(self, conn: Connection) -> None:
         """Close ``conn`` with 3006 when this subscription expires (or call :attr:`on_expire`)."""

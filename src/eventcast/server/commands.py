@@ -81,6 +81,7 @@ from .permissions import Permissions
 
 if TYPE_CHECKING:
     from ..events import Event
+    from .auth import SubscriptionClaims
     from .config import NamespaceConfig
     from .hub import Hub
 
@@ -164,6 +165,7 @@ class Grant:
         info: channel information of the subscriber, from the hook (encoded JSON).
         data: for the client, in the subscribe reply (encoded JSON).
         refreshed_by_hook: a sub_refresh hook extends it (not the client).
+        token: the claims of the subscription token that granted it, if any.
     """
 
     namespace: NamespaceConfig
@@ -171,6 +173,7 @@ class Grant:
     info: bytes | None = None
     data: bytes | None = None
     refreshed_by_hook: bool = False
+    token: SubscriptionClaims | None = None
 
 
 def publication(event: Event) -> Publication:
@@ -295,17 +298,23 @@ class Commands:
             InvalidTokenError: the token is invalid, or missing while anonymous
                 connections are not allowed.
             KeySetError: the JWKS needed to check the token could not be read.
-            CommandError: the connect hook refused or failed, or the user has
-                too many connections on this node (3504).
+            CommandError: the connect hook refused or failed, the user is blocked
+                (3503) or the token revoked (3500), or the user has too many
+                connections (3504) on this node or in the cluster (see
+                :meth:`Cluster.admit <eventcast.server.cluster.Cluster.admit>`).
         """
         hub = self._hub
         admission = Admission()
         if token:
             await hub.verifier.prepare(token)
             claims = hub.verifier.verify_connection(token)
+            refusal = hub.cluster.access.refuses(claims.user, claims.token_id, claims.issued_at)
+            if refusal is not None:
+                raise CommandError(refusal)
             conn.user = claims.user
             conn.anonymous = False
             conn.expires_at = claims.expires_at
+            conn.token_id, conn.issued_at = claims.token_id, claims.issued_at
             conn.info = None if claims.info is None else _encode(claims.info)
             admission.channels = dict.fromkeys(claims.channels)
         elif self.hooks.handles("connect"):
@@ -315,10 +324,14 @@ class Commands:
         if self.hooks.handles("refresh"):
             conn.on_expire = self._session_expired
         # Anonymous clients share the empty user id: they are not one user (as in Centrifugo).
-        if conn.user and hub.registry.user_connections(conn.user) >= (
-            hub.settings.connections_per_user
-        ):
-            raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
+        if conn.user:
+            if not token:  # a connect hook's user: a blocked one is refused as well
+                refusal = hub.cluster.access.refuses(conn.user, None, None)
+                if refusal is not None:
+                    raise CommandError(refusal)
+            if hub.registry.user_connections(conn.user) >= hub.settings.connections_per_user:
+                raise CommandError(codes.DISCONNECT_CONNECTION_LIMIT)
+            await hub.cluster.admit(conn)
         return admission
 
     async def _connect_hook(self, conn: Connection, req: ConnectRequest | None) -> Admission:
@@ -416,7 +429,11 @@ class Commands:
         claims = self._claims(req.token)
         if claims.user != conn.user:
             raise CommandError(codes.DISCONNECT_INVALID_TOKEN)
+        refusal = self._hub.cluster.access.refuses(claims.user, claims.token_id, claims.issued_at)
+        if refusal is not None:
+            raise CommandError(refusal)
         conn.expires_at = claims.expires_at
+        conn.token_id, conn.issued_at = claims.token_id, claims.issued_at
         result = RefreshResult(client=conn.id, version=f"eventcast {__version__}")
         if conn.expires_at is not None:
             result.expires = True
@@ -451,10 +468,10 @@ class Commands:
         hooked = self.hooks.handles("subscribe", name) and Permissions.hook_decides(
             name, token=req.token, server_side=server_side
         )
-        ns, expires_at = hub.permissions.subscribe(
+        ns, claims = hub.permissions.subscribe(
             conn, name, token=req.token, server_side=server_side, hooked=hooked
         )
-        grant = Grant(ns, expires_at)
+        grant = Grant(ns, None if claims is None else claims.expires_at, token=claims)
         if hooked:
             request = hooks.SubscribeRequest(
                 **_who(conn), channel=name, data=_client_data(req.data)
@@ -517,6 +534,7 @@ class Commands:
             join_leave=ns.join_leave and (req.join_leave or ns.force_push_join_leave),
             presence=ns.presence,
             info=grant.info,
+            token=grant.token,
         )
         hub.channels.join(conn, name, membership)
         result = SubscribeResult(data=raw(grant.data))
@@ -567,8 +585,10 @@ class Commands:
             raise CommandError(codes.ERROR_PERMISSION_DENIED.with_message("not subscribed"))
         if req.token:
             await self._hub.verifier.prepare(req.token)
-        _, expires_at = self._hub.permissions.subscribe(conn, req.channel, token=req.token)
+        _, claims = self._hub.permissions.subscribe(conn, req.channel, token=req.token)
+        expires_at = None if claims is None else claims.expires_at
         membership.expires_at = expires_at
+        membership.token = claims
         result = SubRefreshResult()
         if expires_at is not None:
             result.expires = True

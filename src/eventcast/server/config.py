@@ -277,7 +277,8 @@ class Settings(BaseSettings):
             ``X-Forwarded-Proto``, as uvicorn's ``forwarded_allow_ips``. From the
             environment, a JSON list or a comma-separated string.
         node_name: this node's name (default: the host name).
-        connections_per_user: the most connections one user may have on this node.
+        connections_per_user: the most connections one user may have, across every
+            node of the cluster (see ``docs/deployment.md`` for the bound under races).
         connection_rate: new connections per second this node accepts (token
             bucket, burst of one second's worth); over it the handshake gets 429.
         command_rate: commands per second per connection (token bucket, burst of
@@ -288,6 +289,19 @@ class Settings(BaseSettings):
         sse_cookie: the cookie that may carry an SSE connection token.
         presence_ttl: seconds a presence entry lives unless refreshed (a crashed
             node's entries expire after it).
+        cluster_heartbeat: seconds between this node's heartbeats on the
+            backplane's control channel.
+        cluster_node_timeout: seconds without a heartbeat after which a node is
+            dropped from the cluster (more than ``cluster_heartbeat``).
+        cluster_request_timeout: the longest wait for other nodes' answers to a
+            cluster-wide action or request, in seconds; the nodes that did not
+            answer in time are named in the answer.
+        access_url: where blocked users and revoked tokens are kept
+            (``sqlite:///…``, ``postgresql://…``, ``redis://…``, ``nats://…`` or
+            ``memory://``); by default the log when the nodes share it (or there
+            is one node), else the backplane's engine.
+        access_reload: seconds between two loads of every access entry from the
+            store (changes also reach every node at once on the control channel).
         admin_token: opens the dashboard at ``/`` to clients that log in with it.
             Without it the dashboard answers loopback clients only.
         admin_session_ttl: seconds a dashboard login lasts (its signed cookie).
@@ -376,6 +390,11 @@ class Settings(BaseSettings):
     sse_retry: Duration = Field(default=2.0, gt=0)
     sse_cookie: str = "eventcast_token"
     presence_ttl: Duration = Field(default=60.0, gt=0)
+    cluster_heartbeat: Duration = Field(default=3.0, gt=0)
+    cluster_node_timeout: Duration = Field(default=10.0, gt=0)
+    cluster_request_timeout: Duration = Field(default=1.0, gt=0)
+    access_url: str | None = None
+    access_reload: Duration = Field(default=10.0, gt=0)
     admin_token: SecretStr | None = None
     admin_session_ttl: Duration = Field(default=43_200.0, gt=0)
     admin_login_rate: float = Field(default=1.0, gt=0)
@@ -488,12 +507,21 @@ class Settings(BaseSettings):
     def _check_endpoint(cls, value: str | None) -> str | None:
         return None if not value else _check_http_url(value)
 
-    @field_validator("log_url", "backplane_url")
+    @field_validator("log_url", "backplane_url", "access_url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        if "://" not in value:
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
             raise ValueError("expected a URL such as 'memory://' or 'sqlite:///path/to/events.db'")
         return value
+
+    @model_validator(mode="after")
+    def _check_cluster_timeouts(self) -> Settings:
+        if self.cluster_node_timeout <= self.cluster_heartbeat:
+            raise ValueError(
+                "cluster_node_timeout must be longer than cluster_heartbeat "
+                "(a node is dropped after missing several heartbeats)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _index_namespaces(self) -> Settings:
@@ -533,13 +561,14 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 data[name] = _REDACTED
-        for name in ("log_url", "backplane_url"):
-            data[name] = _redact_url(data[name])
+        for name in ("log_url", "backplane_url", "access_url"):
+            if data[name] is not None:
+                data[name] = _redact_url(data[name])
         return data
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            if name in ("log_url", "backplane_url") and isinstance(value, str):
+            if name in ("log_url", "backplane_url", "access_url") and isinstance(value, str):
                 yield name, _redact_url(value)
             else:
                 yield name, value

@@ -128,6 +128,9 @@ class Connection:
         #: Called instead of closing with 3005 when :attr:`expires_at` passes
         #: (a refresh hook decides then).
         self.on_expire: Callable[[Connection], None] | None = None
+        #: The connection token's id (``jti``) and issue time (``iat``), if it had them.
+        self.token_id: str | None = None
+        self.issued_at: float | None = None
         self.anonymous = True
         #: The headers of the connection's HTTP request (ASGI's raw pairs).
         self.headers = headers

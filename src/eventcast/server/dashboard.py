@@ -420,6 +420,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "dead_letters": bus["dead_letters"],
         "backplane_up": hub.backplane_up(),
         "consumers": consumers.status() if (consumers := hub.consumers) else [],
+        "nodes": hub.cluster.info(),
     }
 
 

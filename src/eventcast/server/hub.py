@@ -8,6 +8,7 @@ The parts, each with one job (``docs/architecture.md`` draws them):
 * :mod:`~eventcast.server.permissions`: who may do what, the same for every entry point;
 * :mod:`~eventcast.server.presence`: presence entries and their refresh;
 * :mod:`~eventcast.server.admin`: server-side actions on a user's connections;
+* :mod:`~eventcast.server.cluster`: the other nodes, and actions that reach them all;
 * :mod:`~eventcast.server.sse`: the SSE streams;
 * :mod:`~eventcast.server.connection`: one connection's queue and coalescing writer.
 
@@ -53,6 +54,7 @@ from ..replay import Replay
 from .admin import Admin
 from .auth import TokenVerifier
 from .channels import Channels, HubChannel, Membership
+from .cluster import Cluster
 from .commands import Commands, publication
 from .connection import Connection, Flusher, Send
 from .errors import CommandError
@@ -117,7 +119,9 @@ class Hub:
         self.tasks = Supervisor(logger)
         self.flusher = Flusher()
         self.registry = Registry()
-        self.permissions = Permissions(settings, self.verifier)
+        #: The other nodes, and actions and answers that cover them all.
+        self.cluster = Cluster(self)
+        self.permissions = Permissions(settings, self.verifier, self.cluster.access)
         self.sse = SSEStreams(self)
         self.channels = Channels(bus, self.sse.deliver, self._left)
         self.commands = Commands(self, configured_hooks(settings, hooks))
@@ -183,6 +187,7 @@ class Hub:
         if opener is not None:
             await opener()
         await self.bus.start()
+        await self.cluster.start()
         self.tasks.spawn(self.presence_keeper.refresh(self._present), "eventcast-presence")
         if self.webhooks is not None:
             self.webhooks.start()
@@ -226,6 +231,7 @@ class Hub:
         await self.tasks.aclose()
         await self.commands.hooks.aclose()
         await self.verifier.aclose()
+        await self.cluster.close()
         await self.presence.close()
         await self.bus.close()
 
@@ -261,6 +267,7 @@ class Hub:
     def connection_closed(self, conn: Connection) -> None:
         """A connection ended: forget it and leave its channels."""
         self.registry.forget(conn)
+        self.cluster.forget(conn)
         for name in list(conn.channels):
             self.channels.leave(conn, name)
 
@@ -422,29 +429,98 @@ class Hub:
         """Return a user's connections (or the one with this client id)."""
         return self.registry.of(user, client)
 
-    def disconnect_user(self, user: str, disconnect: Disconnect, client: str | None = None) -> int:
-        """Close a user's connections with a disconnect code; return how many."""
-        return self.admin.disconnect(user, disconnect, client)
+    async def disconnect_user(
+        self,
+        user: str,
+        disconnect: Disconnect = codes.DISCONNECT_FORCE_NO_RECONNECT,
+        client: str | None = None,
+    ) -> int:
+        """Close a user's connections on every node with a disconnect code; return how many.
 
-    def unsubscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
-        """Unsubscribe a user's connections from a channel, with an unsubscribe push."""
-        return self.admin.unsubscribe(user, channel, client)
+        Every node answers how many it closed; one that does not answer within
+        ``cluster_request_timeout`` is logged (:meth:`Cluster.disconnect
+        <eventcast.server.cluster.Cluster.disconnect>` names it, and takes
+        ``session`` and ``whitelist``).
+
+        .. versionchanged:: 0.2 Cluster-wide, and a coroutine.
+        """
+        return (await self.cluster.disconnect(user, disconnect, client)).count
+
+    async def unsubscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
+        """Unsubscribe a user's connections on every node from a channel (unsubscribe push).
+
+        .. versionchanged:: 0.2 Cluster-wide, and a coroutine.
+        """
+        return (await self.cluster.unsubscribe(user, channel, client)).count
 
     async def subscribe_user(self, user: str, channel: str, client: str | None = None) -> int:
-        """Subscribe a user's connections to a channel server-side, with a subscribe push."""
-        return await self.admin.subscribe(user, channel, client)
+        """Subscribe a user's connections on every node to a channel server-side (subscribe push).
 
-    def send_message(self, user: str, data: Any, client: str | None = None) -> int:
-        """Push an asynchronous ``message`` to a user's connections; return how many.
+        Raises:
+            CommandError: the channel is malformed or its namespace unknown.
+
+        .. versionchanged:: 0.2 Cluster-wide.
+        """
+        return (await self.cluster.subscribe(user, channel, client)).count
+
+    async def send_message(self, user: str, data: Any, client: str | None = None) -> int:
+        """Push an asynchronous ``message`` to a user's connections on every node; return how many.
 
         Raises:
             EncodeError: ``data`` is not JSON-serialisable.
-        """
-        return self.admin.send_message(user, data, client)
 
-    def refresh_user(self, user: str, expires_at: float | None, client: str | None = None) -> int:
-        """Extend (or lift) a user's connection expiry, with a ``refresh`` push; return how many."""
-        return self.admin.refresh(user, expires_at, client)
+        .. versionchanged:: 0.2 Cluster-wide, and a coroutine.
+        """
+        return (await self.cluster.send_message(user, data, client)).count
+
+    async def refresh_user(
+        self, user: str, expires_at: float | None, client: str | None = None
+    ) -> int:
+        """Extend (or lift) a user's connection expiry on every node (``refresh`` push).
+
+        .. versionchanged:: 0.2 Cluster-wide, and a coroutine.
+        """
+        return (await self.cluster.refresh(user, expires_at, client)).count
+
+    async def block_user(self, user: str, expire_at: float | None = None) -> int:
+        """Block a user on every node until ``expire_at``; return how many connections closed.
+
+        The block is kept in the access store, so it outlives restarts.
+
+        Raises:
+            EventcastError: the access store failed (nothing changed).
+
+        .. versionadded:: 0.2
+        """
+        return (await self.cluster.block_user(user, expire_at)).count
+
+    async def unblock_user(self, user: str) -> None:
+        """Lift a user's block on every node.
+
+        .. versionadded:: 0.2
+        """
+        await self.cluster.unblock_user(user)
+
+    async def revoke_token(self, token_id: str, expire_at: float | None = None) -> int:
+        """Revoke a token by its ``jti`` on every node; return how many connections closed.
+
+        .. versionadded:: 0.2
+        """
+        return (await self.cluster.revoke_token(token_id, expire_at)).count
+
+    async def invalidate_user_tokens(
+        self,
+        user: str,
+        issued_before: float | None = None,
+        expire_at: float | None = None,
+        channel: str = "",
+    ) -> int:
+        """Refuse a user's tokens issued before a time (default: now) on every node.
+
+        .. versionadded:: 0.2
+        """
+        outcome = await self.cluster.invalidate_user_tokens(user, issued_before, expire_at, channel)
+        return outcome.count
 
     # -- health -------------------------------------------------------------------------
 

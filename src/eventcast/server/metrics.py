@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 
 __all__ = ["HubCollector", "metrics_endpoint"]
 
-_REASONS = {
-    value.code: value.reason
-    for value in vars(codes).values()
-    if isinstance(value, codes.Disconnect)
-}
+#: The reason of each disconnect code (the first constant of a code names it:
+#: 3503 is "force disconnect" even though a block uses it with "blocked").
+_REASONS: dict[int, str] = {}
+for _value in vars(codes).values():
+    if isinstance(_value, codes.Disconnect):
+        _REASONS.setdefault(_value.code, _value.reason)
 
 
 class HubCollector(Collector):
@@ -95,6 +96,11 @@ class HubCollector(Collector):
         )
         yield GaugeMetricFamily(
             "eventcast_channels", "Channels with subscribers on this node.", value=len(hub.channels)
+        )
+        yield GaugeMetricFamily(
+            "eventcast_cluster_nodes",
+            "Live nodes of the cluster (this one and those heard from in time).",
+            value=1 + len(hub.cluster.nodes),
         )
         yield GaugeMetricFamily(
             "eventcast_queue_bytes", "Bytes queued for clients, not yet written.", value=queue

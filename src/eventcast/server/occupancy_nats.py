@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgspec
 
 from ..exceptions import BackplaneError
+from ._kv import decode_key_token, encode_key_token
 from .occupancy import SWEEP_LIMIT, Change, Occupancy
-from .presence_nats import decode_key_token, encode_key_token
 
 if TYPE_CHECKING:
     from .presence_nats import NATSPresence

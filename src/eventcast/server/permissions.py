@@ -22,7 +22,8 @@ from ..topics import is_pattern, validate_pattern, validate_topic
 from .errors import CommandError
 
 if TYPE_CHECKING:
-    from .auth import TokenVerifier
+    from .access import Access
+    from .auth import SubscriptionClaims, TokenVerifier
     from .config import NamespaceConfig, Settings
 
 __all__ = ["Client", "Permissions"]
@@ -49,11 +50,15 @@ class Permissions:
     Args:
         settings: the hub's settings (namespaces and their options).
         verifier: checks subscription tokens.
+        access: blocked users and revoked tokens (none: nothing is revoked).
     """
 
-    def __init__(self, settings: Settings, verifier: TokenVerifier) -> None:
+    def __init__(
+        self, settings: Settings, verifier: TokenVerifier, access: Access | None = None
+    ) -> None:
         self._settings = settings
         self._verifier = verifier
+        self._access = access
 
     def namespace(self, channel: str) -> NamespaceConfig:
         """Return a channel's namespace options.
@@ -108,17 +113,18 @@ class Permissions:
         token: str = "",
         server_side: bool = False,
         hooked: bool = False,
-    ) -> tuple[NamespaceConfig, float | None]:
-        """Check that ``client`` may subscribe; return the namespace and the expiry, if any.
+    ) -> tuple[NamespaceConfig, SubscriptionClaims | None]:
+        """Check that ``client`` may subscribe; return the namespace and the token's claims.
 
         A server-side subscription (from the token, the API or a hook) is
-        already authorized: only the name and the namespace are checked. With
+        already authorized: only the name and the namespace are checked. The
+        claims are those of the subscription token, when one granted it. With
         ``hooked`` (see :meth:`hook_decides`) the application's subscribe hook
         decides instead of the namespace's ``allow_*`` options.
 
         Raises:
-            CommandError: 103 permission denied, 109 token expired, 107/102 as
-                for :meth:`channel`.
+            CommandError: 103 permission denied (a revoked token too), 109
+                token expired, 107/102 as for :meth:`channel`.
         """
         ns = self.channel(channel, allow_pattern=True)
         if is_pattern(channel) and not ns.allow_patterns:
@@ -136,8 +142,12 @@ class Permissions:
                 raise CommandError(codes.ERROR_TOKEN_EXPIRED) from None
             except AuthError:
                 raise CommandError(codes.ERROR_PERMISSION_DENIED) from None
-            expires: float | None = claims.expires_at
-            return ns, expires
+            access = self._access
+            if access is not None and access.refuses(
+                client.user, claims.token_id, claims.issued_at, channel
+            ):
+                raise CommandError(codes.ERROR_PERMISSION_DENIED.with_message("token revoked"))
+            return ns, claims
         if "#" in channel:
             if ns.allow_user_limited_channels and self.user_limited(channel, client.user):
                 return ns, None

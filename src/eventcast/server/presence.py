@@ -143,6 +143,7 @@ def open_presence(url: str, *, prefix: str) -> Presence:
             or the client library of the backend is not installed.
     """
     from ..exceptions import ConfigurationError
+    from ._kv import require_driver
 
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(f"not a presence URL: {url!r} (expected e.g. redis://host:6379)")
@@ -150,22 +151,12 @@ def open_presence(url: str, *, prefix: str) -> Presence:
     if scheme == "memory":
         return MemoryPresence()
     if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        try:
-            import redis  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "Redis presence needs redis-py: pip install 'eventcast[redis]'"
-            ) from exc
+        require_driver("redis", "Redis presence", "redis")
         from .presence_redis import RedisPresence
 
         return RedisPresence(url, prefix=prefix)
     if scheme in ("nats", "tls"):
-        try:
-            import nats  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(
-                "NATS presence needs nats-py: pip install 'eventcast[nats]'"
-            ) from exc
+        require_driver("nats", "NATS presence", "nats")
         from .presence_nats import NATSPresence
 
         return NATSPresence(url, prefix=prefix)

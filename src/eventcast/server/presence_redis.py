@@ -10,15 +10,15 @@ longest-lived entry does, so a channel whose nodes all crashed disappears.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from ..exceptions import BackplaneError, ConfigurationError
+from ..exceptions import ConfigurationError
+from ._kv import RedisConnection
 from .presence import Presence, PresenceInfo
 
 if TYPE_CHECKING:
@@ -73,81 +73,30 @@ class RedisPresence(Presence):
         retries: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        scheme, sep, rest = url.partition("://")
-        scheme = scheme.lower()
-        if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not sep:
-            raise ConfigurationError(f"not a Redis URL: {url!r}")
-        #: ``redis+cluster://``: the hashes live on Redis Cluster (one key per command).
-        self.cluster = scheme.endswith("+cluster")
-        if self.cluster:
-            url = f"{scheme.removesuffix('+cluster')}://{rest}"
+        self._redis = RedisConnection(
+            url, what="presence", connect_timeout=connect_timeout, timeout=timeout, retries=retries
+        )
         if not prefix:
             raise ConfigurationError("the presence key prefix must not be empty")
-        if connect_timeout <= 0 or timeout <= 0 or retries < 0:
-            raise ConfigurationError("timeouts must be positive and retries >= 0")
-        self.url = url
+        #: ``redis+cluster://``: the hashes live on Redis Cluster (one key per command).
+        self.cluster = self._redis.cluster
+        self.url = self._redis.url
         self.prefix = prefix
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
-        self.retries = retries
         self._clock = clock
-        self._client: Redis | None = None
         self._delete_script: AsyncScript | None = None
-        self._lock = asyncio.Lock()
-        self._closed = False
 
     def _key(self, channel: str) -> str:
         return f"{self.prefix}:presence:{channel}"
 
     async def open(self) -> None:
         """Connect to Redis and check it answers. Idempotent."""
-        if self._closed:
-            raise BackplaneError("the presence store is closed")
-        if self._client is not None:
-            return
-        from redis.asyncio import Redis, RedisCluster
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError, RedisError, TimeoutError
-
-        async with self._lock:
-            if self._is_open():  # opened by another task meanwhile
-                return
-            client = (RedisCluster if self.cluster else Redis).from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.connect_timeout,
-                health_check_interval=10,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.retries),
-                retry_on_error=[ConnectionError, TimeoutError],
-            )
-            try:
-                async with asyncio.timeout(self.connect_timeout * 3):
-                    await client.ping()
-            except BaseException as exc:
-                await asyncio.shield(client.aclose())
-                if isinstance(exc, RedisError | OSError | TimeoutError):
-                    raise BackplaneError(f"cannot reach Redis for presence: {exc}") from exc
-                raise
-            if self._is_closed():  # closed while connecting
-                await asyncio.shield(client.aclose())
-                raise BackplaneError("the presence store is closed")
+        client = await self._redis.open()
+        if self._delete_script is None:
             self._delete_script = client.register_script(_DELETE_IF_UNCHANGED)
-            # RedisCluster offers every command used here (each touches one key).
-            self._client = cast("Redis", client)
-
-    def _is_open(self) -> bool:
-        return self._client is not None
-
-    def _is_closed(self) -> bool:
-        return self._closed
 
     async def close(self) -> None:
         """Close the connections. Idempotent, also when cancelled."""
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await asyncio.shield(client.aclose())
+        await self._redis.close()
 
     async def run(self, action: str, fn: Callable[[Redis], Awaitable[_T]]) -> _T:
         """Run ``await fn(client)`` on the connected client (connecting first if needed).
@@ -157,19 +106,9 @@ class RedisPresence(Presence):
         Raises:
             BackplaneError: Redis failed (the message says what ``action`` was).
         """
-        from redis.exceptions import RedisError
-
-        if self._client is None:
+        if self._delete_script is None:
             await self.open()
-        client = self._client
-        if client is None:
-            raise BackplaneError("the presence store is closed")
-        try:
-            return await fn(client)
-        except (RedisError, OSError) as exc:
-            raise BackplaneError(
-                f"presence could not {action}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return await self._redis.run(action, fn)
 
     async def add(self, channel: str, client: str, info: PresenceInfo, ttl: float) -> None:
         if ttl <= 0:

@@ -37,6 +37,15 @@ function showStats(stats) {
   $("c-drop").textContent = stats.dropped;
   $("c-slow").textContent = stats.slow_disconnects;
   $("c-dead").textContent = stats.dead_letters;
+  const nodes = $("nodes").querySelector("tbody");
+  nodes.replaceChildren();
+  for (const n of stats.nodes || []) {
+    const row = document.createElement("tr");
+    for (const value of [n.name, n.uid, n.version, `${n.uptime}s`, n.num_clients, n.num_users, n.num_channels, n.num_subs]) {
+      cell(row, value);
+    }
+    nodes.appendChild(row);
+  }
   const body = $("topics").querySelector("tbody");
   body.replaceChildren();
   const topics = [...stats.topics].sort((a, b) => b.last_time - a.last_time);

@@ -153,6 +153,8 @@ class Bus:
             in offsets is filled from the log before anything after it is
             delivered.
         outbox: bound of the queue of publications waiting for the backplane.
+        count_topics: count the traffic of each topic in :attr:`topic_stats`
+            (for dashboards; off by default, it costs a dict update per publish).
 
     Use ``async with Bus() as bus`` or call :meth:`close` when done.
     """
@@ -175,6 +177,7 @@ class Bus:
         replay_cap: int = DEFAULT_REPLAY_CAP,
         backplane: Backplane | str | None = None,
         outbox: int = DEFAULT_OUTBOX,
+        count_topics: bool = False,
     ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, not {maxsize!r}")
@@ -222,8 +225,10 @@ class Bus:
         )
         #: How long durable commits to the log take.
         self.append_latency = LatencyHistogram()
-        #: Traffic per topic since start: ``[events, last offset, last time]`` (bounded).
+        #: Traffic per topic since start: ``[events, last offset, last time]`` (bounded;
+        #: empty unless the bus was made with ``count_topics=True``).
         self.topic_stats = TopicStats()
+        self._count_topics = count_topics
         #: Called with ``(topic, durable)`` when continuity of a topic is lost.
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         self._router = Router()
@@ -877,7 +882,8 @@ class Bus:
     def _deliver(self, event: Event, rings: tuple[_Ring, ...] | None = None) -> None:
         """Deliver a local publication on this node, in order, then share it with other nodes."""
         self._published += 1
-        self.topic_stats.count(event)
+        if self._count_topics:
+            self.topic_stats.count(event)
         if event.offset is None:
             self._router.fan_out(event, rings)
         else:
@@ -889,7 +895,8 @@ class Bus:
         """Deliver a publication from another node."""
         if self._state is not _State.OPEN:
             return
-        self.topic_stats.count(event)
+        if self._count_topics:
+            self.topic_stats.count(event)
         if event.offset is not None and event.epoch is not None:
             self._sequencer.deliver(event)
         else:

@@ -107,6 +107,7 @@ class Hub:
                 namespaces=namespaces,
                 replay_cap=settings.replay_cap,
                 backplane=settings.backplane_url if shared else None,
+                count_topics=True,  # the dashboard shows each topic's traffic
             )
         self.bus = bus
         self.verifier = TokenVerifier(

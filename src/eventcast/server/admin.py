@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..events import encode_data
 from ..protocol import codes
-from ..protocol.codec import encode_push
 from ..protocol.codes import Disconnect
 from ..protocol.frames import SubscribeRequest
 from ..topics import validate_topic
@@ -42,12 +43,11 @@ class Admin:
     def unsubscribe(self, user: str, channel: str, client: str | None = None) -> int:
         """Unsubscribe a user's connections from a channel, with an unsubscribe push."""
         code, reason = codes.UNSUBSCRIBE_SERVER
-        push = encode_push(channel, "unsubscribe", {"code": code, "reason": reason})
         count = 0
         for conn in self._hub.registry.of(user, client):
             if channel in conn.channels:
                 self._hub.channels.leave(conn, channel)
-                conn.enqueue(push)
+                conn.push(channel, "unsubscribe", {"code": code, "reason": reason})
                 count += 1
         return count
 
@@ -77,7 +77,7 @@ class Admin:
                 )
                 if v
             }
-            conn.enqueue(encode_push(channel, "subscribe", body))
+            conn.push(channel, "subscribe", body)
             membership = conn.channels.get(channel)
             if membership is not None:
                 hub.channels.release(conn, membership)
@@ -90,10 +90,10 @@ class Admin:
         Raises:
             EncodeError: ``data`` is not JSON-serialisable.
         """
-        push = b'{"push":{"message":{"data":%s}}}' % encode_data(data)
+        body = {"data": msgspec.Raw(encode_data(data))}
         conns = [c for c in self._hub.registry.of(user, client) if not c.sse]
         for conn in conns:
-            conn.enqueue(push)
+            conn.push("", "message", body)
         return len(conns)
 
     def refresh(self, user: str, expires_at: float | None, client: str | None = None) -> int:
@@ -101,11 +101,10 @@ class Admin:
         body: dict[str, Any] = {}
         if expires_at is not None:
             body = {"expires": True, "ttl": max(1, int(expires_at - time.time()))}
-        push = encode_push("", "refresh", body)
         conns = self._hub.registry.of(user, client)
         for conn in conns:
             conn.expires_at = expires_at
             conn.arm_expiry()
             if not conn.sse:
-                conn.enqueue(push)
+                conn.push("", "refresh", body)
         return len(conns)

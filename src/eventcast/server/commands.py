@@ -57,6 +57,7 @@ from ..topics import is_pattern
 from .channels import Membership
 from .connection import Connection
 from .errors import CommandError
+from .fanout import delta_mode, latest_publication, subscription_options
 from .limits import TokenBucket
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class Commands:
             if method == "connect":
                 session.connected(request, result)
                 conn.send_session_output()
-                self._after_connect(conn)
+                self.after_connect(conn)
                 return
             session.reply(request, result)
             if method == "subscribe":
@@ -230,6 +231,7 @@ class Commands:
             ping=int(settings.ping_interval),
             pong=True,
             node=settings.node_name,
+            session=conn.session_id,
         )
         if conn.expires_at is not None:
             result.expires = True
@@ -244,7 +246,7 @@ class Commands:
             result.subs = subs
         return result
 
-    def _after_connect(self, conn: Connection) -> None:
+    def after_connect(self, conn: Connection) -> None:
         """Release held publications of server-side subscriptions after the connect reply."""
         for membership in list(conn.channels.values()):
             if membership.held is not None:
@@ -292,15 +294,19 @@ class Commands:
             raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
         if len(conn.channels) >= hub.settings.channels_per_connection:
             raise CommandError(codes.ERROR_LIMIT_EXCEEDED.with_message("channel limit"))
+        options = subscription_options(ns, req, pattern=is_pattern(name))
         membership = Membership(
             channel=name,
             server_side=server_side,
             expires_at=expires_at,
             join_leave=ns.join_leave and (req.join_leave or ns.force_push_join_leave),
             presence=ns.presence,
+            tag_filter=options.tag_filter,
+            delta=options.delta,
+            conflation_key=options.conflation_key,
         )
         hub.channels.join(conn, name, membership)
-        result = SubscribeResult()
+        result = SubscribeResult(delta=options.delta)
         try:
             if ns.presence:
                 await hub.presence_keeper.add(name, conn)
@@ -313,17 +319,23 @@ class Commands:
             if ns.history_size > 0 and not is_pattern(name):
                 recover = req.recover and ns.allow_recovery
                 since = StreamPosition(offset=req.offset, epoch=req.epoch) if recover else None
-                replay = await hub.replay(name, since)
+                if ns.force_recovery_mode == "cache":
+                    recover = (req.recover or ns.force_recovery) and ns.allow_recovery
+                    replay = await latest_publication(hub.bus, name, since, recover=recover)
+                else:
+                    replay = await hub.replay(name, since)
                 result.epoch = replay.position.epoch
                 result.offset = replay.position.offset
                 result.recoverable = ns.force_recovery or (ns.allow_recovery and req.recover)
                 result.positioned = True
                 if recover:
-                    result.was_recovering = True
+                    result.was_recovering = req.recover
                     result.recovered = bool(replay.recovered)
                     hub.recoveries[result.recovered] += 1
                     if replay.events:
                         result.publications = [publication(e) for e in replay.events]
+                        if options.delta:
+                            delta_mode(result.publications, conn.encoding)
                 membership.handoff = replay.handoff()
         except BaseException:
             hub.channels.leave(conn, name)

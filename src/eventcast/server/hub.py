@@ -43,6 +43,7 @@ from ..exceptions import (
 from ..ingest import Consumers
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ..protocol.encodings import JSON, Encoding
 from ..protocol.frames import (
     HistoryResult,
     PresenceResult,
@@ -219,8 +220,9 @@ class Hub:
         send: Send,
         transport: asyncio.WriteTransport | None,
         transport_name: str = "websocket",
+        encoding: Encoding = JSON,
     ) -> Connection:
-        """A connection of this hub, with its limits (an SSE one starts writing on attach)."""
+        """A connection of this hub, with its limits (an HTTP stream starts writing on attach)."""
         settings = self.settings
         return Connection(
             flusher=self.flusher,
@@ -230,7 +232,8 @@ class Hub:
             queue_limit=settings.client_queue_bytes,
             max_bad_commands=settings.max_bad_commands,
             transport_name=transport_name,
-            start_writer=transport_name != "sse",
+            encoding=encoding,
+            start_writer=transport_name in ("websocket", "uni_websocket"),
         )
 
     def connection_closed(self, conn: Connection) -> None:

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from ..protocol import codes
 from ..schema import Schema
+from .wires import WIRES
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -44,7 +45,7 @@ class HubCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
-        live: dict[str, list[int]] = {"websocket": [0, 0, 0, 0, 0], "sse": [0, 0, 0, 0, 0]}
+        live: dict[str, list[int]] = {name: [0, 0, 0, 0, 0] for name in WIRES}
         queue = 0
         fast = 0
         for conn in list(hub.connections.values()):

@@ -34,6 +34,7 @@ from ..events import Event
 from ..exceptions import SlowConsumerError, SubscriptionClosedError
 from ..protocol import codes
 from ..protocol.encodings import Encoding
+from ..protocol.frames import ClientInfo
 from ..protocol.filters import TagFilter
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
@@ -108,6 +109,9 @@ class Membership:
 
         delay = max(0.0, expected - time.time()) + 0.05
         self.timer = asyncio.get_running_loop().call_later(delay, check)
+
+
+_client_info = msgspec.json.Decoder(ClientInfo).decode
 
 
 class HubChannel:
@@ -296,13 +300,14 @@ class Channels:
         if channel is None:
             return
         pushes: dict[Encoding, bytes] = {}
-        body = {"info": msgspec.Raw(info)}
         for conn, membership in channel.members.items():
             if membership.join_leave and membership.held is None:
                 encoding = conn.encoding
                 push = pushes.get(encoding)
                 if push is None:
-                    push = pushes[encoding] = encoding.encode_push(name, kind, body)
+                    # JSON embeds the info as it is; Protobuf needs its fields.
+                    body = _client_info(info) if encoding.binary else msgspec.Raw(info)
+                    push = pushes[encoding] = encoding.encode_push(name, kind, {"info": body})
                 conn.enqueue(push)
 
     def lost_continuity(self, topic: str, durable: bool) -> None:

@@ -34,8 +34,8 @@ from ..events import Event
 from ..exceptions import SlowConsumerError, SubscriptionClosedError
 from ..protocol import codes
 from ..protocol.encodings import Encoding
-from ..protocol.frames import ClientInfo
 from ..protocol.filters import TagFilter
+from ..protocol.frames import ClientInfo
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern

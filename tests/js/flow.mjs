@@ -5,7 +5,8 @@
 //
 // Environment: HUB_WS_URL, HUB_TOKEN, HUB_API_URL, HUB_API_KEY, HUB_CHANNEL; HUB_PROTOCOL
 // (json or protobuf: the SDK's Protobuf build); HUB_TRANSPORTS (optional: a JSON list of
-// centrifuge-js transport endpoints, e.g. a blocked WebSocket then HTTP-streaming).
+// centrifuge-js transport endpoints, e.g. a blocked WebSocket then HTTP-streaming) with
+// HUB_EMULATION_URL (where emulation requests go).
 import { EventSource } from 'eventsource';
 import WebSocket from 'ws';
 
@@ -46,6 +47,7 @@ const client = new Centrifuge(transports || url, {
   token,
   websocket: WebSocket,
   eventsource: EventSource,
+  emulationEndpoint: process.env.HUB_EMULATION_URL || '/emulation',
   minReconnectDelay: 50,
   maxReconnectDelay: 500,
 });

@@ -62,23 +62,41 @@ async def run_script(script: str, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize("protocol", ["json", "protobuf"])
-async def test_js_sdk_flow(js_hub: HubServer, protocol: str) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "transport"),
+    [
+        ("json", "websocket"),
+        ("protobuf", "websocket"),
+        ("json", "http_stream"),
+        ("protobuf", "http_stream"),
+        ("json", "sse"),
+    ],
+)
+async def test_js_sdk_flow(js_hub: HubServer, protocol: str, transport: str) -> None:
     """Connect, subscribe, live publications in order, recovery after a reconnect, publish,
-    history and presence, with centrifuge-js's JSON or Protobuf build."""
+    history and presence, with centrifuge-js's JSON or Protobuf build, over WebSocket or,
+    WebSocket being blocked, over HTTP-streaming or SSE emulation."""
     hub = js_hub
-    channel = f"js:flow.{protocol}"
-    result = await run_script(
-        "flow.mjs",
-        {
-            "HUB_WS_URL": hub.ws_url,
-            "HUB_TOKEN": token("js-user"),
-            "HUB_API_URL": hub.api_url,
-            "HUB_API_KEY": API_KEY,
-            "HUB_CHANNEL": channel,
-            "HUB_PROTOCOL": protocol,
-        },
-    )
+    channel = f"js:flow.{protocol}.{transport}"
+    env = {
+        "HUB_WS_URL": hub.ws_url,
+        "HUB_TOKEN": token("js-user"),
+        "HUB_API_URL": hub.api_url,
+        "HUB_API_KEY": API_KEY,
+        "HUB_CHANNEL": channel,
+        "HUB_PROTOCOL": protocol,
+    }
+    if transport != "websocket":
+        blocked = hub.ws_url.replace("/connection/websocket", "/connection/blocked")
+        env["HUB_TRANSPORTS"] = json.dumps(
+            [
+                {"transport": "websocket", "endpoint": blocked},
+                {"transport": transport, "endpoint": f"{hub.base}/connection/{transport}"},
+            ]
+        )
+        env["HUB_EMULATION_URL"] = f"{hub.base}/emulation"
+    result = await run_script("flow.mjs", env)
+    assert set(result["transports"]) == {transport}
     epoch = result["published"][0]["epoch"]
     assert result["published"] == [{"offset": n, "epoch": epoch} for n in range(1, 8)]
     first, second = result["subscribed"]

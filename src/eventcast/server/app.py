@@ -30,9 +30,9 @@ from .config import Settings
 from .connection import Connection, writable_transport
 from .dashboard import dashboard_routes
 from .driver import keep_alive, run_frame
+from .emulation import EmulationEndpoint, HttpStreamEndpoint, SSERoute
 from .hub import Hub
 from .metrics import metrics_endpoint
-from .sse import SSEEndpoint
 
 __all__ = ["HubApp", "create_app", "serve"]
 
@@ -228,7 +228,9 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
         routes=[
             *([Route("/asyncapi.json", asyncapi_endpoint)] if hub.settings.asyncapi else []),
             WebSocketRoute("/connection/websocket", WebSocketEndpoint()),
-            Route("/connection/sse", SSEEndpoint(), methods=["GET"]),
+            Route("/connection/sse", SSERoute(), methods=["GET"]),
+            Route("/connection/http_stream", HttpStreamEndpoint(), methods=["POST", "OPTIONS"]),
+            Route("/emulation", EmulationEndpoint(), methods=["POST", "OPTIONS"]),
             Route("/api/{method}", handle_api, methods=["POST"]),
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),

@@ -56,6 +56,7 @@ from .auth import TokenVerifier
 from .channels import Channels, HubChannel, Membership
 from .commands import Commands, publication
 from .connection import Connection, Flusher, Send
+from .emulation import Emulation
 from .errors import CommandError
 from .ingest import HubTarget
 from .limits import TokenBucket, origin_allowed
@@ -113,6 +114,8 @@ class Hub:
         self.channels = Channels(bus, self.sse.deliver, self._left)
         self.commands = Commands(self)
         self.admin = Admin(self)
+        #: HTTP-streaming and SSE emulation sessions, and the relay between nodes.
+        self.emulation = Emulation(self)
         #: Who is in which channel (in process here; Redis or NATS across nodes).
         self.presence: Presence = _presence_for(settings.backplane_url)
         self.presence_keeper = PresenceKeeper(lambda: self.presence, settings.presence_ttl)
@@ -172,6 +175,7 @@ class Hub:
         if opener is not None:
             await opener()
         await self.bus.start()
+        self.emulation.start()
         self.tasks.spawn(self.presence_keeper.refresh(self._present), "eventcast-presence")
         # Built here, so a consumer whose driver is missing is a clear error at start.
         self.consumers = Consumers(self.settings.consumers, HubTarget(self))
@@ -206,6 +210,7 @@ class Hub:
         for conn in list(self.registry.connections.values()):
             conn.close(codes.DISCONNECT_SHUTDOWN)
         self.channels.close()
+        self.emulation.close()
         if self.consumers is not None:
             await self.consumers.aclose()  # before the bus: they publish into it
         await self.tasks.aclose()

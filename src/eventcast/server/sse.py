@@ -23,8 +23,6 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-import msgspec
-
 from ..events import Event
 from ..exceptions import AuthError, EncodeError, TokenExpiredError
 from ..protocol import codes
@@ -40,14 +38,14 @@ from ..topics import is_pattern
 from .channels import Membership
 from .connection import Connection, writable_transport
 from .errors import CommandError
+from .httpio import cors_headers, error_response, header
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["SSEEndpoint", "SSEStreams"]
+__all__ = ["SSEEndpoint", "SSEStreams", "raw_http_transport", "wait_stream"]
 
 logger = logging.getLogger("eventcast.server")
-_encode = msgspec.json.Encoder().encode
 
 #: Most cursors interned (the table is cleared past it).
 _CURSORS_LIMIT: Final = 10_000
@@ -197,15 +195,8 @@ class SSEStreams:
         conn.arm_expiry()
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 def _cookie(scope: dict[str, Any], name: str) -> str | None:
-    raw = _header(scope, b"cookie")
+    raw = header(scope, b"cookie")
     if not raw:
         return None
     for part in raw.split(";"):
@@ -223,30 +214,23 @@ class SSEEndpoint:
         settings = hub.settings
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         _redact_token(scope)  # before any answer: the server's access log reads the scope
-        origin = _header(scope, b"origin")
-        cors: list[tuple[bytes, bytes]] = []
-        if origin is not None:
-            cors = [
-                (b"access-control-allow-origin", origin.encode()),
-                (b"access-control-allow-credentials", b"true"),
-                (b"vary", b"Origin"),
-            ]
+        cors = cors_headers(scope)
         refusal = hub.check_handshake(scope, "sse")
         if refusal is not None:
             status, message = refusal
-            await self._error(send, status, message, cors if status != 403 else [])
+            await error_response(send, status, message, cors if status != 403 else [])
             return
         topics = list(dict.fromkeys(query.get("topic", [])))
         if not topics:
-            await self._error(send, 400, "at least one topic query parameter is required", cors)
+            await error_response(send, 400, "at least one topic query parameter is required", cors)
             return
         if len(topics) > settings.channels_per_connection:
-            await self._error(
+            await error_response(
                 send, 400, f"at most {settings.channels_per_connection} topics per stream", cors
             )
             return
         token = None
-        auth = _header(scope, b"authorization")
+        auth = header(scope, b"authorization")
         if auth and auth.lower().startswith("bearer "):
             token = auth[7:].strip()
         token = (
@@ -256,16 +240,16 @@ class SSEEndpoint:
         try:
             hub.commands.authenticate(conn, token)
         except TokenExpiredError:
-            await self._error(send, 401, "token expired", cors)
+            await error_response(send, 401, "token expired", cors)
             return
         except AuthError:
-            await self._error(send, 401, "invalid or missing token", cors)
+            await error_response(send, 401, "invalid or missing token", cors)
             return
         except CommandError as exc:
             status = 429 if exc.code == codes.DISCONNECT_CONNECTION_LIMIT.code else 401
-            await self._error(send, status, exc.message, cors)
+            await error_response(send, status, exc.message, cors)
             return
-        last_id = _header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
+        last_id = header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
         cursor = parse_cursor(last_id, topics)
         malformed = last_id is not None and cursor is None
         # Subscribe before answering, so a bad topic gets a 4xx status rather than a
@@ -277,12 +261,12 @@ class SSEEndpoint:
         except CommandError as exc:
             hub.connection_closed(conn)
             status = 403 if exc.code == codes.ERROR_PERMISSION_DENIED.code else 400
-            await self._error(send, status, exc.message, cors)
+            await error_response(send, status, exc.message, cors)
             return
         except Exception:
             hub.connection_closed(conn)
             logger.exception("SSE subscribe failed")
-            await self._error(send, 500, "internal server error", cors)
+            await error_response(send, 500, "internal server error", cors)
             return
         await send(
             {
@@ -300,38 +284,9 @@ class SSEEndpoint:
             return
         raw_send = scope.get("eventcast.send", send)
         conn.sse_end = end
-        conn.attach(raw_send, _raw_http_transport(raw_send))
+        conn.attach(raw_send, raw_http_transport(raw_send))
         hub.sse.arm(conn)
-        await self._wait(conn, receive)
-
-    @staticmethod
-    async def _wait(conn: Connection, receive: Any) -> None:
-        """Race the client's disconnect against the stream's end (as Starlette does)."""
-        closed = asyncio.ensure_future(conn.wait_closed())
-        disconnected = asyncio.ensure_future(_until_disconnect(receive))
-        try:
-            await asyncio.wait({closed, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if disconnected.done() and not conn.closed:
-                conn.lost()
-            for task in (closed, disconnected):
-                task.cancel()
-            if conn.closed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5):
-                        await conn.wait_closed()
-
-    @staticmethod
-    async def _error(send: Any, status: int, message: str, headers: list[Any]) -> None:
-        body = _encode({"error": message})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), *headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await wait_stream(conn, receive)
 
 
 def _redact_token(scope: dict[str, Any]) -> None:
@@ -353,7 +308,24 @@ async def _until_disconnect(receive: Any) -> None:
             return
 
 
-def _raw_http_transport(send: Any) -> asyncio.WriteTransport | None:
+async def wait_stream(conn: Connection, receive: Any) -> None:
+    """Race the client's disconnect against the end of a streamed response (as Starlette does)."""
+    closed = asyncio.ensure_future(conn.wait_closed())
+    disconnected = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({closed, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if disconnected.done() and not conn.closed:
+            conn.lost()
+        for task in (closed, disconnected):
+            task.cancel()
+        if conn.closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await conn.wait_closed()
+
+
+def raw_http_transport(send: Any) -> asyncio.WriteTransport | None:
     """The transport behind uvicorn's httptools protocol, when the response is chunked."""
     owner = getattr(send, "__self__", None)
     if owner is None or not getattr(owner, "chunked_encoding", False):

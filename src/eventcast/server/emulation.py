@@ -1,0 +1,410 @@
+"""Bidirectional emulation: HTTP-streaming and SSE connections, commands by ``POST /emulation``.
+
+centrifuge-js falls back to these transports where WebSocket is blocked
+(corporate proxies). A connection is an HTTP response streamed for as long
+as the client stays; what the client says after ``connect`` comes in separate
+requests:
+
+* ``POST /connection/http_stream``: the body is the client's first commands
+  (``connect``), JSON (``Content-Type: application/json``) or Protobuf
+  (``application/octet-stream``); the response streams replies and pushes,
+  JSON one per line or Protobuf length-delimited;
+* ``GET /connection/sse?cf_connect=<JSON commands>``: the same in an
+  ``EventSource``, JSON only, each write one SSE event whose data lines are
+  the messages. eventcast's own SSE stream lives at the same path: a request
+  with a ``cf_connect`` parameter (centrifuge-js always sends one) is an
+  emulation connection, any other is eventcast's stream (:class:`SSERoute`);
+* ``POST /emulation``: ``{"session", "node", "data"}`` (JSON, or Protobuf
+  ``EmulationRequest`` by its content type) carries more commands of the
+  session that the ``connect`` result named. Their replies go on the stream.
+  Answers: 200 (delivered), 204 (the session is gone: its stream has ended),
+  404 (no node of that name answered), 400/413/408 for a bad body.
+
+The session id is a random secret (not the client id, which other clients
+see in presence): whoever holds it speaks as that connection.
+
+**Across nodes.** A load balancer may send an emulation request to a node
+other than the one holding the stream. :meth:`Emulation.handle` runs it when
+the session is here and otherwise hands it to :attr:`Emulation.relay`, whose
+one method ``deliver(node, request) -> HTTP status`` is the whole contract.
+:class:`BusRelay` implements it over the backplane's control messages: each
+node listens on ``_emulation:<its node name>``, the receiving node forwards
+the request there and waits (up to :data:`RELAY_TIMEOUT`) for the holder's
+answer on its own subject. Node names must be unique in a cluster.
+
+TODO(cluster control channel): plug the cluster control channel in as
+``Emulation.relay`` (an object with ``deliver``), replacing :class:`BusRelay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import uuid
+from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import parse_qs
+
+import msgspec
+
+from ..exceptions import EventcastError
+from ..protocol.codec import ProtocolError
+from ..protocol.encodings import JSON, get_encoding, stream_encoding
+from ..protocol.frames import EmulationRequest
+from ..protocol.sse import RESPONSE_HEADERS
+from ..subscription import Overflow, Subscription
+from .connection import Connection
+from .driver import keep_alive, run_frame
+from .httpio import BodyError, cors_headers, error_response, header, preflight, read_body
+from .limits import origin_allowed
+from .sse import SSEEndpoint, raw_http_transport, wait_stream
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = [
+    "RELAY_TIMEOUT",
+    "BusRelay",
+    "Emulation",
+    "EmulationEndpoint",
+    "EmulationRelay",
+    "HttpStreamEndpoint",
+    "SSERoute",
+]
+
+logger = logging.getLogger("eventcast.server")
+
+#: Seconds a node waits for the node holding a session to answer a relayed request.
+RELAY_TIMEOUT: Final = 5.0
+#: Most relayed requests waiting for an answer on one node (past it: 503).
+MAX_RELAYED: Final = 10_000
+#: The control-message kinds of the relay.
+KIND_REQUEST: Final = "emulation"
+KIND_ANSWER: Final = "emulation-answer"
+
+_NODE_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_\-@#,=+]")
+
+
+class EmulationRelay(Protocol):
+    """Delivers an emulation request to the node holding its session."""
+
+    async def deliver(self, node: str, request: EmulationRequest) -> int:
+        """Deliver ``request`` to ``node``; return the HTTP status to answer with."""
+        ...
+
+
+class _Relayed(msgspec.Struct, array_like=True):
+    id: str
+    origin: str
+    session: str = ""
+    data: bytes = b""
+    status: int = 0
+
+
+_relayed_encode = msgspec.msgpack.Encoder().encode
+_relayed_decode = msgspec.msgpack.Decoder(_Relayed).decode
+
+
+def node_topic(node: str) -> str:
+    """The control subject a node listens on for relayed emulation requests."""
+    return f"_emulation:{_NODE_UNSAFE.sub('_', node)[:200] or '_'}"
+
+
+class BusRelay:
+    """:class:`EmulationRelay` over the bus's control messages (the backplane).
+
+    Args:
+        hub: the hub (its bus, node name and supervisor).
+        local: runs a request whose session is on this node; returns the status.
+    """
+
+    def __init__(self, hub: Hub, local: Any) -> None:
+        self._hub = hub
+        self._local = local
+        self._node = hub.settings.node_name
+        self._topic = node_topic(self._node)
+        self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._interest: Subscription | None = None
+        hub.bus.control_listeners.append(self._on_control)
+
+    def start(self) -> None:
+        """Listen on this node's subject (a subscription only declares the interest)."""
+        if self._hub.bus.backplane is not None and self._interest is None:
+            self._interest = self._hub.bus.subscribe(
+                self._topic, id=f"hub:{self._topic}", maxsize=1, overflow=Overflow.DROP_OLDEST
+            )
+
+    def close(self) -> None:
+        """Stop listening; requests still waiting are answered 503. Idempotent."""
+        if self._interest is not None:
+            self._interest.close()
+            self._interest = None
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(503)
+        self._waiting.clear()
+
+    async def deliver(self, node: str, request: EmulationRequest) -> int:
+        """Send ``request`` to ``node`` and wait for its answer (404 when none comes)."""
+        if self._hub.bus.backplane is None:
+            return 404  # a single node: no other node can hold the session
+        if len(self._waiting) >= MAX_RELAYED:
+            return 503
+        key = uuid.uuid4().hex
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = future
+        message = _Relayed(key, self._node, request.session, request.data)
+        try:
+            self._hub.bus.send_control(KIND_REQUEST, node_topic(node), _relayed_encode(message))
+            async with asyncio.timeout(RELAY_TIMEOUT):
+                return await future
+        except TimeoutError:
+            return 404
+        finally:
+            self._waiting.pop(key, None)
+
+    def _on_control(self, kind: str, topic: str, payload: bytes) -> None:
+        if topic != self._topic or kind not in (KIND_REQUEST, KIND_ANSWER):
+            return
+        try:
+            message = _relayed_decode(payload)
+        except msgspec.DecodeError:
+            logger.warning("skipping a malformed relayed emulation message")
+            return
+        if kind == KIND_ANSWER:
+            future = self._waiting.get(message.id)
+            if future is not None and not future.done():
+                future.set_result(message.status)
+            return
+        self._hub.tasks.spawn(self._run(message), "eventcast-emulation-relay")
+
+    async def _run(self, message: _Relayed) -> None:
+        request = EmulationRequest(node=self._node, session=message.session, data=message.data)
+        status = await self._local(request)
+        answer = _Relayed(message.id, self._node, status=status)
+        self._hub.bus.send_control(KIND_ANSWER, node_topic(message.origin), _relayed_encode(answer))
+
+
+class Emulation:
+    """The emulation sessions of this node, and the delivery of their commands.
+
+    Args:
+        hub: the hub the sessions belong to.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._sessions: dict[str, tuple[Connection, asyncio.Lock]] = {}
+        #: Where a request for a session on another node goes (see the module docs).
+        self.relay: EmulationRelay = BusRelay(hub, self.run_local)
+
+    def start(self) -> None:
+        """Start listening for relayed requests (the hub is starting)."""
+        if isinstance(self.relay, BusRelay):
+            self.relay.start()
+
+    def close(self) -> None:
+        """Stop the relay (the hub is closing). Idempotent."""
+        if isinstance(self.relay, BusRelay):
+            self.relay.close()
+
+    def register(self, conn: Connection) -> None:
+        """Give a connection a new session id (a random secret) and remember it."""
+        conn.session_id = secrets.token_urlsafe(24)
+        self._sessions[conn.session_id] = (conn, asyncio.Lock())
+
+    def forget(self, conn: Connection) -> None:
+        """Forget a connection's session (its stream has ended)."""
+        self._sessions.pop(conn.session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def handle(self, request: EmulationRequest) -> int:
+        """Run an emulation request here or on the node holding its session; return the status."""
+        if request.session in self._sessions:
+            return await self.run_local(request)
+        if not request.node or request.node == self._hub.settings.node_name:
+            return 204  # the session was here and its stream has ended
+        return await self.relay.deliver(request.node, request)
+
+    async def run_local(self, request: EmulationRequest) -> int:
+        """Run the commands of a request whose session is on this node (in order, one at a time)."""
+        found = self._sessions.get(request.session)
+        if found is None:
+            return 204
+        conn, lock = found
+        async with lock:
+            if conn.closed:
+                return 204
+            await run_frame(self._hub, conn, request.data, self._hub.settings.max_message_size)
+        return 200
+
+
+def _allowed(hub: Hub, scope: dict[str, Any]) -> bool:
+    host = header(scope, b"host")
+    return origin_allowed(header(scope, b"origin"), host, hub.settings.allowed_origins)
+
+
+async def _stream(
+    hub: Hub,
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    *,
+    transport_name: str,
+    encoding_name: str,
+    initial: bytes,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Serve one emulation connection: answer, run its first commands, stream until it ends."""
+    settings = hub.settings
+    conn = hub.new_connection(
+        send=send,
+        transport=None,
+        transport_name=transport_name,
+        encoding=get_encoding(encoding_name),
+    )
+    emulation = hub.emulation
+    emulation.register(conn)
+    cancel = keep_alive(conn, settings)
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def end(body: bytes) -> None:
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        conn.sse_end = end
+        raw_send = scope.get("eventcast.send", send)
+        conn.attach(raw_send, raw_http_transport(raw_send))
+        # The replies of the first commands (``connect``) open the stream.
+        await emulation.run_local(
+            EmulationRequest(node=settings.node_name, session=conn.session_id, data=initial)
+        )
+        await wait_stream(conn, receive)
+    finally:
+        cancel()
+        emulation.forget(conn)
+        if not conn.closed:
+            conn.lost()
+
+
+class HttpStreamEndpoint:
+    """``POST /connection/http_stream``: centrifuge-js's HTTP-streaming transport."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        hub: Hub = scope["app"].state.hub
+        settings = hub.settings
+        cors = cors_headers(scope)
+        if scope.get("method") == "OPTIONS":
+            if not _allowed(hub, scope):
+                await error_response(send, 403, "origin not allowed")
+            else:
+                await preflight(send, cors)
+            return
+        refusal = hub.check_handshake(scope, "http_stream")
+        if refusal is not None:
+            status, message = refusal
+            await error_response(send, status, message, cors if status != 403 else [])
+            return
+        try:
+            body = await read_body(
+                receive, limit=settings.max_message_size, timeout=settings.handshake_timeout
+            )
+        except BodyError as exc:
+            await error_response(send, exc.status, exc.message, cors)
+            return
+        name = stream_encoding(header(scope, b"content-type"))
+        media = b"application/octet-stream" if name == "protobuf" else b"application/json"
+        headers = [
+            (b"content-type", media),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *cors,
+        ]
+        await _stream(
+            hub,
+            scope,
+            receive,
+            send,
+            transport_name="http_stream",
+            encoding_name=name,
+            initial=body,
+            headers=headers,
+        )
+
+
+class SSERoute:
+    """``GET /connection/sse``: Centrifuge SSE emulation with ``cf_connect``, else eventcast's SSE.
+
+    centrifuge-js's SSE transport always sends the ``cf_connect`` parameter
+    (its ``connect`` command); eventcast's own stream never uses it.
+    """
+
+    def __init__(self) -> None:
+        self._eventcast = SSEEndpoint()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        connect = query.get("cf_connect")
+        if connect is None:
+            await self._eventcast(scope, receive, send)
+            return
+        hub: Hub = scope["app"].state.hub
+        settings = hub.settings
+        cors = cors_headers(scope)
+        refusal = hub.check_handshake(scope, "sse_emulation")
+        if refusal is not None:
+            status, message = refusal
+            await error_response(send, status, message, cors if status != 403 else [])
+            return
+        initial = connect[0].encode()
+        if len(initial) > settings.max_message_size:
+            await error_response(send, 413, "cf_connect is too large", cors)
+            return
+        await _stream(
+            hub,
+            scope,
+            receive,
+            send,
+            transport_name="sse_emulation",
+            encoding_name=JSON.name,
+            initial=initial,
+            headers=[*RESPONSE_HEADERS, *cors],
+        )
+
+
+class EmulationEndpoint:
+    """``POST /emulation``: more commands of an emulation session (see the module docs)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        hub: Hub = scope["app"].state.hub
+        settings = hub.settings
+        if not _allowed(hub, scope):
+            await error_response(send, 403, "origin not allowed")
+            return
+        cors = cors_headers(scope)
+        if scope.get("method") == "OPTIONS":
+            await preflight(send, cors)
+            return
+        # The commands travel inside the body (JSON escapes them): room for both.
+        limit = 2 * settings.max_message_size + 1024
+        try:
+            body = await read_body(receive, limit=limit, timeout=settings.handshake_timeout)
+        except BodyError as exc:
+            await error_response(send, exc.status, exc.message, cors)
+            return
+        name = stream_encoding(header(scope, b"content-type"))
+        try:
+            request = get_encoding(name).decode_emulation_request(body)
+        except ProtocolError as exc:
+            await error_response(send, 400, str(exc), cors)
+            return
+        try:
+            status = await hub.emulation.handle(request)
+        except EventcastError as exc:
+            logger.warning("emulation request failed: %s", exc)
+            status = 503
+        await send({"type": "http.response.start", "status": status, "headers": cors})
+        await send({"type": "http.response.body", "body": b""})

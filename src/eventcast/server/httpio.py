@@ -1,0 +1,106 @@
+"""Small ASGI helpers of the hub's HTTP transports: headers, CORS, bounded bodies, answers.
+
+Bytes from outside are bounded in size and time here: :func:`read_body`
+refuses a body over its limit (whatever ``Content-Length`` says) and one that
+takes longer than its timeout to arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["BodyError", "cors_headers", "error_response", "header", "preflight", "read_body"]
+
+_encode = msgspec.json.Encoder().encode
+
+#: What a cross-origin client may send to the HTTP transports (preflight answer).
+_ALLOW_HEADERS: Final = b"content-type, authorization, last-event-id"
+
+
+class BodyError(Exception):
+    """A request body is too large (``status`` 413) or too slow (408), or the client left."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def header(scope: dict[str, Any], name: bytes) -> str | None:
+    """The value of a request header (the first one), or ``None``."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The CORS answer headers for a request with an ``Origin`` (already allowed)."""
+    origin = header(scope, b"origin")
+    if origin is None:
+        return []
+    return [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"access-control-allow-credentials", b"true"),
+        (b"vary", b"Origin"),
+    ]
+
+
+async def read_body(receive: Any, *, limit: int, timeout: float) -> bytes:
+    """Read a whole request body of at most ``limit`` bytes within ``timeout`` seconds.
+
+    Raises:
+        BodyError: the body is over the limit (413), too slow (408), or the
+            client disconnected (499).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise BodyError(499, "client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyError(413, f"request body over {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BodyError(408, "request body too slow") from None
+
+
+async def error_response(
+    send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer with ``status`` and ``{"error": message}``."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": _encode({"error": message})})
+
+
+async def preflight(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    """Answer a CORS preflight (``OPTIONS``) of an allowed origin."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 204,
+            "headers": [
+                *headers,
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", _ALLOW_HEADERS),
+                (b"access-control-max-age", b"600"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})

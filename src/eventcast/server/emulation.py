@@ -102,8 +102,9 @@ class _Relayed(msgspec.Struct, array_like=True):
     status: int = 0
 
 
-_relayed_encode = msgspec.msgpack.Encoder().encode
-_relayed_decode = msgspec.msgpack.Decoder(_Relayed).decode
+# Control payloads travel as JSON (the backplane envelope embeds them as is).
+_relayed_encode = msgspec.json.Encoder().encode
+_relayed_decode = msgspec.json.Decoder(_Relayed).decode
 
 
 def node_topic(node: str) -> str:
@@ -126,6 +127,8 @@ class BusRelay:
         self._topic = node_topic(self._node)
         self._waiting: dict[str, asyncio.Future[int]] = {}
         self._interest: Subscription | None = None
+        #: Seconds to wait for the holder's answer before answering 404.
+        self.timeout = RELAY_TIMEOUT
         hub.bus.control_listeners.append(self._on_control)
 
     def start(self) -> None:
@@ -157,7 +160,7 @@ class BusRelay:
         message = _Relayed(key, self._node, request.session, request.data)
         try:
             self._hub.bus.send_control(KIND_REQUEST, node_topic(node), _relayed_encode(message))
-            async with asyncio.timeout(RELAY_TIMEOUT):
+            async with asyncio.timeout(self.timeout):
                 return await future
         except TimeoutError:
             return 404

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
@@ -27,37 +26,18 @@ from ..protocol.encodings import get_encoding, websocket_encoding
 from ._logs import configure_logging
 from .api import handle_api
 from .config import Settings
-from .connection import Connection, writable_transport
+from .connection import Connection
 from .dashboard import dashboard_routes
 from .driver import keep_alive, run_frame
 from .emulation import EmulationEndpoint, HttpStreamEndpoint, SSERoute
+from .httpio import deny_handshake, raw_websocket_transport
 from .hub import Hub
 from .metrics import metrics_endpoint
+from .unidirectional import UniHttpStreamEndpoint, UniSSEEndpoint, UniWebSocketEndpoint
 
 __all__ = ["HubApp", "create_app", "serve"]
 
 logger = logging.getLogger("eventcast.server")
-
-
-def _raw_transport(send: Any) -> asyncio.WriteTransport | None:
-    """The socket transport behind uvicorn's sans-I/O WebSocket protocol, if that is the server.
-
-    Writing pre-framed bytes straight to it is eventcast's fast path; any
-    other server gets the portable ASGI path.
-    """
-    owner = getattr(send, "__self__", None)
-    if owner is None:
-        return None
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import (
-            WebSocketsSansIOProtocol,
-        )
-    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
-        return None
-    if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
-        return None
-    transport = owner.transport
-    return writable_transport(transport)
 
 
 class WebSocketEndpoint:
@@ -78,7 +58,7 @@ class WebSocketEndpoint:
             return
         refusal = hub.check_handshake(scope, "websocket")
         if refusal is not None:
-            await _deny(scope, send, *refusal)
+            await deny_handshake(scope, send, *refusal)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         name, subprotocol = websocket_encoding(scope.get("subprotocols") or (), query)
@@ -88,7 +68,7 @@ class WebSocketEndpoint:
             accept["subprotocol"] = subprotocol
         await send(accept)
         raw_send = scope.get("eventcast.send", send)
-        transport = _raw_transport(raw_send)
+        transport = raw_websocket_transport(raw_send)
         conn = hub.new_connection(
             send=raw_send if transport is not None else send,
             transport=transport,
@@ -116,22 +96,6 @@ class WebSocketEndpoint:
             if data is None:
                 data = message.get("bytes") or b""
             await run_frame(hub, conn, data, limit)
-
-
-async def _deny(scope: Scope, send: Send, status: int, message: str) -> None:
-    """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
-    body = json.dumps({"error": message}).encode()
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:  # the server cannot send a status: a close before accept is a 403
-        await send({"type": "websocket.close", "code": 1008})
 
 
 class HubApp(Starlette):
@@ -231,6 +195,11 @@ def create_app(settings: Settings | None = None, *, hub: Hub | None = None) -> H
             Route("/connection/sse", SSERoute(), methods=["GET"]),
             Route("/connection/http_stream", HttpStreamEndpoint(), methods=["POST", "OPTIONS"]),
             Route("/emulation", EmulationEndpoint(), methods=["POST", "OPTIONS"]),
+            WebSocketRoute("/connection/uni_websocket", UniWebSocketEndpoint()),
+            Route(
+                "/connection/uni_http_stream", UniHttpStreamEndpoint(), methods=["POST", "OPTIONS"]
+            ),
+            Route("/connection/uni_sse", UniSSEEndpoint(), methods=["GET", "POST", "OPTIONS"]),
             Route("/api/{method}", handle_api, methods=["POST"]),
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),

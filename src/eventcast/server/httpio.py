@@ -1,4 +1,4 @@
-"""Small ASGI helpers of the hub's HTTP transports: headers, CORS, bounded bodies, answers.
+"""Small ASGI helpers of the hub's transports: headers, CORS, bounded bodies, answers, handshakes.
 
 Bytes from outside are bounded in size and time here: :func:`read_body`
 refuses a body over its limit (whatever ``Content-Length`` says) and one that
@@ -8,11 +8,23 @@ takes longer than its timeout to arrive.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
 
-__all__ = ["BodyError", "cors_headers", "error_response", "header", "preflight", "read_body"]
+from .connection import writable_transport
+
+__all__ = [
+    "BodyError",
+    "cors_headers",
+    "deny_handshake",
+    "error_response",
+    "header",
+    "preflight",
+    "raw_websocket_transport",
+    "read_body",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -104,3 +116,42 @@ async def preflight(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         }
     )
     await send({"type": "http.response.body", "body": b""})
+
+
+# -- WebSocket handshakes ------------------------------------------------------------------
+
+
+def raw_websocket_transport(send: Any) -> asyncio.WriteTransport | None:
+    """The socket transport behind uvicorn's sans-I/O WebSocket protocol, if that is the server.
+
+    Writing pre-framed bytes straight to it is eventcast's fast path; any
+    other server gets the portable ASGI path.
+    """
+    owner = getattr(send, "__self__", None)
+    if owner is None:
+        return None
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
+        return None
+    if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
+        return None
+    return writable_transport(owner.transport)
+
+
+async def deny_handshake(scope: Mapping[str, Any], send: Any, status: int, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
+    body = _encode({"error": message})
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server cannot send a status: a close before accept is a 403
+        await send({"type": "websocket.close", "code": 1008})

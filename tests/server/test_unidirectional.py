@@ -7,6 +7,7 @@ formats; server-side subscriptions come from the token's ``channels``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +35,16 @@ async def pushes(lines: AsyncIterator[str], prefix: str = "") -> AsyncIterator[d
 async def next_push(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     async with asyncio.timeout(WAIT):
         return await anext(stream)
+
+
+async def until_closed(ws: Any) -> tuple[list[dict[str, Any]], int | None]:
+    """Every message until the server closes the WebSocket, and its close code."""
+    messages = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(WAIT):
+            while True:
+                messages.append(json.loads(await ws.recv()))
+    return messages, ws.close_code
 
 
 async def test_uni_http_stream_pushes_server_side_subscriptions(hub: HubServer) -> None:
@@ -133,8 +144,7 @@ async def test_uni_refusals(start_hub: StartHub) -> None:
         async with connect(url, open_timeout=WAIT) as ws:
             if first is not None:
                 await ws.send(first)
-            messages = [json.loads(m) async for m in ws]  # until the server closes
-            closed = ws.close_code
+            messages, closed = await until_closed(ws)
             assert closed.value.rcvd.code == code
             assert messages[-1]["disconnect"]["code"] == code
     async with httpx.AsyncClient(timeout=WAIT) as client:

@@ -145,7 +145,7 @@ async def test_uni_refusals(start_hub: StartHub) -> None:
             if first is not None:
                 await ws.send(first)
             messages, closed = await until_closed(ws)
-            assert closed.value.rcvd.code == code
+            assert closed == code
             assert messages[-1]["disconnect"]["code"] == code
     async with httpx.AsyncClient(timeout=WAIT) as client:
         stream_url = f"{hub.base}/connection/uni_http_stream"

@@ -118,7 +118,7 @@ class Batch:
         self._filtered: dict[tuple[Encoding, TagFilter], bytes] = {}
         self._matches: list[MatchCache] | None = None
         self._deltas: list[bytes | None] | None = None
-        self._delta_full: dict[tuple[Encoding, bool], list[bytes | None]] = {}
+        self._delta_full: dict[tuple[Encoding, str], list[bytes | None]] = {}
 
     # -- plain ---------------------------------------------------------------------------
 
@@ -174,6 +174,11 @@ class Batch:
         """Whether each event passes ``tag_filter`` (each distinct filter evaluated once)."""
         return [matches(tag_filter) for matches in self._match_caches()]
 
+    @property
+    def filter_evaluations(self) -> int:
+        """How many filters were evaluated for this batch (each distinct one once per event)."""
+        return sum(matches.evaluations for matches in self._matches or ())
+
     def filtered(self, encoding: Encoding, tag_filter: TagFilter) -> bytes:
         """The pushes of the events that pass ``tag_filter``, joined."""
         key = (encoding, tag_filter)
@@ -206,18 +211,20 @@ class Batch:
                 previous = event
         return deltas[i]
 
-    def delta_pushes(self, encoding: Encoding, continuing: bool) -> list[bytes | None]:
+    def delta_pushes(self, encoding: Encoding, mode: str) -> list[bytes | None]:
         """The pushes of a delta subscription: deltas where smaller, the rest in full.
 
-        ``continuing``: the member's base is :attr:`before` (it was given the
-        previous publication), so the first event may be a delta too.
+        ``mode``: ``"continuing"`` (the member's base is :attr:`before`: it was
+        given the previous publication, so the first event may be a delta too),
+        ``"fresh"`` (the first in full), ``"full"`` (every one in full).
         """
-        key = (encoding, continuing)
+        key = (encoding, mode)
         found = self._delta_full.get(key)
         if found is not None:
             return found
         found = self._delta_full[key] = []
-        previous_given = continuing and self.before is not None
+        deltas = mode != "full"
+        previous_given = mode == "continuing" and self.before is not None
         channel = self.channel
         for i, event in enumerate(self.events):
             try:
@@ -229,7 +236,7 @@ class Batch:
                 continue
             data: bytes | None = None
             is_delta = False
-            if previous_given:
+            if previous_given and deltas:
                 delta = self._delta(i)
                 if delta is not None:
                     data = encoding.delta_data(delta)
@@ -251,10 +258,7 @@ class Batch:
 
     def items(self, membership: Membership, encoding: Encoding) -> list[_Item]:
         """The events a member would be given, each with its push (in full for deltas)."""
-        if membership.delta:
-            pushes = self.delta_pushes(encoding, continuing=False)
-        else:
-            pushes = self.pushes(encoding)
+        pushes = self.delta_pushes(encoding, "full") if membership.delta else self.pushes(encoding)
         tag_filter = membership.tag_filter
         wanted = self.matching(tag_filter) if tag_filter is not None else None
         return [
@@ -275,12 +279,13 @@ class Batch:
         if not membership.delta:
             return self.payload(encoding)
         if fresh:
-            pushes = self.delta_pushes(encoding, continuing=False)
-            parts = [push for push in pushes if push is not None]
+            mode = "full"
+        elif self.before is not None and membership.delta_base is self.before:
+            mode = "continuing"
         else:
-            continuing = self.before is not None and membership.delta_base is self.before
-            pushes = self.delta_pushes(encoding, continuing)
-            parts = [push for push in pushes if push is not None]
+            mode = "fresh"
+        pushes = self.delta_pushes(encoding, mode)
+        parts = [push for push in pushes if push is not None]
         given = [event for event, push in zip(self.events, pushes, strict=True) if push]
         if given:
             membership.delta_base = given[-1]

@@ -28,9 +28,9 @@ from .api import handle_api
 from .config import Settings
 from .connection import Connection
 from .dashboard import dashboard_routes
-from .driver import keep_alive, run_frame
+from .driver import finish, keep_alive, run_frame
 from .emulation import EmulationEndpoint, HttpStreamEndpoint, SSERoute
-from .httpio import deny_handshake, raw_websocket_transport
+from .httpio import accept_websocket, raw_websocket_transport
 from .hub import Hub
 from .metrics import metrics_endpoint
 from .unidirectional import UniHttpStreamEndpoint, UniSSEEndpoint, UniWebSocketEndpoint
@@ -53,12 +53,7 @@ class WebSocketEndpoint:
         app = scope["app"]
         hub: Hub = app.state.hub
         settings = hub.settings
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        refusal = hub.check_handshake(scope, "websocket")
-        if refusal is not None:
-            await deny_handshake(scope, send, *refusal)
+        if not await accept_websocket(hub, scope, receive, send, "websocket"):
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         name, subprotocol = websocket_encoding(scope.get("subprotocols") or (), query)
@@ -78,13 +73,7 @@ class WebSocketEndpoint:
         try:
             await self._serve(conn, hub, receive, settings.max_message_size)
         finally:
-            cancel()
-            if not conn.closed:
-                conn.lost()
-            # Returning ends the ASGI connection: first let the close frame go out.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await conn.wait_closed()
+            await finish(conn, cancel)
 
     async def _serve(self, conn: Connection, hub: Hub, receive: Receive, limit: int) -> None:
         while conn.is_open():

@@ -13,6 +13,7 @@ connections only get pings (their clients cannot answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .hub import Hub
 
-__all__ = ["keep_alive", "run_frame"]
+__all__ = ["finish", "keep_alive", "run_frame"]
 
 
 async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -> None:
@@ -126,3 +127,17 @@ def keep_alive(conn: Connection, settings: Settings, *, pongs: bool = True) -> C
                 timer.cancel()
 
     return cancel
+
+
+async def finish(conn: Connection, cancel: Callable[[], None]) -> None:
+    """End an endpoint's connection: stop its timers, forget it if the peer left.
+
+    Returning from an ASGI endpoint ends the connection: first let the close
+    frame (or the end of the body) go out, for up to 5 seconds.
+    """
+    cancel()
+    if not conn.closed:
+        conn.lost()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await conn.wait_closed()

@@ -56,9 +56,17 @@ from ..protocol.sse import RESPONSE_HEADERS
 from ..subscription import Overflow, Subscription
 from .connection import Connection
 from .driver import keep_alive, run_frame
-from .httpio import BodyError, cors_headers, error_response, header, preflight, read_body
-from .limits import origin_allowed
-from .sse import SSEEndpoint, raw_http_transport, wait_stream
+from .httpio import (
+    BodyError,
+    cors_headers,
+    error_response,
+    header,
+    origin_ok,
+    preflight,
+    read_body,
+    refuse_stream,
+)
+from .sse import SSEEndpoint, start_stream, wait_stream
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -245,11 +253,6 @@ class Emulation:
         return 200
 
 
-def _allowed(hub: Hub, scope: dict[str, Any]) -> bool:
-    host = header(scope, b"host")
-    return origin_allowed(header(scope, b"origin"), host, hub.settings.allowed_origins)
-
-
 async def _stream(
     hub: Hub,
     scope: dict[str, Any],
@@ -273,14 +276,7 @@ async def _stream(
     emulation.register(conn)
     cancel = keep_alive(conn, settings)
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-
-        async def end(body: bytes) -> None:
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        conn.sse_end = end
-        raw_send = scope.get("eventcast.send", send)
-        conn.attach(raw_send, raw_http_transport(raw_send))
+        await start_stream(scope, send, conn, headers)
         # The replies of the first commands (``connect``) open the stream.
         await emulation.run_local(
             EmulationRequest(node=settings.node_name, session=conn.session_id, data=initial)
@@ -299,18 +295,9 @@ class HttpStreamEndpoint:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
+        if await refuse_stream(hub, scope, send, "http_stream"):
+            return
         cors = cors_headers(scope)
-        if scope.get("method") == "OPTIONS":
-            if not _allowed(hub, scope):
-                await error_response(send, 403, "origin not allowed")
-            else:
-                await preflight(send, cors)
-            return
-        refusal = hub.check_handshake(scope, "http_stream")
-        if refusal is not None:
-            status, message = refusal
-            await error_response(send, status, message, cors if status != 403 else [])
-            return
         try:
             body = await read_body(
                 receive, limit=settings.max_message_size, timeout=settings.handshake_timeout
@@ -356,12 +343,9 @@ class SSERoute:
             return
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
-        cors = cors_headers(scope)
-        refusal = hub.check_handshake(scope, "sse_emulation")
-        if refusal is not None:
-            status, message = refusal
-            await error_response(send, status, message, cors if status != 403 else [])
+        if await refuse_stream(hub, scope, send, "sse_emulation"):
             return
+        cors = cors_headers(scope)
         initial = connect[0].encode()
         if len(initial) > settings.max_message_size:
             await error_response(send, 413, "cf_connect is too large", cors)
@@ -384,7 +368,7 @@ class EmulationEndpoint:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
-        if not _allowed(hub, scope):
+        if not origin_ok(hub, scope):
             await error_response(send, 403, "origin not allowed")
             return
         cors = cors_headers(scope)

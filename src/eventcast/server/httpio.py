@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from .connection import writable_transport
+from .limits import origin_allowed
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = [
     "BodyError",
+    "accept_websocket",
     "cors_headers",
     "deny_handshake",
     "error_response",
     "header",
+    "origin_ok",
     "preflight",
     "raw_websocket_transport",
     "read_body",
+    "refuse_stream",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -41,7 +48,7 @@ class BodyError(Exception):
         self.message = message
 
 
-def header(scope: dict[str, Any], name: bytes) -> str | None:
+def header(scope: Mapping[str, Any], name: bytes) -> str | None:
     """The value of a request header (the first one), or ``None``."""
     for key, value in scope.get("headers", ()):
         if key == name:
@@ -49,7 +56,7 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-def cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+def cors_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     """The CORS answer headers for a request with an ``Origin`` (already allowed)."""
     origin = header(scope, b"origin")
     if origin is None:
@@ -118,6 +125,33 @@ async def preflight(send: Any, headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+def origin_ok(hub: Hub, scope: Mapping[str, Any]) -> bool:
+    """Whether the request's ``Origin`` (if any) is allowed (``allowed_origins``)."""
+    allowed = hub.settings.allowed_origins
+    return origin_allowed(header(scope, b"origin"), header(scope, b"host"), allowed)
+
+
+async def refuse_stream(hub: Hub, scope: Mapping[str, Any], send: Any, transport: str) -> bool:
+    """Answer what must not open a stream; return whether it answered.
+
+    A CORS preflight (``OPTIONS``) is answered here (403 for an origin not
+    allowed); a refused handshake gets 403 (origin), 429 (the new-connection
+    rate) or 503 (shutting down).
+    """
+    if scope.get("method") == "OPTIONS":
+        if origin_ok(hub, scope):
+            await preflight(send, cors_headers(scope))
+        else:
+            await error_response(send, 403, "origin not allowed")
+        return True
+    refusal = hub.check_handshake(scope, transport)
+    if refusal is None:
+        return False
+    status, message = refusal
+    await error_response(send, status, message, cors_headers(scope) if status != 403 else [])
+    return True
+
+
 # -- WebSocket handshakes ------------------------------------------------------------------
 
 
@@ -139,6 +173,23 @@ def raw_websocket_transport(send: Any) -> asyncio.WriteTransport | None:
     if not isinstance(owner, WebSocketsSansIOProtocol) or not owner.handshake_complete:
         return None
     return writable_transport(owner.transport)
+
+
+async def accept_websocket(
+    hub: Hub, scope: Mapping[str, Any], receive: Any, send: Any, transport: str
+) -> bool:
+    """Take a WebSocket handshake: ``False`` if it was refused (403, 429, 503) or abandoned.
+
+    The caller then sends ``websocket.accept`` (with a subprotocol, maybe).
+    """
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return False
+    refusal = hub.check_handshake(scope, transport)
+    if refusal is not None:
+        await deny_handshake(scope, send, *refusal)
+        return False
+    return True
 
 
 async def deny_handshake(scope: Mapping[str, Any], send: Any, status: int, message: str) -> None:

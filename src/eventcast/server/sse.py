@@ -38,12 +38,12 @@ from ..topics import is_pattern
 from .channels import Membership
 from .connection import Connection, writable_transport
 from .errors import CommandError
-from .httpio import cors_headers, error_response, header
+from .httpio import cors_headers, error_response, header, refuse_stream
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["SSEEndpoint", "SSEStreams", "raw_http_transport", "wait_stream"]
+__all__ = ["SSEEndpoint", "SSEStreams", "raw_http_transport", "start_stream", "wait_stream"]
 
 logger = logging.getLogger("eventcast.server")
 
@@ -214,12 +214,9 @@ class SSEEndpoint:
         settings = hub.settings
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         _redact_token(scope)  # before any answer: the server's access log reads the scope
-        cors = cors_headers(scope)
-        refusal = hub.check_handshake(scope, "sse")
-        if refusal is not None:
-            status, message = refusal
-            await error_response(send, status, message, cors if status != 403 else [])
+        if await refuse_stream(hub, scope, send, "sse"):
             return
+        cors = cors_headers(scope)
         topics = list(dict.fromkeys(query.get("topic", [])))
         if not topics:
             await error_response(send, 400, "at least one topic query parameter is required", cors)
@@ -306,6 +303,20 @@ async def _until_disconnect(receive: Any) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def start_stream(
+    scope: dict[str, Any], send: Any, conn: Connection, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer 200 with ``headers`` and start writing ``conn``'s queue as the streamed body."""
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def end(body: bytes) -> None:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    conn.sse_end = end
+    raw_send = scope.get("eventcast.send", send)
+    conn.attach(raw_send, raw_http_transport(raw_send))
 
 
 async def wait_stream(conn: Connection, receive: Any) -> None:

@@ -46,17 +46,17 @@ from ..protocol.frames import ConnectRequest
 from ..protocol.session import Request
 from ..protocol.sse import RESPONSE_HEADERS
 from .connection import Connection
-from .driver import keep_alive
+from .driver import finish, keep_alive
 from .httpio import (
     BodyError,
+    accept_websocket,
     cors_headers,
-    deny_handshake,
     error_response,
-    preflight,
     raw_websocket_transport,
     read_body,
+    refuse_stream,
 )
-from .sse import raw_http_transport, wait_stream
+from .sse import start_stream, wait_stream
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -104,12 +104,7 @@ class UniWebSocketEndpoint:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        refusal = hub.check_handshake(scope, "uni_websocket")
-        if refusal is not None:
-            await deny_handshake(scope, send, *refusal)
+        if not await accept_websocket(hub, scope, receive, send, "uni_websocket"):
             return
         await send({"type": "websocket.accept"})
         raw_send = scope.get("eventcast.send", send)
@@ -152,12 +147,7 @@ class UniWebSocketEndpoint:
                     conn.lost()
                     return
         finally:
-            cancel()
-            if not conn.closed:
-                conn.lost()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await conn.wait_closed()
+            await finish(conn, cancel)
 
 
 async def _serve_stream(
@@ -176,14 +166,7 @@ async def _serve_stream(
     )
     cancel = keep_alive(conn, hub.settings, pongs=False)
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-
-        async def end(body: bytes) -> None:
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        conn.sse_end = end
-        raw_send = scope.get("eventcast.send", send)
-        conn.attach(raw_send, raw_http_transport(raw_send))
+        await start_stream(scope, send, conn, headers)
         await connect_uni(hub, conn, request)
         await wait_stream(conn, receive)
     finally:
@@ -219,29 +202,12 @@ async def _connect_request(
     return request
 
 
-async def _refuse(hub: Hub, scope: dict[str, Any], send: Any, transport: str) -> bool:
-    """Answer an OPTIONS preflight or a refused handshake; return whether it was answered."""
-    if scope.get("method") == "OPTIONS":
-        refusal = hub.check_handshake(scope, transport)
-        if refusal is not None and refusal[0] == 403:
-            await error_response(send, 403, refusal[1])
-        else:
-            await preflight(send, cors_headers(scope))
-        return True
-    refusal = hub.check_handshake(scope, transport)
-    if refusal is None:
-        return False
-    status, message = refusal
-    await error_response(send, status, message, cors_headers(scope) if status != 403 else [])
-    return True
-
-
 class UniHttpStreamEndpoint:
     """``POST /connection/uni_http_stream``."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
-        if await _refuse(hub, scope, send, "uni_http_stream"):
+        if await refuse_stream(hub, scope, send, "uni_http_stream"):
             return
         request = await _connect_request(hub, scope, receive, send, from_query=False)
         if request is None:
@@ -268,7 +234,7 @@ class UniSSEEndpoint:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
-        if await _refuse(hub, scope, send, "uni_sse"):
+        if await refuse_stream(hub, scope, send, "uni_sse"):
             return
         from_query = scope.get("method") == "GET"
         request = await _connect_request(hub, scope, receive, send, from_query=from_query)

@@ -12,6 +12,8 @@ import asyncio
 import socket
 from typing import Any
 
+import httpx
+
 from .conftest import StartHub
 from .hubtools import NAMESPACES, WAIT, HubServer, RawClient, token, until
 
@@ -95,6 +97,11 @@ async def test_a_slow_client_is_conflated_and_stays_current(start_hub: StartHub)
             # Once it has caught up, it sees every publication again.
             await server.hub.publish(channel, {"symbol": "S0", "n": count}, tags={"symbol": "S0"})
             assert (await slow.publication())["pub"]["offset"] == count + 1
+
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        metrics = (await client.get(f"{server.base}/metrics")).text
+    conflated = server.hub.channels.conflated
+    assert f"eventcast_publications_conflated_total {float(conflated)}" in metrics
 
 
 async def test_without_conflation_a_slow_client_is_disconnected(start_hub: StartHub) -> None:

@@ -107,6 +107,16 @@ class HubCollector(Collector):
         yield CounterMetricFamily(
             "eventcast_dropped", "Events dropped by overflow policies.", value=bus["dropped"]
         )
+        yield CounterMetricFamily(
+            "eventcast_publications_conflated",
+            "Publications a client that fell behind skipped: a newer one of its key replaced them.",
+            value=hub.channels.conflated,
+        )
+        yield GaugeMetricFamily(
+            "eventcast_emulation_sessions",
+            "HTTP-streaming and SSE emulation sessions on this node.",
+            value=len(hub.emulation),
+        )
         yield GaugeMetricFamily(
             "eventcast_dead_letters", "Dead letters kept.", value=bus["dead_letters"]
         )

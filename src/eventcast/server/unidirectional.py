@@ -149,16 +149,24 @@ class UniWebSocketEndpoint:
 
 
 async def _serve_stream(
-    hub: Hub,
     scope: dict[str, Any],
     receive: Any,
     send: Any,
     *,
     transport_name: str,
-    request: ConnectRequest,
+    from_query: bool,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
-    """Serve a unidirectional HTTP stream: answer 200, connect, push until it ends."""
+    """Serve a unidirectional HTTP stream: its connect request, 200, pushes until it ends.
+
+    ``from_query``: the connect request is the ``cf_connect`` parameter, not the body.
+    """
+    hub: Hub = scope["app"].state.hub
+    if await refuse_stream(hub, scope, send, transport_name):
+        return
+    request = await _connect_request(hub, scope, receive, send, from_query=from_query)
+    if request is None:
+        return
     conn = hub.new_connection(
         send=send, transport=None, transport_name=transport_name, scope=scope, encoding=UNI_JSON
     )
@@ -202,19 +210,12 @@ class UniHttpStreamEndpoint:
     """``POST /connection/uni_http_stream``."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        hub: Hub = scope["app"].state.hub
-        if await refuse_stream(hub, scope, send, "uni_http_stream"):
-            return
-        request = await _connect_request(hub, scope, receive, send, from_query=False)
-        if request is None:
-            return
         await _serve_stream(
-            hub,
             scope,
             receive,
             send,
             transport_name="uni_http_stream",
-            request=request,
+            from_query=False,
             headers=stream_headers(scope, b"application/json"),
         )
 
@@ -223,19 +224,11 @@ class UniSSEEndpoint:
     """``GET /connection/uni_sse?cf_connect=…`` (or ``POST`` with the request as the body)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        hub: Hub = scope["app"].state.hub
-        if await refuse_stream(hub, scope, send, "uni_sse"):
-            return
-        from_query = scope.get("method") == "GET"
-        request = await _connect_request(hub, scope, receive, send, from_query=from_query)
-        if request is None:
-            return
         await _serve_stream(
-            hub,
             scope,
             receive,
             send,
             transport_name="uni_sse",
-            request=request,
+            from_query=scope.get("method") == "GET",
             headers=[*RESPONSE_HEADERS, *cors_headers(scope)],
         )

@@ -9,6 +9,11 @@ deliveries the clients received in that window, is the **CPU per delivery**.
 
 Servers, each measured with the same clients and publisher:
 
+* **eventcast-protobuf**: the same server and channel, clients speaking the
+  Protobuf encoding (the subprotocol ``centrifuge-protobuf``, binary frames of
+  length-delimited replies; pings answered with an empty ``Command``); the
+  publisher still speaks JSON. Its CPU per delivery beside eventcast's is the
+  cost of the second encoding (issue 17's goal: within 1.2x);
 * **eventcast**: ``create_app`` under uvicorn with ``uvicorn_config`` (what
   ``eventcast serve`` runs); clients speak the Centrifuge JSON protocol
   (``connect`` with a JWT, ``subscribe``, answer pings ``{}`` with ``{}``). The
@@ -97,7 +102,7 @@ SECRET = "benchmark-hmac-secret-" + "x" * 32
 API_KEY = "benchmark-api-key"
 CHANNEL = "bench"
 DURABLE_CHANNEL = "durable:bench"
-SYSTEMS = ("eventcast", "socketio", "websockets", "floor")  # over WebSocket
+SYSTEMS = ("eventcast", "eventcast-protobuf", "socketio", "websockets", "floor")  # over WebSocket
 SSE_SYSTEMS = ("eventcast", "sse-starlette")  # over Server-Sent Events
 TRANSPORTS = ("websocket", "sse")
 #: Client kinds of the load generators that speak SSE (worker_main's ``kind``).
@@ -369,6 +374,20 @@ def serve_sse_starlette(port: int) -> None:
 # -- a minimal WebSocket client ---------------------------------------------------------
 
 
+def protobuf_subscribe(token: bytes, durable: int) -> bytes:
+    """The Protobuf frame of ``connect`` and the subscriptions (ids 1, 2 and 3)."""
+    from eventcast.protocol import protobuf
+    from eventcast.protocol.frames import Command, ConnectRequest, SubscribeRequest
+
+    commands = [
+        Command(id=1, connect=ConnectRequest(token=token.decode())),
+        Command(id=2, subscribe=SubscribeRequest(channel=CHANNEL)),
+    ]
+    if durable:
+        commands.append(Command(id=3, subscribe=SubscribeRequest(channel=DURABLE_CHANNEL)))
+    return protobuf.encode_commands(commands)
+
+
 class Shared:
     """Shared memory between the orchestrator, the workers and the publisher."""
 
@@ -401,18 +420,21 @@ class Client(asyncio.Protocol):
         self.open = False
         self.ready = False
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.protobuf = self.kind == "eventcast-protobuf"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         path = {
             "eventcast": b"/connection/websocket",
+            "eventcast-protobuf": b"/connection/websocket",
             "socketio": b"/socket.io/?EIO=4&transport=websocket",
             "websockets": b"/",
         }[self.kind]
+        extra = b"Sec-WebSocket-Protocol: centrifuge-protobuf\r\n" if self.protobuf else b""
         transport.write(
             b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n" % path
+            b"%sSec-WebSocket-Version: 13\r\n\r\n" % (path, extra)
         )
 
     def send(self, payload: bytes, opcode: int = 1) -> None:
@@ -435,7 +457,9 @@ class Client(asyncio.Protocol):
                 return
             self.open = True
             data = data[end + 4 :]
-            if self.kind == "eventcast":
+            if self.protobuf:
+                self.send(protobuf_subscribe(self.token, self.worker.shared.durable.value), 2)
+            elif self.kind == "eventcast":
                 commands = (
                     b'{"id":1,"connect":{"token":"%s"}}\n{"id":2,"subscribe":{"channel":"%s"}}'
                 )
@@ -459,6 +483,9 @@ class Client(asyncio.Protocol):
             self.buf = data[pos:]
 
     def message(self, payload: bytes) -> None:
+        if self.protobuf:
+            self.protobuf_message(payload)
+            return
         if self.ready:
             if self.kind == "eventcast":
                 count = payload.count(b'{"push"')
@@ -497,6 +524,26 @@ class Client(asyncio.Protocol):
                 self.send(b"3")
         elif payload == b"ok":
             self.subscribed()
+
+    def protobuf_message(self, payload: bytes) -> None:
+        from eventcast.protocol import protobuf
+
+        messages = protobuf.split(payload)
+        if b"" in messages:  # a server ping (an empty Reply), maybe among pushes
+            self.send(protobuf.PONG, 2)
+        if self.ready:
+            # A push is a Reply with only field 4 (push): its first byte is that tag.
+            count = sum(1 for m in messages if m[:1] == b"\x22")
+            if count:
+                self.worker.deliver(count, payload, self.sample)
+            return
+        for reply in protobuf.decode_replies(payload):
+            if reply.error is not None:
+                if DEBUG:
+                    print("subscribe failed:", reply.error, file=sys.stderr)
+                self.fail()
+            elif reply.id == (3 if self.worker.shared.durable.value else 2):
+                self.subscribed()
 
     def subscribed(self) -> None:
         self.ready = True
@@ -635,7 +682,7 @@ class Worker:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         tokens = [self.token] * clients
         # One user per client (connections per user are limited).
-        if self.kind in ("eventcast", "eventcast-sse"):
+        if self.kind in ("eventcast", "eventcast-sse", "eventcast-protobuf"):
             from eventcast.server.auth import mint_token
 
             tokens = [
@@ -930,6 +977,8 @@ class Run:
         self.pub_kind = kind
         if kind == "floor":  # speaks what the `websockets` system's clients speak
             self.client_kind = self.pub_kind = "websockets"
+        if kind == "eventcast-protobuf":  # the clients speak Protobuf, the publisher JSON
+            self.pub_kind = "eventcast"
         if transport == "sse":
             self.client_kind = "eventcast-sse" if kind == "eventcast" else kind
             self.pub_kind = "eventcast" if kind == "eventcast" else "websockets"
@@ -1294,6 +1343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.serve:  # inside the server process
         servers: dict[str, Callable[[], None]] = {
             "eventcast": lambda: serve_eventcast(args.port, args.data_dir),
+            "eventcast-protobuf": lambda: serve_eventcast(args.port, args.data_dir),
             "socketio": lambda: serve_socketio(args.port),
             "websockets": lambda: serve_websockets(args.port),
             "floor": lambda: serve_floor(args.port),

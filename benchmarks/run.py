@@ -25,7 +25,7 @@ DEFAULTS = {
     "bus": ["--passes", "3"],
     # 20 publications/s beside full and half load: the latency floor of the
     # machine, which the `floor` system measures in the same run.
-    "hub": ["--rate", "20"],
+    "hub": ["--rate", "20", "--rate", "300"],
 }
 
 

@@ -33,7 +33,9 @@ event of every key; the events replaced are counted as ``conflated`` (not
 dead letters: nothing the reader needs is lost), and their offsets are the
 gaps the reader sees. Once drained, it is back on the ring. Only when more
 distinct keys than ``maxsize`` are pending is the oldest dropped, as under
-``DROP_OLDEST``. The ring's fast path is the same code for every policy.
+``DROP_OLDEST``. The ring's fast path is the same code for every policy. The
+buffer and its key rule are :mod:`eventcast._conflation`'s, which the hub's
+conflating connections share.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ import enum
 import heapq
 import itertools
 import logging
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
 
+from ._conflation import LatestByKey, conflation_key
 from .events import Event
 from .exceptions import (
     ConfigurationError,
@@ -131,52 +134,6 @@ class SubscriptionStatistics:
     closed: bool
     #: Events replaced by a newer one of the same key (``Overflow.CONFLATE``).
     conflated: int = 0
-
-
-class _Conflated:
-    """The private buffer of a conflating subscriber: the newest event per key, in order.
-
-    It offers the part of ``deque``'s interface that :class:`Subscription`
-    uses. ``append`` replaces (and reports) a buffered event of the same key,
-    and the new one takes the newest position, so the buffer stays in
-    publication order.
-    """
-
-    __slots__ = ("_entries", "_key", "_superseded")
-
-    def __init__(
-        self,
-        key: Callable[[Event], Hashable],
-        superseded: Callable[[Event], None],
-        events: Iterable[Event] = (),
-    ) -> None:
-        self._entries: OrderedDict[Hashable, Event] = OrderedDict()
-        self._key = key
-        self._superseded = superseded
-        self.extend(events)
-
-    def append(self, event: Event) -> None:
-        key = self._key(event)
-        old = self._entries.pop(key, None)
-        self._entries[key] = event
-        if old is not None:
-            self._superseded(old)
-
-    def extend(self, events: Iterable[Event]) -> None:
-        for event in events:
-            self.append(event)
-
-    def popleft(self) -> Event:
-        return self._entries.popitem(last=False)[1]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[Event]:
-        return iter(self._entries.values())
 
 
 class _Ring:
@@ -358,7 +315,7 @@ class Subscription:
         self._cursor = ring.head
         self._seg_start = ring.head
         self._seg_skipped = 0
-        self._private: deque[Event] | _Conflated | None = None
+        self._private: deque[Event] | LatestByKey[Event] | None = None
         self._delivered = 0
         self._dropped = 0
         self._conflated = 0
@@ -655,16 +612,13 @@ class Subscription:
         self._cursor = _PRIVATE
         ring.privates.add(self)
 
-    def _new_private(self, events: Iterable[Event] = ()) -> deque[Event] | _Conflated:
+    def _new_private(self, events: Iterable[Event] = ()) -> deque[Event] | LatestByKey[Event]:
         if self.policy is Overflow.CONFLATE:
-            return _Conflated(self._conflation_key_of, self._supersede, events)
+            return LatestByKey(self._conflation_key_of, self._supersede, events)
         return deque(events)
 
     def _conflation_key_of(self, event: Event) -> Hashable:
-        tag = self.conflation_key
-        if tag is None:
-            return event.topic
-        return (event.topic, event.tags.get(tag))
+        return conflation_key(event, self.conflation_key)
 
     def _supersede(self, event: Event) -> None:
         self._conflated += 1

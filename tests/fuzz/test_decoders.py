@@ -1,8 +1,10 @@
 """Every decoder that takes bytes from outside: only its documented errors, in linear time.
 
 The targets are the Centrifuge command decoder (and the session that drives it),
-the JSON decoder of request bodies, the HTTP API's parameter parsing, the SSE
-cursor parser, topic validation, JWT parsing and the dashboard's session values.
+the transports' other decoders (a unidirectional connect request, an emulation
+request, in JSON and Protobuf), the JSON decoder of request bodies, the HTTP
+API's parameter parsing, the SSE cursor parser, topic validation, JWT parsing and
+the dashboard's session values.
 Under ``make test`` each property runs Hypothesis's default number of examples;
 ``make fuzz`` runs the same properties with the ``fuzz`` profile (many more
 examples, see ``tests/conftest.py``).
@@ -22,10 +24,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from eventcast.exceptions import AuthError, InvalidTopicError
+from eventcast.protocol import protobuf
 from eventcast.protocol.codec import (
     MAX_JSON_DEPTH,
     ProtocolError,
     decode_commands,
+    decode_connect_request,
+    decode_emulation_request,
     decode_json,
     too_deep,
 )
@@ -72,6 +77,28 @@ def test_a_session_never_raises_and_numbers_it_admits_are_in_range(frames_: list
             session.admit(request)
         session.data_to_send()
     assert session.bad_commands <= 3
+
+
+# -- the other transports' decoders ---------------------------------------------------------------
+
+TRANSPORT_DECODERS: list[Callable[[bytes], object]] = [
+    decode_connect_request,
+    decode_emulation_request,
+    protobuf.decode_emulation_request,
+    protobuf.decode_commands,
+]
+
+
+@FUZZ
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+@example(b"{" * 3000)
+@example(b'{"subs":{"a":{"recover":true,"offset":9223372036854775808}}}')
+@example(b'{"session":"s","node":"n","data":"\\ud800"}')
+@example(b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01")
+def test_the_transports_decoders_raise_only_protocol_errors(data: bytes) -> None:
+    for decode in TRANSPORT_DECODERS:
+        with contextlib.suppress(ProtocolError):
+            decode(data)
 
 
 # -- JSON bodies ---------------------------------------------------------------------------------
@@ -250,6 +277,19 @@ def _adversarial() -> list[tuple[str, Callable[[Any], object], Callable[[int], A
             frame,
         ),
         ("commands: many lines", decode_commands, lambda n: b"{}\n" * (n // 3), frame),
+        ("connect request: brackets", decode_connect_request, lambda n: b"[" * n, frame),
+        (
+            "emulation request: escapes",
+            decode_emulation_request,
+            lambda n: b'{"data":"' + b'\\"' * (n // 2) + b'"}',
+            body,
+        ),
+        (
+            "emulation request: protobuf",
+            protobuf.decode_emulation_request,
+            lambda n: protobuf.encode_emulation_request("n", "s", b"\n" * n),
+            body,
+        ),
         ("json: mixed", decode_json, lambda n: b'[{"k":"[",' * (n // 10), body),
         ("json: valid, 64 deep", decode_json, lambda n: b"[" + deep * (n // 128) + b"1]", body),
         ("cursor", parse_cursor, lambda n: "1;" + "abc!1!e;" * (n // 80), body),

@@ -30,12 +30,13 @@ export function waiters() {
   return { notify, until };
 }
 
-// Publish through the hub's HTTP API (fetch); returns the API's result ({offset, epoch}).
-export async function apiPublish(apiUrl, apiKey, channel, data) {
+// Publish through the hub's HTTP API (fetch), with optional tags; returns the API's result
+// ({offset, epoch}).
+export async function apiPublish(apiUrl, apiKey, channel, data, tags = undefined) {
   const response = await fetch(`${apiUrl}/publish`, {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', 'X-API-Key': apiKey },
-    body: JSON.stringify({ channel, data }),
+    body: JSON.stringify({ channel, data, tags }),
   });
   const body = await response.json();
   if (response.status !== 200 || body.error) {

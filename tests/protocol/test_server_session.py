@@ -118,3 +118,17 @@ def test_random_bytes_never_raise(data: bytes) -> None:
     requests = session.receive(data)
     # Whatever came in, the session either closed or returned commands to admit.
     assert session.state is SessionState.CLOSED or all(isinstance(r, Request) for r in requests)
+
+
+def test_unidirectional_sessions_answer_connect_with_a_push_and_keep_the_last_error() -> None:
+    from eventcast.protocol.encodings import UNI_JSON
+
+    session = ServerSession(encoding=UNI_JSON)
+    refused = Request(1, "connect", None)
+    session.error(1, codes.ERROR_TOKEN_EXPIRED)
+    assert session.last_error == codes.ERROR_TOKEN_EXPIRED
+    assert session.data_to_send() == [b""]  # no error replies: the transport says goodbye
+    session.connected(refused, ConnectResult(client="c", ping=25))
+    assert json.loads(session.data_to_send()[0]) == {"connect": {"client": "c", "ping": 25}}
+    session.ping()
+    assert session.data_to_send() == [b"{}"]

@@ -7,7 +7,9 @@ import base64
 import json
 import os
 import socket
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,21 @@ NAMESPACES: list[dict[str, Any]] = [
     # Centrifugo's user-limited channels: dm:chat#alice,bob
     {"name": "dm", "allow_user_limited_channels": True},
 ]
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
+    """Wait for a condition of the hub's state, checked every few ms (fail past ``timeout``).
+
+    For state no event announces (a buffer released, a backlog drained); never
+    a substitute for awaiting what can be awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 def free_port() -> int:

@@ -400,3 +400,37 @@ def test_hook_proxy_and_webhook_settings(tmp_path: Path, monkeypatch: pytest.Mon
 def test_invalid_hook_settings(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigurationError, match=field.replace(".", r"\.")):
         Settings.load(**overrides)
+
+
+def test_wire_options_of_a_namespace() -> None:
+    """Issue 17's options: their defaults, values, and what is refused."""
+    settings = Settings.load(
+        namespaces=[
+            {
+                "name": "ticker",
+                "history_size": 1,
+                "allowed_delta_types": ["fossil"],
+                "allow_tags_filter": False,
+                "force_recovery_mode": "cache",
+                "conflation_key": "symbol",
+            },
+            {"name": "plain"},
+        ]
+    )
+    ticker = settings.namespace("ticker:x")
+    assert ticker is not None
+    assert ticker.allowed_delta_types == ["fossil"]
+    assert (ticker.allow_tags_filter, ticker.force_recovery_mode) == (False, "cache")
+    assert ticker.conflation_key == "symbol"
+    plain = settings.namespace("plain:x")
+    assert plain is not None
+    assert (plain.allowed_delta_types, plain.allow_tags_filter) == ([], True)
+    assert (plain.force_recovery_mode, plain.conflation_key) == ("stream", None)
+    for bad, why in (
+        ({"allowed_delta_types": ["xdelta"]}, "allowed_delta_types"),
+        ({"force_recovery_mode": "cache"}, "history"),
+        ({"force_recovery_mode": "other"}, "force_recovery_mode"),
+        ({"conflation_key": ""}, "conflation_key"),
+    ):
+        with pytest.raises(ConfigurationError, match=why):
+            Settings.load(namespaces=[{"name": "x", **bad}])

@@ -8,6 +8,7 @@ sessions and subscriptions refreshed by the hub rather than the client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -213,6 +214,50 @@ async def test_connect_hook_refusals_close_the_connection(hooked: tuple[HubServe
     async with await open_raw(hub, "s-nobody") as client:
         await client.command("connect", {})
         assert await client.closed() == (3500, "invalid token")
+
+
+async def test_every_transport_asks_the_same_hooks(hooked: tuple[HubServer, App]) -> None:
+    """HTTP-streaming (and its ``/emulation`` commands) and the unidirectional transports
+    are admitted by the connect hook and subscribe through the subscribe hook."""
+    hub, app = hooked
+    alice = {"cookie": "session=s-alice", "content-type": "application/json"}
+    connect = json.dumps({"id": 1, "connect": {"data": {"via": "stream"}}})
+    async with (
+        httpx.AsyncClient(base_url=hub.base, timeout=WAIT) as client,
+        client.stream("POST", "/connection/http_stream", content=connect, headers=alice) as stream,
+    ):
+        lines = stream.aiter_lines()
+
+        async def message() -> dict[str, Any]:
+            async with asyncio.timeout(WAIT):
+                decoded: dict[str, Any] = json.loads(await anext(lines))
+                return decoded
+
+        result = (await message())["connect"]
+        assert result["data"] == {"hello": "alice"}
+        assert set(result["subs"]) == {"personal:alice", "live:news"}
+        request = app.asked["connect"][-1]
+        assert (request.transport, request.protocol) == ("http_stream", "json")
+        assert (request.cookies["session"], request.data) == ("s-alice", {"via": "stream"})
+        # A later command, by /emulation: the subscribe hook refuses it.
+        commands = json.dumps({"id": 2, "subscribe": {"channel": "secret:plans"}})
+        body = {"session": result["session"], "node": result["node"], "data": commands}
+        assert (await client.post("/emulation", json=body)).status_code == 200
+        assert await message() == {"id": 2, "error": {"code": 103, "message": "permission denied"}}
+        assert app.asked["subscribe"][-1].channel == "secret:plans"
+
+    async with httpx.AsyncClient(base_url=hub.base, timeout=WAIT) as client:
+        # Unidirectional: the hook's user and server-side channels, or its refusal.
+        async with client.stream(
+            "POST", "/connection/uni_http_stream", content=b"{}", headers=alice
+        ) as stream:
+            async with asyncio.timeout(WAIT):
+                first = json.loads(await anext(stream.aiter_lines()))
+        assert set(first["connect"]["subs"]) == {"personal:alice", "live:news"}
+        assert app.asked["connect"][-1].transport == "uni_http_stream"
+        nobody = {"cookie": "session=s-nobody"}
+        refused = await client.post("/connection/uni_http_stream", content=b"{}", headers=nobody)
+        assert json.loads(refused.text) == {"disconnect": {"code": 3500, "reason": "invalid token"}}
 
 
 async def test_centrifuge_python_through_the_hooks(hooked: tuple[HubServer, App]) -> None:

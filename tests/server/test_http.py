@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from eventcast.server._http import BodyError, RequestLimits, is_loopback, read_body, read_json
+from eventcast.server._http import (
+    BodyError,
+    RequestLimits,
+    is_loopback,
+    read_body,
+    read_json,
+    refuse_body,
+)
 
 Message = dict[str, Any]
 
@@ -113,6 +120,18 @@ async def test_a_refusal_after_the_response_started_ends_the_response() -> None:
         {"type": "http.response.start", "status": 200, "headers": []},
         {"type": "http.response.body", "body": b"", "more_body": False},
     ]
+
+
+async def test_a_client_gone_mid_body_is_a_499_not_a_traceback() -> None:
+    async def answering(scope: Any, receive: Any, send: Any) -> None:
+        with pytest.raises(BodyError) as raised:
+            await read_body(Request(scope, receive))
+        await refuse_body(send, raised.value, [(b"x-cors", b"kept")])
+
+    sent = await _call(answering, [_chunk(b"12"), {"type": "http.disconnect"}])
+    assert sent[0]["status"] == 499
+    assert (b"x-cors", b"kept") in sent[0]["headers"]
+    assert sent[1]["body"] == b'{"error":"client disconnected"}'
 
 
 async def test_bad_json_is_a_400() -> None:

@@ -79,6 +79,11 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
         ("/sse?access%255Ftoken=abc", "/sse?access%255Ftoken=***"),
         ("/x?API-KEY=k1;session=s2&csrf=c3", "/x?API-KEY=***;session=***&csrf=***"),
         ("/x?topic=a&limit=10", "/x?topic=a&limit=10"),
+        # The connect command of SSE emulation and the unidirectional transports.
+        (
+            "GET /connection/sse?cf_connect=%7B%22token%22%3A%22eyJh.eyJz.c2ln%22%7D HTTP/1.1",
+            "GET /connection/sse?cf_connect=*** HTTP/1.1",
+        ),
         ("location: http://h/sse/?token=abc", "location: http://h/sse/?token=***"),
         # Header values, in the forms a log line shows them.
         ("Authorization: Bearer abc.def", "Authorization: ***"),

@@ -41,6 +41,7 @@ __all__ = [
     "JSON",
     "PROTOBUF_CONTENT_TYPE",
     "PROTOBUF_SUBPROTOCOL",
+    "UNI_JSON",
     "Encoding",
     "get_encoding",
     "stream_encoding",
@@ -84,7 +85,7 @@ class Encoding:
     :class:`~.codec.ProtocolError`.
     """
 
-    #: ``"json"`` or ``"protobuf"``.
+    #: ``"json"``, ``"protobuf"`` or ``"uni_json"``.
     name: str
     #: Whether frames are binary (WebSocket binary frames) or text.
     binary: bool
@@ -139,6 +140,44 @@ JSON: Final = Encoding(
     publication_of=codec.publication_of,
     encode_pub_push=codec.encode_pub_push,
     publication_push=codec.publication_push,
+    delta_data=codec.string_data,
+)
+
+
+def _uni_reply(command_id: int, method: str, result: Any) -> bytes:
+    return codec.encode_uni_push("", method, result)
+
+
+def _uni_error(command_id: int, error: ClientError) -> bytes:
+    return b""
+
+
+def _uni_publication_push(channel: str, event: Event, *, concrete_channel: bool = False) -> bytes:
+    return codec.encode_uni_pub_push(
+        channel, codec.publication_of(event, concrete_channel=concrete_channel)
+    )
+
+
+#: The messages of the unidirectional transports (``uni_websocket``,
+#: ``uni_http_stream``, ``uni_sse``): JSON pushes without a ``Reply`` around
+#: them. The answer to ``connect`` is the ``{"connect": {…}}`` push; there are
+#: no error replies (an error encodes to nothing: the transport closes with a
+#: ``disconnect`` push instead); the ping is an empty push ``{}``. Publications
+#: are the JSON encoding's, so both share them (:attr:`Encoding.publication_of`).
+UNI_JSON: Final = Encoding(
+    name="uni_json",
+    binary=False,
+    ping=codec.UNI_PING,
+    join=_newline_join,
+    decode_commands=codec.decode_commands,
+    decode_emulation_request=codec.decode_emulation_request,
+    encode_reply=_uni_reply,
+    encode_error=_uni_error,
+    encode_push=codec.encode_uni_push,
+    encode_publication=codec.encode_publication,
+    publication_of=codec.publication_of,
+    encode_pub_push=codec.encode_uni_pub_push,
+    publication_push=_uni_publication_push,
     delta_data=codec.string_data,
 )
 

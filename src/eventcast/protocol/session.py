@@ -93,6 +93,8 @@ class ServerSession:
         self.disconnect: Disconnect | None = None
         #: Pongs received (bare ``{}`` commands).
         self.pongs = 0
+        #: The last error answered (what a transport without error replies reports).
+        self.last_error: ClientError | None = None
         self._out: list[bytes] = []
 
     # -- input ---------------------------------------------------------------------
@@ -171,6 +173,7 @@ class ServerSession:
         """Queue an error reply; count it when the client caused it."""
         if self.state is SessionState.CLOSED:
             return
+        self.last_error = error
         if command_id > 0:
             self._out.append(self.encoding.encode_error(command_id, error))
         if client_fault:

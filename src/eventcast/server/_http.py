@@ -15,18 +15,23 @@ serve`` the HTTP protocol also bounds request heads and closes connections whose
 bodies never end (see :mod:`eventcast.server._uvicorn`).
 
 Endpoints read bodies with :func:`read_body` or :func:`read_json`; both raise
-:class:`BodyError`, which an endpoint may turn into its own answer format or
-leave to the middleware (a JSON ``{"error": message}`` with the status).
+:class:`BodyError`, which an endpoint may turn into its own answer format,
+answer with :func:`refuse_body` (adding its own headers, CORS say), or leave to
+the middleware (a JSON ``{"error": message}`` with the status). The streaming
+transports (HTTP-streaming, SSE emulation, unidirectional) are plain ASGI
+endpoints: they read their bodies the same way, through a ``Request`` of their
+scope.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..protocol.codec import ProtocolError, decode_json
@@ -35,9 +40,11 @@ __all__ = [
     "BodyError",
     "RequestLimits",
     "client_host",
+    "error_response",
     "is_loopback",
     "read_body",
     "read_json",
+    "refuse_body",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -46,7 +53,10 @@ _LIMIT_KEY: Final = "eventcast.body_limit"
 
 
 class BodyError(Exception):
-    """A request body was refused: too large (413), too slow (408) or not JSON (400)."""
+    """A request body was refused: too large (413), too slow (408), not JSON (400).
+
+    Or never finished: the client disconnected (499, which nobody reads).
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -139,10 +149,29 @@ class RequestLimits:
             if started:  # too late for a status: end the response
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            headers = [(b"content-type", b"application/json")]
-            headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": _encode({"error": exc.message})})
+            await refuse_body(send, exc)
+
+
+async def error_response(
+    send: Send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer (plain ASGI) with ``status`` and the JSON body ``{"error": message}``."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": _encode({"error": message})})
+
+
+async def refuse_body(
+    send: Send, error: BodyError, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer a refused body: its status and message, plus ``headers`` (408 also closes)."""
+    own = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await error_response(send, error.status, error.message, [*headers, *own])
 
 
 async def read_body(request: Request, limit: int | None = None) -> bytes:
@@ -150,7 +179,7 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
 
     Raises:
         BodyError: 413 past the limit (declared or streamed), 408 past the body
-            timeout.
+            timeout, 499 when the client disconnected first.
     """
     scope = request.scope
     if limit is not None:
@@ -162,11 +191,14 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     chunks: list[bytes] = []
     size = 0
     bound = scope.get(_LIMIT_KEY)
-    async for chunk in request.stream():
-        size += len(chunk)
-        if bound is not None and size > bound:  # no middleware in front (a bare mount)
-            raise _too_large()
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if bound is not None and size > bound:  # no middleware in front (a bare mount)
+                raise _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BodyError(499, "client disconnected") from None
     return b"".join(chunks)
 
 
@@ -174,7 +206,7 @@ async def read_json(request: Request, limit: int | None = None, *, empty: Any = 
     """Read and decode a JSON body (``empty`` when the body is blank).
 
     Raises:
-        BodyError: 413 or 408 as :func:`read_body`; 400 when the body is not
+        BodyError: 413, 408 or 499 as :func:`read_body`; 400 when the body is not
             JSON (malformed, not UTF-8, or nested too deeply).
     """
     body = await read_body(request, limit)

@@ -8,7 +8,8 @@ place secrets are masked, applied by :class:`RedactingFilter` to every record:
 
 * query parameters whose **decoded** name looks secret (``access_token``,
   ``access%5Ftoken``, ``api_key``, ``session``, ``csrf`` …), in any URL of the
-  line, whatever the status or path;
+  line, whatever the status or path; ``cf_connect`` too, the connect command of
+  the SSE emulation and unidirectional transports (its token and data);
 * the values of ``Authorization``, ``Proxy-Authorization``, ``Cookie``,
   ``Set-Cookie``, ``X-API-Key`` and ``X-CSRF-Token`` headers, in the forms a log
   line shows them (``name: value``, a scope's ``(b'name', b'value')``, a dict);
@@ -48,6 +49,8 @@ _SECRET_WORDS: Final = (
     "jwt",
     "credential",
     "signature",
+    # cf_connect: a whole connect command (a token, the client's data).
+    "connect",
 )
 # Possessive quantifiers and a look-behind: every pattern scans its input once (linear
 # time whatever the text), which a log line built from a request target needs.

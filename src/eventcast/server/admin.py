@@ -19,9 +19,10 @@ import time
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..events import encode_data
 from ..protocol import codes
-from ..protocol.codec import encode_push
 from ..protocol.codes import Disconnect
 from ..protocol.frames import SubscribeRequest
 from ..topics import validate_topic
@@ -108,12 +109,11 @@ class Admin:
 
     def _unsubscribe(self, conns: Iterable[Connection], channel: str, why: tuple[int, str]) -> int:
         code, reason = why
-        push = encode_push(channel, "unsubscribe", {"code": code, "reason": reason})
         count = 0
         for conn in conns:
             if channel in conn.channels:
                 self._hub.channels.leave(conn, channel)
-                conn.enqueue(push)
+                conn.push(channel, "unsubscribe", {"code": code, "reason": reason})
                 count += 1
         return count
 
@@ -153,7 +153,7 @@ class Admin:
                 )
                 if v
             }
-            conn.enqueue(encode_push(channel, "subscribe", body))
+            conn.push(channel, "subscribe", body)
             membership = conn.channels.get(channel)
             if membership is not None:
                 hub.channels.release(conn, membership)
@@ -168,10 +168,10 @@ class Admin:
         Raises:
             EncodeError: ``data`` is not JSON-serialisable.
         """
-        push = b'{"push":{"message":{"data":%s}}}' % encode_data(data)
+        body = {"data": msgspec.Raw(encode_data(data))}
         conns = [c for c in self.select(user, client) if not c.sse]
         for conn in conns:
-            conn.enqueue(push)
+            conn.push("", "message", body)
         return len(conns)
 
     def refresh(
@@ -195,12 +195,11 @@ class Admin:
         body: dict[str, Any] = {}
         if expires_at is not None:
             body = {"expires": True, "ttl": max(1, int(expires_at - time.time()))}
-        push = encode_push("", "refresh", body)
         for conn in conns:
             conn.expires_at = expires_at
             conn.arm_expiry()
             if not conn.sse:
-                conn.enqueue(push)
+                conn.push("", "refresh", body)
         return len(conns)
 
     def enforce(self, access: Access, entries: Iterable[AccessEntry]) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,8 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from ..exceptions import EventcastError
-from ..protocol import codes
-from ..protocol.codes import Disconnect
+from ..protocol.encodings import get_encoding, websocket_encoding
 from . import _uvicorn
 from ._http import RequestLimits
 from ._logs import configure_logging, install_redaction
@@ -33,10 +32,13 @@ from .api import handle_api
 from .config import Settings
 from .connection import Connection
 from .dashboard import dashboard_routes, log_access_mode
+from .driver import finish, keep_alive, run_frame
+from .emulation import EmulationEndpoint, HttpStreamEndpoint, SSERoute
 from .hooks import Hooks
+from .httpio import accept_websocket
 from .hub import Hub
 from .metrics import metrics_endpoint
-from .sse import SSEEndpoint
+from .unidirectional import UniHttpStreamEndpoint, UniSSEEndpoint, UniWebSocketEndpoint
 
 __all__ = ["HubApp", "create_app", "serve"]
 
@@ -44,69 +46,42 @@ logger = logging.getLogger("eventcast.server")
 
 
 class WebSocketEndpoint:
-    """``/connection/websocket``: the Centrifuge client protocol, JSON encoding."""
+    """``/connection/websocket``: the Centrifuge client protocol, JSON or Protobuf.
+
+    A client asks for Protobuf as the SDKs do (the subprotocol
+    ``centrifuge-protobuf``, echoed in the handshake answer, or
+    ``?cf_protocol=protobuf`` / ``?format=protobuf``): see
+    :func:`~eventcast.protocol.encodings.websocket_encoding`.
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope["app"]
         hub: Hub = app.state.hub
         settings = hub.settings
-        message = await receive()
-        if message["type"] != "websocket.connect":
+        if not await accept_websocket(hub, scope, receive, send, "websocket"):
             return
-        refusal = hub.check_handshake(scope, "websocket")
-        if refusal is not None:
-            await _deny(scope, send, *refusal)
-            return
-        await send({"type": "websocket.accept"})
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        name, subprotocol = websocket_encoding(scope.get("subprotocols") or (), query)
+        encoding = get_encoding(name)
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if subprotocol is not None:
+            accept["subprotocol"] = subprotocol
+        await send(accept)
         raw_send = scope.get("eventcast.send", send)
         transport = websocket_transport(raw_send)
         conn = hub.new_connection(
-            send=raw_send if transport is not None else send, transport=transport, scope=scope
+            send=raw_send if transport is not None else send,
+            transport=transport,
+            scope=scope,
+            encoding=encoding,
         )
-        loop = asyncio.get_running_loop()
-        stale = loop.call_later(settings.handshake_timeout, self._stale, conn)
-        pinger = loop.call_later(settings.ping_interval, self._ping, conn, settings)
+        cancel = keep_alive(conn, settings)
         try:
             await self._serve(conn, hub, receive, settings.max_message_size)
         finally:
-            stale.cancel()
-            pinger.cancel()
-            if not conn.closed:
-                conn.lost()
-            # Returning ends the ASGI connection: first let the close frame go out.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await conn.wait_closed()
-
-    @staticmethod
-    def _stale(conn: Connection) -> None:
-        if not conn.session.connected_state and not conn.closed:
-            conn.close(codes.DISCONNECT_STALE)
-
-    def _ping(self, conn: Connection, settings: Settings) -> None:
-        if conn.closed:
-            return
-        loop = asyncio.get_running_loop()
-        if not conn.session.connected_state:
-            loop.call_later(settings.ping_interval, self._ping, conn, settings)
-            return
-        conn.session.ping()
-        conn.send_session_output()
-        pongs = conn.session.pongs
-        loop.call_later(settings.pong_timeout, self._check_pong, conn, settings, pongs)
-
-    def _check_pong(self, conn: Connection, settings: Settings, pongs_at_ping: int) -> None:
-        if conn.closed:
-            return
-        if conn.session.pongs == pongs_at_ping:
-            conn.close(codes.DISCONNECT_NO_PONG)
-            return
-        asyncio.get_running_loop().call_later(
-            max(0.0, settings.ping_interval - settings.pong_timeout), self._ping, conn, settings
-        )
+            await finish(conn, cancel)
 
     async def _serve(self, conn: Connection, hub: Hub, receive: Receive, limit: int) -> None:
-        session = conn.session
         while conn.is_open():
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -115,67 +90,7 @@ class WebSocketEndpoint:
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
-            conn.messages_in += 1
-            conn.bytes_in += len(data)
-            if len(data) > limit:
-                conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
-                return
-            requests = session.receive(data)
-            i = 0
-            while i < len(requests) and conn.is_open():
-                request = requests[i]
-                if not session.admit(request):
-                    conn.send_session_output()
-                    i += 1
-                    continue
-                if _durable_publish(hub, request):
-                    # Consecutive durable publishes of one frame run together, so
-                    # they share a group commit (replies carry their ids). Live
-                    # publishes never wait, so they run in line: the whole frame
-                    # then reaches the channel's dispatcher as one batch.
-                    group = [request]
-                    while (
-                        i + len(group) < len(requests)
-                        and _durable_publish(hub, requests[i + len(group)])
-                        and session.admit(requests[i + len(group)])
-                    ):
-                        group.append(requests[i + len(group)])
-                    if len(group) > 1:
-                        await asyncio.gather(*(hub.handle(conn, r) for r in group))
-                    else:
-                        await hub.handle(conn, request)
-                    i += len(group)
-                    continue
-                await hub.handle(conn, request)
-                i += 1
-            conn.send_session_output()
-
-
-def _durable_publish(hub: Hub, request: Any) -> bool:
-    """Whether a command publishes into a durable channel (its publish awaits a commit)."""
-    if request.method != "publish":
-        return False
-    channel = getattr(request.body, "channel", "")
-    try:
-        return bool(channel) and hub.bus.namespace(channel).durable
-    except Exception:
-        return False
-
-
-async def _deny(scope: Scope, send: Send, status: int, message: str) -> None:
-    """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
-    body = json.dumps({"error": message}).encode()
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:  # the server cannot send a status: a close before accept is a 403
-        await send({"type": "websocket.close", "code": 1008})
+            await run_frame(hub, conn, data, limit)
 
 
 class HubApp(Starlette):
@@ -284,7 +199,14 @@ def create_app(
         routes=[
             *([Route("/asyncapi.json", asyncapi_endpoint)] if hub.settings.asyncapi else []),
             WebSocketRoute("/connection/websocket", WebSocketEndpoint()),
-            Route("/connection/sse", SSEEndpoint(), methods=["GET"]),
+            Route("/connection/sse", SSERoute(), methods=["GET"]),
+            Route("/connection/http_stream", HttpStreamEndpoint(), methods=["POST", "OPTIONS"]),
+            Route("/emulation", EmulationEndpoint(), methods=["POST", "OPTIONS"]),
+            WebSocketRoute("/connection/uni_websocket", UniWebSocketEndpoint()),
+            Route(
+                "/connection/uni_http_stream", UniHttpStreamEndpoint(), methods=["POST", "OPTIONS"]
+            ),
+            Route("/connection/uni_sse", UniSSEEndpoint(), methods=["GET", "POST", "OPTIONS"]),
             Route("/api/{method}", handle_api, methods=["POST"]),
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),

@@ -2,11 +2,14 @@
 
 Fan-out works per channel. Each channel any client subscribed to has one bus
 subscription and one dispatcher task. The dispatcher takes a batch of events,
-encodes each publication push once, joins the batch into one payload, and
-queues that same payload object for every WebSocket member; the connections
-write it in one frame at the end of the loop turn. SSE members get the batch
-encoded for their stream position (see :mod:`eventcast.server.sse`). There is
-no task and no encoding per delivery.
+encodes each publication push once per encoding, joins the batch into one
+payload per encoding, and queues that same payload object for every member
+speaking that encoding; the connections write it in one frame at the end of
+the loop turn. Members with a tags filter, fossil deltas or a conflating
+namespace get what :mod:`eventcast.server.fanout` prepares, still once per
+variant rather than per connection. SSE members get the batch encoded for
+their stream position (see :mod:`eventcast.server.sse`). There is no task and
+no encoding per delivery.
 
 A member that is subscribing holds the live events aside until its subscribe
 reply (and replay) has been queued; after that, a member that was given a
@@ -26,14 +29,18 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
+from .._conflation import LatestByKey
 from ..events import Event
-from ..exceptions import EncodeError, SlowConsumerError, SubscriptionClosedError
+from ..exceptions import SlowConsumerError, SubscriptionClosedError
 from ..protocol import codes
-from ..protocol.codec import encode_push, publication_push
+from ..protocol.encodings import Encoding
+from ..protocol.filters import TagFilter
+from ..protocol.frames import ClientInfo
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern
 from .connection import Connection
+from .fanout import Backlogs, Batch
 
 if TYPE_CHECKING:
     from ..bus import Bus
@@ -77,6 +84,23 @@ class Membership:
     on_expire: Callable[[Connection, Membership], None] | None = None
     #: The claims of the subscription token it was granted by, if any.
     token: SubscriptionClaims | None = None
+    #: Only publications whose tags pass this filter are given (``tf``).
+    tag_filter: TagFilter | None = None
+    #: Fossil deltas were negotiated (``delta: "fossil"``).
+    delta: bool = False
+    #: The namespace's conflation tag: the member is conflated when behind.
+    conflation_key: str | None = None
+    #: Given the batch's shared payload as is (no filter, delta or conflation).
+    plain: bool = field(init=False)
+    #: The publication last given in delta mode: its data is the client's base.
+    delta_base: Event | None = None
+    #: While the connection is behind: the newest publication per key, encoded.
+    backlog: LatestByKey[tuple[Event, bytes]] | None = None
+    #: The bytes held in :attr:`backlog` (a cell its callbacks update).
+    backlog_size: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        self.plain = self.tag_filter is None and not self.delta and self.conflation_key is None
 
     def arm_expiry(self, conn: Connection) -> None:
         """Close ``conn`` with 3006 when this subscription expires (or call :attr:`on_expire`)."""
@@ -98,6 +122,9 @@ class Membership:
         self.timer = asyncio.get_running_loop().call_later(delay, check)
 
 
+_client_info = msgspec.json.Decoder(ClientInfo).decode
+
+
 class HubChannel:
     """One channel (or pattern) with members on this node: its bus subscription and dispatcher."""
 
@@ -113,19 +140,12 @@ class HubChannel:
         self.task.add_done_callback(self._done)
         self.publications = 0
         self.last_offset = 0
+        #: The last publication dispatched: the delta base of the next one.
+        self.last_event: Event | None = None
 
-    def encode(self, events: list[Event]) -> bytes | None:
-        """The publication pushes of a batch, each encoded once, newline-joined."""
-        frames: list[bytes] = []
-        for event in events:
-            try:
-                frames.append(publication_push(self.name, event, concrete_channel=self.pattern))
-            except EncodeError as exc:
-                self._channels.encode_failures += 1
-                logger.warning("skipping an event on %r for network clients: %s", self.name, exc)
-        if not frames:
-            return None
-        return frames[0] if len(frames) == 1 else b"\n".join(frames)
+    def batch(self, events: list[Event], *, fresh: bool = False) -> Batch:
+        """A batch of this channel's publications (``fresh``: given to one member alone)."""
+        return Batch(self.name, self.pattern, events, None if fresh else self.last_event)
 
     async def _run(self) -> None:
         sub = self.sub
@@ -143,7 +163,9 @@ class HubChannel:
             offset = events[-1].offset
             if offset:
                 self.last_offset = offset
-            payload = self.encode(events)
+            batch = self.batch(events)
+            encoding: Encoding | None = None
+            payload = b""
             sse_cache: dict[object, object] | None = None
             for conn, membership in list(self.members.items()):
                 held = membership.held
@@ -155,8 +177,16 @@ class HubChannel:
                     if sse_cache is None:
                         sse_cache = {}
                     channels.encode_failures += channels.deliver_sse(conn, events, sse_cache)
-                elif payload is not None:
-                    conn.enqueue(payload)
+                elif membership.plain:
+                    if conn.encoding is not encoding:
+                        encoding = conn.encoding
+                        payload = batch.payload(encoding)
+                    if payload:
+                        conn.enqueue(payload)
+                else:
+                    channels.deliver(conn, membership, batch)
+            self.last_event = events[-1]
+            channels.encode_failures += len(batch.failed)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -193,6 +223,9 @@ class Channels:
         #: Called with ``(channel, True)`` when a channel (not a pattern) gets its
         #: first member on this node, ``(channel, False)`` when it lost its last.
         self.occupancy_listeners: list[Callable[[str, bool], None]] = []
+        #: Publications a conflated member skipped (a newer one of its key replaced them).
+        self.conflated = 0
+        self.backlogs = Backlogs(self._count_conflated)
 
     def _occupancy(self, channel: HubChannel, occupied: bool) -> None:
         if channel.pattern:
@@ -202,6 +235,9 @@ class Channels:
                 listener(channel.name, occupied)
             except Exception:
                 logger.exception("an occupancy listener failed")
+
+    def _count_conflated(self, count: int) -> None:
+        self.conflated += count
 
     def join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
         """Add ``conn`` to a channel (created on first member); it holds live events for now."""
@@ -256,8 +292,24 @@ class Channels:
             self.encode_failures += self.deliver_sse(conn, events, {})
             return
         channel = self.by_name.get(membership.channel)
-        payload = channel.encode(events) if channel is not None else None
-        if payload is not None:
+        if channel is None:
+            return
+        batch = channel.batch(events, fresh=True)
+        self.deliver(conn, membership, batch, fresh=True)
+        self.encode_failures += len(batch.failed)
+
+    def deliver(
+        self, conn: Connection, membership: Membership, batch: Batch, *, fresh: bool = False
+    ) -> None:
+        """Give a batch to a member that is not plain: filtered, in deltas, or conflated."""
+        encoding = conn.encoding
+        if membership.conflation_key is not None and (
+            membership.backlog is not None or self.backlogs.behind(conn)
+        ):
+            self.backlogs.hold(conn, membership, batch.items(membership, encoding))
+            return
+        payload = batch.for_member(membership, encoding, fresh=fresh)
+        if payload:
             conn.enqueue(payload)
 
     def overflowed(self, channel: HubChannel) -> None:
@@ -273,11 +325,15 @@ class Channels:
         channel = self.by_name.get(name)
         if channel is None:
             return
-        push: bytes | None = None
+        pushes: dict[Encoding, bytes] = {}
         for conn, membership in channel.members.items():
             if membership.join_leave and membership.held is None:
+                encoding = conn.encoding
+                push = pushes.get(encoding)
                 if push is None:
-                    push = encode_push(name, kind, {"info": msgspec.Raw(info)})
+                    # JSON embeds the info as it is; Protobuf needs its fields.
+                    body = _client_info(info) if encoding.binary else msgspec.Raw(info)
+                    push = pushes[encoding] = encoding.encode_push(name, kind, {"info": body})
                 conn.enqueue(push)
 
     def lost_continuity(self, topic: str, durable: bool) -> None:
@@ -292,13 +348,13 @@ class Channels:
         if channel is None:
             return
         code, reason = codes.UNSUBSCRIBE_INSUFFICIENT_STATE
-        push = encode_push(topic, "unsubscribe", {"code": code, "reason": reason})
+        body = {"code": code, "reason": reason}
         for conn in list(channel.members):
             if durable or conn.sse:
                 conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
             else:
                 self.leave(conn, topic)
-                conn.enqueue(push)
+                conn.push(topic, "unsubscribe", body)
 
     def close(self) -> None:
         """Stop every channel's dispatcher."""
@@ -307,6 +363,7 @@ class Channels:
         for channel in channels:
             channel.close()
             self._occupancy(channel, False)
+        self.backlogs.close()
 
     def __len__(self) -> int:
         return len(self.by_name)

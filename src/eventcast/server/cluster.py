@@ -17,6 +17,11 @@ answers: ``disconnect``, ``unsubscribe``, ``subscribe``, ``refresh``,
 ``send_message``, the access entries (``block_user``, ``revoke_token``, …) and
 ``channels``. With no backplane there is one node: actions and answers cover
 it alone, at once.
+
+One call goes to a single node: ``emulation``, the commands of an
+HTTP-streaming or SSE emulation session that reached a node other than the
+one holding its stream (:meth:`Cluster.relay_emulation`, the default
+:attr:`Emulation.relay <eventcast.server.emulation.Emulation.relay>`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..events import encode_data
 from ..exceptions import BackplaneError, EventcastError
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ..protocol.frames import EmulationRequest
 from .access import Access, AccessEntry, Key, access_store_url, open_access_store
 from .admin import disconnect_of
 from .errors import CommandError
@@ -118,6 +124,13 @@ class _ChannelsCall(_Call, frozen=True, tag="channels"):
     pattern: str = ""
 
 
+class _EmulationCall(_Call, frozen=True, tag="emulation"):
+    """Commands of an emulation session, for the node holding its stream."""
+
+    session: str
+    data: bytes
+
+
 Call = (
     _DisconnectCall
     | _UnsubscribeCall
@@ -126,6 +139,7 @@ Call = (
     | _MessageCall
     | _AccessCall
     | _ChannelsCall
+    | _EmulationCall
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -266,6 +280,7 @@ class Cluster:
             _MessageCall: self._message,
             _AccessCall: self._access,
             _ChannelsCall: self._channels,
+            _EmulationCall: self._emulation,
         }
 
     @property
@@ -500,6 +515,21 @@ class Cluster:
                     channels[name] = channels.get(name, 0) + count
         return ChannelsAnswer(channels, answers.missing, truncated)
 
+    async def relay_emulation(self, node: str, request: EmulationRequest, *, timeout: float) -> int:
+        """Run an emulation request on the node ``node`` (its id); return the HTTP status.
+
+        The status is the holder's: 200 (delivered) or 204 (its session has
+        ended). 404 when no live node has that id (a single node knows no
+        other), or it did not answer within ``timeout`` seconds, or failed.
+
+        Raises:
+            BackplaneError: too many cluster requests are already waiting.
+        """
+        call = _EmulationCall(session=request.session, data=request.data)
+        answers = await self.table.ask_node(node, _encode(call), "emulation", timeout=timeout)
+        status = answers.results.get(node)
+        return status if isinstance(status, int) and not isinstance(status, bool) else 404
+
     # -- what each node does -------------------------------------------------------------------
 
     async def _disconnect(self, call: _DisconnectCall) -> int:
@@ -560,6 +590,10 @@ class Cluster:
                 break
             channels[name] = len(channel.members)
         return {"channels": channels, "truncated": truncated}
+
+    async def _emulation(self, call: _EmulationCall) -> int:
+        request = EmulationRequest(node=self.node_id, session=call.session, data=call.data)
+        return await self._hub.emulation.run_local(request)
 
     async def _reload_access(self) -> None:
         while True:

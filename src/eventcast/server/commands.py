@@ -75,6 +75,7 @@ from . import hooks
 from .channels import Membership
 from .connection import Connection
 from .errors import CommandError
+from .fanout import delta_mode, latest_publication, subscription_options
 from .hooks import HookCaller, HookKind, Hooks
 from .limits import TokenBucket
 from .permissions import Permissions
@@ -136,6 +137,7 @@ def _who(conn: Connection) -> dict[str, Any]:
         "client": conn.id,
         "user": conn.user,
         "transport": conn.transport_name,
+        "protocol": "protobuf" if conn.encoding.binary else "json",
         "headers": Headers(raw=list(conn.headers)),
         "address": conn.address,
         "meta": conn.meta,
@@ -264,7 +266,7 @@ class Commands:
             if method == "connect":
                 session.connected(request, result)
                 conn.send_session_output()
-                self._after_connect(conn)
+                self.after_connect(conn)
                 return
             session.reply(request, result)
             if method == "subscribe":
@@ -397,8 +399,10 @@ class Commands:
             version=f"eventcast {__version__}",
             ping=int(settings.ping_interval),
             pong=True,
-            node=settings.node_name,
+            # The cluster id, as Centrifugo's: emulation requests name it (see emulation.py).
+            node=hub.cluster.node_id,
             data=raw(admission.data),
+            session=conn.session_id,
         )
         if conn.expires_at is not None and conn.on_expire is None:
             # Without a refresh hook the client refreshes with a new token.
@@ -414,7 +418,7 @@ class Commands:
             result.subs = subs
         return result
 
-    def _after_connect(self, conn: Connection) -> None:
+    def after_connect(self, conn: Connection) -> None:
         """Release held publications of server-side subscriptions after the connect reply."""
         for membership in list(conn.channels.values()):
             if membership.held is not None:
@@ -527,6 +531,7 @@ class Commands:
             raise CommandError(codes.ERROR_ALREADY_SUBSCRIBED)
         if len(conn.channels) >= hub.settings.channels_per_connection:
             raise CommandError(codes.ERROR_LIMIT_EXCEEDED.with_message("channel limit"))
+        delivery = subscription_options(ns, req, pattern=is_pattern(name))
         membership = Membership(
             channel=name,
             server_side=server_side,
@@ -535,9 +540,12 @@ class Commands:
             presence=ns.presence,
             info=grant.info,
             token=grant.token,
+            tag_filter=delivery.tag_filter,
+            delta=delivery.delta,
+            conflation_key=delivery.conflation_key,
         )
         hub.channels.join(conn, name, membership)
-        result = SubscribeResult(data=raw(grant.data))
+        result = SubscribeResult(data=raw(grant.data), delta=delivery.delta)
         try:
             if ns.presence:
                 await hub.presence_keeper.add(name, conn)
@@ -551,17 +559,23 @@ class Commands:
             if ns.history_size > 0 and not is_pattern(name):
                 recover = req.recover and ns.allow_recovery
                 since = StreamPosition(offset=req.offset, epoch=req.epoch) if recover else None
-                replay = await hub.replay(name, since)
+                if ns.force_recovery_mode == "cache":
+                    recover = (req.recover or ns.force_recovery) and ns.allow_recovery
+                    replay = await latest_publication(hub.bus, name, since, recover=recover)
+                else:
+                    replay = await hub.replay(name, since)
                 result.epoch = replay.position.epoch
                 result.offset = replay.position.offset
                 result.recoverable = ns.force_recovery or (ns.allow_recovery and req.recover)
                 result.positioned = True
                 if recover:
-                    result.was_recovering = True
+                    result.was_recovering = req.recover
                     result.recovered = bool(replay.recovered)
                     hub.recoveries[result.recovered] += 1
                     if replay.events:
                         result.publications = [publication(e) for e in replay.events]
+                        if delivery.delta:
+                            delta_mode(result.publications, conn.encoding)
                 membership.handoff = replay.handoff()
         except BaseException:
             hub.channels.leave(conn, name)

@@ -110,6 +110,17 @@ class NamespaceConfig(BaseModel):
             the HTTP publish proxy instead of the ``allow_publish_*`` options.
         proxy_sub_refresh: expiring subscriptions are extended by the HTTP
             sub_refresh proxy instead of closing the connection.
+        allowed_delta_types: the delta compressions subscribers may negotiate
+            (``["fossil"]``, or empty: none); see ``docs/transports.md``.
+        allow_tags_filter: subscribers may send a tags filter (``tf``) so they
+            are given only the publications whose tags match.
+        force_recovery_mode: ``"stream"`` (recover every missed publication)
+            or ``"cache"`` (a subscriber recovering, or every subscriber with
+            ``force_recovery``, is given the latest publication only: the
+            channel is a key-value state). ``"cache"`` needs history.
+        conflation_key: (eventcast extension) a publication tag: a connection
+            that falls behind is given only the newest publication per value
+            of this tag (per channel) instead of being disconnected as slow.
         schema: (eventcast extension) what every publication's data must match:
             a JSON Schema (a TOML table, or JSON in the environment), or in
             Python a msgspec ``Struct`` or pydantic model class. Publishes that
@@ -141,6 +152,10 @@ class NamespaceConfig(BaseModel):
     proxy_subscribe: bool = False
     proxy_publish: bool = False
     proxy_sub_refresh: bool = False
+    allowed_delta_types: list[Literal["fossil"]] = Field(default_factory=list)
+    allow_tags_filter: bool = True
+    force_recovery_mode: Literal["stream", "cache"] = "stream"
+    conflation_key: str | None = Field(default=None, min_length=1)
     # Not named ``schema``: that would shadow a (deprecated) BaseModel attribute.
     data_schema: Any = Field(default=None, alias="schema")
 
@@ -157,6 +172,12 @@ class NamespaceConfig(BaseModel):
     @field_serializer("data_schema")
     def _schema_as_json(self, value: Schema | None) -> dict[str, Any] | None:
         return None if value is None else value.json_schema
+
+    @model_validator(mode="after")
+    def _check_cache_mode(self) -> NamespaceConfig:
+        if self.force_recovery_mode == "cache" and self.history_size <= 0:
+            raise ValueError('force_recovery_mode "cache" needs history (history_size > 0)')
+        return self
 
     @field_validator("name")
     @classmethod

@@ -1,13 +1,17 @@
 """One client connection of the hub: a bounded outgoing queue and a coalescing writer.
 
 Everything queued for a connection during one turn of the event loop is
-written as one WebSocket frame (the Centrifuge JSON protocol allows several
-newline-separated messages per frame). When the hub runs under ``eventcast
-serve`` (uvicorn's sans-I/O WebSocket protocol), frames are written
+written as one write: one WebSocket frame (the Centrifuge protocol allows
+several messages per frame: newline-separated in JSON, length-delimited in
+Protobuf) or one HTTP chunk. The connection's
+:class:`~eventcast.server.wires.Wire` says how messages are joined and framed
+for its transport, and its :class:`~eventcast.protocol.encodings.Encoding`
+how they are encoded. When the hub runs under ``eventcast serve`` (uvicorn's
+sans-I/O WebSocket protocol, its httptools HTTP protocol), frames are written
 pre-framed straight to the socket's transport, and a frame shared by many
-connections (one batch of publications on one channel) is built once. Mounted
-in another server, the connection falls back to ASGI ``send`` from one writer
-task per connection.
+connections (one batch of publications on one channel) is built once per wire.
+Mounted in another server, the connection falls back to ASGI ``send`` from
+one writer task per connection.
 
 The queue is bounded in bytes (default 1 MiB, counting what the transport
 still holds): a connection that cannot keep up is closed with 3008 "slow" and
@@ -25,8 +29,10 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol.codes import DISCONNECT_EXPIRED, DISCONNECT_SLOW, Disconnect
-from ..protocol.framing import frame_chunk, frame_text
+from ..protocol.encodings import JSON, Encoding
+from ..protocol.framing import frame_chunk
 from ..protocol.session import ServerSession
+from .wires import Wire, wire_for
 
 if TYPE_CHECKING:
     from .channels import Membership
@@ -39,6 +45,9 @@ logger = logging.getLogger("eventcast.server")
 DEFAULT_QUEUE_BYTES: Final = 1_048_576
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+#: Frames already built in one flush: per framing function, ``id(payload) ->
+#: (payload, frame)`` (the payload is kept so its id cannot be reused meanwhile).
+FrameCache = dict[Callable[[bytes], bytes], dict[int, tuple[bytes, bytes]]]
 
 
 def writable_transport(transport: object) -> asyncio.WriteTransport | None:
@@ -76,7 +85,7 @@ class Flusher:
     def _flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
-        frames: dict[int, tuple[bytes, bytes]] = {}
+        frames: FrameCache = {}
         for conn in dirty:
             conn.flush(frames)
 
@@ -95,10 +104,16 @@ class Connection:
         transport: the socket's transport, to write pre-framed bytes to.
         queue_limit: bound of the outgoing queue, in bytes (3008 past it).
         max_bad_commands: malformed commands tolerated before 3509.
-        transport_name: ``websocket`` or ``sse``.
-        start_writer: start writing now (an SSE stream attaches later).
+        transport_name: the transport (a key of :data:`~eventcast.server.wires.WIRES`:
+            ``websocket``, ``sse``, ``http_stream``, ``sse_emulation``,
+            ``uni_websocket``, ``uni_http_stream``, ``uni_sse``).
+        encoding: the encoding of the protocol's messages.
+        start_writer: start writing now (an HTTP stream attaches later).
         headers: the headers of the connection's HTTP request (ASGI's raw pairs).
         address: the client's IP address, if known.
+
+    Raises:
+        ValueError: the transport is unknown or cannot carry the encoding.
     """
 
     def __init__(
@@ -111,16 +126,22 @@ class Connection:
         queue_limit: int = DEFAULT_QUEUE_BYTES,
         max_bad_commands: int = 10,
         transport_name: str = "websocket",
+        encoding: Encoding = JSON,
         start_writer: bool = True,
         headers: Sequence[tuple[bytes, bytes]] = (),
         address: str | None = None,
     ) -> None:
-        if transport_name not in ("websocket", "sse"):
-            raise ValueError(f"unknown transport {transport_name!r}")
+        #: How messages are joined and framed for the transport.
+        self.wire: Wire = wire_for(transport_name, encoding)
+        #: The encoding of the protocol's messages (replies and pushes).
+        self.encoding = encoding
         self._flusher = flusher
         self._on_closed = on_closed
         self.id = str(uuid.uuid4())
-        self.session = ServerSession(max_bad_commands=max_bad_commands)
+        self.session = ServerSession(max_bad_commands=max_bad_commands, encoding=encoding)
+        #: The emulation session id of an HTTP-streaming or SSE emulation
+        #: connection (its ``connect`` result names it; empty otherwise).
+        self.session_id = ""
         self.user = ""
         #: Connection info from the token, encoded once (``None`` when absent).
         self.info: bytes | None = None
@@ -151,7 +172,8 @@ class Connection:
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        #: SSE only: ends the HTTP response (set by the endpoint).
+        self._closing = False
+        #: HTTP streams only: ends the response (set by the endpoint).
         self.sse_end: Callable[[bytes], Awaitable[None]] | None = None
         self._wake: asyncio.Event | None = None
         self.closed = False
@@ -161,8 +183,10 @@ class Connection:
         self.bytes_out = 0
         self.messages_in = 0
         self.bytes_in = 0
-        self.sse = transport_name == "sse"
-        self._frame = frame_chunk if self.sse else frame_text
+        #: eventcast's own SSE stream (not the Centrifuge protocol).
+        self.sse = self.wire.eventcast_sse
+        self._frame = self.wire.frame
+        self._separator = self.wire.separator
         #: SSE only: the stream's composite cursor (see eventcast.protocol.sse).
         self.cursor: Any = None
         #: The command rate limiter (created on first use).
@@ -205,11 +229,15 @@ class Connection:
                 self._scheduled = True
                 self._wake.set()
 
+    def push(self, channel: str, kind: str, body: Any) -> None:
+        """Queue a push of ``kind`` (``message``, ``refresh`` …) in the connection's encoding."""
+        self.enqueue(self.encoding.encode_push(channel, kind, body))
+
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
-        out = self.session.data_to_send()
+        out = [message for message in self.session.data_to_send() if message]
         if out:
-            self.enqueue(out[0] if len(out) == 1 else b"\n".join(out))
+            self.enqueue(out[0] if len(out) == 1 else self._separator.join(out))
         disconnect = self.session.disconnect
         if disconnect is not None and not self.closed:
             self.close(disconnect)
@@ -218,8 +246,7 @@ class Connection:
         pending = self._pending
         if not pending:
             return None
-        # Centrifuge messages are newline-separated; SSE events end with a blank line.
-        data = pending[0] if len(pending) == 1 else (b"" if self.sse else b"\n").join(pending)
+        data = pending[0] if len(pending) == 1 else self._separator.join(pending)
         self._pending = []
         self._pending_size = 0
         self._scheduled = False
@@ -227,12 +254,11 @@ class Connection:
         self.bytes_out += len(data)
         return data
 
-    def flush(self, frames: dict[int, tuple[bytes, bytes]] | None = None) -> None:
+    def flush(self, frames: FrameCache | None = None) -> None:
         """Write what is queued as one frame (fast path: straight to the transport).
 
-        ``frames`` caches ``(payload, frame)`` by payload identity, so one
-        payload shared by many connections is framed once (the payload is kept
-        in the entry, so its id cannot be reused while the cache lives).
+        ``frames`` caches frames by framing and payload identity, so one
+        payload shared by many connections of one wire is framed once.
         """
         transport = self._transport
         if transport is None or self.closed:
@@ -240,9 +266,12 @@ class Connection:
         pending = self._pending
         if len(pending) == 1 and frames is not None:
             payload = pending[0]
-            entry = frames.get(id(payload))
+            cache = frames.get(self._frame)
+            if cache is None:
+                cache = frames[self._frame] = {}
+            entry = cache.get(id(payload))
             if entry is None or entry[0] is not payload:
-                entry = frames[id(payload)] = (payload, self._frame(payload))
+                entry = cache[id(payload)] = (payload, self._frame(payload))
             frame = entry[1]
             self._pending = []
             self._pending_size = 0
@@ -263,10 +292,19 @@ class Connection:
             return
         transport.write(frame)
 
-    def _message(self, data: bytes) -> dict[str, Any]:
-        if self.sse:
-            return {"type": "http.response.body", "body": data, "more_body": True}
-        return {"type": "websocket.send", "text": data.decode()}
+    def _messages(self, data: bytes) -> list[dict[str, Any]]:
+        """A payload as ASGI messages (one, or one per message where the wire says so)."""
+        wire = self.wire
+        if not wire.websocket:
+            return [{"type": "http.response.body", "body": wire.body(data), "more_body": True}]
+        parts = data.split(b"\n") if wire.frame_per_message else [data]
+        if wire.binary:
+            return [{"type": "websocket.send", "bytes": part} for part in parts]
+        return [{"type": "websocket.send", "text": part.decode()} for part in parts]
+
+    async def _send_all(self, data: bytes) -> None:
+        for message in self._messages(data):
+            await self._send(message)
 
     async def _write_loop(self) -> None:
         wake = self._wake
@@ -277,7 +315,7 @@ class Connection:
                 wake.clear()
                 data = self._take()
                 if data is not None:
-                    await self._send(self._message(data))
+                    await self._send_all(data)
         except (OSError, RuntimeError) as exc:
             logger.debug("connection %s: write failed: %s", self.id, exc)
             self._abort()
@@ -290,14 +328,24 @@ class Connection:
         """Close the connection with a protocol disconnect code. Idempotent."""
         if self.closed:
             return
-        self.disconnect = disconnect
-        self.session.close(disconnect)
-        if self._transport is not None:
+        if self._transport is not None and not self._closing:
+            self._closing = True
             self.flush()  # what was queued before the close goes first
             if not self.is_open():  # the flush closed it: too slow (3008) or already gone
                 return
         self.closed = True
-        self._pending = []
+        self.disconnect = disconnect
+        self.session.close(disconnect)
+        if self._transport is not None:
+            self._pending = []
+            self._pending_size = 0
+        if self.wire.disconnect_push:
+            # The last message, whatever the queue's bound: the code and reason.
+            self._pending.append(
+                self.encoding.encode_push(
+                    "", "disconnect", {"code": disconnect.code, "reason": disconnect.reason}
+                )
+            )
         self._on_closed(self)
         loop = asyncio.get_running_loop()
         self._closer = loop.create_task(
@@ -307,14 +355,19 @@ class Connection:
     async def _send_close(self, disconnect: Disconnect) -> None:
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
-            if self._pending:
-                with contextlib.suppress(Exception):
-                    data = self._take()
-                    if data is not None:
-                        await self._send(self._message(data))
             writer.cancel()
         with contextlib.suppress(Exception):
-            if self.sse:
+            data = self._take()
+            if data is not None:
+                transport = self._transport
+                if transport is not None:
+                    if not transport.is_closing():
+                        transport.write(self._frame(data))
+                elif writer is not None:  # the ASGI path, once the response has started
+                    await self._send_all(data)
+            if not self.wire.websocket and not self.sse:
+                await self._sse_end(b"")
+            elif self.sse:
                 # Ends the stream; a retry hint tells EventSource when to come back.
                 hint = b"retry: %d\n\n" % (1000 if disconnect.reconnect else 86_400_000)
                 if self._transport is not None and not self._transport.is_closing():

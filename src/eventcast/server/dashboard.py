@@ -400,7 +400,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
     """Everything the dashboard shows, as JSON-ready data."""
     transports = {"websocket": 0, "sse": 0}
     for conn in list(hub.connections.values()):
-        transports[conn.transport_name] += 1
+        transports[conn.transport_name] = transports.get(conn.transport_name, 0) + 1
     bus = hub.bus.statistics()
     topics = [
         {"topic": topic, "count": count, "last_offset": offset, "last_time": at}

@@ -116,7 +116,10 @@ class ClientRequest:
     Attributes:
         client: the connection's client id.
         user: the user id (``""`` before connect, and for anonymous clients).
-        transport: ``websocket`` or ``sse``.
+        transport: the transport: ``websocket``, ``sse`` (eventcast's SSE stream),
+            ``http_stream``, ``sse_emulation``, ``uni_websocket``,
+            ``uni_http_stream`` or ``uni_sse``.
+        protocol: the client protocol's encoding: ``json`` or ``protobuf``.
         headers: the headers of the connection's HTTP request (the WebSocket
             upgrade or the SSE request), case-insensitive.
         address: the client's IP address, as the server saw it, or ``None``.
@@ -127,6 +130,7 @@ class ClientRequest:
     client: str
     user: str = ""
     transport: str = "websocket"
+    protocol: str = "json"
     headers: Headers = field(default_factory=Headers)
     address: str | None = None
     meta: Any = None

@@ -44,6 +44,7 @@ from ..exceptions import (
 from ..ingest import Consumers
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ..protocol.encodings import JSON, Encoding
 from ..protocol.frames import (
     HistoryResult,
     PresenceResult,
@@ -57,6 +58,7 @@ from .channels import Channels, HubChannel, Membership
 from .cluster import Cluster
 from .commands import Commands, publication
 from .connection import Connection, Flusher, Send
+from .emulation import Emulation
 from .errors import CommandError
 from .hooks import Hooks
 from .ingest import HubTarget
@@ -127,6 +129,8 @@ class Hub:
         self.channels = Channels(bus, self.sse.deliver, self._left)
         self.commands = Commands(self, configured_hooks(settings, hooks))
         self.admin = Admin(self)
+        #: HTTP-streaming and SSE emulation sessions, and the relay between nodes.
+        self.emulation = Emulation(self)
         #: Who is in which channel (in process here; Redis or NATS across nodes).
         self.presence: Presence = _presence_for(settings.backplane_url)
         self.presence_keeper = PresenceKeeper(lambda: self.presence, settings.presence_ttl)
@@ -245,8 +249,9 @@ class Hub:
         transport: asyncio.WriteTransport | None,
         transport_name: str = "websocket",
         scope: Any = None,
+        encoding: Encoding = JSON,
     ) -> Connection:
-        """A connection of this hub, with its limits (an SSE one starts writing on attach).
+        """A connection of this hub, with its limits (an HTTP stream starts writing on attach).
 
         ``scope`` (the ASGI scope) gives the request's headers and client address to hooks.
         """
@@ -260,7 +265,8 @@ class Hub:
             queue_limit=settings.client_queue_bytes,
             max_bad_commands=settings.max_bad_commands,
             transport_name=transport_name,
-            start_writer=transport_name != "sse",
+            encoding=encoding,
+            start_writer=transport_name in ("websocket", "uni_websocket"),
             headers=scope.get("headers", ()) if scope else (),
             address=client[0] if client else None,
         )

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from ..protocol import codes
 from ..schema import Schema
+from .wires import WIRES
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -45,7 +46,7 @@ class HubCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
-        live: dict[str, list[int]] = {"websocket": [0, 0, 0, 0, 0], "sse": [0, 0, 0, 0, 0]}
+        live: dict[str, list[int]] = {name: [0, 0, 0, 0, 0] for name in WIRES}
         queue = 0
         fast = 0
         for conn in list(hub.connections.values()):
@@ -111,6 +112,16 @@ class HubCollector(Collector):
         )
         yield CounterMetricFamily(
             "eventcast_dropped", "Events dropped by overflow policies.", value=bus["dropped"]
+        )
+        yield CounterMetricFamily(
+            "eventcast_publications_conflated",
+            "Publications a client that fell behind skipped: a newer one of its key replaced them.",
+            value=hub.channels.conflated,
+        )
+        yield GaugeMetricFamily(
+            "eventcast_emulation_sessions",
+            "HTTP-streaming and SSE emulation sessions on this node.",
+            value=len(hub.emulation),
         )
         yield GaugeMetricFamily(
             "eventcast_dead_letters", "Dead letters kept.", value=bus["dead_letters"]

@@ -10,13 +10,14 @@ Both travel on the backplane's control channel (see
   did not know answers it with its own heartbeat, so a newcomer knows the
   cluster within a round trip.
 * ``request``: an id and a call (opaque here: :mod:`eventcast.server.cluster`
-  says what calls mean), sent to every node.
+  says what calls mean), sent to every node, or to one node by its id.
 * ``answer``: sent to the requesting node alone, with the call's result or
   an error.
 
 :meth:`NodeTable.ask` sends a request, runs the call here meanwhile, and waits
 for the nodes of the table at most ``request_timeout`` seconds; the nodes that
 did not answer in time (or failed) are named, never left out silently.
+:meth:`NodeTable.ask_node` asks one node of the table the same way.
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ class _Pending:
 
 Handler = Callable[[bytes], Awaitable[Any]]
 Spawn = Callable[[Coroutine[Any, Any, Any], str], object]
+
+
+async def _nothing() -> None:
+    """What a request to one node runs here meanwhile: nothing."""
 
 
 class NodeTable:
@@ -310,19 +315,51 @@ class NodeTable:
         expected = dict(self.nodes)
         if not expected:
             return await local(), Answers({}, [])
+        result, pending = await self._request(expected, call, local, self.request_timeout)
+        return result, self._answers(pending, what)
+
+    async def ask_node(
+        self, uid: str, call: bytes, what: str, *, timeout: float | None = None
+    ) -> Answers:
+        """Send ``call`` to the node ``uid`` alone and wait for its answer.
+
+        Its result is ``results[uid]``. A node not in the table, or that did not
+        answer within ``timeout`` seconds (default: ``request_timeout``), or
+        failed, is in ``missing`` (the unknown one by its uid).
+
+        Raises:
+            BackplaneError: :data:`MAX_PENDING` requests are already waiting.
+        """
+        node = self.nodes.get(uid)
+        if node is None:
+            return Answers({}, [uid])
+        wait = self.request_timeout if timeout is None else timeout
+        _, pending = await self._request({uid: node}, call, _nothing, wait, to=uid)
+        return self._answers(pending, what)
+
+    async def _request(
+        self,
+        expected: dict[str, Node],
+        call: bytes,
+        local: Callable[[], Awaitable[_T]],
+        timeout: float,
+        *,
+        to: str | None = None,
+    ) -> tuple[_T, _Pending]:
+        """Send a request (to every node, or one), run ``local`` meanwhile, await the answers."""
         if len(self._pending) >= MAX_PENDING:
             raise BackplaneError(f"{MAX_PENDING} cluster requests are already waiting")
         request_id = next(self._ids)
         pending = self._pending[request_id] = _Pending(expected)
         try:
-            self._send(_Request(self.node_id, request_id, msgspec.Raw(call)))
+            self._send(_Request(self.node_id, request_id, msgspec.Raw(call)), to)
             result = await local()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.request_timeout):
+                async with asyncio.timeout(timeout):
                     await pending.done.wait()
         finally:
             del self._pending[request_id]
-        return result, self._answers(pending, what)
+        return result, pending
 
     def _answers(self, pending: _Pending, what: str) -> Answers:
         results: dict[str, Any] = {}

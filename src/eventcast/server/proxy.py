@@ -6,10 +6,10 @@ Each hook is a ``POST`` of a JSON body to its endpoint
 ``…_SUBSCRIBE_ENDPOINT``, ``…_PUBLISH_ENDPOINT``, ``…_SUB_REFRESH_ENDPOINT``,
 ``…_RPC_ENDPOINT``) with the client request headers listed in
 ``EVENTCAST_PROXY_HTTP_HEADERS``. The body has the connection's ``client``,
-``transport``, ``protocol`` (``json``) and ``encoding`` (``json``), the
-``user`` (not for connect), the ``meta`` the connect hook attached, and the
-hook's own fields; client data goes as ``data`` (raw JSON) or, with
-``EVENTCAST_PROXY_BINARY_ENCODING``, as ``b64data``.
+``transport``, ``protocol`` (``json`` or ``protobuf``) and ``encoding``
+(``json``), the ``user`` (not for connect), the ``meta`` the connect hook
+attached, and the hook's own fields; client data goes as ``data`` (raw JSON)
+or, with ``EVENTCAST_PROXY_BINARY_ENCODING``, as ``b64data``.
 
 The backend answers ``200`` with one of::
 
@@ -242,7 +242,7 @@ class ProxyHooks(Hooks):
         body: dict[str, Any] = {
             "client": request.client,
             "transport": request.transport,
-            "protocol": "json",
+            "protocol": request.protocol,
             "encoding": "json",
         }
         if user:

@@ -24,8 +24,6 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-import msgspec
-
 from ..events import Event
 from ..exceptions import AuthError, EncodeError, KeySetError, TokenExpiredError
 from ..protocol import codes
@@ -39,18 +37,19 @@ from ..protocol.sse import (
     subscribed_event,
 )
 from ..topics import is_pattern
-from ._uvicorn import http_transport as _raw_http_transport
+from ._http import error_response
+from ._uvicorn import http_transport
 from .channels import Membership
 from .connection import Connection
 from .errors import CommandError
+from .httpio import cors_headers, header, refuse_stream
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["SSEEndpoint", "SSEStreams"]
+__all__ = ["SSEEndpoint", "SSEStreams", "start_stream", "wait_stream"]
 
 logger = logging.getLogger("eventcast.server")
-_encode = msgspec.json.Encoder().encode
 
 #: Most cursors interned (the table is cleared past it).
 _CURSORS_LIMIT: Final = 10_000
@@ -204,15 +203,8 @@ class SSEStreams:
         conn.arm_expiry()
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 def _cookie(scope: dict[str, Any], name: str) -> str | None:
-    raw = _header(scope, b"cookie")
+    raw = header(scope, b"cookie")
     if not raw:
         return None
     for part in raw.split(";"):
@@ -229,30 +221,20 @@ class SSEEndpoint:
         hub: Hub = scope["app"].state.hub
         settings = hub.settings
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        origin = _header(scope, b"origin")
-        cors: list[tuple[bytes, bytes]] = []
-        if origin is not None:
-            cors = [
-                (b"access-control-allow-origin", origin.encode()),
-                (b"access-control-allow-credentials", b"true"),
-                (b"vary", b"Origin"),
-            ]
-        refusal = hub.check_handshake(scope, "sse")
-        if refusal is not None:
-            status, message = refusal
-            await self._error(send, status, message, cors if status != 403 else [])
+        if await refuse_stream(hub, scope, send, "sse"):
             return
+        cors = cors_headers(scope)
         topics = list(dict.fromkeys(query.get("topic", [])))
         if not topics:
-            await self._error(send, 400, "at least one topic query parameter is required", cors)
+            await error_response(send, 400, "at least one topic query parameter is required", cors)
             return
         if len(topics) > settings.channels_per_connection:
-            await self._error(
+            await error_response(
                 send, 400, f"at most {settings.channels_per_connection} topics per stream", cors
             )
             return
         token = None
-        auth = _header(scope, b"authorization")
+        auth = header(scope, b"authorization")
         if auth and auth.lower().startswith("bearer "):
             token = auth[7:].strip()
         token = (
@@ -262,21 +244,21 @@ class SSEEndpoint:
         try:
             await hub.commands.authenticate(conn, token)
         except TokenExpiredError:
-            await self._error(send, 401, "token expired", cors)
+            await error_response(send, 401, "token expired", cors)
             return
         except KeySetError:
-            await self._error(send, 503, "token keys unavailable, retry later", cors)
+            await error_response(send, 503, "token keys unavailable, retry later", cors)
             return
         except AuthError:
-            await self._error(send, 401, "invalid or missing token", cors)
+            await error_response(send, 401, "invalid or missing token", cors)
             return
         except CommandError as exc:
-            await self._error(send, _status(exc, 401), exc.message, cors)
+            await error_response(send, _status(exc, 401), exc.message, cors)
             return
         if hub.closing:  # began while the token keys or a hook were awaited
-            await self._error(send, 503, "shutting down", cors)
+            await error_response(send, 503, "shutting down", cors)
             return
-        last_id = _header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
+        last_id = header(scope, b"last-event-id") or (query.get("lastEventID") or [None])[0]
         cursor = parse_cursor(last_id, topics)
         malformed = last_id is not None and cursor is None
         # Subscribe before answering, so a bad topic gets a 4xx status rather than a
@@ -287,12 +269,12 @@ class SSEEndpoint:
             await hub.sse.open(conn, topics, cursor, malformed=malformed)
         except CommandError as exc:
             hub.connection_closed(conn)
-            await self._error(send, _status(exc, 400), exc.message, cors)
+            await error_response(send, _status(exc, 400), exc.message, cors)
             return
         except Exception:
             hub.connection_closed(conn)
             logger.exception("SSE subscribe failed")
-            await self._error(send, 500, "internal server error", cors)
+            await error_response(send, 500, "internal server error", cors)
             return
         await send(
             {
@@ -310,38 +292,9 @@ class SSEEndpoint:
             return
         raw_send = scope.get("eventcast.send", send)
         conn.sse_end = end
-        conn.attach(raw_send, _raw_http_transport(raw_send))
+        conn.attach(raw_send, http_transport(raw_send))
         hub.sse.arm(conn)
-        await self._wait(conn, receive)
-
-    @staticmethod
-    async def _wait(conn: Connection, receive: Any) -> None:
-        """Race the client's disconnect against the stream's end (as Starlette does)."""
-        closed = asyncio.ensure_future(conn.wait_closed())
-        disconnected = asyncio.ensure_future(_until_disconnect(receive))
-        try:
-            await asyncio.wait({closed, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if disconnected.done() and not conn.closed:
-                conn.lost()
-            for task in (closed, disconnected):
-                task.cancel()
-            if conn.closed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5):
-                        await conn.wait_closed()
-
-    @staticmethod
-    async def _error(send: Any, status: int, message: str, headers: list[Any]) -> None:
-        body = _encode({"error": message})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), *headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await wait_stream(conn, receive)
 
 
 def _status(exc: CommandError, default: int) -> int:
@@ -361,3 +314,34 @@ async def _until_disconnect(receive: Any) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def start_stream(
+    scope: dict[str, Any], send: Any, conn: Connection, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer 200 with ``headers`` and start writing ``conn``'s queue as the streamed body."""
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def end(body: bytes) -> None:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    conn.sse_end = end
+    raw_send = scope.get("eventcast.send", send)
+    conn.attach(raw_send, http_transport(raw_send))
+
+
+async def wait_stream(conn: Connection, receive: Any) -> None:
+    """Race the client's disconnect against the end of a streamed response (as Starlette does)."""
+    closed = asyncio.ensure_future(conn.wait_closed())
+    disconnected = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({closed, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if disconnected.done() and not conn.closed:
+            conn.lost()
+        for task in (closed, disconnected):
+            task.cancel()
+        if conn.closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await conn.wait_closed()

@@ -1,0 +1,143 @@
+"""What every transport does with a client's commands and with the connection's liveness.
+
+The WebSocket endpoint and the emulation endpoint (HTTP-streaming and SSE
+connections, whose commands arrive in separate ``POST /emulation`` requests)
+feed client frames to :func:`run_frame`, so a command means the same whatever
+carried it. :func:`keep_alive` arms the timers every connection of the
+Centrifuge protocol has: close a connection that does not send ``connect`` in
+time (3502 "stale"), ping it every ``ping_interval`` and close it when no pong
+comes back within ``pong_timeout`` (3012 "no pong"). Unidirectional
+connections only get pings (their clients cannot answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import codes
+from ..protocol.codes import Disconnect
+from .connection import Connection
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .hub import Hub
+
+__all__ = ["finish", "keep_alive", "run_frame"]
+
+
+async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -> None:
+    """Execute the commands of one client frame, in order, and queue their replies.
+
+    A frame over ``limit`` bytes closes the connection with 1009 "message too
+    big". Consecutive durable publishes of one frame run together, so they
+    share a group commit (replies carry their ids). Live publishes never wait,
+    so they run in line: the whole frame then reaches the channel's dispatcher
+    as one batch.
+    """
+    conn.messages_in += 1
+    conn.bytes_in += len(data)
+    if len(data) > limit:
+        conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
+        return
+    session = conn.session
+    requests = session.receive(data)
+    i = 0
+    while i < len(requests) and conn.is_open():
+        request = requests[i]
+        if not session.admit(request):
+            conn.send_session_output()
+            i += 1
+            continue
+        if _durable_publish(hub, request):
+            group = [request]
+            while (
+                i + len(group) < len(requests)
+                and _durable_publish(hub, requests[i + len(group)])
+                and session.admit(requests[i + len(group)])
+            ):
+                group.append(requests[i + len(group)])
+            if len(group) > 1:
+                await asyncio.gather(*(hub.handle(conn, r) for r in group))
+            else:
+                await hub.handle(conn, request)
+            i += len(group)
+            continue
+        await hub.handle(conn, request)
+        i += 1
+    conn.send_session_output()
+
+
+def _durable_publish(hub: Hub, request: Any) -> bool:
+    """Whether a command publishes into a durable channel (its publish awaits a commit)."""
+    if request.method != "publish":
+        return False
+    channel = getattr(request.body, "channel", "")
+    try:
+        return bool(channel) and hub.bus.namespace(channel).durable
+    except Exception:
+        return False
+
+
+def keep_alive(conn: Connection, settings: Settings, *, pongs: bool = True) -> Callable[[], None]:
+    """Arm the stale timer and the pings of a connection; return what cancels them.
+
+    ``pongs=False`` (unidirectional transports): ping without expecting pongs.
+    """
+    loop = asyncio.get_running_loop()
+    # The stale timer, and the one pending timer of the ping chain.
+    timers: list[asyncio.TimerHandle | None] = [None, None]
+
+    def later(delay: float, callback: Callable[..., None], *args: Any) -> None:
+        timers[1] = loop.call_later(delay, callback, *args)
+
+    def stale() -> None:
+        if not conn.session.connected_state and not conn.closed:
+            conn.close(codes.DISCONNECT_STALE)
+
+    def ping() -> None:
+        if conn.closed:
+            return
+        if not conn.session.connected_state:
+            later(settings.ping_interval, ping)
+            return
+        conn.session.ping()
+        conn.send_session_output()
+        if pongs:
+            later(settings.pong_timeout, check_pong, conn.session.pongs)
+        else:
+            later(settings.ping_interval, ping)
+
+    def check_pong(pongs_at_ping: int) -> None:
+        if conn.closed:
+            return
+        if conn.session.pongs == pongs_at_ping:
+            conn.close(codes.DISCONNECT_NO_PONG)
+            return
+        later(max(0.0, settings.ping_interval - settings.pong_timeout), ping)
+
+    timers[0] = loop.call_later(settings.handshake_timeout, stale)
+    later(settings.ping_interval, ping)
+
+    def cancel() -> None:
+        for timer in timers:
+            if timer is not None:
+                timer.cancel()
+
+    return cancel
+
+
+async def finish(conn: Connection, cancel: Callable[[], None]) -> None:
+    """End an endpoint's connection: stop its timers, forget it if the peer left.
+
+    Returning from an ASGI endpoint ends the connection: first let the close
+    frame (or the end of the body) go out, for up to 5 seconds.
+    """
+    cancel()
+    if not conn.closed:
+        conn.lost()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await conn.wait_closed()

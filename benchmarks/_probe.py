@@ -83,6 +83,23 @@ _SHARED_KINDS = (
     types.GetSetDescriptorType,
     types.MemberDescriptorType,
 )
+#: Types of the objects a connection is made of: a walk from one connection never
+#: enters another connection's (their instances are found with ``gc.get_objects()``).
+ROOT_TYPE_NAMES = frozenset(
+    {
+        "Connection",
+        "ServerSession",
+        "Membership",
+        "WebSocketsSansIOProtocol",
+        "HttpToolsProtocol",
+        "HeaderTimeoutProtocol",
+        "ServerProtocol",
+        "ServerConnection",
+        "Task",
+        "TCPTransport",
+        "Conn",
+    }
+)
 #: A walk stops after this many objects (a sign it escaped into shared state).
 WALK_LIMIT = 100_000
 
@@ -278,18 +295,29 @@ def walk_connection() -> dict[str, Any]:
     functions, the hub, the loop, ...).
     """
     first, second = connection_roots()
-    stop: set[int] = set()
+    every_root = {id(o) for o in gc.get_objects() if type(o).__name__ in ROOT_TYPE_NAMES}
+    shared: set[int] = set()
     for (_, objs_a), (_, objs_b) in zip(first, second, strict=True):
         for a, b in zip(objs_a, objs_b, strict=False):
-            stop |= _shared_attributes(a, b)
+            shared |= _shared_attributes(a, b)
+
+    def own_roots(parts: list[tuple[str, list[object]]]) -> set[int]:
+        return {id(o) for _, objs in parts for o in objs}
+
+    # What the second connection reaches without entering another connection is
+    # shared by connections (or its own): never counted for the first.
+    stop_b = shared | (every_root - own_roots(second))
     other: dict[int, object] = {}
     for _, objs in second:
-        other.update(reachable(objs, stop))
-    claimed: set[int] = set(other)
+        other.update(reachable(objs, stop_b))
+    stop = shared | (every_root - own_roots(first)) | set(other)
+    claimed: set[int] = set()
     parts = []
     total = 0
     for name, objs in first:
-        mine = reachable(objs, stop | claimed)
+        # A part owns what it reaches without entering another part (or connection).
+        boundary = own_roots(first) - {id(o) for o in objs}
+        mine = reachable(objs, stop | claimed | boundary)
         claimed |= set(mine)
         by_type: dict[str, list[int]] = {}
         size = 0

@@ -22,7 +22,14 @@ Each append row also reports the events per commit and where the CPU went: the
 event-loop thread and (SQLite) the writer thread, in µs of CPU per event, from
 ``/proc/self/task/<tid>/stat``.
 
-    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--profile]
+``--py-spy`` samples the process with py-spy (``py-spy record --threads``)
+during the two cases of issue 19, ``append([e]) x 1024 tasks`` and
+``bus.publish x 1024``, and prints where each thread's CPU goes (the
+event-loop thread and SQLiteLog's writer thread, which share one GIL), in µs
+of CPU per event, by function: its own time and, for eventcast's functions,
+the time under it.
+
+    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--profile] [--py-spy]
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import pstats
 import secrets
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,6 +139,89 @@ async def timed_workers(
     return total, time.perf_counter() - start
 
 
+class PySpy:
+    """``py-spy record`` of this process for ``seconds``: samples per thread and function."""
+
+    RATE = 250  # samples per second
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = max(1, int(seconds))
+        fd, self.path = tempfile.mkstemp(prefix="eventcast-pyspy-", suffix=".txt")
+        os.close(fd)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        options = ["--duration", str(self.seconds), "--rate", str(self.RATE), "--format", "raw"]
+        options += ["--threads", "--function", "--nonblocking", "--output", self.path]
+        self.proc = subprocess.Popen(
+            [exe, "record", "--pid", str(os.getpid()), *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait(self) -> dict[str, Any]:
+        """Wait for py-spy to write its file; return the stacks by thread."""
+        assert self.proc is not None
+        await asyncio.to_thread(self.proc.wait)
+        return self._parse()
+
+    def _parse(self) -> dict[str, Any]:
+        threads: dict[str, dict[str, Any]] = {}
+        with open(self.path) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack:
+                    continue
+                frames = stack.split(";")
+                name = frames[0].split(": ", 1)[-1]
+                group = (
+                    "loop"
+                    if name == "MainThread"
+                    else "writer"
+                    if name.startswith("eventcast-sqlite-writer")
+                    else name
+                )
+                entry = threads.setdefault(group, {"samples": 0, "self": {}, "inclusive": {}})
+                n = int(count)
+                entry["samples"] += n
+                leaf = frames[-1]
+                entry["self"][leaf] = entry["self"].get(leaf, 0) + n
+                for frame in set(frames[1:]):
+                    entry["inclusive"][frame] = entry["inclusive"].get(frame, 0) + n
+        os.unlink(self.path)
+        return threads
+
+
+def print_spy(title: str, row: dict[str, Any], seconds: int) -> None:
+    """Where each thread's CPU per event goes, by function (py-spy samples).
+
+    py-spy counts a thread that is runnable but waiting for a core as busy,
+    so on a shared machine its sample counts overstate CPU time: each thread's
+    samples are scaled to its CPU time per event measured from /proc.
+    """
+    threads = row["py_spy"]
+    measured = {"loop": row["loop_us_per_event"], "writer": row["writer_us_per_event"]}
+    print(f"\n## py-spy, {title}: µs of CPU per event, by thread ({seconds}s sampled)")
+    for group in ("loop", "writer"):
+        entry = threads.get(group)
+        cpu = measured.get(group)
+        if not entry or not cpu:
+            continue
+        per = cpu / entry["samples"]
+        print(f"{group} thread: {cpu:.2f} µs of CPU per event ({entry['samples']} samples); own:")
+        for frame, n in sorted(entry["self"].items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  {n * per:7.2f}  {frame}")
+        print("  under eventcast's functions (inclusive):")
+        ours = [(f, n) for f, n in entry["inclusive"].items() if "eventcast" in f]
+        for frame, n in sorted(ours, key=lambda kv: -kv[1])[:12]:
+            print(f"  {n * per:7.2f}  {frame}")
+    others = {g: e["samples"] for g, e in threads.items() if g not in ("loop", "writer")}
+    if others:
+        print(f"other threads (samples): {others}")
+    sys.stdout.flush()
+
+
 # -- appends ----------------------------------------------------------------------------
 
 
@@ -141,6 +232,7 @@ async def append_case(
     batch: int,
     seconds: float,
     profile: cProfile.Profile | None = None,
+    spy: bool = False,
 ) -> dict[str, Any]:
     log = make_log()
     log.retention = lambda topic: UNLIMITED
@@ -162,10 +254,14 @@ async def append_case(
         clock = ThreadClock(helper_prefix)
         if profile is not None:
             profile.enable()
+        sampler = PySpy(seconds) if spy else None
+        if sampler is not None:
+            sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         if profile is not None:
             profile.disable()
         loop_cpu, helper_cpu = clock.stop()
+        stacks = await sampler.wait() if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         top = (await log.position(TOPIC)).offset
         if top - top0 != events + 1:
@@ -180,6 +276,7 @@ async def append_case(
         "events_per_commit": events / max(commits, 1),
         "loop_us_per_event": loop_cpu / events * 1e6,
         "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+        "py_spy": stacks,
     }
 
 
@@ -364,6 +461,7 @@ async def bus_case(
     concurrency: int,
     history_size: int,
     seconds: float,
+    spy: bool = False,
 ) -> dict[str, Any]:
     log = make_log()
     bus = Bus(log=log, namespaces={"": Namespace(history_size=history_size)}, maxsize=65_536)
@@ -387,8 +485,12 @@ async def bus_case(
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
+        sampler = PySpy(seconds) if spy else None
+        if sampler is not None:
+            sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         loop_cpu, helper_cpu = clock.stop()
+        stacks = await sampler.wait() if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         for _ in range(100):
             if received >= events + 1:
@@ -408,6 +510,7 @@ async def bus_case(
         "events_per_commit": events / max(commits, 1),
         "loop_us_per_event": loop_cpu / events * 1e6,
         "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+        "py_spy": stacks,
     }
 
 
@@ -466,6 +569,7 @@ async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, An
             1,
             seconds,
             profile if n == max(args.concurrency) else None,
+            spy=args.py_spy and n == max(args.concurrency),
         )
         row["case"] = f"append([e]) x {n} tasks"
         rows.append(row)
@@ -477,14 +581,21 @@ async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, An
     out["append"] = rows
     if profile is not None:
         print_profile(profile, f"SQLite append([e]) x {max(args.concurrency)} tasks")
+    for row in rows:
+        if row.get("py_spy"):
+            print_spy(f"SQLite {row['case']}", row, int(seconds))
 
     bus_rows = []
     for n, history in args.bus_cases:
-        row = await bus_case(make, "eventcast-sqlite-writer", n, history, seconds)
+        spy = args.py_spy and n == 1024 and history == 1000
+        row = await bus_case(make, "eventcast-sqlite-writer", n, history, seconds, spy)
         row["case"] = f"bus.publish x {n} (history {history:,})"
         bus_rows.append(row)
     print_rows("SQLite through the bus (durable publish: commit, then fan-out)", bus_rows, baseline)
     out["bus"] = bus_rows
+    for row in bus_rows:
+        if row.get("py_spy"):
+            print_spy(f"SQLite {row['case']}", row, int(seconds))
 
     path = scratch.path()
     replay = await replay_case(
@@ -595,6 +706,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest SQLite case")
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample both threads with py-spy in the 1,024-task SQLite cases",
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if args.seconds is None:

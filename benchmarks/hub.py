@@ -85,9 +85,12 @@ import msgspec
 import uvloop
 
 from _common import (
+    PySpy,
     header,
     loadavg,
     machine,
+    merge_threads,
+    print_samples,
     process_cpu,
     process_run_time,
     process_times,
@@ -1430,8 +1433,11 @@ class ApiConnection(asyncio.Protocol):
     answers (an ``"error"`` in the body, or a status other than 200).
     """
 
-    def __init__(self, shared: Shared) -> None:
+    def __init__(
+        self, shared: Shared, on_idle: Callable[[ApiConnection], None] | None = None
+    ) -> None:
         self.shared = shared
+        self.on_idle = on_idle
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.busy = False
@@ -1474,6 +1480,8 @@ class ApiConnection(asyncio.Protocol):
             self.shared.acked.value += self.publications
             self.busy = False
         self.buf = data
+        if not self.busy and self.on_idle is not None:
+            self.on_idle(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.busy = True  # never used again
@@ -1498,15 +1506,12 @@ async def rooms_publish_loop(
     tells each worker how many). Closed loop (rate 0): at most ``window``
     publications not yet received by their channels' members; open loop:
     ``shared.rate`` publications per second, never bursting more than
-    ``window`` to catch up.
+    ``window`` to catch up. Into void channels (``shared.void``) at rate 0,
+    the API sources run closed on the answers: each connection sends its next
+    request as soon as the previous one is answered (the server's intake at
+    saturation).
     """
     loop = asyncio.get_running_loop()
-    api: list[ApiConnection] = []
-    if source != "client":
-        for _ in range(connections):
-            conn = ApiConnection(shared)
-            await loop.create_connection(lambda c=conn: c, "127.0.0.1", port)
-            api.append(conn)
     path = b"/api/batch" if source == "batch" else b"/api/publish"
     per_request = batch_size if source == "batch" else 1
     rooms = shared.rooms.value
@@ -1514,8 +1519,51 @@ async def rooms_publish_loop(
     # Deliveries one publication owes on average (the closed loop counts in them).
     fanout = room_size if source == "client" else ROOM_SHARE * room_size + (1 - ROOM_SHARE)
     rng = random.Random(19)
-    shared.pub_ready.value = 1
     seq = 0
+
+    def post(conn: ApiConnection) -> None:
+        """Send one request of ``per_request`` publications on an idle connection."""
+        nonlocal seq
+        void = shared.void.value
+        ts = time.time_ns()
+        commands = []
+        expected = 0
+        for _ in range(per_request):
+            if rng.random() < ROOM_SHARE:
+                channel = room_channel(rng.randrange(rooms))
+                expected += room_size
+            else:
+                channel = user_channel(rng.randrange(clients))
+                expected += 1
+            if void:
+                channel = void_channel(channel)
+            commands.append(
+                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, seq)
+            )
+            seq += 1
+        if source == "batch":
+            body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
+        else:
+            body = commands[0]
+        conn.post(path, body, per_request)
+        if not void:
+            shared.expected.value += expected
+        shared.published.value = seq
+
+    def saturating() -> bool:
+        return bool(shared.void.value) and shared.rate.value == 0 and not shared.pub_stop.value
+
+    def on_idle(conn: ApiConnection) -> None:
+        if saturating():
+            post(conn)
+
+    api: list[ApiConnection] = []
+    if source != "client":
+        for _ in range(connections):
+            conn = ApiConnection(shared, on_idle)
+            await loop.create_connection(lambda c=conn: c, "127.0.0.1", port)
+            api.append(conn)
+    shared.pub_ready.value = 1
     owed = 0.0
     rate_now = -1.0
     rate_origin = 0.0
@@ -1526,6 +1574,11 @@ async def rooms_publish_loop(
         target = shared.rate.value
         if target < 0:  # paused: the orchestrator lets the clients catch up
             owed = 0.0
+            continue
+        if saturating():
+            for conn in api:  # start (or restart) the closed loop on answers
+                if not conn.busy:
+                    post(conn)
             continue
         if target > 0:
             now = loop.time()
@@ -1538,7 +1591,6 @@ async def rooms_publish_loop(
             rate_now = -1.0
             lag = shared.expected.value - (sum(shared.delivered) - shared.base.value)
             owed = max(0.0, window - lag / fanout)
-        void = shared.void.value
         if source == "client":
             n = int(owed)
             if not n:
@@ -1549,39 +1601,15 @@ async def rooms_publish_loop(
                 shared.client_due[w] += share
             turn += 1
             seq += n
-            shared.expected.value += 0 if void else n * room_size
+            shared.expected.value += 0 if shared.void.value else n * room_size
             shared.published.value = seq
             continue
-        ts = time.time_ns()
         for conn in api:
             if owed < per_request:
                 break
-            if conn.busy:
-                continue
-            commands = []
-            expected = 0
-            for _ in range(per_request):
-                if rng.random() < ROOM_SHARE:
-                    channel = room_channel(rng.randrange(rooms))
-                    expected += room_size
-                else:
-                    channel = user_channel(rng.randrange(clients))
-                    expected += 1
-                if void:
-                    channel = void_channel(channel)
-                commands.append(
-                    b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, seq)
-                )
-                seq += 1
-            if source == "batch":
-                body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
-            else:
-                body = commands[0]
-            conn.post(path, body, per_request)
-            owed -= per_request
-            if not void:
-                shared.expected.value += expected
-        shared.published.value = seq
+            if not conn.busy:
+                post(conn)
+                owed -= per_request
     for conn in api:
         if conn.transport is not None:
             conn.transport.abort()
@@ -1992,6 +2020,13 @@ class RoomsRun(Run):
         delivered = sum(self.shared.delivered) - self.shared.base.value
         return int(self.shared.expected.value - delivered)
 
+    def spy(self) -> PySpy:
+        """Sample the server with py-spy through the next phase (warm-up and window)."""
+        assert self.server is not None
+        sampler = PySpy(self.server.pid, self.args.warmup + self.args.seconds)
+        sampler.start()
+        return sampler
+
     def pause(self, timeout: float = 60.0) -> int:
         """Stop publishing and wait until the members received what they are owed."""
         self.shared.rate.value = -1.0
@@ -2015,15 +2050,25 @@ def run_rooms_system(
             f"subscribed in {time.perf_counter() - start:.1f}s",
             flush=True,
         )
+        spy = getattr(args, "py_spy", False) and kind == "eventcast"
         for source in args.sources:
             run.start_publisher(source)
             phases = []
+            sampler = run.spy() if spy else None
             full = run.measure("full", 0.0)
+            if sampler is not None:
+                full["py_spy"] = sampler.wait()
             phases.append(full)
             phases.append(run.measure("half", max(1.0, full["publications_per_s"] / 2)))
             run.pause()
             run.shared.void.value = 1
-            phases.append(run.measure("intake", max(1.0, full["publications_per_s"])))
+            sampler = run.spy() if spy else None
+            # The API sources at saturation (closed on the answers); client publishes
+            # (no answers from every system) at the full-load rate.
+            intake_rate = max(1.0, full["publications_per_s"]) if source == "client" else 0.0
+            phases.append(run.measure("intake", intake_rate))
+            if sampler is not None:
+                phases[-1]["py_spy"] = sampler.wait()
             run.pause()
             run.shared.void.value = 0
             missing = run.lag()
@@ -2052,6 +2097,31 @@ def run_rooms_system(
         row["user_us_per_delivery"] = cpu * (1 - share) / deliveries * 1e6
         row["sys_us_per_delivery"] = cpu * share / deliveries * 1e6
     return rows
+
+
+def print_rooms_profiles(rows: list[dict[str, Any]]) -> None:
+    """Where eventcast's server CPU goes (py-spy), per delivery at full load and per intake."""
+    for r in rows:
+        threads = r.get("py_spy")
+        if not threads:
+            continue
+        entry = merge_threads(threads, "MainThread")
+        if r["load"] == "intake":
+            per, unit = r["cpu_us_per_publication"], "publication taken in"
+        else:
+            per, unit = r["cpu_us_per_delivery"], "delivery"
+        print(
+            f"\n## py-spy of the eventcast server, {r['clients']} clients, run {r['run']}, "
+            f"{r['source']}, {r['load']} load"
+        )
+        print_samples(
+            "server",
+            entry,
+            per,
+            unit,
+            top=15,
+            inclusive_filter=("eventcast", "uvicorn", "starlette", "websockets", "asyncio"),
+        )
 
 
 def _median(values: list[float]) -> float:
@@ -2180,6 +2250,7 @@ def rooms_main(args: argparse.Namespace, cpus: tuple[set[int], set[int]] | None)
                     row["room_size"] = args.room_size
                     rows.append(row)
     print_rooms_table(rows)
+    print_rooms_profiles(rows)
     return {"machine": machine(), "settings": {**vars(args)}, "results": rows}
 
 
@@ -2302,6 +2373,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rooms.add_argument("--batch-connections", type=int, default=4, help="API connections for batch")
     rooms.add_argument(
         "--api-connections", type=int, default=32, help="API connections for publish"
+    )
+    rooms.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the eventcast server with py-spy at full load and intake",
     )
     rooms.add_argument(
         "--room-window",

@@ -46,7 +46,6 @@ import pstats
 import secrets
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,16 @@ from typing import Any
 
 import uvloop
 
-from _common import header, machine, rate, thread_cpu, threads_named
+from _common import (
+    PySpy,
+    header,
+    machine,
+    merge_threads,
+    print_samples,
+    rate,
+    thread_cpu,
+    threads_named,
+)
 from eventcast import Bus, Event, Namespace
 from eventcast.log.base import EventLog, Retention
 from eventcast.log.sqlite import SQLiteLog
@@ -139,86 +147,20 @@ async def timed_workers(
     return total, time.perf_counter() - start
 
 
-class PySpy:
-    """``py-spy record`` of this process for ``seconds``: samples per thread and function."""
-
-    RATE = 250  # samples per second
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = max(1, int(seconds))
-        fd, self.path = tempfile.mkstemp(prefix="eventcast-pyspy-", suffix=".txt")
-        os.close(fd)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
-        options = ["--duration", str(self.seconds), "--rate", str(self.RATE), "--format", "raw"]
-        options += ["--threads", "--function", "--nonblocking", "--output", self.path]
-        self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(os.getpid()), *options],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def wait(self) -> dict[str, Any]:
-        """Wait for py-spy to write its file; return the stacks by thread."""
-        assert self.proc is not None
-        await asyncio.to_thread(self.proc.wait)
-        return self._parse()
-
-    def _parse(self) -> dict[str, Any]:
-        threads: dict[str, dict[str, Any]] = {}
-        with open(self.path) as f:
-            for line in f:
-                stack, _, count = line.rstrip("\n").rpartition(" ")
-                if not stack:
-                    continue
-                frames = stack.split(";")
-                name = frames[0].split(": ", 1)[-1]
-                group = (
-                    "loop"
-                    if name == "MainThread"
-                    else "writer"
-                    if name.startswith("eventcast-sqlite-writer")
-                    else name
-                )
-                entry = threads.setdefault(group, {"samples": 0, "self": {}, "inclusive": {}})
-                n = int(count)
-                entry["samples"] += n
-                leaf = frames[-1]
-                entry["self"][leaf] = entry["self"].get(leaf, 0) + n
-                for frame in set(frames[1:]):
-                    entry["inclusive"][frame] = entry["inclusive"].get(frame, 0) + n
-        os.unlink(self.path)
-        return threads
-
-
 def print_spy(title: str, row: dict[str, Any], seconds: int) -> None:
     """Where each thread's CPU per event goes, by function (py-spy samples).
 
-    py-spy counts a thread that is runnable but waiting for a core as busy,
-    so on a shared machine its sample counts overstate CPU time: each thread's
-    samples are scaled to its CPU time per event measured from /proc.
+    Each thread's samples are scaled to its CPU time per event measured from
+    /proc (see :func:`_common.print_samples`).
     """
     threads = row["py_spy"]
+    names = {"loop": "MainThread", "writer": "eventcast-sqlite-writer"}
     measured = {"loop": row["loop_us_per_event"], "writer": row["writer_us_per_event"]}
     print(f"\n## py-spy, {title}: µs of CPU per event, by thread ({seconds}s sampled)")
-    for group in ("loop", "writer"):
-        entry = threads.get(group)
-        cpu = measured.get(group)
-        if not entry or not cpu:
-            continue
-        per = cpu / entry["samples"]
-        print(f"{group} thread: {cpu:.2f} µs of CPU per event ({entry['samples']} samples); own:")
-        for frame, n in sorted(entry["self"].items(), key=lambda kv: -kv[1])[:10]:
-            print(f"  {n * per:7.2f}  {frame}")
-        print("  under eventcast's functions (inclusive):")
-        ours = [(f, n) for f, n in entry["inclusive"].items() if "eventcast" in f]
-        for frame, n in sorted(ours, key=lambda kv: -kv[1])[:12]:
-            print(f"  {n * per:7.2f}  {frame}")
-    others = {g: e["samples"] for g, e in threads.items() if g not in ("loop", "writer")}
-    if others:
-        print(f"other threads (samples): {others}")
+    for group, prefix in names.items():
+        entry = merge_threads(threads, prefix)
+        if entry["samples"] and measured[group]:
+            print_samples(f"{group} thread", entry, measured[group], "event")
     sys.stdout.flush()
 
 
@@ -254,14 +196,14 @@ async def append_case(
         clock = ThreadClock(helper_prefix)
         if profile is not None:
             profile.enable()
-        sampler = PySpy(seconds) if spy else None
+        sampler = PySpy(os.getpid(), seconds) if spy else None
         if sampler is not None:
             sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         if profile is not None:
             profile.disable()
         loop_cpu, helper_cpu = clock.stop()
-        stacks = await sampler.wait() if sampler is not None else None
+        stacks = await asyncio.to_thread(sampler.wait) if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         top = (await log.position(TOPIC)).offset
         if top - top0 != events + 1:
@@ -485,12 +427,12 @@ async def bus_case(
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
-        sampler = PySpy(seconds) if spy else None
+        sampler = PySpy(os.getpid(), seconds) if spy else None
         if sampler is not None:
             sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         loop_cpu, helper_cpu = clock.stop()
-        stacks = await sampler.wait() if sampler is not None else None
+        stacks = await asyncio.to_thread(sampler.wait) if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         for _ in range(100):
             if received >= events + 1:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,6 +13,20 @@ import threading
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def child_process(cpus: set[int] | None) -> None:
+    """Set up a load-generator process: the orchestrator stops it, on these CPUs if given."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def save_json(path: str | None, data: Any) -> None:
+    """Write a benchmark's results to ``path`` (``--json``), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
 
 
 def cpu_model() -> str:
@@ -145,7 +161,9 @@ class PySpy:
     def start(self) -> None:
         exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
         options = ["--duration", str(self.seconds), "--rate", str(self.RATE), "--format", "raw"]
-        options += ["--threads", "--function", "--nonblocking", "--output", self.path]
+        # Blocking (the default): py-spy pauses the process for each sample (~1% at
+        # 250/s); --nonblocking reads stacks while they change and misattributes.
+        options += ["--threads", "--function", "--output", self.path]
         self.proc = subprocess.Popen(
             [exe, "record", "--pid", str(self.pid), *options],
             stdout=subprocess.DEVNULL,
@@ -168,7 +186,8 @@ class PySpy:
                     entry = threads.setdefault(name, {"samples": 0, "self": {}, "inclusive": {}})
                     n = int(count)
                     entry["samples"] += n
-                    leaf = frames[-1]
+                    # Only the thread's own frame: native code outside any Python call.
+                    leaf = frames[-1] if len(frames) > 1 else "(no Python frame)"
                     entry["self"][leaf] = entry["self"].get(leaf, 0) + n
                     for frame in set(frames[1:]):
                         entry["inclusive"][frame] = entry["inclusive"].get(frame, 0) + n

@@ -35,7 +35,6 @@ import asyncio
 import cProfile
 import gc
 import io
-import json
 import pstats
 import statistics
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 
 import uvloop
 
-from _common import header, loadavg, machine
+from _common import header, loadavg, machine, save_json
 from eventcast import Bus, Event
 from eventcast.events import new_event_id
 
@@ -578,9 +577,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "python": sys.version, "results": results}
     if args.profile:
         out["profile"] = profile_publish(args, budget)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(args.json, out)
     return out
 
 

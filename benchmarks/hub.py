@@ -86,6 +86,7 @@ import uvloop
 
 from _common import (
     PySpy,
+    child_process,
     header,
     loadavg,
     machine,
@@ -95,6 +96,7 @@ from _common import (
     process_run_time,
     process_times,
     rate,
+    save_json,
     system_busy,
 )
 from _probe import install_probe_from_env
@@ -193,9 +195,28 @@ def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
         profile.dump_stats(profile_to)
 
 
+def run_uvicorn(app: Any, port: int) -> None:
+    """Serve a baseline's ASGI app under the uvicorn options eventcast's server uses."""
+    import uvicorn
+
+    uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_ping_interval=None,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
+        )
+    ).run()
+
+
 def serve_socketio(port: int) -> None:
     import socketio
-    import uvicorn
 
     sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
 
@@ -208,20 +229,7 @@ def serve_socketio(port: int) -> None:
     async def pub(sid: str, data: Any) -> None:
         await sio.emit("msg", data, room=CHANNEL)
 
-    uvicorn.Server(
-        uvicorn.Config(
-            socketio.ASGIApp(sio),
-            host="127.0.0.1",
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_ping_interval=None,
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-        )
-    ).run()
+    run_uvicorn(socketio.ASGIApp(sio), port)
 
 
 def serve_websockets(port: int) -> None:
@@ -264,6 +272,34 @@ def serve_websockets(port: int) -> None:
     uvloop.run(run())
 
 
+def serve_protocol(factory: Callable[[], asyncio.Protocol], port: int) -> None:
+    """Serve a bare asyncio protocol on uvloop until the process is stopped."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(run())
+
+
+def ws_accept(head: bytes) -> bytes:
+    """The ``101 Switching Protocols`` answer to a WebSocket handshake's request head."""
+    import base64
+    import hashlib
+
+    key = b""
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"sec-websocket-key:"):
+            key = line.split(b":", 1)[1].strip()
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+    )
+
+
 def serve_floor(port: int) -> None:
     """The floor: no framework, no protocol, no queue, no checks.
 
@@ -273,11 +309,8 @@ def serve_floor(port: int) -> None:
     per delivery can cost less on one event loop, so its latency is the floor
     the machine sets for writing to N sockets.
     """
-    import base64
-    import hashlib
 
     subscribers: set[asyncio.Transport] = set()
-    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
     class Conn(asyncio.Protocol):
         def __init__(self) -> None:
@@ -299,15 +332,7 @@ def serve_floor(port: int) -> None:
                 if end < 0:
                     self.buf = data
                     return
-                key = b""
-                for line in data[:end].split(b"\r\n"):
-                    if line.lower().startswith(b"sec-websocket-key:"):
-                        key = line.split(b":", 1)[1].strip()
-                accept = base64.b64encode(hashlib.sha1(key + guid).digest())
-                t.write(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
-                )
+                t.write(ws_accept(data[:end]))
                 self.open = True
                 self.pub = data.startswith(b"GET /pub")
                 if not self.pub:
@@ -335,13 +360,7 @@ def serve_floor(port: int) -> None:
             if self.transport is not None:
                 subscribers.discard(self.transport)
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=2048)
-        async with server:
-            await server.serve_forever()
-
-    uvloop.run(run())
+    serve_protocol(Conn, port)
 
 
 def serve_socketio_rooms(port: int) -> None:
@@ -355,7 +374,6 @@ def serve_socketio_rooms(port: int) -> None:
     from urllib.parse import parse_qs
 
     import socketio
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -393,20 +411,7 @@ def serve_socketio_rooms(port: int) -> None:
             Route("/api/batch", api_batch, methods=["POST"]),
         ]
     )
-    uvicorn.Server(
-        uvicorn.Config(
-            socketio.ASGIApp(sio, other_asgi_app=api),
-            host="127.0.0.1",
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_ping_interval=None,
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-        )
-    ).run()
+    run_uvicorn(socketio.ASGIApp(sio, other_asgi_app=api), port)
 
 
 def content_length(head: bytes) -> int:
@@ -444,13 +449,10 @@ def serve_floor_rooms(port: int) -> None:
     member) in one coalesced ``write``. No auth, no checks, no queues: nothing
     a hub does per delivery or per publication can cost less on one event loop.
     """
-    import base64
-    import hashlib
 
     decode_publish = msgspec.json.Decoder(FloorPublish).decode
     decode_batch = msgspec.json.Decoder(FloorBatch).decode
     channels: dict[str, list[asyncio.Transport]] = {}
-    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
     def frame(payload: bytes) -> bytes:
         n = len(payload)
@@ -512,15 +514,7 @@ def serve_floor_rooms(port: int) -> None:
             if end < 0:
                 self.buf = data
                 return
-            key = b""
-            for line in data[:end].split(b"\r\n"):
-                if line.lower().startswith(b"sec-websocket-key:"):
-                    key = line.split(b":", 1)[1].strip()
-            accept = base64.b64encode(hashlib.sha1(key + guid).digest())
-            t.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
-            )
+            t.write(ws_accept(data[:end]))
             self.mode = "ws"
             self.ws_received(data[end + 4 :])
 
@@ -580,13 +574,7 @@ def serve_floor_rooms(port: int) -> None:
                     if not members:
                         del channels[name]
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, "127.0.0.1", port, backlog=4096)
-        async with server:
-            await server.serve_forever()
-
-    uvloop.run(run())
+    serve_protocol(Conn, port)
 
 
 def serve_websockets_rooms(port: int) -> None:
@@ -636,7 +624,6 @@ def serve_websockets_rooms(port: int) -> None:
 
 def serve_sse_starlette(port: int) -> None:
     """The usual sse-starlette fan-out: one queue and one ``EventSourceResponse`` per client."""
-    import uvicorn
     from sse_starlette import EventSourceResponse
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -670,20 +657,7 @@ def serve_sse_starlette(port: int) -> None:
                     queue.put_nowait(data)
 
     app = Starlette(routes=[Route(SSE_PATH, stream), WebSocketRoute("/pub", publish)])
-    uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_ping_interval=None,
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-        )
-    ).run()
+    run_uvicorn(app, port)
 
 
 # -- a minimal WebSocket client ---------------------------------------------------------
@@ -838,35 +812,43 @@ class Client(asyncio.Protocol):
 
     def message(self, payload: bytes) -> None:
         if self.ready:
-            if self.kind == "eventcast":
-                count = payload.count(b'{"push"')
-                if b"{}" in payload:  # a server ping, maybe among pushes
-                    for line in payload.split(b"\n"):
-                        if line == b"{}":
-                            self.send(b"{}")
-            elif self.kind == "socketio":
-                if payload == b"2":
-                    self.send(b"3")
-                    return
-                count = 1 if payload.startswith(b'42["msg"') else 0
-            else:
-                count = 1
+            count = self.pushes(payload)
             if count:
                 self.worker.deliver(count, payload, self.sample)
             return
-        # Before the subscription is confirmed.
-        if self.kind == "eventcast":
+        self.before_ready(payload)
+
+    def pushes(self, payload: bytes) -> int:
+        """The publications a frame carries once subscribed (answering pings on the way)."""
+        protocol = self.kind.removesuffix("-rooms")
+        if protocol == "eventcast":
+            if b"{}" in payload:  # a server ping, maybe among pushes
+                for line in payload.split(b"\n"):
+                    if line == b"{}":
+                        self.send(b"{}")
+            return payload.count(b'{"push"')
+        if protocol == "socketio":
+            if payload == b"2":
+                self.send(b"3")
+                return 0
+            return 1 if payload.startswith(b'42["msg"') else 0
+        return 1
+
+    def before_ready(self, payload: bytes) -> None:
+        """A frame before the subscription is confirmed."""
+        self.handshake_reply(payload, 3 if self.worker.shared.durable.value else 2)
+
+    def handshake_reply(self, payload: bytes, last_id: int) -> None:
+        """Go on with the handshake; eventcast's is done with the reply to ``last_id``."""
+        protocol = self.kind.removesuffix("-rooms")
+        if protocol == "eventcast":
             if b'"error"' in payload:
                 if DEBUG:
                     print("subscribe failed:", payload[:300], file=sys.stderr)
                 self.fail()
-            elif (
-                b'{"id":3,"subscribe"' in payload
-                if self.worker.shared.durable.value
-                else b'{"id":2,"subscribe"' in payload
-            ):
+            elif b'{"id":%d,"subscribe"' % last_id in payload:
                 self.subscribed()
-        elif self.kind == "socketio":
+        elif protocol == "socketio":
             if payload.startswith(b"0{"):
                 self.send(b"40")
             elif payload.startswith(b"40"):
@@ -1055,43 +1037,13 @@ class RoomClient(Client):
         assert self.transport is not None
         self.transport.write(b"".join(frames))
 
-    def message(self, payload: bytes) -> None:
-        kind = self.kind
-        if self.ready:
-            if kind == "eventcast-rooms":
-                count = payload.count(b'{"push"')
-                if b'"error"' in payload:
-                    self.worker.shared.pub_errors.value += payload.count(b'"error"')
-                if b"{}" in payload:  # a server ping, maybe among pushes
-                    for line in payload.split(b"\n"):
-                        if line == b"{}":
-                            self.send(b"{}")
-            elif kind == "socketio-rooms":
-                if payload == b"2":
-                    self.send(b"3")
-                    return
-                count = 1 if payload.startswith(b'42["msg"') else 0
-            else:
-                count = 1
-            if count:
-                self.worker.deliver(count, payload, self.sample)
-            return
-        if kind == "eventcast-rooms":
-            if b'"error"' in payload:
-                if DEBUG:
-                    print("subscribe failed:", payload[:300], file=sys.stderr)
-                self.fail()
-            elif b'{"id":%d,"subscribe"' % (len(self.channels) + 1) in payload:
-                self.subscribed()
-        elif kind == "socketio-rooms":
-            if payload.startswith(b"0{"):
-                self.send(b"40")
-            elif payload.startswith(b"40"):
-                self.subscribed()
-            elif payload == b"2":
-                self.send(b"3")
-        elif payload == b"ok":
-            self.subscribed()
+    def pushes(self, payload: bytes) -> int:
+        if self.kind == "eventcast-rooms" and b'"error"' in payload:  # a publish refused
+            self.worker.shared.pub_errors.value += payload.count(b'"error"')
+        return super().pushes(payload)
+
+    def before_ready(self, payload: bytes) -> None:
+        self.handshake_reply(payload, len(self.channels) + 1)
 
 
 class Worker:
@@ -1243,9 +1195,7 @@ def worker_main(
     queue: Any,
     cpus: set[int] | None,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     worker_class = RoomWorker if kind in ROOM_CLIENT_KINDS else Worker
     worker = worker_class(index, kind, shared, token)
     result = uvloop.run(worker.run(port, clients, first))
@@ -1420,9 +1370,7 @@ def publisher_main(
     token: bytes,
     cpus: set[int] | None,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     uvloop.run(publish_loop(kind, port, channel, connections, clients, window, tick, shared, token))
 
 
@@ -1627,9 +1575,7 @@ def rooms_publisher_main(
     connections: int,
     cpus: set[int] | None,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     uvloop.run(
         rooms_publish_loop(
             port, source, shared, clients, workers, window, tick, batch_size, connections
@@ -2161,15 +2107,7 @@ def print_rooms_table(rows: list[dict[str, Any]]) -> None:
                 f"{r['server_cpu_pct']:9.0f}% | {r['loadgen_cpu_pct']:6.0f}% | "
                 f"{r['other_cpu_pct']:8.0f}% | {r['loadavg']:>14} | {p50:>7} | {p99:>7}"
             )
-            problems = []
-            if r["publish_errors"]:
-                problems.append(f"{r['publish_errors']} publish errors")
-            if r["lost_clients"]:
-                problems.append(f"{r['lost_clients']} clients lost")
-            if r["missing_at_end"] > 0:
-                problems.append(f"{r['missing_at_end']} deliveries missing at the end")
-            if problems:
-                print(f"{'':<13}   ({', '.join(problems)})")
+            print_problems(r)
         print_rooms_summary(group)
     sys.stdout.flush()
 
@@ -2254,6 +2192,19 @@ def rooms_main(args: argparse.Namespace, cpus: tuple[set[int], set[int]] | None)
     return {"machine": machine(), "settings": {**vars(args)}, "results": rows}
 
 
+def print_problems(r: dict[str, Any]) -> None:
+    """A line under a row that had publish errors, lost clients or missing deliveries."""
+    problems = []
+    if r["publish_errors"]:
+        problems.append(f"{r['publish_errors']} publish errors")
+    if r["lost_clients"]:
+        problems.append(f"{r['lost_clients']} clients lost")
+    if r.get("missing_at_end", 0) > 0:
+        problems.append(f"{r['missing_at_end']} deliveries missing at the end")
+    if problems:
+        print(f"{'':<13}   ({', '.join(problems)})")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """One table per transport; "vs eventcast" compares with eventcast's live channel."""
     transports = list(dict.fromkeys(r.get("transport", "websocket") for r in rows))
@@ -2289,13 +2240,7 @@ def print_transport_table(rows: list[dict[str, Any]], transport: str = "websocke
             f"{r['publications_per_frame']:10.1f} | "
             f"{r['p50_ms']:7.2f} | {r['p99_ms']:7.2f}"
         )
-        problems = []
-        if r["publish_errors"]:
-            problems.append(f"{r['publish_errors']} publish errors")
-        if r["lost_clients"]:
-            problems.append(f"{r['lost_clients']} clients lost")
-        if problems:
-            print(f"{'':<13}   ({', '.join(problems)})")
+        print_problems(r)
     sys.stdout.flush()
 
 
@@ -2429,9 +2374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if s not in ROOM_SOURCES:
                 parser.error(f"unknown source {s!r}")
         out = rooms_main(args, cpus)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2, default=str)
+        save_json(args.json, out)
         return out
 
     if args.clients is None:
@@ -2474,9 +2417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k != "serve"},
         "results": rows,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(args.json, out)
     return out
 
 

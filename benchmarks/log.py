@@ -40,7 +40,6 @@ import contextlib
 import cProfile
 import gc
 import io
-import json
 import os
 import pstats
 import secrets
@@ -61,6 +60,7 @@ from _common import (
     merge_threads,
     print_samples,
     rate,
+    save_json,
     thread_cpu,
     threads_named,
 )
@@ -671,9 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["postgres"] = uvloop.run(run_postgres(args))
     finally:
         scratch.cleanup()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_json(args.json, results)
     return results
 
 

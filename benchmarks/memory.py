@@ -46,7 +46,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import header, loadavg, machine, process_run_time, system_busy
+from _common import header, loadavg, machine, process_run_time, save_json, system_busy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -288,9 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print_tracemalloc(row)
     sys.stdout.flush()
     out = {"machine": machine(), "settings": vars(args), "results": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(args.json, out)
     return out
 
 

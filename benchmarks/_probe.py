@@ -108,7 +108,14 @@ _baseline: tracemalloc.Snapshot | None = None
 
 
 def install_probe_from_env() -> None:
-    """Install the probe if ``EVENTCAST_BENCH_PROBE`` is set (and tracemalloc if asked)."""
+    """Install the probe if ``EVENTCAST_BENCH_PROBE`` is set (and tracemalloc if asked).
+
+    ``EVENTCAST_BENCH_GC=/path.json`` also times the garbage collector: at exit
+    the server writes, per generation, the collections and the seconds they took.
+    """
+    gc_path = os.environ.get("EVENTCAST_BENCH_GC")
+    if gc_path:
+        _time_gc(gc_path)
     path = os.environ.get("EVENTCAST_BENCH_PROBE")
     if not path:
         return
@@ -116,6 +123,35 @@ def install_probe_from_env() -> None:
     if frames:
         tracemalloc.start(int(frames))
     signal.signal(signal.SIGUSR1, lambda signum, frame: _report(path))
+
+
+def _time_gc(path: str) -> None:
+    import atexit
+    import time
+
+    totals = {str(g): [0, 0.0, 0] for g in range(3)}  # collections, seconds, objects collected
+    started = [0.0]
+    written = [0.0]
+
+    def write() -> None:
+        with open(path, "w") as f:
+            json.dump(totals, f)
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            started[0] = now
+            return
+        entry = totals[str(info["generation"])]
+        entry[0] += 1
+        entry[1] += now - started[0]
+        entry[2] += info["collected"]
+        if now - written[0] > 1.0:  # the server may die of its signal: no atexit
+            written[0] = now
+            write()
+
+    gc.callbacks.append(on_gc)
+    atexit.register(write)
 
 
 def rss_bytes(pid: int | str = "self") -> int:

@@ -112,7 +112,12 @@ def install_probe_from_env() -> None:
 
     ``EVENTCAST_BENCH_GC=/path.json`` also times the garbage collector: at exit
     the server writes, per generation, the collections and the seconds they took.
+    ``EVENTCAST_BENCH_GC_THRESHOLD=700,10,10`` sets the collector's thresholds
+    (an experiment: what tuning the collector would be worth).
     """
+    threshold = os.environ.get("EVENTCAST_BENCH_GC_THRESHOLD")
+    if threshold:
+        gc.set_threshold(*(int(n) for n in threshold.split(",")))
     gc_path = os.environ.get("EVENTCAST_BENCH_GC")
     if gc_path:
         _time_gc(gc_path)

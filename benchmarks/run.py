@@ -27,7 +27,7 @@ FILES = {"rooms": "hub"}
 #: Arguments every run of a module gets.
 ALWAYS = {"rooms": ["--workload", "rooms"]}
 #: Default arguments per module, so each default run stays within ~5 minutes
-#: (rooms: ~25 minutes for 2 sizes x 3 systems x 3 runs; memory: ~8).
+#: (rooms: ~20 minutes for 2 sizes x 3 systems x 3 runs; memory: ~3).
 DEFAULTS = {
     "bus": ["--passes", "3", "--profile"],
     "log": ["--py-spy"],
@@ -101,7 +101,10 @@ def summary(results: dict[str, Any]) -> None:
     """The figures of issue 19, each beside its baseline from this same run."""
     lines: list[str] = []
     bus = (results.get("bus") or {}).get("results") or []
-    for subscribers, topics, label in ((1, 1, "1 subscriber"), (1, 1000, "1 on each of 1,000")):
+    for subscribers, topics, label in (
+        (1, 1, "one topic with 1 subscriber"),
+        (1, 1000, "1,000 topics with 1 subscriber each"),
+    ):
         rows = _pick(bus, loop="uvloop", subscribers=subscribers, topics=topics)
         rate = {
             r["system"]: r["deliveries_per_s"] for r in rows if r["mode"] in ("iter", "callback")
@@ -109,7 +112,7 @@ def summary(results: dict[str, Any]) -> None:
         if "eventcast" in rate and "naive asyncio.Queue" in rate and "pyee" in rate:
             e, n, p = rate["eventcast"], rate["naive asyncio.Queue"], rate["pyee"]
             lines.append(
-                f"bus, {label} topic(s), uvloop, async for: eventcast {e / 1e6:.2f}M/s, "
+                f"bus, {label}, uvloop, async for: eventcast {e / 1e6:.2f}M/s, "
                 f"naive {n / 1e6:.2f}M/s ({e / n:.2f}x), pyee {p / 1e6:.2f}M/s ({e / p:.2f}x)"
                 "  [goal: >= 1.0x naive and >= pyee]"
             )

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def child_process(cpus: set[int] | None) -> None:
+    """Set up a load-generator process: the orchestrator stops it, on these CPUs if given."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def save_json(path: str | None, data: Any) -> None:
+    """Write a benchmark's results to ``path`` (``--json``), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
 
 
 def cpu_model() -> str:
@@ -55,6 +73,22 @@ def process_times(pid: int) -> tuple[float, float]:
         data = f.read()
     fields = data[data.rindex(")") + 2 :].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def process_run_time(pid: int) -> float:
+    """CPU seconds a process's live threads have run, to the nanosecond (``schedstat``).
+
+    ``/proc/<pid>/stat`` counts in clock ticks (10 ms here): too coarse for a
+    server that uses a few percent of a core in a window.
+    """
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
 
 
 def process_cpu(pid: int) -> float:
@@ -159,3 +193,96 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
         frames.append((data[pos] & 0x0F, payload))
         pos = end
     return frames, pos
+
+
+class PySpy:
+    """``py-spy record`` of one process for ``seconds``: samples per thread and function.
+
+    py-spy (a dev dependency) samples from outside the process, so the code
+    measured runs unchanged. Start it with :meth:`start`; :meth:`wait`
+    returns ``{thread name: {"samples", "self": {frame: n}, "inclusive":
+    {frame: n}}}``, frames being ``function (file)`` (``--function``).
+    """
+
+    RATE = 250  # samples per second
+
+    def __init__(self, pid: int, seconds: float) -> None:
+        self.pid = pid
+        self.seconds = max(1, int(seconds))
+        fd, self.path = tempfile.mkstemp(prefix="eventcast-pyspy-", suffix=".txt")
+        os.close(fd)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        options = ["--duration", str(self.seconds), "--rate", str(self.RATE), "--format", "raw"]
+        # Blocking (the default): py-spy pauses the process for each sample (~1% at
+        # 250/s); --nonblocking reads stacks while they change and misattributes.
+        options += ["--threads", "--function", "--output", self.path]
+        self.proc = subprocess.Popen(
+            [exe, "record", "--pid", str(self.pid), *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait(self) -> dict[str, dict[str, Any]]:
+        """Wait for py-spy to finish (blocking); return the samples by thread name."""
+        assert self.proc is not None
+        self.proc.wait()
+        threads: dict[str, dict[str, Any]] = {}
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    stack, _, count = line.rstrip("\n").rpartition(" ")
+                    if not stack:
+                        continue
+                    frames = stack.split(";")
+                    name = frames[0].split(": ", 1)[-1]
+                    entry = threads.setdefault(name, {"samples": 0, "self": {}, "inclusive": {}})
+                    n = int(count)
+                    entry["samples"] += n
+                    # Only the thread's own frame: native code outside any Python call.
+                    leaf = frames[-1] if len(frames) > 1 else "(no Python frame)"
+                    entry["self"][leaf] = entry["self"].get(leaf, 0) + n
+                    for frame in set(frames[1:]):
+                        entry["inclusive"][frame] = entry["inclusive"].get(frame, 0) + n
+        finally:
+            os.unlink(self.path)
+        return threads
+
+
+def merge_threads(threads: dict[str, dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """The samples of every thread whose name starts with ``prefix``, added up."""
+    out: dict[str, Any] = {"samples": 0, "self": {}, "inclusive": {}}
+    for name, entry in threads.items():
+        if not name.startswith(prefix):
+            continue
+        out["samples"] += entry["samples"]
+        for key in ("self", "inclusive"):
+            for frame, n in entry[key].items():
+                out[key][frame] = out[key].get(frame, 0) + n
+    return out
+
+
+def print_samples(
+    title: str,
+    entry: dict[str, Any],
+    cpu_per_unit: float,
+    unit: str,
+    top: int = 12,
+    inclusive_filter: tuple[str, ...] = ("eventcast",),
+) -> None:
+    """One thread's samples as µs of CPU per ``unit``: own time, then inclusive.
+
+    py-spy counts a thread that is runnable but waiting for a core as busy,
+    so on a shared machine raw sample counts overstate CPU time: the samples
+    are scaled to ``cpu_per_unit``, the CPU time measured from /proc.
+    """
+    per = cpu_per_unit / max(entry["samples"], 1)
+    print(f"{title}: {cpu_per_unit:.2f} µs of CPU per {unit} ({entry['samples']} samples); own:")
+    for frame, n in sorted(entry["self"].items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {n * per:7.2f}  {frame}")
+    print(f"  inclusive (functions of {', '.join(inclusive_filter)}):")
+    ours = [(f, n) for f, n in entry["inclusive"].items() if any(m in f for m in inclusive_filter)]
+    for frame, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
+        print(f"  {n * per:7.2f}  {frame}")

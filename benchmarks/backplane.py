@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 import uvloop
 
 from _common import (
+    child_process,
     header,
     loadavg,
     machine,
@@ -421,9 +422,7 @@ def intake_node_main(
     cpus: set[int] | None,
     profile_to: str | None,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     sampler = Sampler(shared)
     run = {
         "eventcast": intake_eventcast,
@@ -517,9 +516,7 @@ def intake_publisher_main(
     chunk: int,
     cpus: set[int] | None,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     from eventcast.backplane.base import encode_envelope
     from eventcast.events import Event
 
@@ -976,9 +973,7 @@ async def http_publish_loop(port: int, connections: int, shared: Any) -> None:
 
 
 def http_publisher_main(port: int, connections: int, shared: Any, cpus: set[int] | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    child_process(cpus)
     uvloop.run(http_publish_loop(port, connections, shared))
 
 

@@ -25,7 +25,15 @@ Each append row also reports the events per commit and where the CPU went: the
 event-loop thread and (SQLite) the writer thread, in µs of CPU per event, from
 ``/proc/self/task/<tid>/stat``.
 
-    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--no-jetstream] [--profile]
+``--py-spy`` samples the process with py-spy (``py-spy record --threads``)
+during the two cases of issue 19, ``append([e]) x 1024 tasks`` and
+``bus.publish x 1024``, and prints where each thread's CPU goes (the
+event-loop thread and SQLiteLog's writer thread, which share one GIL), in µs
+of CPU per event, by function: its own time and, for eventcast's functions,
+the time under it.
+
+    python benchmarks/log.py [--quick] [--seconds 3] [--no-postgres] [--no-jetstream]
+                              [--profile] [--py-spy]
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ import contextlib
 import cProfile
 import gc
 import io
-import json
 import os
 import pstats
 import secrets
@@ -51,7 +58,17 @@ from typing import Any
 
 import uvloop
 
-from _common import header, machine, rate, thread_cpu, threads_named
+from _common import (
+    PySpy,
+    header,
+    machine,
+    merge_threads,
+    print_samples,
+    rate,
+    save_json,
+    thread_cpu,
+    threads_named,
+)
 from eventcast import Bus, Event, Namespace
 from eventcast.log.base import EventLog, Retention
 from eventcast.log.sqlite import SQLiteLog
@@ -136,6 +153,23 @@ async def timed_workers(
     return total, time.perf_counter() - start
 
 
+def print_spy(title: str, row: dict[str, Any], seconds: int) -> None:
+    """Where each thread's CPU per event goes, by function (py-spy samples).
+
+    Each thread's samples are scaled to its CPU time per event measured from
+    /proc (see :func:`_common.print_samples`).
+    """
+    threads = row["py_spy"]
+    names = {"loop": "MainThread", "writer": "eventcast-sqlite-writer"}
+    measured = {"loop": row["loop_us_per_event"], "writer": row["writer_us_per_event"]}
+    print(f"\n## py-spy, {title}: µs of CPU per event, by thread ({seconds}s sampled)")
+    for group, prefix in names.items():
+        entry = merge_threads(threads, prefix)
+        if entry["samples"] and measured[group]:
+            print_samples(f"{group} thread", entry, measured[group], "event")
+    sys.stdout.flush()
+
+
 # -- appends ----------------------------------------------------------------------------
 
 
@@ -146,6 +180,7 @@ async def append_case(
     batch: int,
     seconds: float,
     profile: cProfile.Profile | None = None,
+    spy: bool = False,
 ) -> dict[str, Any]:
     log = make_log()
     log.retention = lambda topic: UNLIMITED
@@ -167,10 +202,14 @@ async def append_case(
         clock = ThreadClock(helper_prefix)
         if profile is not None:
             profile.enable()
+        sampler = PySpy(os.getpid(), seconds) if spy else None
+        if sampler is not None:
+            sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         if profile is not None:
             profile.disable()
         loop_cpu, helper_cpu = clock.stop()
+        stacks = await asyncio.to_thread(sampler.wait) if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         top = (await log.position(TOPIC)).offset
         if top - top0 != events + 1:
@@ -185,6 +224,7 @@ async def append_case(
         "events_per_commit": events / max(commits, 1),
         "loop_us_per_event": loop_cpu / events * 1e6,
         "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+        "py_spy": stacks,
     }
 
 
@@ -369,6 +409,7 @@ async def bus_case(
     concurrency: int,
     history_size: int,
     seconds: float,
+    spy: bool = False,
 ) -> dict[str, Any]:
     log = make_log()
     bus = Bus(log=log, namespaces={"": Namespace(history_size=history_size)}, maxsize=65_536)
@@ -392,8 +433,12 @@ async def bus_case(
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
+        sampler = PySpy(os.getpid(), seconds) if spy else None
+        if sampler is not None:
+            sampler.start()
         events, elapsed = await timed_workers(concurrency, seconds, step)
         loop_cpu, helper_cpu = clock.stop()
+        stacks = await asyncio.to_thread(sampler.wait) if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         for _ in range(100):
             if received >= events + 1:
@@ -413,6 +458,7 @@ async def bus_case(
         "events_per_commit": events / max(commits, 1),
         "loop_us_per_event": loop_cpu / events * 1e6,
         "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
+        "py_spy": stacks,
     }
 
 
@@ -471,6 +517,7 @@ async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, An
             1,
             seconds,
             profile if n == max(args.concurrency) else None,
+            spy=args.py_spy and n == max(args.concurrency),
         )
         row["case"] = f"append([e]) x {n} tasks"
         rows.append(row)
@@ -482,14 +529,21 @@ async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, An
     out["append"] = rows
     if profile is not None:
         print_profile(profile, f"SQLite append([e]) x {max(args.concurrency)} tasks")
+    for row in rows:
+        if row.get("py_spy"):
+            print_spy(f"SQLite {row['case']}", row, int(seconds))
 
     bus_rows = []
     for n, history in args.bus_cases:
-        row = await bus_case(make, "eventcast-sqlite-writer", n, history, seconds)
+        spy = args.py_spy and n == 1024 and history == 1000
+        row = await bus_case(make, "eventcast-sqlite-writer", n, history, seconds, spy)
         row["case"] = f"bus.publish x {n} (history {history:,})"
         bus_rows.append(row)
     print_rows("SQLite through the bus (durable publish: commit, then fan-out)", bus_rows, baseline)
     out["bus"] = bus_rows
+    for row in bus_rows:
+        if row.get("py_spy"):
+            print_spy(f"SQLite {row['case']}", row, int(seconds))
 
     path = scratch.path()
     replay = await replay_case(
@@ -737,6 +791,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sqlite", action="store_true", help="no SQLite")
     parser.add_argument("--no-jetstream", action="store_true", help="no JetStream")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest SQLite case")
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample both threads with py-spy in the 1,024-task SQLite cases",
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if args.seconds is None:
@@ -757,9 +816,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["jetstream"] = uvloop.run(run_jetstream(args))
     finally:
         scratch.cleanup()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_json(args.json, results)
     return results
 
 

@@ -138,7 +138,7 @@ DEBUG = bool(os.environ.get("BENCH_DEBUG"))
 def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
     import uvicorn
 
-    from eventcast.server.app import create_app, uvicorn_config
+    from eventcast.server.app import create_app, tune_collector, uvicorn_config
     from eventcast.server.config import Settings
 
     perms = {"allow_subscribe_for_client": True, "allow_publish_for_client": True}
@@ -180,8 +180,11 @@ def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
     config["log_level"] = "warning"
     config["timeout_graceful_shutdown"] = 2
     profile_to = os.environ.get("EVENTCAST_BENCH_SERVER_PROFILE")
+    app = create_app(settings)
+    if not os.environ.get("EVENTCAST_BENCH_GC_THRESHOLD"):
+        tune_collector()  # as `eventcast serve` does (an experiment's thresholds win)
     if not profile_to:
-        uvicorn.Server(uvicorn.Config(create_app(settings), **config)).run()
+        uvicorn.Server(uvicorn.Config(app, **config)).run()
         return
     import cProfile
 
@@ -191,7 +194,7 @@ def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
             # uvicorn re-raises the signal after shutdown: the profile would be lost.
             getattr(self, "_captured_signals", []).clear()
 
-    server = Server(uvicorn.Config(create_app(settings), **config))
+    server = Server(uvicorn.Config(app, **config))
 
     profile = cProfile.Profile()
     profile.enable()

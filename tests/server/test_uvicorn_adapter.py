@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -115,3 +117,18 @@ def test_other_servers_get_the_portable_path() -> None:
 
     assert _uvicorn.websocket_transport(send) is None
     assert _uvicorn.http_transport(send) is None
+
+
+def test_eventcast_serve_tunes_the_collector() -> None:
+    """Start-up objects are frozen and the thresholds raised (in a process of its own)."""
+    code = (
+        "import gc\n"
+        "from eventcast.server.app import COLLECTOR_THRESHOLDS, tune_collector\n"
+        "tune_collector()\n"
+        "assert gc.get_threshold() == COLLECTOR_THRESHOLDS, gc.get_threshold()\n"
+        "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr

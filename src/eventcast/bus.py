@@ -740,12 +740,20 @@ class Bus:
         event = self._make_event(topic, data, tags, idempotency_key, ns)
         if self._subs.blockers:
             rings = await self._wait_for_blockers(topic, rings)
-        if ns.history_size and self.log is not None:
+        log = self.log
+        if ns.history_size and log is not None:
             # Commit before any fan-out; no await between the commit and the
-            # fan-out, so subscribers see events in offset order.
-            [(event, fresh)] = await self._commit([event])
-            if not fresh:
-                return event  # an idempotent repeat: stored once, delivered once
+            # fan-out, so subscribers see events in offset order. (The log is
+            # awaited here directly: one coroutine frame less on the hot path
+            # than through _commit, which batches use.)
+            if not self._started:
+                await self.start()
+            started = time.perf_counter()
+            stored = (await log.append((event,)))[0]
+            self.append_latency.observe(time.perf_counter() - started)
+            if stored.id != event.id:
+                return stored  # an idempotent repeat: stored once, delivered once
+            event = stored
             rings = self._router.route(topic)
         if not ack:
             self._deliver(event, rings)
@@ -846,7 +854,8 @@ class Bus:
         """
         log = self.log
         assert log is not None
-        await self._ensure_started()
+        if not self._started:
+            await self.start()
         started = time.perf_counter()
         committed = await log.append(events)
         self.append_latency.observe(time.perf_counter() - started)

@@ -96,8 +96,10 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Any
 async def _settled(nodes: list[tuple[Backplane, Inbox]]) -> None:
     """Every node hears every other node's control messages.
 
-    A subscription takes effect some time after it is sent, with nothing to
-    wait on: each node sends a mark again until every other node heard it.
+    Each node sends a mark again until every other node heard it (a sharded
+    subscription in Redis Cluster takes effect with nothing to wait on), then
+    a fence: a node's messages arrive in the order it sent them, so once the
+    fence is heard no repeated mark can arrive after the inboxes are cleared.
     """
     for i, (sender, _) in enumerate(nodes):
         mark = b'{"ready":%d}' % i
@@ -108,6 +110,10 @@ async def _settled(nodes: list[tuple[Backplane, Inbox]]) -> None:
                 with contextlib.suppress(TimeoutError):
                     for inbox in others:
                         await inbox.until(lambda got, mark=mark: mark in got, timeout=0.2)
+        fence = b'{"fence":%d}' % i
+        await sender.publish_control(fence)
+        for inbox in others:
+            await inbox.until(lambda got, fence=fence: fence in got)
     for _, inbox in nodes:
         inbox.payloads.clear()
 

@@ -25,6 +25,7 @@ from typing import Any, Final
 from .backplane.base import (
     KIND_CONTROL,
     Backplane,
+    BackplaneState,
     decode_envelope,
     encode_envelope,
     is_control,
@@ -47,6 +48,9 @@ CONTROL_OUTBOX: Final = 10_000
 #: The largest control-channel message accepted from or sent to the backplane, in
 #: bytes (NATS refuses messages over its ``max_payload``, 1 MiB by default).
 MAX_CONTROL_BYTES: Final = 512 * 1024
+#: Longest wait, in seconds, for a new filter's subscription to take effect on the
+#: backplane (each engine also bounds its own confirmation by its connect timeout).
+ROUTE_TIMEOUT: Final = 10.0
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], object]
 ControlListener = Callable[[str, str, bytes], None]
@@ -94,6 +98,11 @@ class BackplaneLink:
         #: on engines that echo them: listeners skip those by content).
         self.cluster_listeners: list[ClusterListener] = []
         self._control: deque[tuple[str | None, bytes]] = deque()
+        #: Filters whose backplane subscription is in effect (or, while the engine
+        #: is down, will be made by its reconnect).
+        self._routed: set[str] = set()
+        #: Who waits in :meth:`routed`, by filter.
+        self._routing: dict[str, list[asyncio.Future[None]]] = {}
         #: Counters: outgoing publications dropped, incoming ones undecodable,
         #: control-channel messages dropped (queue full, too big, engine down).
         self.stats = {"outbox_dropped": 0, "undecodable": 0, "control_dropped": 0}
@@ -118,6 +127,7 @@ class BackplaneLink:
     async def aclose(self) -> None:
         """Stop receiving and close the backplane. Idempotent."""
         self.open = False
+        self._release_routing(None)
         await self.backplane.close()
 
     # -- outgoing ------------------------------------------------------------------
@@ -202,6 +212,50 @@ class BackplaneLink:
         if self._interest_wake is not None:
             self._interest_wake.set()
 
+    async def routed(self, topic_filter: str) -> None:
+        """Wait until publications to ``topic_filter`` from other nodes reach this node.
+
+        Called after subscribing locally: the backplane's subscription is
+        made by the interest task, and an engine confirms it (a round trip)
+        before this returns. Returns at once while the engine is down (its
+        reconnect subscribes every wanted filter) or once the filter is no
+        longer wanted.
+
+        Raises:
+            BackplaneError: the subscription did not take effect in
+                :data:`ROUTE_TIMEOUT` seconds.
+        """
+        if (
+            not self.open
+            or topic_filter in self._routed
+            or self.backplane.state is not BackplaneState.CONNECTED
+        ):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._routing.setdefault(topic_filter, [])
+        waiters.append(waiter)
+        self.interest_changed()
+        try:
+            async with asyncio.timeout(ROUTE_TIMEOUT):
+                await waiter
+        except TimeoutError:
+            raise BackplaneError(
+                f"the backplane did not confirm the subscription to {topic_filter!r}"
+            ) from None
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._routing.get(topic_filter) is waiters:
+                del self._routing[topic_filter]
+
+    def _release_routing(self, wanted: set[str] | None) -> None:
+        """Wake whoever waits on a routed filter or one not ``wanted`` (``None``: everyone)."""
+        for topic_filter in list(self._routing):
+            if wanted is None or topic_filter in self._routed or topic_filter not in wanted:
+                for waiter in self._routing.pop(topic_filter):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
     async def _sync_interest(self) -> None:
         backplane = self.backplane
         wake = self._interest_wake
@@ -211,9 +265,15 @@ class BackplaneLink:
             wake.clear()
             wanted = self._wanted()
             for topic_filter in sorted(wanted - backplane.filters):
-                await backplane.subscribe(topic_filter)
+                await backplane.subscribe(topic_filter)  # returns once in effect
+                self._routed.add(topic_filter)
+                if topic_filter in self._routing:
+                    self._release_routing(wanted)
             for topic_filter in sorted(backplane.filters - wanted):
+                self._routed.discard(topic_filter)
                 await backplane.unsubscribe(topic_filter)
+            self._routed.update(wanted & backplane.filters)
+            self._release_routing(self._wanted())
 
     # -- incoming ------------------------------------------------------------------
 
@@ -261,6 +321,7 @@ class BackplaneLink:
 
     def _state_changed(self, up: bool) -> None:
         if not up or not self.open:
+            self._release_routing(None)  # nothing to wait for: the reconnect subscribes
             return
         if self._retry:
             for topic, payload, durable in self._retry:

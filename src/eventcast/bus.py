@@ -456,6 +456,7 @@ class Bus:
     async def _recover(self, sub: Subscription, topic: str, since: Position | str) -> None:
         """Replay what ``sub`` missed, then hand over to live delivery."""
         try:
+            await self.routed(topic)  # then the head read below misses nothing live
             result = await self.replay(topic, since)
         except PositionError as exc:  # beyond the head: the caller must fix it
             sub._close(exc)
@@ -470,6 +471,23 @@ class Bus:
             # position: it goes on with every live event, held ones included.
             handoff = result.handoff() if result.recovered else None
             sub._finish_recovery(result.events, bool(result.recovered), handoff)
+
+    async def routed(self, topic_filter: str) -> None:
+        """Wait until other nodes' publications to ``topic_filter`` reach this bus.
+
+        Call it after subscribing: with a backplane, the subscription there is
+        made in the background, and a publication another node sends before it
+        takes effect never arrives here. Once this returns, everything
+        published anywhere reaches this node's subscribers (a resume reads the
+        log's head only after it). Returns at once with no backplane, or while
+        the backplane is down (its reconnect subscribes again, and durable
+        readers catch up from the log).
+
+        Raises:
+            BackplaneError: the backplane did not confirm the subscription in time.
+        """
+        if self._link is not None:
+            await self._link.routed(topic_filter)
 
     async def replay(self, topic: str, since: Position | str | None) -> Replay:
         """Read what a reader of a durable topic missed after ``since``.

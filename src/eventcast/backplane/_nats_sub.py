@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import BackplaneError
-from ._lean import close_transport, watch_liveness
+from ._lean import Pings, close_transport, watch_liveness
 
 __all__ = ["LeanNATSSub"]
 
@@ -29,7 +29,9 @@ class _Protocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.info: asyncio.Future[bytes] = loop.create_future()
+        #: Answers outside the PINGs in flight: the handshake's PONG, ``-ERR`` lines.
         self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.pings = Pings()
         self.activity = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,7 +62,10 @@ class _Protocol(asyncio.Protocol):
             if line == b"PING":
                 if self.transport is not None:
                     self.transport.write(b"PONG\r\n")
-            elif line == b"PONG" or line.startswith(b"-ERR"):
+            elif line == b"PONG":
+                if not self.pings.answered():
+                    self.replies.put_nowait(line)
+            elif line.startswith(b"-ERR"):
                 self.replies.put_nowait(line)
             elif line.startswith(b"INFO ") and not self.info.done():
                 self.info.set_result(line[5:])
@@ -70,6 +75,7 @@ class _Protocol(asyncio.Protocol):
             self._deliver(batch)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.pings.lost()
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -132,7 +138,7 @@ class LeanNATSSub:
         transport.write(line.encode() + b"\r\n")
 
     async def subscribe(self, subject: str) -> None:
-        """``SUB`` a subject (wildcards allowed)."""
+        """``SUB`` a subject (wildcards allowed); :meth:`barrier` waits until it is in effect."""
         if subject in self._sids:
             return
         sid = self._next_sid
@@ -145,6 +151,14 @@ class LeanNATSSub:
         sid = self._sids.pop(subject, None)
         if sid is not None:
             self._send(f"UNSUB {sid}")
+
+    async def barrier(self, timeout: float) -> None:
+        """Wait until NATS has handled everything sent before (a PING's answer).
+
+        Raises:
+            BackplaneError: the connection is lost or did not answer in ``timeout``.
+        """
+        await self._protocol.pings.barrier(lambda: self._send("PING"), timeout, "NATS")
 
     async def watch(self) -> None:
         """Return only to raise: when the connection is lost or stops answering.

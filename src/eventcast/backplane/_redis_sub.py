@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import BackplaneError
-from ._lean import close_transport, watch_liveness
+from ._lean import Pings, close_transport, watch_liveness
 
 __all__ = ["LeanPubSub"]
 
@@ -38,7 +38,9 @@ class _Protocol(asyncio.Protocol):
         self._deliver = deliver
         self.transport: Any = None  # uvloop's transports do not subclass asyncio's
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Answers outside the PINGs in flight: AUTH's, or an error.
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
+        self.pings = Pings()
         self.activity = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,15 +63,18 @@ class _Protocol(asyncio.Protocol):
                 if kind == b"pmessage":
                     batch.append(message[3])
                     continue
-                if kind == b"pong":
+                if kind == b"pong" and not self.pings.answered():
                     self.replies.put_nowait(message)
                 # subscribe / unsubscribe confirmations need nothing
                 continue
+            if message == b"PONG" and self.pings.answered():
+                continue  # a PING before any SUBSCRIBE is answered outside pub/sub
             self.replies.put_nowait(message)  # AUTH's OK, or an error
         if batch:
             self._deliver(batch)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.pings.lost()
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -114,7 +119,7 @@ class LeanPubSub:
         transport.write(command(*args))
 
     async def subscribe(self, channel: str) -> None:
-        """``SUBSCRIBE`` (the confirmation is not awaited; messages start after it)."""
+        """``SUBSCRIBE``; :meth:`barrier` waits until it is in effect."""
         self._send("SUBSCRIBE", channel)
 
     async def psubscribe(self, pattern: str) -> None:
@@ -128,6 +133,14 @@ class LeanPubSub:
     async def punsubscribe(self, pattern: str) -> None:
         """``PUNSUBSCRIBE``."""
         self._send("PUNSUBSCRIBE", pattern)
+
+    async def barrier(self, timeout: float) -> None:
+        """Wait until Redis has handled everything sent before (a PING's answer).
+
+        Raises:
+            BackplaneError: the connection is lost or did not answer in ``timeout``.
+        """
+        await self._protocol.pings.barrier(lambda: self._send("PING"), timeout, "Redis")
 
     async def watch(self) -> None:
         """Return only to raise: when the connection is lost or stops answering.

@@ -132,6 +132,12 @@ class NATSBackplane(Backplane):
             await sub.subscribe(self._control_subject(self.node_id))
             for topic_filter in sorted(self.filters):
                 await sub.subscribe(subject_of(self.prefix, topic_filter))
+            try:
+                await sub.barrier(self.connect_timeout)  # every SUB in effect
+            except BackplaneError as exc:
+                await sub.aclose()
+                error = exc
+                continue
             return sub
         assert error is not None
         raise error
@@ -223,6 +229,9 @@ class NATSBackplane(Backplane):
             return  # subscribed on (re)connect
         try:
             await sub.subscribe(subject_of(self.prefix, topic_filter))
+            # Returns once the SUB is in effect: a publication sent after
+            # this, from any node, reaches this one.
+            await sub.barrier(self.connect_timeout)
         except BackplaneError as exc:
             logger.warning("NATS subscribe to %r deferred to reconnect: %s", topic_filter, exc)
 

@@ -127,7 +127,11 @@ class RedisBackplane(Backplane):
                     await self._client.initialize()
                 await self._client.ping()
                 await self._start_pubsub()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, BackplaneError) as exc:
+            pubsub, self._pubsub = self._pubsub, None
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
             client, self._client = self._client, None
             sub_client, self._sub_client = self._sub_client, None
             with contextlib.suppress(Exception):
@@ -167,6 +171,16 @@ class RedisBackplane(Backplane):
                 await pubsub.subscribe(channel)
         for topic_filter in sorted(self.filters):
             await self._subscribe_on(pubsub, topic_filter)
+        await self._confirm(pubsub)
+
+    async def _confirm(self, pubsub: Any) -> None:
+        """Wait until the subscriptions sent on ``pubsub`` are in effect (a PING's answer).
+
+        Sharded subscriptions in cluster mode go through redis-py, whose
+        reader takes their confirmations; they are not awaited.
+        """
+        if not self.cluster:
+            await pubsub.barrier(self.connect_timeout)
 
     async def _subscribe_on(self, pubsub: Any, topic_filter: str) -> None:
         channel = self._channel(topic_filter)
@@ -289,7 +303,7 @@ class RedisBackplane(Backplane):
                 async with asyncio.timeout(self.connect_timeout):
                     await self._client.ping()
                     await self._start_pubsub()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, BackplaneError) as exc:
                 # A pub/sub left half-subscribed must not be read as if it were whole.
                 failed, self._pubsub = self._pubsub, None
                 if failed is not None:
@@ -382,6 +396,9 @@ class RedisBackplane(Backplane):
             return  # subscribed on (re)connect
         try:
             await self._subscribe_on(pubsub, topic_filter)
+            # Returns once the subscription is in effect: a publication sent
+            # after this, from any node, reaches this one.
+            await self._confirm(pubsub)
         except (RedisError, OSError, BackplaneError) as exc:
             # BackplaneError: the lean subscriber's connection died and the reader
             # has not noticed yet; its reconnect subscribes every wanted filter.

@@ -239,8 +239,17 @@ class Channels:
     def _count_conflated(self, count: int) -> None:
         self.conflated += count
 
-    def join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
-        """Add ``conn`` to a channel (created on first member); it holds live events for now."""
+    async def join(self, conn: Connection, name: str, membership: Membership) -> HubChannel:
+        """Add ``conn`` to a channel (created on first member); it holds live events for now.
+
+        Returns once publications to the channel from every node reach this
+        one (see :meth:`Bus.routed`): what the caller reads of the log's head
+        after this misses nothing live.
+
+        Raises:
+            BackplaneError: the backplane did not confirm the subscription
+                (``conn`` is not in the channel).
+        """
         channel = self.by_name.get(name)
         if channel is None:
             sub = self._bus.subscribe(
@@ -253,6 +262,11 @@ class Channels:
             self._occupancy(channel, True)
         channel.members[conn] = membership
         conn.channels[name] = membership
+        try:
+            await self._bus.routed(name)
+        except BaseException:
+            self.leave(conn, name)
+            raise
         return channel
 
     def leave(self, conn: Connection, name: str) -> None:

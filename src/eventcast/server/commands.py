@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 
 from .. import __version__
 from ..exceptions import (
+    BackplaneError,
     HookError,
     InvalidTokenError,
     InvalidTopicError,
@@ -254,7 +255,7 @@ class Commands:
                 session.close(answer)
             else:
                 session.error(request.id, answer)
-        except (LogError, KeySetError) as exc:
+        except (LogError, KeySetError, BackplaneError) as exc:
             logger.warning("%s on %s failed: %s", method, conn.id, exc)
             session.error(request.id, codes.ERROR_INTERNAL)
         except Exception:
@@ -544,7 +545,7 @@ class Commands:
             delta=delivery.delta,
             conflation_key=delivery.conflation_key,
         )
-        hub.channels.join(conn, name, membership)
+        await hub.channels.join(conn, name, membership)
         result = SubscribeResult(data=raw(grant.data), delta=delivery.delta)
         try:
             if ns.presence:

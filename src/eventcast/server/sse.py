@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
 from ..events import Event
-from ..exceptions import AuthError, EncodeError, KeySetError, TokenExpiredError
+from ..exceptions import (
+    AuthError,
+    BackplaneError,
+    EncodeError,
+    KeySetError,
+    LogError,
+    TokenExpiredError,
+)
 from ..protocol import codes
 from ..protocol.frames import SubscribeRequest
 from ..protocol.sse import (
@@ -148,16 +155,16 @@ class SSEStreams:
                 conn, SubscribeRequest(channel=topic), server_side=False
             )
         namespaces = {topic: grant.namespace for topic, grant in grants.items()}
-        for topic, grant in grants.items():
-            membership = Membership(channel=topic, expires_at=grant.expires_at, info=grant.info)
-            channels.join(conn, topic, membership)
-            hub.commands.arm_subscription(conn, membership, grant)
         was_recovering = cursor is not None or malformed
         recovered = not malformed
         known = cursor.as_dict() if cursor is not None else {}
         start: dict[str, tuple[int, str]] = {}
         replays: list[Event] = []
         try:
+            for topic, grant in grants.items():
+                membership = Membership(channel=topic, expires_at=grant.expires_at, info=grant.info)
+                await channels.join(conn, topic, membership)
+                hub.commands.arm_subscription(conn, membership, grant)
             for topic in topics:
                 if namespaces[topic].history_size <= 0 or is_pattern(topic):
                     continue
@@ -270,6 +277,11 @@ class SSEEndpoint:
         except CommandError as exc:
             hub.connection_closed(conn)
             await error_response(send, _status(exc, 400), exc.message, cors)
+            return
+        except (LogError, BackplaneError) as exc:
+            hub.connection_closed(conn)
+            logger.warning("SSE subscribe failed: %s", exc)
+            await error_response(send, 503, "temporarily unavailable", cors)
             return
         except Exception:
             hub.connection_closed(conn)

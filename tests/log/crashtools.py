@@ -73,7 +73,10 @@ class Child:
         assert self.proc.stdout is not None
         assert self.proc.stderr is not None
         goal = len(self.acks) + count
-        async with asyncio.timeout(90):  # a guard against a stuck child
+        # A guard against a stuck child, short enough that three reads stay under
+        # the test timeout (120 s): pytest-timeout interrupts the event loop mid-turn,
+        # losing callbacks, and the teardown then waits forever for a cancelled task.
+        async with asyncio.timeout(30):
             while len(self.acks) < goal:
                 line = await self.proc.stdout.readline()
                 if not line:

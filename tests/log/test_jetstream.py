@@ -136,6 +136,36 @@ async def test_two_processes_append_to_one_topic_without_gaps(
         assert [e.offset for e in events] == sorted(e.offset or 0 for e in events)
 
 
+async def test_a_writer_that_keeps_losing_is_given_way(
+    target: tuple[str, str], logs: list[JetStreamLog]
+) -> None:
+    # Two "processes" appending flat out to one topic: the one that remembers
+    # the head publishes once per round trip, the one that lost needs two, and
+    # without giving way it lost 16 times in a row and failed (LogError) within
+    # a second. Now each makes progress and neither fails.
+    url, _ = target
+    first, second = await open_js(url, logs), await open_js(url, logs)
+    for log in (first, second):
+        log.set_retention(lambda topic: Retention(size=10**6))
+    counts = [0, 0]
+    stop = asyncio.Event()
+
+    async def writer(index: int) -> None:
+        log = (first, second)[index]
+        while not stop.is_set():
+            await log.append([ev("contended", {"w": index})])
+            counts[index] += 1
+
+    writers = [asyncio.ensure_future(writer(i % 2)) for i in range(8)]
+    await asyncio.sleep(2.0)
+    stop.set()
+    await asyncio.gather(*writers)  # no LogError from either side
+    assert min(counts) >= max(counts) / 5, counts
+    assert first.asked_way + second.asked_way > 0
+    stored = await read_all(first, "contended")
+    assert [e.offset for e in stored] == list(range(1, sum(counts) + 1))
+
+
 async def test_concurrent_appends_are_packed_into_few_messages(
     target: tuple[str, str], logs: list[JetStreamLog]
 ) -> None:

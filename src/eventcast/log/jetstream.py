@@ -37,6 +37,15 @@ publish retried after a lost reply safe: at most one of the two copies can
 follow the same sequence, and the writer recognises its own message (an
 ``Ec-Token`` header) when it reads the subject again.
 
+**Giving way.** Optimistic appends alone starve a writer: a process that
+keeps appending to a topic remembers its head and publishes once per round
+trip, while one that lost must read the head and then publish (two round
+trips), and loses again. So a writer whose publish conflicted twice asks the
+others to give way, on the core subject ``P.yield.<namespace>.<segments>``;
+every other process of the log pauses its appends to that topic until the
+writer says it is done (or :data:`GIVE_WAY_FOR` seconds at most, should it
+die meanwhile). The messages flow only under contention.
+
 **Group commit.** Appends to one topic from one process queue up behind the
 one being published; everything waiting is then published as one message (a
 *pack*: several events, consecutive offsets), so a burst of appends costs one
@@ -207,6 +216,21 @@ def split_url(url: str) -> tuple[list[str], str, int]:
     nats_scheme = "tls" if scheme.endswith("+tls") else "nats"
     servers = [urlunsplit((nats_scheme, netloc, "", "", "")) for netloc in parts.netloc.split(",")]
     return servers, prefix, int(replicas_text)
+
+
+#: Longest pause, in seconds, of a writer asked to give way (if the one asking dies).
+GIVE_WAY_FOR: Final = 0.05
+
+
+class _Way:
+    """The writers of other processes this process gives way to, on one topic."""
+
+    __slots__ = ("asking", "done", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.asking: set[bytes] = set()
+        self.done = asyncio.Event()
 
 
 class _Conflict(LogError):
@@ -431,6 +455,12 @@ class JetStreamLog(EventLog):
         self._closed = False
         #: Messages published for appends (for the group-commit benchmark and tests).
         self.commits = 0
+        #: Who asked this process to give way, by yield subject (see the module docs).
+        self._ways: dict[str, _Way] = {}
+        #: This instance, in the give-way messages (its own are ignored).
+        self._me = secrets.token_hex(8).encode()
+        #: Times this process asked the others to give way (for tests).
+        self.asked_way = 0
 
     # -- names -----------------------------------------------------------------------
 
@@ -488,6 +518,7 @@ class JetStreamLog(EventLog):
                     self._letters_stream, f"{self.prefix}.dl.*", max_msgs=self.max_dead_letters
                 )
                 self._store = await self._store_id()
+                await nc.subscribe(f"{self.prefix}.yield.>", cb=self._way_asked)
         except BaseException as exc:
             self._nc = None
             if nc is not None:
@@ -858,6 +889,49 @@ class JetStreamLog(EventLog):
 
     # -- writing -----------------------------------------------------------------------
 
+    async def _way_asked(self, msg: Msg) -> None:
+        """Another process asks (``Y``) or no longer asks (``D``) to give way on a topic."""
+        data = msg.data
+        who = data[1:]
+        if who == self._me or not data:
+            return
+        way = self._ways.get(msg.subject)
+        if data[:1] == b"Y":
+            if way is None or way.done.is_set():
+                if len(self._ways) >= self.max_topics:
+                    self._ways = {k: w for k, w in self._ways.items() if not w.done.is_set()}
+                way = self._ways[msg.subject] = _Way(0.0)
+            way.until = asyncio.get_running_loop().time() + GIVE_WAY_FOR
+            way.asking.add(who)
+        elif way is not None:
+            way.asking.discard(who)
+            if not way.asking:
+                way.done.set()
+                del self._ways[msg.subject]
+
+    async def _give_way(self, way_subject: str) -> None:
+        """Pause while another process asked to give way on this topic (bounded)."""
+        way = self._ways.get(way_subject)
+        if way is None:
+            return
+        left = way.until - asyncio.get_running_loop().time()
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await way.done.wait()
+        if self._ways.get(way_subject) is way:
+            del self._ways[way_subject]
+
+    async def _ask_way(self, way_subject: str, ask: bool) -> None:
+        """Ask the other processes to give way on a topic (``ask``), or say it is done."""
+        nc = self._nc
+        if nc is None:
+            return
+        with contextlib.suppress(Exception):  # a hint: losing it costs a pause at most
+            await nc.publish(way_subject, (b"Y" if ask else b"D") + self._me)
+        if ask:
+            self.asked_way += 1
+
     async def _write(self, topic: str, records: list[_Record], key: str | None) -> _Written | Event:
         """Publish one message of a topic's events under the topic's lock.
 
@@ -873,53 +947,64 @@ class JetStreamLog(EventLog):
         at = now()
         claimed: str | None = None
         uncertain: int | None = None  # a publish timed out after this sequence
-        for attempt in range(self.retries):
-            head = await self._head(topic, stream, subject)
-            if head.epoch is None:
-                claimed = claimed or await self._claim(topic)
-            epoch = head.epoch or claimed
-            assert epoch is not None
-            top = head.top + count
-            headers = {
-                _EXPECTED_SEQ: str(head.seq),
-                "Ec-Epoch": epoch,
-                "Ec-Top": str(top),
-                "Ec-Count": str(count),
-                "Ec-At": repr(at),
-                "Ec-Token": token,
-            }
-            if msg_id is not None:
-                headers[_MSG_ID] = msg_id
-            try:
-                ack = await self._publish(subject, body, headers)
-            except _NoStream:
-                self._streams.pop(stream, None)
-                self._heads.pop(topic, None)
-                await self._ensure_stream(topic, stream)
-                continue
-            except (_Conflict, TimeoutError) as exc:
-                self._heads.pop(topic, None)
-                if isinstance(exc, TimeoutError) and uncertain is None:
-                    uncertain = head.seq
-                if uncertain is not None:
-                    # The reply of an earlier try was lost: it may have landed.
-                    mine = await self._find_token(stream, subject, uncertain, token)
-                    if mine is not None:
-                        self.commits += 1
-                        return _Written(mine.seq, mine.first, mine.epoch, None)
-                await _backoff(attempt)
-                continue
-            seq = int(ack["seq"])
-            if ack.get("duplicate"):
-                assert key is not None
-                original = await self._original(topic, stream, subject, seq, key)
-                if original is not None:
-                    return original
-                msg_id = f"{_msg_id(topic, key)}:{seq}"  # gone or expired: store again
-                continue
-            self._remember(topic, _Head(seq, top, epoch, token))
-            self.commits += 1
-            return _Written(seq, top - count + 1, epoch, head.seq)
+        way = subject_of(f"{self.prefix}.yield", topic)
+        asked = False  # whether the other processes were asked to give way
+        try:
+            for attempt in range(self.retries):
+                if not asked:
+                    await self._give_way(way)
+                head = await self._head(topic, stream, subject)
+                if head.epoch is None:
+                    claimed = claimed or await self._claim(topic)
+                epoch = head.epoch or claimed
+                assert epoch is not None
+                top = head.top + count
+                headers = {
+                    _EXPECTED_SEQ: str(head.seq),
+                    "Ec-Epoch": epoch,
+                    "Ec-Top": str(top),
+                    "Ec-Count": str(count),
+                    "Ec-At": repr(at),
+                    "Ec-Token": token,
+                }
+                if msg_id is not None:
+                    headers[_MSG_ID] = msg_id
+                try:
+                    ack = await self._publish(subject, body, headers)
+                except _NoStream:
+                    self._streams.pop(stream, None)
+                    self._heads.pop(topic, None)
+                    await self._ensure_stream(topic, stream)
+                    continue
+                except (_Conflict, TimeoutError) as exc:
+                    self._heads.pop(topic, None)
+                    if isinstance(exc, TimeoutError) and uncertain is None:
+                        uncertain = head.seq
+                    if uncertain is not None:
+                        # The reply of an earlier try was lost: it may have landed.
+                        mine = await self._find_token(stream, subject, uncertain, token)
+                        if mine is not None:
+                            self.commits += 1
+                            return _Written(mine.seq, mine.first, mine.epoch, None)
+                    if attempt >= 1 and not asked:
+                        asked = True
+                        await self._ask_way(way, True)
+                    await _backoff(attempt)
+                    continue
+                seq = int(ack["seq"])
+                if ack.get("duplicate"):
+                    assert key is not None
+                    original = await self._original(topic, stream, subject, seq, key)
+                    if original is not None:
+                        return original
+                    msg_id = f"{_msg_id(topic, key)}:{seq}"  # gone or expired: store again
+                    continue
+                self._remember(topic, _Head(seq, top, epoch, token))
+                self.commits += 1
+                return _Written(seq, top - count + 1, epoch, head.seq)
+        finally:
+            if asked:
+                await self._ask_way(way, False)
         raise LogError(
             f"could not append to {topic!r}: {self.retries} attempts conflicted with other writers"
         )

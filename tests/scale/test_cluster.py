@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 import redis
@@ -121,3 +122,32 @@ async def test_channel_occupancy_on_redis_cluster(cluster: Cluster) -> None:
     finally:
         for presence in presences:
             await presence.close()
+
+
+async def test_a_sharded_subscription_is_in_effect_once_routed(cluster: Cluster) -> None:
+    """``Bus.routed`` returns only once the shard confirmed the SSUBSCRIBE (its reader got it).
+
+    The shard that owns the channel is stopped (SIGSTOP) while node B
+    subscribes: the command waits in the socket, so the subscription is sent
+    but not made, and ``routed`` must not return until the shard answers.
+    Then a publication from node A arrives at once.
+    """
+    prefix = unique("bp")
+    url = f"redis+cluster://127.0.0.1:{cluster.seed}?prefix={prefix}"
+    [topic, *_] = _topics_on_every_shard(cluster, prefix)
+    owner = cluster.owner(key_slot(f"{prefix}:{topic}".encode()))
+    [shard] = [server for server in cluster.servers if server.port == owner]
+    async with Bus(backplane=url) as a, Bus(backplane=url) as b:
+        sub = b.subscribe(topic)
+        shard.process.send_signal(signal.SIGSTOP)
+        try:
+            routed = asyncio.ensure_future(b.routed(topic))
+            await asyncio.sleep(0.5)
+            assert not routed.done(), "routed before the shard answered"
+        finally:
+            shard.process.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(routed, 10)
+        assert _shard_subscribers(cluster, prefix, [topic]) == {topic: 1}
+        await a.publish(topic, {"topic": topic})
+        event = await asyncio.wait_for(sub.get(), 10)
+        assert event.data == {"topic": topic}

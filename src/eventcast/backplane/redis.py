@@ -74,6 +74,9 @@ class RedisBackplane(Backplane):
         self._attempt = 0
         #: Set when a cluster subscription may have opened a shard connection to read.
         self._sources_changed = asyncio.Event()
+        #: Cluster mode: the subscriptions awaiting the shard's confirmation, by channel
+        #: (or pattern) as the reader gets it.
+        self._confirming: dict[bytes, asyncio.Future[None]] = {}
 
     def _channel(self, topic_filter: str) -> str:
         return f"{self.prefix}:{topic_filter}"
@@ -176,11 +179,32 @@ class RedisBackplane(Backplane):
     async def _confirm(self, pubsub: Any) -> None:
         """Wait until the subscriptions sent on ``pubsub`` are in effect (a PING's answer).
 
-        Sharded subscriptions in cluster mode go through redis-py, whose
-        reader takes their confirmations; they are not awaited.
+        In cluster mode the shards' readers take the confirmations (see
+        :meth:`_subscribe_confirmed`); nothing is read yet while connecting.
         """
         if not self.cluster:
             await pubsub.barrier(self.connect_timeout)
+
+    async def _subscribe_confirmed(self, pubsub: Any, topic_filter: str) -> None:
+        """Cluster mode: subscribe, then wait for the shard's (or node's) confirmation.
+
+        Raises:
+            BackplaneError: no confirmation within the connect timeout.
+        """
+        channel = self._channel(topic_filter)
+        key = (self._glob(channel) if is_pattern(topic_filter) else channel).encode()
+        waiter = asyncio.get_running_loop().create_future()
+        self._confirming[key] = waiter
+        try:
+            await self._subscribe_on(pubsub, topic_filter)
+            self._sources_changed.set()  # a new shard connection gets its reader
+            async with asyncio.timeout(self.connect_timeout):
+                await waiter
+        except TimeoutError:
+            raise BackplaneError(f"Redis did not confirm the subscription to {channel!r}") from None
+        finally:
+            if self._confirming.get(key) is waiter:
+                del self._confirming[key]
 
     async def _subscribe_on(self, pubsub: Any, topic_filter: str) -> None:
         channel = self._channel(topic_filter)
@@ -226,19 +250,25 @@ class RedisBackplane(Backplane):
                     logger.info("Redis backplane reconnection failed: %s", failed)
 
     async def _drain(self, pubsub: Any) -> None:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        message = await pubsub.get_message(timeout=1.0)
         if message is None:
             if not self.cluster:
                 await pubsub.check_health()
             return
         batch = []
         while message is not None:
-            if message.get("type") in ("message", "pmessage", "smessage"):
+            kind = message.get("type")
+            if kind in ("message", "pmessage", "smessage"):
                 batch.append(message["data"])
+            elif kind in ("ssubscribe", "psubscribe", "subscribe"):
+                waiter = self._confirming.pop(message.get("channel") or b"", None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             if len(batch) >= _BATCH:
                 break
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
-        self._deliver(batch)
+            message = await pubsub.get_message(timeout=0)
+        if batch:
+            self._deliver(batch)
 
     @staticmethod
     def _cluster_sources(pubsub: Any) -> list[Any]:
@@ -395,10 +425,13 @@ class RedisBackplane(Backplane):
         if pubsub is None or self.state is not BackplaneState.CONNECTED:
             return  # subscribed on (re)connect
         try:
-            await self._subscribe_on(pubsub, topic_filter)
             # Returns once the subscription is in effect: a publication sent
             # after this, from any node, reaches this one.
-            await self._confirm(pubsub)
+            if self.cluster:
+                await self._subscribe_confirmed(pubsub, topic_filter)
+            else:
+                await self._subscribe_on(pubsub, topic_filter)
+                await self._confirm(pubsub)
         except (RedisError, OSError, BackplaneError) as exc:
             # BackplaneError: the lean subscriber's connection died and the reader
             # has not noticed yet; its reconnect subscribes every wanted filter.

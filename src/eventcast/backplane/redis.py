@@ -5,9 +5,12 @@
   broader glob, and the bus filters with the exact grammar.
 * ``redis+cluster://host:7000?prefix=eventcast``: Redis Cluster with sharded
   pub/sub (``SSUBSCRIBE``/``SPUBLISH``), so a channel's traffic stays on the
-  shard that owns it and the cluster grows by adding shards. Patterns are not
-  shardable in Redis; in cluster mode pattern filters use classic
-  ``PSUBSCRIBE`` on one node, which Redis broadcasts cluster-wide.
+  shard that owns it and the cluster grows by adding shards. Sharded pub/sub
+  has no patterns, and a classic ``PSUBSCRIBE`` never sees an ``SPUBLISH``: so
+  each publication is also sent with a classic ``PUBLISH`` to a twin channel
+  (``prefix~p:topic``, broadcast cluster-wide) where pattern filters listen
+  with ``PSUBSCRIBE``. A node with an exact and a pattern filter on one topic
+  gets both copies and passes one on (a bounded set of recent payloads).
 
 Publishing uses redis-py with its *asyncio* ``Retry`` and exponential backoff
 (the synchronous ``redis.retry.Retry`` silently disables retries in the asyncio
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -39,6 +43,8 @@ __all__ = ["RedisBackplane"]
 logger = logging.getLogger("eventcast.backplane")
 
 _BATCH = 1024
+#: How many recent payloads a cluster node remembers to drop a publication's twin.
+_RECENT = 65_536
 
 
 def _split_url(url: str) -> tuple[str, str, bool]:
@@ -77,9 +83,20 @@ class RedisBackplane(Backplane):
         #: Cluster mode: the subscriptions awaiting the shard's confirmation, by channel
         #: (or pattern) as the reader gets it.
         self._confirming: dict[bytes, asyncio.Future[None]] = {}
+        #: Cluster mode: hashes of payloads received lately, while a pattern filter
+        #: may bring a second copy of a publication (see the module docs).
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        #: How many pattern filters are subscribed.
+        self._patterns = 0
 
     def _channel(self, topic_filter: str) -> str:
         return f"{self.prefix}:{topic_filter}"
+
+    def _pattern_channel(self, topic_filter: str) -> str:
+        """Where pattern filters listen: the topic's channel, on a cluster its classic twin."""
+        if self.cluster:
+            return f"{self.prefix}~p:{topic_filter}"
+        return self._channel(topic_filter)
 
     def _control_channel(self, node: str | None = None) -> str:
         # Outside "prefix:", so no PSUBSCRIBE of a topic pattern ("prefix:*") matches it.
@@ -192,7 +209,9 @@ class RedisBackplane(Backplane):
             BackplaneError: no confirmation within the connect timeout.
         """
         channel = self._channel(topic_filter)
-        key = (self._glob(channel) if is_pattern(topic_filter) else channel).encode()
+        if is_pattern(topic_filter):
+            channel = self._glob(self._pattern_channel(topic_filter))
+        key = channel.encode()
         waiter = asyncio.get_running_loop().create_future()
         self._confirming[key] = waiter
         try:
@@ -209,7 +228,7 @@ class RedisBackplane(Backplane):
     async def _subscribe_on(self, pubsub: Any, topic_filter: str) -> None:
         channel = self._channel(topic_filter)
         if is_pattern(topic_filter):
-            await pubsub.psubscribe(self._glob(channel))
+            await pubsub.psubscribe(self._glob(self._pattern_channel(topic_filter)))
         elif self.cluster:
             await pubsub.ssubscribe(channel)
         else:
@@ -267,8 +286,28 @@ class RedisBackplane(Backplane):
             if len(batch) >= _BATCH:
                 break
             message = await pubsub.get_message(timeout=0)
+        if batch and self.cluster:
+            batch = self._first_copies(batch)
         if batch:
             self._deliver(batch)
+
+    def _first_copies(self, batch: list[bytes]) -> list[bytes]:
+        """Cluster mode: drop the second copy of a publication (sharded and pattern twin)."""
+        recent = self._recent
+        if not self._patterns:
+            recent.clear()
+            return batch
+        kept = []
+        for payload in batch:
+            key = hash(payload)
+            if key in recent:
+                del recent[key]  # the twin: each publication comes at most twice
+                continue
+            recent[key] = None
+            if len(recent) > _RECENT:
+                recent.popitem(last=False)
+            kept.append(payload)
+        return kept
 
     @staticmethod
     def _cluster_sources(pubsub: Any) -> list[Any]:
@@ -377,6 +416,8 @@ class RedisBackplane(Backplane):
             if self.cluster:
                 for topic, payload in messages:
                     await client.spublish(self._channel(topic), payload)
+                    # The twin for pattern filters (sharded pub/sub has none).
+                    await client.publish(self._pattern_channel(topic), payload)
             elif len(messages) == 1:
                 topic, payload = messages[0]
                 await client.publish(self._channel(topic), payload)
@@ -421,6 +462,7 @@ class RedisBackplane(Backplane):
         if topic_filter in self.filters:
             return
         self.filters.add(topic_filter)
+        self._patterns += is_pattern(topic_filter)
         pubsub = self._pubsub
         if pubsub is None or self.state is not BackplaneState.CONNECTED:
             return  # subscribed on (re)connect
@@ -445,13 +487,14 @@ class RedisBackplane(Backplane):
         if topic_filter not in self.filters:
             return
         self.filters.discard(topic_filter)
+        self._patterns -= is_pattern(topic_filter)
         pubsub = self._pubsub
         if pubsub is None or self.state is not BackplaneState.CONNECTED:
             return
         channel = self._channel(topic_filter)
         try:
             if is_pattern(topic_filter):
-                await pubsub.punsubscribe(self._glob(channel))
+                await pubsub.punsubscribe(self._glob(self._pattern_channel(topic_filter)))
             elif self.cluster:
                 await pubsub.sunsubscribe(channel)
             else:

@@ -108,6 +108,21 @@ class Sequencer:
         self.gaps += 1
         self._spawn(self._catch_up(topic, stream), f"eventcast-catch-up-{topic}")
 
+    def seed(self, topic: str, offset: int, epoch: str) -> None:
+        """A local reader is positioned at ``offset``: the next event it needs is after it.
+
+        Called with the head a replay read (the one replay path). A topic not
+        tracked yet starts there, not at the first event that happens to
+        arrive: concurrent local publishes return from the log in any order,
+        and the first to arrive (offset 2, say) would otherwise make the one
+        before it look delivered already.
+        """
+        if topic in self._streams:
+            return
+        if len(self._streams) >= STREAMS_LIMIT:
+            self._streams.pop(next(iter(self._streams)))
+        self._streams[topic] = _Stream(epoch, offset)
+
     def forget(self, topic: str) -> None:
         """Stop tracking a topic (its last subscriber left)."""
         self._streams.pop(topic, None)

@@ -502,13 +502,16 @@ class Bus:
             LogError: the log failed.
         """
         log = await self._history_log(topic)
-        return await replay(
+        result = await replay(
             log,
             topic,
             since,
             cap=self.replay_cap,
             earliest_limit=self.namespace(topic).history_size,
         )
+        if self._router.route(topic):  # a reader is subscribed: delivery resumes after it
+            self._sequencer.seed(topic, result.position.offset, result.position.epoch)
+        return result
 
     def on(
         self,

@@ -1,0 +1,63 @@
+"""Concurrent local publishes that return from the log out of order, on a topic just subscribed.
+
+Found by the chaos harness (``redis-log-churn``, one node, Redis Streams log):
+every client of a fresh channel missed offset 1. Two publishes were in flight;
+offset 2's returned from the log first, and the sequencer, tracking the topic
+from the first event it saw, took offset 1 for delivered already and dropped it.
+A topic's tracking now starts where a reader's replay put it (``Bus.replay``),
+so offset 2 is held while offset 1 is read from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from eventcast import Bus, Event, Namespace
+
+WAIT = 10.0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_later_offset_returned_first_does_not_hide_the_earlier(
+    kind: str, tmp_path: Path
+) -> None:
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/events.db"
+    async with Bus(log=url, namespaces={"": Namespace(history_size=100)}) as bus:
+        log = bus.log
+        assert log is not None
+        sub = bus.subscribe("fresh")
+        replay = await bus.replay("fresh", None)  # what a hub does before it answers
+        assert replay.position.offset == 0
+
+        # The first append commits (offset 1) and then waits; the second commits
+        # (offset 2) and returns at once: offset 2 reaches the bus first.
+        append = log.append
+        gate = asyncio.Event()
+        first = True
+
+        async def out_of_order(events: Sequence[Event]) -> list[Event]:
+            nonlocal first
+            mine, first = first, False
+            committed = await append(events)
+            if mine:
+                await gate.wait()
+            return committed
+
+        log.append = out_of_order  # type: ignore[method-assign]
+        one = asyncio.ensure_future(bus.publish("fresh", 1))
+        await asyncio.sleep(0.05)
+        two = await bus.publish("fresh", 2)
+        assert two.offset == 2
+        gate.set()
+        assert (await one).offset == 1
+        got = []
+        async with asyncio.timeout(WAIT):
+            while len(got) < 2:
+                got.append((await sub.get()).offset)
+        assert got == [1, 2]
+        await asyncio.sleep(0.05)
+        assert sub.buffered == 0  # and offset 1 once only

@@ -10,6 +10,9 @@ delivered:
 * an offset past a gap is held while the gap is read from the log, and the
   held events follow the gap in order.
 
+A topic is tracked from the head a reader's replay read (:meth:`Sequencer.seed`),
+or else from the first event that arrives.
+
 When continuity cannot be proven (the epoch changed, the gap is beyond
 retention, the log failed) the sequencer jumps ahead and reports a gap, so the
 readers of that topic are told to recover.

@@ -98,9 +98,8 @@ class BackplaneLink:
         #: on engines that echo them: listeners skip those by content).
         self.cluster_listeners: list[ClusterListener] = []
         self._control: deque[tuple[str | None, bytes]] = deque()
-        #: Filters whose backplane subscription is in effect (or, while the engine
-        #: is down, will be made by its reconnect).
-        self._routed: set[str] = set()
+        #: The filter whose backplane subscription is being made (not in effect yet).
+        self._subscribing: str | None = None
         #: Who waits in :meth:`routed`, by filter.
         self._routing: dict[str, list[asyncio.Future[None]]] = {}
         #: Counters: outgoing publications dropped, incoming ones undecodable,
@@ -227,7 +226,7 @@ class BackplaneLink:
         """
         if (
             not self.open
-            or topic_filter in self._routed
+            or self._is_routed(topic_filter)
             or self.backplane.state is not BackplaneState.CONNECTED
         ):
             return
@@ -248,10 +247,20 @@ class BackplaneLink:
             if not waiters and self._routing.get(topic_filter) is waiters:
                 del self._routing[topic_filter]
 
+    def _is_routed(self, topic_filter: str) -> bool:
+        """Whether the filter's backplane subscription is in effect.
+
+        A backplane's ``subscribe`` adds the filter to its ``filters`` at once
+        and returns once the engine confirmed it (or, while the engine is down,
+        leaves it to the reconnect): so every filter there is in effect but the
+        one being subscribed.
+        """
+        return topic_filter in self.backplane.filters and topic_filter != self._subscribing
+
     def _release_routing(self, wanted: set[str] | None) -> None:
         """Wake whoever waits on a routed filter or one not ``wanted`` (``None``: everyone)."""
         for topic_filter in list(self._routing):
-            if wanted is None or topic_filter in self._routed or topic_filter not in wanted:
+            if wanted is None or self._is_routed(topic_filter) or topic_filter not in wanted:
                 for waiter in self._routing.pop(topic_filter):
                     if not waiter.done():
                         waiter.set_result(None)
@@ -265,14 +274,15 @@ class BackplaneLink:
             wake.clear()
             wanted = self._wanted()
             for topic_filter in sorted(wanted - backplane.filters):
-                await backplane.subscribe(topic_filter)  # returns once in effect
-                self._routed.add(topic_filter)
+                self._subscribing = topic_filter
+                try:
+                    await backplane.subscribe(topic_filter)  # returns once in effect
+                finally:
+                    self._subscribing = None
                 if topic_filter in self._routing:
                     self._release_routing(wanted)
             for topic_filter in sorted(backplane.filters - wanted):
-                self._routed.discard(topic_filter)
                 await backplane.unsubscribe(topic_filter)
-            self._routed.update(wanted & backplane.filters)
             self._release_routing(self._wanted())
 
     # -- incoming ------------------------------------------------------------------

@@ -98,6 +98,12 @@ class RedisBackplane(Backplane):
             return f"{self.prefix}~p:{topic_filter}"
         return self._channel(topic_filter)
 
+    def _subscription(self, topic_filter: str) -> str:
+        """What a filter subscribes to: its channel, or for a pattern its glob (PSUBSCRIBE)."""
+        if is_pattern(topic_filter):
+            return self._glob(self._pattern_channel(topic_filter))
+        return self._channel(topic_filter)
+
     def _control_channel(self, node: str | None = None) -> str:
         # Outside "prefix:", so no PSUBSCRIBE of a topic pattern ("prefix:*") matches it.
         if node is None:
@@ -208,9 +214,7 @@ class RedisBackplane(Backplane):
         Raises:
             BackplaneError: no confirmation within the connect timeout.
         """
-        channel = self._channel(topic_filter)
-        if is_pattern(topic_filter):
-            channel = self._glob(self._pattern_channel(topic_filter))
+        channel = self._subscription(topic_filter)
         key = channel.encode()
         waiter = asyncio.get_running_loop().create_future()
         self._confirming[key] = waiter
@@ -226,9 +230,9 @@ class RedisBackplane(Backplane):
                 del self._confirming[key]
 
     async def _subscribe_on(self, pubsub: Any, topic_filter: str) -> None:
-        channel = self._channel(topic_filter)
+        channel = self._subscription(topic_filter)
         if is_pattern(topic_filter):
-            await pubsub.psubscribe(self._glob(self._pattern_channel(topic_filter)))
+            await pubsub.psubscribe(channel)
         elif self.cluster:
             await pubsub.ssubscribe(channel)
         else:
@@ -491,10 +495,10 @@ class RedisBackplane(Backplane):
         pubsub = self._pubsub
         if pubsub is None or self.state is not BackplaneState.CONNECTED:
             return
-        channel = self._channel(topic_filter)
+        channel = self._subscription(topic_filter)
         try:
             if is_pattern(topic_filter):
-                await pubsub.punsubscribe(self._glob(self._pattern_channel(topic_filter)))
+                await pubsub.punsubscribe(channel)
             elif self.cluster:
                 await pubsub.sunsubscribe(channel)
             else:

@@ -166,6 +166,38 @@ async def test_a_writer_that_keeps_losing_is_given_way(
     assert [e.offset for e in stored] == list(range(1, sum(counts) + 1))
 
 
+async def test_requests_to_give_way_are_bounded(
+    target: tuple[str, str],
+    logs: list[JetStreamLog],
+    nats_service: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Requests for topics this process never appends to (whose asker died
+    # before saying it was done) are forgotten once their pause is over and
+    # room is needed; while every pause is live, a request beyond the bound
+    # is ignored (it is a hint).
+    url, prefix = target
+    monkeypatch.setattr("eventcast.log.jetstream.GIVE_WAY_FOR", 0.5)
+    log = await open_js(url, logs, max_topics=2)
+    other = await nats.connect(nats_service)
+    try:
+        for topic in ("a", "b"):
+            await other.publish(f"{prefix}.yield.~.{topic}", b"Yasker")
+        await other.flush()
+        await until(lambda: len(log._ways) == 2, "two requests noted")
+        await other.publish(f"{prefix}.yield.~.c", b"Yasker")
+        await other.flush()
+        await asyncio.sleep(0.05)  # the first two are still live: c is ignored
+        assert set(log._ways) == {f"{prefix}.yield.~.a", f"{prefix}.yield.~.b"}
+        await asyncio.sleep(0.5)  # their pauses are over
+        await other.publish(f"{prefix}.yield.~.d", b"Yasker")
+        await other.flush()
+        await until(lambda: f"{prefix}.yield.~.d" in log._ways, "d noted")
+        assert set(log._ways) == {f"{prefix}.yield.~.d"}
+    finally:
+        await other.close()
+
+
 async def test_concurrent_appends_are_packed_into_few_messages(
     target: tuple[str, str], logs: list[JetStreamLog]
 ) -> None:

@@ -227,8 +227,9 @@ class _Way:
 
     __slots__ = ("asking", "done", "until")
 
-    def __init__(self, until: float) -> None:
-        self.until = until
+    def __init__(self) -> None:
+        #: When the pause ends at the latest (loop time).
+        self.until = 0.0
         self.asking: set[bytes] = set()
         self.done = asyncio.Event()
 
@@ -897,11 +898,16 @@ class JetStreamLog(EventLog):
             return
         way = self._ways.get(msg.subject)
         if data[:1] == b"Y":
-            if way is None or way.done.is_set():
+            now_ = asyncio.get_running_loop().time()
+            if way is None:
                 if len(self._ways) >= self.max_topics:
-                    self._ways = {k: w for k, w in self._ways.items() if not w.done.is_set()}
-                way = self._ways[msg.subject] = _Way(0.0)
-            way.until = asyncio.get_running_loop().time() + GIVE_WAY_FOR
+                    # Pauses over: of topics nobody here appended to since (or whose
+                    # asker died before saying it was done).
+                    self._ways = {k: w for k, w in self._ways.items() if w.until > now_}
+                    if len(self._ways) >= self.max_topics:
+                        return  # a hint only: the asker retries as before
+                way = self._ways[msg.subject] = _Way()
+            way.until = now_ + GIVE_WAY_FOR
             way.asking.add(who)
         elif way is not None:
             way.asking.discard(who)

@@ -206,6 +206,31 @@ async def test_an_unconfirmed_subscription_is_an_internal_error_not_a_false_ack(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.redis
+async def test_an_unconfirmed_sse_subscription_is_503_not_a_stream(
+    start_hub: StartHub,
+    redis_service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("eventcast._link.ROUTE_TIMEOUT", 0.3)
+    url = f"{redis_service}?prefix={_prefix()}"
+    b = await start_hub(backplane_url=url, node_name="b")
+    backplane = b.hub.bus.backplane
+    assert backplane is not None
+    subscribe = backplane.subscribe
+
+    async def stuck(topic_filter: str) -> None:
+        await asyncio.sleep(1.0)
+        await subscribe(topic_filter)
+
+    backplane.subscribe = stuck  # type: ignore[method-assign]
+    async with open_sse(b.base, ["live:stuck.sse"], token=token()) as stream:
+        assert stream.response.status_code == 503
+    assert "live:stuck.sse" not in b.hub.channels.by_name
+    assert "Traceback" not in caplog.text
+
+
 def test_a_pong_answers_the_oldest_ping_even_one_given_up_on() -> None:
     async def scenario() -> None:
         pings = Pings()

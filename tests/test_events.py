@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import msgspec
 import pytest
@@ -95,6 +96,37 @@ def test_ids_are_unique_across_threads() -> None:
         assert out == sorted(out)
 
 
+def test_ids_keep_increasing_past_a_chunk_and_when_the_clock_goes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ids come in chunks of 1,000 under one 29-digit prefix; a frozen clock makes
+    # 2,500 ids span three chunks within one millisecond.
+    frozen = time.time() - 60  # in the past: once the test ends, the real clock moves on
+    monkeypatch.setattr(events_module._time, "time", lambda: frozen)
+    ids = [new_event_id() for _ in range(2500)]
+    assert len(set(ids)) == 2500
+    assert ids == sorted(ids)
+    assert len({i[:29] for i in ids}) >= 3
+    assert all(len(i) == 32 and i.isdigit() for i in ids)
+    # The clock steps back a second: the millisecond part holds, ids still increase.
+    monkeypatch.setattr(events_module._time, "time", lambda: frozen - 1.0)
+    later = [new_event_id() for _ in range(10)]
+    assert later == sorted(later)
+    assert later[0] > ids[-1]
+    assert {i[:13] for i in later} == {ids[-1][:13]}
+
+
+def test_a_chunk_counter_that_runs_out_moves_the_process_part_up() -> None:
+    # Set, not monkeypatched: putting the counter back afterwards could repeat ids.
+    events_module._chunk = 10**6 - 2
+    high = events_module._high
+    before = [new_event_id() for _ in range(3000)]
+    assert before == sorted(before)
+    assert len(set(before)) == 3000
+    assert int(before[-1][13:23]) == high + 1
+    assert int(before[-1][23:29]) < 10  # the chunk counter started again
+
+
 def test_encoded_data_encodes_once_and_caches() -> None:
     event = Event(topic="a", data={"n": 1, "s": "x"})
     first = event.encoded_data()
@@ -131,7 +163,7 @@ def test_bytes_pass_through() -> None:
 
 
 def test_known_bytes_can_be_given() -> None:
-    event = Event(topic="a", data={"n": 1}, _cache=[b'{"n":1}'])
+    event = Event(topic="a", data={"n": 1}, _cache=b'{"n":1}')
     assert event.encoded_data() == b'{"n":1}'
 
 

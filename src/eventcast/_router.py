@@ -37,6 +37,9 @@ class Router:
         #: The rings, keyed by their sorted filter set.
         self.rings: dict[tuple[str, ...], _Ring] = {}
         self._routes: dict[str, tuple[_Ring, ...]] = {}
+        #: Caches built from :meth:`route`'s answers (topic to rings, bounded by
+        #: their owner), emptied with the route cache whenever the table changes.
+        self.derived: list[dict[str, tuple[_Ring, ...]]] = []
         self.on_change = on_change
 
     def ring(self, filters: tuple[str, ...]) -> _Ring:
@@ -67,6 +70,8 @@ class Router:
 
     def _changed(self) -> None:
         self._routes.clear()
+        for cache in self.derived:
+            cache.clear()
         if self.on_change is not None:
             self.on_change()
 

@@ -70,6 +70,10 @@ logger = logging.getLogger("eventcast.bus")
 DropHandler: TypeAlias = Callable[[Subscription, str], object]
 
 
+#: Most topics remembered by publish_nowait's fast path.
+_LIVE_ROUTES: Final = 10_000
+
+
 class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -232,6 +236,11 @@ class Bus:
         #: Called with ``(topic, durable)`` when continuity of a topic is lost.
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         self._router = Router()
+        # The fast path of publish_nowait: topics checked once (live-only, no
+        # schema, topic statistics off) and their rings; emptied by the router
+        # whenever subscriptions change, and when the bus closes.
+        self._live_routes: dict[str, tuple[_Ring, ...]] = {}
+        self._router.derived.append(self._live_routes)
         self._sequencer = Sequencer(self._router, log, self._spawn, self._signal_gap)
         if isinstance(backplane, str):
             from .backplane import open_backplane
@@ -340,6 +349,7 @@ class Bus:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._live_routes.clear()
         for sub in list(self._subs.by_id.values()):
             sub._close()
         self._handlers.close()
@@ -704,6 +714,20 @@ class Bus:
             ConfigurationError: the topic is durable.
             BusClosedError: the bus is closed.
         """
+        rings = self._live_routes.get(topic)
+        if rings is None or tags is not None:
+            return self._publish_checked(topic, data, tags)
+        # A topic already checked: what _publish_checked and _deliver do for it.
+        event = new_event(topic, data)
+        self._published += 1
+        for ring in rings:
+            ring.append(event)
+        if self._link is not None:
+            self._link.forward(event)
+        return event
+
+    def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
+        """publish_nowait with every check; remembers a topic the fast path may take."""
         if self._state is not _State.OPEN:
             raise BusClosedError("the bus is closed")
         rings = self._router.route(topic)
@@ -713,6 +737,12 @@ class Bus:
                 f"topic {topic!r} is durable: publish it with `await bus.publish()`"
             )
         event = self._make_event(topic, data, tags, None, ns)
+        if ns.schema is None and not self._count_topics:
+            # Before the delivery: a subscriber it closes empties the cache again.
+            live = self._live_routes
+            if len(live) >= _LIVE_ROUTES:
+                live.clear()
+            live[topic] = rings
         self._deliver(event, rings)
         return event
 

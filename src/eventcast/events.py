@@ -7,15 +7,16 @@ data is encoded once, lazily, and the bytes are cached on the event.
 
 from __future__ import annotations
 
-import itertools
 import random
+import threading
 import time as _time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
 import msgspec
+from msgspec.structs import force_setattr as _force_setattr
 
 from .exceptions import EncodeError, PositionError
 
@@ -31,29 +32,52 @@ __all__ = [
 
 _EMPTY_TAGS: Final[Mapping[str, str]] = MappingProxyType({})
 
-# Event ids: 13 decimal digits of Unix milliseconds, then the 19 decimal
-# digits of a counter that starts at a random point per process (between 10**18
-# and 9 * 10**18, so it keeps 19 digits). ``next()`` on itertools.count is
-# atomic under the GIL, so ids are unique across threads; the random start makes
-# a clash between processes astronomically unlikely; the fixed widths make them
-# sort as text in time order. The prefix is cached per millisecond, so an id
-# costs one str() of an int.
-_COUNTER = itertools.count(10**18 + random.SystemRandom().randrange(8 * 10**18))
-_prefix: tuple[int, str] = (-1, "")
+# Event ids: 32 decimal digits, sortable as text in time order. An id is a
+# 29-digit prefix, shared by a chunk of up to 1,000 ids, then a 3-digit suffix
+# from a fixed table. The prefix is 13 digits of Unix milliseconds, a 10-digit
+# number drawn at random per process (so a clash between processes is
+# astronomically unlikely) and a 6-digit chunk counter; a new chunk starts when
+# the clock passes into a new millisecond or the suffixes run out. An id then
+# costs one float comparison, one ``next()`` on a tuple iterator (atomic under
+# the GIL, so ids are unique across threads) and one concatenation. Chunks
+# start under a lock and are published as one tuple, so a reader never pairs a
+# prefix with another chunk's suffixes. The millisecond part never moves back,
+# even when the clock does, so a process's ids always increase.
+_SUFFIXES: Final = tuple(f"{i:03d}" for i in range(1000))
+_ids_lock = threading.Lock()
+_high = 10**9 + random.SystemRandom().randrange(8 * 10**9)
+_chunk = 0
+_last_ms = 0
+# (the next millisecond boundary, the prefix, the chunk's suffixes)
+_ids: tuple[float, str, Iterator[str]] = (-1.0, "", iter(()))
 
 
-def _make_id(now: float) -> str:
-    global _prefix
-    ms = int(now * 1000)
-    cached = _prefix
-    if cached[0] != ms:
-        cached = _prefix = (ms, f"{ms:013d}")
-    return cached[1] + str(next(_COUNTER))
+def _next_chunk(now: float, seen: tuple[float, str, Iterator[str]]) -> tuple[str, str]:
+    """Start a new chunk of ids (unless another thread just did); return (prefix, suffix)."""
+    global _ids, _high, _chunk, _last_ms
+    with _ids_lock:
+        state = _ids
+        if state is not seen and now < state[0]:
+            suffix = next(state[2], None)
+            if suffix is not None:
+                return state[1], suffix
+        ms = _last_ms = max(int(now * 1000), _last_ms)
+        _chunk += 1
+        if _chunk == 10**6:
+            _high, _chunk = _high + 1, 0
+        suffixes = iter(_SUFFIXES)
+        prefix = f"{ms:013d}{_high:010d}{_chunk:06d}"
+        _ids = ((ms + 1) / 1000, prefix, suffixes)
+        return prefix, next(suffixes)
 
 
 def new_event_id() -> str:
     """Return a new time-ordered unique id: 32 decimal digits, sortable as text."""
-    return _make_id(_time.time())
+    now = _time.time()
+    state = _ids
+    if now >= state[0] or (suffix := next(state[2], None)) is None:
+        return "".join(_next_chunk(now, state))
+    return state[1] + suffix
 
 
 def new_event(
@@ -67,12 +91,17 @@ def new_event(
     ``tags`` must already be frozen (see :func:`freeze_tags`).
     """
     now = _time.time()
+    state = _ids
+    if now >= state[0] or (suffix := next(state[2], None)) is None:
+        event_id = "".join(_next_chunk(now, state))
+    else:
+        event_id = state[1] + suffix
     if tags is None and idempotency_key is None:
-        return Event(topic=topic, data=data, id=_make_id(now), time=now)
+        return Event(topic=topic, data=data, id=event_id, time=now)
     return Event(
         topic=topic,
         data=data,
-        id=_make_id(now),
+        id=event_id,
         time=now,
         tags=_EMPTY_TAGS if tags is None else tags,
         idempotency_key=idempotency_key,
@@ -126,9 +155,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, eq=False, gc=False):
     epoch: str | None = None
     tags: Mapping[str, str] = _EMPTY_TAGS
     idempotency_key: str | None = None
-    # Internal: holds the encoded data once computed (a list, so the frozen
-    # struct can cache it). Pass ``_cache=[payload]`` when the bytes are known.
-    _cache: list[bytes] = msgspec.field(default_factory=list)
+    # Internal: the encoded data once computed (set on the frozen struct with
+    # ``force_setattr``). Pass ``_cache=payload`` when the bytes are known.
+    _cache: bytes | None = None
 
     @property
     def position(self) -> Position | None:
@@ -144,10 +173,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, eq=False, gc=False):
             EncodeError: the data is not JSON-serialisable.
         """
         cache = self._cache
-        if cache:
-            return cache[0]
+        if cache is not None:
+            return cache
         encoded = encode_data(self.data)
-        cache.append(encoded)
+        _force_setattr(self, "_cache", encoded)
         return encoded
 
     def __eq__(self, other: object) -> bool:

@@ -142,6 +142,7 @@ class _Ring:
     __slots__ = (
         "base",
         "blockers",
+        "check_at",
         "events",
         "filters",
         "head",
@@ -163,6 +164,9 @@ class _Ring:
         self.privates: set[Subscription] = set()
         self.blockers: list[Subscription] = []
         self.trim_at = 64
+        #: The head at which an append has more to do than append: trim the
+        #: buffer, or enforce an overflow deadline. Never above the true one.
+        self.check_at = 64
 
     def add(self, sub: Subscription) -> None:
         self.members.add(sub)
@@ -183,16 +187,25 @@ class _Ring:
         if self.privates:
             for sub in tuple(self.privates):
                 sub._push_live(event)
-        heap = self.heap
-        if heap and heap[0][0] <= head:
-            self._enforce(head)
         if self.waiters:
             waiters = self.waiters
             self.waiters = []
             for sub in waiters:
                 sub._wake()
-        if len(self.events) >= self.trim_at:
+        if head >= self.check_at:
+            self._housekeep(head)
+
+    def _housekeep(self, head: int) -> None:
+        """Enforce the overflow deadlines that are due, trim if due, and set ``check_at``."""
+        heap = self.heap
+        if heap and heap[0][0] <= head:
+            self._enforce(head)
+        if head - self.base >= self.trim_at:
             self._trim()
+        at = self.base + self.trim_at
+        if heap and heap[0][0] < at:
+            at = heap[0][0]
+        self.check_at = at
 
     def _enforce(self, head: int) -> None:
         heap = self.heap
@@ -212,6 +225,8 @@ class _Ring:
         seq = next(_heap_seq)
         sub._heap_entry = seq
         heapq.heappush(self.heap, (deadline, seq, sub))
+        if deadline < self.check_at:
+            self.check_at = deadline
 
     def track(self, sub: Subscription) -> None:
         """Watch a ring-mode subscriber for overflow (one live heap entry each)."""

@@ -144,7 +144,7 @@ def decode_envelope(payload: bytes) -> tuple[Envelope, Event]:
         epoch=env.epoch,
         tags=MappingProxyType(env.tags) if env.tags else _NO_TAGS,
         idempotency_key=env.ikey,
-        _cache=[raw],
+        _cache=raw,
     )
     return env, event
 

@@ -233,7 +233,7 @@ def _event(
         offset=offset,
         epoch=epoch if offset is not None else None,
         tags=_tags(pub.tags),
-        _cache=[bytes(pub.data)] if pub.data else [],
+        _cache=bytes(pub.data) if pub.data else None,
     )
 
 

@@ -181,11 +181,11 @@ def append_items(events: Sequence[Event]) -> list[AppendItem]:
 def committed(event: Event, offset: int, epoch: str, payload: bytes) -> Event:
     """The event as committed: its own fields plus its offset and epoch.
 
-    The copy shares the event's cache of encoded data (filled with ``payload``
-    if it was empty): the data is the same.
+    The copy carries the encoded data: the event's own, or ``payload`` when the
+    event has none yet (the data is the same).
     """
-    if not event._cache:
-        event._cache.append(payload)
+    if event._cache is None:
+        return _replace(event, offset=offset, epoch=epoch, _cache=payload)
     return _replace(event, offset=offset, epoch=epoch)
 
 
@@ -229,7 +229,7 @@ def stored_event(
         epoch=epoch,
         tags=decode_tags(tags),
         idempotency_key=idempotency_key,
-        _cache=[payload],
+        _cache=payload,
     )
 
 
@@ -259,7 +259,7 @@ def stored_events(topic: str, epoch: str, rows: Sequence[Sequence[Any]]) -> list
                 epoch=epoch,
                 tags=decode_tags(tags) if tags else empty,
                 idempotency_key=ikey,
-                _cache=[payload],
+                _cache=payload,
             )
         )
     return out
@@ -292,7 +292,7 @@ def plain_events(topic: str, epoch: str, rows: Sequence[Sequence[Any]]) -> list[
             time=row[2],
             offset=row[0],
             epoch=epoch,
-            _cache=[payload],
+            _cache=payload,
         )
         for row, payload, value in zip(rows, payloads, values, strict=True)
     ]
@@ -350,7 +350,7 @@ def row_to_letter(row: Sequence[Any]) -> DeadLetter:
         id=event_id,
         time=event_time,
         tags=decode_tags(tags),
-        _cache=[payload],
+        _cache=payload,
     )
     return DeadLetter(
         event=event,

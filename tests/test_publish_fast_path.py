@@ -1,0 +1,98 @@
+"""publish_nowait's fast path: a topic checked once goes straight to its rings.
+
+Each test first publishes on a topic (so the fast path knows it), then changes
+what the checks depend on, and shows the next publish sees the change.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from eventcast import (
+    Bus,
+    BusClosedError,
+    InvalidDataError,
+    InvalidTopicError,
+    Namespace,
+    Overflow,
+)
+
+
+async def test_a_subscriber_added_after_the_first_publish_receives_the_next() -> None:
+    async with Bus() as bus:
+        first = bus.subscribe("room.1")
+        bus.publish_nowait("room.1", 1)
+        exact = bus.subscribe("room.1")
+        pattern = bus.subscribe("room.*")
+        bus.publish_nowait("room.1", 2)
+        assert [e.data for e in await first.get_batch()] == [1, 2]
+        assert [e.data for e in await exact.get_batch()] == [2]
+        assert [e.data for e in await pattern.get_batch()] == [2]
+
+
+async def test_an_unsubscribed_subscriber_gets_nothing_more() -> None:
+    async with Bus() as bus:
+        stays = bus.subscribe("room.1")
+        leaves = bus.subscribe("room.*")
+        bus.publish_nowait("room.1", 1)
+        await leaves.aclose()
+        bus.publish_nowait("room.1", 2)
+        assert [e.data for e in await stays.get_batch()] == [1, 2]
+        assert bus.statistics()["dropped"] == 0
+        assert leaves.statistics().delivered == 0  # it was closed unread
+
+
+async def test_a_closed_bus_refuses_a_topic_the_fast_path_knew() -> None:
+    bus = Bus()
+    bus.subscribe("room.1")
+    bus.publish_nowait("room.1", 1)
+    await bus.close()
+    with pytest.raises(BusClosedError):
+        bus.publish_nowait("room.1", 2)
+
+
+async def test_a_subscriber_closed_by_its_own_overflow_leaves_the_route() -> None:
+    async with Bus() as bus:
+        slow = bus.subscribe("room.1", maxsize=2, overflow=Overflow.DISCONNECT)
+        other = bus.subscribe("room.1", maxsize=100)
+        for i in range(5):
+            bus.publish_nowait("room.1", i)
+        assert slow.closed
+        assert [e.data for e in await other.get_batch()] == [0, 1, 2, 3, 4]
+
+
+async def test_typed_topics_are_checked_on_every_publish() -> None:
+    spec = {"type": "integer"}
+    async with Bus(namespaces={"orders": Namespace(schema=spec)}) as bus:
+        bus.publish_nowait("orders:eu", 1)
+        bus.publish_nowait("orders:eu", 2)
+        with pytest.raises(InvalidDataError):
+            bus.publish_nowait("orders:eu", "three")
+
+
+async def test_topic_statistics_count_every_publish() -> None:
+    async with Bus(count_topics=True) as bus:
+        for i in range(3):
+            bus.publish_nowait("room.1", i)
+        assert bus.topic_stats["room.1"][0] == 3
+
+
+async def test_tags_and_bad_names_take_the_checked_path() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe("room.1")
+        bus.publish_nowait("room.1", 1)
+        tagged = bus.publish_nowait("room.1", 2, tags={"k": "v"})
+        assert dict(tagged.tags) == {"k": "v"}
+        with pytest.raises(InvalidTopicError):
+            bus.publish_nowait("room..1", 3)
+        assert [dict(e.tags) for e in await sub.get_batch()] == [{}, {"k": "v"}]
+
+
+def test_the_fast_path_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import eventcast.bus as bus_module
+
+    monkeypatch.setattr(bus_module, "_LIVE_ROUTES", 8)
+    bus = Bus()
+    for i in range(20):
+        bus.publish_nowait(f"t.{i}", i)
+    assert 0 < len(bus._live_routes) <= 8

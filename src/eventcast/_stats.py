@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left as _bucket
 from typing import Any, Final
 
 from .events import Event
@@ -26,11 +27,7 @@ class LatencyHistogram:
         """Record one duration."""
         self.total += seconds
         self.count += 1
-        for i, bound in enumerate(self.BOUNDS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[_bucket(self.BOUNDS, seconds)] += 1
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""

@@ -717,13 +717,8 @@ class Bus:
         rings = self._live_routes.get(topic)
         if rings is None or tags is not None:
             return self._publish_checked(topic, data, tags)
-        # A topic already checked: what _publish_checked and _deliver do for it.
-        event = new_event(topic, data)
-        self._published += 1
-        for ring in rings:
-            ring.append(event)
-        if self._link is not None:
-            self._link.forward(event)
+        event = new_event(topic, data)  # a topic already checked
+        self._deliver(event, rings)
         return event
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
@@ -737,14 +732,20 @@ class Bus:
                 f"topic {topic!r} is durable: publish it with `await bus.publish()`"
             )
         event = self._make_event(topic, data, tags, None, ns)
-        if ns.schema is None and not self._count_topics:
-            # Before the delivery: a subscriber it closes empties the cache again.
+        self._remember_live(topic, rings, ns)
+        self._deliver(event, rings)
+        return event
+
+    def _remember_live(self, topic: str, rings: tuple[_Ring, ...], ns: Namespace) -> None:
+        """Let the fast path take a live-only, untyped topic from now on.
+
+        Called before the delivery: a subscriber it closes empties the cache again.
+        """
+        if ns.schema is None and not (ns.durable and self.log is not None):
             live = self._live_routes
             if len(live) >= _LIVE_ROUTES:
                 live.clear()
             live[topic] = rings
-        self._deliver(event, rings)
-        return event
 
     async def publish(
         self,
@@ -785,6 +786,14 @@ class Bus:
             DeliveryError: with ``ack``, a handler failed every attempt.
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
+        if (
+            not ack
+            and tags is None
+            and idempotency_key is None
+            and topic in self._live_routes
+            and not self._subs.blockers
+        ):
+            return self.publish_nowait(topic, data)  # a live topic already checked
         self._check_open()
         rings = self._router.route(topic)
         ns = self._namespaces.of(topic)
@@ -806,6 +815,8 @@ class Bus:
                 return stored  # an idempotent repeat: stored once, delivered once
             event = stored
             rings = self._router.route(topic)
+        else:
+            self._remember_live(topic, rings, ns)
         if not ack:
             self._deliver(event, rings)
             return event

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from .exceptions import InvalidTopicError
 
@@ -80,14 +81,27 @@ def _split(name: object, *, allow_wildcards: bool) -> tuple[str, list[str]]:
     return namespace, segments
 
 
+#: Most names remembered as valid by :func:`validate_topic` (then it forgets them all).
+_VALID_CACHE_SIZE: Final = 10_000
+_valid: set[str] = set()
+
+
 def validate_topic(name: object) -> str:
     """Check a concrete topic name and return it.
+
+    A name found valid is remembered (up to ``_VALID_CACHE_SIZE`` of them), so
+    checking it again costs one set lookup.
 
     Raises:
         InvalidTopicError: the name breaks the grammar (the message says how).
     """
+    if type(name) is str and name in _valid:
+        return name
     _split(name, allow_wildcards=False)
-    return name  # type: ignore[return-value]  # _split checked it is a str
+    if len(_valid) >= _VALID_CACHE_SIZE:
+        _valid.clear()
+    _valid.add(name)  # type: ignore[arg-type]  # _split checked it is a str
+    return name  # type: ignore[return-value]
 
 
 def validate_pattern(pattern: object) -> str:

@@ -827,11 +827,10 @@ def _finish(batch: list[_Request]) -> None:
                 else:
                     future.set_result(result[start:end])
             continue
-        future = request.future
-        assert future is not None
-        if future.done():
+        one = request.future
+        if one is None or one.done():
             continue
         if error is not None:
-            future.set_exception(error)
+            one.set_exception(error)
         else:
-            future.set_result(result)
+            one.set_result(result)

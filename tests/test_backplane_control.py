@@ -100,8 +100,10 @@ async def _settled(nodes: list[tuple[Backplane, Inbox]]) -> None:
     subscription in Redis Cluster takes effect with nothing to wait on), then
     a fence: a node's messages arrive in the order it sent them, so once the
     fence is heard no repeated mark can arrive after the inboxes are cleared.
+    Redis and NATS also echo a broadcast to its sender: there the sender waits
+    for its own fence too, or its own marks could arrive after the clearing.
     """
-    for i, (sender, _) in enumerate(nodes):
+    for i, (sender, own) in enumerate(nodes):
         mark = b'{"ready":%d}' % i
         others = [inbox for backplane, inbox in nodes if backplane is not sender]
         async with asyncio.timeout(WAIT):
@@ -112,7 +114,8 @@ async def _settled(nodes: list[tuple[Backplane, Inbox]]) -> None:
                         await inbox.until(lambda got, mark=mark: mark in got, timeout=0.2)
         fence = b'{"fence":%d}' % i
         await sender.publish_control(fence)
-        for inbox in others:
+        echoed = [] if isinstance(sender, MemoryBackplane) else [own]
+        for inbox in others + echoed:
             await inbox.until(lambda got, fence=fence: fence in got)
     for _, inbox in nodes:
         inbox.payloads.clear()

@@ -393,7 +393,12 @@ class Subscription:
                 raise self._error
             else:
                 return
-            await self._wait()
+            # _wait(), without a coroutine of its own: this generator awaits the future.
+            waiter = self._arm()
+            try:
+                await waiter
+            finally:
+                self._disarm(waiter)
 
     async def _iterate_notifying(self) -> AsyncIterator[Event]:
         # For Overflow.BLOCK: every event taken frees room for a waiting publisher.
@@ -493,6 +498,17 @@ class Subscription:
         return event
 
     async def _wait(self) -> None:
+        waiter = self._arm()
+        try:
+            await waiter
+        finally:
+            self._disarm(waiter)
+
+    def _arm(self) -> asyncio.Future[None]:
+        """The buffer is empty: return a future the next event (or the close) completes.
+
+        Await it, then call :meth:`_disarm` (in a ``finally``), as :meth:`_wait` does.
+        """
         if self._cursor == _CLOSED:
             raise self._closed_error()
         self._dropping = False  # the buffer is empty: a drop episode is over
@@ -506,13 +522,13 @@ class Subscription:
         if not self._in_waiters and self._cursor >= 0:
             self._in_waiters = True
             self._ring.waiters.append(self)
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-            elif waiter in self._extra_waiters:
-                self._extra_waiters.remove(waiter)
+        return waiter
+
+    def _disarm(self, waiter: asyncio.Future[None]) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+        elif waiter in self._extra_waiters:
+            self._extra_waiters.remove(waiter)
 
     def _wake(self) -> None:
         self._in_waiters = False

@@ -114,18 +114,9 @@ _Item = AppendItem
 
 @dataclass(slots=True)
 class _Request:
-    """One request to the writer thread.
-
-    An ``append`` request gathers every ``append()`` of one turn of the event
-    loop: ``args`` holds their items end to end and ``waiters`` each caller's
-    future and slice ``(future, start, end)``. Other requests have one
-    ``future``.
-    """
-
     kind: str
     args: Any
-    future: asyncio.Future[Any] | None = None
-    waiters: list[tuple[asyncio.Future[Any], int, int]] | None = None
+    future: asyncio.Future[Any]
     result: Any = None
     error: BaseException | None = None
 
@@ -185,8 +176,6 @@ class SQLiteLog(EventLog):
         self._keys_pruned = 0.0
         self._inflight = 0
         self._room_waiters: deque[asyncio.Future[None]] = deque()
-        # The append request filling during this turn of the loop (sent at its end).
-        self._group: _Request | None = None
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
         self._serving = False
@@ -226,7 +215,6 @@ class SQLiteLog(EventLog):
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
-                self._send_group()  # appends of this turn are committed too
                 self._queue.put(None)
                 # The writer finishes what is queued, then closes its connection.
                 await asyncio.shield(asyncio.to_thread(thread.join))
@@ -546,17 +534,15 @@ class SQLiteLog(EventLog):
 
     # -- submitting from the loop ----------------------------------------------------
 
-    def _loop_for_submit(self) -> asyncio.AbstractEventLoop:
+    async def _submit(self, kind: str, args: Any) -> Any:
         if not self._opened or self._closed:
             raise LogError("the log is not open")
         if not self._serving:
             raise LogError("the log's writer thread is not running")
         loop = self._loop
         assert loop is not None
-        return loop
-
-    async def _wait_for_room(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The bound on requests in flight: wait while ``max_pending`` are."""
+        # The bound on queued requests: a plain counter on the fast path; a
+        # publisher waits only when max_pending requests are in flight.
         while self._inflight >= self.max_pending:
             waiter: asyncio.Future[None] = loop.create_future()
             self._room_waiters.append(waiter)
@@ -565,59 +551,26 @@ class SQLiteLog(EventLog):
             finally:
                 if waiter in self._room_waiters:
                     self._room_waiters.remove(waiter)
-        if self._closed:  # closed while waiting for room: the writer is gone
-            raise LogError("the log is not open")
-
-    def _room_freed(self) -> None:
-        self._inflight -= 1
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    def _send_group(self) -> None:
-        """Hand this turn's appends to the writer as one request (at the end of the turn)."""
-        group, self._group = self._group, None
-        if group is not None:
-            self._queue.put(group)
-
-    async def _submit(self, kind: str, args: Any) -> Any:
-        loop = self._loop_for_submit()
-        if self._inflight >= self.max_pending:
-            await self._wait_for_room(loop)
         self._inflight += 1
         try:
-            self._send_group()  # first what was asked before, in order
+            if self._closed:  # closed while waiting for room: the writer is gone
+                raise LogError("the log is not open")
             future: asyncio.Future[Any] = loop.create_future()
             self._queue.put(_Request(kind, args, future))
             return await future
         finally:
-            self._room_freed()
+            self._inflight -= 1
+            while self._room_waiters:
+                waiter = self._room_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
             return []
         items: list[_Item] = append_items(events)
-        loop = self._loop_for_submit()
-        # The plain counter is the fast path; a caller waits only when
-        # max_pending appends and requests are in flight.
-        if self._inflight >= self.max_pending:
-            await self._wait_for_room(loop)
-        self._inflight += 1
-        try:
-            group = self._group
-            if group is None or len(group.args) >= self.max_batch:
-                self._send_group()
-                group = self._group = _Request("append", [], waiters=[])
-                loop.call_soon(self._send_group)
-            future: asyncio.Future[list[Any]] = loop.create_future()
-            start = len(group.args)
-            group.args += items
-            group.waiters.append((future, start, start + len(items)))  # type: ignore[union-attr]
-            rows = await future
-        finally:
-            self._room_freed()
+        rows = await self._submit("append", items)
         return committed_events(events, rows)
 
     async def truncate(self, topic: str) -> Position:
@@ -817,20 +770,10 @@ def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
 
 def _finish(batch: list[_Request]) -> None:
     for request in batch:
-        error, result = request.error, request.result
-        if request.waiters is not None:
-            for future, start, end in request.waiters:
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result[start:end])
+        future = request.future
+        if future.done():
             continue
-        one = request.future
-        if one is None or one.done():
-            continue
-        if error is not None:
-            one.set_exception(error)
+        if request.error is not None:
+            future.set_exception(request.error)
         else:
-            one.set_result(result)
+            future.set_result(request.result)

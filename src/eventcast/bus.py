@@ -717,8 +717,16 @@ class Bus:
         rings = self._live_routes.get(topic)
         if rings is None or tags is not None:
             return self._publish_checked(topic, data, tags)
-        event = new_event(topic, data)  # a topic already checked
-        self._deliver(event, rings)
+        # A topic already checked: _deliver's steps for a live event whose routes
+        # are known, inline (two calls fewer on the hottest path of the bus).
+        event = new_event(topic, data)
+        self._published += 1
+        if self._count_topics:
+            self.topic_stats.count(event)
+        for ring in rings:
+            ring.append(event)
+        if self._link is not None:
+            self._link.forward(event)
         return event
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:

@@ -6,7 +6,9 @@ finds those matching a topic (exact names by dict, patterns by trie, each
 topic's answer cached until the next subscribe or unsubscribe changes the
 table), and appends an event to each of them. Every local delivery in the
 bus, whether from a publish, the sequencer or the backplane, goes through
-:meth:`Router.fan_out`.
+:meth:`Router.fan_out`, but one: ``Bus.publish_nowait``'s fast path, for a
+live topic it has checked once, appends to the rings it cached (a cache in
+:attr:`Router.derived`, emptied with the routes).
 """
 
 from __future__ import annotations

@@ -236,9 +236,9 @@ class Bus:
         #: Called with ``(topic, durable)`` when continuity of a topic is lost.
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         self._router = Router()
-        # The fast path of publish_nowait: topics checked once (live-only, no
-        # schema, topic statistics off) and their rings; emptied by the router
-        # whenever subscriptions change, and when the bus closes.
+        # The fast path of publish_nowait and publish: topics checked once
+        # (live-only, no schema; see _remember_live) and their rings; emptied by
+        # the router whenever subscriptions change, and when the bus closes.
         self._live_routes: dict[str, tuple[_Ring, ...]] = {}
         self._router.derived.append(self._live_routes)
         self._sequencer = Sequencer(self._router, log, self._spawn, self._signal_gap)

@@ -112,15 +112,22 @@ async def test_an_unreachable_server_fails_open_with_a_log_error() -> None:
 # -- several writers ------------------------------------------------------------------------
 
 
+async def two_processes(
+    url: str, logs: list[JetStreamLog], *, retention: int
+) -> tuple[JetStreamLog, JetStreamLog]:
+    """Two logs with connections of their own, keeping ``retention`` events per topic."""
+    first, second = await open_js(url, logs), await open_js(url, logs)
+    for log in (first, second):
+        log.set_retention(lambda topic: Retention(size=retention))
+    return first, second
+
+
 async def test_two_processes_append_to_one_topic_without_gaps(
     target: tuple[str, str], logs: list[JetStreamLog]
 ) -> None:
     # Two logs with connections of their own stand for two processes: their
     # publishes conflict on the topic's last sequence and are retried.
-    url, _ = target
-    first, second = await open_js(url, logs), await open_js(url, logs)
-    for log in (first, second):
-        log.set_retention(lambda topic: Retention(size=10_000))
+    first, second = await two_processes(target[0], logs, retention=10_000)
 
     async def writer(log: JetStreamLog, w: int) -> list[Event]:
         return [(await log.append([ev("shared", {"w": w, "i": i})]))[0] for i in range(25)]
@@ -143,10 +150,7 @@ async def test_a_writer_that_keeps_losing_is_given_way(
     # the head publishes once per round trip, the one that lost needs two, and
     # without giving way it lost 16 times in a row and failed (LogError) within
     # a second. Now each makes progress and neither fails.
-    url, _ = target
-    first, second = await open_js(url, logs), await open_js(url, logs)
-    for log in (first, second):
-        log.set_retention(lambda topic: Retention(size=10**6))
+    first, second = await two_processes(target[0], logs, retention=10**6)
     counts = [0, 0]
     stop = asyncio.Event()
 

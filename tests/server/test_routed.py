@@ -39,15 +39,28 @@ def _prefix() -> str:
     return f"routed{uuid.uuid4().hex[:10]}"
 
 
-def slow_to_subscribe(backplane: Backplane) -> None:
-    """Make ``backplane`` take :data:`WINDOW` seconds before each subscription."""
+def slow_to_subscribe(backplane: Backplane, delay: float = WINDOW, only: str | None = None) -> None:
+    """Make ``backplane`` wait ``delay`` seconds before each subscription (or ``only`` one)."""
     subscribe = backplane.subscribe
 
     async def late(topic_filter: str) -> None:
-        await asyncio.sleep(WINDOW)
+        if only is None or topic_filter == only:
+            await asyncio.sleep(delay)
         await subscribe(topic_filter)
 
     backplane.subscribe = late  # type: ignore[method-assign]
+
+
+async def unconfirming_node(
+    start_hub: StartHub, redis_url: str, monkeypatch: pytest.MonkeyPatch, only: str | None = None
+) -> HubServer:
+    """A node whose backplane confirms subscriptions (or ``only`` one) after the route timeout."""
+    monkeypatch.setattr("eventcast._link.ROUTE_TIMEOUT", 0.3)
+    node = await start_hub(backplane_url=f"{redis_url}?prefix={_prefix()}", node_name="b")
+    backplane = node.hub.bus.backplane
+    assert backplane is not None
+    slow_to_subscribe(backplane, 1.0, only)
+    return node
 
 
 @asynccontextmanager
@@ -182,19 +195,7 @@ async def test_an_unconfirmed_subscription_is_an_internal_error_not_a_false_ack(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The backplane never confirms: the subscribe gets error 100, the connection stays usable."""
-    monkeypatch.setattr("eventcast._link.ROUTE_TIMEOUT", 0.3)
-    url = f"{redis_service}?prefix={_prefix()}"
-    b = await start_hub(backplane_url=url, node_name="b")
-    backplane = b.hub.bus.backplane
-    assert backplane is not None
-    subscribe = backplane.subscribe
-
-    async def stuck(topic_filter: str) -> None:
-        if topic_filter == "live:stuck":
-            await asyncio.sleep(1.0)
-        await subscribe(topic_filter)
-
-    backplane.subscribe = stuck  # type: ignore[method-assign]
+    b = await unconfirming_node(start_hub, redis_service, monkeypatch, only="live:stuck")
     async with await RawClient.open(b.ws_url) as client:
         await client.connect(token("bob"))
         reply = await client.request("subscribe", {"channel": "live:stuck"})
@@ -213,18 +214,7 @@ async def test_an_unconfirmed_sse_subscription_is_503_not_a_stream(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr("eventcast._link.ROUTE_TIMEOUT", 0.3)
-    url = f"{redis_service}?prefix={_prefix()}"
-    b = await start_hub(backplane_url=url, node_name="b")
-    backplane = b.hub.bus.backplane
-    assert backplane is not None
-    subscribe = backplane.subscribe
-
-    async def stuck(topic_filter: str) -> None:
-        await asyncio.sleep(1.0)
-        await subscribe(topic_filter)
-
-    backplane.subscribe = stuck  # type: ignore[method-assign]
+    b = await unconfirming_node(start_hub, redis_service, monkeypatch)
     async with open_sse(b.base, ["live:stuck.sse"], token=token()) as stream:
         assert stream.response.status_code == 503
     assert "live:stuck.sse" not in b.hub.channels.by_name

@@ -88,6 +88,7 @@ _SHARED_KINDS = (
 ROOT_TYPE_NAMES = frozenset(
     {
         "Connection",
+        "HubWebSocket",
         "ServerSession",
         "Membership",
         "WebSocketsSansIOProtocol",
@@ -275,9 +276,15 @@ def connection_roots() -> list[list[tuple[str, list[object]]]]:
     ``websockets`` server (``ServerConnection``) and the floor (``Conn``).
     """
     objects = gc.get_objects()
-    hubs = [o for o in objects if type(o).__name__ == "Hub"]
-    if hubs:
-        return [_eventcast_parts(c) for c in _two(hubs[0].registry.connections.values())]
+    # (The hub itself is frozen by `eventcast serve`'s collector tuning, so not listed;
+    # its connections, made later, are.)
+    conns = [
+        o
+        for o in objects
+        if type(o).__name__ == "Connection" and type(o).__module__ == "eventcast.server.connection"
+    ]
+    if conns:
+        return [_eventcast_parts(c) for c in _two(conns)]
     ws = [o for o in objects if type(o).__name__ == "ServerConnection"]
     if ws:
         return [_websockets_parts(c) for c in _two(ws)]
@@ -305,6 +312,14 @@ def _eventcast_parts(conn: Any) -> list[tuple[str, list[object]]]:
     proto = (
         transport.get_protocol() if transport is not None else getattr(conn._send, "__self__", None)
     )
+    if type(proto).__name__ == "HubWebSocket":  # eventcast's own WebSocket protocol
+        return [
+            ("eventcast HubWebSocket (protocol, frame reader, timers)", [proto]),
+            ("eventcast Memberships", list(conn.channels.values())),
+            ("eventcast ServerSession", [conn.session]),
+            ("eventcast Connection (queue, ids, counters)", [conn]),
+            ("uvloop transport (Python-visible part)", [transport]),
+        ]
     task = _task_of(lambda f: f.get("self") is proto)
     return [
         ("websockets ServerProtocol (sans-I/O parser, buffers)", [proto.conn]),

@@ -9,6 +9,7 @@ protection. The behaviour built on them is tested over real sockets in
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import httpx
 import pytest
 import uvicorn
+from websockets.asyncio.client import connect
 
 from eventcast.exceptions import ConfigurationError
 from eventcast.server import _uvicorn
@@ -84,7 +86,30 @@ def test_the_protocol_classes_subclass_uvicorns() -> None:
 
     http = _uvicorn.http_protocol(header_timeout=1, body_timeout=1, max_head=1024)
     assert issubclass(http, HttpToolsProtocol), f"uvicorn {VERSION}"
-    assert issubclass(_uvicorn.websocket_protocol(), WebSocketsSansIOProtocol), f"uvicorn {VERSION}"
+    other = _uvicorn.websocket_protocol().other  # type: ignore[attr-defined]
+    assert issubclass(other, WebSocketsSansIOProtocol), f"uvicorn {VERSION}"
+
+
+async def test_the_client_endpoint_gets_the_hubs_own_protocol_and_others_uvicorns(
+    start_hub: StartHub,
+) -> None:
+    """``/connection/websocket`` is served by HubWebSocket; the unidirectional one by uvicorn."""
+    from eventcast.server.websocket import HubWebSocket
+
+    hub = await start_hub()
+    async with await RawClient.open(hub.ws_url) as client:
+        connected = await client.connect(token("own"))
+        conn = hub.hub.connections[connected["client"]]
+        assert isinstance(getattr(conn._send, "__self__", None), HubWebSocket)
+        assert conn.fast_path
+    uni = hub.ws_url.replace("/connection/websocket", "/connection/uni_websocket")
+    async with connect(uni, open_timeout=WAIT) as ws:
+        await ws.send(json.dumps({"token": token("uni")}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        [conn] = [c for c in hub.hub.connections.values() if c.transport_name == "uni_websocket"]
+        assert not isinstance(getattr(conn._send, "__self__", None), HubWebSocket)
+        assert conn.fast_path, f"uvicorn {VERSION}: no transport behind the uni WebSocket"
+        assert "connect" in reply, reply
 
 
 async def test_the_fast_path_finds_uvicorns_transports(start_hub: StartHub) -> None:

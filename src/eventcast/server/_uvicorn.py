@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigurationError
+from ..protocol.websocket import offered_subprotocols
 
 if TYPE_CHECKING:
     import uvicorn
@@ -327,13 +328,21 @@ def http_protocol(
 
 
 def websocket_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's sans-I/O WebSocket protocol, closing non-UTF-8 text with 1007 quietly.
+    """The WebSocket protocol class ``eventcast serve`` gives uvicorn.
 
-    uvicorn closes such a frame with 1007, as RFC 6455 requires, but logs an
-    ERROR with a traceback for each: anyone could flood the log with them. This
-    class closes the same way and logs nothing.
+    uvicorn builds one for each upgrade, once its HTTP protocol has read the
+    request head (bounded by :func:`http_protocol`), and feeds it the head
+    again. An upgrade to the hub's client endpoint (``/connection/websocket``,
+    when the served app is the hub's) becomes the hub's own protocol,
+    :class:`~eventcast.server.websocket.HubWebSocket`: no ASGI task, queue
+    or parser generator per connection. Any other upgrade goes to uvicorn's
+    sans-I/O protocol and the ASGI app, with one change: a text frame that is
+    not UTF-8 is closed with 1007 as RFC 6455 requires, without the ERROR and
+    traceback uvicorn logs for it (anyone could flood the log with them).
     """
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    from .websocket import PATH, HubWebSocket
 
     class QuietWebSocketsProtocol(WebSocketsSansIOProtocol):
         """uvicorn's WebSocket protocol, without a traceback for invalid UTF-8."""
@@ -351,7 +360,106 @@ def websocket_protocol() -> type[asyncio.Protocol]:
                     return
             super().send_receive_event_to_app()
 
-    return QuietWebSocketsProtocol
+    class WebSocketUpgrade(asyncio.Protocol):
+        """Takes an upgrade from uvicorn's HTTP protocol and hands it to the protocol for it."""
+
+        #: The protocol of every other upgrade: uvicorn's, quiet on invalid UTF-8.
+        other: type[asyncio.Protocol] = QuietWebSocketsProtocol
+        #: The forwarded-headers rule of the served hub (built on first use).
+        forwarded: Any = None
+
+        def __init__(
+            self,
+            config: uvicorn.Config,
+            server_state: Any,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            self.config = config
+            self.server_state = server_state
+            self.app_state = app_state
+            self.loop = _loop
+            self.transport: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            transport = self.transport
+            assert transport is not None
+            head = data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+            method, target = head[0].split(b" ", 2)[:2]
+            hub = _hub_of(self.config.app)
+            if hub is None or target.partition(b"?")[0] != PATH:
+                other = self.other(  # type: ignore[call-arg]
+                    config=self.config,
+                    server_state=self.server_state,
+                    app_state=self.app_state,
+                    _loop=self.loop,
+                )
+                other.connection_made(transport)
+                transport.set_protocol(other)
+                other.data_received(data)
+                return
+            headers = [_header(line) for line in head[1:] if line]
+            scope = _websocket_scope(transport, target, headers)
+            cls = type(self)
+            if cls.forwarded is None:
+                cls.forwarded = forwarded_headers(_keep_scope, hub.settings.forwarded_allow_ips)
+            _apply(cls.forwarded, scope)
+            HubWebSocket(hub, self.server_state).start(transport, method, target, headers, scope)
+
+    return WebSocketUpgrade
+
+
+def _hub_of(app: Any) -> Any:
+    """The hub an app serves (``None``: the app is not the hub's own)."""
+    from .hub import Hub
+
+    hub = getattr(app, "hub", None)
+    return hub if isinstance(hub, Hub) else None
+
+
+def _header(line: bytes) -> tuple[bytes, bytes]:
+    name, _, value = line.partition(b": ")
+    return name, value
+
+
+def _websocket_scope(
+    transport: asyncio.BaseTransport, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> dict[str, Any]:
+    """What the hub reads of a WebSocket request, in ASGI's terms (a scope)."""
+    peer = transport.get_extra_info("peername")
+    client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+    path, _, query = target.partition(b"?")
+    return {
+        "type": "websocket",
+        "scheme": "wss" if transport.get_extra_info("sslcontext") is not None else "ws",
+        "path": path.decode("latin-1"),
+        "query_string": query,
+        "headers": headers,
+        "client": client,
+        "subprotocols": offered_subprotocols(headers),
+    }
+
+
+async def _keep_scope(scope: Any, receive: Any, send: Any) -> None:
+    """The app behind the forwarded-headers rule when only the scope is wanted."""
+
+
+def _apply(middleware: Any, scope: dict[str, Any]) -> None:
+    """Run an ASGI middleware that only rewrites the scope, synchronously.
+
+    uvicorn's forwarded-headers middleware awaits nothing but the app it wraps,
+    which here returns at once: one step of the coroutine runs it whole.
+    """
+    step = middleware(scope, None, None)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    step.close()
+    raise RuntimeError("the forwarded-headers middleware awaited something")
 
 
 # -- proxies -----------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, Final
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -24,7 +23,6 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from ..exceptions import EventcastError
-from ..protocol.encodings import get_encoding, websocket_encoding
 from . import _uvicorn
 from ._http import RequestLimits
 from ._logs import configure_logging, install_redaction
@@ -36,7 +34,7 @@ from .dashboard import dashboard_routes, log_access_mode
 from .driver import finish, keep_alive, run_frame
 from .emulation import EmulationEndpoint, HttpStreamEndpoint, SSERoute
 from .hooks import Hooks
-from .httpio import accept_websocket
+from .httpio import accept_websocket, websocket_terms
 from .hub import Hub
 from .metrics import metrics_endpoint
 from .unidirectional import UniHttpStreamEndpoint, UniSSEEndpoint, UniWebSocketEndpoint
@@ -61,9 +59,7 @@ class WebSocketEndpoint:
         settings = hub.settings
         if not await accept_websocket(hub, scope, receive, send, "websocket"):
             return
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        name, subprotocol = websocket_encoding(scope.get("subprotocols") or (), query)
-        encoding = get_encoding(name)
+        encoding, subprotocol = websocket_terms(scope)
         accept: dict[str, Any] = {"type": "websocket.accept"}
         if subprotocol is not None:
             accept["subprotocol"] = subprotocol

@@ -116,6 +116,53 @@ class Connection:
         ValueError: the transport is unknown or cannot carry the encoding.
     """
 
+    __slots__ = (
+        "_closed_event",
+        "_closer",
+        "_closing",
+        "_finished",
+        "_flusher",
+        "_frame",
+        "_on_closed",
+        "_pending",
+        "_pending_size",
+        "_scheduled",
+        "_send",
+        "_separator",
+        "_transport",
+        "_wake",
+        "_writer",
+        "address",
+        "anonymous",
+        "bucket",
+        "bytes_in",
+        "bytes_out",
+        "channels",
+        "closed",
+        "cursor",
+        "disconnect",
+        "encoding",
+        "expires_at",
+        "headers",
+        "hooks_lock",
+        "id",
+        "info",
+        "issued_at",
+        "messages_in",
+        "messages_out",
+        "meta",
+        "on_expire",
+        "queue_limit",
+        "session",
+        "session_id",
+        "sse",
+        "sse_end",
+        "token_id",
+        "transport_name",
+        "user",
+        "wire",
+    )
+
     def __init__(
         self,
         *,
@@ -178,7 +225,9 @@ class Connection:
         self._wake: asyncio.Event | None = None
         self.closed = False
         self.disconnect: Disconnect | None = None
-        self._closed_event = asyncio.Event()
+        #: Set on the first :meth:`wait_closed` (most connections never need one).
+        self._closed_event: asyncio.Event | None = None
+        self._finished = False
         self.messages_out = 0
         self.bytes_out = 0
         self.messages_in = 0
@@ -382,7 +431,7 @@ class Connection:
                         "reason": disconnect.reason,
                     }
                 )
-        self._closed_event.set()
+        self._finish()
 
     async def _sse_end(self, body: bytes) -> None:
         end = self.sse_end
@@ -399,7 +448,7 @@ class Connection:
         self._on_closed(self)
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
-        self._closed_event.set()
+        self._finish()
 
     def arm_expiry(self) -> None:
         """Close the connection with 3005 "expired" once :attr:`expires_at` passes.
@@ -440,8 +489,18 @@ class Connection:
         """Called when the transport reports the peer disconnected."""
         self._abort()
 
+    def _finish(self) -> None:
+        """The close frame (or the end of the stream) went out, or the peer left."""
+        self._finished = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+
     async def wait_closed(self) -> None:
         """Wait until the connection is closed."""
+        if self._finished:
+            return
+        if self._closed_event is None:
+            self._closed_event = asyncio.Event()
         await self._closed_event.wait()
 
     def __repr__(self) -> str:

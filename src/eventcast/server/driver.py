@@ -86,47 +86,68 @@ def keep_alive(conn: Connection, settings: Settings, *, pongs: bool = True) -> C
 
     ``pongs=False`` (unidirectional transports): ping without expecting pongs.
     """
-    loop = asyncio.get_running_loop()
-    # The stale timer, and the one pending timer of the ping chain.
-    timers: list[asyncio.TimerHandle | None] = [None, None]
+    return _KeepAlive(conn, settings, pongs).cancel
 
-    def later(delay: float, callback: Callable[..., None], *args: Any) -> None:
-        timers[1] = loop.call_later(delay, callback, *args)
 
-    def stale() -> None:
+class _KeepAlive:
+    """A connection's stale timer and the one pending timer of its ping chain.
+
+    One small object per connection (it lives as long as the connection), so
+    its state is slots and its callbacks bound methods.
+    """
+
+    __slots__ = ("conn", "loop", "pongs", "settings", "stale_timer", "timer")
+
+    def __init__(self, conn: Connection, settings: Settings, pongs: bool) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.pongs = pongs
+        self.loop = asyncio.get_running_loop()
+        self.stale_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            settings.handshake_timeout, self.stale
+        )
+        self.timer: asyncio.TimerHandle | None = None
+        self.later(settings.ping_interval, self.ping)
+
+    def later(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        self.timer = self.loop.call_later(delay, callback, *args)
+
+    def stale(self) -> None:
+        self.stale_timer = None
+        conn = self.conn
         if not conn.session.connected_state and not conn.closed:
             conn.close(codes.DISCONNECT_STALE)
 
-    def ping() -> None:
+    def ping(self) -> None:
+        conn = self.conn
         if conn.closed:
             return
+        settings = self.settings
         if not conn.session.connected_state:
-            later(settings.ping_interval, ping)
+            self.later(settings.ping_interval, self.ping)
             return
         conn.session.ping()
         conn.send_session_output()
-        if pongs:
-            later(settings.pong_timeout, check_pong, conn.session.pongs)
+        if self.pongs:
+            self.later(settings.pong_timeout, self.check_pong, conn.session.pongs)
         else:
-            later(settings.ping_interval, ping)
+            self.later(settings.ping_interval, self.ping)
 
-    def check_pong(pongs_at_ping: int) -> None:
+    def check_pong(self, pongs_at_ping: int) -> None:
+        conn = self.conn
         if conn.closed:
             return
         if conn.session.pongs == pongs_at_ping:
             conn.close(codes.DISCONNECT_NO_PONG)
             return
-        later(max(0.0, settings.ping_interval - settings.pong_timeout), ping)
+        settings = self.settings
+        self.later(max(0.0, settings.ping_interval - settings.pong_timeout), self.ping)
 
-    timers[0] = loop.call_later(settings.handshake_timeout, stale)
-    later(settings.ping_interval, ping)
-
-    def cancel() -> None:
-        for timer in timers:
+    def cancel(self) -> None:
+        for timer in (self.stale_timer, self.timer):
             if timer is not None:
                 timer.cancel()
-
-    return cancel
+        self.stale_timer = self.timer = None
 
 
 async def finish(conn: Connection, cancel: Callable[[], None]) -> None:

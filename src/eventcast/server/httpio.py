@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl
 
 import msgspec
 
+from ..protocol.encodings import Encoding, get_encoding, websocket_encoding
 from ._http import error_response
 from .limits import origin_allowed
 
@@ -28,8 +30,10 @@ __all__ = [
     "header",
     "origin_ok",
     "preflight",
+    "refusal_body",
     "refuse_stream",
     "stream_headers",
+    "websocket_terms",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -133,9 +137,26 @@ async def accept_websocket(
     return True
 
 
+def refusal_body(message: str) -> bytes:
+    """The JSON body of a refused WebSocket handshake: ``{"error": message}``."""
+    return _encode({"error": message})
+
+
+def websocket_terms(scope: Mapping[str, Any]) -> tuple[Encoding, str | None]:
+    """A WebSocket connection's encoding, and the subprotocol its handshake answer names.
+
+    See :func:`~eventcast.protocol.encodings.websocket_encoding`: the
+    ``centrifuge-protobuf`` subprotocol, or ``?cf_protocol=protobuf`` /
+    ``?format=protobuf``, asks for Protobuf.
+    """
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    name, subprotocol = websocket_encoding(scope.get("subprotocols") or (), query)
+    return get_encoding(name), subprotocol
+
+
 async def deny_handshake(scope: Mapping[str, Any], send: Any, status: int, message: str) -> None:
     """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
-    body = _encode({"error": message})
+    body = refusal_body(message)
     if "websocket.http.response" in scope.get("extensions", {}):
         await send(
             {

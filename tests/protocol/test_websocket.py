@@ -27,21 +27,13 @@ from eventcast.protocol.websocket import (
     unmask,
 )
 
+from ..server.hubtools import client_frame
+
 KEY = base64.b64encode(b"0123456789abcdef")
 
 
 def frame(payload: bytes, opcode: int = 0x1, *, fin: bool = True, rsv: int = 0) -> bytes:
-    """A client frame: masked, in the shortest length form."""
-    mask = os.urandom(4)
-    n = len(payload)
-    first = (0x80 if fin else 0) | rsv | opcode
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + mask + unmask(payload, mask)
+    return client_frame(payload, opcode, fin=fin, rsv=rsv)
 
 
 def error_of(data: bytes, max_size: int = 1024) -> tuple[int, str]:

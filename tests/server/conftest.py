@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,18 @@ from eventcast.server.app import HubApp, create_app, make_server, uvicorn_config
 from eventcast.server.config import Settings
 from eventcast.server.hooks import Hooks
 
-from .hubtools import HubServer, free_port, make_settings, write_config
+from .hubtools import (
+    AUDIENCE,
+    MAX_BAD,
+    MAX_MESSAGE,
+    HubServer,
+    RawClient,
+    Witness,
+    free_port,
+    make_settings,
+    tok,
+    write_config,
+)
 
 StartHub = Callable[..., Awaitable[HubServer]]
 
@@ -97,6 +109,34 @@ async def start_hub(tmp_path: Path) -> AsyncIterator[StartHub]:
 async def hub(start_hub: StartHub) -> HubServer:
     """An in-process hub with the default test settings."""
     return await start_hub()
+
+
+@pytest.fixture
+async def strict(start_hub: StartHub) -> HubServer:
+    """A hub with a small frame limit, few bad commands allowed, and a token audience."""
+    return await start_hub(
+        max_message_size=MAX_MESSAGE, max_bad_commands=MAX_BAD, token_audience=AUDIENCE
+    )
+
+
+@pytest.fixture
+async def witness(strict: HubServer) -> AsyncIterator[Witness]:
+    """A well-behaved subscriber; calling it checks it still gets the next publication."""
+    client = await RawClient.open(strict.ws_url)
+    await client.connect(tok("witness"))
+    await client.subscribe("witness.feed")
+    serial = count(1)
+
+    async def check() -> None:
+        n = next(serial)
+        await strict.publish("witness.feed", {"n": n})
+        push = await client.publication()
+        assert push == {"channel": "witness.feed", "pub": {"data": {"n": n}, "offset": n}}
+
+    await check()
+    yield check
+    await check()
+    await client.close()
 
 
 # -- a real browser ------------------------------------------------------------------------------

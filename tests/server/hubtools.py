@@ -9,7 +9,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,12 @@ from eventcast.server.hub import Hub
 
 SECRET = "eventcast-integration-tests-hmac-secret-0123456789"
 API_KEY = "eventcast-integration-tests-api-key"
+#: The ``strict`` hub's (conftest): a token audience, a 4 KiB message limit, 3 bad commands.
+AUDIENCE = "eventcast-tests"
+MAX_MESSAGE = 4096
+MAX_BAD = 3
+#: The ``witness`` fixture: checks that a well-behaved subscriber still gets publications.
+Witness = Callable[[], Awaitable[None]]
 #: Safety net of every wait (never a synchronisation device).
 WAIT = 10.0
 
@@ -106,6 +112,36 @@ def write_config(path: Path, data_dir: Path, **overrides: Any) -> Path:
         lines += [f"{key} = {_toml_value(value)}" for key, value in namespace.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tok(user: str = "alice", **claims: Any) -> str:
+    """A connection token for the ``strict`` hub (its audience)."""
+    return mint_token(secret=SECRET, user=user, ttl=600, audience=AUDIENCE, **claims)
+
+
+def client_frame(
+    payload: bytes,
+    opcode: int = 0x1,
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    masked: bool = True,
+    length: int | None = None,
+) -> bytes:
+    """A client's WebSocket frame, valid or not: ``length`` overrides the announced length."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        header = bytes((first, mask_bit | n))
+    elif n < 1 << 16:
+        header = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    if not masked:
+        return header + payload
+    key = os.urandom(4)
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def token(user: str = "alice", *, ttl: float | None = 600, **claims: Any) -> str:
@@ -291,16 +327,7 @@ class RawSocket:
 
     def send_frame(self, payload: bytes, opcode: int = 0x1) -> None:
         """Send one masked, final frame; its payload may be anything (even invalid UTF-8)."""
-        mask = os.urandom(4)
-        n = len(payload)
-        first = 0x80 | opcode
-        if n < 126:
-            header = bytes((first, 0x80 | n))
-        elif n < 65536:
-            header = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-        else:
-            header = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        self.writer.write(client_frame(payload, opcode))
 
     async def frame(self) -> tuple[int, bytes]:
         """The next frame from the server: ``(opcode, payload)``."""

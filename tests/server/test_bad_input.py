@@ -7,8 +7,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from itertools import count
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -19,55 +18,24 @@ from eventcast.server.auth import mint_token
 from eventcast.server.connection import Connection
 
 from .conftest import StartHub
-from .hubtools import API_KEY, SECRET, WAIT, HubServer, RawClient, RawSocket
-
-AUDIENCE = "eventcast-tests"
-MAX_MESSAGE = 4096
-MAX_BAD = 3
-
-
-def tok(user: str = "alice", **claims: Any) -> str:
-    return mint_token(secret=SECRET, user=user, ttl=600, audience=AUDIENCE, **claims)
-
-
-def tok_plain(user: str) -> str:
-    """A connection token for the hubs without a token audience."""
-    return mint_token(secret=SECRET, user=user, ttl=600)
+from .hubtools import (
+    API_KEY,
+    AUDIENCE,
+    MAX_BAD,
+    MAX_MESSAGE,
+    SECRET,
+    WAIT,
+    HubServer,
+    RawClient,
+    RawSocket,
+    Witness,
+    tok,
+    token,
+)
 
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-@pytest.fixture
-async def strict(start_hub: StartHub) -> HubServer:
-    """A hub with a small frame limit, few bad commands allowed, and a token audience."""
-    return await start_hub(
-        max_message_size=MAX_MESSAGE, max_bad_commands=MAX_BAD, token_audience=AUDIENCE
-    )
-
-
-Witness = Callable[[], Awaitable[None]]
-
-
-@pytest.fixture
-async def witness(strict: HubServer) -> AsyncIterator[Witness]:
-    """A well-behaved subscriber; calling it checks it still gets the next publication."""
-    client = await RawClient.open(strict.ws_url)
-    await client.connect(tok("witness"))
-    await client.subscribe("witness.feed")
-    serial = count(1)
-
-    async def check() -> None:
-        n = next(serial)
-        await strict.publish("witness.feed", {"n": n})
-        push = await client.publication()
-        assert push == {"channel": "witness.feed", "pub": {"data": {"n": n}, "offset": n}}
-
-    await check()
-    yield check
-    await check()
-    await client.close()
 
 
 async def open_client(hub: HubServer) -> RawClient:
@@ -278,7 +246,7 @@ async def test_slow_client_is_dropped_and_others_get_everything(start_hub: Start
     slow = await RawSocket.open(hub)
     # Connect and subscribe in one frame; read the replies, then never read again.
     slow.send(
-        json.dumps({"id": 1, "connect": {"token": tok_plain("slow")}})
+        json.dumps({"id": 1, "connect": {"token": token("slow")}})
         + "\n"
         + json.dumps({"id": 2, "subscribe": {"channel": channel}})
     )
@@ -293,7 +261,7 @@ async def test_slow_client_is_dropped_and_others_get_everything(start_hub: Start
     slow_conn: Connection = hub.hub.connections[replies[1]["connect"]["client"]]
 
     normal = await RawClient.open(hub.ws_url, max_size=None)
-    await normal.connect(tok_plain("normal"))
+    await normal.connect(token("normal"))
     await normal.subscribe(channel)
     normal_conn = hub.hub.connections[next(iter(hub.hub.users["normal"])).id]
     received: list[int] = []
@@ -351,11 +319,11 @@ async def test_a_publication_over_the_queue_limit_drops_its_subscribers(
     clients = []
     for user in ("u1", "u2"):
         client = await RawClient.open(hub.ws_url, max_size=None)
-        await client.connect(tok_plain(user))
+        await client.connect(token(user))
         await client.subscribe("huge")
         clients.append(client)
     bystander = await RawClient.open(hub.ws_url)
-    await bystander.connect(tok_plain("bystander"))
+    await bystander.connect(token("bystander"))
     await bystander.subscribe("small")
 
     await hub.publish("huge", {"pad": "x" * 70_000})

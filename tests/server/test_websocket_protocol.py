@@ -20,14 +20,23 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from itertools import count
 from typing import Any
 
 import pytest
 
 from .conftest import StartHub
-from .hubtools import WAIT, HubServer, RawClient, RawSocket, until
-from .test_bad_input import AUDIENCE, MAX_BAD, MAX_MESSAGE, Witness, tok, tok_plain
+from .hubtools import (
+    MAX_MESSAGE,
+    WAIT,
+    HubServer,
+    RawClient,
+    RawSocket,
+    Witness,
+    client_frame,
+    tok,
+    token,
+    until,
+)
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -49,60 +58,10 @@ FLOOD_PINGS = 200_000
 FLOOD_DEADLINE = 15.0
 
 
-@pytest.fixture
-async def strict(start_hub: StartHub) -> HubServer:
-    """The hub of test_bad_input: a 4 KiB message limit, and a token audience."""
-    return await start_hub(
-        max_message_size=MAX_MESSAGE, max_bad_commands=MAX_BAD, token_audience=AUDIENCE
-    )
-
-
-@pytest.fixture
-async def witness(strict: HubServer) -> AsyncIterator[Witness]:
-    """A well-behaved subscriber; calling it checks it still gets the next publication."""
-    client = await RawClient.open(strict.ws_url)
-    await client.connect(tok("witness"))
-    await client.subscribe("witness.feed")
-    serial = count(1)
-
-    async def check() -> None:
-        n = next(serial)
-        await strict.publish("witness.feed", {"n": n})
-        push = await client.publication()
-        assert push == {"channel": "witness.feed", "pub": {"data": {"n": n}, "offset": n}}
-
-    await check()
-    yield check
-    await check()
-    await client.close()
-
-
 # -- frames --------------------------------------------------------------------------------------
 
 
-def frame(
-    payload: bytes,
-    opcode: int = OP_TEXT,
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    length: int | None = None,
-) -> bytes:
-    """A client frame, valid or not: ``length`` overrides the announced payload length."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        header = bytes((first, mask_bit | n))
-    elif n < 1 << 16:
-        header = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+frame = client_frame
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:
@@ -694,7 +653,7 @@ async def test_messages_wait_in_order_and_reading_pauses_past_the_read_ahead(
 
     hub = await start_hub(hooks=hooks)
     async with await RawClient.open(hub.ws_url, max_size=None) as client:
-        connected = await client.connect(tok_plain("reader"))
+        connected = await client.connect(token("reader"))
         proto = hub.hub.connections[connected["client"]]._send.__self__  # type: ignore[attr-defined]
         assert isinstance(proto, HubWebSocket)
         first = await client.command("rpc", {"method": "wait"})
@@ -723,8 +682,8 @@ async def test_a_forwarded_client_address_reaches_the_connection(hub: HubServer)
         ) as forwarded,
         await RawClient.open(hub.ws_url) as direct,
     ):
-        a = await forwarded.connect(tok_plain("far"))
-        b = await direct.connect(tok_plain("near"))
+        a = await forwarded.connect(token("far"))
+        b = await direct.connect(token("near"))
         assert hub.hub.connections[a["client"]].address == "203.0.113.9"
         assert hub.hub.connections[b["client"]].address == "127.0.0.1"
         headers = dict(hub.hub.connections[a["client"]].headers)
@@ -740,4 +699,4 @@ async def test_a_disallowed_origin_gets_403_with_a_json_reason(start_hub: StartH
         assert answer.headers["content-type"] == "application/json"
     assert hub.hub.refused["origin"] == 1
     async with await RawClient.open(hub.ws_url, origin="https://only.example") as client:
-        await client.connect(tok_plain("allowed"))
+        await client.connect(token("allowed"))

@@ -26,6 +26,7 @@ import pytest
 
 from .conftest import StartHub
 from .hubtools import (
+    AUDIENCE,
     MAX_MESSAGE,
     WAIT,
     HubServer,
@@ -700,3 +701,33 @@ async def test_a_disallowed_origin_gets_403_with_a_json_reason(start_hub: StartH
     assert hub.hub.refused["origin"] == 1
     async with await RawClient.open(hub.ws_url, origin="https://only.example") as client:
         await client.connect(token("allowed"))
+
+
+async def test_a_client_gone_mid_command_is_forgotten_without_an_error(
+    start_hub: StartHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TCP drops while a command runs and more wait: no error, the connection is gone."""
+    from eventcast.server.hooks import AppHooks, RPCRequest, RPCResult
+
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    hooks = AppHooks(timeout=30)
+
+    @hooks.on_rpc
+    async def rpc(request: RPCRequest) -> RPCResult:
+        started.set()
+        await gate.wait()
+        return RPCResult(data={"method": request.method})
+
+    hub = await start_hub(hooks=hooks, token_audience=AUDIENCE)
+    sock = await WsSocket.start(hub)
+    client = await sock.connect()
+    for n in range(3):
+        sock.send(json.dumps({"id": 10 + n, "rpc": {"method": f"m{n}"}}))
+    await asyncio.wait_for(started.wait(), WAIT)
+    sock.writer.transport.abort()  # gone, without a close frame
+    await forgotten(hub, client)
+    gate.set()
+    async with await RawClient.open(hub.ws_url) as other:  # the hub still serves
+        await other.connect(tok("next"))
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

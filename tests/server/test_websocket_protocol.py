@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -731,3 +732,20 @@ async def test_a_client_gone_mid_command_is_forgotten_without_an_error(
     async with await RawClient.open(hub.ws_url) as other:  # the hub still serves
         await other.connect(tok("next"))
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_each_handshake_is_logged_as_uvicorn_logs_it_with_tokens_masked(
+    hub: HubServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = token("logged")
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    async with await RawClient.open(f"{hub.ws_url}?token={secret}") as client:
+        await client.connect(secret)
+    async with upgrade(hub, key=None) as answer:
+        assert answer.status == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert any(
+        '"WebSocket /connection/websocket?token=***" [accepted]' in line for line in lines
+    ), lines
+    assert any('"WebSocket /connection/websocket" 400' in line for line in lines), lines
+    assert not [line for line in lines if secret in line]

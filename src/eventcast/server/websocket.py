@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["CLOSE_TIMEOUT", "DRAIN_TIMEOUT", "PATH", "READ_AHEAD", "HubWebSocket"]
 
 logger = logging.getLogger("eventcast.server")
+#: The handshake lines uvicorn's own WebSocket protocol writes (its error logger, whose
+#: records eventcast redacts: see ``eventcast.server._logs``).
+access = logging.getLogger("uvicorn.error")
 
 #: The path this protocol serves (other upgrades go to uvicorn's protocol).
 PATH: Final = b"/connection/websocket"
@@ -154,14 +157,17 @@ class HubWebSocket(asyncio.Protocol):
         try:
             handshake = read_handshake(method, target, headers)
         except BadHandshake as exc:
+            _log_handshake(scope, target, str(exc.status))
             self._refuse(exc.status, exc.reason.encode(), b"text/plain; charset=utf-8")
             return
         refusal = hub.check_handshake(scope, "websocket")
         if refusal is not None:
             status, message = refusal
+            _log_handshake(scope, target, str(status))
             self._refuse(status, refusal_body(message), b"application/json")
             return
         encoding, subprotocol = websocket_terms(scope)
+        _log_handshake(scope, target, "[accepted]")
         transport.write(accept_response(handshake, subprotocol))
         transport.set_protocol(self)
         self._reader = FrameReader(hub.settings.max_message_size, _unmask)
@@ -376,3 +382,11 @@ class HubWebSocket(asyncio.Protocol):
             conn.close(Disconnect(1012, "service restart"))
         elif not self._close_sent and self._transport is not None:
             self._transport.close()
+
+
+def _log_handshake(scope: dict[str, Any], target: bytes, outcome: str) -> None:
+    """The line uvicorn logs for each WebSocket handshake: client, target, outcome."""
+    if access.isEnabledFor(logging.INFO):
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "-"
+        access.info('%s - "WebSocket %s" %s', peer, target.decode("latin-1"), outcome)

@@ -142,6 +142,7 @@ def test_other_servers_get_the_portable_path() -> None:
 
     assert _uvicorn.websocket_transport(send) is None
     assert _uvicorn.http_transport(send) is None
+    assert not _uvicorn.receive_ready(send)  # times every receive
 
 
 def test_eventcast_serve_tunes_the_collector() -> None:

@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..protocol.codec import ProtocolError, decode_json
+from ._uvicorn import receive_ready
 
 __all__ = [
     "BodyError",
@@ -108,6 +109,7 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         scope[_LIMIT_KEY] = self.max_body
+        ready = receive_ready
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         received = 0
@@ -123,11 +125,14 @@ class RequestLimits:
                 declared = _declared_length(scope)
                 if declared is not None and declared > limit:
                     raise _too_large()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyError(408, "request body timeout") from None
+            if ready(receive):  # what it returns has arrived: nothing to time
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyError(408, "request body timeout") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

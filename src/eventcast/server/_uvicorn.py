@@ -43,6 +43,7 @@ __all__ = [
     "http_protocol",
     "http_transport",
     "make_server",
+    "receive_ready",
     "uvicorn_version",
     "websocket_protocol",
     "websocket_transport",
@@ -70,7 +71,7 @@ _INTERNALS: Final = (
             "_should_upgrade",
         ),
     ),
-    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", ("send",)),
+    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", ("send", "receive")),
     (
         "uvicorn.protocols.websockets.websockets_sansio_impl",
         "WebSocketsSansIOProtocol",
@@ -82,7 +83,7 @@ _INTERNALS: Final = (
 #: Instance attributes (assigned in methods, so not visible on the class).
 _INSTANCE_ATTRIBUTES: Final = {
     "HttpToolsProtocol": ("transport", "cycle", "parser", "loop"),
-    "RequestResponseCycle": ("transport", "chunked_encoding", "response_complete"),
+    "RequestResponseCycle": ("transport", "chunked_encoding", "response_complete", "message_event"),
     "WebSocketsSansIOProtocol": (
         "transport",
         "handshake_complete",
@@ -176,6 +177,30 @@ def websocket_transport(send: Any) -> asyncio.WriteTransport | None:
     return _writable(owner.transport)
 
 
+@functools.cache
+def _cycle_class() -> type | None:
+    try:
+        from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+    except ImportError:  # pragma: no cover - uvicorn is part of the server extra
+        return None
+    return RequestResponseCycle
+
+
+def receive_ready(receive: Any) -> bool:
+    """Whether ``receive`` (an HTTP request's) returns without waiting: what it returns is here.
+
+    uvicorn's httptools protocol sets its cycle's ``message_event`` when body
+    bytes (or the disconnect) arrived; then ``receive()`` does not wait, and
+    needs no timeout. Any other server: ``False`` (the caller times it).
+    """
+    owner = getattr(receive, "__self__", None)
+    cls = _cycle_class()
+    if cls is None or not isinstance(owner, cls):
+        return False
+    event: asyncio.Event = getattr(owner, "message_event")  # noqa: B009 (an internal, checked)
+    return event.is_set()
+
+
 def http_transport(send: Any) -> asyncio.WriteTransport | None:
     """The transport behind uvicorn's httptools protocol, when the response is chunked."""
     owner = getattr(send, "__self__", None)
@@ -227,6 +252,8 @@ def http_protocol(
         """uvicorn's httptools protocol with bounded request heads and bodies."""
 
         _timer: asyncio.TimerHandle | None = None
+        #: The timer to arm once the current read is fed: ``(delay, callback)``.
+        _due: tuple[float, Callable[[], None]] | None = None
         _in_head = True
         #: A new request's head began while the current read was fed.
         _new_head = False
@@ -244,6 +271,15 @@ def http_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # draining after a refusal
+            self._feed(data)
+            # Arm the timer of a head or body that did not end within this read (one that
+            # did, the common case, costs no timer at all).
+            due = self._due
+            if due is not None and not self._refused:
+                self._due = None
+                self._arm(*due)
+
+        def _feed(self, data: bytes) -> None:
             if self._in_head and len(data) > max_head - self._head_bytes:
                 # Feed only what the limit allows: the head may end inside it.
                 room = max(0, max_head - self._head_bytes)
@@ -273,7 +309,8 @@ def http_protocol(
                 self._in_head = True
                 self._new_head = True
                 self._head_bytes = 0
-                self._arm(header_timeout, self._head_too_slow)
+                self._disarm()
+                self._due = (header_timeout, self._head_too_slow)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -281,7 +318,7 @@ def http_protocol(
             upgrade = self.parser.should_upgrade() and self._should_upgrade()
             super().on_headers_complete()
             if not upgrade:
-                self._arm(body_timeout + BODY_GRACE, self._body_too_slow)
+                self._due = (body_timeout + BODY_GRACE, self._body_too_slow)
 
         def on_message_complete(self) -> None:
             self._disarm()
@@ -292,6 +329,7 @@ def http_protocol(
             self._timer = self.loop.call_later(delay, callback)
 
         def _disarm(self) -> None:
+            self._due = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

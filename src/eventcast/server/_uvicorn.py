@@ -29,7 +29,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ..exceptions import ConfigurationError
 from ..protocol.websocket import offered_subprotocols
@@ -403,8 +403,8 @@ def websocket_protocol() -> type[asyncio.Protocol]:
 
         #: The protocol of every other upgrade: uvicorn's, quiet on invalid UTF-8.
         other: type[asyncio.Protocol] = QuietWebSocketsProtocol
-        #: The forwarded-headers rule of the served hub (built on first use).
-        forwarded: Any = None
+        #: The forwarded-headers rule of each hub served (built on first use).
+        forwarded: ClassVar[dict[Any, Any]] = {}
 
         def __init__(
             self,
@@ -441,10 +441,11 @@ def websocket_protocol() -> type[asyncio.Protocol]:
                 return
             headers = [_header(line) for line in head[1:] if line]
             scope = _websocket_scope(transport, target, headers)
-            cls = type(self)
-            if cls.forwarded is None:
-                cls.forwarded = forwarded_headers(_keep_scope, hub.settings.forwarded_allow_ips)
-            _apply(cls.forwarded, scope)
+            rule = self.forwarded.get(hub)
+            if rule is None:
+                rule = forwarded_headers(_keep_scope, hub.settings.forwarded_allow_ips)
+                self.forwarded[hub] = rule
+            _apply(rule, scope)
             HubWebSocket(hub, self.server_state).start(transport, method, target, headers, scope)
 
     return WebSocketUpgrade

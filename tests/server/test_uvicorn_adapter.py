@@ -90,10 +90,12 @@ def test_the_protocol_classes_subclass_uvicorns() -> None:
     assert issubclass(other, WebSocketsSansIOProtocol), f"uvicorn {VERSION}"
 
 
-async def test_the_client_endpoint_gets_the_hubs_own_protocol_and_others_uvicorns(
+async def test_the_hubs_websocket_endpoints_get_its_own_protocol_and_others_uvicorns(
     start_hub: StartHub,
 ) -> None:
-    """``/connection/websocket`` is served by HubWebSocket; the unidirectional one by uvicorn."""
+    """Both WebSocket endpoints are served by HubWebSocket; any other upgrade by the ASGI app."""
+    from websockets.exceptions import InvalidStatus
+
     from eventcast.server.websocket import HubWebSocket
 
     hub = await start_hub()
@@ -106,10 +108,16 @@ async def test_the_client_endpoint_gets_the_hubs_own_protocol_and_others_uvicorn
     async with connect(uni, open_timeout=WAIT) as ws:
         await ws.send(json.dumps({"token": token("uni")}))
         reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
-        [conn] = [c for c in hub.hub.connections.values() if c.transport_name == "uni_websocket"]
-        assert not isinstance(getattr(conn._send, "__self__", None), HubWebSocket)
-        assert conn.fast_path, f"uvicorn {VERSION}: no transport behind the uni WebSocket"
         assert "connect" in reply, reply
+        [conn] = [c for c in hub.hub.connections.values() if c.transport_name == "uni_websocket"]
+        assert isinstance(getattr(conn._send, "__self__", None), HubWebSocket)
+        assert conn.fast_path
+    # No route: uvicorn's protocol hands it to the app, whose router refuses it.
+    elsewhere = hub.ws_url.replace("/connection/websocket", "/connection/nowhere")
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(elsewhere, open_timeout=WAIT):
+            pass
+    assert refused.value.response.status_code == 403
 
 
 async def test_the_fast_path_finds_uvicorns_transports(start_hub: StartHub) -> None:

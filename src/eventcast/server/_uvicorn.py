@@ -370,8 +370,9 @@ def websocket_protocol() -> type[asyncio.Protocol]:
 
     uvicorn builds one for each upgrade, once its HTTP protocol has read the
     request head (bounded by :func:`http_protocol`), and feeds it the head
-    again. An upgrade to the hub's client endpoint (``/connection/websocket``,
-    when the served app is the hub's) becomes the hub's own protocol,
+    again. An upgrade to one of the hub's WebSocket endpoints (``/connection/websocket``
+    and ``/connection/uni_websocket``, when the served app is the hub's) becomes the
+    hub's own protocol,
     :class:`~eventcast.server.websocket.HubWebSocket`: no ASGI task, queue
     or parser generator per connection. Any other upgrade goes to uvicorn's
     sans-I/O protocol and the ASGI app, with one change: a text frame that is
@@ -380,7 +381,7 @@ def websocket_protocol() -> type[asyncio.Protocol]:
     """
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    from .websocket import PATH, HubWebSocket
+    from .websocket import ENDPOINTS, HubWebSocket
 
     class QuietWebSocketsProtocol(WebSocketsSansIOProtocol):
         """uvicorn's WebSocket protocol, without a traceback for invalid UTF-8."""
@@ -428,7 +429,8 @@ def websocket_protocol() -> type[asyncio.Protocol]:
             head = data.partition(b"\r\n\r\n")[0].split(b"\r\n")
             method, target = head[0].split(b" ", 2)[:2]
             hub = _hub_of(self.config.app)
-            if hub is None or target.partition(b"?")[0] != PATH:
+            endpoint = ENDPOINTS.get(target.partition(b"?")[0])
+            if hub is None or endpoint is None:
                 other = self.other(  # type: ignore[call-arg]
                     config=self.config,
                     server_state=self.server_state,
@@ -446,7 +448,9 @@ def websocket_protocol() -> type[asyncio.Protocol]:
                 rule = forwarded_headers(_keep_scope, hub.settings.forwarded_allow_ips)
                 self.forwarded[hub] = rule
             _apply(rule, scope)
-            HubWebSocket(hub, self.server_state).start(transport, method, target, headers, scope)
+            HubWebSocket(hub, endpoint, self.server_state).start(
+                transport, method, target, headers, scope
+            )
 
     return WebSocketUpgrade
 

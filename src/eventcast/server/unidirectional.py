@@ -58,7 +58,14 @@ from .sse import start_stream, wait_stream
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["UniHttpStreamEndpoint", "UniSSEEndpoint", "UniWebSocketEndpoint", "connect_uni"]
+__all__ = [
+    "UniHttpStreamEndpoint",
+    "UniSSEEndpoint",
+    "UniWebSocketEndpoint",
+    "connect_in_url",
+    "connect_uni",
+    "uni_websocket_message",
+]
 
 logger = logging.getLogger("eventcast.server")
 
@@ -95,8 +102,33 @@ def _parse_connect(data: bytes | str) -> ConnectRequest | None:
         return None
 
 
+def connect_in_url(scope: dict[str, Any]) -> str | None:
+    """The connect request a unidirectional WebSocket URL carries (``?cf_connect=``), if any."""
+    given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("cf_connect")
+    return given[0] if given else None
+
+
+async def uni_websocket_message(hub: Hub, conn: Connection, data: bytes | str, limit: int) -> None:
+    """A unidirectional WebSocket client's message: the first is its connect request.
+
+    Pushes only from then on: whatever else the client sends is dropped.
+    """
+    if conn.messages_in:
+        return
+    if len(data) > limit:
+        conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
+        return
+    conn.messages_in += 1
+    conn.bytes_in += len(data)
+    request = _parse_connect(data)
+    if request is None:
+        conn.close(codes.DISCONNECT_BAD_REQUEST)
+    else:
+        await connect_uni(hub, conn, request)
+
+
 class UniWebSocketEndpoint:
-    """``/connection/uni_websocket``."""
+    """``/connection/uni_websocket`` through ASGI (``eventcast serve`` has its own protocol)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         hub: Hub = scope["app"].state.hub
@@ -115,9 +147,7 @@ class UniWebSocketEndpoint:
         )
         cancel = keep_alive(conn, settings, pongs=False)
         try:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            given = query.get("cf_connect")
-            data: bytes | str | None = given[0] if given else None
+            data: bytes | str | None = connect_in_url(scope)
             if data is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(settings.handshake_timeout):
@@ -128,16 +158,8 @@ class UniWebSocketEndpoint:
                         data = first.get("text") or first.get("bytes") or b""
             if data is None:
                 conn.close(codes.DISCONNECT_STALE)
-            elif len(data) > settings.max_message_size:
-                conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
             else:
-                conn.messages_in += 1
-                conn.bytes_in += len(data)
-                request = _parse_connect(data)
-                if request is None:
-                    conn.close(codes.DISCONNECT_BAD_REQUEST)
-                else:
-                    await connect_uni(hub, conn, request)
+                await uni_websocket_message(hub, conn, data, settings.max_message_size)
             # Pushes only from now on: whatever the client sends is read and dropped.
             while conn.is_open():
                 message = await receive()

@@ -1,14 +1,14 @@
-"""``/connection/websocket`` under ``eventcast serve``: a WebSocket protocol of the hub's own.
+"""The hub's WebSocket endpoints under ``eventcast serve``: a WebSocket protocol of its own.
 
 uvicorn's HTTP protocol reads the request head, bounded in size and time (see
 :mod:`eventcast.server._uvicorn`), and hands an upgrade to the WebSocket
-protocol class it was given. For the hub's client endpoint that class is
-:class:`HubWebSocket`: it answers the handshake, then feeds each client
-message straight to the hub's command driver (:func:`~eventcast.server.driver.run_frame`),
-and the hub's connection writes pre-framed bytes straight to the socket's
-transport. Any other upgrade (the unidirectional WebSocket, or an app that is
-not the hub) goes to uvicorn's own WebSocket protocol and the ASGI app, as
-before.
+protocol class it was given. For the hub's two WebSocket endpoints (:data:`ENDPOINTS`)
+that class is :class:`HubWebSocket`: it answers the handshake, then feeds each
+client message straight to the endpoint's handler (the command driver,
+:func:`~eventcast.server.driver.run_frame`, or the unidirectional connect), and
+the hub's connection writes pre-framed bytes straight to the socket's
+transport. Any other upgrade (an app that is not the hub's, or another path)
+goes to uvicorn's own WebSocket protocol and the ASGI app.
 
 What this saves per connection, against uvicorn's protocol and the ASGI app:
 no ASGI task with its chain of coroutine frames, no ASGI message queue and
@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol import codes
 from ..protocol.codes import Disconnect
+from ..protocol.encodings import UNI_JSON, Encoding
 from ..protocol.framing import OP_BINARY, OP_TEXT, websocket_frame
 from ..protocol.websocket import (
     OP_CLOSE,
@@ -55,19 +58,53 @@ from ..protocol.websocket import (
 from .connection import Connection, writable_transport
 from .driver import keep_alive, run_frame
 from .httpio import refusal_body, websocket_terms
+from .unidirectional import connect_in_url, uni_websocket_message
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["CLOSE_TIMEOUT", "DRAIN_TIMEOUT", "PATH", "READ_AHEAD", "HubWebSocket"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "DRAIN_TIMEOUT",
+    "ENDPOINTS",
+    "READ_AHEAD",
+    "Endpoint",
+    "HubWebSocket",
+]
 
 logger = logging.getLogger("eventcast.server")
 #: The handshake lines uvicorn's own WebSocket protocol writes (its error logger, whose
 #: records eventcast redacts: see ``eventcast.server._logs``).
 access = logging.getLogger("uvicorn.error")
 
-#: The path this protocol serves (other upgrades go to uvicorn's protocol).
-PATH: Final = b"/connection/websocket"
+Handler = Callable[["Hub", Connection, bytes, int], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One WebSocket endpoint of the hub: what its connections are and do with messages."""
+
+    #: The transport's name (``websocket``, ``uni_websocket``: see ``wires.WIRES``).
+    transport: str
+    #: What runs each client message, in order: ``(hub, conn, message, limit)``.
+    handle: Handler
+    #: Whether the client answers pings (a unidirectional one cannot).
+    pongs: bool
+    #: Unidirectional: the connect request may come in the URL (``?cf_connect=``).
+    connect_in_url: bool
+
+    def terms(self, scope: dict[str, Any]) -> tuple[Encoding, str | None]:
+        """The connection's encoding, and the subprotocol the handshake answer names."""
+        if self.transport == "uni_websocket":
+            return UNI_JSON, None
+        return websocket_terms(scope)
+
+
+#: The paths this protocol serves (other upgrades go to uvicorn's protocol).
+ENDPOINTS: Final = {
+    b"/connection/websocket": Endpoint("websocket", run_frame, True, False),
+    b"/connection/uni_websocket": Endpoint("uni_websocket", uni_websocket_message, False, True),
+}
 #: Bytes of client messages that may wait while earlier ones run; past it the
 #: socket is not read until they have run.
 READ_AHEAD: Final = 1_048_576
@@ -107,6 +144,7 @@ class HubWebSocket(asyncio.Protocol):
         "_close_timer",
         "_connections",
         "_drain_deadline",
+        "_endpoint",
         "_failed",
         "_hub",
         "_inbox",
@@ -119,8 +157,9 @@ class HubWebSocket(asyncio.Protocol):
         "conn",
     )
 
-    def __init__(self, hub: Hub, server_state: Any) -> None:
+    def __init__(self, hub: Hub, endpoint: Endpoint, server_state: Any) -> None:
         self._hub = hub
+        self._endpoint = endpoint
         #: uvicorn's registries: the connections it shuts down, the tasks it awaits.
         self._connections: set[Any] = server_state.connections
         self._tasks: set[asyncio.Task[None]] = server_state.tasks
@@ -160,13 +199,14 @@ class HubWebSocket(asyncio.Protocol):
             _log_handshake(scope, target, str(exc.status))
             self._refuse(exc.status, exc.reason.encode(), b"text/plain; charset=utf-8")
             return
-        refusal = hub.check_handshake(scope, "websocket")
+        endpoint = self._endpoint
+        refusal = hub.check_handshake(scope, endpoint.transport)
         if refusal is not None:
             status, message = refusal
             _log_handshake(scope, target, str(status))
             self._refuse(status, refusal_body(message), b"application/json")
             return
-        encoding, subprotocol = websocket_terms(scope)
+        encoding, subprotocol = endpoint.terms(scope)
         _log_handshake(scope, target, "[accepted]")
         transport.write(accept_response(handshake, subprotocol))
         transport.set_protocol(self)
@@ -174,11 +214,16 @@ class HubWebSocket(asyncio.Protocol):
         conn = self.conn = hub.new_connection(
             send=self._send,
             transport=writable_transport(transport),
+            transport_name=endpoint.transport,
             scope=scope,
             encoding=encoding,
         )
-        self._cancel_timers = keep_alive(conn, hub.settings)
+        self._cancel_timers = keep_alive(conn, hub.settings, pongs=endpoint.pongs)
         self._connections.add(self)
+        if endpoint.connect_in_url:
+            connect = connect_in_url(scope)
+            if connect is not None:
+                self._take(connect.encode())
 
     def _refuse(self, status: int, body: bytes, content_type: bytes) -> None:
         transport = self._transport
@@ -234,8 +279,9 @@ class HubWebSocket(asyncio.Protocol):
         assert conn is not None
         hub = self._hub
         limit = hub.settings.max_message_size
+        handle = self._endpoint.handle
         try:
-            await run_frame(hub, conn, message, limit)
+            await handle(hub, conn, message, limit)
             while self._inbox is not None and conn.is_open():
                 inbox, self._inbox = self._inbox, None
                 self._inbox_bytes = 0
@@ -243,7 +289,7 @@ class HubWebSocket(asyncio.Protocol):
                 for data in inbox:
                     if not conn.is_open():
                         break
-                    await run_frame(hub, conn, data, limit)
+                    await handle(hub, conn, data, limit)
         except Exception as exc:  # a bug: the client is told, the log says what
             logger.error(
                 "connection %s: internal error running commands (%s)",

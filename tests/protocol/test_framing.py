@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from eventcast.protocol.framing import (
     OP_BINARY,
     OP_TEXT,
+    closing_response,
     frame_chunk,
     frame_text,
     websocket_frame,
@@ -72,3 +73,13 @@ def test_an_empty_chunk_is_refused() -> None:
     # An empty chunk is the last-chunk marker: it would end the SSE stream.
     with pytest.raises(ValueError, match="ends the body"):
         frame_chunk(b"")
+
+
+def test_a_closing_response_carries_its_status_phrase_length_and_headers() -> None:
+    assert closing_response(426, b"no", headers=b"sec-websocket-version: 13\r\n") == (
+        b"HTTP/1.1 426 Upgrade Required\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: 2\r\nsec-websocket-version: 13\r\nconnection: close\r\n\r\nno"
+    )
+    assert closing_response(429, b"{}", b"application/json").startswith(
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+    )

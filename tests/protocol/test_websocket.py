@@ -87,6 +87,8 @@ def test_bad_handshakes_are_refused_with_their_status(
     with pytest.raises(BadHandshake) as caught:
         read_handshake(method, b"/", headers)
     assert caught.value.status == status
+    expected = b"sec-websocket-version: 13\r\n" if status == 426 else b""
+    assert caught.value.headers == expected
 
 
 def test_subprotocols_in_order_over_several_headers() -> None:

@@ -4,14 +4,24 @@ When the hub runs under ``eventcast serve`` it writes pre-framed bytes to the
 socket's transport, so one frame shared by many connections is built once:
 
 * WebSocket frames as a server sends them (RFC 6455 §5.2: unmasked, final);
-* HTTP/1.1 chunks (RFC 9112 §7.1) for the SSE stream's chunked body.
+* HTTP/1.1 chunks (RFC 9112 §7.1) for the SSE stream's chunked body;
+* whole HTTP/1.1 responses that end the connection (a refused request head or
+  WebSocket handshake).
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Final
 
-__all__ = ["OP_BINARY", "OP_TEXT", "frame_chunk", "frame_text", "websocket_frame"]
+__all__ = [
+    "OP_BINARY",
+    "OP_TEXT",
+    "closing_response",
+    "frame_chunk",
+    "frame_text",
+    "websocket_frame",
+]
 
 #: WebSocket opcodes (RFC 6455 §5.2).
 OP_TEXT: Final = 0x1
@@ -57,3 +67,19 @@ def frame_chunk(payload: bytes) -> bytes:
     if not payload:
         raise ValueError("an empty chunk ends the body; write the last chunk explicitly")
     return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def closing_response(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    headers: bytes = b"",
+) -> bytes:
+    """A whole HTTP/1.1 response with ``body`` that closes the connection.
+
+    ``headers`` are extra header lines, each ending in CRLF.
+    """
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+        % (status, HTTPStatus(status).phrase.encode(), content_type, len(body), headers)
+    ) + body

@@ -41,7 +41,6 @@ __all__ = [
     "close_code",
     "close_frame",
     "control_frame",
-    "http_response",
     "offered_subprotocols",
     "read_handshake",
     "unmask",
@@ -79,12 +78,14 @@ class WebSocketError(ProtocolError):
 
 
 class BadHandshake(ProtocolError):
-    """An opening handshake the server refuses: answer with :attr:`status`."""
+    """An opening handshake the server refuses: answer with :attr:`status` and :attr:`headers`."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers: bytes = b"") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        #: Header lines the answer carries (each ending in CRLF).
+        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,11 @@ def read_handshake(method: bytes, target: bytes, headers: list[tuple[bytes, byte
         elif name == b"sec-websocket-version":
             version = value.strip()
     if version != b"13":
-        raise BadHandshake(426, "unsupported Sec-WebSocket-Version: 13 is required")
+        raise BadHandshake(
+            426,
+            "unsupported Sec-WebSocket-Version: 13 is required",
+            b"sec-websocket-version: 13\r\n",  # RFC 6455 §4.4: name the versions served
+        )
     if key is None:
         raise BadHandshake(400, "missing Sec-WebSocket-Key header")
     try:
@@ -160,15 +165,6 @@ def accept_response(handshake: Handshake, subprotocol: str | None = None) -> byt
     if subprotocol is not None:
         head.append(b"sec-websocket-protocol: " + subprotocol.encode("latin-1"))
     return b"\r\n".join(head) + b"\r\n\r\n"
-
-
-def http_response(status: int, reason: str, body: bytes, content_type: bytes) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection (a refused handshake)."""
-    extra = b"sec-websocket-version: 13\r\n" if status == 426 else b""
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
-        % (status, reason.encode("latin-1"), content_type, len(body), extra)
-    ) + body
 
 
 def control_frame(opcode: int, payload: bytes = b"") -> bytes:

@@ -41,6 +41,7 @@ __all__ = [
     "BodyError",
     "RequestLimits",
     "client_host",
+    "error_body",
     "error_response",
     "is_loopback",
     "read_body",
@@ -109,7 +110,6 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         scope[_LIMIT_KEY] = self.max_body
-        ready = receive_ready
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         received = 0
@@ -125,7 +125,7 @@ class RequestLimits:
                 declared = _declared_length(scope)
                 if declared is not None and declared > limit:
                     raise _too_large()
-            if ready(receive):  # what it returns has arrived: nothing to time
+            if receive_ready(receive):  # what it returns has arrived: nothing to time
                 message = await receive()
             else:
                 try:
@@ -157,6 +157,11 @@ class RequestLimits:
             await refuse_body(send, exc)
 
 
+def error_body(message: str) -> bytes:
+    """The JSON body of every refusal the hub answers itself: ``{"error": message}``."""
+    return _encode({"error": message})
+
+
 async def error_response(
     send: Send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
@@ -168,7 +173,7 @@ async def error_response(
             "headers": [(b"content-type", b"application/json"), *headers],
         }
     )
-    await send({"type": "http.response.body", "body": _encode({"error": message})})
+    await send({"type": "http.response.body", "body": error_body(message)})
 
 
 async def refuse_body(

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ..exceptions import ConfigurationError
+from ..protocol.framing import closing_response
 from ..protocol.websocket import offered_subprotocols
 
 if TYPE_CHECKING:
@@ -212,18 +213,7 @@ def http_transport(send: Any) -> asyncio.WriteTransport | None:
 # -- the HTTP protocol -------------------------------------------------------------------------
 
 
-def _response(status: int, reason: str, message: str) -> bytes:
-    body = message.encode()
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-        % (status, reason.encode(), len(body), body)
-    )
-
-
-_HEAD_TOO_LARGE: Final = _response(
-    431, "Request Header Fields Too Large", "request line and headers too large"
-)
+_HEAD_TOO_LARGE: Final = closing_response(431, b"request line and headers too large")
 
 
 def http_protocol(

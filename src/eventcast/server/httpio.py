@@ -14,10 +14,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl
 
-import msgspec
-
 from ..protocol.encodings import Encoding, get_encoding, websocket_encoding
-from ._http import error_response
+from ._http import error_body, error_response
 from .limits import origin_allowed
 
 if TYPE_CHECKING:
@@ -30,13 +28,10 @@ __all__ = [
     "header",
     "origin_ok",
     "preflight",
-    "refusal_body",
     "refuse_stream",
     "stream_headers",
     "websocket_terms",
 ]
-
-_encode = msgspec.json.Encoder().encode
 
 #: What a cross-origin client may send to the HTTP transports (preflight answer).
 _ALLOW_HEADERS: Final = b"content-type, authorization, last-event-id"
@@ -137,11 +132,6 @@ async def accept_websocket(
     return True
 
 
-def refusal_body(message: str) -> bytes:
-    """The JSON body of a refused WebSocket handshake: ``{"error": message}``."""
-    return _encode({"error": message})
-
-
 def websocket_terms(scope: Mapping[str, Any]) -> tuple[Encoding, str | None]:
     """A WebSocket connection's encoding, and the subprotocol its handshake answer names.
 
@@ -156,7 +146,7 @@ def websocket_terms(scope: Mapping[str, Any]) -> tuple[Encoding, str | None]:
 
 async def deny_handshake(scope: Mapping[str, Any], send: Any, status: int, message: str) -> None:
     """Refuse a WebSocket handshake with an HTTP status (403, 429, 503)."""
-    body = refusal_body(message)
+    body = error_body(message)
     if "websocket.http.response" in scope.get("extensions", {}):
         await send(
             {

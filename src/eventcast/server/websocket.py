@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ..protocol.encodings import UNI_JSON, Encoding
-from ..protocol.framing import OP_BINARY, OP_TEXT, websocket_frame
+from ..protocol.framing import OP_BINARY, closing_response
 from ..protocol.websocket import (
     OP_CLOSE,
     OP_PING,
@@ -51,13 +51,13 @@ from ..protocol.websocket import (
     close_code,
     close_frame,
     control_frame,
-    http_response,
     read_handshake,
     unmask as python_unmask,
 )
-from .connection import Connection, writable_transport
+from ._http import error_body
+from .connection import Connection
 from .driver import keep_alive, run_frame
-from .httpio import refusal_body, websocket_terms
+from .httpio import websocket_terms
 from .unidirectional import connect_in_url, uni_websocket_message
 
 if TYPE_CHECKING:
@@ -78,6 +78,12 @@ logger = logging.getLogger("eventcast.server")
 access = logging.getLogger("uvicorn.error")
 
 Handler = Callable[["Hub", Connection, bytes, int], Awaitable[None]]
+Terms = Callable[[dict[str, Any]], tuple[Encoding, str | None]]
+
+
+def _uni_terms(scope: dict[str, Any]) -> tuple[Encoding, str | None]:
+    """A unidirectional connection: unidirectional JSON, no subprotocol."""
+    return UNI_JSON, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +98,16 @@ class Endpoint:
     pongs: bool
     #: Unidirectional: the connect request may come in the URL (``?cf_connect=``).
     connect_in_url: bool
-
-    def terms(self, scope: dict[str, Any]) -> tuple[Encoding, str | None]:
-        """The connection's encoding, and the subprotocol the handshake answer names."""
-        if self.transport == "uni_websocket":
-            return UNI_JSON, None
-        return websocket_terms(scope)
+    #: The connection's encoding, and the subprotocol the handshake answer names.
+    terms: Terms
 
 
 #: The paths this protocol serves (other upgrades go to uvicorn's protocol).
 ENDPOINTS: Final = {
-    b"/connection/websocket": Endpoint("websocket", run_frame, True, False),
-    b"/connection/uni_websocket": Endpoint("uni_websocket", uni_websocket_message, False, True),
+    b"/connection/websocket": Endpoint("websocket", run_frame, True, False, websocket_terms),
+    b"/connection/uni_websocket": Endpoint(
+        "uni_websocket", uni_websocket_message, False, True, _uni_terms
+    ),
 }
 #: Bytes of client messages that may wait while earlier ones run; past it the
 #: socket is not read until they have run.
@@ -125,8 +129,6 @@ def _fast_unmask() -> Unmask:
 
 
 _unmask: Final = _fast_unmask()
-
-_REASONS: Final = {400: "Bad Request", 403: "Forbidden", 426: "Upgrade Required"}
 
 
 class HubWebSocket(asyncio.Protocol):
@@ -197,14 +199,14 @@ class HubWebSocket(asyncio.Protocol):
             handshake = read_handshake(method, target, headers)
         except BadHandshake as exc:
             _log_handshake(scope, target, str(exc.status))
-            self._refuse(exc.status, exc.reason.encode(), b"text/plain; charset=utf-8")
+            self._refuse(closing_response(exc.status, exc.reason.encode(), headers=exc.headers))
             return
         endpoint = self._endpoint
         refusal = hub.check_handshake(scope, endpoint.transport)
         if refusal is not None:
             status, message = refusal
             _log_handshake(scope, target, str(status))
-            self._refuse(status, refusal_body(message), b"application/json")
+            self._refuse(closing_response(status, error_body(message), b"application/json"))
             return
         encoding, subprotocol = endpoint.terms(scope)
         _log_handshake(scope, target, "[accepted]")
@@ -213,7 +215,7 @@ class HubWebSocket(asyncio.Protocol):
         self._reader = FrameReader(hub.settings.max_message_size, _unmask)
         conn = self.conn = hub.new_connection(
             send=self._send,
-            transport=writable_transport(transport),
+            transport=transport,
             transport_name=endpoint.transport,
             scope=scope,
             encoding=encoding,
@@ -225,13 +227,10 @@ class HubWebSocket(asyncio.Protocol):
             if connect is not None:
                 self._take(connect.encode())
 
-    def _refuse(self, status: int, body: bytes, content_type: bytes) -> None:
+    def _refuse(self, response: bytes) -> None:
         transport = self._transport
         assert transport is not None
-        reason = _REASONS.get(status) or ("Too Many Requests" if status == 429 else "Refused")
-        if status == 503:
-            reason = "Service Unavailable"
-        transport.write(http_response(status, reason, body, content_type))
+        transport.write(response)
         transport.close()
 
     # -- reading ---------------------------------------------------------------------------
@@ -328,21 +327,12 @@ class HubWebSocket(asyncio.Protocol):
         transport.write(frame)
 
     async def _send(self, message: Any) -> None:
-        """The connection's ASGI-style ``send``: its close, and data it did not pre-frame."""
-        kind = message["type"]
-        if kind == "websocket.close":
-            self._send_close(message.get("code", 1000), message.get("reason") or "")
-        elif kind == "websocket.send":
-            text = message.get("text")
-            if text is not None:
-                self._write_data(websocket_frame(text.encode(), OP_TEXT))
-            else:
-                self._write_data(websocket_frame(message.get("bytes") or b"", OP_BINARY))
+        """The connection's ASGI-style ``send``, which it calls for its close alone.
 
-    def _write_data(self, frame: bytes) -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_closing() and not self._close_sent:
-            transport.write(frame)
+        (It writes its data pre-framed straight to the transport it was given.)
+        """
+        if message["type"] == "websocket.close":
+            self._send_close(message.get("code", 1000), message.get("reason") or "")
 
     def _send_close(self, code: int, reason: str) -> None:
         """Send the close frame (once); the client's answer, or the timeout, ends the TCP."""

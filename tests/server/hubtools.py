@@ -144,6 +144,46 @@ def client_frame(
     return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
+@dataclass(frozen=True)
+class ServerFrame:
+    """One frame as the server sent it."""
+
+    fin: bool
+    rsv: int
+    opcode: int
+    masked: bool
+    payload: bytes
+
+    @property
+    def close_code(self) -> int | None:
+        """A close frame's status code (None for an empty close frame)."""
+        assert self.opcode == 0x8, self
+        return int.from_bytes(self.payload[:2], "big") if len(self.payload) >= 2 else None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> ServerFrame:
+    """Parse the next frame (a server's frames are unmasked; a masked one is unmasked here
+    and reported as such)."""
+    first, second = await reader.readexactly(2)
+    n = second & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    masked = bool(second & 0x80)
+    key = await reader.readexactly(4) if masked else b""
+    payload = await reader.readexactly(n)
+    if masked:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return ServerFrame(
+        fin=bool(first & 0x80),
+        rsv=first & 0x70,
+        opcode=first & 0x0F,
+        masked=masked,
+        payload=payload,
+    )
+
+
 def token(user: str = "alice", *, ttl: float | None = 600, **claims: Any) -> str:
     """A connection token (or, with ``channel=``, a subscription token)."""
     return mint_token(secret=SECRET, user=user, ttl=ttl, **claims)
@@ -331,13 +371,8 @@ class RawSocket:
 
     async def frame(self) -> tuple[int, bytes]:
         """The next frame from the server: ``(opcode, payload)``."""
-        first, second = await self.reader.readexactly(2)
-        n = second & 0x7F
-        if n == 126:
-            n = int.from_bytes(await self.reader.readexactly(2), "big")
-        elif n == 127:
-            n = int.from_bytes(await self.reader.readexactly(8), "big")
-        return first & 0x0F, await self.reader.readexactly(n)
+        received = await read_frame(self.reader)
+        return received.opcode, received.payload
 
     async def close_code(self) -> int | None:
         """Drain everything; the close code the server sent, or None if the socket just ended."""

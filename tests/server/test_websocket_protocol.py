@@ -33,8 +33,10 @@ from .hubtools import (
     HubServer,
     RawClient,
     RawSocket,
+    ServerFrame,
     Witness,
     client_frame,
+    read_frame,
     tok,
     token,
     until,
@@ -68,46 +70,6 @@ frame = client_frame
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:
     return code.to_bytes(2, "big") + reason
-
-
-@dataclass(frozen=True)
-class ServerFrame:
-    """One frame as the server sent it."""
-
-    fin: bool
-    rsv: int
-    opcode: int
-    masked: bool
-    payload: bytes
-
-    @property
-    def close_code(self) -> int | None:
-        """A close frame's status code (None for an empty close frame)."""
-        assert self.opcode == OP_CLOSE, self
-        return int.from_bytes(self.payload[:2], "big") if len(self.payload) >= 2 else None
-
-
-async def read_frame(reader: asyncio.StreamReader) -> ServerFrame:
-    """Parse the next frame (a server's frames are unmasked; a masked one is unmasked here
-    and reported as such)."""
-    first, second = await reader.readexactly(2)
-    n = second & 0x7F
-    if n == 126:
-        n = int.from_bytes(await reader.readexactly(2), "big")
-    elif n == 127:
-        n = int.from_bytes(await reader.readexactly(8), "big")
-    masked = bool(second & 0x80)
-    key = await reader.readexactly(4) if masked else b""
-    payload = await reader.readexactly(n)
-    if masked:
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return ServerFrame(
-        fin=bool(first & 0x80),
-        rsv=first & 0x70,
-        opcode=first & 0x0F,
-        masked=masked,
-        payload=payload,
-    )
 
 
 class WsSocket(RawSocket):

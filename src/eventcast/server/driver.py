@@ -25,7 +25,17 @@ if TYPE_CHECKING:
     from .config import Settings
     from .hub import Hub
 
-__all__ = ["finish", "keep_alive", "run_frame"]
+__all__ = ["finish", "keep_alive", "run_frame", "take_message"]
+
+
+def take_message(conn: Connection, data: bytes | str, limit: int) -> bool:
+    """Count a client message in; ``False`` if it is over ``limit`` bytes (then closed, 1009)."""
+    conn.messages_in += 1
+    conn.bytes_in += len(data)
+    if len(data) > limit:
+        conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
+        return False
+    return True
 
 
 async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -> None:
@@ -37,10 +47,7 @@ async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -
     so they run in line: the whole frame then reaches the channel's dispatcher
     as one batch.
     """
-    conn.messages_in += 1
-    conn.bytes_in += len(data)
-    if len(data) > limit:
-        conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
+    if not take_message(conn, data, limit):
         return
     session = conn.session
     requests = session.receive(data)

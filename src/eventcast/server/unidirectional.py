@@ -51,7 +51,7 @@ from ..protocol.sse import RESPONSE_HEADERS
 from ._http import BodyError, error_response, read_body, refuse_body
 from ._uvicorn import websocket_transport
 from .connection import Connection
-from .driver import finish, keep_alive
+from .driver import finish, keep_alive, take_message
 from .httpio import accept_websocket, cors_headers, refuse_stream, stream_headers
 from .sse import start_stream, wait_stream
 
@@ -113,13 +113,8 @@ async def uni_websocket_message(hub: Hub, conn: Connection, data: bytes | str, l
 
     Pushes only from then on: whatever else the client sends is dropped.
     """
-    if conn.messages_in:
+    if conn.messages_in or not take_message(conn, data, limit):
         return
-    if len(data) > limit:
-        conn.close(Disconnect(codes.CLOSE_MESSAGE_TOO_BIG, "message too big"))
-        return
-    conn.messages_in += 1
-    conn.bytes_in += len(data)
     request = _parse_connect(data)
     if request is None:
         conn.close(codes.DISCONNECT_BAD_REQUEST)

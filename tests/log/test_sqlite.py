@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,42 @@ async def test_cancelled_close_still_releases_readers(tmp_path: Path) -> None:
     await log.close()  # idempotent
     with pytest.raises(LogError):
         await log.read("a")
+
+
+async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
+    tmp_path: Path,
+) -> None:
+    """A caller that stops waiting leaves its request queued: it still takes room."""
+    log = SQLiteLog(tmp_path / "events.db", max_pending=2)
+    await log.open()
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def held(topic: str) -> Retention:  # runs on the writer thread, inside a batch
+        entered.set()
+        gate.wait(30)
+        return Retention(size=100)
+
+    try:
+        log.set_retention(held)
+        first = asyncio.create_task(log.append([Event(topic="a", data=1)]))
+        assert await asyncio.to_thread(entered.wait, 30)  # the writer holds the first batch
+        second = asyncio.create_task(log.append([Event(topic="a", data=2)]))
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(log.append([Event(topic="a", data=3)]))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        second.cancel()
+        await asyncio.sleep(0.05)
+        assert not third.done()  # both requests are still queued: no room yet
+        assert log._queue.qsize() == 1  # only the second's; the third waits for room
+        gate.set()
+        async with asyncio.timeout(30):
+            stored = await third
+        assert stored[0].offset == 3
+        assert [e.data for e in await log.read("a")] == [1, 2, 3]
+        assert first.cancelled()
+        assert second.cancelled()
+    finally:
+        gate.set()
+        await log.close()

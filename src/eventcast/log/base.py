@@ -193,11 +193,15 @@ _replace = msgspec.structs.replace
 
 
 def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> list[Event]:
-    """Events for the rows an append returned: ``(epoch, topic, offset, id, time,
-    payload, binary, tags, ikey)``; a row with another id is an idempotent repeat
-    and stands for the originally stored event."""
+    """Events for the rows an append returned, one per event: ``(epoch, offset)``
+    when the event itself was stored there, or a stored row ``(epoch, topic,
+    offset, id, time, payload, binary, tags, ikey)``; a row with another id is an
+    idempotent repeat and stands for the originally stored event."""
     out: list[Event] = []
     for event, row in zip(events, rows, strict=True):
+        if len(row) == 2:
+            out.append(committed(event, row[1], row[0], event.encoded_data()))
+            continue
         epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
         if event_id == event.id:
             out.append(committed(event, offset, epoch, payload))

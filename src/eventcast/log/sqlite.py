@@ -293,7 +293,7 @@ class SQLiteLog(EventLog):
                 size += _size(request)
             self._run_batch(conn, batch)
             try:
-                loop.call_soon_threadsafe(_finish, batch)
+                loop.call_soon_threadsafe(self._finish, batch)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
             if stop:
@@ -308,13 +308,13 @@ class SQLiteLog(EventLog):
             saved: dict[str, tuple[str, int, int] | None] = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                batch_rows: list[tuple[Any, ...]] = []
+                params: list[Any] = []
                 batch_keys: list[tuple[str, str, int, float]] = []
                 touched: dict[str, _TopicState] = {}
-                self._assign(conn, appends, batch_rows, batch_keys, touched, saved)
+                self._assign(conn, appends, params, batch_keys, touched, saved)
                 # A few statements for the whole group commit: each step of a
                 # statement hands the GIL back and forth with the loop thread.
-                _insert_events(conn, batch_rows)
+                _insert_events(conn, params)
                 if batch_keys:
                     conn.executemany(
                         "INSERT OR REPLACE INTO ec_ikeys VALUES (?, ?, ?, ?)", batch_keys
@@ -383,43 +383,67 @@ class SQLiteLog(EventLog):
         self,
         conn: sqlite3.Connection,
         appends: list[_Request],
-        rows: list[tuple[Any, ...]],
+        params: list[Any],
         keys: list[tuple[str, str, int, float]],
         touched: dict[str, _TopicState],
         saved: dict[str, tuple[str, int, int] | None],
     ) -> None:
-        """Assign offsets to the events of a batch's appends, adding their rows.
+        """Assign offsets to the events of a batch's appends, adding their rows
+        to ``params``, flat, in the column order of ``_INSERT_EVENTS``.
 
-        Sets each request's result: per event, the stored row (the original
-        one for an idempotent repeat, found in this batch or in the table).
+        Sets each request's result: per event, ``(epoch, offset)`` when the
+        event itself is stored, or the original stored row for an idempotent
+        repeat (found in this batch or in the table); see
+        :func:`~eventcast.log.base.committed_events`.
         """
         t = now()
         expires = t + self.dedup_window
         pending_keys: dict[tuple[str, str], tuple[Any, ...]] = {}
+        extend = params.extend
+        last_topic: str | None = None
+        state: _TopicState | None = None
         for request in appends:
             results: list[tuple[Any, ...]] = []
             for item in request.args:
-                topic, event_id, at, payload, binary, tags, ikey = item
-                state = touched.get(topic)
-                if state is None:
-                    known = self._state.get(topic)
-                    saved[topic] = None if known is None else (known.epoch, known.top, known.floor)
-                    state = touched[topic] = self._topic(conn, topic)
-                if ikey is not None:
-                    original = pending_keys.get((topic, ikey)) or self._find_key(
-                        conn, topic, ikey, t
-                    )
-                    if original is not None:
-                        results.append(original)
-                        continue
-                    keys.append((topic, ikey, state.top + 1, expires))
-                state.top += 1
-                row = (topic, state.top, event_id, at, payload, binary, tags, ikey)
-                rows.append(row)
-                stored = (state.epoch, *row)
-                if ikey is not None:
-                    pending_keys[topic, ikey] = stored
-                results.append(stored)
+                topic = item[0]
+                if topic != last_topic:
+                    state = touched.get(topic)
+                    if state is None:
+                        known = self._state.get(topic)
+                        saved[topic] = (
+                            None if known is None else (known.epoch, known.top, known.floor)
+                        )
+                        state = touched[topic] = self._topic(conn, topic)
+                    last_topic = topic
+                assert state is not None
+                ikey = item[6]
+                if ikey is None:  # the common case: an event of its own
+                    top = state.top = state.top + 1
+                    extend(item)
+                    params.append(top)
+                    results.append((state.epoch, top))
+                    continue
+                original = pending_keys.get((topic, ikey)) or self._find_key(conn, topic, ikey, t)
+                if original is not None:
+                    results.append(original)
+                    continue
+                top = state.top = state.top + 1
+                keys.append((topic, ikey, top, expires))
+                extend(item)
+                params.append(top)
+                _, event_id, at, payload, binary, tags, _ = item
+                pending_keys[topic, ikey] = (
+                    state.epoch,
+                    topic,
+                    top,
+                    event_id,
+                    at,
+                    payload,
+                    binary,
+                    tags,
+                    ikey,
+                )
+                results.append((state.epoch, top))
             request.result = results
 
     def _find_key(
@@ -542,7 +566,9 @@ class SQLiteLog(EventLog):
         loop = self._loop
         assert loop is not None
         # The bound on queued requests: a plain counter on the fast path; a
-        # publisher waits only when max_pending requests are in flight.
+        # publisher waits only when max_pending requests are in flight. A
+        # request counts until the writer has answered it, even when its
+        # caller stopped waiting (it is still queued).
         while self._inflight >= self.max_pending:
             waiter: asyncio.Future[None] = loop.create_future()
             self._room_waiters.append(waiter)
@@ -551,20 +577,31 @@ class SQLiteLog(EventLog):
             finally:
                 if waiter in self._room_waiters:
                     self._room_waiters.remove(waiter)
-        self._inflight += 1
-        try:
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
-            future: asyncio.Future[Any] = loop.create_future()
-            self._queue.put(_Request(kind, args, future))
-            return await future
-        finally:
-            self._inflight -= 1
-            while self._room_waiters:
-                waiter = self._room_waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+        future: asyncio.Future[Any] = loop.create_future()
+        self._inflight += 1
+        self._queue.put(_Request(kind, args, future))
+        return await future
+
+    def _finish(self, batch: list[_Request]) -> None:
+        """Answer a batch's requests (on the loop, once the writer is done with them)."""
+        for request in batch:
+            future = request.future
+            if future.done():  # its caller stopped waiting
+                continue
+            if request.error is not None:
+                future.set_exception(request.error)
+            else:
+                future.set_result(request.result)
+        self._inflight -= len(batch)
+        room = self.max_pending - self._inflight
+        waiters = self._room_waiters
+        while waiters and room > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= 1
 
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
@@ -731,27 +768,30 @@ class SQLiteLog(EventLog):
         return f"<SQLiteLog {self.path!r} synchronous={self.synchronous}>"
 
 
+# The columns of an appended row: an append item's, then the offset.
 _INSERT_EVENTS = (
-    "INSERT INTO ec_events (topic, offset, id, time, payload, binary, tags, ikey) VALUES "
+    "INSERT INTO ec_events (topic, id, time, payload, binary, tags, ikey, offset) VALUES "
 )
+_ROW: Final = 8  # parameters a row
 #: Rows per multi-row INSERT, largest first (a few statement shapes, all cached).
-#: 8 parameters a row: SQLite before 3.32 allows 999 parameters a statement.
+#: SQLite before 3.32 allows 999 parameters a statement.
 _CHUNKS: Final = (256, 32, 4, 1) if sqlite3.sqlite_version_info >= (3, 32) else (96, 32, 4, 1)
 _INSERT_SQL: Final = {
     n: _INSERT_EVENTS + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n) for n in _CHUNKS
 }
 
 
-def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert rows with a few multi-row statements: one step (and one release of
-    the GIL) per statement, not per row as with executemany."""
-    i, total = 0, len(rows)
+def _insert_events(conn: sqlite3.Connection, params: list[Any]) -> None:
+    """Insert the rows of ``params`` (flat, :data:`_ROW` a row) with a few
+    multi-row statements: one step (and one release of the GIL) per statement,
+    not per row as with executemany."""
+    i, total = 0, len(params)
     for n in _CHUNKS:
         sql = _INSERT_SQL[n]
-        while total - i >= n:
-            chunk = rows[i : i + n]
-            conn.execute(sql, [value for row in chunk for value in row])
-            i += n
+        width = n * _ROW
+        while total - i >= width:
+            conn.execute(sql, params[i : i + width])
+            i += width
 
 
 def _size(request: _Request) -> int:
@@ -766,14 +806,3 @@ def _set_result(future: asyncio.Future[Any], value: Any) -> None:
 def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
-
-
-def _finish(batch: list[_Request]) -> None:
-    for request in batch:
-        future = request.future
-        if future.done():
-            continue
-        if request.error is not None:
-            future.set_exception(request.error)
-        else:
-            future.set_result(request.result)

@@ -46,7 +46,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -272,6 +272,7 @@ class Subscription:
         "_host",
         "_in_waiters",
         "_private",
+        "_ready",
         "_recovering",
         "_recovery",
         "_ring",
@@ -347,6 +348,7 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._extra_waiters: list[asyncio.Future[None]] = []
         self._in_waiters = False
+        self._ready: Callable[[], None] | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
         ring.add(self)
         ring.track(self)
@@ -509,20 +511,38 @@ class Subscription:
 
         Await it, then call :meth:`_disarm` (in a ``finally``), as :meth:`_wait` does.
         """
-        if self._cursor == _CLOSED:
-            raise self._closed_error()
-        self._dropping = False  # the buffer is empty: a drop episode is over
-        if self._space_waiters:
-            self._notify_space()
+        self._listen()
         waiter = asyncio.get_running_loop().create_future()
         if self._waiter is None:
             self._waiter = waiter
         else:  # several tasks read this subscription at once (rare)
             self._extra_waiters.append(waiter)
+        return waiter
+
+    def _listen(self) -> None:
+        """The buffer is empty: be woken (:meth:`_wake`) by the next event or the close.
+
+        Raises:
+            SubscriptionClosedError: the subscription is closed.
+        """
+        if self._cursor == _CLOSED:
+            raise self._closed_error()
+        self._dropping = False  # the buffer is empty: a drop episode is over
+        if self._space_waiters:
+            self._notify_space()
         if not self._in_waiters and self._cursor >= 0:
             self._in_waiters = True
             self._ring.waiters.append(self)
-        return waiter
+
+    def _on_ready(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` on every wake, instead of a task waiting for events.
+
+        For a consumer driven by callbacks (the hub's channels): the callback
+        runs synchronously inside the publisher's call, so it must only note
+        that the subscription is ready and drain it later, with
+        :meth:`get_nowait_batch`, then call :meth:`_listen` once it is empty.
+        """
+        self._ready = callback
 
     def _disarm(self, waiter: asyncio.Future[None]) -> None:
         if self._waiter is waiter:
@@ -543,6 +563,9 @@ class Subscription:
             for waiter in extra:
                 if not waiter.done():
                     waiter.set_result(None)
+        ready = self._ready
+        if ready is not None:
+            ready()
 
     def _closed_error(self) -> EventcastError:
         if self._error is not None:
@@ -593,7 +616,7 @@ class Subscription:
         assert private is not None
         if len(private) < self.maxsize:
             private.append(event)
-            if self._waiter is not None:
+            if self._waiter is not None or self._ready is not None:
                 self._wake()
             return
         policy = self.policy

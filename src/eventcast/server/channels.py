@@ -1,7 +1,10 @@
 """Channels with members on this node: one bus subscription and one dispatcher each.
 
 Fan-out works per channel. Each channel any client subscribed to has one bus
-subscription and one dispatcher task. The dispatcher takes a batch of events,
+subscription and one dispatcher. A dispatcher is no task: its subscription
+calls it back when events arrive, and one callback at the end of the loop turn
+dispatches every channel that got events in it (no task switch and no future
+per channel and publication). The dispatcher takes a batch of events,
 encodes each publication push once per encoding, joins the batch into one
 payload per encoding, and queues that same payload object for every member
 speaking that encoding; the connections write it in one frame at the end of
@@ -53,6 +56,9 @@ logger = logging.getLogger("eventcast.server")
 #: Buffer of each channel's bus subscription, in events. Past it the channel's
 #: members get 3010 "insufficient state" and recover on reconnect.
 CHANNEL_BUFFER: Final = 65_536
+
+#: Most events one channel dispatches in one loop turn.
+DISPATCH_BATCH: Final = 4096
 
 #: Delivers a batch to an SSE member (encoded per stream position); returns
 #: how many events could not be encoded.
@@ -126,7 +132,12 @@ _client_info = msgspec.json.Decoder(ClientInfo).decode
 
 
 class HubChannel:
-    """One channel (or pattern) with members on this node: its bus subscription and dispatcher."""
+    """One channel (or pattern) with members on this node: its bus subscription and dispatcher.
+
+    The dispatcher is not a task: the subscription calls :meth:`_ready` when
+    events arrive, and :class:`Channels` dispatches every channel that became
+    ready in one callback at the end of the loop turn.
+    """
 
     def __init__(self, channels: Channels, name: str, sub: Subscription) -> None:
         self._channels = channels
@@ -134,73 +145,92 @@ class HubChannel:
         self.pattern = is_pattern(name)
         self.members: dict[Connection, Membership] = {}
         self.sub = sub
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"eventcast-channel-{name}"
-        )
-        self.task.add_done_callback(self._done)
         self.publications = 0
         self.last_offset = 0
         #: The last publication dispatched: the delta base of the next one.
         self.last_event: Event | None = None
+        #: Queued for this turn's dispatch.
+        self.queued = False
+        #: Stopped: closed, or its dispatch failed or fell behind.
+        self.stopped = False
+        sub._on_ready(self._ready)
+        sub._listen()
 
     def batch(self, events: list[Event], *, fresh: bool = False) -> Batch:
         """A batch of this channel's publications (``fresh``: given to one member alone)."""
         return Batch(self.name, self.pattern, events, None if fresh else self.last_event)
 
-    async def _run(self) -> None:
-        sub = self.sub
-        channels = self._channels
-        while True:
-            try:
-                events = await sub.get_batch(4096)
-            except SlowConsumerError:
-                # The dispatcher fell behind: continuity is lost for every member.
-                channels.overflowed(self)
-                return
-            except SubscriptionClosedError:
-                return
-            self.publications += len(events)
-            offset = events[-1].offset
-            if offset:
-                self.last_offset = offset
-            batch = self.batch(events)
-            encoding: Encoding | None = None
-            payload = b""
-            sse_cache: dict[object, object] | None = None
-            for conn, membership in list(self.members.items()):
-                held = membership.held
-                if held is not None:
-                    held.extend(events)
-                elif membership.handoff is not None:
-                    channels.give(conn, membership, events)
-                elif conn.sse:
-                    if sse_cache is None:
-                        sse_cache = {}
-                    channels.encode_failures += channels.deliver_sse(conn, events, sse_cache)
-                elif membership.plain:
-                    if conn.encoding is not encoding:
-                        encoding = conn.encoding
-                        payload = batch.payload(encoding)
-                    if payload:
-                        conn.enqueue(payload)
-                else:
-                    channels.deliver(conn, membership, batch)
-            self.last_event = events[-1]
-            channels.encode_failures += len(batch.failed)
+    def _ready(self) -> None:
+        if not self.queued and not self.stopped:
+            self.queued = True
+            self._channels.schedule(self)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+    def dispatch(self) -> None:
+        """Give the buffered events (up to :data:`DISPATCH_BATCH`) to the members; never raises."""
+        self.queued = False
+        if self.stopped:
             return
-        exc = task.exception()
-        if exc is not None:
-            logger.error("dispatcher of %r failed", self.name, exc_info=exc)
+        sub = self.sub
+        try:
+            events = sub.get_nowait_batch(DISPATCH_BATCH)
+            if events:
+                self._dispatch(events)
+            self._rearm()
+        except SlowConsumerError:
+            # The dispatcher fell behind: continuity is lost for every member.
+            self.stopped = True
+            self._channels.overflowed(self)
+        except SubscriptionClosedError:
+            self.stopped = True
+        except Exception:
+            self.stopped = True
+            logger.exception("dispatcher of %r failed", self.name)
             for conn in list(self.members):
                 conn.close(codes.DISCONNECT_SERVER_ERROR)
 
+    def _rearm(self) -> None:
+        if self.stopped:  # the dispatch closed the channel
+            return
+        if self.sub.buffered:
+            self._ready()  # more than one batch: the rest in the next turn
+        else:
+            self.sub._listen()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        channels = self._channels
+        self.publications += len(events)
+        offset = events[-1].offset
+        if offset:
+            self.last_offset = offset
+        batch = self.batch(events)
+        encoding: Encoding | None = None
+        payload = b""
+        sse_cache: dict[object, object] | None = None
+        for conn, membership in list(self.members.items()):
+            held = membership.held
+            if held is not None:
+                held.extend(events)
+            elif membership.handoff is not None:
+                channels.give(conn, membership, events)
+            elif conn.sse:
+                if sse_cache is None:
+                    sse_cache = {}
+                channels.encode_failures += channels.deliver_sse(conn, events, sse_cache)
+            elif membership.plain:
+                if conn.encoding is not encoding:
+                    encoding = conn.encoding
+                    payload = batch.payload(encoding)
+                if payload:
+                    conn.enqueue(payload)
+            else:
+                channels.deliver(conn, membership, batch)
+        self.last_event = events[-1]
+        channels.encode_failures += len(batch.failed)
+
     def close(self) -> None:
-        """Stop the dispatcher and the bus subscription."""
+        """Stop dispatching and close the bus subscription."""
+        self.stopped = True
         self.sub.close()
-        self.task.cancel()
 
 
 class Channels:
@@ -226,6 +256,21 @@ class Channels:
         #: Publications a conflated member skipped (a newer one of its key replaced them).
         self.conflated = 0
         self.backlogs = Backlogs(self._count_conflated)
+        self._ready: list[HubChannel] = []
+        self._scheduled = False
+
+    def schedule(self, channel: HubChannel) -> None:
+        """Dispatch ``channel`` in the callback that ends this loop turn's publishing."""
+        self._ready.append(channel)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch_ready)
+
+    def _dispatch_ready(self) -> None:
+        self._scheduled = False
+        ready, self._ready = self._ready, []
+        for channel in ready:
+            channel.dispatch()
 
     def _occupancy(self, channel: HubChannel, occupied: bool) -> None:
         if channel.pattern:

@@ -729,6 +729,18 @@ class Bus:
             self._link.forward(event)
         return event
 
+    def publish_known(self, topic: str, data: object) -> Event | None:
+        """Publish without awaiting when the bus already knows ``topic`` as live-only.
+
+        The fast path of :meth:`publish` (no tags, key or ack), for callers
+        that avoid a coroutine per event: returns the event, or ``None`` when
+        the event must go through :meth:`publish` (a topic not published yet,
+        durable or typed, or an ``Overflow.BLOCK`` subscriber somewhere).
+        """
+        if topic in self._live_routes and not self._subs.blockers:
+            return self.publish_nowait(topic, data)
+        return None
+
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
         if self._state is not _State.OPEN:
@@ -794,14 +806,10 @@ class Bus:
             DeliveryError: with ``ack``, a handler failed every attempt.
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
-        if (
-            not ack
-            and tags is None
-            and idempotency_key is None
-            and topic in self._live_routes
-            and not self._subs.blockers
-        ):
-            return self.publish_nowait(topic, data)  # a live topic already checked
+        if not ack and tags is None and idempotency_key is None:
+            known = self.publish_known(topic, data)
+            if known is not None:
+                return known
         self._check_open()
         rings = self._router.route(topic)
         ns = self._namespaces.of(topic)

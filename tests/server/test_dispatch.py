@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from eventcast import Event
 from eventcast.server import channels as channels_module
 from eventcast.server.fanout import Batch
 
@@ -79,3 +80,65 @@ async def test_a_failing_dispatch_closes_its_members_and_spares_other_channels(
         # The neighbour's channel keeps dispatching.
         await bus.publish("live:dispatch.fine", {"n": 2})
         assert (await neighbour.publication())["pub"]["data"] == {"n": 2}
+
+
+async def test_a_batch_answers_every_command_in_order_whichever_path_it_takes(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publications to live channels the bus knows run without a coroutine each;
+    the rest (first publication, durable, tags, bad input) the awaited way."""
+    bus = hub.hub.bus
+    known = bus.publish_known
+    at_once: list[object] = []
+
+    def publish_known(topic: str, data: object) -> Event | None:
+        event = known(topic, data)
+        if event is not None:
+            at_once.append(event.data)
+        return event
+
+    monkeypatch.setattr(bus, "publish_known", publish_known)
+    async with await RawClient.open(hub.ws_url) as member:
+        await member.connect(token("batcher"))
+        await member.subscribe("live:batch.a")
+        await member.subscribe("batch.durable")
+        commands: list[object] = [
+            {"publish": {"channel": "live:batch.a", "data": {"n": 1}}},  # first: awaited
+            {"publish": {"channel": "live:batch.a", "data": {"n": 2}}},  # known: at once
+            {"publish": {"channel": "batch.durable", "data": {"n": 3}}},  # durable
+            {"publish": {"channel": "live:batch.a", "data": {"n": 4}, "tags": {"k": "v"}}},
+            {"publish": {"channel": "live:batch.a"}},  # no data
+            {"publish": {"channel": "nowhere:x", "data": {}}},  # unknown namespace
+            {"publish": {"channel": "live:bad name", "data": {}}},  # malformed
+            {"publish": {"channel": "live:batch.a", "data": {"n": 5}, "idempotency_key": 7}},
+            {"publish": {"channel": "live:batch.a", "data": {"n": 6}}},
+            {"publish": {"channel": "live:batch.a", "data": {"n": 7}}, "extra": {}},
+            "not a command",
+        ]
+        response = await hub.call("batch", {"commands": commands})
+        assert response.status_code == 200
+        replies = response.json()["replies"]
+        assert replies[0] == {"publish": {}}
+        assert replies[1] == {"publish": {}}
+        assert replies[2] == {"publish": {"offset": 1, "epoch": replies[2]["publish"]["epoch"]}}
+        assert replies[3] == {"publish": {}}
+        assert replies[4]["error"]["code"] == 107
+        assert replies[5]["error"]["code"] == 102
+        assert replies[6]["error"]["code"] == 107
+        assert replies[7]["error"]["code"] == 107
+        assert replies[8] == {"publish": {}}
+        assert replies[9]["error"]["code"] == 107
+        assert replies[10]["error"]["code"] == 107
+        assert len(replies) == len(commands)
+        assert at_once == [{"n": 2}, {"n": 6}]  # the others took the awaited path
+        got: list[tuple[str, int]] = []
+        while len(got) < 5:
+            push = await member.publication()
+            got.append((push["channel"], push["pub"]["data"]["n"]))
+        assert got == [
+            ("live:batch.a", 1),
+            ("live:batch.a", 2),
+            ("batch.durable", 3),
+            ("live:batch.a", 4),
+            ("live:batch.a", 6),
+        ]

@@ -103,7 +103,9 @@ def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
-    structure = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _STRUCTURE_ONLY)
+    if b"\\" in data:  # (a search for two bytes costs more than this one for one)
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _STRUCTURE_ONLY)
     structure = structure.replace(b'""', b"")  # strings without brackets
     if b'"' in structure:
         structure = _BRACKETED_STRING.sub(b"", structure)

@@ -354,18 +354,35 @@ class Hub:
             LogError: the channel is durable and the log failed.
             EncodeError: ``data`` cannot be encoded as JSON.
         """
-        self.permissions.channel(channel)
-        if isinstance(data, bytes | bytearray | memoryview):
-            try:
-                data = _decode(data)
-            except msgspec.DecodeError:
-                raise CommandError(
-                    codes.ERROR_BAD_REQUEST.with_message("data is not JSON")
-                ) from None
+        data = self._checked(channel, data)
         try:
             return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
         except InvalidDataError as exc:
             raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+
+    def publish_now(self, channel: str, data: Any) -> Event | None:
+        """:meth:`publish` without awaiting, when the bus knows the channel as live-only.
+
+        Returns ``None`` when the publication must be awaited through
+        :meth:`publish` instead (see :meth:`Bus.publish_known`); nothing was
+        published then.
+
+        Raises:
+            CommandError: as :meth:`publish`.
+        """
+        return self.bus.publish_known(channel, self._checked(channel, data))
+
+    def _checked(self, channel: str, data: Any) -> Any:
+        """Check the channel of a publication; return its data (decoded if it is JSON bytes)."""
+        self.permissions.channel(channel)
+        if isinstance(data, bytes | bytearray | memoryview):
+            try:
+                return _decode(data)
+            except msgspec.DecodeError:
+                raise CommandError(
+                    codes.ERROR_BAD_REQUEST.with_message("data is not JSON")
+                ) from None
+        return data
 
     async def replay(self, channel: str, since: StreamPosition | tuple[int, str] | None) -> Replay:
         """What a client resuming ``channel`` after ``since`` missed (the bus's one replay path).

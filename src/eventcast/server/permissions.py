@@ -13,8 +13,9 @@ namespace.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ..exceptions import AuthError, InvalidTopicError, TokenExpiredError
 from ..protocol import codes
@@ -26,7 +27,11 @@ if TYPE_CHECKING:
     from .auth import SubscriptionClaims, TokenVerifier
     from .config import NamespaceConfig, Settings
 
-__all__ = ["Client", "Permissions"]
+__all__ = ["CHECKED_CHANNELS", "Client", "Permissions"]
+
+#: Most channel names whose check :meth:`Permissions.channel` keeps (least
+#: recently used first out).
+CHECKED_CHANNELS: Final = 10_000
 
 
 class Client(Protocol):
@@ -59,6 +64,7 @@ class Permissions:
         self._settings = settings
         self._verifier = verifier
         self._access = access
+        self._checked = functools.lru_cache(maxsize=CHECKED_CHANNELS)(self._check)
 
     def namespace(self, channel: str) -> NamespaceConfig:
         """Return a channel's namespace options.
@@ -74,12 +80,18 @@ class Permissions:
     def channel(self, channel: str, *, allow_pattern: bool = False) -> NamespaceConfig:
         """Check a channel name (or pattern) and return its namespace options.
 
+        The answers for valid names are cached (the settings do not change):
+        one lookup per publication on a known channel.
+
         Raises:
             CommandError: 107 for a missing or malformed name, 102 for an
                 unknown namespace.
         """
         if not channel or not isinstance(channel, str):
             raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
+        return self._checked(channel, allow_pattern)
+
+    def _check(self, channel: str, allow_pattern: bool) -> NamespaceConfig:
         try:
             if allow_pattern:
                 validate_pattern(channel)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from ..exceptions import BackplaneError, EncodeError, EventcastError, LogError
 from ..protocol import codes
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..events import Event
     from .hub import Hub
 
-__all__ = ["API_METHODS", "count_api", "handle_api"]
+__all__ = ["API_METHODS", "ApiEndpoint", "answer_api", "api_method", "count_api"]
 
 logger = logging.getLogger("eventcast.api")
 
@@ -47,10 +47,12 @@ def _bad(message: str) -> CommandError:
     return CommandError(codes.ERROR_BAD_REQUEST.with_message(message))
 
 
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        _encode(body), status_code=status, media_type="application/json", headers=headers
-    )
+#: An answer of the API: status, JSON body, extra headers.
+Answer = tuple[int, Any, dict[str, str] | None]
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Answer:
+    return status, body, headers
 
 
 def _count(value: object, name: str) -> int:
@@ -432,6 +434,15 @@ def _error(error: ClientError | CommandError) -> dict[str, Any]:
     return {"code": error.code, "message": error.message}
 
 
+def api_method(path: str) -> str | None:
+    """The method a path of the API names (``/api/<method>``), or ``None``."""
+    if path.startswith("/api/"):
+        method = path[5:]
+        if method and "/" not in method:
+            return method
+    return None
+
+
 def count_api(hub: Hub, method: str, result: str) -> None:
     """Count one HTTP API call for the metrics (unknown methods under ``unknown``)."""
     key = (method if method in API_METHODS else "unknown", result)
@@ -451,10 +462,38 @@ def _authorized(request: Request, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-async def handle_api(request: Request) -> Response:
-    """Serve ``POST /api/<method>``."""
-    hub: Hub = request.app.state.hub
-    method = request.path_params.get("method", "")
+class ApiEndpoint:
+    """``POST /api/<method>``: a bare ASGI endpoint (no response object per call).
+
+    The hub's app also calls it ahead of its router (see
+    :meth:`~eventcast.server.app.HubApp.__call__`), behind the same
+    middleware; ``scope["path_params"]["method"]`` names the method.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["path_params"].get("method", "")
+        status, body, headers = await answer_api(self._hub, method, Request(scope, receive))
+        encoded = _encode(body)
+        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-length", str(len(encoded)).encode()),
+                    (b"content-type", b"application/json"),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": encoded})
+
+
+async def answer_api(hub: Hub, method: str, request: Request) -> Answer:
+    """Answer one call of the API: authenticate, read the body, run the method."""
     key = hub.settings.api_key
     secret = key.get_secret_value() if key is not None else None
     result_status = "error"

@@ -20,14 +20,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..exceptions import EventcastError
 from . import _uvicorn
 from ._http import RequestLimits
 from ._logs import configure_logging, install_redaction
 from ._uvicorn import websocket_transport
-from .api import handle_api
+from .api import ApiEndpoint, api_method
 from .config import Settings
 from .connection import Connection
 from .dashboard import dashboard_routes, log_access_mode
@@ -96,6 +96,9 @@ class HubApp(Starlette):
     hub: Hub
     #: Why the lifespan could not start the hub, when it was the hub's own error.
     startup_error: EventcastError | None = None
+    #: ``POST /api/<method>`` behind the app's middleware, taken ahead of the
+    #: router (the API is the hub's busiest plain HTTP endpoint).
+    api: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -114,6 +117,18 @@ class HubApp(Starlette):
             # Keep the server's own send callable for the fast path: Starlette's
             # middleware wraps the one the endpoint receives.
             scope["eventcast.send"] = send
+            if (
+                self.api is not None
+                and scope["type"] == "http"
+                and scope["method"] == "POST"
+                and not scope.get("root_path")  # mounted: the router finds the route
+            ):
+                method = api_method(scope["path"])
+                if method is not None:
+                    scope["app"] = self
+                    scope["path_params"] = {"method": method}
+                    await self.api(scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
 
 
@@ -192,6 +207,12 @@ def create_app(
         finally:
             await hub.close()
 
+    api = ApiEndpoint(hub)
+    middleware = [
+        # Outermost: every part of the hub sees a forwarded request's own client.
+        Middleware(_uvicorn.forwarded_headers, trusted_hosts=settings.forwarded_allow_ips),
+        Middleware(RequestLimits, max_body=settings.max_body_size, timeout=settings.body_timeout),
+    ]
     app = HubApp(
         routes=[
             *([Route("/asyncapi.json", asyncapi_endpoint)] if hub.settings.asyncapi else []),
@@ -204,23 +225,21 @@ def create_app(
                 "/connection/uni_http_stream", UniHttpStreamEndpoint(), methods=["POST", "OPTIONS"]
             ),
             Route("/connection/uni_sse", UniSSEEndpoint(), methods=["GET", "POST", "OPTIONS"]),
-            Route("/api/{method}", handle_api, methods=["POST"]),
+            Route("/api/{method}", api, methods=["POST"]),
             Route("/metrics", metrics_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *dashboard_routes(settings),
         ],
-        middleware=[
-            # Outermost: every part of the hub sees a forwarded request's own client.
-            Middleware(_uvicorn.forwarded_headers, trusted_hosts=settings.forwarded_allow_ips),
-            Middleware(
-                RequestLimits, max_body=settings.max_body_size, timeout=settings.body_timeout
-            ),
-        ],
+        middleware=middleware,
         lifespan=lifespan,
     )
     app.state.hub = hub
     app.hub = hub
+    stack: ASGIApp = api
+    for cls, args, kwargs in reversed(middleware):
+        stack = cls(stack, *args, **kwargs)
+    app.api = stack
     return app
 
 

@@ -1,0 +1,78 @@
+"""``POST /api/<method>`` is taken ahead of the router, behind the same middleware.
+
+Over real sockets to an in-process hub: what the router answers for the other
+shapes of ``/api`` paths, and that the API's own answers and limits hold on the
+direct path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route
+
+from .hubtools import API_KEY, WAIT, HubServer
+
+
+@pytest.fixture
+def routed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests Starlette's router handled."""
+    paths: list[str] = []
+    handle = Route.handle
+
+    async def spy(self: Route, scope: Any, receive: Any, send: Any) -> None:
+        paths.append(scope["path"])
+        await handle(self, scope, receive, send)
+
+    monkeypatch.setattr(Route, "handle", spy)
+    return paths
+
+
+async def test_api_calls_skip_the_router_and_keep_their_answers(
+    hub: HubServer, routed: list[str]
+) -> None:
+    async with httpx.AsyncClient(base_url=hub.base, timeout=WAIT) as http:
+        ok = await http.post(
+            "/api/publish",
+            json={"channel": "api.direct", "data": {"n": 1}},
+            headers={"X-API-Key": API_KEY},
+        )
+        assert ok.status_code == 200
+        assert ok.headers["content-type"] == "application/json"
+        assert ok.json()["result"]["offset"] == 1
+        unauthorized = await http.post("/api/publish", json={}, headers={"X-API-Key": "wrong"})
+        assert unauthorized.status_code == 401
+        assert unauthorized.json() == {"error": {"code": 101, "message": "unauthorized"}}
+        unknown = await http.post("/api/nope", json={}, headers={"X-API-Key": API_KEY})
+        assert unknown.status_code == 404
+        bad = await http.post("/api/publish", content=b"{not json", headers={"X-API-Key": API_KEY})
+        assert bad.status_code == 400
+        too_big = await http.post(
+            "/api/publish",
+            content=b"x" * (hub.settings.max_body_size + 1),
+            headers={"X-API-Key": API_KEY},
+        )
+        assert too_big.status_code == 413
+    assert routed == []  # none of these went through the router
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/api/publish", 405),
+        ("PUT", "/api/publish", 405),
+        ("POST", "/api/", 404),
+        ("POST", "/api/publish/more", 404),
+    ],
+)
+async def test_other_api_paths_are_the_routers(
+    hub: HubServer, routed: list[str], method: str, path: str, status: int
+) -> None:
+    async with httpx.AsyncClient(base_url=hub.base, timeout=WAIT) as http:
+        response = await http.request(method, path, headers={"X-API-Key": API_KEY})
+    assert response.status_code == status
+    if status == 405:
+        assert response.headers["allow"] == "POST"
+        assert routed == [path]

@@ -7,7 +7,9 @@ uvicorn does not document:
   request of a connection: its request line and headers in size (431, then the
   connection is closed) and in time (``header_timeout``, armed again for each
   request of a keep-alive connection), and its body in time (a backstop to the
-  ASGI-level limit of :mod:`eventcast.server._http`, for bodies nobody reads);
+  ASGI-level limit of :mod:`eventcast.server._http`, for bodies nobody reads),
+  and whose request cycles write a response's head and body in one write
+  (:class:`HeadWithBody`, through the cycle's ``transport``);
 * **the WebSocket protocol class** (``WebSocketsSansIOProtocol``), subclassed so
   that a text frame which is not UTF-8 is closed with 1007 without the ERROR and
   traceback uvicorn logs for it;
@@ -29,7 +31,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 from ..exceptions import ConfigurationError
 from ..protocol.framing import closing_response
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     import uvicorn
 
 __all__ = [
+    "HeadWithBody",
     "check",
     "forwarded_headers",
     "http_protocol",
@@ -309,6 +312,11 @@ def http_protocol(
             super().on_headers_complete()
             if not upgrade:
                 self._due = (body_timeout + BODY_GRACE, self._body_too_slow)
+                cycle = self.cycle
+                if cycle is not None:
+                    # A small response in one write: see HeadWithBody.
+                    held = HeadWithBody(cycle, self.transport, self.loop)
+                    cycle.transport = cast("asyncio.Transport", held)
 
         def on_message_complete(self) -> None:
             self._disarm()
@@ -350,6 +358,58 @@ def http_protocol(
             self._arm(LINGER, transport.close)
 
     return HardenedHttpProtocol
+
+
+class HeadWithBody:
+    """A request's transport, as its response cycle sees it: a head that announces a
+    body (``content-length``) waits for the body's first bytes, so that a small
+    response leaves in one write (one system call and one segment, not two).
+
+    The head is written at the latest at the end of the loop turn. On any other
+    first write (a chunked head, a ``100 Continue``) this object steps aside: the
+    cycle writes to the socket's transport directly from then on.
+    """
+
+    __slots__ = ("_cycle", "_head", "_loop", "_transport")
+
+    def __init__(
+        self, cycle: Any, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._cycle = cycle
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._step_aside()
+            self._transport.write(head + data)
+        elif data.startswith(b"HTTP/1.1 ") and b"\r\ncontent-length: " in data:
+            self._head = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._step_aside()
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write the head held, if any."""
+        head = self._head
+        if head is not None:
+            self._step_aside()
+            self._transport.write(head)
+
+    def _step_aside(self) -> None:
+        self._head = None
+        if self._cycle.transport is self:
+            self._cycle.transport = self._transport
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 # -- the WebSocket protocol --------------------------------------------------------------------

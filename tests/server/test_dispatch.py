@@ -17,19 +17,23 @@ from eventcast.server.fanout import Batch
 from .hubtools import HubServer, RawClient, token
 
 
+async def _member(hub: HubServer, user: str, channel: str) -> RawClient:
+    """A client connected as ``user`` and subscribed to ``channel``."""
+    client = await RawClient.open(hub.ws_url)
+    await client.connect(token(user))
+    await client.subscribe(channel)
+    return client
+
+
 async def test_a_burst_larger_than_one_dispatch_arrives_whole_and_in_order(
     hub: HubServer,
 ) -> None:
     """More events in one turn than one dispatch takes: the rest follow in the next turns."""
     total = channels_module.DISPATCH_BATCH * 2 + 100
     async with (
-        await RawClient.open(hub.ws_url) as member,
-        await RawClient.open(hub.ws_url) as neighbour,
+        await _member(hub, "burst", "live:dispatch.burst") as member,
+        await _member(hub, "neighbour", "live:dispatch.other") as neighbour,
     ):
-        await member.connect(token("burst"))
-        await member.subscribe("live:dispatch.burst")
-        await neighbour.connect(token("neighbour"))
-        await neighbour.subscribe("live:dispatch.other")
         bus = hub.hub.bus
         # One call, no await: every event is in the channel's buffer before any dispatch.
         await bus.publish_many([("live:dispatch.burst", {"i": i}) for i in range(total)])
@@ -56,13 +60,9 @@ async def test_a_failing_dispatch_closes_its_members_and_spares_other_channels(
 
     monkeypatch.setattr(Batch, "payload", payload)
     async with (
-        await RawClient.open(hub.ws_url) as member,
-        await RawClient.open(hub.ws_url) as neighbour,
+        await _member(hub, "broken", "live:dispatch.broken") as member,
+        await _member(hub, "neighbour", "live:dispatch.fine") as neighbour,
     ):
-        await member.connect(token("broken"))
-        await member.subscribe("live:dispatch.broken")
-        await neighbour.connect(token("neighbour"))
-        await neighbour.subscribe("live:dispatch.fine")
         bus = hub.hub.bus
         with caplog.at_level(logging.ERROR, logger="eventcast.server"):
             # Both channels are ready in the same turn: the failure of one

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+
+import pytest
 
 from eventcast.server._uvicorn import HeadWithBody
 
@@ -25,73 +29,74 @@ class Cycle:
     transport: Any = None
 
 
-async def _pair() -> tuple[asyncio.Transport, socket.socket]:
+@dataclass
+class Pair:
+    """A transport on one end of a socket pair, the peer socket, and a cycle writing to it."""
+
+    transport: asyncio.Transport
+    peer: socket.socket
+    cycle: Cycle
+
+    def held(self) -> HeadWithBody:
+        """A fresh HeadWithBody between the cycle and the transport."""
+        held = HeadWithBody(self.cycle, self.transport, asyncio.get_running_loop())
+        self.cycle.transport = held
+        return held
+
+    def writer(self) -> object:
+        """What the cycle writes to now."""
+        return self.cycle.transport
+
+    async def read(self, size: int) -> bytes:
+        """What the peer reads, ``size`` bytes."""
+        loop = asyncio.get_running_loop()
+        data = b""
+        async with asyncio.timeout(WAIT):
+            while len(data) < size:
+                data += await loop.sock_recv(self.peer, 65536)
+        return data
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
     ours, theirs = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, sock=ours)
     theirs.setblocking(False)
-    return transport, theirs
-
-
-async def _read(peer: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(WAIT):
-        while len(data) < size:
-            data += await loop.sock_recv(peer, 65536)
-    return data
-
-
-async def test_the_head_of_a_sized_response_leaves_with_its_body() -> None:
-    transport, peer = await _pair()
     try:
-        cycle = Cycle()
-        held = HeadWithBody(cycle, transport, asyncio.get_running_loop())
-        cycle.transport = held
-        held.write(HEAD)
-        assert transport.get_write_buffer_size() == 0
-        assert cycle.transport is held  # the head waits
-        held.write(b"{}")
-        assert cycle.transport is transport  # stepped aside after the body
-        assert await _read(peer, len(HEAD) + 2) == HEAD + b"{}"
+        yield Pair(transport, theirs, Cycle())
     finally:
         transport.close()
-        peer.close()
+        theirs.close()
 
 
-async def test_a_head_whose_body_does_not_follow_leaves_at_the_end_of_the_turn() -> None:
-    transport, peer = await _pair()
-    try:
-        cycle = Cycle()
-        held = HeadWithBody(cycle, transport, asyncio.get_running_loop())
-        cycle.transport = held
-        held.write(HEAD)  # a HEAD request's answer: no body follows
-        assert await _read(peer, len(HEAD)) == HEAD
-        assert cycle.transport is transport
-    finally:
-        transport.close()
-        peer.close()
+async def test_the_head_of_a_sized_response_leaves_with_its_body(pair: Pair) -> None:
+    held = pair.held()
+    held.write(HEAD)
+    assert pair.transport.get_write_buffer_size() == 0
+    assert pair.writer() is held  # the head waits
+    held.write(b"{}")
+    assert pair.writer() is pair.transport  # stepped aside after the body
+    assert await pair.read(len(HEAD) + 2) == HEAD + b"{}"
 
 
-async def test_other_first_writes_pass_through_and_close_flushes() -> None:
-    transport, peer = await _pair()
-    try:
-        cycle = Cycle()
-        held = HeadWithBody(cycle, transport, asyncio.get_running_loop())
-        cycle.transport = held
-        chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-        held.write(chunked)
-        assert cycle.transport is transport  # a stream: out of the way at once
-        assert await _read(peer, len(chunked)) == chunked
-        second = HeadWithBody(cycle, transport, asyncio.get_running_loop())
-        cycle.transport = second
-        second.write(HEAD)
-        second.close()  # the cycle closes (no keep-alive): the head goes first
-        assert await _read(peer, len(HEAD)) == HEAD
-        assert second.is_closing()  # other attributes are the transport's
-    finally:
-        transport.close()
-        peer.close()
+async def test_a_head_whose_body_does_not_follow_leaves_at_the_end_of_the_turn(
+    pair: Pair,
+) -> None:
+    pair.held().write(HEAD)  # a HEAD request's answer: no body follows
+    assert await pair.read(len(HEAD)) == HEAD
+    assert pair.writer() is pair.transport
+
+
+async def test_other_first_writes_pass_through_and_close_flushes(pair: Pair) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    pair.held().write(chunked)
+    assert pair.writer() is pair.transport  # a stream: out of the way at once
+    assert await pair.read(len(chunked)) == chunked
+    second = pair.held()
+    second.write(HEAD)
+    second.close()  # the cycle closes (no keep-alive): the head goes first
+    assert await pair.read(len(HEAD)) == HEAD
+    assert second.is_closing()  # other attributes are the transport's
 
 
 async def _exchange(hub: HubServer, request: bytes, bodies: list[bool]) -> list[bytes]:

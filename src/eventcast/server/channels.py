@@ -42,7 +42,7 @@ from ..protocol.frames import ClientInfo
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern
-from .connection import Connection
+from .connection import Connection, EndOfTurn
 from .fanout import Backlogs, Batch
 
 if TYPE_CHECKING:
@@ -233,6 +233,11 @@ class HubChannel:
         self.sub.close()
 
 
+def _dispatch(ready: list[HubChannel]) -> None:
+    for channel in ready:
+        channel.dispatch()
+
+
 class Channels:
     """The channels with members on this node.
 
@@ -256,21 +261,8 @@ class Channels:
         #: Publications a conflated member skipped (a newer one of its key replaced them).
         self.conflated = 0
         self.backlogs = Backlogs(self._count_conflated)
-        self._ready: list[HubChannel] = []
-        self._scheduled = False
-
-    def schedule(self, channel: HubChannel) -> None:
-        """Dispatch ``channel`` in the callback that ends this loop turn's publishing."""
-        self._ready.append(channel)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch_ready)
-
-    def _dispatch_ready(self) -> None:
-        self._scheduled = False
-        ready, self._ready = self._ready, []
-        for channel in ready:
-            channel.dispatch()
+        #: Dispatch a channel at the end of this loop turn.
+        self.schedule: Callable[[HubChannel], None] = EndOfTurn(_dispatch).add
 
     def _occupancy(self, channel: HubChannel, occupied: bool) -> None:
         if channel.pattern:

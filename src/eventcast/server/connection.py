@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from ..protocol.codes import DISCONNECT_EXPIRED, DISCONNECT_SLOW, Disconnect
 from ..protocol.encodings import JSON, Encoding
@@ -37,9 +37,11 @@ from .wires import Wire, wire_for
 if TYPE_CHECKING:
     from .channels import Membership
 
-__all__ = ["Connection", "Flusher"]
+__all__ = ["Connection", "EndOfTurn", "Flusher"]
 
 logger = logging.getLogger("eventcast.server")
+
+T = TypeVar("T")
 
 #: Default bound of a connection's outgoing queue, in bytes.
 DEFAULT_QUEUE_BYTES: Final = 1_048_576
@@ -62,6 +64,36 @@ def writable_transport(transport: object) -> asyncio.WriteTransport | None:
     return transport  # type: ignore[return-value]
 
 
+class EndOfTurn(Generic[T]):
+    """Collects items during a loop turn and hands them all to ``run`` once, at its end.
+
+    The first :meth:`add` of a turn schedules one callback; whatever is added
+    until it runs goes with it (an item added twice is handed over twice).
+
+    Args:
+        run: called with the turn's items, in the order they were added.
+    """
+
+    __slots__ = ("_items", "_run", "_scheduled")
+
+    def __init__(self, run: Callable[[list[T]], None]) -> None:
+        self._items: list[T] = []
+        self._run = run
+        self._scheduled = False
+
+    def add(self, item: T) -> None:
+        """Hand ``item`` over at the end of this loop turn."""
+        self._items.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._end)
+
+    def _end(self) -> None:
+        self._scheduled = False
+        items, self._items = self._items, []
+        self._run(items)
+
+
 class Flusher:
     """Coalesces writes: every connection queued to in a loop turn is written once, at its end.
 
@@ -72,22 +104,14 @@ class Flusher:
     """
 
     def __init__(self) -> None:
-        self._dirty: list[Connection] = []
-        self._scheduled = False
+        #: Write ``conn``'s queue at the end of this loop turn.
+        self.schedule: Callable[[Connection], None] = EndOfTurn(_flush).add
 
-    def schedule(self, conn: Connection) -> None:
-        """Write ``conn``'s queue at the end of this loop turn."""
-        self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        frames: FrameCache = {}
-        for conn in dirty:
-            conn.flush(frames)
+def _flush(dirty: list[Connection]) -> None:
+    frames: FrameCache = {}
+    for conn in dirty:
+        conn.flush(frames)
 
 
 class Connection:

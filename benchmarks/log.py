@@ -9,6 +9,10 @@ same run:
   ``log.append([event])`` one at a time, for a fixed time. Group commit puts
   every append waiting into one transaction, so one fsync serves many events;
 * **append, 100 events per call**: the same with ``log.append(list_of_100)``;
+* **floor** (SQLite): the least a one-event group commit costs in Python, 1,024
+  tasks each putting a row and a future on a queue for one writer thread
+  (multi-row INSERTs, one transaction for all that is queued), in the same run:
+  what ``append([e]) x 1024`` and ``bus.publish x 1024`` compare with;
 * **baseline**: a plain driver connection doing ``INSERT`` + ``COMMIT`` per
   event (SQLite: ``sqlite3``, WAL, ``synchronous=FULL``; PostgreSQL: psycopg),
   into a table of the same shape; for JetStream, nats-py publishing one
@@ -47,11 +51,13 @@ import gc
 import io
 import os
 import pstats
+import queue
 import secrets
 import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -261,6 +267,105 @@ def sqlite_baseline(path: str, seconds: float) -> dict[str, Any]:
         "events_per_commit": 1.0,
         "loop_us_per_event": cpu / n * 1e6,
         "writer_us_per_event": None,
+    }
+
+
+_FLOOR_CHUNKS = (256, 32, 4, 1)
+_FLOOR_SQL = {
+    n: "INSERT INTO events (topic, id, time, payload, binary, tags, ikey, offset) VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    for n in _FLOOR_CHUNKS
+}
+
+
+def _floor_writer(
+    path: str,
+    requests: queue.SimpleQueue[Any],
+    loop: asyncio.AbstractEventLoop,
+    commits: list[int],
+) -> None:
+    """The floor's writer thread: everything queued, one transaction, one answer per request."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(SQLITE_BASELINE_DDL)
+    top = 0
+    while True:
+        first = requests.get()
+        if first is None:
+            conn.close()
+            return
+        batch = [first]
+        with contextlib.suppress(queue.Empty):
+            while len(batch) < 10_000:
+                batch.append(requests.get_nowait())
+        params: list[Any] = []
+        offsets = []
+        for row, _ in batch:
+            top += 1
+            params.extend(row)
+            params.append(top)
+            offsets.append(top)
+        conn.execute("BEGIN IMMEDIATE")
+        i = 0
+        for n in _FLOOR_CHUNKS:
+            while len(params) - i >= 8 * n:
+                conn.execute(_FLOOR_SQL[n], params[i : i + 8 * n])
+                i += 8 * n
+        conn.execute("COMMIT")
+        commits[0] += 1
+        loop.call_soon_threadsafe(_floor_answer, batch, offsets)
+
+
+def _floor_answer(batch: list[tuple[Any, asyncio.Future[int]]], offsets: list[int]) -> None:
+    for (_, future), offset in zip(batch, offsets, strict=True):
+        future.set_result(offset)
+
+
+async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    """The floor system of one-event appends: N tasks, each putting one row (the same
+    columns as SQLiteLog's, data encoded the same way) with a future on a queue for one
+    writer thread, which commits everything queued in one transaction with multi-row
+    INSERTs and answers each future with its offset. No event objects, no bounds, no
+    error handling, no retention: what group commit costs in Python at the least."""
+    from eventcast.events import encode_data, new_event_id
+
+    loop = asyncio.get_running_loop()
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    commits = [0]
+    writer = threading.Thread(
+        target=_floor_writer, args=(path, requests, loop, commits), name="floor-writer"
+    )
+    writer.start()
+    try:
+        # The table exists once the first request is answered.
+        warm: asyncio.Future[int] = loop.create_future()
+        requests.put(((TOPIC, new_event_id(), time.time(), b"0", False, None, None), warm))
+        await warm
+
+        async def step(seq: int) -> int:
+            future: asyncio.Future[int] = loop.create_future()
+            row = (TOPIC, new_event_id(), time.time(), encode_data(payload(seq)), False, None, None)
+            requests.put((row, future))
+            await future
+            return 1
+
+        commits0 = commits[0]
+        clock = ThreadClock("floor-writer")
+        events, elapsed = await timed_workers(concurrency, seconds, step)
+        loop_cpu, writer_cpu = clock.stop()
+    finally:
+        requests.put(None)
+        await asyncio.to_thread(writer.join)
+    done = commits[0] - commits0
+    return {
+        "events": events,
+        "seconds": elapsed,
+        "events_per_s": events / elapsed,
+        "commits": done,
+        "events_per_commit": events / max(done, 1),
+        "loop_us_per_event": loop_cpu / events * 1e6,
+        "writer_us_per_event": writer_cpu / events * 1e6,
     }
 
 
@@ -525,6 +630,9 @@ async def run_sqlite(args: argparse.Namespace, scratch: Scratch) -> dict[str, An
         row = await append_case(make, "eventcast-sqlite-writer", n, 100, seconds)
         row["case"] = f"append(100 events) x {n} tasks"
         rows.append(row)
+    floor = await sqlite_floor(scratch.path(), max(args.concurrency), seconds)
+    floor["case"] = f"floor: bare group commit x {max(args.concurrency)}"
+    rows.append(floor)
     print_rows("SQLite append (WAL, synchronous=FULL)", rows, baseline)
     out["append"] = rows
     if profile is not None:

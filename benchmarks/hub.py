@@ -2068,7 +2068,7 @@ def print_rooms_profiles(rows: list[dict[str, Any]]) -> None:
             entry,
             per,
             unit,
-            top=int(os.environ.get("SPY_TOP", "15")),
+            top=int(os.environ.get("EVENTCAST_BENCH_SPY_TOP", "15")),
             inclusive_filter=("eventcast", "uvicorn", "starlette", "websockets", "asyncio"),
         )
 

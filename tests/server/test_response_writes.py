@@ -148,3 +148,29 @@ async def test_expect_100_continue_then_the_api_answer(hub: HubServer) -> None:
         assert b'"offset":1' in answer
     finally:
         writer.close()
+
+
+async def test_a_431_behind_a_head_answer_comes_after_it(hub: HubServer) -> None:
+    """A refused head pipelined behind a HEAD request: the HEAD's answer (held for
+    a body that never comes) goes out before the 431."""
+    oversized = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n" % (
+        b"a" * (4 * hub.settings.max_header_size)
+    )
+    host, port = hub.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        # The oversized head arrives in reads of its own (a head that starts behind
+        # another request within one read is counted from the next read).
+        for start in range(0, len(oversized), 4096):
+            writer.write(oversized[start : start + 4096])
+            await writer.drain()
+            await asyncio.sleep(0)
+        async with asyncio.timeout(WAIT):
+            first = await reader.readuntil(b"\r\n\r\n")
+            second = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert second.startswith(b"HTTP/1.1 431 ")
+    finally:
+        writer.close()

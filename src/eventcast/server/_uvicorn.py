@@ -350,6 +350,9 @@ def http_protocol(
             if cycle is not None and not cycle.response_complete:
                 transport.close()  # a pipelined request behind one still answering
                 return
+            held: object = None if cycle is None else cycle.transport
+            if isinstance(held, HeadWithBody):
+                held.flush()  # the answer before it (to a HEAD) goes first
             transport.write(_HEAD_TOO_LARGE)
             # Half-close and drain what the client still sends before closing, or the
             # close would reset the connection and the 431 could be lost.

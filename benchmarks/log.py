@@ -179,6 +179,21 @@ def print_spy(title: str, row: dict[str, Any], seconds: int) -> None:
 # -- appends ----------------------------------------------------------------------------
 
 
+def append_row(
+    events: int, elapsed: float, commits: int, loop_cpu: float, writer_cpu: float | None
+) -> dict[str, Any]:
+    """One row of an append table: throughput, events per commit, CPU per event by thread."""
+    return {
+        "events": events,
+        "seconds": elapsed,
+        "events_per_s": events / elapsed,
+        "commits": commits,
+        "events_per_commit": events / max(commits, 1),
+        "loop_us_per_event": loop_cpu / events * 1e6,
+        "writer_us_per_event": None if writer_cpu is None else writer_cpu / events * 1e6,
+    }
+
+
 async def append_case(
     make_log: Callable[[], EventLog],
     helper_prefix: str | None,
@@ -222,16 +237,9 @@ async def append_case(
             raise RuntimeError(f"lost appends: top={top - top0}, appended={events + 1}")
     finally:
         await log.close()
-    return {
-        "events": events,
-        "seconds": elapsed,
-        "events_per_s": events / elapsed,
-        "commits": commits,
-        "events_per_commit": events / max(commits, 1),
-        "loop_us_per_event": loop_cpu / events * 1e6,
-        "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
-        "py_spy": stacks,
-    }
+    row = append_row(events, elapsed, commits, loop_cpu, helper_cpu if helper_prefix else None)
+    row["py_spy"] = stacks
+    return row
 
 
 def sqlite_baseline(path: str, seconds: float) -> dict[str, Any]:
@@ -357,16 +365,7 @@ async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str,
     finally:
         requests.put(None)
         await asyncio.to_thread(writer.join)
-    done = commits[0] - commits0
-    return {
-        "events": events,
-        "seconds": elapsed,
-        "events_per_s": events / elapsed,
-        "commits": done,
-        "events_per_commit": events / max(done, 1),
-        "loop_us_per_event": loop_cpu / events * 1e6,
-        "writer_us_per_event": writer_cpu / events * 1e6,
-    }
+    return append_row(events, elapsed, commits[0] - commits0, loop_cpu, writer_cpu)
 
 
 def pg_baseline(conninfo: str, schema: str, seconds: float) -> dict[str, Any]:
@@ -555,16 +554,9 @@ async def bus_case(
             raise RuntimeError(f"bus lost events: received={received} published={events + 1}")
     finally:
         await bus.close()
-    return {
-        "events": events,
-        "seconds": elapsed,
-        "events_per_s": events / elapsed,
-        "commits": commits,
-        "events_per_commit": events / max(commits, 1),
-        "loop_us_per_event": loop_cpu / events * 1e6,
-        "writer_us_per_event": helper_cpu / events * 1e6 if helper_prefix else None,
-        "py_spy": stacks,
-    }
+    row = append_row(events, elapsed, commits, loop_cpu, helper_cpu if helper_prefix else None)
+    row["py_spy"] = stacks
+    return row
 
 
 # -- driver ----------------------------------------------------------------------------------

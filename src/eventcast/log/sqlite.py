@@ -417,33 +417,21 @@ class SQLiteLog(EventLog):
                     last_topic = topic
                 assert state is not None
                 ikey = item[6]
-                if ikey is None:  # the common case: an event of its own
-                    top = state.top = state.top + 1
-                    extend(item)
-                    params.append(top)
-                    results.append((state.epoch, top))
-                    continue
-                original = pending_keys.get((topic, ikey)) or self._find_key(conn, topic, ikey, t)
-                if original is not None:
-                    results.append(original)
-                    continue
+                if ikey is not None:
+                    original = pending_keys.get((topic, ikey)) or self._find_key(
+                        conn, topic, ikey, t
+                    )
+                    if original is not None:
+                        results.append(original)
+                        continue
                 top = state.top = state.top + 1
-                keys.append((topic, ikey, top, expires))
                 extend(item)
                 params.append(top)
-                _, event_id, at, payload, binary, tags, _ = item
-                pending_keys[topic, ikey] = (
-                    state.epoch,
-                    topic,
-                    top,
-                    event_id,
-                    at,
-                    payload,
-                    binary,
-                    tags,
-                    ikey,
-                )
                 results.append((state.epoch, top))
+                if ikey is not None:
+                    keys.append((topic, ikey, top, expires))
+                    # The stored row, for a repeat later in this batch.
+                    pending_keys[topic, ikey] = (state.epoch, topic, top, *item[1:])
             request.result = results
 
     def _find_key(

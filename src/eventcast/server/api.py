@@ -106,22 +106,15 @@ async def _publish_one(hub: Hub, channel: str, params: dict[str, Any]) -> dict[s
     return _published(event)
 
 
-def _publish_now(hub: Hub, command: Any) -> dict[str, Any] | None:
-    """A batch's ``publish`` command done without awaiting (a live channel the bus
-    knows, no tags or key): its reply, or ``None`` to run it the awaited way."""
-    if not isinstance(command, dict) or len(command) != 1:
-        return None
-    body = command.get("publish")
-    if not isinstance(body, dict):
-        return None
-    channel = body.get("channel")
-    if not isinstance(channel, str) or not channel:
-        return None
+def _publish_now(hub: Hub, params: dict[str, Any]) -> dict[str, Any] | None:
+    """A batch's ``publish`` done without awaiting (a live channel the bus knows, no
+    tags or key): its reply, or ``None`` to run it the awaited way."""
     try:
-        tags, key = _publish_args(body)
+        channel = _str(params, "channel")
+        tags, key = _publish_args(params)
         if tags is not None or key is not None:
             return None
-        event = hub.publish_now(channel, body["data"])
+        event = hub.publish_now(channel, params["data"])
     except CommandError as exc:
         return {"error": _error(exc)}
     return None if event is None else {"publish": _published(event)}
@@ -344,24 +337,37 @@ async def api_invalidate_user_tokens(hub: Hub, params: dict[str, Any]) -> Any:
     return _answered(outcome.missing)
 
 
+def _batch_command(command: Any) -> tuple[str, Method, dict[str, Any]] | dict[str, Any]:
+    """A batch's command as ``(method, handler, params)``, or the error reply it gets."""
+    if not isinstance(command, dict) or len(command) != 1:
+        return {"error": _error(codes.ERROR_BAD_REQUEST)}
+    ((method, body),) = command.items()
+    handler = API_METHODS.get(method)
+    if handler is None or method == "batch" or not isinstance(body, dict):
+        return {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}
+    return method, handler, body
+
+
+async def _run_command(
+    hub: Hub, method: str, handler: Method, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Run one of a batch's commands; its reply."""
+    try:
+        return {method: await handler(hub, params)}
+    except CommandError as exc:
+        return {"error": _error(exc)}
+    except LogError:
+        return {"error": _error(codes.ERROR_INTERNAL)}
+
+
 async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
     commands = params.get("commands")
     if not isinstance(commands, list):
         raise _bad("commands required")
 
     async def one(command: Any) -> dict[str, Any]:
-        if not isinstance(command, dict) or len(command) != 1:
-            return {"error": _error(codes.ERROR_BAD_REQUEST)}
-        ((method, body),) = command.items()
-        handler = API_METHODS.get(method)
-        if handler is None or method == "batch" or not isinstance(body, dict):
-            return {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}
-        try:
-            return {method: await handler(hub, body)}
-        except CommandError as exc:
-            return {"error": _error(exc)}
-        except LogError:
-            return {"error": _error(codes.ERROR_INTERNAL)}
+        parsed = _batch_command(command)
+        return parsed if isinstance(parsed, dict) else await _run_command(hub, *parsed)
 
     if params.get("parallel"):
         replies = list(await asyncio.gather(*(one(c) for c in commands)))
@@ -370,8 +376,15 @@ async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
         # coroutine of its own (see _publish_now).
         replies = []
         for command in commands:
-            reply = _publish_now(hub, command)
-            replies.append(await one(command) if reply is None else reply)
+            parsed = _batch_command(command)
+            if isinstance(parsed, dict):
+                replies.append(parsed)
+                continue
+            method, handler, body = parsed
+            reply = _publish_now(hub, body) if method == "publish" else None
+            if reply is None:
+                reply = await _run_command(hub, method, handler, body)
+            replies.append(reply)
     return {"replies": replies}
 
 

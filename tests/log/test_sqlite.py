@@ -90,3 +90,79 @@ async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
     finally:
         gate.set()
         await log.close()
+
+
+async def test_the_appends_of_one_turn_share_one_request_and_one_commit(
+    tmp_path: Path,
+) -> None:
+    """Many appends started in one loop turn reach the writer as one group; each
+    caller gets its own events back, in the order it gave them."""
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+        await log.append([Event(topic="warm", data=0)])
+        commits = log.commits
+        calls = [
+            [Event(topic=f"t{i % 3}", data=[i, j]) for j in range(i % 4 + 1)] for i in range(50)
+        ]
+        results = await asyncio.gather(*(log.append(events) for events in calls))
+        assert log.commits == commits + 1
+        for events, stored in zip(calls, results, strict=True):
+            assert [e.id for e in stored] == [e.id for e in events]
+            assert [e.data for e in stored] == [e.data for e in events]
+        for topic in ("t0", "t1", "t2"):
+            read = await log.read(topic)
+            assert [e.offset for e in read] == list(range(1, len(read) + 1))
+            by_id = {e.id: e.offset for stored in results for e in stored if e.topic == topic}
+            assert {e.id: e.offset for e in read} == by_id
+    finally:
+        await log.close()
+
+
+async def test_a_group_stops_at_max_batch_and_a_cancelled_caller_spares_the_others(
+    tmp_path: Path,
+) -> None:
+    log = SQLiteLog(tmp_path / "events.db", max_batch=10)
+    await log.open()
+    try:
+        await log.append([Event(topic="warm", data=0)])
+        commits = log.commits
+        tasks = [
+            asyncio.create_task(log.append([Event(topic="a", data=[i, j]) for j in range(4)]))
+            for i in range(6)
+        ]
+        await asyncio.sleep(0)  # every task has joined a group
+        tasks[2].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[2], asyncio.CancelledError)
+        # 24 events in groups of at least 10: 12 + 12, not one commit of 24.
+        assert log.commits - commits >= 2
+        read = await log.read("a")
+        # The cancelled caller's events were queued: they are stored too.
+        assert [e.data for e in read] == [[i, j] for i in range(6) for j in range(4)]
+        for i, stored in enumerate(done):
+            if i != 2:
+                assert isinstance(stored, list)
+                assert [e.data for e in stored] == [[i, j] for j in range(4)]
+    finally:
+        await log.close()
+
+
+async def test_close_sends_the_appends_of_its_turn_before_stopping_the_writer(
+    tmp_path: Path,
+) -> None:
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    appended = asyncio.create_task(log.append([Event(topic="a", data=1)]))
+    await asyncio.sleep(0)  # the append joined this turn's group, not yet queued
+    assert log._unsent
+    await log.close()
+    async with asyncio.timeout(10):
+        stored = await appended
+    assert stored[0].offset == 1
+    reopened = SQLiteLog(tmp_path / "events.db")
+    await reopened.open()
+    try:
+        assert [e.data for e in await reopened.read("a")] == [1]
+    finally:
+        await reopened.close()

@@ -116,10 +116,10 @@ _Item = AppendItem
 class _Request:
     """One request to the writer thread.
 
-    An ``append`` request is a *group*: the events of the appends that joined
-    it while it was open (see :meth:`SQLiteLog.append`), flat in ``args``, with
-    one ``(future, count)`` per caller in ``callers``; its result is one row
-    per event. Any other request has one caller, ``future``.
+    An ``append`` request is a *group*: the events of every append made in one
+    turn of the loop, flat in ``args``, with one ``(future, count)`` per caller
+    in ``callers``; its result is one row per event. Any other request has one
+    caller, ``future``.
     """
 
     kind: str
@@ -148,7 +148,7 @@ class SQLiteLog(EventLog):
         max_pending: bound on requests (each call of ``append`` counts as
             one) queued for the writer.
         max_batch: bound on the events committed in one transaction (a
-            group of appends stops growing at this many).
+            group of one turn's appends stops growing at this many).
         readers: reader threads.
         dedup_window: how long idempotency keys are remembered, in seconds.
     """
@@ -186,10 +186,8 @@ class SQLiteLog(EventLog):
         self._opened = False
         self._keys_pruned = 0.0
         self._inflight = 0
-        #: The append group still open to more appends (see append), and the
-        #: lock under which appends join it and the writer closes it.
-        self._group: _Request | None = None
-        self._group_lock = threading.Lock()
+        #: Append groups of this turn, not yet queued for the writer (see _send).
+        self._unsent: list[_Request] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
@@ -230,6 +228,7 @@ class SQLiteLog(EventLog):
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
+                self._send()  # this turn's appends go before the writer stops
                 self._queue.put(None)
                 # The writer finishes what is queued, then closes its connection.
                 await asyncio.shield(asyncio.to_thread(thread.join))
@@ -288,12 +287,10 @@ class SQLiteLog(EventLog):
 
     def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         get = self._queue.get
-        take = self._take
         while True:
             first = get()
             if first is None:
                 return
-            take(first)
             batch = [first]
             size = _size(first)
             stop = False
@@ -306,7 +303,6 @@ class SQLiteLog(EventLog):
                 if request is None:
                     stop = True
                     break
-                take(request)
                 batch.append(request)
                 size += _size(request)
             self._run_batch(conn, batch)
@@ -316,13 +312,6 @@ class SQLiteLog(EventLog):
                 return
             if stop:
                 return
-
-    def _take(self, request: _Request) -> None:
-        """Close an append group to further appends, before reading it (writer thread)."""
-        if request.callers is not None:
-            with self._group_lock:
-                if self._group is request:
-                    self._group = None
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         appends = [r for r in batch if r.kind == "append"]
@@ -612,8 +601,19 @@ class SQLiteLog(EventLog):
         """Queue one request (not an append) for the writer and wait for its answer."""
         loop = self._admit() or await self._admit_later()
         future: asyncio.Future[Any] = loop.create_future()
+        # Behind the appends made before it in this turn, as they were called.
+        self._send()
         self._queue.put(_Request(kind, args, future))
         return await future
+
+    def _send(self) -> None:
+        """Queue this turn's append groups for the writer, in order."""
+        unsent = self._unsent
+        if unsent:
+            put = self._queue.put
+            for group in unsent:
+                put(group)
+            unsent.clear()
 
     def _finish(self, batch: list[_Request]) -> None:
         """Answer a batch's requests (on the loop, once the writer is done with them)."""
@@ -655,31 +655,26 @@ class SQLiteLog(EventLog):
     async def append(self, events: Sequence[Event]) -> list[Event]:
         """Append events (see :meth:`EventLog.append`).
 
-        Appends share requests to the writer (*groups*): an append opens a
-        group and queues it at once when none is open, and joins the open one
-        otherwise, until the writer takes that group (closing it) or it holds
-        ``max_batch`` events. An idle writer starts on the first append at
-        once; a busy one finds everything appended meanwhile in one queue
-        entry. The call (not the group) counts against ``max_pending``.
+        Every append of one loop turn joins one request to the writer (one
+        queue entry, one pass of its loop), queued at the end of the turn, or
+        when it holds ``max_batch`` events and the next one starts. The call
+        (not the group) counts against ``max_pending``.
         """
         if not events:
             return []
         items: list[_Item] = append_items(events)
         loop = self._admit() or await self._admit_later()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        with self._group_lock:
-            group = self._group
-            fresh = group is None
-            if group is None:
-                group = self._group = _Request("append", [], callers=[])
-            group.args.extend(items)
-            callers = group.callers
-            assert callers is not None
-            callers.append((future, len(items)))
-            if len(group.args) >= self.max_batch:
-                self._group = None  # full: the next append opens another
-        if fresh:
-            self._queue.put(group)
+        unsent = self._unsent
+        if not unsent:
+            loop.call_soon(self._send)
+        if not unsent or len(unsent[-1].args) >= self.max_batch:
+            unsent.append(_Request("append", [], callers=[]))
+        group = unsent[-1]
+        group.args.extend(items)
+        callers = group.callers
+        assert callers is not None
+        callers.append((future, len(items)))
         return committed_events(events, await future)
 
     async def truncate(self, topic: str) -> Position:

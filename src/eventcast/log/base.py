@@ -200,12 +200,7 @@ def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> 
     out: list[Event] = []
     for event, row in zip(events, rows, strict=True):
         if len(row) == 2:
-            # Stored as given: append_items cached the event's encoded data.
-            out.append(
-                _replace(event, offset=row[1], epoch=row[0])
-                if event._cache is not None
-                else committed(event, row[1], row[0], event.encoded_data())
-            )
+            out.append(committed(event, row[1], row[0], event.encoded_data()))
             continue
         epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
         if event_id == event.id:

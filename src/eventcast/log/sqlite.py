@@ -114,18 +114,9 @@ _Item = AppendItem
 
 @dataclass(slots=True)
 class _Request:
-    """One request to the writer thread.
-
-    An ``append`` request is a *group*: the events of every append made in one
-    turn of the loop, flat in ``args``, with one ``(future, count)`` per caller
-    in ``callers``; its result is one row per event. Any other request has one
-    caller, ``future``.
-    """
-
     kind: str
     args: Any
-    future: asyncio.Future[Any] | None = None
-    callers: list[tuple[asyncio.Future[Any], int]] | None = None
+    future: asyncio.Future[Any]
     result: Any = None
     error: BaseException | None = None
 
@@ -145,10 +136,8 @@ class SQLiteLog(EventLog):
         path: the database file; its directory is created if missing.
         synchronous: SQLite's ``synchronous`` pragma (``FULL`` by default: a
             commit survives power loss, not just a crash of the process).
-        max_pending: bound on requests (each call of ``append`` counts as
-            one) queued for the writer.
-        max_batch: bound on the events committed in one transaction (a
-            group of one turn's appends stops growing at this many).
+        max_pending: bound on append requests queued for the writer.
+        max_batch: bound on the events committed in one transaction.
         readers: reader threads.
         dedup_window: how long idempotency keys are remembered, in seconds.
     """
@@ -186,8 +175,6 @@ class SQLiteLog(EventLog):
         self._opened = False
         self._keys_pruned = 0.0
         self._inflight = 0
-        #: Append groups of this turn, not yet queued for the writer (see _send).
-        self._unsent: list[_Request] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
@@ -228,7 +215,6 @@ class SQLiteLog(EventLog):
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
-                self._send()  # this turn's appends go before the writer stops
                 self._queue.put(None)
                 # The writer finishes what is queued, then closes its connection.
                 await asyncio.shield(asyncio.to_thread(thread.join))
@@ -560,30 +546,17 @@ class SQLiteLog(EventLog):
 
     # -- submitting from the loop ----------------------------------------------------
 
-    def _admit(self) -> asyncio.AbstractEventLoop | None:
-        """Count a request in and return the loop, or ``None`` when the caller
-        must wait for room (:meth:`_admit_later`).
-
-        The bound on queued requests is a plain counter on this fast path; a
-        request counts until the writer has answered it, even when its caller
-        stopped waiting (it is still queued).
-
-        Raises:
-            LogError: the log is not open, or its writer is not running.
-        """
+    async def _submit(self, kind: str, args: Any) -> Any:
         if not self._opened or self._closed:
             raise LogError("the log is not open")
         if not self._serving:
             raise LogError("the log's writer thread is not running")
-        if self._inflight >= self.max_pending:
-            return None
-        self._inflight += 1
-        return self._loop
-
-    async def _admit_later(self) -> asyncio.AbstractEventLoop:
-        """Wait until fewer than ``max_pending`` requests are in flight; count one in."""
         loop = self._loop
         assert loop is not None
+        # The bound on queued requests: a plain counter on the fast path; a
+        # publisher waits only when max_pending requests are in flight. A
+        # request counts until the writer has answered it, even when its
+        # caller stopped waiting (it is still queued).
         while self._inflight >= self.max_pending:
             waiter: asyncio.Future[None] = loop.create_future()
             self._room_waiters.append(waiter)
@@ -594,56 +567,22 @@ class SQLiteLog(EventLog):
                     self._room_waiters.remove(waiter)
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
-        self._inflight += 1
-        return loop
-
-    async def _submit(self, kind: str, args: Any) -> Any:
-        """Queue one request (not an append) for the writer and wait for its answer."""
-        loop = self._admit() or await self._admit_later()
         future: asyncio.Future[Any] = loop.create_future()
-        # Behind the appends made before it in this turn, as they were called.
-        self._send()
+        self._inflight += 1
         self._queue.put(_Request(kind, args, future))
         return await future
 
-    def _send(self) -> None:
-        """Queue this turn's append groups for the writer, in order."""
-        unsent = self._unsent
-        if unsent:
-            put = self._queue.put
-            for group in unsent:
-                put(group)
-            unsent.clear()
-
     def _finish(self, batch: list[_Request]) -> None:
         """Answer a batch's requests (on the loop, once the writer is done with them)."""
-        answered = 0
         for request in batch:
-            callers = request.callers
-            error = request.error
-            if callers is None:  # one caller
-                answered += 1
-                future = request.future
-                assert future is not None
-                if future.done():  # its caller stopped waiting
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(request.result)
+            future = request.future
+            if future.done():  # its caller stopped waiting
                 continue
-            answered += len(callers)
-            rows = request.result
-            start = 0
-            for future, count in callers:
-                end = start + count
-                if not future.done():
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(rows[start:end])
-                start = end
-        self._inflight -= answered
+            if request.error is not None:
+                future.set_exception(request.error)
+            else:
+                future.set_result(request.result)
+        self._inflight -= len(batch)
         room = self.max_pending - self._inflight
         waiters = self._room_waiters
         while waiters and room > 0:
@@ -653,29 +592,11 @@ class SQLiteLog(EventLog):
                 room -= 1
 
     async def append(self, events: Sequence[Event]) -> list[Event]:
-        """Append events (see :meth:`EventLog.append`).
-
-        Every append of one loop turn joins one request to the writer (one
-        queue entry, one pass of its loop), queued at the end of the turn, or
-        when it holds ``max_batch`` events and the next one starts. The call
-        (not the group) counts against ``max_pending``.
-        """
         if not events:
             return []
         items: list[_Item] = append_items(events)
-        loop = self._admit() or await self._admit_later()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        unsent = self._unsent
-        if not unsent:
-            loop.call_soon(self._send)
-        if not unsent or len(unsent[-1].args) >= self.max_batch:
-            unsent.append(_Request("append", [], callers=[]))
-        group = unsent[-1]
-        group.args.extend(items)
-        callers = group.callers
-        assert callers is not None
-        callers.append((future, len(items)))
-        return committed_events(events, await future)
+        rows = await self._submit("append", items)
+        return committed_events(events, rows)
 
     async def truncate(self, topic: str) -> Position:
         result: Position = await self._submit("truncate", topic)

@@ -7,11 +7,12 @@ land in one loop turn, as a burst from one API call or one client frame does.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
 from eventcast import Event
-from eventcast.server import channels as channels_module
+from eventcast.server import api as api_module, channels as channels_module
 from eventcast.server.fanout import Batch
 
 from .hubtools import HubServer, RawClient, token
@@ -142,3 +143,87 @@ async def test_a_batch_answers_every_command_in_order_whichever_path_it_takes(
             ("live:batch.a", 4),
             ("live:batch.a", 6),
         ]
+
+
+class _Recorded:
+    """A typed body decoder that notes what it decoded (the typed path was taken)."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.decoded: list[object] = []
+
+    def decode(self, data: bytes) -> object:
+        value = self.decoder.decode(data)  # raises as the real one does
+        self.decoded.append(value)
+        return value
+
+
+async def test_a_batch_of_publications_alone_is_decoded_into_structs_and_answers_the_same(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body of ``publish`` commands only is decoded straight into structs; any other
+    body (another method, a malformed publication) the plain way, command by command.
+    Both give the same replies and deliveries."""
+    recorded = _Recorded(api_module._BODY_SHAPES["batch"])
+    monkeypatch.setitem(api_module._BODY_SHAPES, "batch", recorded)
+    async with await RawClient.open(hub.ws_url) as member:
+        await member.connect(token("typed"))
+        await member.subscribe("live:typed.a")
+        await member.subscribe("typed.durable")
+        publications: list[object] = [
+            {"publish": {"channel": "live:typed.a", "data": {"n": 1}}},
+            {"publish": {"channel": "typed.durable", "data": {"n": 2}}},
+            {"publish": {"channel": "live:typed.a", "data": {"n": 3}, "tags": {"k": "v"}}},
+            {"publish": {"channel": "live:typed.a", "data": {"n": 4}, "idempotency_key": "k4"}},
+            {"publish": {"channel": "nowhere:x", "data": {}}},  # well-formed, refused by the hub
+            {"publish": {"channel": "live:typed.a", "data": None, "ignored": 1}},
+        ]
+        typed = await hub.call("batch", {"commands": publications})
+        assert typed.status_code == 200
+        assert len(recorded.decoded) == 1  # the typed path
+        assert type(recorded.decoded[0]).__name__ == "_PublishBatch"
+        # The same publications beside a command of another method: decoded plainly.
+        plain = await hub.call("batch", {"commands": [*publications, {"info": {}}]})
+        assert plain.status_code == 200
+        assert len(recorded.decoded) == 1
+        typed_replies = typed.json()["replies"]
+        plain_replies = plain.json()["replies"]
+        assert len(typed_replies) == len(publications)
+        assert "info" in plain_replies[-1]
+        assert typed_replies[0] == plain_replies[0] == {"publish": {}}
+        assert typed_replies[1]["publish"]["offset"] == 1
+        assert plain_replies[1]["publish"]["offset"] == 2
+        for i in (2, 3, 5):
+            assert typed_replies[i] == plain_replies[i] == {"publish": {}}
+        assert typed_replies[4] == plain_replies[4]
+        assert typed_replies[4]["error"]["code"] == 102
+        data = [(await member.publication())["pub"]["data"] for _ in range(10)]
+        assert data == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}, None] * 2
+        # A malformed publication spoils the typed decode: the body is decoded
+        # plainly and only that command is refused (msgspec says what is wrong).
+        bad: list[object] = [
+            {"publish": {"channel": 5, "data": {}}},
+            {"publish": {"channel": "live:typed.a", "data": {"n": 6}}},
+            {"publish": {"channel": "live:typed.a", "tags": {"k": 1}, "data": {}}},
+            {"publish": {"channel": "live:typed.a"}},
+        ]
+        response = await hub.call("batch", {"commands": bad, "parallel": True})
+        assert len(recorded.decoded) == 1
+        replies = response.json()["replies"]
+        assert replies[1] == {"publish": {}}
+        assert replies[0]["error"] == {
+            "code": 107,
+            "message": "Expected `str`, got `int` - at `$.channel`",
+        }
+        assert replies[2]["error"]["code"] == 107
+        assert "$.tags" in replies[2]["error"]["message"]
+        assert replies[3]["error"] == {
+            "code": 107,
+            "message": "Object missing required field `data`",
+        }
+        assert (await member.publication())["pub"]["data"] == {"n": 6}
+        # The same, parallel and well-formed: typed again.
+        response = await hub.call("batch", {"commands": publications[:1], "parallel": True})
+        assert response.json()["replies"] == [{"publish": {}}]
+        assert len(recorded.decoded) == 2
+        assert (await member.publication())["pub"]["data"] == {"n": 1}

@@ -124,8 +124,12 @@ def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return removed + max(itertools.accumulate(memoryview(steps).cast("b"))) > limit
 
 
-def decode_json(data: bytes | str) -> Any:
+def decode_json(data: bytes | str, shape: msgspec.json.Decoder[Any] | None = None) -> Any:
     """Decode a JSON value from outside (a request body, a message's data).
+
+    ``shape``: a typed decoder tried first, for the common form of a body
+    (decoded straight into its structs, checked in C); a value that does not
+    fit it is decoded as plain JSON, and its errors are the caller's to report.
 
     Raises:
         ProtocolError: ``data`` is not JSON, not UTF-8, or nested deeper than
@@ -133,6 +137,11 @@ def decode_json(data: bytes | str) -> Any:
     """
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
+    if shape is not None and not too_deep(data):
+        try:
+            return shape.decode(data)
+        except _DECODE_ERRORS:
+            pass  # not of that shape (or not JSON): decoded plainly, with its own errors
     return _checked(_decode_any, data, "JSON")
 
 

@@ -212,8 +212,17 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int | None = None, *, empty: Any = None) -> Any:
+async def read_json(
+    request: Request,
+    limit: int | None = None,
+    *,
+    empty: Any = None,
+    shape: msgspec.json.Decoder[Any] | None = None,
+) -> Any:
     """Read and decode a JSON body (``empty`` when the body is blank).
+
+    ``shape``: a typed decoder for the body's common form, tried first (see
+    :func:`~eventcast.protocol.codec.decode_json`).
 
     Raises:
         BodyError: 413, 408 or 499 as :func:`read_body`; 400 when the body is not
@@ -223,7 +232,7 @@ async def read_json(request: Request, limit: int | None = None, *, empty: Any = 
     if not body.strip():
         return empty
     try:
-        return decode_json(body)
+        return decode_json(body, shape)
     except ProtocolError:
         raise BodyError(400, "body is not valid JSON") from None
 

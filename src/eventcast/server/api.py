@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -40,7 +40,8 @@ logger = logging.getLogger("eventcast.api")
 
 _encode = msgspec.json.Encoder().encode
 
-Method = Callable[["Hub", dict[str, Any]], Awaitable[Any]]
+Method = Callable[["Hub", Any], Awaitable[Any]]
+_P = TypeVar("_P", bound=msgspec.Struct)
 
 
 def _bad(message: str) -> CommandError:
@@ -73,25 +74,48 @@ def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
     return value
 
 
-def _tags(params: dict[str, Any]) -> dict[str, str] | None:
-    tags = params.get("tags")
-    if tags is None:
-        return None
-    if not isinstance(tags, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
-    ):
-        raise _bad("tags must map strings to strings")
-    return tags
+class _Publication(msgspec.Struct, kw_only=True):
+    """What a publication carries besides its channels (``publish``, ``broadcast``).
+
+    The one statement of these parameters' types: a batch's body is decoded
+    straight into it, other bodies are converted to it (:func:`_params`).
+    """
+
+    data: Any
+    tags: dict[str, str] | None = None
+    idempotency_key: str | None = None
 
 
-def _publish_args(params: dict[str, Any]) -> tuple[dict[str, str] | None, str | None]:
-    """Check a publication's parameters besides its channel; return its tags and key."""
-    if "data" not in params:
-        raise _bad("data required")
-    key = params.get("idempotency_key")
-    if key is not None and not isinstance(key, str):
-        raise _bad("idempotency_key must be a string")
-    return _tags(params), key or None
+class PublishParams(_Publication, kw_only=True):
+    """The parameters of ``publish`` (unknown ones are ignored, as Centrifugo does)."""
+
+    channel: str = ""
+
+
+class BroadcastParams(_Publication, kw_only=True):
+    """The parameters of ``broadcast``; each channel is checked on its own."""
+
+    channels: list[Any] = []
+
+
+class _PublishCommand(msgspec.Struct, forbid_unknown_fields=True):
+    publish: PublishParams
+
+
+class _PublishBatch(msgspec.Struct):
+    """The common body of ``batch``: publications only. Any other body is decoded
+    plainly and each command checked on its own (:func:`_batch_command`)."""
+
+    commands: list[_PublishCommand]
+    parallel: bool = False
+
+
+def _params(params: dict[str, Any], shape: type[_P]) -> _P:
+    """A method's parameters as ``shape``; 107 with msgspec's account of what is wrong."""
+    try:
+        return msgspec.convert(params, shape)
+    except msgspec.ValidationError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _published(event: Event) -> dict[str, Any]:
@@ -100,40 +124,41 @@ def _published(event: Event) -> dict[str, Any]:
     return {}
 
 
-async def _publish_one(hub: Hub, channel: str, params: dict[str, Any]) -> dict[str, Any]:
-    tags, key = _publish_args(params)
-    event = await hub.publish(channel, params["data"], tags=tags, idempotency_key=key)
+async def _publish(hub: Hub, channel: str, params: _Publication) -> dict[str, Any]:
+    event = await hub.publish(
+        channel, params.data, tags=params.tags, idempotency_key=params.idempotency_key or None
+    )
     return _published(event)
 
 
-def _publish_now(hub: Hub, params: dict[str, Any]) -> dict[str, Any] | None:
+def _publish_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
     """A batch's ``publish`` done without awaiting (a live channel the bus knows, no
     tags or key): its reply, or ``None`` to run it the awaited way."""
+    if params.tags is not None or params.idempotency_key:
+        return None
     try:
-        channel = _str(params, "channel")
-        tags, key = _publish_args(params)
-        if tags is not None or key is not None:
-            return None
-        event = hub.publish_now(channel, params["data"])
+        event = hub.publish_now(params.channel, params.data)
     except CommandError as exc:
         return {"error": _error(exc)}
     return None if event is None else {"publish": _published(event)}
 
 
-async def api_publish(hub: Hub, params: dict[str, Any]) -> Any:
-    return await _publish_one(hub, _str(params, "channel"), params)
+async def api_publish(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
+    if not isinstance(params, PublishParams):
+        params = _params(params, PublishParams)
+    return await _publish(hub, params.channel, params)
 
 
 async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
-    channels = params.get("channels")
-    if not isinstance(channels, list) or not channels:
+    broadcast = _params(params, BroadcastParams)
+    if not broadcast.channels:
         raise _bad("channels required")
     responses: list[dict[str, Any]] = []
-    for channel in channels:
+    for channel in broadcast.channels:
         try:
             if not isinstance(channel, str):
                 raise _bad("channel must be a string")
-            responses.append({"result": await _publish_one(hub, channel, params)})
+            responses.append({"result": await _publish(hub, channel, broadcast)})
         except CommandError as exc:
             responses.append({"error": _error(exc)})
         except LogError as exc:
@@ -337,7 +362,12 @@ async def api_invalidate_user_tokens(hub: Hub, params: dict[str, Any]) -> Any:
     return _answered(outcome.missing)
 
 
-def _batch_command(command: Any) -> tuple[str, Method, dict[str, Any]] | dict[str, Any]:
+#: A batch's command, parsed: method, handler, parameters (:class:`PublishParams`
+#: for ``publish``), or the error reply it gets.
+_Parsed = tuple[str, Method, Any] | dict[str, Any]
+
+
+def _batch_command(command: Any) -> _Parsed:
     """A batch's command as ``(method, handler, params)``, or the error reply it gets."""
     if not isinstance(command, dict) or len(command) != 1:
         return {"error": _error(codes.ERROR_BAD_REQUEST)}
@@ -345,13 +375,19 @@ def _batch_command(command: Any) -> tuple[str, Method, dict[str, Any]] | dict[st
     handler = API_METHODS.get(method)
     if handler is None or method == "batch" or not isinstance(body, dict):
         return {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}
+    if method == "publish":
+        try:
+            return method, handler, _params(body, PublishParams)
+        except CommandError as exc:
+            return {"error": _error(exc)}
     return method, handler, body
 
 
-async def _run_command(
-    hub: Hub, method: str, handler: Method, params: dict[str, Any]
-) -> dict[str, Any]:
+async def _run_command(hub: Hub, parsed: _Parsed) -> dict[str, Any]:
     """Run one of a batch's commands; its reply."""
+    if isinstance(parsed, dict):
+        return parsed
+    method, handler, params = parsed
     try:
         return {method: await handler(hub, params)}
     except CommandError as exc:
@@ -360,31 +396,27 @@ async def _run_command(
         return {"error": _error(codes.ERROR_INTERNAL)}
 
 
-async def api_batch(hub: Hub, params: dict[str, Any]) -> Any:
-    commands = params.get("commands")
-    if not isinstance(commands, list):
-        raise _bad("commands required")
-
-    async def one(command: Any) -> dict[str, Any]:
-        parsed = _batch_command(command)
-        return parsed if isinstance(parsed, dict) else await _run_command(hub, *parsed)
-
-    if params.get("parallel"):
-        replies = list(await asyncio.gather(*(one(c) for c in commands)))
+async def api_batch(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
+    parsed: list[_Parsed]
+    if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs
+        parsed = [("publish", api_publish, c.publish) for c in params.commands]
+        parallel = params.parallel
     else:
-        # In order; a publication to a live channel the bus knows needs no
-        # coroutine of its own (see _publish_now).
-        replies = []
-        for command in commands:
-            parsed = _batch_command(command)
-            if isinstance(parsed, dict):
-                replies.append(parsed)
-                continue
-            method, handler, body = parsed
-            reply = _publish_now(hub, body) if method == "publish" else None
-            if reply is None:
-                reply = await _run_command(hub, method, handler, body)
-            replies.append(reply)
+        commands = params.get("commands")
+        if not isinstance(commands, list):
+            raise _bad("commands required")
+        parsed = [_batch_command(c) for c in commands]
+        parallel = bool(params.get("parallel"))
+    if parallel:
+        return {"replies": list(await asyncio.gather(*(_run_command(hub, p) for p in parsed)))}
+    # In order; a publication to a live channel the bus knows needs no
+    # coroutine of its own (see _publish_now).
+    replies = []
+    for command in parsed:
+        reply = None
+        if not isinstance(command, dict) and command[0] == "publish":
+            reply = _publish_now(hub, command[2])
+        replies.append(reply or await _run_command(hub, command))
     return {"replies": replies}
 
 
@@ -436,6 +468,12 @@ API_METHODS: dict[str, Method] = {
     "invalidate_user_tokens": api_invalidate_user_tokens,
     "dead_letters": api_dead_letters,
     "dead_letters_redrive": api_dead_letters_redrive,
+}
+
+
+#: Typed decoders of the bodies with a common form (tried before plain JSON).
+_BODY_SHAPES: dict[str, msgspec.json.Decoder[Any]] = {
+    "batch": msgspec.json.Decoder(_PublishBatch),
 }
 
 
@@ -517,11 +555,11 @@ async def answer_api(hub: Hub, method: str, request: Request) -> Answer:
         if handler is None:
             return _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)})
         try:
-            params = await read_json(request, empty={})
+            params = await read_json(request, empty={}, shape=_BODY_SHAPES.get(method))
         except BodyError as exc:
             error = {"code": codes.ERROR_BAD_REQUEST.code, "message": exc.message}
             return _json(exc.status, {"error": error}, exc.headers)
-        if not isinstance(params, dict):
+        if not isinstance(params, dict | msgspec.Struct):
             return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
         try:
             result = await handler(hub, params)

@@ -227,3 +227,39 @@ async def test_a_batch_of_publications_alone_is_decoded_into_structs_and_answers
         assert response.json()["replies"] == [{"publish": {}}]
         assert len(recorded.decoded) == 2
         assert (await member.publication())["pub"]["data"] == {"n": 1}
+
+
+async def test_publish_and_broadcast_bodies_are_decoded_into_the_same_structs(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``publish`` and ``broadcast`` take the typed decode too; a malformed body is
+    decoded plainly and refused by the same structs, with the same message."""
+    recorded = {
+        method: _Recorded(api_module._BODY_SHAPES[method]) for method in ("publish", "broadcast")
+    }
+    for method, decoder in recorded.items():
+        monkeypatch.setitem(api_module._BODY_SHAPES, method, decoder)
+    async with await RawClient.open(hub.ws_url) as member:
+        await member.connect(token("shapes"))
+        await member.subscribe("live:shapes.a")
+        await member.subscribe("live:shapes.b")
+        assert await hub.api("publish", channel="live:shapes.a", data={"n": 1}) == {}
+        both = await hub.api("broadcast", channels=["live:shapes.a", "live:shapes.b"], data=2)
+        assert both == {"responses": [{"result": {}}, {"result": {}}]}
+        assert [len(d.decoded) for d in recorded.values()] == [1, 1]
+        got = [(await member.publication())["pub"]["data"] for _ in range(3)]
+        assert got == [{"n": 1}, 2, 2]
+        for method, params, message in [
+            ("publish", {"channel": 5, "data": 1}, "Expected `str`, got `int` - at `$.channel`"),
+            ("publish", {"channel": "live:shapes.a"}, "Object missing required field `data`"),
+            ("broadcast", {"channels": "live:shapes.a", "data": 1}, "Expected `array`, got `str`"),
+        ]:
+            response = await hub.call(method, params)
+            assert response.status_code == 200
+            error = response.json()["error"]
+            assert error["code"] == 107
+            assert error["message"].startswith(message), error
+        assert [len(d.decoded) for d in recorded.values()] == [1, 1]
+        # Nothing of the refused calls was published.
+        assert await hub.api("publish", channel="live:shapes.b", data="after") == {}
+        assert (await member.publication())["pub"]["data"] == "after"

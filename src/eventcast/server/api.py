@@ -110,8 +110,11 @@ class _PublishBatch(msgspec.Struct):
     parallel: bool = False
 
 
-def _params(params: dict[str, Any], shape: type[_P]) -> _P:
-    """A method's parameters as ``shape``; 107 with msgspec's account of what is wrong."""
+def _params(params: dict[str, Any] | _P, shape: type[_P]) -> _P:
+    """A method's parameters as ``shape`` (decoded so already, or converted from a dict);
+    107 with msgspec's account of what is wrong."""
+    if isinstance(params, shape):
+        return params
     try:
         return msgspec.convert(params, shape)
     except msgspec.ValidationError as exc:
@@ -144,12 +147,11 @@ def _publish_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
 
 
 async def api_publish(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
-    if not isinstance(params, PublishParams):
-        params = _params(params, PublishParams)
-    return await _publish(hub, params.channel, params)
+    publish = _params(params, PublishParams)
+    return await _publish(hub, publish.channel, publish)
 
 
-async def api_broadcast(hub: Hub, params: dict[str, Any]) -> Any:
+async def api_broadcast(hub: Hub, params: dict[str, Any] | BroadcastParams) -> Any:
     broadcast = _params(params, BroadcastParams)
     if not broadcast.channels:
         raise _bad("channels required")
@@ -473,6 +475,8 @@ API_METHODS: dict[str, Method] = {
 
 #: Typed decoders of the bodies with a common form (tried before plain JSON).
 _BODY_SHAPES: dict[str, msgspec.json.Decoder[Any]] = {
+    "publish": msgspec.json.Decoder(PublishParams),
+    "broadcast": msgspec.json.Decoder(BroadcastParams),
     "batch": msgspec.json.Decoder(_PublishBatch),
 }
 

@@ -320,10 +320,10 @@ class Connection:
         if not pending:
             return None
         data = pending[0] if len(pending) == 1 else self._separator.join(pending)
-        self._pending = []
+        self.messages_out += len(pending)
+        pending.clear()
         self._pending_size = 0
         self._scheduled = False
-        self.messages_out += len(pending)
         self.bytes_out += len(data)
         return data
 
@@ -346,7 +346,7 @@ class Connection:
             if entry is None or entry[0] is not payload:
                 entry = cache[id(payload)] = (payload, self._frame(payload))
             frame = entry[1]
-            self._pending = []
+            pending.clear()  # (the list is kept: no allocation per write)
             self._pending_size = 0
             self._scheduled = False
             self.messages_out += 1

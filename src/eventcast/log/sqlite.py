@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -546,17 +546,30 @@ class SQLiteLog(EventLog):
 
     # -- submitting from the loop ----------------------------------------------------
 
-    async def _submit(self, kind: str, args: Any) -> Any:
+    def _submit(self, kind: str, args: Any) -> Awaitable[Any]:
+        """Queue a request for the writer; what to await for its answer.
+
+        The bound on queued requests is a plain counter: while fewer than
+        ``max_pending`` requests are in flight (nearly always) the request is
+        queued at once and its future returned, with no coroutine of its own;
+        otherwise a coroutine that waits for room first. A request counts until
+        the writer has answered it, even when its caller stopped waiting (it is
+        still queued).
+
+        Raises:
+            LogError: the log is not open, or its writer thread is not running.
+        """
         if not self._opened or self._closed:
             raise LogError("the log is not open")
         if not self._serving:
             raise LogError("the log's writer thread is not running")
+        if self._inflight >= self.max_pending:
+            return self._submit_when_room(kind, args)
+        return self._queue_request(kind, args)
+
+    async def _submit_when_room(self, kind: str, args: Any) -> Any:
         loop = self._loop
         assert loop is not None
-        # The bound on queued requests: a plain counter on the fast path; a
-        # publisher waits only when max_pending requests are in flight. A
-        # request counts until the writer has answered it, even when its
-        # caller stopped waiting (it is still queued).
         while self._inflight >= self.max_pending:
             waiter: asyncio.Future[None] = loop.create_future()
             self._room_waiters.append(waiter)
@@ -567,10 +580,15 @@ class SQLiteLog(EventLog):
                     self._room_waiters.remove(waiter)
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
+        return await self._queue_request(kind, args)
+
+    def _queue_request(self, kind: str, args: Any) -> asyncio.Future[Any]:
+        loop = self._loop
+        assert loop is not None
         future: asyncio.Future[Any] = loop.create_future()
         self._inflight += 1
         self._queue.put(_Request(kind, args, future))
-        return await future
+        return future
 
     def _finish(self, batch: list[_Request]) -> None:
         """Answer a batch's requests (on the loop, once the writer is done with them)."""

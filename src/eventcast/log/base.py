@@ -197,8 +197,12 @@ def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> 
     when the event itself was stored there, or a stored row ``(epoch, topic,
     offset, id, time, payload, binary, tags, ikey)``; a row with another id is an
     idempotent repeat and stands for the originally stored event."""
+    if len(events) != len(rows):
+        raise ValueError(f"{len(rows)} rows for {len(events)} events")
     out: list[Event] = []
-    for event, row in zip(events, rows, strict=True):
+    # (a plain zip: with strict=True, Python 3.11 takes a slower call path,
+    # ~0.15 µs, paid once per durable publish)
+    for event, row in zip(events, rows):  # noqa: B905 (the lengths are checked above)
         if len(row) == 2:
             out.append(committed(event, row[1], row[0], event.encoded_data()))
             continue

@@ -701,6 +701,14 @@ async def test_deeply_nested_json_is_a_bad_request_everywhere(hub: HubServer) ->
             )
             assert api.status_code == 400
             assert api.json()["error"]["code"] == 107
+            # A batch of publications alone (decoded straight into structs when it fits).
+            batch = await http.post(
+                "/api/batch",
+                content=f'{{"commands":[{{"publish":{{"channel":"a","data":{nested}}}}}]}}',
+                headers={"X-API-Key": API_KEY},
+            )
+            assert batch.status_code == 400
+            assert batch.json()["error"]["code"] == 107
             dashboard = await http.post(
                 "/dashboard/api/publish",
                 content=f'{{"topic":"a","data":{nested}}}',
@@ -714,6 +722,12 @@ async def test_deeply_nested_json_is_a_bad_request_everywhere(hub: HubServer) ->
                 headers={"X-API-Key": API_KEY},
             )
             assert "offset" in fine.json()["result"]
+            fine_batch = await http.post(
+                "/api/batch",
+                content=f'{{"commands":[{{"publish":{{"channel":"nested","data":{_nested(60)}}}}}]}}',
+                headers={"X-API-Key": API_KEY},
+            )
+            assert "offset" in fine_batch.json()["replies"][0]["publish"]
 
 
 async def test_invalid_utf8_text_frames_close_1007_without_a_log_line(

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..protocol.codec import ProtocolError, decode_json
@@ -201,15 +201,20 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     chunks: list[bytes] = []
     size = 0
     bound = scope.get(_LIMIT_KEY)
-    try:
-        async for chunk in request.stream():
+    receive = request.receive  # (read directly: Request.stream()'s generator costs ~2 µs)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise BodyError(499, "client disconnected")
+        chunk = message.get("body", b"")
+        if chunk:
             size += len(chunk)
             if bound is not None and size > bound:  # no middleware in front (a bare mount)
                 raise _too_large()
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise BodyError(499, "client disconnected") from None
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def read_json(

@@ -504,17 +504,24 @@ def count_api(hub: Hub, method: str, result: str) -> None:
     hub.api_calls[key] = hub.api_calls.get(key, 0) + 1
 
 
-def _authorized(request: Request, key: str | None) -> bool:
+def _authorized(scope: Scope, key: str | None) -> bool:
+    """``X-API-Key: <key>``, else ``Authorization: apikey <key>`` (the first of each counts)."""
     if not key:
         return False
-    given = request.headers.get("x-api-key")
+    given: bytes | None = None
+    auth: bytes | None = None
+    for name, value in scope["headers"]:  # (names arrive lowercased)
+        if name == b"x-api-key":
+            given = value
+            break
+        if name == b"authorization" and auth is None:
+            auth = value
     if given is None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() != "apikey":
+        scheme, _, rest = (auth or b"").partition(b" ")
+        if scheme.lower() != b"apikey":
             return False
-        given = value.strip()
-    return hmac.compare_digest(given.encode(), key.encode())
+        given = rest.strip()
+    return hmac.compare_digest(given, key.encode())
 
 
 class ApiEndpoint:
@@ -553,7 +560,7 @@ async def answer_api(hub: Hub, method: str, request: Request) -> Answer:
     secret = key.get_secret_value() if key is not None else None
     result_status = "error"
     try:
-        if not _authorized(request, secret):
+        if not _authorized(request.scope, secret):
             return _json(401, {"error": {"code": 101, "message": "unauthorized"}})
         handler = API_METHODS.get(method)
         if handler is None:

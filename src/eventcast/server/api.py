@@ -77,8 +77,9 @@ def _str(params: dict[str, Any], name: str, *, required: bool = True) -> str:
 class _Publication(msgspec.Struct, kw_only=True):
     """What a publication carries besides its channels (``publish``, ``broadcast``).
 
-    The one statement of these parameters' types: a batch's body is decoded
-    straight into it, other bodies are converted to it (:func:`_params`).
+    The one statement of these parameters' types: a body that fits is decoded
+    straight into it (``_BODY_SHAPES``), any other is converted to it
+    (:func:`_params`), so both are checked by the same rules.
     """
 
     data: Any

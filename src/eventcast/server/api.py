@@ -29,6 +29,7 @@ from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
 from ._http import BodyError, read_json
 from .admin import disconnect_of
 from .errors import CommandError
+from .httpio import header
 
 if TYPE_CHECKING:
     from ..events import Event
@@ -509,20 +510,13 @@ def _authorized(scope: Scope, key: str | None) -> bool:
     """``X-API-Key: <key>``, else ``Authorization: apikey <key>`` (the first of each counts)."""
     if not key:
         return False
-    given: bytes | None = None
-    auth: bytes | None = None
-    for name, value in scope["headers"]:  # (names arrive lowercased)
-        if name == b"x-api-key":
-            given = value
-            break
-        if name == b"authorization" and auth is None:
-            auth = value
+    given = header(scope, b"x-api-key")
     if given is None:
-        scheme, _, rest = (auth or b"").partition(b" ")
-        if scheme.lower() != b"apikey":
+        scheme, _, value = (header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "apikey":
             return False
-        given = rest.strip()
-    return hmac.compare_digest(given, key.encode())
+        given = value.strip()
+    return hmac.compare_digest(given.encode(), key.encode())
 
 
 class ApiEndpoint:

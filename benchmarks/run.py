@@ -146,14 +146,9 @@ def summary(results: dict[str, Any]) -> None:
     sqlite = (results.get("log") or {}).get("sqlite") or {}
     for row in sqlite.get("bus", []) + sqlite.get("append", []):
         case = row["case"]
-        if case in ("bus.publish x 1024 (history 1,000)", "append([e]) x 1024 tasks") or (
-            case.startswith("floor:")
-        ):
-            goal = (
-                "  [the floor system, same run]"
-                if case.startswith("floor:")
-                else ("  [goal: >= 150k/s]")
-            )
+        floor = case.startswith("floor:")
+        if floor or case in ("bus.publish x 1024 (history 1,000)", "append([e]) x 1024 tasks"):
+            goal = "  [the floor system, same run]" if floor else "  [goal: >= 150k/s]"
             lines.append(
                 f"durable, SQLite FULL, {case}: {row['events_per_s'] / 1e3:.1f}k events/s "
                 f"(loop {row['loop_us_per_event']:.2f} + writer "

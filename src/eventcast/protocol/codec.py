@@ -137,18 +137,23 @@ def decode_json(data: bytes | str, shape: msgspec.json.Decoder[Any] | None = Non
     """
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
-    if shape is not None and not too_deep(data):
+    return _checked(_decode_any, data, "JSON", shape)
+
+
+def _checked(
+    decode: Any, data: bytes, what: str, shape: msgspec.json.Decoder[Any] | None = None
+) -> Any:
+    """Decode one JSON message from outside: bounded depth, only ProtocolError.
+
+    ``shape`` is tried first, after the one depth check (see :func:`decode_json`).
+    """
+    if too_deep(data):
+        raise ProtocolError(f"{what} nested deeper than {MAX_JSON_DEPTH} levels")
+    if shape is not None:
         try:
             return shape.decode(data)
         except _DECODE_ERRORS:
             pass  # not of that shape (or not JSON): decoded plainly, with its own errors
-    return _checked(_decode_any, data, "JSON")
-
-
-def _checked(decode: Any, data: bytes, what: str) -> Any:
-    """Decode one JSON message from outside: bounded depth, only ProtocolError."""
-    if too_deep(data):
-        raise ProtocolError(f"{what} nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return decode(data)
     except _DECODE_ERRORS as exc:

@@ -143,6 +143,35 @@ async def test_two_processes_append_to_one_topic_without_gaps(
         assert [e.offset for e in events] == sorted(e.offset or 0 for e in events)
 
 
+async def test_two_processes_creating_one_stream_at_once_both_append(
+    target: tuple[str, str], logs: list[JetStreamLog]
+) -> None:
+    # Both processes create a namespace's stream at the same moment. The
+    # later creation could be refused for overlapping subjects, and a direct
+    # get sent while the other's stream was not serving them yet went
+    # unanswered (a 10 s timeout): about one round in a hundred failed.
+    first, second = await two_processes(target[0], logs, retention=100)
+    for round_ in range(200):
+        topic = f"n{round_}:t"
+        events = await asyncio.gather(first.append([ev(topic, 1)]), second.append([ev(topic, 2)]))
+        assert sorted(e[0].offset or 0 for e in events) == [1, 2]
+
+
+async def test_a_foreign_stream_on_the_subjects_is_still_a_conflict(
+    target: tuple[str, str], logs: list[JetStreamLog], nats_service: str
+) -> None:
+    url, prefix = target
+    log = await open_js(url, logs)
+    nc = await nats.connect(nats_service)
+    try:
+        await nc.jetstream().add_stream(name=f"{prefix}_foreign", subjects=[f"{prefix}.ev.f.>"])
+        with pytest.raises(LogError, match="subjects overlap"):
+            await log.append([ev("f:t", 1)])
+        assert await log.append([ev("other:t", 1)])  # other namespaces still work
+    finally:
+        await nc.close()
+
+
 async def test_a_writer_that_keeps_losing_is_given_way(
     target: tuple[str, str], logs: list[JetStreamLog]
 ) -> None:

@@ -165,6 +165,8 @@ _DIRECT_READS: Final = 8
 #: Messages per pull of a consumer, and the bytes it may bring at most.
 _PULL_BATCH: Final = 256
 _PULL_BYTES: Final = 8 * 1024 * 1024
+#: Seconds to wait for each answer while a new stream starts answering direct gets.
+_PROBE_WAIT: Final = 0.2
 #: Room left in a message for its headers, under the server's max_payload.
 _HEADROOM: Final = 4096
 
@@ -250,6 +252,10 @@ class _StreamMissing(LogError):
     """No stream of that name exists."""
 
 
+class _SubjectsOverlap(LogError):
+    """Another stream listens on the subjects (or one of ours, created concurrently)."""
+
+
 def _api_error(error: dict[str, Any]) -> LogError:
     """The exception for an error reply of the JetStream API (nats-py's error as its cause)."""
     from nats.js.errors import APIError
@@ -259,6 +265,7 @@ def _api_error(error: dict[str, Any]) -> LogError:
     kind: dict[int, type[LogError]] = {
         10058: _StreamExists,  # stream name already in use
         10059: _StreamMissing,  # stream not found
+        10065: _SubjectsOverlap,  # subjects overlap with an existing stream
         _WRONG_LAST_SEQUENCE: _Conflict,
     }
     exc = kind.get(code, LogError)(text)
@@ -603,19 +610,59 @@ class JetStreamLog(EventLog):
         if retention is not None:
             _set_retention(config, retention, self.dedup_window)
         try:
-            await self._api(f"STREAM.CREATE.{name}", config)
+            await self._create(name, config)
         except _StreamExists:
-            if retention is None:
-                return
-            current = (await self._api(f"STREAM.INFO.{name}"))["config"]
-            kept = _retention_of(current)
-            if not _covers(kept, retention):
-                kept = _widest(kept, retention)
-                _set_retention(current, kept, self.dedup_window)
-                await self._api(f"STREAM.UPDATE.{name}", current)
-            retention = kept
+            if retention is not None:
+                current = (await self._api(f"STREAM.INFO.{name}"))["config"]
+                kept = _retention_of(current)
+                if not _covers(kept, retention):
+                    kept = _widest(kept, retention)
+                    _set_retention(current, kept, self.dedup_window)
+                    await self._api(f"STREAM.UPDATE.{name}", current)
+                retention = kept
+        await self._until_served(name)
         if retention is not None:
             self._streams[name] = retention
+
+    async def _until_served(self, name: str) -> None:
+        """Wait until a stream answers direct gets (within ``timeout``).
+
+        A stream that another process is creating at the same moment can be
+        known by name a moment before it answers direct gets, and a direct
+        get sent then gets no answer at all: it would time out, failing the
+        append. A direct get for a subject that holds nothing is answered
+        (404) once the stream serves them.
+        """
+        nc = self._connection()
+        probe = f"$JS.API.DIRECT.GET.{name}.{self.prefix}.ready"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                _found(await nc.request(probe, b"", timeout=_PROBE_WAIT))
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+                continue
+            return
+
+    async def _create(self, name: str, config: dict[str, Any]) -> None:
+        """``STREAM.CREATE``; a stream of that name made meanwhile raises :class:`_StreamExists`.
+
+        Two processes creating one stream at once can have the later request
+        refused for overlapping subjects rather than for the name (seen with
+        nats-server 2.9). If a stream of that name exists now, it is the one
+        the other process made; an overlap with a stream of another name is a
+        real conflict and is raised.
+        """
+        try:
+            await self._api(f"STREAM.CREATE.{name}", config)
+        except _SubjectsOverlap as exc:
+            try:
+                await self._api(f"STREAM.INFO.{name}")
+            except _StreamMissing:
+                raise exc from exc.__cause__
+            raise _StreamExists(str(exc)) from exc
 
     async def _ensure_stream(self, topic: str, stream: str) -> None:
         """Make sure the namespace's stream exists and keeps at least the topic's retention."""

@@ -44,6 +44,7 @@ __all__ = [
     "error_body",
     "error_response",
     "is_loopback",
+    "json_body",
     "read_body",
     "read_json",
     "refuse_body",
@@ -233,7 +234,18 @@ async def read_json(
         BodyError: 413, 408 or 499 as :func:`read_body`; 400 when the body is not
             JSON (malformed, not UTF-8, or nested too deeply).
     """
-    body = await read_body(request, limit)
+    return json_body(await read_body(request, limit), empty=empty, shape=shape)
+
+
+def json_body(
+    body: bytes, *, empty: Any = None, shape: msgspec.json.Decoder[Any] | None = None
+) -> Any:
+    """Decode a JSON body already read (``empty`` when it is blank); as :func:`read_json`.
+
+    Raises:
+        BodyError: 400 when the body is not JSON (malformed, not UTF-8, or
+            nested too deeply).
+    """
     if not body.strip():
         return empty
     try:

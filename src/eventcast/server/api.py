@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -26,7 +28,7 @@ from ..exceptions import BackplaneError, EncodeError, EventcastError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError
 from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
-from ._http import BodyError, read_json
+from ._http import BodyError, json_body, read_json
 from .admin import disconnect_of
 from .errors import CommandError
 from .httpio import header
@@ -35,7 +37,16 @@ if TYPE_CHECKING:
     from ..events import Event
     from .hub import Hub
 
-__all__ = ["API_METHODS", "ApiEndpoint", "answer_api", "api_method", "count_api"]
+__all__ = [
+    "API_METHODS",
+    "ApiEndpoint",
+    "answer_api",
+    "answer_api_body",
+    "api_method",
+    "api_response",
+    "count_api",
+    "run_api",
+]
 
 logger = logging.getLogger("eventcast.api")
 
@@ -136,21 +147,43 @@ async def _publish(hub: Hub, channel: str, params: _Publication) -> dict[str, An
     return _published(event)
 
 
-def _publish_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
-    """A batch's ``publish`` done without awaiting (a live channel the bus knows, no
-    tags or key): its reply, or ``None`` to run it the awaited way."""
+def _published_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
+    """A publication done without awaiting (a live channel the bus knows, no tags or
+    key): its result, or ``None`` (nothing published) to run it the awaited way.
+
+    Raises:
+        CommandError: as :meth:`Hub.publish`.
+    """
     if params.tags is not None or params.idempotency_key:
         return None
+    event = hub.publish_now(params.channel, params.data)
+    return None if event is None else _published(event)
+
+
+def _publish_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
+    """A batch's ``publish`` done without awaiting: its reply, or ``None`` (see
+    :func:`_published_now`)."""
     try:
-        event = hub.publish_now(params.channel, params.data)
+        result = _published_now(hub, params)
     except CommandError as exc:
         return {"error": _error(exc)}
-    return None if event is None else {"publish": _published(event)}
+    return None if result is None else {"publish": result}
+
+
+async def _settled(result: Any) -> Any:
+    """The result of a method's ``_now`` form, awaited when it is a coroutine."""
+    return await result if isinstance(result, CoroutineType) else result
 
 
 async def api_publish(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
+    return await _settled(api_publish_now(hub, params))
+
+
+def api_publish_now(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
+    """``publish``: its result at once when it needs no await, else a coroutine of it."""
     publish = _params(params, PublishParams)
-    return await _publish(hub, publish.channel, publish)
+    result = _published_now(hub, publish)
+    return _publish(hub, publish.channel, publish) if result is None else result
 
 
 async def api_broadcast(hub: Hub, params: dict[str, Any] | BroadcastParams) -> Any:
@@ -401,6 +434,16 @@ async def _run_command(hub: Hub, parsed: _Parsed) -> dict[str, Any]:
 
 
 async def api_batch(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
+    return await _settled(api_batch_now(hub, params))
+
+
+def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
+    """``batch``: its replies at once when no command needs an await, else a coroutine.
+
+    In order, unless ``parallel``; a publication to a live channel the bus
+    knows needs no coroutine of its own (see :func:`_published_now`), so a
+    batch of those is answered without one.
+    """
     parsed: list[_Parsed]
     if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs
         parsed = [("publish", api_publish, c.publish) for c in params.commands]
@@ -412,16 +455,35 @@ async def api_batch(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
         parsed = [_batch_command(c) for c in commands]
         parallel = bool(params.get("parallel"))
     if parallel:
-        return {"replies": list(await asyncio.gather(*(_run_command(hub, p) for p in parsed)))}
-    # In order; a publication to a live channel the bus knows needs no
-    # coroutine of its own (see _publish_now).
-    replies = []
-    for command in parsed:
-        reply = None
-        if not isinstance(command, dict) and command[0] == "publish":
-            reply = _publish_now(hub, command[2])
-        replies.append(reply or await _run_command(hub, command))
+        return _batch_gathered(hub, parsed)
+    replies: list[dict[str, Any]] = []
+    for index, command in enumerate(parsed):
+        reply = _reply_now(hub, command)
+        if reply is None:
+            return _batch_rest(hub, parsed, index, replies)
+        replies.append(reply)
     return {"replies": replies}
+
+
+def _reply_now(hub: Hub, parsed: _Parsed) -> dict[str, Any] | None:
+    """A batch command's reply when it needs no await (an error, a live publication)."""
+    if isinstance(parsed, dict):
+        return parsed
+    return _publish_now(hub, parsed[2]) if parsed[0] == "publish" else None
+
+
+async def _batch_rest(
+    hub: Hub, parsed: list[_Parsed], start: int, replies: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A batch's replies from command ``start`` on, in order, after ``replies``."""
+    for command in itertools.islice(parsed, start, None):
+        replies.append(_reply_now(hub, command) or await _run_command(hub, command))
+    return {"replies": replies}
+
+
+async def _batch_gathered(hub: Hub, parsed: list[_Parsed]) -> dict[str, Any]:
+    """A ``parallel`` batch's replies (each command run at once, replies in order)."""
+    return {"replies": list(await asyncio.gather(*(_run_command(hub, p) for p in parsed)))}
 
 
 async def api_dead_letters(hub: Hub, params: dict[str, Any]) -> Any:
@@ -524,7 +586,9 @@ class ApiEndpoint:
 
     The hub's app also calls it ahead of its router (see
     :meth:`~eventcast.server.app.HubApp.__call__`), behind the same
-    middleware; ``scope["path_params"]["method"]`` names the method.
+    middleware; ``scope["path_params"]["method"]`` names the method. Under
+    ``eventcast serve``, the hub's HTTP protocol answers most calls itself
+    (:func:`answer_api_body`), with the same rules.
     """
 
     def __init__(self, hub: Hub) -> None:
@@ -532,59 +596,127 @@ class ApiEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["path_params"].get("method", "")
-        status, body, headers = await answer_api(self._hub, method, Request(scope, receive))
-        encoded = _encode(body)
-        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-length", str(len(encoded)).encode()),
-                    (b"content-type", b"application/json"),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": encoded})
+        answer = await answer_api(self._hub, method, Request(scope, receive))
+        status, body, headers = api_response(answer)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def api_response(answer: Answer) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """An answer as a response: status, encoded JSON body, headers (with its length)."""
+    status, body, extra = answer
+    encoded = _encode(body)
+    headers = [
+        (b"content-length", str(len(encoded)).encode()),
+        (b"content-type", b"application/json"),
+    ]
+    if extra:
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    return status, encoded, headers
 
 
 async def answer_api(hub: Hub, method: str, request: Request) -> Answer:
     """Answer one call of the API: authenticate, read the body, run the method."""
-    key = hub.settings.api_key
-    secret = key.get_secret_value() if key is not None else None
-    result_status = "error"
+    refused = _refused(hub, method, request.scope)
+    if refused is not None:
+        return refused
     try:
-        if not _authorized(request.scope, secret):
-            return _json(401, {"error": {"code": 101, "message": "unauthorized"}})
-        handler = API_METHODS.get(method)
-        if handler is None:
-            return _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)})
-        try:
-            params = await read_json(request, empty={}, shape=_BODY_SHAPES.get(method))
-        except BodyError as exc:
-            error = {"code": codes.ERROR_BAD_REQUEST.code, "message": exc.message}
-            return _json(exc.status, {"error": error}, exc.headers)
-        if not isinstance(params, dict | msgspec.Struct):
-            return _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}})
-        try:
-            result = await handler(hub, params)
-        except CommandError as exc:
-            return _json(200, {"error": _error(exc)})
-        except EncodeError as exc:
-            return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
-        except (LogError, BackplaneError) as exc:
-            logger.warning("API %s failed: %s", method, exc)
-            return _json(200, {"error": _error(codes.ERROR_INTERNAL)})
-        except EventcastError as exc:
-            logger.warning("API %s failed: %s", method, exc)
-            return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
-        except Exception:
-            logger.exception("API %s failed", method)
-            return _json(500, {"error": _error(codes.ERROR_INTERNAL)})
-        result_status = "ok"
-        if method == "batch":
-            return _json(200, result)
-        return _json(200, {"result": result})
-    finally:
-        count_api(hub, method, result_status)
+        params = await read_json(request, empty={}, shape=_BODY_SHAPES.get(method))
+    except BodyError as exc:
+        return _refused_body(hub, method, exc)
+    answer = run_api(hub, method, params)
+    return answer if isinstance(answer, tuple) else await answer
+
+
+def answer_api_body(
+    hub: Hub, method: str, scope: Scope, body: bytes
+) -> Answer | Coroutine[Any, Any, Answer]:
+    """Answer a call whose whole body is read already: at once when the method needs
+    no await (a publication to a live channel), else a coroutine of the answer.
+
+    The caller bounded the body (``max_body_size``). The rules are those of
+    :func:`answer_api`, which the ASGI endpoint uses.
+    """
+    refused = _refused(hub, method, scope)
+    if refused is not None:
+        return refused
+    try:
+        params = json_body(body, empty={}, shape=_BODY_SHAPES.get(method))
+    except BodyError as exc:
+        return _refused_body(hub, method, exc)
+    return run_api(hub, method, params)
+
+
+def _refused(hub: Hub, method: str, scope: Scope) -> Answer | None:
+    """401 without the right API key, 404 for an unknown method, else ``None``."""
+    key = hub.settings.api_key
+    if not _authorized(scope, key.get_secret_value() if key is not None else None):
+        return _failed(hub, method, _json(401, {"error": {"code": 101, "message": "unauthorized"}}))
+    if method not in API_METHODS:
+        return _failed(hub, method, _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}))
+    return None
+
+
+def _refused_body(hub: Hub, method: str, exc: BodyError) -> Answer:
+    error = {"code": codes.ERROR_BAD_REQUEST.code, "message": exc.message}
+    return _failed(hub, method, _json(exc.status, {"error": error}, exc.headers))
+
+
+#: Methods with a form that runs without a coroutine when it can (see :func:`run_api`).
+_NOW: dict[str, Callable[[Hub, Any], Any]] = {
+    "publish": api_publish_now,
+    "batch": api_batch_now,
+}
+
+
+def run_api(hub: Hub, method: str, params: Any) -> Answer | Coroutine[Any, Any, Answer]:
+    """Run a known method on its decoded body: the answer at once when the method
+    needs no await, else a coroutine of it. Errors become answers."""
+    if not isinstance(params, dict | msgspec.Struct):
+        return _failed(
+            hub,
+            method,
+            _json(400, {"error": {"code": 107, "message": "body must be a JSON object"}}),
+        )
+    now = _NOW.get(method)
+    try:
+        result = API_METHODS[method](hub, params) if now is None else now(hub, params)
+    except Exception as exc:
+        return _failed(hub, method, _error_answer(method, exc))
+    if isinstance(result, CoroutineType):
+        return _awaited(hub, method, result)
+    return _succeeded(hub, method, result)
+
+
+async def _awaited(hub: Hub, method: str, pending: Coroutine[Any, Any, Any]) -> Answer:
+    try:
+        result = await pending
+    except Exception as exc:
+        return _failed(hub, method, _error_answer(method, exc))
+    return _succeeded(hub, method, result)
+
+
+def _succeeded(hub: Hub, method: str, result: Any) -> Answer:
+    count_api(hub, method, "ok")
+    return _json(200, result if method == "batch" else {"result": result})
+
+
+def _failed(hub: Hub, method: str, answer: Answer) -> Answer:
+    count_api(hub, method, "error")
+    return answer
+
+
+def _error_answer(method: str, exc: Exception) -> Answer:
+    """The answer to a method that raised (an unexpected error is logged with its traceback)."""
+    if isinstance(exc, CommandError):
+        return _json(200, {"error": _error(exc)})
+    if isinstance(exc, EncodeError):
+        return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
+    if isinstance(exc, LogError | BackplaneError):
+        logger.warning("API %s failed: %s", method, exc)
+        return _json(200, {"error": _error(codes.ERROR_INTERNAL)})
+    if isinstance(exc, EventcastError):
+        logger.warning("API %s failed: %s", method, exc)
+        return _json(200, {"error": _error(codes.ERROR_BAD_REQUEST.with_message(str(exc)))})
+    logger.error("API %s failed", method, exc_info=exc)
+    return _json(500, {"error": _error(codes.ERROR_INTERNAL)})

@@ -8,8 +8,11 @@ uvicorn does not document:
   connection is closed) and in time (``header_timeout``, armed again for each
   request of a keep-alive connection), and its body in time (a backstop to the
   ASGI-level limit of :mod:`eventcast.server._http`, for bodies nobody reads),
-  and whose request cycles write a response's head and body in one write
-  (:class:`HeadWithBody`, through the cycle's ``transport``);
+  and its pipelined requests in number (:data:`MAX_PIPELINED`, through its flow
+  control); whose request cycles write a response's head and body in one write
+  (:class:`HeadWithBody`, through the cycle's ``transport``); and which answers
+  the hub's HTTP API itself when a call's body came whole with its head (its
+  parser state, pipeline and keep-alive handling);
 * **the WebSocket protocol class** (``WebSocketsSansIOProtocol``), subclassed so
   that a text frame which is not UTF-8 is closed with 1007 without the ERROR and
   traceback uvicorn logs for it;
@@ -40,6 +43,8 @@ from ..protocol.websocket import offered_subprotocols
 if TYPE_CHECKING:
     import uvicorn
 
+    from .api import Answer
+
 __all__ = [
     "HeadWithBody",
     "check",
@@ -59,6 +64,12 @@ LINGER: Final = 2.0
 #: Past the ASGI body timeout, how long the protocol waits before it closes a
 #: connection whose request body never completed (the application answers 408 first).
 BODY_GRACE: Final = 1.0
+#: Requests a connection may have queued behind the one being answered (pipelined).
+#: Past it, the protocol stops reading the connection until the queue is shorter.
+MAX_PIPELINED: Final = 16
+#: Bytes of a read fed to the parser at a time, so that a read full of pipelined
+#: requests stops being parsed (into request cycles) once MAX_PIPELINED wait.
+_FEED_SLICE: Final = 4096
 
 #: The undocumented uvicorn names eventcast relies on: ``(module, class, attributes)``.
 _INTERNALS: Final = (
@@ -72,10 +83,20 @@ _INTERNALS: Final = (
             "on_message_begin",
             "on_headers_complete",
             "on_message_complete",
+            "on_body",
+            "on_response_complete",
             "_should_upgrade",
+            "_unset_keepalive_if_required",
         ),
     ),
     ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", ("send", "receive")),
+    ("uvicorn.protocols.http.httptools_impl", "STATUS_LINE", ()),
+    (
+        "uvicorn.protocols.http.flow_control",
+        "FlowControl",
+        ("pause_reading", "resume_reading", "pause_writing", "resume_writing"),
+    ),
+    ("uvicorn.protocols.utils", "get_client_addr", ()),
     (
         "uvicorn.protocols.websockets.websockets_sansio_impl",
         "WebSocketsSansIOProtocol",
@@ -86,8 +107,34 @@ _INTERNALS: Final = (
 )
 #: Instance attributes (assigned in methods, so not visible on the class).
 _INSTANCE_ATTRIBUTES: Final = {
-    "HttpToolsProtocol": ("transport", "cycle", "parser", "loop"),
-    "RequestResponseCycle": ("transport", "chunked_encoding", "response_complete", "message_event"),
+    "HttpToolsProtocol": (
+        "transport",
+        "cycle",
+        "parser",
+        "loop",
+        "app",
+        "flow",
+        "pipeline",
+        "headers",
+        "url",
+        "scope",
+        "expect_100_continue",
+        "limit_concurrency",
+        "root_path",
+        "server_state",
+        "tasks",
+        "access_log",
+        "access_logger",
+    ),
+    "RequestResponseCycle": (
+        "transport",
+        "chunked_encoding",
+        "response_complete",
+        "message_event",
+        "keep_alive",
+        "disconnected",
+    ),
+    "FlowControl": ("read_paused", "write_paused"),
     "WebSocketsSansIOProtocol": (
         "transport",
         "handshake_complete",
@@ -237,13 +284,47 @@ def http_protocol(
             for every request that starts at the beginning of a read (the first
             of a connection, and the next of a keep-alive connection); a request
             pipelined behind another in the same read is counted from the next
-            read on (within one read, no header is concatenated piece by piece).
+            slice of a read on (reads are fed in slices of 4 KiB; within one,
+            no header is concatenated piece by piece).
+
+    At most :data:`MAX_PIPELINED` requests wait behind the one being answered;
+    past that the connection is not read until the queue is shorter. A call of
+    the hub's API (``POST /api/<method>``, when the app served is the hub's)
+    whose declared body arrived with its head, on a connection with nothing
+    else in flight, is answered by the protocol itself with the API's rules
+    (:func:`~eventcast.server.api.answer_api_body`): no ASGI cycle, task or
+    middleware, and no coroutine when the method needs no await.
     """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    from uvicorn.protocols.utils import get_client_addr
+
+    from .api import answer_api_body, api_method, api_response
+
+    class HeldFlow(FlowControl):
+        """uvicorn's flow control, whose reading stays paused while ``held``.
+
+        uvicorn resumes reading whenever a request cycle waits for its body,
+        even with requests queued; the protocol holds reading while
+        :data:`MAX_PIPELINED` requests wait, and lets go itself.
+        """
+
+        held = False
+
+        def resume_reading(self) -> None:
+            if not self.held:
+                super().resume_reading()
 
     class HardenedHttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol with bounded request heads and bodies."""
 
+        #: The hub served, when the app is the hub's own (its API is answered here).
+        _hub: Any = None
+        #: An API call taken over (:meth:`_take_api`) whose body is arriving.
+        _api: _ApiCall | None = None
+        #: Bytes read but not parsed, held while MAX_PIPELINED requests wait.
+        _unfed: bytes | None = None
+        _flow: HeldFlow
         _timer: asyncio.TimerHandle | None = None
         #: The timer to arm once the current read is fed: ``(delay, callback)``.
         _due: tuple[float, Callable[[], None]] | None = None
@@ -255,7 +336,11 @@ def http_protocol(
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
+            self._flow = self.flow = HeldFlow(self.transport)
             self._arm(header_timeout, self._head_too_slow)
+            app = self.app
+            if getattr(app, "api", None) is not None and not self.root_path:
+                self._hub = _hub_of(app)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -264,7 +349,34 @@ def http_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # draining after a refusal
-            self._feed(data)
+            if self._unfed is not None:  # held: keep what arrives after it, in order
+                self._unfed += data
+                return
+            self._received(data)
+
+        def _received(self, data: bytes) -> None:
+            # uvicorn would parse a whole read of pipelined requests into request
+            # cycles, and each cycle that starts resumes reading: a client that
+            # pipelines without reading answers had the server hold ~2.3 KB per
+            # request, without a bound. Feed a read in slices and hold the rest,
+            # not reading, while MAX_PIPELINED requests wait.
+            while len(data) > _FEED_SLICE:
+                if len(self.pipeline) >= MAX_PIPELINED:
+                    self._hold(data)
+                    break
+                self._feed(data[:_FEED_SLICE])
+                data = data[_FEED_SLICE:]
+                if self._refused or self.transport.get_protocol() is not self:
+                    return  # refused (431), or upgraded to WebSocket
+                if self.transport.is_closing():
+                    return
+            else:
+                if len(self.pipeline) >= MAX_PIPELINED:
+                    self._hold(data)
+                else:
+                    self._feed(data)
+            if self._api is not None and not self.transport.is_closing():
+                self._hand_back()  # its body did not end within this read
             # Arm the timer of a head or body that did not end within this read (one that
             # did, the common case, costs no timer at all).
             due = self._due
@@ -286,10 +398,29 @@ def http_protocol(
                     return
                 data = data[room:]
             if self._in_head:
-                # (A head that starts inside this read, behind another request, is
-                # counted from the next read: within one read nothing is quadratic.)
+                # (A head that starts inside this slice, behind another request, is
+                # counted from the next slice: within one nothing is quadratic.)
                 self._head_bytes += len(data)
             super().data_received(data)
+
+        def _hold(self, data: bytes) -> None:
+            """Keep unparsed bytes, and stop reading, until the queue is shorter."""
+            self._unfed = data
+            self._flow.pause_reading()
+            self._flow.held = True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # starts the next request queued, if any
+            unfed = self._unfed
+            if unfed is None or len(self.pipeline) >= MAX_PIPELINED:
+                return
+            if self.transport.is_closing():
+                return
+            self._unfed = None
+            self._received(unfed)
+            if self._unfed is None:  # not held again: read on
+                self._flow.held = False
+                self._flow.resume_reading()
 
         def _head_pending(self) -> bool:
             """Whether a request's line and headers are still arriving (parser callbacks
@@ -298,6 +429,9 @@ def http_protocol(
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            # (A request behind one answered within this read: no keep-alive timeout
+            # while it runs; uvicorn's data_received cancels it only as a read begins.)
+            self._unset_keepalive_if_required()
             if not self._in_head:  # a further request on a keep-alive connection
                 self._in_head = True
                 self._new_head = True
@@ -308,6 +442,14 @@ def http_protocol(
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._disarm()
+            if self._hub is not None:
+                self._api = self._take_api()
+                if self._api is not None:
+                    return
+            self._start_cycle()
+
+        def _start_cycle(self) -> None:
+            """uvicorn's request cycle, its body timed and its small responses in one write."""
             upgrade = self.parser.should_upgrade() and self._should_upgrade()
             super().on_headers_complete()
             if not upgrade:
@@ -318,9 +460,126 @@ def http_protocol(
                     held = HeadWithBody(cycle, self.transport, self.loop)
                     cycle.transport = cast("asyncio.Transport", held)
 
+        def on_body(self, body: bytes) -> None:
+            call = self._api
+            if call is None:
+                super().on_body(body)
+            else:
+                call.body.append(body)
+
         def on_message_complete(self) -> None:
             self._disarm()
-            super().on_message_complete()
+            call = self._api
+            if call is None:
+                super().on_message_complete()
+                return
+            self._api = None
+            self._answer_api(call)
+
+        # -- the HTTP API, answered here ------------------------------------------------
+        #
+        # A call of the hub's API (POST /api/<method>) whose body is declared and
+        # within max_body_size, on a connection with nothing else in flight, is
+        # answered by this protocol: no ASGI cycle, task or middleware, and no
+        # coroutine at all when the method needs no await (a publication to a live
+        # channel). The rules are the API's own (answer_api_body). Anything else,
+        # and a call whose body does not end within the read that ended its head,
+        # goes through uvicorn's cycle and the app as before (_hand_back).
+
+        def _take_api(self) -> _ApiCall | None:
+            """The API call this request is, when it is one this protocol answers."""
+            parser = self.parser
+            if (
+                parser.get_method() != b"POST"
+                or not self.url.startswith(b"/api/")
+                or parser.get_http_version() != "1.1"
+                or parser.should_upgrade()
+                or self.expect_100_continue
+                or self.pipeline
+                or (self.cycle is not None and not self.cycle.response_complete)
+                or self.flow.write_paused  # the client is not reading: uvicorn waits
+                or self.limit_concurrency is not None
+            ):
+                return None
+            length = None
+            for name, value in self.headers:
+                if name == b"content-length":
+                    if length is not None or not value.isdigit():
+                        return None
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    return None
+            if length is None or length > self._hub.settings.max_body_size:
+                return None
+            try:
+                path = self.url.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            method = api_method(path)
+            if method is None or "%" in path or "?" in path:
+                return None
+            self.scope["method"] = "POST"
+            self.scope["path"] = path
+            return _ApiCall(method, cast("dict[str, Any]", self.scope), parser.should_keep_alive())
+
+        def _hand_back(self) -> None:
+            """Give a call whose body is still arriving to uvicorn's cycle, with what came."""
+            call = self._api
+            assert call is not None
+            self._api = None
+            self._start_cycle()
+            for chunk in call.body:
+                super().on_body(chunk)
+
+        def _answer_api(self, call: _ApiCall) -> None:
+            body = call.body[0] if len(call.body) == 1 else b"".join(call.body)
+            answer = answer_api_body(self._hub, call.method, call.scope, body)
+            if isinstance(answer, tuple):
+                self._respond(answer, call)
+                return
+            # The method awaits: uvicorn sees a response in flight (requests behind it
+            # wait in its pipeline), and a task answers.
+            self.cycle = call  # type: ignore[assignment]
+            task = self.loop.create_task(self._answer_later(call, answer))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
+        async def _answer_later(self, call: _ApiCall, answer: Awaitable[Answer]) -> None:
+            try:
+                result = await answer
+            except BaseException:
+                call.response_complete = True
+                self.transport.close()
+                raise
+            if not call.disconnected:
+                self._respond(result, call)
+
+        def _respond(self, answer: Answer, call: _ApiCall) -> None:
+            """Write an answer in one write, then what uvicorn does after a response."""
+            status, body, headers = api_response(answer)
+            keep_alive = call.keep_alive
+            out = [STATUS_LINE[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                if name == b"connection" and b"close" in value.lower():
+                    keep_alive = False
+                out += (name, b": ", value, b"\r\n")
+            if not keep_alive:
+                out.append(b"connection: close\r\n")
+            out += (b"\r\n", body)
+            call.response_complete = True
+            transport = self.transport
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "POST %s HTTP/1.1" %d',
+                    get_client_addr(call.scope),  # type: ignore[arg-type]
+                    call.scope["path"],
+                    status,
+                )
+            if not transport.is_closing():
+                transport.write(b"".join(out))
+                if not keep_alive:
+                    transport.close()
+            self.on_response_complete()
 
         def _arm(self, delay: float, callback: Callable[[], None]) -> None:
             self._disarm()
@@ -361,6 +620,33 @@ def http_protocol(
             self._arm(LINGER, transport.close)
 
     return HardenedHttpProtocol
+
+
+class _ApiCall:
+    """An API call answered by the HTTP protocol itself; while a task answers it,
+    it stands as the connection's request cycle for uvicorn (the attributes
+    uvicorn reads of one: ``response_complete``, ``keep_alive``, ``disconnected``
+    and ``message_event``)."""
+
+    __slots__ = ("body", "disconnected", "keep_alive", "method", "response_complete", "scope")
+
+    class _NoWaiter:
+        """``message_event``: nobody waits for the body of a call answered here."""
+
+        @staticmethod
+        def set() -> None:
+            """Nothing to wake."""
+
+    message_event: ClassVar[_NoWaiter] = _NoWaiter()
+
+    def __init__(self, method: str, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.method = method
+        #: The request's scope (the connection's next request gets a scope of its own).
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.body: list[bytes] = []
+        self.response_complete = False
+        self.disconnected = False
 
 
 class HeadWithBody:

@@ -268,3 +268,22 @@ async def test_a_client_that_does_not_read_its_answers_is_not_read_either(
     sent, answered = await asyncio.to_thread(flood)
     assert sent < len(outbox) // 2, "the server kept reading a client that does not read"
     assert answered == -(-sent // len(request))
+
+
+async def test_an_oversized_head_after_an_awaited_call_gets_431(hub: HubServer) -> None:
+    # The awaited call stood as the connection's request cycle; the refusal of
+    # the next head reads that cycle (it has no response of uvicorn's to flush).
+    reader, writer = await connect(hub)
+    try:
+        writer.write(publish("after-await", 1))  # durable: answered by a task
+        ((status, _, body),) = await answers(reader, 1)
+        assert (status, body["result"]["offset"]) == (200, 1)
+        oversized = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n" % (
+            b"a" * (2 * hub.settings.max_header_size)
+        )
+        writer.write(oversized)
+        async with asyncio.timeout(WAIT):
+            refusal = await reader.read()
+    finally:
+        writer.close()
+    assert refusal.startswith(b"HTTP/1.1 431 ")

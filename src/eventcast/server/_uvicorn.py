@@ -609,7 +609,7 @@ def http_protocol(
             if cycle is not None and not cycle.response_complete:
                 transport.close()  # a pipelined request behind one still answering
                 return
-            held: object = None if cycle is None else cycle.transport
+            held: object = getattr(cycle, "transport", None)  # (none: an API call answered here)
             if isinstance(held, HeadWithBody):
                 held.flush()  # the answer before it (to a HEAD) goes first
             transport.write(_HEAD_TOO_LARGE)

@@ -386,3 +386,16 @@ class RawSocket:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def record_paths(monkeypatch: Any, owner: type, name: str) -> list[str]:
+    """Patch the ASGI method ``owner.name`` to record the path of each request it handles."""
+    paths: list[str] = []
+    original = getattr(owner, name)
+
+    async def spy(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        paths.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(owner, name, spy)
+    return paths

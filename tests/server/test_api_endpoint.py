@@ -7,27 +7,17 @@ direct path.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 from starlette.routing import Route
 
-from .hubtools import API_KEY, WAIT, HubServer
+from .hubtools import API_KEY, WAIT, HubServer, record_paths
 
 
 @pytest.fixture
 def routed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths of the requests Starlette's router handled."""
-    paths: list[str] = []
-    handle = Route.handle
-
-    async def spy(self: Route, scope: Any, receive: Any, send: Any) -> None:
-        paths.append(scope["path"])
-        await handle(self, scope, receive, send)
-
-    monkeypatch.setattr(Route, "handle", spy)
-    return paths
+    return record_paths(monkeypatch, Route, "handle")
 
 
 async def test_api_calls_skip_the_router_and_keep_their_answers(

@@ -23,7 +23,7 @@ import pytest
 
 from eventcast.server.api import ApiEndpoint
 
-from .hubtools import API_KEY, WAIT, HubServer, RawClient, tok
+from .hubtools import API_KEY, WAIT, HubServer, RawClient, record_paths, tok
 
 
 def call(method: str, body: Any, *headers: str, key: str = API_KEY) -> bytes:
@@ -64,28 +64,35 @@ async def answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, b
 @pytest.fixture
 def endpoint_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The calls that went through the ASGI endpoint (not answered by the protocol)."""
-    seen: list[str] = []
-    original = ApiEndpoint.__call__
+    return record_paths(monkeypatch, ApiEndpoint, "__call__")
 
-    async def spy(self: ApiEndpoint, scope: Any, receive: Any, send: Any) -> None:
-        seen.append(scope["path"])
-        await original(self, scope, receive, send)
 
-    monkeypatch.setattr(ApiEndpoint, "__call__", spy)
-    return seen
+async def subscribed(hub: HubServer, channel: str) -> RawClient:
+    client = await RawClient.open(hub.ws_url)
+    await client.connect(tok("sub"))
+    await client.subscribe(channel)
+    return client
+
+
+async def numbers(client: RawClient, count: int) -> list[int]:
+    """The ``n`` of the next ``count`` publications a client receives (then closed)."""
+    out = []
+    async with asyncio.timeout(WAIT):
+        while len(out) < count:
+            out.append((await client.publication())["pub"]["data"]["n"])
+    await client.close()
+    return out
 
 
 async def test_pipelined_calls_are_answered_in_order_and_delivered_once(
     hub: HubServer, endpoint_calls: list[str]
 ) -> None:
-    subscriber = await RawClient.open(hub.ws_url)
-    await subscriber.connect(tok("sub"))
-    await subscriber.subscribe("live:pipe")
+    subscriber = await subscribed(hub, "live:pipe")
     reader, writer = await connect(hub)
     try:
         # The live channel's first publication awaits (the bus does not know it
-        # yet); the next ones are answered at once, behind it, in order. A
-        # durable publication and /healthz (the app's) sit in between.
+        # yet), in a task; everything behind it queues in uvicorn's pipeline and
+        # is answered in order, a durable publication and /healthz among them.
         writer.write(
             b"".join(
                 [
@@ -120,12 +127,7 @@ async def test_pipelined_calls_are_answered_in_order_and_delivered_once(
     replies = bodies[6]["replies"]
     assert replies[0] == replies[2] == {"publish": {}}
     assert replies[1]["publish"]["offset"] == 2
-    received = []
-    async with asyncio.timeout(WAIT):
-        while len(received) < 6:
-            received.append((await subscriber.publication())["pub"]["data"]["n"])
-    assert received == [0, 1, 2, 3, 4, 5]
-    await subscriber.close()
+    assert await numbers(subscriber, 6) == [0, 1, 2, 3, 4, 5]
     # The first call awaited (a channel the bus did not know yet): the calls
     # queued behind it went through uvicorn's pipeline and the app.
     assert endpoint_calls == ["/api/publish"] * 4 + ["/api/batch"]
@@ -134,9 +136,7 @@ async def test_pipelined_calls_are_answered_in_order_and_delivered_once(
 async def test_calls_are_answered_by_the_protocol_when_nothing_is_in_flight(
     hub: HubServer, endpoint_calls: list[str]
 ) -> None:
-    subscriber = await RawClient.open(hub.ws_url)
-    await subscriber.connect(tok("sub"))
-    await subscriber.subscribe("live:own")
+    subscriber = await subscribed(hub, "live:own")
     reader, writer = await connect(hub)
     try:
         writer.write(publish("live:own", 0))  # the bus learns the channel (awaited)
@@ -149,12 +149,7 @@ async def test_calls_are_answered_by_the_protocol_when_nothing_is_in_flight(
     finally:
         writer.close()
     assert [(status, body) for status, _, body in got] == [(200, {"result": {}})] * 5
-    received = []
-    async with asyncio.timeout(WAIT):
-        while len(received) < 6:
-            received.append((await subscriber.publication())["pub"]["data"]["n"])
-    assert received == list(range(6))
-    await subscriber.close()
+    assert await numbers(subscriber, 6) == list(range(6))
     assert endpoint_calls == []
 
 

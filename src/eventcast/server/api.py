@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -158,16 +158,6 @@ def _published_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
         return None
     event = hub.publish_now(params.channel, params.data)
     return None if event is None else _published(event)
-
-
-def _publish_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
-    """A batch's ``publish`` done without awaiting: its reply, or ``None`` (see
-    :func:`_published_now`)."""
-    try:
-        result = _published_now(hub, params)
-    except CommandError as exc:
-        return {"error": _error(exc)}
-    return None if result is None else {"publish": result}
 
 
 async def _settled(result: Any) -> Any:
@@ -469,7 +459,13 @@ def _reply_now(hub: Hub, parsed: _Parsed) -> dict[str, Any] | None:
     """A batch command's reply when it needs no await (an error, a live publication)."""
     if isinstance(parsed, dict):
         return parsed
-    return _publish_now(hub, parsed[2]) if parsed[0] == "publish" else None
+    if parsed[0] != "publish":
+        return None
+    try:
+        result = _published_now(hub, parsed[2])
+    except CommandError as exc:
+        return {"error": _error(exc)}
+    return None if result is None else {"publish": result}
 
 
 async def _batch_rest(
@@ -662,6 +658,9 @@ def _refused_body(hub: Hub, method: str, exc: BodyError) -> Answer:
     return _failed(hub, method, _json(exc.status, {"error": error}, exc.headers))
 
 
+#: What a decoded body may be: a JSON object, or the struct of a typed body.
+_PARAMS: Final = (dict, msgspec.Struct)
+
 #: Methods with a form that runs without a coroutine when it can (see :func:`run_api`).
 _NOW: dict[str, Callable[[Hub, Any], Any]] = {
     "publish": api_publish_now,
@@ -672,7 +671,7 @@ _NOW: dict[str, Callable[[Hub, Any], Any]] = {
 def run_api(hub: Hub, method: str, params: Any) -> Answer | Coroutine[Any, Any, Answer]:
     """Run a known method on its decoded body: the answer at once when the method
     needs no await, else a coroutine of it. Errors become answers."""
-    if not isinstance(params, dict | msgspec.Struct):
+    if not isinstance(params, _PARAMS):
         return _failed(
             hub,
             method,

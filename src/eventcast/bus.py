@@ -736,28 +736,48 @@ class Bus:
         return event
 
     def publish_known(self, topic: str, data: object) -> Event | None:
-        """Publish without awaiting when the bus already knows ``topic`` as live-only.
+        """Publish without awaiting when ``topic`` is live-only.
 
         The fast path of :meth:`publish` (no tags, key or ack), for callers
         that avoid a coroutine per event: returns the event, or ``None`` when
-        the event must go through :meth:`publish` (a topic not published yet,
-        durable or typed, or an ``Overflow.BLOCK`` subscriber somewhere).
+        nothing was published and the event must go through :meth:`publish`
+        (a durable topic, a closed bus, or an ``Overflow.BLOCK`` subscriber
+        somewhere). A topic the bus has published on since its routes last
+        changed takes the shortest path (its routes remembered).
+
+        Raises:
+            InvalidTopicError: as :meth:`publish`.
+            InvalidDataError: as :meth:`publish`.
         """
-        rings = self._live_routes.get(topic)
-        if rings is None or self._subs.blockers:
+        if self._subs.blockers:
             return None
-        return self._publish_live(topic, data, rings)
+        rings = self._live_routes.get(topic)
+        if rings is not None:
+            return self._publish_live(topic, data, rings)
+        if self._state is not _State.OPEN:
+            return None
+        return self._publish_routed(topic, data, None)
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
         if self._state is not _State.OPEN:
             raise BusClosedError("the bus is closed")
-        rings = self._router.route(topic)
-        ns = self._namespaces.of(topic)
-        if ns.history_size and self.log is not None:
+        event = self._publish_routed(topic, data, tags)
+        if event is None:
             raise ConfigurationError(
                 f"topic {topic!r} is durable: publish it with `await bus.publish()`"
             )
+        return event
+
+    def _publish_routed(
+        self, topic: str, data: object, tags: Mapping[str, str] | None
+    ) -> Event | None:
+        """Publish a live topic's event with every check (``None``, nothing published:
+        the topic is durable); remembers a topic the fast path may take."""
+        rings = self._router.route(topic)
+        ns = self._namespaces.of(topic)
+        if ns.history_size and self.log is not None:
+            return None
         event = self._make_event(topic, data, tags, None, ns)
         self._remember_live(topic, rings, ns)
         self._deliver(event, rings)

@@ -90,17 +90,17 @@ async def test_pipelined_calls_are_answered_in_order_and_delivered_once(
     subscriber = await subscribed(hub, "live:pipe")
     reader, writer = await connect(hub)
     try:
-        # The live channel's first publication awaits (the bus does not know it
-        # yet), in a task; everything behind it queues in uvicorn's pipeline and
-        # is answered in order, a durable publication and /healthz among them.
+        # A durable publication awaits its commit, in a task; everything behind
+        # it queues in uvicorn's pipeline and is answered in order, /healthz
+        # (the app's) among them.
         writer.write(
             b"".join(
                 [
+                    publish("pipe", 100),
                     publish("live:pipe", 0),
                     publish("live:pipe", 1),
                     publish("live:pipe", 2),
                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-                    publish("pipe", 100),
                     publish("live:pipe", 3),
                     call(
                         "batch",
@@ -120,16 +120,16 @@ async def test_pipelined_calls_are_answered_in_order_and_delivered_once(
         writer.close()
     assert [status for status, _, _ in got] == [200] * 7
     bodies = [body for _, _, body in got]
-    assert bodies[:3] == [{"result": {}}] * 3
-    assert bodies[3] == {"status": "ok"}
-    assert bodies[4]["result"]["offset"] == 1
+    assert bodies[0]["result"]["offset"] == 1
+    assert bodies[1:4] == [{"result": {}}] * 3
+    assert bodies[4] == {"status": "ok"}
     assert bodies[5] == {"result": {}}
     replies = bodies[6]["replies"]
     assert replies[0] == replies[2] == {"publish": {}}
     assert replies[1]["publish"]["offset"] == 2
     assert await numbers(subscriber, 6) == [0, 1, 2, 3, 4, 5]
-    # The first call awaited (a channel the bus did not know yet): the calls
-    # queued behind it went through uvicorn's pipeline and the app.
+    # The first call awaited: the calls queued behind it went through
+    # uvicorn's pipeline and the app.
     assert endpoint_calls == ["/api/publish"] * 4 + ["/api/batch"]
 
 
@@ -139,16 +139,15 @@ async def test_calls_are_answered_by_the_protocol_when_nothing_is_in_flight(
     subscriber = await subscribed(hub, "live:own")
     reader, writer = await connect(hub)
     try:
-        writer.write(publish("live:own", 0))  # the bus learns the channel (awaited)
-        await answers(reader, 1)
         writer.write(publish("durable-own", 0))  # a durable channel: awaited
         await answers(reader, 1)
-        # Answered at once, one after the other, within one read.
-        writer.write(b"".join(publish("live:own", n) for n in range(1, 6)))
-        got = await answers(reader, 5)
+        # Answered at once, one after the other, within one read (the first
+        # publication of the channel too).
+        writer.write(b"".join(publish("live:own", n) for n in range(6)))
+        got = await answers(reader, 6)
     finally:
         writer.close()
-    assert [(status, body) for status, _, body in got] == [(200, {"result": {}})] * 5
+    assert [(status, body) for status, _, body in got] == [(200, {"result": {}})] * 6
     assert await numbers(subscriber, 6) == list(range(6))
     assert endpoint_calls == []
 

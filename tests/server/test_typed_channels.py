@@ -71,6 +71,33 @@ async def test_every_entry_point_refuses_data_breaking_the_schema(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_live_typed_channel_refuses_misfits_on_the_api_paths_without_await() -> None:
+    # A live channel's publications (the first one included) run without a
+    # coroutine; the schema's refusal is the same 107 there.
+    live = {**ORDERS, "name": "ticks", "history_size": 0}
+    async with TestHub(namespaces=[live]) as hub, hub.client(user="alice") as alice:
+        async with alice.subscribe("ticks:eu") as sub:
+            with pytest.raises(ReplyError) as by_api:
+                await hub.publish("ticks:eu", {"quantity": 1})  # the channel's first
+            assert by_api.value.code == 107
+            assert "required" in by_api.value.message
+            batch = await hub.api(
+                "batch",
+                commands=[
+                    {"publish": {"channel": "ticks:eu", "data": {"id": "a", "quantity": 1}}},
+                    {"publish": {"channel": "ticks:eu", "data": {"id": 2}}},
+                    {"publish": {"channel": "ticks:eu", "data": {"id": "b", "quantity": 2}}},
+                ],
+            )
+            assert batch["replies"][0] == batch["replies"][2] == {"publish": {}}
+            assert batch["replies"][1]["error"]["code"] == 107
+            await assert_received(sub, [{"id": "a", "quantity": 1}, {"id": "b", "quantity": 2}])
+        metrics = (await hub.http.get("/metrics")).text
+        assert (
+            'eventcast_publications_refused_total{namespace="ticks",reason="schema"} 2.0' in metrics
+        )
+
+
 async def test_typed_subscription_decodes_and_flags_misfits() -> None:
     untyped = {**ORDERS, "name": "free", "schema": None, "allow_history_for_client": True}
     async with TestHub(namespaces=[untyped]) as hub, hub.client(user="alice") as alice:

@@ -148,8 +148,8 @@ async def _publish(hub: Hub, channel: str, params: _Publication) -> dict[str, An
 
 
 def _published_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
-    """A publication done without awaiting (a live channel the bus knows, no tags or
-    key): its result, or ``None`` (nothing published) to run it the awaited way.
+    """A publication done without awaiting (a live channel, no tags or key): its
+    result, or ``None`` (nothing published) to run it the awaited way.
 
     Raises:
         CommandError: as :meth:`Hub.publish`.
@@ -430,9 +430,9 @@ async def api_batch(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
 def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
     """``batch``: its replies at once when no command needs an await, else a coroutine.
 
-    In order, unless ``parallel``; a publication to a live channel the bus
-    knows needs no coroutine of its own (see :func:`_published_now`), so a
-    batch of those is answered without one.
+    In order, unless ``parallel``; a publication to a live channel needs no
+    coroutine of its own (see :func:`_published_now`), so a batch of those is
+    answered without one.
     """
     parsed: list[_Parsed]
     if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs

@@ -79,6 +79,12 @@ __all__ = ["CommandError", "Hub", "HubChannel", "Membership", "RPCHandler"]
 #: Data given as JSON bytes (a tuple: ``isinstance`` with a union costs a new object per call).
 _BYTES: Final = (bytes, bytearray, memoryview)
 
+
+def _refused_data(exc: InvalidDataError) -> CommandError:
+    """A publication's data that its channel's schema refuses: error 107 with the reason."""
+    return CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc)))
+
+
 logger = logging.getLogger("eventcast.server")
 
 RPCHandler = Callable[[Connection, Any], Awaitable[Any]]
@@ -361,10 +367,10 @@ class Hub:
         try:
             return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
         except InvalidDataError as exc:
-            raise CommandError(codes.ERROR_BAD_REQUEST.with_message(str(exc))) from None
+            raise _refused_data(exc) from None
 
     def publish_now(self, channel: str, data: Any) -> Event | None:
-        """:meth:`publish` without awaiting, when the bus knows the channel as live-only.
+        """:meth:`publish` without awaiting, when the channel is live-only.
 
         Returns ``None`` when the publication must be awaited through
         :meth:`publish` instead (see :meth:`Bus.publish_known`); nothing was
@@ -373,7 +379,11 @@ class Hub:
         Raises:
             CommandError: as :meth:`publish`.
         """
-        return self.bus.publish_known(channel, self._checked(channel, data))
+        data = self._checked(channel, data)
+        try:
+            return self.bus.publish_known(channel, data)
+        except InvalidDataError as exc:
+            raise _refused_data(exc) from None
 
     def _checked(self, channel: str, data: Any) -> Any:
         """Check the channel of a publication; return its data (decoded if it is JSON bytes)."""

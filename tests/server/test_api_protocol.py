@@ -22,7 +22,10 @@ from typing import Any
 import pytest
 
 from eventcast.server.api import ApiEndpoint
+from eventcast.server.app import uvicorn_config
 
+from . import conftest
+from .conftest import StartHub
 from .hubtools import API_KEY, WAIT, HubServer, RawClient, record_paths, tok
 
 
@@ -281,3 +284,29 @@ async def test_an_oversized_head_after_an_awaited_call_gets_431(hub: HubServer) 
     finally:
         writer.close()
     assert refusal.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout(
+    start_hub: StartHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One timer checks the idle time of a connection answered by the protocol
+    # (none is armed and cancelled per request): a connection in use stays
+    # open past the timeout, an idle one closes at it.
+    def short_keep_alive(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {**uvicorn_config(*args, **kwargs), "timeout_keep_alive": 0.5}
+
+    monkeypatch.setattr(conftest, "uvicorn_config", short_keep_alive)
+    hub = await start_hub()
+    reader, writer = await connect(hub)
+    try:
+        for n in range(8):  # 1.2 s of calls, 0.15 s apart
+            writer.write(publish("live:idle", n))
+            ((status, _, _),) = await answers(reader, 1)
+            assert status == 200
+            await asyncio.sleep(0.15)
+        idle = time.monotonic()
+        async with asyncio.timeout(WAIT):
+            assert await reader.read() == b""  # closed by the server
+        assert 0.3 < time.monotonic() - idle < 2.0
+    finally:
+        writer.close()

@@ -749,14 +749,18 @@ class Bus:
             InvalidTopicError: as :meth:`publish`.
             InvalidDataError: as :meth:`publish`.
         """
+        event = self._publish_remembered(topic, data)
+        if event is not None or self._subs.blockers or self._state is not _State.OPEN:
+            return event
+        return self._publish_routed(topic, data, None)
+
+    def _publish_remembered(self, topic: str, data: object) -> Event | None:
+        """Publish on a topic whose live routes are remembered; ``None`` (nothing
+        published) for any other topic, or with an ``Overflow.BLOCK`` subscriber."""
         if self._subs.blockers:
             return None
         rings = self._live_routes.get(topic)
-        if rings is not None:
-            return self._publish_live(topic, data, rings)
-        if self._state is not _State.OPEN:
-            return None
-        return self._publish_routed(topic, data, None)
+        return None if rings is None else self._publish_live(topic, data, rings)
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
@@ -834,7 +838,10 @@ class Bus:
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
         if not ack and tags is None and idempotency_key is None:
-            known = self.publish_known(topic, data)
+            # Only the remembered routes here: the path below does publish_known's
+            # other checks itself (a durable topic would route and look its
+            # namespace up twice).
+            known = self._publish_remembered(topic, data)
             if known is not None:
                 return known
         self._check_open()

@@ -471,8 +471,10 @@ def _reply_now(hub: Hub, parsed: _Parsed) -> dict[str, Any] | None:
 async def _batch_rest(
     hub: Hub, parsed: list[_Parsed], start: int, replies: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """A batch's replies from command ``start`` on, in order, after ``replies``."""
-    for command in itertools.islice(parsed, start, None):
+    """A batch's replies from command ``start`` on (the first one that needs an
+    await), in order, after ``replies``."""
+    replies.append(await _run_command(hub, parsed[start]))
+    for command in itertools.islice(parsed, start + 1, None):
         replies.append(_reply_now(hub, command) or await _run_command(hub, command))
     return {"replies": replies}
 

@@ -67,8 +67,9 @@ BODY_GRACE: Final = 1.0
 #: Requests a connection may have queued behind the one being answered (pipelined).
 #: Past it, the protocol stops reading the connection until the queue is shorter.
 MAX_PIPELINED: Final = 16
-#: Bytes of a read fed to the parser at a time, so that a read full of pipelined
-#: requests stops being parsed (into request cycles) once MAX_PIPELINED wait.
+#: Bytes of a read fed to the parser at a time when many request heads may end
+#: in it, so that it stops being parsed (into request cycles) once MAX_PIPELINED
+#: wait. A read with fewer line feeds than two per MAX_PIPELINED heads is fed whole.
 _FEED_SLICE: Final = 4096
 
 #: The undocumented uvicorn names eventcast relies on: ``(module, class, attributes)``.
@@ -368,9 +369,15 @@ def http_protocol(
             # pipelines without reading answers had the server hold ~2.3 KB per
             # request, without a bound. Feed a read in slices and hold the rest,
             # not reading, while MAX_PIPELINED requests wait.
-            while len(data) > _FEED_SLICE:
+            # A read in which few heads can end (a body, one request) is fed whole:
+            # slicing a large body only costs a parser call per slice.
+            sliced = len(data) > _FEED_SLICE and not _few_heads(data)
+            while True:
                 if len(self.pipeline) >= MAX_PIPELINED:
                     self._hold(data)
+                    break
+                if not sliced or len(data) <= _FEED_SLICE:
+                    self._feed(data)
                     break
                 self._feed(data[:_FEED_SLICE])
                 data = data[_FEED_SLICE:]
@@ -378,11 +385,6 @@ def http_protocol(
                     return  # refused (431), or upgraded to WebSocket
                 if self.transport.is_closing():
                     return
-            else:
-                if len(self.pipeline) >= MAX_PIPELINED:
-                    self._hold(data)
-                else:
-                    self._feed(data)
             if self._api is not None and not self.transport.is_closing():
                 self._hand_back()  # its body did not end within this read
             # Arm the timer of a head or body that did not end within this read (one that
@@ -653,6 +655,21 @@ def http_protocol(
             self._arm(LINGER, transport.close)
 
     return HardenedHttpProtocol
+
+
+def _few_heads(data: bytes) -> bool:
+    """Whether at most :data:`MAX_PIPELINED` request heads can end in ``data``.
+
+    A head ends with two line feeds; the search stops at the first
+    ``2 * MAX_PIPELINED + 1`` of them (each ``find`` is a ``memchr``: a read of
+    body bytes with no line feed costs one pass).
+    """
+    at = -1
+    for _ in range(2 * MAX_PIPELINED + 1):
+        at = data.find(b"\n", at + 1)
+        if at < 0:
+            return True
+    return False
 
 
 class _ApiCall:

@@ -338,6 +338,29 @@ async def test_request_heads_over_16_kib_get_431(hub: HubServer, request_head: b
     assert status_of(fits) == 200
 
 
+async def test_the_next_request_of_a_keep_alive_connection_has_the_same_head_cap(
+    hub: HubServer,
+) -> None:
+    """Its whole oversized head in one read, after an answered request: 431.
+
+    (Before, the cap held only for a head that began within a read still in its
+    head: between requests, one read holding a whole 40 KB head went through.)
+    """
+    oversized = head("GET", "/healthz", f"X-Pad: {'p' * 40_000}")
+
+    def statuses() -> list[int]:
+        with socket.create_connection(address(hub), timeout=WAIT) as sock:
+            sock.sendall(head("GET", "/healthz"))
+            first = sock.recv(65536)
+            sock.sendall(oversized)
+            rest = read_until_closed(sock)
+        return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", first + rest)]
+
+    async with Neighbour(hub):
+        found = await asyncio.to_thread(statuses)
+    assert found == [200, 431]
+
+
 async def test_pipelined_requests_are_counted_each_on_its_own(hub: HubServer) -> None:
     """Requests behind one another: each head is held to the limit, not their sum.
 

@@ -284,10 +284,11 @@ def http_protocol(
         max_head: the most bytes of a request line and headers. Past it the
             client gets 431 and the connection is closed. The count is exact
             for every request that starts at the beginning of a read (the first
-            of a connection, and the next of a keep-alive connection); a request
-            pipelined behind another in the same read is counted from the next
-            slice of a read on (reads are fed in slices of 4 KiB; within one,
-            no header is concatenated piece by piece).
+            of a connection, and the next of a keep-alive connection, whether or
+            not its whole head is in that read); a request pipelined behind
+            another in the same read is counted from the next bytes fed on
+            (a read in which many heads can end is fed in slices of 4 KiB;
+            within one, no header is concatenated piece by piece).
 
     At most :data:`MAX_PIPELINED` requests wait behind the one being answered;
     past that the connection is not read until the queue is shorter. A call of
@@ -337,6 +338,10 @@ def http_protocol(
         _in_head = True
         #: A new request's head began while the current read was fed.
         _new_head = False
+        #: The last request ended and the next has not begun: the next bytes are a head.
+        _between = False
+        #: The bytes being fed began between requests (their first is a head's).
+        _head_at_start = False
         _head_bytes = 0
         _refused = False
 
@@ -395,7 +400,9 @@ def http_protocol(
                 self._arm(*due)
 
         def _feed(self, data: bytes) -> None:
-            if self._in_head and len(data) > max_head - self._head_bytes:
+            # Between requests, what comes next is a head: counted from this first byte.
+            self._head_at_start = between = self._between
+            if (self._in_head or between) and len(data) > max_head - self._head_bytes:
                 # Feed only what the limit allows: the head may end inside it.
                 room = max(0, max_head - self._head_bytes)
                 self._new_head = False
@@ -407,7 +414,7 @@ def http_protocol(
                     self._refuse()  # the same head, past the limit
                     return
                 data = data[room:]
-            if self._in_head:
+            if self._in_head or between:
                 # (A head that starts inside this slice, behind another request, is
                 # counted from the next slice: within one nothing is quadratic.)
                 self._head_bytes += len(data)
@@ -445,8 +452,12 @@ def http_protocol(
             self._idle_since = None
             if not self._in_head:  # a further request on a keep-alive connection
                 self._in_head = True
-                self._new_head = True
-                self._head_bytes = 0
+                # A head that starts the bytes being fed is counted from their start
+                # (see _feed); one behind another request within them, from the next.
+                self._new_head = not self._head_at_start
+                self._head_at_start = self._between = False
+                if self._new_head:
+                    self._head_bytes = 0
                 self._disarm()
                 self._due = (header_timeout, self._head_too_slow)
 
@@ -480,6 +491,8 @@ def http_protocol(
 
         def on_message_complete(self) -> None:
             self._disarm()
+            self._between = True
+            self._head_bytes = 0
             call = self._api
             if call is None:
                 super().on_message_complete()

@@ -16,7 +16,7 @@ import pytest
 
 from eventcast.protocol import codes
 from eventcast.protocol.framing import frame_text
-from eventcast.server.connection import Connection, Flusher
+from eventcast.server.connection import Connection, Flusher, FrameCache
 
 WAIT = 5.0
 
@@ -86,14 +86,17 @@ async def test_one_shared_payload_is_framed_once_for_every_connection(
     first = make(transport, [], flusher=flusher)
     second = make(transport, [], flusher=flusher)
     payload = b'{"push":{"channel":"c","pub":{"data":1}}}'
+    other = b'{"push":{"channel":"d","pub":{"data":2}}}'
+    third = make(transport, [], flusher=flusher)
     first.enqueue(payload)
+    third.enqueue(other)
     second.enqueue(payload)
-    frames: dict[int, tuple[bytes, bytes]] = {}
-    for conn in (first, second):
+    frames = FrameCache()
+    for conn in (first, third, second):
         conn.flush(frames)
-    assert len(frames) == 1  # one frame built for both connections
-    expected = frame_text(payload)
-    assert await peer.read_exactly(2 * len(expected)) == expected * 2
+    assert len(frames) == 2  # one frame built per payload, whatever the order
+    expected = frame_text(payload) + frame_text(other) + frame_text(payload)
+    assert await peer.read_exactly(len(expected)) == expected
 
 
 async def test_a_queue_over_its_limit_closes_with_3008_once(

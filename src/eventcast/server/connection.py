@@ -37,7 +37,7 @@ from .wires import Wire, wire_for
 if TYPE_CHECKING:
     from .channels import Membership
 
-__all__ = ["Connection", "EndOfTurn", "Flusher"]
+__all__ = ["Connection", "EndOfTurn", "FrameCache", "Flusher"]
 
 logger = logging.getLogger("eventcast.server")
 
@@ -47,9 +47,38 @@ T = TypeVar("T")
 DEFAULT_QUEUE_BYTES: Final = 1_048_576
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-#: Frames already built in one flush: per framing function, ``id(payload) ->
-#: (payload, frame)`` (the payload is kept so its id cannot be reused meanwhile).
-FrameCache = dict[Callable[[bytes], bytes], dict[int, tuple[bytes, bytes]]]
+
+
+class FrameCache:
+    """The frames built in one flush, so a payload shared by many connections is framed once.
+
+    The connections of one channel are flushed one after another, so the last
+    frame built answers nearly every lookup with two identity checks (see
+    :meth:`Connection.flush`); the others are kept per framing function and
+    payload identity (the payload is kept, so its id cannot be reused meanwhile).
+    """
+
+    __slots__ = ("_built", "frame", "framing", "payload")
+
+    def __init__(self) -> None:
+        #: The last payload framed, its framing function and its frame.
+        self.payload: bytes | None = None
+        self.framing: Callable[[bytes], bytes] | None = None
+        self.frame = b""
+        self._built: dict[tuple[Callable[[bytes], bytes], int], tuple[bytes, bytes]] = {}
+
+    def __len__(self) -> int:
+        """How many frames were built."""
+        return len(self._built)
+
+    def build(self, framing: Callable[[bytes], bytes], payload: bytes) -> bytes:
+        """``payload`` framed by ``framing`` (built once per flush), now the last one."""
+        key = (framing, id(payload))
+        entry = self._built.get(key)
+        if entry is None or entry[0] is not payload:
+            entry = self._built[key] = (payload, framing(payload))
+        self.payload, self.framing, self.frame = payload, framing, entry[1]
+        return entry[1]
 
 
 def writable_transport(transport: object) -> asyncio.WriteTransport | None:
@@ -109,7 +138,7 @@ class Flusher:
 
 
 def _flush(dirty: list[Connection]) -> None:
-    frames: FrameCache = {}
+    frames = FrameCache()
     for conn in dirty:
         conn.flush(frames)
 
@@ -339,13 +368,10 @@ class Connection:
         pending = self._pending
         if len(pending) == 1 and frames is not None:
             payload = pending[0]
-            cache = frames.get(self._frame)
-            if cache is None:
-                cache = frames[self._frame] = {}
-            entry = cache.get(id(payload))
-            if entry is None or entry[0] is not payload:
-                entry = cache[id(payload)] = (payload, self._frame(payload))
-            frame = entry[1]
+            if payload is frames.payload and self._frame is frames.framing:
+                frame = frames.frame
+            else:
+                frame = frames.build(self._frame, payload)
             pending.clear()  # (the list is kept: no allocation per write)
             self._pending_size = 0
             self._scheduled = False

@@ -155,8 +155,13 @@ class Batch:
         """Every publication push in ``encoding``, joined (empty when none could be encoded)."""
         found = self._payloads.get(encoding)
         if found is None:
-            parts = [push for push in self.pushes(encoding) if push is not None]
-            found = self._payloads[encoding] = encoding.join(parts) if parts else b""
+            pushes = self.pushes(encoding)
+            if len(pushes) == 1:  # one publication (many channels' usual batch): no join
+                found = pushes[0] or b""
+            else:
+                parts = [push for push in pushes if push is not None]
+                found = encoding.join(parts) if parts else b""
+            self._payloads[encoding] = found
         return found
 
     # -- tags filters ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ namespace.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -29,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKED_CHANNELS", "Client", "Permissions"]
 
-#: Most channel names whose check :meth:`Permissions.channel` keeps (least
-#: recently used first out).
+#: Most channel names (and, apart, patterns) whose check :meth:`Permissions.channel`
+#: keeps (all are forgotten when it is full).
 CHECKED_CHANNELS: Final = 10_000
 
 
@@ -64,7 +63,9 @@ class Permissions:
         self._settings = settings
         self._verifier = verifier
         self._access = access
-        self._checked = functools.lru_cache(maxsize=CHECKED_CHANNELS)(self._check)
+        # The namespace of each name already checked: names, then patterns
+        # (emptied when full: a check is cheap to redo).
+        self._checked: tuple[dict[str, NamespaceConfig], dict[str, NamespaceConfig]] = ({}, {})
 
     def namespace(self, channel: str) -> NamespaceConfig:
         """Return a channel's namespace options.
@@ -87,9 +88,18 @@ class Permissions:
             CommandError: 107 for a missing or malformed name, 102 for an
                 unknown namespace.
         """
-        if not channel or not isinstance(channel, str):
-            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
-        return self._checked(channel, allow_pattern)
+        if isinstance(channel, str):
+            known = self._checked[allow_pattern]
+            found = known.get(channel)
+            if found is not None:
+                return found
+            if channel:
+                found = self._check(channel, allow_pattern)
+                if len(known) >= CHECKED_CHANNELS:
+                    known.clear()
+                known[channel] = found
+                return found
+        raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
 
     def _check(self, channel: str, allow_pattern: bool) -> NamespaceConfig:
         try:

@@ -7,10 +7,14 @@ direct path.
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 from starlette.routing import Route
 
+from .conftest import StartHub
 from .hubtools import API_KEY, WAIT, HubServer, record_paths
 
 
@@ -66,3 +70,43 @@ async def test_other_api_paths_are_the_routers(
     if status == 405:
         assert response.headers["allow"] == "POST"
         assert routed == [path]
+
+
+async def _status(hub: HubServer, headers: bytes, body: bytes) -> tuple[int, bytes]:
+    """POST /api/publish with these raw header lines on a socket of its own."""
+    port = int(hub.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (headers, len(body), body)
+        )
+        async with asyncio.timeout(WAIT):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), rest
+
+
+async def test_the_api_key_is_read_from_either_header_as_the_bytes_sent(
+    start_hub: StartHub,
+) -> None:
+    key = "clé-" + API_KEY  # a key that is not ASCII: clients send it in UTF-8
+    hub = await start_hub(api_key=key)
+    sent = key.encode()
+    cases = [
+        (b"X-API-Key: %s\r\n" % sent, 200),
+        (b"Authorization: apikey %s\r\n" % sent, 200),
+        (b"Authorization: ApiKey  %s \r\n" % sent, 200),  # scheme in any case, spaces
+        (b"Authorization: Bearer %s\r\n" % sent, 401),
+        (b"X-API-Key: wrong\r\nAuthorization: apikey %s\r\n" % sent, 401),  # X-API-Key wins
+        (b"X-API-Key: %s\r\nX-API-Key: wrong\r\n" % sent, 200),  # the first of each counts
+        (b"X-API-Key: %s\r\n" % key.encode("latin-1", "replace"), 401),
+        (b"", 401),
+    ]
+    for headers, status in cases:
+        got, body = await _status(hub, headers, b'{"channel":"api.key","data":1}')
+        assert got == status, headers
+        if status == 401:
+            assert json.loads(body) == {"error": {"code": 101, "message": "unauthorized"}}

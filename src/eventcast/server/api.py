@@ -31,7 +31,6 @@ from ..protocol.frames import MAX_INT, HistoryResult, int_in_range
 from ._http import BodyError, json_body, read_json
 from .admin import disconnect_of
 from .errors import CommandError
-from .httpio import header
 
 if TYPE_CHECKING:
     from ..events import Event
@@ -567,16 +566,24 @@ def count_api(hub: Hub, method: str, result: str) -> None:
 
 
 def _authorized(scope: Scope, key: str | None) -> bool:
-    """``X-API-Key: <key>``, else ``Authorization: apikey <key>`` (the first of each counts)."""
+    """``X-API-Key: <key>``, else ``Authorization: apikey <key>`` (the first of each
+    counts; the key is compared as the bytes the client sent, UTF-8 for a text key)."""
     if not key:
         return False
-    given = header(scope, b"x-api-key")
+    given: bytes | None = None
+    authorization: bytes | None = None
+    for name, value in scope.get("headers", ()):  # one pass over the headers
+        if name == b"x-api-key":
+            given = value
+            break
+        if name == b"authorization" and authorization is None:
+            authorization = value
     if given is None:
-        scheme, _, value = (header(scope, b"authorization") or "").partition(" ")
-        if scheme.lower() != "apikey":
+        scheme, _, rest = (authorization or b"").partition(b" ")
+        if scheme.lower() != b"apikey":
             return False
-        given = value.strip()
-    return hmac.compare_digest(given.encode(), key.encode())
+        given = rest.strip()
+    return hmac.compare_digest(bytes(given), key.encode())
 
 
 class ApiEndpoint:

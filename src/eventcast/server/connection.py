@@ -37,7 +37,7 @@ from .wires import Wire, wire_for
 if TYPE_CHECKING:
     from .channels import Membership
 
-__all__ = ["Connection", "EndOfTurn", "FrameCache", "Flusher"]
+__all__ = ["Connection", "EndOfTurn", "Flusher", "FrameCache"]
 
 logger = logging.getLogger("eventcast.server")
 

@@ -174,6 +174,7 @@ class Connection:
         "_closer",
         "_closing",
         "_finished",
+        "_first",
         "_flusher",
         "_frame",
         "_on_closed",
@@ -267,6 +268,9 @@ class Connection:
         self.queue_limit = queue_limit
         self._send = send
         self._transport = transport
+        # What is queued: the first payload, and the ones after it (a connection is
+        # usually queued one payload per loop turn: no list is touched then).
+        self._first: bytes | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._scheduled = False
@@ -305,10 +309,10 @@ class Connection:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write_loop(), name=f"eventcast-writer-{self.id}"
             )
-            if self._pending:
+            if self._first is not None:
                 self._scheduled = True
                 self._wake.set()
-        elif transport is not None and self._pending:
+        elif transport is not None and self._first is not None:
             self._scheduled = True
             self._flusher.schedule(self)
 
@@ -318,9 +322,12 @@ class Connection:
         """Queue encoded messages (one or several, newline-joined) for the next write."""
         if self.closed:
             return
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size > self.queue_limit:
+        if self._first is None:  # (_queue, inline: once per delivery)
+            self._first = data
+        else:
+            self._pending.append(data)
+        size = self._pending_size = self._pending_size + len(data)
+        if size > self.queue_limit:
             self.close(DISCONNECT_SLOW)
             return
         if not self._scheduled:
@@ -344,13 +351,25 @@ class Connection:
         if disconnect is not None and not self.closed:
             self.close(disconnect)
 
+    def _queue(self, data: bytes) -> None:
+        """Queue ``data`` after whatever is queued (no bound, no schedule)."""
+        if self._first is None:
+            self._first = data
+        else:
+            self._pending.append(data)
+
     def _take(self) -> bytes | None:
-        pending = self._pending
-        if not pending:
+        data = self._first
+        if data is None:
             return None
-        data = pending[0] if len(pending) == 1 else self._separator.join(pending)
-        self.messages_out += len(pending)
-        pending.clear()
+        pending = self._pending
+        if pending:
+            data = self._separator.join([data, *pending])
+            self.messages_out += 1 + len(pending)
+            pending.clear()
+        else:
+            self.messages_out += 1
+        self._first = None
         self._pending_size = 0
         self._scheduled = False
         self.bytes_out += len(data)
@@ -365,14 +384,13 @@ class Connection:
         transport = self._transport
         if transport is None or self.closed:
             return
-        pending = self._pending
-        if len(pending) == 1 and frames is not None:
-            payload = pending[0]
+        payload = self._first
+        if payload is not None and frames is not None and not self._pending:
             if payload is frames.payload and self._frame is frames.framing:
                 frame = frames.frame
             else:
                 frame = frames.build(self._frame, payload)
-            pending.clear()  # (the list is kept: no allocation per write)
+            self._first = None
             self._pending_size = 0
             self._scheduled = False
             self.messages_out += 1
@@ -436,11 +454,12 @@ class Connection:
         self.disconnect = disconnect
         self.session.close(disconnect)
         if self._transport is not None:
+            self._first = None
             self._pending = []
             self._pending_size = 0
         if self.wire.disconnect_push:
             # The last message, whatever the queue's bound: the code and reason.
-            self._pending.append(
+            self._queue(
                 self.encoding.encode_push(
                     "", "disconnect", {"code": disconnect.code, "reason": disconnect.reason}
                 )
@@ -494,6 +513,7 @@ class Connection:
             return
         self.closed = True
         self.disconnect = Disconnect(3000, "connection closed")
+        self._first = None
         self._pending = []
         self._on_closed(self)
         if self._writer is not None and self._writer is not asyncio.current_task():

@@ -143,7 +143,11 @@ class HubChannel:
         self._channels = channels
         self.name = name
         self.pattern = is_pattern(name)
+        #: The members and their subscriptions (changed only by :meth:`add` and :meth:`remove`).
         self.members: dict[Connection, Membership] = {}
+        # The members as dispatched (a snapshot: a member may leave during a
+        # dispatch), kept until the members change.
+        self._dispatched: tuple[tuple[Connection, Membership], ...] | None = None
         self.sub = sub
         self.publications = 0
         self.last_offset = 0
@@ -155,6 +159,16 @@ class HubChannel:
         self.stopped = False
         sub._on_ready(self._ready)
         sub._listen()
+
+    def add(self, conn: Connection, membership: Membership) -> None:
+        """Make ``conn`` a member (or replace its membership)."""
+        self.members[conn] = membership
+        self._dispatched = None
+
+    def remove(self, conn: Connection) -> None:
+        """Remove ``conn`` from the members, if it is one."""
+        if self.members.pop(conn, None) is not None:
+            self._dispatched = None
 
     def batch(self, events: list[Event], *, fresh: bool = False) -> Batch:
         """A batch of this channel's publications (``fresh``: given to one member alone)."""
@@ -206,7 +220,10 @@ class HubChannel:
         encoding: Encoding | None = None
         payload = b""
         sse_cache: dict[object, object] | None = None
-        for conn, membership in list(self.members.items()):
+        members = self._dispatched
+        if members is None:
+            members = self._dispatched = tuple(self.members.items())
+        for conn, membership in members:
             held = membership.held
             if held is not None:
                 held.extend(events)
@@ -297,7 +314,7 @@ class Channels:
             )
             channel = self.by_name[name] = HubChannel(self, name, sub)
             self._occupancy(channel, True)
-        channel.members[conn] = membership
+        channel.add(conn, membership)
         conn.channels[name] = membership
         try:
             await self._bus.routed(name)
@@ -314,7 +331,7 @@ class Channels:
         channel = self.by_name.get(name)
         if channel is None:
             return
-        channel.members.pop(conn, None)
+        channel.remove(conn)
         if membership is not None:
             self._on_left(conn, channel, membership)
         if not channel.members:

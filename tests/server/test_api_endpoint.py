@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .conftest import StartHub
 from .hubtools import API_KEY, WAIT, HubServer, record_paths
+from .securitytools import exchange, status_of
 
 
 @pytest.fixture
@@ -72,23 +73,6 @@ async def test_other_api_paths_are_the_routers(
         assert routed == [path]
 
 
-async def _status(hub: HubServer, headers: bytes, body: bytes) -> tuple[int, bytes]:
-    """POST /api/publish with these raw header lines on a socket of its own."""
-    port = int(hub.base.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s"
-            b"Content-Length: %d\r\n\r\n%s" % (headers, len(body), body)
-        )
-        async with asyncio.timeout(WAIT):
-            answer = await reader.read()
-    finally:
-        writer.close()
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), rest
-
-
 async def test_the_api_key_is_read_from_either_header_as_the_bytes_sent(
     start_hub: StartHub,
 ) -> None:
@@ -105,8 +89,15 @@ async def test_the_api_key_is_read_from_either_header_as_the_bytes_sent(
         (b"X-API-Key: %s\r\n" % key.encode("latin-1", "replace"), 401),
         (b"", 401),
     ]
+    body = b'{"channel":"api.key","data":1}'
     for headers, status in cases:
-        got, body = await _status(hub, headers, b'{"channel":"api.key","data":1}')
-        assert got == status, headers
+        request = b"POST /api/publish HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            headers,
+            len(body),
+            body,
+        )
+        response, _ = await asyncio.to_thread(exchange, hub, request)
+        assert status_of(response) == status, headers
         if status == 401:
-            assert json.loads(body) == {"error": {"code": 101, "message": "unauthorized"}}
+            answer = json.loads(response.partition(b"\r\n\r\n")[2])
+            assert answer == {"error": {"code": 101, "message": "unauthorized"}}

@@ -433,19 +433,23 @@ def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
     coroutine of its own (see :func:`_published_now`), so a batch of those is
     answered without one.
     """
-    parsed: list[_Parsed]
-    if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs
-        parsed = [("publish", api_publish, c.publish) for c in params.commands]
-        parallel = params.parallel
-    else:
-        commands = params.get("commands")
-        if not isinstance(commands, list):
-            raise _bad("commands required")
-        parsed = [_batch_command(c) for c in commands]
-        parallel = bool(params.get("parallel"))
-    if parallel:
-        return _batch_gathered(hub, parsed)
     replies: list[dict[str, Any]] = []
+    if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs
+        if not params.parallel:
+            # (_reply_now's publication case, without a parsed command per publication)
+            for index, publication in enumerate(params.commands):
+                reply = _publication_now(hub, publication.publish)
+                if reply is None:
+                    return _batch_rest(hub, _parsed_publications(params), index, replies)
+                replies.append(reply)
+            return {"replies": replies}
+        return _batch_gathered(hub, _parsed_publications(params))
+    commands = params.get("commands")
+    if not isinstance(commands, list):
+        raise _bad("commands required")
+    parsed = [_batch_command(c) for c in commands]
+    if params.get("parallel"):
+        return _batch_gathered(hub, parsed)
     for index, command in enumerate(parsed):
         reply = _reply_now(hub, command)
         if reply is None:
@@ -454,14 +458,23 @@ def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
     return {"replies": replies}
 
 
+def _parsed_publications(params: _PublishBatch) -> list[_Parsed]:
+    return [("publish", api_publish, c.publish) for c in params.commands]
+
+
 def _reply_now(hub: Hub, parsed: _Parsed) -> dict[str, Any] | None:
     """A batch command's reply when it needs no await (an error, a live publication)."""
     if isinstance(parsed, dict):
         return parsed
     if parsed[0] != "publish":
         return None
+    return _publication_now(hub, parsed[2])
+
+
+def _publication_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
+    """A batch publication's reply when it needs no await (done, or refused), else ``None``."""
     try:
-        result = _published_now(hub, parsed[2])
+        result = _published_now(hub, params)
     except CommandError as exc:
         return {"error": _error(exc)}
     return None if result is None else {"publish": result}

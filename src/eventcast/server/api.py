@@ -433,27 +433,39 @@ def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
     coroutine of its own (see :func:`_published_now`), so a batch of those is
     answered without one.
     """
-    replies: list[dict[str, Any]] = []
     if isinstance(params, _PublishBatch):  # publications only, decoded straight into structs
-        if not params.parallel:
-            # (_reply_now's publication case, without a parsed command per publication)
-            for index, publication in enumerate(params.commands):
-                reply = _publication_now(hub, publication.publish)
-                if reply is None:
-                    return _batch_rest(hub, _parsed_publications(params), index, replies)
-                replies.append(reply)
-            return {"replies": replies}
-        return _batch_gathered(hub, _parsed_publications(params))
+        if params.parallel:
+            return _batch_gathered(hub, _parsed_publications(params))
+        # (no parsed command per publication, unless one must be awaited)
+        publications = [command.publish for command in params.commands]
+        return _replies_now(
+            hub, publications, _publication_now, lambda: _parsed_publications(params)
+        )
     commands = params.get("commands")
     if not isinstance(commands, list):
         raise _bad("commands required")
     parsed = [_batch_command(c) for c in commands]
     if params.get("parallel"):
         return _batch_gathered(hub, parsed)
-    for index, command in enumerate(parsed):
-        reply = _reply_now(hub, command)
+    return _replies_now(hub, parsed, _reply_now, lambda: parsed)
+
+
+_C = TypeVar("_C")
+
+
+def _replies_now(
+    hub: Hub,
+    commands: list[_C],
+    reply_now: Callable[[Hub, _C], dict[str, Any] | None],
+    parsed: Callable[[], list[_Parsed]],
+) -> Any:
+    """A batch's replies in order: at once while each command's ``reply_now`` answers,
+    else a coroutine for the rest (from the first that needs an await, run ``parsed``)."""
+    replies: list[dict[str, Any]] = []
+    for index, command in enumerate(commands):
+        reply = reply_now(hub, command)
         if reply is None:
-            return _batch_rest(hub, parsed, index, replies)
+            return _batch_rest(hub, parsed(), index, replies)
         replies.append(reply)
     return {"replies": replies}
 

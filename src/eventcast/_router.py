@@ -14,8 +14,9 @@ live topic it has checked once, appends to the rings it cached (a cache in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
+from ._caches import remember
 from .events import Event
 from .subscription import _Ring
 from .topics import TopicMatcher, validate_topic
@@ -86,10 +87,8 @@ class Router:
         rings = self._routes.get(topic)
         if rings is None:
             validate_topic(topic)
-            rings = tuple(self._matcher.match(topic))  # type: ignore[arg-type]
-            if len(self._routes) >= _ROUTE_CACHE_SIZE:
-                self._routes.clear()
-            self._routes[topic] = rings
+            matched = cast("tuple[_Ring, ...]", tuple(self._matcher.match(topic)))
+            rings = remember(self._routes, topic, matched, _ROUTE_CACHE_SIZE)
         return rings
 
     def fan_out(self, event: Event, rings: tuple[_Ring, ...] | None = None) -> None:

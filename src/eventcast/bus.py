@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias
 
+from ._caches import remember
 from ._link import DEFAULT_OUTBOX, BackplaneLink
 from ._router import Router
 from ._sequencer import Sequencer
@@ -793,10 +794,7 @@ class Bus:
         Called before the delivery: a subscriber it closes empties the cache again.
         """
         if ns.schema is None and not (ns.durable and self.log is not None):
-            live = self._live_routes
-            if len(live) >= _LIVE_ROUTES:
-                live.clear()
-            live[topic] = rings
+            remember(self._live_routes, topic, rings, _LIVE_ROUTES)
 
     async def publish(
         self,

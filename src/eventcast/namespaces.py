@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from ._caches import remember
 from .exceptions import ConfigurationError
 from .log.base import Retention
 from .schema import Schema, SchemaSpec, compile_schema
@@ -100,10 +101,9 @@ class Namespaces:
         """Return the options of the namespace a topic or pattern belongs to."""
         ns = self._cache.get(topic)
         if ns is None:
-            ns = self.table.get(namespace_of(topic), LIVE)
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.clear()
-            self._cache[topic] = ns
+            ns = remember(
+                self._cache, topic, self.table.get(namespace_of(topic), LIVE), _CACHE_SIZE
+            )
         return ns
 
     def retention(self, topic: str) -> Retention:

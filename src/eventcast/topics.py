@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
+from ._caches import remember
 from .exceptions import InvalidTopicError
 
 __all__ = [
@@ -236,11 +237,7 @@ class TopicMatcher:
             found.update(exact)
         if self._patterns:
             self._walk(self._root, _key(topic), 0, found)
-        result = frozenset(found)
-        if len(self._cache) >= self._cache_size:
-            self._cache.clear()
-        self._cache[topic] = result
-        return result
+        return remember(self._cache, topic, frozenset(found), self._cache_size)
 
     def _walk(self, node: _Node, tokens: list[str], i: int, found: set[object]) -> None:
         if i == len(tokens):

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import msgspec
 
+from .._caches import remember
 from .frames import MAX_INT
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
 _encode = msgspec.json.Encoder().encode
 _FORBIDDEN: Final = ("\r", "\n", "\0")
 _VERSION: Final = "1"
+#: Most successors a cursor keeps (emptied when full).
+_SUCCESSORS: Final = 65
 #: The longest cursor accepted from a client, in characters.
 MAX_CURSOR_LENGTH: Final = 65_536
 #: The headers of an event stream's response (no caching, no proxy buffering).
@@ -159,10 +162,7 @@ class Cursor:
         positions = self.as_dict()
         positions[topic] = (offset, epoch)
         successor = Cursor.of(positions)
-        if len(self._next) > 64:
-            self._next.clear()
-        self._next[key] = successor
-        return successor
+        return remember(self._next, key, successor, _SUCCESSORS)
 
 
 def parse_cursor(text: str | None, topics: Iterable[str] = ()) -> Cursor | None:

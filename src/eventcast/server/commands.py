@@ -34,6 +34,7 @@ import msgspec
 from starlette.datastructures import Headers
 
 from .. import __version__
+from .._caches import remember
 from ..exceptions import (
     BackplaneError,
     HookError,
@@ -230,9 +231,12 @@ class Commands:
             return True
         user_bucket = self._user_buckets.get(conn.user)
         if user_bucket is None:
-            if len(self._user_buckets) > _USER_BUCKETS_LIMIT:
-                self._user_buckets.clear()
-            user_bucket = self._user_buckets[conn.user] = TokenBucket(settings.user_command_rate)
+            user_bucket = remember(
+                self._user_buckets,
+                conn.user,
+                TokenBucket(settings.user_command_rate),
+                _USER_BUCKETS_LIMIT,
+            )
         return user_bucket.take()
 
     async def handle(self, conn: Connection, request: Request) -> None:

@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._caches import remember
 from ..exceptions import EventcastError, InvalidTopicError
 from ..protocol.frames import int_in_range
 from ..protocol.sse import RESPONSE_HEADERS, encode_event, retry
@@ -247,9 +248,12 @@ class Dashboard:
         host = client_host(request.scope) or ""
         bucket = self._login_buckets.get(host)
         if bucket is None:
-            if len(self._login_buckets) >= _MAX_LOGIN_BUCKETS:
-                self._login_buckets.clear()
-            bucket = self._login_buckets[host] = TokenBucket(self._login_rate, LOGIN_BURST)
+            bucket = remember(
+                self._login_buckets,
+                host,
+                TokenBucket(self._login_rate, LOGIN_BURST),
+                _MAX_LOGIN_BUCKETS,
+            )
         return bucket.take()
 
     # -- the page ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
+from .._caches import remember
 from ..exceptions import AuthError, InvalidTopicError, TokenExpiredError
 from ..protocol import codes
 from ..topics import is_pattern, validate_pattern, validate_topic
@@ -94,11 +95,9 @@ class Permissions:
             if found is not None:
                 return found
             if channel:
-                found = self._check(channel, allow_pattern)
-                if len(known) >= CHECKED_CHANNELS:
-                    known.clear()
-                known[channel] = found
-                return found
+                return remember(
+                    known, channel, self._check(channel, allow_pattern), CHECKED_CHANNELS
+                )
         raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
 
     def _check(self, channel: str, allow_pattern: bool) -> NamespaceConfig:

@@ -24,6 +24,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
+from .._caches import remember
 from ..events import Event
 from ..exceptions import (
     AuthError,
@@ -129,10 +130,7 @@ class SSEStreams:
         known = self._cursors.get(cursor.text)
         if known is not None:
             return known
-        if len(self._cursors) >= _CURSORS_LIMIT:
-            self._cursors.clear()
-        self._cursors[cursor.text] = cursor
-        return cursor
+        return remember(self._cursors, cursor.text, cursor, _CURSORS_LIMIT)
 
     async def open(
         self, conn: Connection, topics: list[str], cursor: Cursor | None, *, malformed: bool = False

@@ -122,6 +122,14 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def nested_list(depth: int) -> Any:
+    """A list ``depth`` levels deep."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @st.composite
 def nested(draw: st.DrawFn) -> Any:
     """A JSON value nested around the depth limit, with brackets in strings to mislead."""
@@ -132,10 +140,21 @@ def nested(draw: st.DrawFn) -> Any:
 
 
 @FUZZ
-@given(nested() | json_values)
+@given(nested() | json_values | st.lists(nested() | json_values, min_size=2, max_size=12))
+@example([{"publish": {"channel": f"r{i}", "data": {"k": [i, {"v": "x"}]}}} for i in range(50)])
+@example([{"s[": "]]" * 40, "t": [[["{"]]]} for _ in range(30)] + [nested_list(70)])
+@example(["[" * 600, nested_list(65)])
+@example(["\\" * 300, nested_list(65), '\\"]'])
 def test_the_depth_check_agrees_with_the_real_depth(value: Any) -> None:
     data = json.dumps(value).encode()
     assert too_deep(data) == (_depth(value) > MAX_JSON_DEPTH)
+
+
+@FUZZ
+@given(nested() | json_values, st.integers(0, MAX_JSON_DEPTH + 2))
+@example(nested_list(4), 3)  # every layer peeled: the depth is the layers peeled
+def test_the_depth_check_agrees_with_the_real_depth_at_any_limit(value: Any, limit: int) -> None:
+    assert too_deep(json.dumps(value).encode(), limit) == (_depth(value) > limit)
 
 
 @FUZZ

@@ -89,35 +89,50 @@ _BRACKETED_STRING: Final = re.compile(rb'"[^"]*+"')
 _STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 #: Innermost layers removed with bytes.replace before the remaining depth is summed.
 _PASSES: Final = 8
+# Up to this size, brackets are counted in the data itself first; a larger body
+# is reduced to its brackets and quotes first (one pass, not two), and they are
+# counted there.
+_COUNT_FIRST: Final = 512
 
 
 def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON ``data`` nests arrays and objects deeper than ``limit`` levels.
 
     Linear in ``len(data)`` and done in C. A bracket count decides for nearly
-    all inputs. Otherwise escapes and strings are removed, leaving the
-    brackets; a few passes of ``bytes.replace`` remove the innermost layers (so
-    that wide, shallow JSON costs nothing more), and the depth of what is left
-    is summed. Over the valid prefix of any input the result is exact; what
-    follows a syntax error (where a decoder stops) can only make it larger.
+    all inputs (a large body's, once all but its brackets and quotes are
+    dropped). Otherwise escapes and strings are removed, leaving the brackets;
+    passes of ``bytes.replace`` remove the innermost layers until the brackets
+    left cannot reach the limit (so that wide, shallow JSON costs little
+    more), and the depth of what is left is summed. Over the valid prefix of
+    any input the result is exact; what follows a syntax error (where a
+    decoder stops) can only make it larger.
     """
-    if data.count(b"[") + data.count(b"{") <= limit:
+    if len(data) <= _COUNT_FIRST and data.count(b"[") + data.count(b"{") <= limit:
         return False
     if b"\\" in data:  # (a search for two bytes costs more than this one for one)
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     structure = data.translate(None, _STRUCTURE_ONLY)
-    structure = structure.replace(b'""', b"")  # strings without brackets
-    if b'"' in structure:
+    if structure.count(b"[") + structure.count(b"{") <= limit:
+        return False
+    if 2 * structure.count(b'""') == structure.count(b'"'):
+        # Every quote closes or opens a string beside the one it pairs with: no
+        # string holds a bracket, and the quotes can simply go.
+        steps = structure.translate(_STEPS, b'"')
+    else:
+        structure = structure.replace(b'""', b"")  # strings without brackets
         structure = _BRACKETED_STRING.sub(b"", structure)
         structure = structure.partition(b'"')[0]  # an unterminated string ends the input
-    steps = structure.translate(_STEPS)
+        steps = structure.translate(_STEPS)
     removed = 0
-    while removed < _PASSES and steps:
+    # The brackets left bound the depth left: peel layers while they could reach the limit.
+    while removed + steps.count(b"\x01") > limit:
+        if removed == _PASSES:
+            break
         reduced = steps.replace(b"\x01\xff", b"")
         if len(reduced) == len(steps):
             break
         steps, removed = reduced, removed + 1
-    if not steps:
+    else:
         return False
     if b"\x01" * (limit - removed + 1) in steps:  # the usual attack, found without summing
         return True

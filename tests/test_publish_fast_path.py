@@ -15,6 +15,7 @@ from eventcast import (
     InvalidTopicError,
     Namespace,
     Overflow,
+    _stats,
 )
 
 
@@ -75,6 +76,27 @@ async def test_topic_statistics_count_every_publish() -> None:
         for i in range(3):
             bus.publish_nowait("room.1", i)
         assert bus.topic_stats["room.1"][0] == 3
+        assert bus.topic_stats["room.1"][2] > 0  # the last event's time
+
+
+async def test_a_topic_whose_counters_were_dropped_is_counted_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fast path counts into the counters its route holds: when the table
+    # drops them to make room, the route goes too, and the next publish makes
+    # new ones (as for a topic never seen).
+    monkeypatch.setattr(_stats, "TOPIC_STATS_LIMIT", 2)
+    async with Bus(count_topics=True) as bus:
+        bus.publish_nowait("a", 1)
+        bus.publish_nowait("a", 2)
+        bus.publish_nowait("b", 1)
+        bus.publish_nowait("c", 1)  # "a" is dropped
+        assert list(bus.topic_stats) == ["b", "c"]
+        bus.publish_nowait("a", 3)
+        bus.publish_nowait("a", 4)
+        assert list(bus.topic_stats) == ["c", "a"]
+        assert bus.topic_stats["a"][0] == 2
+        assert bus.topic_stats["c"][0] == 1
 
 
 async def test_tags_and_bad_names_take_the_checked_path() -> None:

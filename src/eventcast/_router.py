@@ -14,7 +14,7 @@ live topic it has checked once, appends to the rings it cached (a cache in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from ._caches import remember
 from .events import Event
@@ -40,9 +40,9 @@ class Router:
         #: The rings, keyed by their sorted filter set.
         self.rings: dict[tuple[str, ...], _Ring] = {}
         self._routes: dict[str, tuple[_Ring, ...]] = {}
-        #: Caches built from :meth:`route`'s answers (topic to rings, bounded by
-        #: their owner), emptied with the route cache whenever the table changes.
-        self.derived: list[dict[str, tuple[_Ring, ...]]] = []
+        #: Caches built from :meth:`route`'s answers (by topic, bounded by their
+        #: owner), emptied with the route cache whenever the table changes.
+        self.derived: list[dict[str, Any]] = []
         self.on_change = on_change
 
     def ring(self, filters: tuple[str, ...]) -> _Ring:

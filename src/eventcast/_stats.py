@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left as _bucket
+from collections.abc import Callable
 from typing import Any, Final
 
 from .events import Event
@@ -40,15 +41,38 @@ class LatencyHistogram:
 
 
 class TopicStats(dict[str, list[Any]]):
-    """Traffic per topic since start: ``[events, last offset, last time]`` (bounded)."""
+    """Traffic per topic since start: ``[events, last offset, last time]`` (bounded).
+
+    Args:
+        on_forget: called with a topic whose counters were dropped to make room
+            (a holder of its counters, see :meth:`counters`, lets go of them).
+    """
+
+    def __init__(self, on_forget: Callable[[str], object] | None = None) -> None:
+        super().__init__()
+        self._on_forget = on_forget
+
+    def counters(self, topic: str) -> list[Any]:
+        """The counters of ``topic``, made if missing (the oldest topic's dropped when full).
+
+        A caller may keep them and count into them itself, as :meth:`count`
+        does, until ``on_forget`` names the topic.
+        """
+        stats = self.get(topic)
+        if stats is None:
+            if len(self) >= TOPIC_STATS_LIMIT:
+                oldest = next(iter(self))
+                del self[oldest]
+                if self._on_forget is not None:
+                    self._on_forget(oldest)
+            stats = self[topic] = [0, None, 0.0]
+        return stats
 
     def count(self, event: Event) -> None:
         """Count one event delivered on this node."""
         stats = self.get(event.topic)
         if stats is None:
-            if len(self) >= TOPIC_STATS_LIMIT:
-                self.pop(next(iter(self)))
-            stats = self[event.topic] = [0, None, 0.0]
+            stats = self.counters(event.topic)
         stats[0] += 1
         if event.offset is not None:
             stats[1] = event.offset

@@ -74,6 +74,10 @@ DropHandler: TypeAlias = Callable[[Subscription, str], object]
 #: Most topics remembered by publish_nowait's fast path.
 _LIVE_ROUTES: Final = 10_000
 
+#: A topic remembered by the fast path: its rings, and its counters in
+#: ``Bus.topic_stats`` (``None`` when topics are not counted).
+_LiveRoute: TypeAlias = tuple[tuple[_Ring, ...], list[Any] | None]
+
 
 class _State(enum.Enum):
     OPEN = "open"
@@ -232,15 +236,16 @@ class Bus:
         self.append_latency = LatencyHistogram()
         #: Traffic per topic since start: ``[events, last offset, last time]`` (bounded;
         #: empty unless the bus was made with ``count_topics=True``).
-        self.topic_stats = TopicStats()
+        self.topic_stats = TopicStats(on_forget=self._forget_live)
         self._count_topics = count_topics
         #: Called with ``(topic, durable)`` when continuity of a topic is lost.
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         self._router = Router()
         # The fast path of publish_nowait and publish: topics checked once
         # (live-only, no schema; see _remember_live) and their rings; emptied by
-        # the router whenever subscriptions change, and when the bus closes.
-        self._live_routes: dict[str, tuple[_Ring, ...]] = {}
+        # the router whenever subscriptions change, and when the bus closes. Each
+        # holds the topic's counters too, so one lookup serves both.
+        self._live_routes: dict[str, _LiveRoute] = {}
         self._router.derived.append(self._live_routes)
         self._sequencer = Sequencer(self._router, log, self._spawn, self._signal_gap)
         if isinstance(backplane, str):
@@ -715,21 +720,24 @@ class Bus:
             ConfigurationError: the topic is durable.
             BusClosedError: the bus is closed.
         """
-        rings = self._live_routes.get(topic)
-        if rings is None or tags is not None:
+        route = self._live_routes.get(topic)
+        if route is None or tags is not None:
             return self._publish_checked(topic, data, tags)
-        return self._publish_live(topic, data, rings)
+        return self._publish_live(topic, data, route)
 
-    def _publish_live(self, topic: str, data: object, rings: tuple[_Ring, ...]) -> Event:
+    def _publish_live(self, topic: str, data: object, route: _LiveRoute) -> Event:
         """Publish on a topic already checked, live-only, whose routes are known.
 
         _deliver's steps for such an event, inline (two calls fewer on the
-        hottest path of the bus).
+        hottest path of the bus), its count too (TopicStats.count for an event
+        without offset, into the counters the route holds).
         """
         event = new_event(topic, data)
         self._published += 1
-        if self._count_topics:
-            self.topic_stats.count(event)
+        rings, stats = route
+        if stats is not None:
+            stats[0] += 1
+            stats[2] = event.time
         for ring in rings:
             ring.append(event)
         if self._link is not None:
@@ -760,8 +768,8 @@ class Bus:
         published) for any other topic, or with an ``Overflow.BLOCK`` subscriber."""
         if self._subs.blockers:
             return None
-        rings = self._live_routes.get(topic)
-        return None if rings is None else self._publish_live(topic, data, rings)
+        route = self._live_routes.get(topic)
+        return None if route is None else self._publish_live(topic, data, route)
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
@@ -794,7 +802,12 @@ class Bus:
         Called before the delivery: a subscriber it closes empties the cache again.
         """
         if ns.schema is None and not (ns.durable and self.log is not None):
-            remember(self._live_routes, topic, rings, _LIVE_ROUTES)
+            stats = self.topic_stats.counters(topic) if self._count_topics else None
+            remember(self._live_routes, topic, (rings, stats), _LIVE_ROUTES)
+
+    def _forget_live(self, topic: str) -> None:
+        """Topic stats dropped ``topic``'s counters: its route must not count into them."""
+        self._live_routes.pop(topic, None)
 
     async def publish(
         self,

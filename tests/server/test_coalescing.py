@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
-from .hubtools import HubServer, RawClient, token
+from .conftest import StartHub
+from .hubtools import NAMESPACES, HubServer, RawClient, token
 
 
 async def test_commands_in_one_frame_get_every_reply(hub: HubServer) -> None:
@@ -113,3 +115,69 @@ async def test_a_second_channel_joined_and_left_keeps_publications_in_order(
     assert [p["data"]["i"] for p in one] == list(range(9))
     assert [p["offset"] for p in one] == list(range(1, 10))
     assert [p["data"]["j"] for p in two] == list(range(1, 6))
+
+
+async def test_live_publications_run_at_once_and_awaited_commands_keep_the_order(
+    start_hub: StartHub,
+) -> None:
+    # A publication into a live channel runs in the read's callback; the first
+    # command that must be awaited (a durable publish, history) continues in a
+    # task, and every command and message behind it waits for it: replies and
+    # publications stay in the order the client sent them.
+    hub = await start_hub(
+        namespaces=[
+            *NAMESPACES,
+            {"name": "chat", "allow_subscribe_for_client": True, "allow_publish_for_client": True},
+        ]
+    )
+    first = [
+        {"id": 2, "publish": {"channel": "chat:now", "data": 1}},
+        {"id": 3, "publish": {"channel": "co.kept", "data": 2}},  # durable: awaited
+        {"id": 4, "publish": {"channel": "chat:now", "data": 3}},
+        {"id": 5, "history": {"channel": "co.kept", "limit": 10}},
+        {"id": 6, "publish": {"channel": "chat:now", "data": 4}},
+    ]
+    second = [{"id": 7, "publish": {"channel": "chat:now", "data": 5}}]
+    async with (
+        await RawClient.open(hub.ws_url) as member,
+        await RawClient.open(hub.ws_url) as client,
+    ):
+        await member.connect(token("member"))
+        await member.subscribe("chat:now")
+        await client.send_raw(json.dumps({"id": 1, "connect": {"token": token("sender")}}))
+        # Two messages in one write: the second arrives while the first awaits.
+        await client.ws.send("\n".join(json.dumps(c) for c in first))
+        await client.ws.send("\n".join(json.dumps(c) for c in second))
+        replies = [await client.message() for _ in range(7)]
+        pushes = [(await member.message())["push"]["pub"]["data"] for _ in range(4)]
+
+    assert [r["id"] for r in replies] == list(range(1, 8))
+    assert [r for r in replies if "error" in r] == []
+    assert replies[2] == {"id": 3, "publish": {}}  # the durable one: committed before 5
+    assert [p["data"] for p in replies[4]["history"]["publications"]] == [2]
+    assert pushes == [1, 3, 4, 5]
+
+
+async def test_a_live_publication_over_the_command_rate_is_refused_with_111(
+    start_hub: StartHub,
+) -> None:
+    hub = await start_hub(
+        command_rate=2,
+        namespaces=[
+            *NAMESPACES,
+            {"name": "chat", "allow_subscribe_for_client": True, "allow_publish_for_client": True},
+        ],
+    )
+    async with await RawClient.open(hub.ws_url) as client:
+        await client.connect(token("eager"))
+        burst = [{"id": n, "publish": {"channel": "chat:fast", "data": n}} for n in range(2, 8)]
+        await client.send_raw("\n".join(json.dumps(c) for c in burst))
+        replies = [await client.message() for _ in burst]
+        # The connection stays open and usable: a later publication is answered.
+        await asyncio.sleep(1.1)
+        again = await client.request("publish", {"channel": "chat:fast", "data": "later"})
+
+    assert [r["id"] for r in replies] == list(range(2, 8))
+    codes = [r.get("error", {}).get("code") for r in replies]
+    assert codes == [None, None, 111, 111, 111, 111]  # the bucket holds one second's worth
+    assert "error" not in again, again

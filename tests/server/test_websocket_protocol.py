@@ -711,3 +711,26 @@ async def test_each_handshake_is_logged_as_uvicorn_logs_it_with_tokens_masked(
     ), lines
     assert any('"WebSocket /connection/websocket" 400' in line for line in lines), lines
     assert not [line for line in lines if secret in line]
+
+
+async def test_a_bug_running_a_message_closes_with_3004_and_one_log_line(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whether the message ran in the read's callback or in a task: the client
+    # gets 3004 (it reconnects), the log one line without a traceback.
+    from eventcast.server import driver
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async with await RawClient.open(hub.ws_url) as client:
+        await client.connect(token("unlucky"))
+        monkeypatch.setattr(driver, "_advance", broken)
+        with caplog.at_level(logging.INFO, logger="eventcast.server"):
+            await client.send_raw(json.dumps({"id": 9, "publish": {"channel": "a", "data": 1}}))
+            code, _ = await client.closed()
+    assert code == 3004
+    lines = [r for r in caplog.records if "internal error running commands" in r.getMessage()]
+    assert len(lines) == 1
+    assert not lines[0].exc_info
+    assert "a bug" not in caplog.text

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -241,48 +241,89 @@ class Commands:
 
     async def handle(self, conn: Connection, request: Request) -> None:
         """Execute one admitted command and queue its reply on the connection."""
-        session = conn.session
-        method = request.method
-        if method != "connect" and not self.allow(conn):
-            # Temporary: the SDKs retry it, so it must not count towards 3509.
-            session.error(request.id, codes.ERROR_TOO_MANY_REQUESTS, client_fault=False)
-            conn.send_session_output()
+        if request.method != "connect" and not self._allowed(conn, request):
             return
-        handler = self.table.get(method)
+        await self._run(conn, request)
+
+    def handle_now(self, conn: Connection, request: Request) -> Coroutine[Any, Any, None] | None:
+        """:meth:`handle` without a coroutine when the command needs no await.
+
+        That is a publication into a live channel, with no publish hook (see
+        :meth:`publish_now`): done at once, ``None`` returned. Any other
+        command, and a publication that must be awaited, returns the coroutine
+        that executes it.
+        """
+        if request.method != "publish":
+            return self.handle(conn, request)
+        if not self._allowed(conn, request):
+            return None
+        try:
+            done = self.publish_now(conn, request.body)
+        except Exception as exc:
+            self._failed(conn, request, exc)
+            return None
+        if not done:
+            return self._run(conn, request)
+        self._succeeded(conn, request, None)
+        return None
+
+    def _allowed(self, conn: Connection, request: Request) -> bool:
+        """Take a command's tokens; over the rate, answer it with 111 and say no."""
+        if self.allow(conn):
+            return True
+        # Temporary: the SDKs retry it, so it must not count towards 3509.
+        conn.session.error(request.id, codes.ERROR_TOO_MANY_REQUESTS, client_fault=False)
+        conn.send_session_output()
+        return False
+
+    async def _run(self, conn: Connection, request: Request) -> None:
+        """Execute a command whose tokens were taken."""
+        handler = self.table.get(request.method)
         try:
             if handler is None:
                 raise CommandError(codes.ERROR_METHOD_NOT_FOUND)
             result = await handler(conn, request.body)
-        except CommandError as exc:
+        except Exception as exc:
+            self._failed(conn, request, exc)
+        else:
+            self._succeeded(conn, request, result)
+
+    def _failed(self, conn: Connection, request: Request, exc: Exception) -> None:
+        """Answer a command that raised ``exc`` (called while it is handled)."""
+        session = conn.session
+        if isinstance(exc, CommandError):
             answer = exc.answer
             if isinstance(answer, Disconnect):
                 session.close(answer)
             else:
                 session.error(request.id, answer)
-        except (LogError, KeySetError, BackplaneError) as exc:
-            logger.warning("%s on %s failed: %s", method, conn.id, exc)
-            session.error(request.id, codes.ERROR_INTERNAL)
-        except Exception:
-            # Every error counts toward the connection's budget, internal ones (100)
-            # included: a connection whose commands keep failing ends in 3509.
-            logger.exception("%s on %s failed", method, conn.id)
+        elif isinstance(exc, (LogError, KeySetError, BackplaneError)):
+            logger.warning("%s on %s failed: %s", request.method, conn.id, exc)
             session.error(request.id, codes.ERROR_INTERNAL)
         else:
-            if method == "connect":
-                session.connected(request, result)
-                conn.send_session_output()
-                self.after_connect(conn)
-                return
-            session.reply(request, result)
-            if method == "subscribe":
-                # The reply must precede the live publications held meanwhile:
-                # queue it, then release them, with no await in between.
-                conn.send_session_output()
-                membership = conn.channels.get(request.body.channel)
-                if membership is not None and membership.held is not None:
-                    self._hub.channels.release(conn, membership)
-                return
+            # Every error counts toward the connection's budget, internal ones (100)
+            # included: a connection whose commands keep failing ends in 3509.
+            logger.exception("%s on %s failed", request.method, conn.id)
+            session.error(request.id, codes.ERROR_INTERNAL)
         conn.send_session_output()
+
+    def _succeeded(self, conn: Connection, request: Request, result: Any) -> None:
+        """Reply to a command that returned ``result``."""
+        session = conn.session
+        method = request.method
+        if method == "connect":
+            session.connected(request, result)
+            conn.send_session_output()
+            self.after_connect(conn)
+            return
+        session.reply(request, result)
+        # (For subscribe: the reply must precede the live publications held
+        # meanwhile: queue it, then release them, with no await in between.)
+        conn.send_session_output()
+        if method == "subscribe":
+            membership = conn.channels.get(request.body.channel)
+            if membership is not None and membership.held is not None:
+                self._hub.channels.release(conn, membership)
 
     # -- connecting --------------------------------------------------------------------
 
@@ -626,10 +667,7 @@ class Commands:
         hub = self._hub
         channel = req.channel
         hooked = self.hooks.handles("publish", channel)
-        hub.permissions.publish(conn, channel, hooked=hooked)
-        if not req.data:
-            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data required"))
-        data = bytes(req.data)
+        data = self._publishable(conn, req, hooked)
         if not hooked:
             await hub.publish(channel, data)
             return
@@ -652,6 +690,23 @@ class Commands:
             tags=tags,
             idempotency_key=result.idempotency_key,
         )
+
+    def publish_now(self, conn: Connection, req: PublishRequest) -> bool:
+        """:meth:`publish` done at once: ``True``, or ``False`` (nothing published)
+        when it must be awaited (a publish hook, a durable channel: see
+        :meth:`Hub.publish_now`)."""
+        channel = req.channel
+        if self.hooks.handles("publish", channel):
+            return False
+        data = self._publishable(conn, req, False)
+        return self._hub.publish_now(channel, data) is not None
+
+    def _publishable(self, conn: Connection, req: PublishRequest, hooked: bool) -> bytes:
+        """A client publication's data, once the client may publish it."""
+        self._hub.permissions.publish(conn, req.channel, hooked=hooked)
+        if not req.data:
+            raise CommandError(codes.ERROR_BAD_REQUEST.with_message("data required"))
+        return bytes(req.data)
 
     async def history(self, conn: Connection, req: HistoryRequest) -> HistoryResult:
         """``history``: a page of a channel's history the client may read."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import codes
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .hub import Hub
 
-__all__ = ["finish", "keep_alive", "run_frame", "take_message"]
+__all__ = ["finish", "keep_alive", "run_frame", "run_frame_now", "take_message"]
 
 
 def take_message(conn: Connection, data: bytes | str, limit: int) -> bool:
@@ -47,11 +47,51 @@ async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -
     so they run in line: the whole frame then reaches the channel's dispatcher
     as one batch.
     """
+    pending = run_frame_now(hub, conn, data, limit)
+    if pending is not None:
+        await pending
+
+
+def run_frame_now(
+    hub: Hub, conn: Connection, data: bytes | str, limit: int
+) -> Coroutine[Any, Any, None] | None:
+    """:func:`run_frame` without a coroutine while its commands need no await.
+
+    Returns ``None`` when the whole frame ran (a frame of publications into
+    live channels, the common case), else the coroutine that runs the rest,
+    from the first command that must be awaited (see :meth:`Hub.handle_now`).
+    """
     if not take_message(conn, data, limit):
-        return
+        return None
+    requests = conn.session.receive(data)
+    after, pending = _advance(hub, conn, requests, 0)
+    if pending is None:
+        conn.send_session_output()
+        return None
+    return _run_rest(hub, conn, requests, after, pending)
+
+
+async def _run_rest(
+    hub: Hub, conn: Connection, requests: list[Any], after: int, pending: Awaitable[Any]
+) -> None:
+    """Await ``pending``, then run a frame's commands from ``after`` on, in order."""
+    rest: Awaitable[Any] | None = pending
+    while rest is not None:
+        await rest
+        after, rest = _advance(hub, conn, requests, after)
+    conn.send_session_output()
+
+
+def _advance(
+    hub: Hub, conn: Connection, requests: list[Any], i: int
+) -> tuple[int, Awaitable[Any] | None]:
+    """Run a frame's commands from ``i`` on while each is done at once.
+
+    Stops at the first that must be awaited: returns the index after it (or
+    after its group of durable publishes) and what to await; ``(len, None)``
+    once every command ran.
+    """
     session = conn.session
-    requests = session.receive(data)
-    i = 0
     while i < len(requests) and conn.is_open():
         request = requests[i]
         if not session.admit(request):
@@ -67,14 +107,13 @@ async def run_frame(hub: Hub, conn: Connection, data: bytes | str, limit: int) -
             ):
                 group.append(requests[i + len(group)])
             if len(group) > 1:
-                await asyncio.gather(*(hub.handle(conn, r) for r in group))
-            else:
-                await hub.handle(conn, request)
-            i += len(group)
-            continue
-        await hub.handle(conn, request)
+                return i + len(group), asyncio.gather(*(hub.handle(conn, r) for r in group))
+            return i + 1, hub.handle(conn, request)
+        pending = hub.handle_now(conn, request)
         i += 1
-    conn.send_session_output()
+        if pending is not None:
+            return i, pending
+    return i, None
 
 
 def _durable_publish(hub: Hub, request: Any) -> bool:

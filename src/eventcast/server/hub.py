@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -314,6 +314,11 @@ class Hub:
     async def handle(self, conn: Connection, request: Any) -> None:
         """Execute one admitted client command (see :class:`~.commands.Commands`)."""
         await self.commands.handle(conn, request)
+
+    def handle_now(self, conn: Connection, request: Any) -> Coroutine[Any, Any, None] | None:
+        """:meth:`handle`, done at once (``None``) when the command needs no await, else
+        the coroutine that executes it (see :meth:`Commands.handle_now`)."""
+        return self.commands.handle_now(conn, request)
 
     def check_handshake(self, scope: Any, transport: str) -> tuple[int, str] | None:
         """Refuse a handshake: ``(status, message)``, or ``None`` to let it through.

@@ -16,7 +16,9 @@ events, no sans-I/O parser generator and no kept handshake request: an idle
 connection is this protocol object, its :class:`~eventcast.protocol.websocket.FrameReader`,
 the hub's :class:`~eventcast.server.connection.Connection`, and the transport
 (``docs/performance.md``, goal 3). Each client message costs no ASGI
-round trip either: a task runs the commands only while there are some.
+round trip either: its commands run in the read's callback while none must be
+awaited (publications into live channels), and a task runs them only from the
+first that must.
 
 Bounds: a message is at most ``max_message_size`` bytes (1009 past it, refused
 on the frame's header); at most :data:`READ_AHEAD` bytes of messages wait while
@@ -56,7 +58,7 @@ from ..protocol.websocket import (
 )
 from ._http import error_body
 from .connection import Connection
-from .driver import keep_alive, run_frame
+from .driver import keep_alive, run_frame_now
 from .httpio import websocket_terms
 from .unidirectional import connect_in_url, uni_websocket_message
 
@@ -77,7 +79,8 @@ logger = logging.getLogger("eventcast.server")
 #: records eventcast redacts: see ``eventcast.server._logs``).
 access = logging.getLogger("uvicorn.error")
 
-Handler = Callable[["Hub", Connection, bytes, int], Awaitable[None]]
+#: Runs a client message: ``None`` when it ran at once, else what runs the rest.
+Handler = Callable[["Hub", Connection, bytes, int], Awaitable[None] | None]
 Terms = Callable[[dict[str, Any]], tuple[Encoding, str | None]]
 
 
@@ -92,7 +95,8 @@ class Endpoint:
 
     #: The transport's name (``websocket``, ``uni_websocket``: see ``wires.WIRES``).
     transport: str
-    #: What runs each client message, in order: ``(hub, conn, message, limit)``.
+    #: What runs each client message, in order: ``(hub, conn, message, limit)``;
+    #: it returns ``None`` when the message ran at once, else what to await.
     handle: Handler
     #: Whether the client answers pings (a unidirectional one cannot).
     pongs: bool
@@ -104,7 +108,7 @@ class Endpoint:
 
 #: The paths this protocol serves (other upgrades go to uvicorn's protocol).
 ENDPOINTS: Final = {
-    b"/connection/websocket": Endpoint("websocket", run_frame, True, False, websocket_terms),
+    b"/connection/websocket": Endpoint("websocket", run_frame_now, True, False, websocket_terms),
     b"/connection/uni_websocket": Endpoint(
         "uni_websocket", uni_websocket_message, False, True, _uni_terms
     ),
@@ -255,9 +259,25 @@ class HubWebSocket(asyncio.Protocol):
             self._fail(Disconnect(error.code, error.reason))
 
     def _take(self, message: bytes) -> None:
-        """Run a client message's commands now, or after those of the messages before it."""
+        """Run a client message's commands now, or after those of the messages before it.
+
+        A message whose commands need no await (publications into live
+        channels) runs here, in the read's callback; the first that must be
+        awaited continues in a task, which runs the messages that arrive
+        meanwhile after it.
+        """
         if self._worker is None:
-            task = asyncio.get_running_loop().create_task(self._run(message))
+            conn = self.conn
+            assert conn is not None
+            hub = self._hub
+            try:
+                pending = self._endpoint.handle(hub, conn, message, hub.settings.max_message_size)
+            except Exception as exc:
+                self._internal_error(conn, exc)
+                return
+            if pending is None:
+                return
+            task = asyncio.get_running_loop().create_task(self._run(pending))
             self._worker = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -272,15 +292,16 @@ class HubWebSocket(asyncio.Protocol):
             self._paused = True
             transport.pause_reading()
 
-    async def _run(self, message: bytes) -> None:
-        """The commands of ``message``, then of each message that arrived meanwhile, in order."""
+    async def _run(self, pending: Awaitable[None]) -> None:
+        """The rest of a message's commands, then those of each message that arrived
+        meanwhile, in order."""
         conn = self.conn
         assert conn is not None
         hub = self._hub
         limit = hub.settings.max_message_size
         handle = self._endpoint.handle
         try:
-            await handle(hub, conn, message, limit)
+            await pending
             while self._inbox is not None and conn.is_open():
                 inbox, self._inbox = self._inbox, None
                 self._inbox_bytes = 0
@@ -288,20 +309,27 @@ class HubWebSocket(asyncio.Protocol):
                 for data in inbox:
                     if not conn.is_open():
                         break
-                    await handle(hub, conn, data, limit)
-        except Exception as exc:  # a bug: the client is told, the log says what
-            logger.error(
-                "connection %s: internal error running commands (%s)",
-                conn.id,
-                type(exc).__name__,
-                exc_info=logger.isEnabledFor(logging.DEBUG),
-            )
-            conn.close(codes.DISCONNECT_SERVER_ERROR)
+                    rest = handle(hub, conn, data, limit)
+                    if rest is not None:
+                        await rest
+        except Exception as exc:
+            self._internal_error(conn, exc)
         finally:
             self._worker = None
             self._inbox = None
             self._inbox_bytes = 0
             self._resume()
+
+    @staticmethod
+    def _internal_error(conn: Connection, exc: Exception) -> None:
+        """A bug running a client's commands: the client is told, the log says what."""
+        logger.error(
+            "connection %s: internal error running commands (%s)",
+            conn.id,
+            type(exc).__name__,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        conn.close(codes.DISCONNECT_SERVER_ERROR)
 
     def _resume(self) -> None:
         """Read the socket again (its messages have run, or will not: the client's close

@@ -734,3 +734,39 @@ async def test_a_bug_running_a_message_closes_with_3004_and_one_log_line(
     assert len(lines) == 1
     assert not lines[0].exc_info
     assert "a bug" not in caplog.text
+
+
+async def test_a_message_task_cancelled_before_it_ran_leaves_nothing_behind() -> None:
+    # What a message's task was to await is closed (a coroutine) or cancelled (a
+    # gathered group of durable publishes) when the task ends without running,
+    # as at shutdown; once awaited, both are done and untouched.
+    import inspect
+    from functools import partial
+
+    from eventcast.server.websocket import _drop_unawaited
+
+    async def rest() -> None:
+        await asyncio.sleep(0)
+
+    async def run(pending: Any) -> None:
+        await pending
+
+    loop = asyncio.get_running_loop()
+    coroutine = rest()
+    group = asyncio.gather(asyncio.sleep(5))
+    pendings: tuple[Any, ...] = (coroutine, group)
+    for pending in pendings:
+        task = loop.create_task(run(pending))
+        task.add_done_callback(partial(_drop_unawaited, pending))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED
+    with pytest.raises(asyncio.CancelledError):
+        await group
+
+    finished = rest()
+    task = loop.create_task(run(finished))
+    task.add_done_callback(partial(_drop_unawaited, finished))
+    await task
+    assert inspect.getcoroutinestate(finished) == inspect.CORO_CLOSED

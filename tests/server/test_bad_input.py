@@ -182,6 +182,27 @@ async def test_too_many_bad_commands_close_3509(strict: HubServer, witness: Witn
     await witness()
 
 
+async def test_bad_client_publications_get_their_errors_without_a_task(
+    strict: HubServer, witness: Witness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A publication that is not durable runs in the read's callback: a malformed
+    # name (107), an unknown namespace (102) and a namespace that refuses client
+    # publications (103) get the same errors as before, and they count toward 3509.
+    async with await open_client(strict) as client:
+        await client.connect(tok())
+        bad = [
+            {"id": 2, "publish": {"channel": "a b", "data": 1}},
+            {"id": 3, "publish": {"channel": "nowhere:x", "data": 1}},
+        ]
+        await client.send_raw("\n".join(json.dumps(c) for c in bad))
+        replies = [await client.reply(2), await client.reply(3)]
+        assert [r["error"]["code"] for r in replies] == [107, 102]
+        await client.command("publish", {"channel": "live:x", "data": 1})  # the last straw
+        assert await client.closed() == (3509, "too many errors")
+    assert not [r for r in caplog.records if r.exc_info]
+    await witness()
+
+
 # -- the HTTP API ------------------------------------------------------------------------------
 
 

@@ -90,3 +90,48 @@ async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
     finally:
         gate.set()
         await log.close()
+
+
+async def test_common_and_rare_rows_of_one_group_commit_are_stored_as_sent(
+    tmp_path: Path,
+) -> None:
+    """The common row (JSON data, no tags, no key) is inserted with its constant
+    columns written in the statement, the others with every column bound: in one
+    commit group, each event reads back exactly as it was appended, in offset order."""
+    path = tmp_path / "events.db"
+    log = SQLiteLog(path)
+    await log.open()
+    sent = [
+        Event(topic="t", data={"n": 0}),
+        Event(topic="t", data=b"\x00\xff raw"),
+        Event(topic="t", data="text", tags={"k": "v"}),
+        Event(topic="t", data=[3], idempotency_key="key-3"),
+        Event(topic="t", data=None),
+        Event(topic="u", data=b""),
+        Event(topic="t", data={"n": 6}),
+    ]
+    try:
+        # One request of seven rows of both kinds (one group commit), then seven
+        # requests of one queued at once.
+        await asyncio.gather(log.append(sent), *(log.append([e]) for e in sent))
+        for reopened in (False, True):
+            if reopened:
+                await log.close()
+                log = SQLiteLog(path)
+                await log.open()
+            for topic in ("t", "u"):
+                mine = [e for e in sent if e.topic == topic] * 2
+                read = await log.read(topic)
+                assert [e.offset for e in read] == list(range(1, len(read) + 1))
+                # The keyed event's repeat is not stored again.
+                expected = [
+                    e for i, e in enumerate(mine) if i < len(mine) // 2 or e.idempotency_key is None
+                ]
+                assert [(e.id, e.data, dict(e.tags), e.idempotency_key, e.time) for e in read] == [
+                    (e.id, e.data, dict(e.tags), e.idempotency_key, e.time) for e in expected
+                ]
+                assert all(
+                    type(e.data) is type(x.data) for e, x in zip(read, expected, strict=True)
+                )
+    finally:
+        await log.close()

@@ -279,8 +279,8 @@ def sqlite_baseline(path: str, seconds: float) -> dict[str, Any]:
 
 
 _FLOOR_CHUNKS = (256, 32, 4, 1)
-# The row's constant columns written in the statement, and the payload bound as a
-# bytearray: the sqlite3 module looks up an adapter for a bool, None or bytes.
+# The row's constant columns written in the statement, as SQLiteLog does: the
+# sqlite3 module looks up an adapter for a bool or None.
 _FLOOR_SQL = {
     n: "INSERT INTO events (topic, id, time, payload, binary, tags, ikey, offset) VALUES "
     + ", ".join(["(?, ?, ?, ?, 0, NULL, NULL, ?)"] * n)
@@ -313,7 +313,7 @@ def _floor_writer(
         offsets = []
         for (topic, id_, t, payload), _ in batch:
             top += 1
-            params += (topic, id_, t, bytearray(payload), top)
+            params += (topic, id_, t, payload, top)
             offsets.append(top)
         conn.execute("BEGIN IMMEDIATE")
         i = 0

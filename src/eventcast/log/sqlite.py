@@ -432,7 +432,7 @@ class SQLiteLog(EventLog):
                         continue
                 top = state.top = state.top + 1
                 if ikey is None and item[5] is None and not item[4]:
-                    extend_plain((topic, item[1], item[2], bytearray(item[3]), top))
+                    extend_plain((topic, item[1], item[2], item[3], top))
                 else:
                     extend_full(item)
                     full.append(top)
@@ -807,11 +807,12 @@ class _RowShape:
 
 #: A row with every column bound: ``(topic, id, time, payload, binary, tags, ikey, offset)``.
 _FULL_ROW: Final = _RowShape.of("(?, ?, ?, ?, ?, ?, ?, ?)")
-#: The common row (text or JSON data, no tags, no idempotency key), its constant
-#: columns written in the statement: ``(topic, id, time, payload, offset)``, the
-#: payload a ``bytearray``. The sqlite3 module binds an exact ``int``, ``float``,
-#: ``str`` or ``bytearray`` directly, but looks up an adapter for anything else
-#: (``bool``, ``None``, ``bytes``): ~0.4 µs a value, with the GIL held.
+#: The common row (JSON data, no tags, no idempotency key), its constant columns
+#: written in the statement: ``(topic, id, time, payload, offset)``. The sqlite3
+#: module binds an exact ``int``, ``float`` or ``str`` directly, but looks up an
+#: adapter for anything else (a ``bool``, ``None``): ~0.4 µs a value, with the GIL
+#: held. (The payload, ``bytes``, pays it too: a copy to a ``bytearray``, which
+#: binds directly, costs about as much.)
 _PLAIN_ROW: Final = _RowShape.of("(?, ?, ?, ?, 0, NULL, NULL, ?)")
 
 

@@ -1,8 +1,9 @@
-"""Run every benchmark in turn: bus, log, hub, rooms, memory, backplane, ingest, wire
-(``make bench``).
+"""Run every benchmark in turn: host, bus, log, hub, rooms, memory, backplane, ingest,
+wire (``make bench``).
 
 Each module is also runnable alone (``python benchmarks/<name>.py --help``)
 and exposes ``main(argv) -> dict``; ``rooms`` is ``hub.py --workload rooms``.
+``host`` goes first: the host's own stalls, against which the rest is read.
 At the end, the figures of issue 19 (performance round 2) are printed
 together, each beside its baseline from the same run.
 
@@ -22,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ("bus", "log", "hub", "rooms", "memory", "backplane", "ingest", "wire")
+MODULES = ("host", "bus", "log", "hub", "rooms", "memory", "backplane", "ingest", "wire")
 #: The file of each module, where it is not ``<name>.py``.
 FILES = {"rooms": "hub"}
 #: Arguments every run of a module gets.
@@ -135,6 +136,12 @@ def summary(results: dict[str, Any]) -> None:
                 f"{med('floor', 'half', 'p99_ms'):.1f})  [goal: <= 1.5x floor, intake <= 3 µs,"
                 " p99 <= 1.5x floor's]"
             )
+    for row in (results.get("host") or {}).get("results") or []:
+        lines.append(
+            f"host, CPU {row['cpu']}: gaps over 1 ms {row['gaps_over_ms']['1.0']:.1f}/s, over"
+            f" 10 ms {row['gaps_over_ms']['10.0']:.2f}/s, worst {row['worst_ms']:.1f} ms, time"
+            f" lost {row['lost_pct']:.2f}%  [the host's own noise: read the p99s against it]"
+        )
     memory = (results.get("memory") or {}).get("results") or []
     for n in sorted({r["connections"] for r in memory if not r["tracemalloc"]}):
         per = {

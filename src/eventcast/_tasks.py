@@ -9,16 +9,48 @@ supervisor cancels every task and waits a bounded time for them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 from typing import Any, Final
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "release_unawaited"]
 
 #: How long :meth:`Supervisor.aclose` waits for cancelled tasks, in seconds.
 CLOSE_TIMEOUT: Final = 5.0
 
 FailureHandler = Callable[[asyncio.Task[Any], BaseException], None]
+
+
+def release_unawaited(pending: Awaitable[Any], task: asyncio.Task[Any] | None = None) -> None:
+    """Release what a task was made to await, once the task is done (a done callback).
+
+    A task cancelled before its first step (as at shutdown) runs none of its
+    coroutine's code. What that coroutine was given to await would be left:
+    a coroutine never awaited warns when collected, and a gathered group runs
+    on. So a coroutine that never started is closed, with every coroutine and
+    future among its arguments (the rest of a message holds the command it
+    awaits first, which holds the publication it finishes), and a future is
+    cancelled (its outcome taken: no one else awaits it). Once the task ran,
+    what it awaited is done, and this changes nothing.
+    """
+    stack: list[object] = [pending]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, CoroutineType):
+            frame = item.cr_frame
+            if frame is not None and inspect.getcoroutinestate(item) == inspect.CORO_CREATED:
+                stack.extend(frame.f_locals.values())
+                item.close()
+        elif isinstance(item, asyncio.Future) and item.cancel():
+            item.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a cancelled future's outcome, so no one logs it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Supervisor:

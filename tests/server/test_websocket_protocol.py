@@ -739,14 +739,18 @@ async def test_a_bug_running_a_message_closes_with_3004_and_one_log_line(
 async def test_a_message_task_cancelled_before_it_ran_leaves_nothing_behind() -> None:
     # What a message's task was to await is closed (a coroutine) or cancelled (a
     # gathered group of durable publishes) when the task ends without running,
-    # as at shutdown; once awaited, both are done and untouched.
+    # as at shutdown, and so is what that coroutine was given to await in turn;
+    # once awaited, all of it is done and untouched.
     import inspect
     from functools import partial
 
-    from eventcast.server.websocket import _drop_unawaited
+    from eventcast._tasks import release_unawaited
 
     async def rest() -> None:
         await asyncio.sleep(0)
+
+    async def then(pending: Any, label: str = "") -> None:
+        await pending
 
     async def run(pending: Any) -> None:
         await pending
@@ -754,19 +758,93 @@ async def test_a_message_task_cancelled_before_it_ran_leaves_nothing_behind() ->
     loop = asyncio.get_running_loop()
     coroutine = rest()
     group = asyncio.gather(asyncio.sleep(5))
-    pendings: tuple[Any, ...] = (coroutine, group)
+    inner = rest()
+    nested_group = asyncio.gather(asyncio.sleep(5))
+    pendings: tuple[Any, ...] = (coroutine, group, then(then(inner)), then(nested_group))
     for pending in pendings:
         task = loop.create_task(run(pending))
-        task.add_done_callback(partial(_drop_unawaited, pending))
+        task.add_done_callback(partial(release_unawaited, pending))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED
-    with pytest.raises(asyncio.CancelledError):
-        await group
+    for closed in (coroutine, inner):
+        assert inspect.getcoroutinestate(closed) == inspect.CORO_CLOSED
+    for cancelled in (group, nested_group):
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
 
     finished = rest()
     task = loop.create_task(run(finished))
-    task.add_done_callback(partial(_drop_unawaited, finished))
+    task.add_done_callback(partial(release_unawaited, finished))
     await task
     assert inspect.getcoroutinestate(finished) == inspect.CORO_CLOSED
+
+
+async def test_a_message_cancelled_before_it_ran_leaves_no_warning_and_no_error(
+    start_hub: StartHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real chains a message's task awaits: the rest of a frame holding a
+    durable publish, a gathered group of them, and a live publication that
+    must wait for an ``Overflow.BLOCK`` subscriber (the command's coroutine
+    holding the hub's publication of the data it checked)."""
+    import gc
+    import warnings
+    from functools import partial
+
+    from eventcast import Overflow
+    from eventcast._tasks import release_unawaited
+    from eventcast.server.driver import run_frame_now
+
+    from .hubtools import NAMESPACES
+
+    server = await start_hub(
+        namespaces=[*NAMESPACES, {"name": "open", "allow_publish_for_client": True}]
+    )
+    hub = server.hub
+    blocker = hub.bus.subscribe("open:>", overflow=Overflow.BLOCK)
+
+    def publish(command_id: int, channel: str) -> str:
+        return json.dumps({"id": command_id, "publish": {"channel": channel, "data": {}}})
+
+    frames = [
+        publish(100, "cancelled.one"),
+        # (A gathered group's publications are tasks from the start: they may commit.)
+        publish(101, "cancelled.group") + "\n" + publish(102, "cancelled.group"),
+        publish(103, "open:blocked"),
+    ]
+
+    async def run(pending: Any) -> None:
+        await pending
+
+    loop = asyncio.get_running_loop()
+    async with await RawClient.open(server.ws_url) as client:
+        await client.connect(token("canceller"))
+        (conn,) = hub.connections.values()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for frame in frames:
+                pending = run_frame_now(hub, conn, frame, hub.settings.max_message_size)
+                assert pending is not None
+                task = loop.create_task(run(pending))
+                task.add_done_callback(partial(release_unawaited, pending))
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                del pending, task
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            gc.collect()
+        assert [str(w.message) for w in caught] == []
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        history = await server.api("history", channel="cancelled.one", limit=10)
+        assert history.get("publications", []) == []
+        assert blocker.buffered == 0
+        # The connection is unharmed: its next publications go through, once each
+        # (the awaited way while the BLOCK subscriber is there).
+        reply = await client.request("publish", {"channel": "open:blocked", "data": {"n": 0}})
+        assert reply.get("publish") == {}, reply
+        assert blocker.buffered == 1
+        blocker.close()
+        for channel in ("cancelled.one", "open:blocked"):
+            reply = await client.request("publish", {"channel": channel, "data": {"n": 1}})
+            assert reply.get("publish") == {}, reply

@@ -36,6 +36,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
+from .._tasks import release_unawaited
 from ..exceptions import ConfigurationError
 from ..protocol.framing import closing_response
 from ..protocol.websocket import offered_subprotocols
@@ -566,6 +567,7 @@ def http_protocol(
             self.cycle = call  # type: ignore[assignment]
             task = self.loop.create_task(self._answer_later(call, answer))
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(functools.partial(release_unawaited, answer))
             self.tasks.add(task)
 
         async def _answer_later(self, call: _ApiCall, answer: Awaitable[Answer]) -> None:

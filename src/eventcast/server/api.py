@@ -24,6 +24,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from ..events import Event
 from ..exceptions import BackplaneError, EncodeError, EventcastError, LogError
 from ..protocol import codes
 from ..protocol.codes import ClientError
@@ -33,7 +34,6 @@ from .admin import disconnect_of
 from .errors import CommandError
 
 if TYPE_CHECKING:
-    from ..events import Event
     from .hub import Hub
 
 __all__ = [
@@ -139,24 +139,26 @@ def _published(event: Event) -> dict[str, Any]:
     return {}
 
 
-async def _publish(hub: Hub, channel: str, params: _Publication) -> dict[str, Any]:
-    event = await hub.publish(
-        channel, params.data, tags=params.tags, idempotency_key=params.idempotency_key or None
-    )
-    return _published(event)
-
-
-def _published_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
-    """A publication done without awaiting (a live channel, no tags or key): its
-    result, or ``None`` (nothing published) to run it the awaited way.
+def _published_now(
+    hub: Hub, channel: str, params: _Publication
+) -> dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]:
+    """A publication's result when it is done at once (a live channel, no tags or
+    key), else the coroutine of it (see :meth:`Hub.publish_now`).
 
     Raises:
-        CommandError: as :meth:`Hub.publish`.
+        CommandError: as :meth:`Hub.publish`, for what is checked at once.
     """
     if params.tags is not None or params.idempotency_key:
-        return None
-    event = hub.publish_now(params.channel, params.data)
-    return None if event is None else _published(event)
+        pending = hub.publish(
+            channel, params.data, tags=params.tags, idempotency_key=params.idempotency_key or None
+        )
+        return _published_later(pending)
+    event = hub.publish_now(channel, params.data)
+    return _published(event) if isinstance(event, Event) else _published_later(event)
+
+
+async def _published_later(pending: Awaitable[Event]) -> dict[str, Any]:
+    return _published(await pending)
 
 
 async def _settled(result: Any) -> Any:
@@ -171,8 +173,7 @@ async def api_publish(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
 def api_publish_now(hub: Hub, params: dict[str, Any] | PublishParams) -> Any:
     """``publish``: its result at once when it needs no await, else a coroutine of it."""
     publish = _params(params, PublishParams)
-    result = _published_now(hub, publish)
-    return _publish(hub, publish.channel, publish) if result is None else result
+    return _published_now(hub, publish.channel, publish)
 
 
 async def api_broadcast(hub: Hub, params: dict[str, Any] | BroadcastParams) -> Any:
@@ -184,7 +185,7 @@ async def api_broadcast(hub: Hub, params: dict[str, Any] | BroadcastParams) -> A
         try:
             if not isinstance(channel, str):
                 raise _bad("channel must be a string")
-            responses.append({"result": await _publish(hub, channel, broadcast)})
+            responses.append({"result": await _settled(_published_now(hub, channel, broadcast))})
         except CommandError as exc:
             responses.append({"error": _error(exc)})
         except LogError as exc:
@@ -414,8 +415,13 @@ async def _run_command(hub: Hub, parsed: _Parsed) -> dict[str, Any]:
     if isinstance(parsed, dict):
         return parsed
     method, handler, params = parsed
+    return await _reply_of(method, handler(hub, params))
+
+
+async def _reply_of(method: str, pending: Awaitable[Any]) -> dict[str, Any]:
+    """A batch command's reply, once its result is awaited."""
     try:
-        return {method: await handler(hub, params)}
+        return {method: await pending}
     except CommandError as exc:
         return {"error": _error(exc)}
     except LogError:
@@ -451,21 +457,23 @@ def api_batch_now(hub: Hub, params: dict[str, Any] | _PublishBatch) -> Any:
 
 
 _C = TypeVar("_C")
+#: A batch command's reply, or the coroutine of it when it must be awaited.
+_Reply = dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]
 
 
 def _replies_now(
     hub: Hub,
     commands: list[_C],
-    reply_now: Callable[[Hub, _C], dict[str, Any] | None],
+    reply_now: Callable[[Hub, _C], _Reply],
     parsed: Callable[[], list[_Parsed]],
 ) -> Any:
     """A batch's replies in order: at once while each command's ``reply_now`` answers,
-    else a coroutine for the rest (from the first that needs an await, run ``parsed``)."""
+    else a coroutine for the rest (from the first that must be awaited, run ``parsed``)."""
     replies: list[dict[str, Any]] = []
     for index, command in enumerate(commands):
         reply = reply_now(hub, command)
-        if reply is None:
-            return _batch_rest(hub, parsed(), index, replies)
+        if not isinstance(reply, dict):
+            return _batch_rest(hub, parsed(), index, replies, reply)
         replies.append(reply)
     return {"replies": replies}
 
@@ -474,32 +482,38 @@ def _parsed_publications(params: _PublishBatch) -> list[_Parsed]:
     return [("publish", api_publish, c.publish) for c in params.commands]
 
 
-def _reply_now(hub: Hub, parsed: _Parsed) -> dict[str, Any] | None:
-    """A batch command's reply when it needs no await (an error, a live publication)."""
+def _reply_now(hub: Hub, parsed: _Parsed) -> _Reply:
+    """A batch command's reply, at once when it needs no await (an error, a live
+    publication)."""
     if isinstance(parsed, dict):
         return parsed
     if parsed[0] != "publish":
-        return None
+        return _run_command(hub, parsed)
     return _publication_now(hub, parsed[2])
 
 
-def _publication_now(hub: Hub, params: PublishParams) -> dict[str, Any] | None:
-    """A batch publication's reply when it needs no await (done, or refused), else ``None``."""
+def _publication_now(hub: Hub, params: PublishParams) -> _Reply:
+    """A batch publication's reply, at once when it needs no await (done, or refused)."""
     try:
-        result = _published_now(hub, params)
+        result = _published_now(hub, params.channel, params)
     except CommandError as exc:
         return {"error": _error(exc)}
-    return None if result is None else {"publish": result}
+    return {"publish": result} if isinstance(result, dict) else _reply_of("publish", result)
 
 
 async def _batch_rest(
-    hub: Hub, parsed: list[_Parsed], start: int, replies: list[dict[str, Any]]
+    hub: Hub,
+    parsed: list[_Parsed],
+    start: int,
+    replies: list[dict[str, Any]],
+    pending: Awaitable[dict[str, Any]],
 ) -> dict[str, Any]:
-    """A batch's replies from command ``start`` on (the first one that needs an
-    await), in order, after ``replies``."""
-    replies.append(await _run_command(hub, parsed[start]))
+    """A batch's replies from command ``start`` on (``pending``: its reply, the
+    first that must be awaited), in order, after ``replies``."""
+    replies.append(await pending)
     for command in itertools.islice(parsed, start + 1, None):
-        replies.append(_reply_now(hub, command) or await _run_command(hub, command))
+        reply = _reply_now(hub, command)
+        replies.append(reply if isinstance(reply, dict) else await reply)
     return {"replies": replies}
 
 

@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 
 from .. import __version__
 from .._caches import remember
+from ..events import Event
 from ..exceptions import (
     BackplaneError,
     HookError,
@@ -83,7 +84,6 @@ from .limits import TokenBucket
 from .permissions import Permissions
 
 if TYPE_CHECKING:
-    from ..events import Event
     from .auth import SubscriptionClaims
     from .config import NamespaceConfig
     from .hub import Hub
@@ -250,20 +250,20 @@ class Commands:
 
         That is a publication into a live channel, with no publish hook (see
         :meth:`publish_now`): done at once, ``None`` returned. Any other
-        command, and a publication that must be awaited, returns the coroutine
-        that executes it.
+        command returns the coroutine that executes it, and a publication that
+        must be awaited the coroutine that finishes it.
         """
         if request.method != "publish":
             return self.handle(conn, request)
         if not self._allowed(conn, request):
             return None
         try:
-            done = self.publish_now(conn, request.body)
+            pending = self.publish_now(conn, request.body)
         except Exception as exc:
             self._failed(conn, request, exc)
             return None
-        if not done:
-            return self._run(conn, request)
+        if pending is not None:
+            return self._run(conn, request, pending)
         self._succeeded(conn, request, None)
         return None
 
@@ -276,13 +276,20 @@ class Commands:
         conn.send_session_output()
         return False
 
-    async def _run(self, conn: Connection, request: Request) -> None:
-        """Execute a command whose tokens were taken."""
-        handler = self.table.get(request.method)
+    async def _run(
+        self, conn: Connection, request: Request, begun: Awaitable[object] | None = None
+    ) -> None:
+        """Execute a command whose tokens were taken, or finish the publication
+        :meth:`publish_now` began (``begun``: its reply is empty)."""
         try:
-            if handler is None:
-                raise CommandError(codes.ERROR_METHOD_NOT_FOUND)
-            result = await handler(conn, request.body)
+            if begun is not None:
+                await begun
+                result = None
+            else:
+                handler = self.table.get(request.method)
+                if handler is None:
+                    raise CommandError(codes.ERROR_METHOD_NOT_FOUND)
+                result = await handler(conn, request.body)
         except Exception as exc:
             self._failed(conn, request, exc)
         else:
@@ -691,15 +698,17 @@ class Commands:
             idempotency_key=result.idempotency_key,
         )
 
-    def publish_now(self, conn: Connection, req: PublishRequest) -> bool:
-        """:meth:`publish` done at once: ``True``, or ``False`` (nothing published)
-        when it must be awaited (a publish hook, a durable channel: see
-        :meth:`Hub.publish_now`)."""
+    def publish_now(
+        self, conn: Connection, req: PublishRequest
+    ) -> Coroutine[Any, Any, object] | None:
+        """:meth:`publish` done at once (``None``), or the coroutine that finishes
+        it when it must be awaited: a publish hook (the whole command), a
+        durable channel (the data checked already: see :meth:`Hub.publish_now`)."""
         channel = req.channel
         if self.hooks.handles("publish", channel):
-            return False
-        data = self._publishable(conn, req, False)
-        return self._hub.publish_now(channel, data) is not None
+            return self.publish(conn, req)
+        pending = self._hub.publish_now(channel, self._publishable(conn, req, False))
+        return None if isinstance(pending, Event) else pending
 
     def _publishable(self, conn: Connection, req: PublishRequest, hooked: bool) -> bytes:
         """A client publication's data, once the client may publish it."""

@@ -368,25 +368,36 @@ class Hub:
             LogError: the channel is durable and the log failed.
             EncodeError: ``data`` cannot be encoded as JSON.
         """
-        data = self._checked(channel, data)
-        try:
-            return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
-        except InvalidDataError as exc:
-            raise _refused_data(exc) from None
+        return await self._publish(channel, self._checked(channel, data), tags, idempotency_key)
 
-    def publish_now(self, channel: str, data: Any) -> Event | None:
-        """:meth:`publish` without awaiting, when the channel is live-only.
+    def publish_now(self, channel: str, data: Any) -> Event | Coroutine[Any, Any, Event]:
+        """:meth:`publish` (no tags or key), done at once when the channel is
+        live-only (see :meth:`Bus.publish_known`).
 
-        Returns ``None`` when the publication must be awaited through
-        :meth:`publish` instead (see :meth:`Bus.publish_known`); nothing was
-        published then.
+        Returns the event published, or else the coroutine that publishes the
+        data, checked already: nothing is published until it is awaited, and it
+        must be (or closed).
 
         Raises:
             CommandError: as :meth:`publish`.
         """
         data = self._checked(channel, data)
         try:
-            return self.bus.publish_known(channel, data)
+            event = self.bus.publish_known(channel, data)
+        except InvalidDataError as exc:
+            raise _refused_data(exc) from None
+        return self._publish(channel, data) if event is None else event
+
+    async def _publish(
+        self,
+        channel: str,
+        data: Any,
+        tags: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Event:
+        """Publish data :meth:`_checked` already."""
+        try:
+            return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
         except InvalidDataError as exc:
             raise _refused_data(exc) from None
 

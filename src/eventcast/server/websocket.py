@@ -35,10 +35,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from .._tasks import release_unawaited
 from ..protocol import codes
 from ..protocol.codes import Disconnect
 from ..protocol.encodings import UNI_JSON, Encoding
@@ -123,16 +124,6 @@ CLOSE_TIMEOUT: Final = 5.0
 #: Seconds the close frame may wait behind data a client does not read before the
 #: connection is dropped (what waits is bounded by ``client_queue_bytes``).
 DRAIN_TIMEOUT: Final = 60.0
-
-
-def _drop_unawaited(pending: Awaitable[None], task: asyncio.Task[None]) -> None:
-    """Once a message's task is done: close what it was to await, in case the task was
-    cancelled before it ran (a coroutine never awaited warns; a gathered group would run
-    on). Once awaited, either is done already and this does nothing."""
-    if isinstance(pending, Coroutine):
-        pending.close()
-    elif isinstance(pending, asyncio.Future):
-        pending.cancel()
 
 
 def _fast_unmask() -> Unmask:
@@ -292,7 +283,7 @@ class HubWebSocket(asyncio.Protocol):
             self._worker = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(functools.partial(_drop_unawaited, pending))
+            task.add_done_callback(functools.partial(release_unawaited, pending))
             return
         inbox = self._inbox
         if inbox is None:

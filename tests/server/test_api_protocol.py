@@ -12,6 +12,7 @@ socket, with the deliveries checked by a subscriber where they matter.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import re
 import socket
@@ -310,3 +311,23 @@ async def test_an_idle_connection_closes_after_the_keep_alive_timeout(
         assert 0.3 < time.monotonic() - idle < 2.0
     finally:
         writer.close()
+
+
+async def test_answers_carry_the_date_uvicorn_keeps_current(hub: HubServer) -> None:
+    """The default headers are written from a copy made once per list uvicorn
+    makes: its once-a-second update of ``date`` still shows, on one connection."""
+    reader, writer = await connect(hub)
+    dates = []
+    try:
+        for _ in range(2):
+            writer.write(call("publish", {"channel": "live:date", "data": 1}))
+            ((status, head, _),) = await answers(reader, 1)
+            assert status == 200
+            date = re.search(rb"\r\ndate: ([^\r]+)\r\n", head)
+            assert date is not None, head
+            dates.append(email.utils.parsedate_to_datetime(date[1].decode()))
+            assert head.count(b"\r\ndate: ") == 1
+            await asyncio.sleep(1.2)
+    finally:
+        writer.close()
+    assert dates[1] > dates[0]

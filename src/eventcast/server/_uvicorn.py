@@ -121,6 +121,8 @@ _INSTANCE_ATTRIBUTES: Final = {
         "url",
         "scope",
         "expect_100_continue",
+        "client",
+        "server",
         "limit_concurrency",
         "root_path",
         "server_state",
@@ -345,14 +347,20 @@ def http_protocol(
         _head_at_start = False
         _head_bytes = 0
         _refused = False
+        #: ``_due`` of a head: its timeout and what closes the connection past it.
+        _head_due: tuple[float, Callable[[], None]]
+        #: The hub's ``max_body_size``, when the hub's API is answered here.
+        _max_body = 0
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
             self._flow = self.flow = HeldFlow(self.transport)
             self._arm(header_timeout, self._head_too_slow)
+            self._head_due = (header_timeout, self._head_too_slow)
             app = self.app
             if getattr(app, "api", None) is not None and not self.root_path:
                 self._hub = _hub_of(app)
+                self._max_body = self._hub.settings.max_body_size
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -446,7 +454,12 @@ def http_protocol(
             return self._in_head
 
         def on_message_begin(self) -> None:
-            super().on_message_begin()
+            # uvicorn's own request state, but its scope: the hub's API calls answered
+            # here need only a few of its keys, so uvicorn's is made when a request
+            # goes its way (_uvicorn_scope).
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
             # (A request behind one answered within this read: no keep-alive timeout
             # while it runs; uvicorn's data_received cancels it only as a read begins.)
             self._unset_keepalive_if_required()
@@ -460,7 +473,7 @@ def http_protocol(
                 if self._new_head:
                     self._head_bytes = 0
                 self._disarm()
-                self._due = (header_timeout, self._head_too_slow)
+                self._due = self._head_due
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -471,8 +484,17 @@ def http_protocol(
                     return
             self._start_cycle()
 
+        def _uvicorn_scope(self) -> None:
+            """Make the scope uvicorn's ``on_message_begin`` makes, for the request whose
+            line and headers were taken (see :meth:`on_message_begin`)."""
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()
+            self.url, self.headers, self.expect_100_continue = url, headers, expect
+            self.scope["headers"] = headers
+
         def _start_cycle(self) -> None:
             """uvicorn's request cycle, its body timed and its small responses in one write."""
+            self._uvicorn_scope()
             upgrade = self.parser.should_upgrade() and self._should_upgrade()
             super().on_headers_complete()
             if not upgrade:
@@ -534,7 +556,7 @@ def http_protocol(
                     length = int(value)
                 elif name == b"transfer-encoding":
                     return None
-            if length is None or length > self._hub.settings.max_body_size:
+            if length is None or length > self._max_body:
                 return None
             try:
                 path = self.url.decode("ascii")
@@ -543,9 +565,15 @@ def http_protocol(
             method = api_method(path)
             if method is None or "%" in path or "?" in path:
                 return None
-            self.scope["method"] = "POST"
-            self.scope["path"] = path
-            return _ApiCall(method, cast("dict[str, Any]", self.scope), parser.should_keep_alive())
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": path,
+                "headers": self.headers,
+                "client": self.client,
+                "server": self.server,
+            }
+            return _ApiCall(method, scope, parser.should_keep_alive())
 
         def _hand_back(self) -> None:
             """Give a call whose body is still arriving to uvicorn's cycle, with what came."""
@@ -583,9 +611,13 @@ def http_protocol(
         def _respond(self, answer: Answer, call: _ApiCall) -> None:
             """Write an answer in one write, then what uvicorn does after a response."""
             status, body, headers = api_response(answer)
-            keep_alive = call.keep_alive
-            out = [STATUS_LINE[status]]
-            for name, value in (*self.server_state.default_headers, *headers):
+            defaults = self.server_state.default_headers
+            head = _DEFAULT_HEAD
+            if head[0] is not defaults:
+                head = _default_head(defaults)
+            keep_alive = call.keep_alive and not head[2]
+            out = [STATUS_LINE[status], head[1]]
+            for name, value in headers:
                 if name == b"connection" and b"close" in value.lower():
                     keep_alive = False
                 out += (name, b": ", value, b"\r\n")
@@ -670,6 +702,22 @@ def http_protocol(
             self._arm(LINGER, transport.close)
 
     return HardenedHttpProtocol
+
+
+#: The server's default headers (``date`` and the configured ones) as written
+#: in a response, for the list they were made from: ``(list, lines, closes)``,
+#: where ``closes`` says one of them is ``connection: close``. uvicorn
+#: replaces that list (once a second, for the date), never changes it.
+_DEFAULT_HEAD: tuple[object, bytes, bool] = (None, b"", False)
+
+
+def _default_head(defaults: list[tuple[bytes, bytes]]) -> tuple[object, bytes, bool]:
+    """Remember how ``defaults`` are written (see :data:`_DEFAULT_HEAD`)."""
+    global _DEFAULT_HEAD
+    lines = b"".join(b"%s: %s\r\n" % (name, value) for name, value in defaults)
+    closes = any(n == b"connection" and b"close" in v.lower() for n, v in defaults)
+    _DEFAULT_HEAD = (defaults, lines, closes)
+    return _DEFAULT_HEAD
 
 
 def _few_heads(data: bytes) -> bool:

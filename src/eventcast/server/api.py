@@ -604,9 +604,9 @@ def count_api(hub: Hub, method: str, result: str) -> None:
     hub.api_calls[key] = hub.api_calls.get(key, 0) + 1
 
 
-def _authorized(scope: Scope, key: str | None) -> bool:
+def _authorized(scope: Scope, key: bytes | None) -> bool:
     """``X-API-Key: <key>``, else ``Authorization: apikey <key>`` (the first of each
-    counts; the key is compared as the bytes the client sent, UTF-8 for a text key)."""
+    counts; the key, UTF-8, is compared with the bytes the client sent)."""
     if not key:
         return False
     given: bytes | None = None
@@ -622,7 +622,7 @@ def _authorized(scope: Scope, key: str | None) -> bool:
         if scheme.lower() != b"apikey":
             return False
         given = rest.strip()
-    return hmac.compare_digest(bytes(given), key.encode())
+    return hmac.compare_digest(bytes(given), key)
 
 
 class ApiEndpoint:
@@ -693,8 +693,7 @@ def answer_api_body(
 
 def _refused(hub: Hub, method: str, scope: Scope) -> Answer | None:
     """401 without the right API key, 404 for an unknown method, else ``None``."""
-    key = hub.settings.api_key
-    if not _authorized(scope, key.get_secret_value() if key is not None else None):
+    if not _authorized(scope, hub.api_key):
         return _failed(hub, method, _json(401, {"error": {"code": 101, "message": "unauthorized"}}))
     if method not in API_METHODS:
         return _failed(hub, method, _json(404, {"error": _error(codes.ERROR_METHOD_NOT_FOUND)}))

@@ -128,6 +128,9 @@ class Hub:
             issuer=settings.token_issuer,
             jwks=jwks_for(settings),
         )
+        api_key = _secret(settings.api_key)
+        #: The HTTP API's key as the bytes a call must carry (``None``: the API is off).
+        self.api_key: bytes | None = api_key.encode() if api_key else None
         self.tasks = Supervisor(logger)
         self.flusher = Flusher()
         self.registry = Registry()

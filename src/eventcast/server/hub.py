@@ -392,15 +392,11 @@ class Hub:
         return self._publish(channel, data) if event is None else event
 
     async def _publish(
-        self,
-        channel: str,
-        data: Any,
-        tags: dict[str, str] | None = None,
-        idempotency_key: str | None = None,
+        self, channel: str, data: Any, tags: _Tags = None, key: str | None = None
     ) -> Event:
-        """Publish data :meth:`_checked` already."""
+        """Publish data :meth:`_checked` already (with its tags and idempotency key)."""
         try:
-            return await self.bus.publish(channel, data, tags=tags, idempotency_key=idempotency_key)
+            return await self.bus.publish(channel, data, tags=tags, idempotency_key=key)
         except InvalidDataError as exc:
             raise _refused_data(exc) from None
 
@@ -614,6 +610,10 @@ def _presence_for(url: str) -> Presence:
         # A NATS prefix is a subject token; the presence bucket allows fewer characters.
         prefix = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
     return open_presence(store_url, prefix=prefix)
+
+
+#: A publication's tags (``None``: none).
+_Tags = dict[str, str] | None
 
 
 def _secret(value: Any) -> str | None:

@@ -615,12 +615,9 @@ def http_protocol(
             head = _DEFAULT_HEAD
             if head[0] is not defaults:
                 head = _default_head(defaults)
-            keep_alive = call.keep_alive and not head[2]
-            out = [STATUS_LINE[status], head[1]]
-            for name, value in headers:
-                if name == b"connection" and b"close" in value.lower():
-                    keep_alive = False
-                out += (name, b": ", value, b"\r\n")
+            lines, closes = _header_lines(headers)
+            keep_alive = call.keep_alive and not head[2] and not closes
+            out = [STATUS_LINE[status], head[1], lines]
             if not keep_alive:
                 out.append(b"connection: close\r\n")
             out += (b"\r\n", body)
@@ -714,10 +711,19 @@ _DEFAULT_HEAD: tuple[object, bytes, bool] = (None, b"", False)
 def _default_head(defaults: list[tuple[bytes, bytes]]) -> tuple[object, bytes, bool]:
     """Remember how ``defaults`` are written (see :data:`_DEFAULT_HEAD`)."""
     global _DEFAULT_HEAD
-    lines = b"".join(b"%s: %s\r\n" % (name, value) for name, value in defaults)
-    closes = any(n == b"connection" and b"close" in v.lower() for n, v in defaults)
-    _DEFAULT_HEAD = (defaults, lines, closes)
+    _DEFAULT_HEAD = (defaults, *_header_lines(defaults))
     return _DEFAULT_HEAD
+
+
+def _header_lines(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    """Headers as written in a response's head, and whether one is ``connection: close``."""
+    out: list[bytes] = []
+    closes = False
+    for name, value in headers:
+        if name == b"connection" and b"close" in value.lower():
+            closes = True
+        out += (name, b": ", value, b"\r\n")
+    return b"".join(out), closes
 
 
 def _few_heads(data: bytes) -> bool:

@@ -366,7 +366,7 @@ async def test_resume_inside_the_commit_window_gives_no_duplicate(
         first = await bus.publish(TOPIC, 1)
         committed = asyncio.Event()
         gate = asyncio.Event()
-        append = log.append
+        append = log._appending  # what the bus awaits for a commit
 
         async def delayed(events: Any) -> list[Event]:
             stored = await append(events)
@@ -374,11 +374,11 @@ async def test_resume_inside_the_commit_window_gives_no_duplicate(
             await gate.wait()
             return stored
 
-        log.append = delayed  # type: ignore[method-assign]
+        log._appending = delayed  # type: ignore[method-assign]
         publishing = asyncio.ensure_future(bus.publish(TOPIC, 2))
         async with asyncio.timeout(SAFETY):
             await committed.wait()
-        log.append = append  # type: ignore[method-assign]
+        log._appending = append  # type: ignore[method-assign]
         assert first.position is not None
         async with bus.subscribe(TOPIC, since=first.position) as sub:
             assert sub.recovered is True

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from eventcast import Event, LogError
+from eventcast import Bus, EncodeError, Event, LogError, Namespace
 from eventcast.log import Retention
 from eventcast.log.sqlite import SQLiteLog
 
@@ -135,3 +136,56 @@ async def test_common_and_rare_rows_of_one_group_commit_are_stored_as_sent(
                 )
     finally:
         await log.close()
+
+
+async def test_a_bad_event_fails_its_own_append_not_the_group_commit_it_would_join(
+    tmp_path: Path,
+) -> None:
+    """The writer commits every queued request in one transaction and builds the
+    committed events itself: what can fail in an event (its data, its tags) must
+    fail at its own append, before anything is queued, and the appends beside it
+    in the same group commit must be stored and answered."""
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+        good = [Event(topic="t", data={"n": n}) for n in range(4)]
+        bad_data = Event(topic="t", data=object())
+        bad_tags = Event(topic="t", data=1, tags={"k": object()})  # type: ignore[dict-item]
+        results = await asyncio.gather(
+            log.append(good[:1]),
+            log.append([good[1], bad_data]),
+            log.append(good[2:3]),
+            log.append([bad_tags]),
+            log.append(good[3:]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], EncodeError)
+        assert isinstance(results[3], EncodeError)
+        answered = [e for r in (results[0], results[2], results[4]) for e in r]  # type: ignore[union-attr]
+        assert [(e.id, e.offset) for e in answered] == [
+            (good[i].id, n) for n, i in enumerate((0, 2, 3), 1)
+        ]
+        read = await log.read("t")
+        assert [(e.id, e.offset, e.data) for e in read] == [
+            (e.id, e.offset, e.data) for e in answered
+        ]
+    finally:
+        await log.close()
+
+
+async def test_a_subclass_that_overrides_append_is_what_the_bus_awaits(tmp_path: Path) -> None:
+    """The bus awaits SQLiteLog's queued append directly (no coroutine of its own);
+    a subclass with its own ``append`` gets it called instead."""
+    calls: list[int] = []
+
+    class Counting(SQLiteLog):
+        async def append(self, events: Sequence[Event]) -> list[Event]:
+            calls.append(len(events))
+            return await super().append(events)
+
+    durable = {"d": Namespace(history_size=10)}
+    async with Bus(log=Counting(tmp_path / "events.db"), namespaces=durable) as bus:
+        first = await bus.publish("d:a", 1)
+        await bus.publish_many([("d:a", 2), ("d:b", 3)])
+    assert first.offset == 1
+    assert calls == [1, 2]

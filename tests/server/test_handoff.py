@@ -42,7 +42,7 @@ class Window:
 async def window_held_open(log: EventLog) -> AsyncIterator[Window]:
     """Hold the next append's hand-back until ``window.release()`` is called."""
     window = Window()
-    append = log.append
+    append = log._appending  # what the bus awaits for a commit
 
     async def delayed(events: Sequence[Event]) -> list[Event]:
         committed = await append(events)  # committed: readers see it from now on
@@ -50,12 +50,12 @@ async def window_held_open(log: EventLog) -> AsyncIterator[Window]:
         await window._gate.wait()
         return committed
 
-    log.append = delayed  # type: ignore[method-assign]
+    log._appending = delayed  # type: ignore[method-assign]
     try:
         yield window
     finally:
         window.release()
-        log.append = append  # type: ignore[method-assign]
+        log._appending = append  # type: ignore[method-assign]
 
 
 async def test_websocket_resubscribe_inside_the_commit_window(hub: HubServer) -> None:

@@ -51,7 +51,7 @@ import hashlib
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
@@ -136,8 +136,18 @@ _decode = msgspec.json.Decoder().decode
 
 
 def encode_tags(tags: Mapping[str, str]) -> bytes | None:
-    """Encode tags for storage (``None`` when there are none)."""
-    return _encode(dict(tags)) if tags else None
+    """Encode tags for storage (``None`` when there are none).
+
+    Raises:
+        EncodeError: a tag cannot be encoded (tags are strings; an event built
+            by hand may hold anything).
+    """
+    if not tags:
+        return None
+    try:
+        return _encode(dict(tags))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise EncodeError(f"cannot encode the event's tags as JSON: {exc}") from exc
 
 
 def decode_tags(raw: bytes | str | None) -> Mapping[str, str]:
@@ -193,27 +203,25 @@ _replace = msgspec.structs.replace
 
 
 def committed_events(events: Sequence[Event], rows: Sequence[Sequence[Any]]) -> list[Event]:
-    """Events for the rows an append returned, one per event: ``(epoch, offset)``
-    when the event itself was stored there, or a stored row ``(epoch, topic,
-    offset, id, time, payload, binary, tags, ikey)``; a row with another id is an
-    idempotent repeat and stands for the originally stored event."""
+    """Events for the rows an append returned, one per event (see :func:`committed_row`)."""
     if len(events) != len(rows):
         raise ValueError(f"{len(rows)} rows for {len(events)} events")
-    out: list[Event] = []
     # (a plain zip: with strict=True, Python 3.11 takes a slower call path,
     # ~0.15 µs, paid once per durable publish)
-    for event, row in zip(events, rows):  # noqa: B905 (the lengths are checked above)
-        if len(row) == 2:
-            out.append(committed(event, row[1], row[0], event.encoded_data()))
-            continue
-        epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
-        if event_id == event.id:
-            out.append(committed(event, offset, epoch, payload))
-        else:
-            out.append(
-                stored_event(topic, offset, epoch, event_id, at, payload, bool(binary), tags, ikey)
-            )
-    return out
+    return [committed_row(e, row) for e, row in zip(events, rows)]  # noqa: B905 (checked above)
+
+
+def committed_row(event: Event, row: Sequence[Any]) -> Event:
+    """The event for the row an append returned for it: ``(epoch, offset)`` when
+    the event itself was stored there, or a stored row ``(epoch, topic, offset,
+    id, time, payload, binary, tags, ikey)``; a row with another id is an
+    idempotent repeat and stands for the originally stored event."""
+    if len(row) == 2:
+        return committed(event, row[1], row[0], event.encoded_data())
+    epoch, topic, offset, event_id, at, payload, binary, tags, ikey = row
+    if event_id == event.id:
+        return committed(event, offset, epoch, payload)
+    return stored_event(topic, offset, epoch, event_id, at, payload, bool(binary), tags, ikey)
 
 
 def stored_event(
@@ -440,6 +448,17 @@ class EventLog(ABC):
             LogError: nothing was committed.
             EncodeError: an event's data cannot be encoded (nothing was committed).
         """
+
+    def _appending(self, events: Sequence[Event]) -> Awaitable[list[Event]]:
+        """What to await for ``append(events)`` (the bus's publish path).
+
+        The default is :meth:`append`'s coroutine. A log that hands its writes
+        to a thread of its own (:class:`~eventcast.log.SQLiteLog`) queues the
+        request at the call and returns its future: one coroutine frame less
+        per durable publish. Raises what :meth:`append` raises, at the call or
+        from the awaitable.
+        """
+        return self.append(events)
 
     @abstractmethod
     async def truncate(self, topic: str) -> Position:

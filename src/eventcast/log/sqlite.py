@@ -30,15 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import LogError
 from .base import (
-    AppendItem,
     EventLog,
-    append_items,
-    committed_events,
+    committed,
+    committed_row,
     empty_epoch,
+    encode_tags,
     epoch_bucket,
     letter_to_row,
     log_error,
@@ -108,12 +110,10 @@ _PAGE_COLUMNS = (
     "THEN json_array(binary, CAST(tags AS TEXT), ikey) END"
 )
 
-# One row to insert: (topic, id, time, payload, binary, tags, ikey).
-_Item = AppendItem
 
+class _Request(msgspec.Struct):
+    """A request for the writer thread (a struct: built in C, one per durable publish)."""
 
-@dataclass(slots=True)
-class _Request:
     kind: str
     args: Any
     future: asyncio.Future[Any]
@@ -396,10 +396,10 @@ class SQLiteLog(EventLog):
         flat, to ``plain`` (in the order of :data:`_PLAIN_ROW`) or ``full`` (of
         :data:`_FULL_ROW`).
 
-        Sets each request's result: per event, ``(epoch, offset)`` when the
-        event itself is stored, or the original stored row for an idempotent
-        repeat (found in this batch or in the table); see
-        :func:`~eventcast.log.base.committed_events`.
+        Sets each request's result: its events as committed, built here so the
+        loop thread only hands them over. An idempotent repeat (found in this
+        batch or in the table) stands for the originally stored event (see
+        :func:`~eventcast.log.base.committed_row`).
         """
         t = now()
         expires = t + self.dedup_window
@@ -409,9 +409,10 @@ class SQLiteLog(EventLog):
         last_topic: str | None = None
         state: _TopicState | None = None
         for request in appends:
-            results: list[tuple[Any, ...]] = []
-            for item in request.args:
-                topic = item[0]
+            results: list[Event] = []
+            event: Event
+            for event in request.args:
+                topic = event.topic
                 if topic != last_topic:
                     state = touched.get(topic)
                     if state is None:
@@ -422,25 +423,36 @@ class SQLiteLog(EventLog):
                         state = touched[topic] = self._topic(conn, topic)
                     last_topic = topic
                 assert state is not None
-                ikey = item[6]
+                ikey = event.idempotency_key
                 if ikey is not None:
                     original = pending_keys.get((topic, ikey)) or self._find_key(
                         conn, topic, ikey, t
                     )
                     if original is not None:
-                        results.append(original)
+                        results.append(committed_row(event, original))
                         continue
                 top = state.top = state.top + 1
-                if ikey is None and item[5] is None and not item[4]:
-                    extend_plain((topic, item[1], item[2], item[3], top))
+                payload = event.encoded_data()  # cached: encoded before it was queued
+                binary = isinstance(event.data, bytes)
+                if ikey is None and not event.tags and not binary:
+                    extend_plain((topic, event.id, event.time, payload, top))
                 else:
+                    item = (
+                        topic,
+                        event.id,
+                        event.time,
+                        payload,
+                        binary,
+                        encode_tags(event.tags),
+                        ikey,
+                    )
                     extend_full(item)
                     full.append(top)
-                results.append((state.epoch, top))
-                if ikey is not None:
-                    keys.append((topic, ikey, top, expires))
-                    # The stored row, for a repeat later in this batch.
-                    pending_keys[topic, ikey] = (state.epoch, topic, top, *item[1:])
+                    if ikey is not None:
+                        keys.append((topic, ikey, top, expires))
+                        # The stored row, for a repeat later in this batch.
+                        pending_keys[topic, ikey] = (state.epoch, topic, top, *item[1:])
+                results.append(committed(event, top, state.epoch, payload))
             request.result = results
 
     def _find_key(
@@ -621,9 +633,30 @@ class SQLiteLog(EventLog):
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
             return []
-        items: list[_Item] = append_items(events)
-        rows = await self._submit("append", items)
-        return committed_events(events, rows)
+        committed_: list[Event] = await self._queue_append(events)
+        return committed_
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.append is not SQLiteLog.append and cls._appending is SQLiteLog._appending:
+            # A subclass's own append is what the bus must await: the default path.
+            cls._appending = EventLog._appending
+
+    def _queue_append(self, events: Sequence[Event]) -> Awaitable[list[Event]]:
+        """Queue an append now; its future (or, when the log is full, a coroutine).
+
+        What can fail from the events themselves fails here, before anything is
+        queued: the writer thread commits a group of requests together, and one
+        caller's bad event must not fail the others'.
+        """
+        for event in events:
+            event.encoded_data()  # encoded once, cached for the writer and the wire
+            if event.tags:
+                encode_tags(event.tags)  # the writer encodes them again, for the row
+        return self._submit("append", events if type(events) is tuple else tuple(events))
+
+    #: The bus awaits the queued append itself: no coroutine frame of append's.
+    _appending = _queue_append
 
     async def truncate(self, topic: str) -> Position:
         result: Position = await self._submit("truncate", topic)

@@ -6,11 +6,14 @@ what the checks depend on, and shows the next publish sees the change.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from eventcast import (
     Bus,
     BusClosedError,
+    Event,
     InvalidDataError,
     InvalidTopicError,
     Namespace,
@@ -118,3 +121,71 @@ def test_the_fast_path_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     for i in range(20):
         bus.publish_nowait(f"t.{i}", i)
     assert 0 < len(bus._live_routes) <= 8
+
+
+# -- a durable publish's fast path: a durable, untyped topic checked once --------------
+
+DURABLE = {
+    "d": Namespace(history_size=10),
+    "typed": Namespace(history_size=10, schema={"type": "integer"}),
+}
+
+
+async def test_a_durable_topic_known_to_the_fast_path_still_commits_in_order() -> None:
+    async with Bus(namespaces=DURABLE) as bus:
+        sub = bus.subscribe("d:a")
+        published = [await bus.publish("d:a", i) for i in range(3)]
+        assert "d:a" in bus._durable_topics
+        assert [e.offset for e in published] == [1, 2, 3]
+        assert [(e.offset, e.data) for e in await sub.get_batch()] == [(1, 0), (2, 1), (3, 2)]
+        assert [e.offset for e in (await bus.history("d:a")).events] == [1, 2, 3]
+
+
+async def test_a_closed_bus_refuses_a_durable_topic_the_fast_path_knew() -> None:
+    bus = Bus(namespaces=DURABLE)
+    await bus.publish("d:a", 1)
+    await bus.close()
+    with pytest.raises(BusClosedError):
+        await bus.publish("d:a", 2)
+
+
+async def test_typed_durable_topics_are_checked_on_every_publish() -> None:
+    async with Bus(namespaces=DURABLE) as bus:
+        await bus.publish("typed:a", 1)
+        await bus.publish("typed:a", 2)
+        assert "typed:a" not in bus._durable_topics
+        with pytest.raises(InvalidDataError):
+            await bus.publish("typed:a", "three")
+
+
+async def test_a_blocking_subscriber_makes_a_known_durable_topic_wait_for_room() -> None:
+    async with Bus(namespaces=DURABLE) as bus:
+        await bus.publish("d:a", 0)
+        slow = bus.subscribe("d:a", maxsize=1, overflow=Overflow.BLOCK, block_timeout=5)
+        await bus.publish("d:a", 1)  # fills it
+        waiting = asyncio.ensure_future(bus.publish("d:a", 2))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the fast path did not skip the wait
+        assert (await slow.get()).data == 1
+        assert (await waiting).offset == 3
+        assert (await slow.get()).data == 2
+
+
+async def test_keys_tags_and_acks_on_a_known_durable_topic_take_the_checked_path() -> None:
+    async with Bus(namespaces=DURABLE) as bus:
+        handled: list[int] = []
+
+        async def handler(event: Event) -> None:
+            handled.append(event.data)
+
+        bus.on("d:a", handler)
+        await bus.publish("d:a", 1)
+        tagged = await bus.publish("d:a", 2, tags={"k": "v"})
+        keyed = await bus.publish("d:a", 3, idempotency_key="k")
+        again = await bus.publish("d:a", 4, idempotency_key="k")
+        acked = await bus.publish("d:a", 5, ack=True)
+        assert dict(tagged.tags) == {"k": "v"}
+        assert again.id == keyed.id  # stored once
+        assert handled[-1] == 5
+        assert acked.offset == 4  # the repeat took no offset
+        assert [e.data for e in (await bus.history("d:a")).events] == [1, 2, 3, 5]

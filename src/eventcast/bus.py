@@ -247,6 +247,9 @@ class Bus:
         # holds the topic's counters too, so one lookup serves both.
         self._live_routes: dict[str, _LiveRoute] = {}
         self._router.derived.append(self._live_routes)
+        # The fast path of a durable publish: topics of durable, untyped
+        # namespaces that were checked once (name, namespace) and committed.
+        self._durable_topics: dict[str, None] = {}
         self._sequencer = Sequencer(self._router, log, self._spawn, self._signal_gap)
         if isinstance(backplane, str):
             from .backplane import open_backplane
@@ -848,43 +851,54 @@ class Bus:
             DeliveryError: with ``ack``, a handler failed every attempt.
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
-        if not ack and tags is None and idempotency_key is None:
-            # Only the remembered routes here: the path below does publish_known's
-            # other checks itself (a durable topic would route and look its
-            # namespace up twice).
-            known = self._publish_remembered(topic, data)
-            if known is not None:
-                return known
-        self._check_open()
-        rings = self._router.route(topic)
-        ns = self._namespaces.of(topic)
-        event = self._make_event(topic, data, tags, idempotency_key, ns)
-        if self._subs.blockers:
-            rings = await self._wait_for_blockers(topic, rings)
         log = self.log
-        if ns.history_size and log is not None:
-            # Commit before any fan-out; no await between the commit and the
-            # fan-out, so subscribers see events in offset order. (The log is
-            # awaited here directly, through its queued append where it has
-            # one: two coroutine frames less on the hot path than through
-            # _commit, which batches use.)
+        plain = not ack and tags is None and idempotency_key is None and not self._subs.blockers
+        if plain and (route := self._live_routes.get(topic)) is not None:
+            return self._publish_live(topic, data, route)
+        if plain and topic in self._durable_topics and self._state is _State.OPEN:
+            # A durable, untyped topic committed before: its name and namespace
+            # were checked then (the checks below, once per topic).
+            event = new_event(topic, data)
+        else:
+            self._check_open()
+            rings = self._router.route(topic)
+            ns = self._namespaces.of(topic)
+            event = self._make_event(topic, data, tags, idempotency_key, ns)
+            if self._subs.blockers:
+                rings = await self._wait_for_blockers(topic, rings)
+            if not ns.history_size or log is None:
+                self._remember_live(topic, rings, ns)
+                if not ack:
+                    self._deliver(event, rings)
+                    return event
+                return await self._publish_acked(event, rings, timeout, retries)
+            if ns.schema is None:
+                remember(self._durable_topics, topic, None, _LIVE_ROUTES)
             if not self._started:
                 await self.start()
-            started = time.perf_counter()
-            stored = (await log._appending((event,)))[0]
-            self.append_latency.observe(time.perf_counter() - started)
-            if stored.id != event.id:
-                return stored  # an idempotent repeat: stored once, delivered once
-            if not ack:
-                self._deliver(stored)  # the sequencer routes it, in offset order
-                return stored
-            event = stored
-            rings = self._router.route(topic)
-        else:
-            self._remember_live(topic, rings, ns)
+        # Commit before any fan-out; no await between the commit and the fan-out,
+        # so subscribers see events in offset order. (The log is awaited here
+        # directly, through its queued append where it has one: two coroutine
+        # frames less on the hot path than through _commit, which batches use.)
+        assert log is not None  # a durable topic: the bus has a log
+        started = time.perf_counter()
+        stored = (await log._appending((event,)))[0]
+        self.append_latency.observe(time.perf_counter() - started)
+        if stored.id != event.id:
+            return stored  # an idempotent repeat: stored once, delivered once
         if not ack:
-            self._deliver(event, rings)
-            return event
+            self._deliver(stored)  # the sequencer routes it, in offset order
+            return stored
+        return await self._publish_acked(stored, self._router.route(topic), timeout, retries)
+
+    async def _publish_acked(
+        self,
+        event: Event,
+        rings: tuple[_Ring, ...],
+        timeout: float | None,
+        retries: int | None,
+    ) -> Event:
+        """Deliver ``event`` and return once its handler subscribers processed it."""
         timeout = self.ack_timeout if timeout is None else timeout
         retries = self.ack_retries if retries is None else retries
         if timeout <= 0 or retries < 0:

@@ -189,3 +189,13 @@ async def test_keys_tags_and_acks_on_a_known_durable_topic_take_the_checked_path
         assert handled[-1] == 5
         assert acked.offset == 4  # the repeat took no offset
         assert [e.data for e in (await bus.history("d:a")).events] == [1, 2, 3, 5]
+
+
+async def test_publish_known_leaves_a_known_durable_topic_to_publish() -> None:
+    async with Bus(namespaces=DURABLE) as bus:
+        sub = bus.subscribe("d:a")
+        assert bus.publish_known("d:a", 0) is None  # durable: nothing published
+        await bus.publish("d:a", 1)
+        assert bus.publish_known("d:a", 2) is None  # still nothing, without routing
+        assert (await bus.publish("d:a", 3)).offset == 2
+        assert [e.data for e in await sub.get_batch()] == [1, 3]

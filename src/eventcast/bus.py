@@ -764,6 +764,8 @@ class Bus:
         event = self._publish_remembered(topic, data)
         if event is not None or self._subs.blockers or self._state is not _State.OPEN:
             return event
+        if topic in self._durable_topics:
+            return None  # durable, checked before: publish() commits it without routing
         return self._publish_routed(topic, data, None)
 
     def _publish_remembered(self, topic: str, data: object) -> Event | None:

@@ -854,10 +854,15 @@ class Bus:
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
         log = self.log
-        plain = not ack and tags is None and idempotency_key is None and not self._subs.blockers
-        if plain and (route := self._live_routes.get(topic)) is not None:
-            return self._publish_live(topic, data, route)
-        if plain and topic in self._durable_topics and self._state is _State.OPEN:
+        plain = not ack and tags is None and idempotency_key is None
+        if plain and (known := self._publish_remembered(topic, data)) is not None:
+            return known
+        if (
+            plain
+            and topic in self._durable_topics
+            and not self._subs.blockers
+            and self._state is _State.OPEN
+        ):
             # A durable, untyped topic committed before: its name and namespace
             # were checked then (the checks below, once per topic).
             event = new_event(topic, data)

@@ -172,20 +172,26 @@ def append_items(events: Sequence[Event]) -> list[AppendItem]:
     """Flatten events for storage, encoding each one's data (once, cached).
 
     Raises:
-        EncodeError: an event's data cannot be encoded (nothing is stored then).
+        EncodeError: an event's data or tags cannot be encoded (nothing is stored then).
     """
-    return [
-        (
-            e.topic,
-            e.id,
-            e.time,
-            e.encoded_data(),
-            isinstance(e.data, bytes),
-            encode_tags(e.tags),
-            e.idempotency_key,
-        )
-        for e in events
-    ]
+    return [append_item(e) for e in events]
+
+
+def append_item(e: Event) -> AppendItem:
+    """One event flattened for storage (see :data:`AppendItem`), its data encoded once.
+
+    Raises:
+        EncodeError: its data or tags cannot be encoded.
+    """
+    return (
+        e.topic,
+        e.id,
+        e.time,
+        e.encoded_data(),
+        isinstance(e.data, bytes),
+        encode_tags(e.tags),
+        e.idempotency_key,
+    )
 
 
 def committed(event: Event, offset: int, epoch: str, payload: bytes) -> Event:

@@ -37,6 +37,7 @@ from ..events import Event, Position
 from ..exceptions import LogError
 from .base import (
     EventLog,
+    append_item,
     committed,
     committed_row,
     empty_epoch,
@@ -433,19 +434,10 @@ class SQLiteLog(EventLog):
                         continue
                 top = state.top = state.top + 1
                 payload = event.encoded_data()  # cached: encoded before it was queued
-                binary = isinstance(event.data, bytes)
-                if ikey is None and not event.tags and not binary:
+                if ikey is None and not event.tags and not isinstance(event.data, bytes):
                     extend_plain((topic, event.id, event.time, payload, top))
                 else:
-                    item = (
-                        topic,
-                        event.id,
-                        event.time,
-                        payload,
-                        binary,
-                        encode_tags(event.tags),
-                        ikey,
-                    )
+                    item = append_item(event)
                     extend_full(item)
                     full.append(top)
                     if ikey is not None:
@@ -633,8 +625,7 @@ class SQLiteLog(EventLog):
     async def append(self, events: Sequence[Event]) -> list[Event]:
         if not events:
             return []
-        committed_: list[Event] = await self._queue_append(events)
-        return committed_
+        return await self._queue_append(events)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

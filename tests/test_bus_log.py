@@ -209,18 +209,21 @@ async def test_the_commit_happens_before_the_fan_out(store: Store) -> None:
     async with store.bus(log) as bus:
         sub = bus.subscribe("d:a", maxsize=10)
         seen: list[tuple[int, int, list[int | None]]] = []
-        # What the bus awaits for a commit (the log's append, queued at the call
-        # where the log has a writer thread of its own).
-        appending = log._appending
+        # What the bus awaits for a plain durable publish: the commit, then
+        # ``then`` with the committed events, which fans them out.
+        append_then = log._append_then
 
-        async def spy(events: Any) -> list[Event]:
+        async def spy(events: Any, then: Any) -> list[Event]:
             before = sub.buffered
-            committed = await appending(events)
-            # Committed (the store answered), and still nothing fanned out.
-            seen.append((before, sub.buffered, offsets(committed)))
-            return committed
 
-        log._appending = spy  # type: ignore[method-assign]
+            def fan_out(committed: list[Event]) -> None:
+                # Committed (the store answered), and still nothing fanned out.
+                seen.append((before, sub.buffered, offsets(committed)))
+                then(committed)
+
+            return await append_then(events, fan_out)
+
+        log._append_then = spy  # type: ignore[method-assign]
         first = await bus.publish("d:a", 1)
         assert seen == [(0, 0, [1])]
         assert sub.buffered == 1

@@ -7,6 +7,8 @@ what the checks depend on, and shows the next publish sees the change.
 from __future__ import annotations
 
 import asyncio
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,8 @@ from eventcast import (
     Overflow,
     _stats,
 )
+from eventcast.log import Retention
+from eventcast.log.sqlite import SQLiteLog
 
 
 async def test_a_subscriber_added_after_the_first_publish_receives_the_next() -> None:
@@ -199,3 +203,77 @@ async def test_publish_known_leaves_a_known_durable_topic_to_publish() -> None:
         assert bus.publish_known("d:a", 2) is None  # still nothing, without routing
         assert (await bus.publish("d:a", 3)).offset == 2
         assert [e.data for e in await sub.get_batch()] == [1, 3]
+
+
+# -- a durable publish fanned out by its commit group (SQLite groups one turn's appends) --
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/events.db"
+
+
+async def test_a_burst_of_durable_publishes_is_fanned_out_in_offset_order(
+    sqlite_url: str,
+) -> None:
+    async with Bus(log=sqlite_url, namespaces=DURABLE) as bus:
+        sub = bus.subscribe("d:>", maxsize=1_000)
+        await bus.publish("d:a", 0)  # known to the fast path from now on
+        log = bus.log
+        assert isinstance(log, SQLiteLog)
+        observed = bus.append_latency.count
+        # Plain publishes (the fast path, fanned out by their group), ones with
+        # an idempotency key (committed without the callback, fanned out by
+        # their publishers: other groups) and another topic, all made in one
+        # turn of the loop.
+        published = await asyncio.gather(
+            *(
+                bus.publish("d:a", i, idempotency_key=f"k{i}")
+                if i % 7 == 0
+                else bus.publish("d:a", i)
+                for i in range(1, 200)
+            ),
+            *(bus.publish("d:b", i) for i in range(50)),
+        )
+        got: list[Event] = []
+        async with asyncio.timeout(10):
+            while len(got) < 1 + len(published):
+                got.extend(await sub.get_batch())
+        a = [e.offset for e in got if e.topic == "d:a"]
+        assert a == list(range(1, 200 + 1))
+        assert [e.offset for e in got if e.topic == "d:b"] == list(range(1, 51))
+        assert {e.id for e in got} >= {e.id for e in published}
+        assert bus._sequencer.gaps == 0  # nothing arrived out of order, nothing was re-read
+        assert bus.append_latency.count == observed + len(published)
+
+
+async def test_a_cancelled_durable_publish_that_was_committed_is_still_fanned_out(
+    sqlite_url: str,
+) -> None:
+    async with Bus(log=sqlite_url, namespaces=DURABLE) as bus:
+        sub = bus.subscribe("d:a")
+        await bus.publish("d:a", 0)
+        log = bus.log
+        assert log is not None
+        gate = threading.Event()
+        entered = threading.Event()
+        policy = log._retention  # the bus's namespaces' limits
+
+        def held(topic: str) -> Retention:  # on the writer thread, inside the commit
+            entered.set()
+            gate.wait(30)
+            return policy(topic)
+
+        log.set_retention(held)
+        publishing = asyncio.ensure_future(bus.publish("d:a", 1))
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            publishing.cancel()
+        finally:
+            gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+        async with asyncio.timeout(10):
+            got = [await sub.get(), await sub.get()]
+        assert [(e.offset, e.data) for e in got] == [(1, 0), (2, 1)]
+        assert bus._sequencer.gaps == 0

@@ -366,19 +366,23 @@ async def test_resume_inside_the_commit_window_gives_no_duplicate(
         first = await bus.publish(TOPIC, 1)
         committed = asyncio.Event()
         gate = asyncio.Event()
-        append = log._appending  # what the bus awaits for a commit
+        append = log._appending
+        # What the bus awaits for a plain durable publish: the commit, then the
+        # fan-out (``then``), held apart here.
+        append_then = log._append_then
 
-        async def delayed(events: Any) -> list[Event]:
+        async def delayed(events: Any, then: Any) -> list[Event]:
             stored = await append(events)
             committed.set()
             await gate.wait()
+            then(stored)
             return stored
 
-        log._appending = delayed  # type: ignore[method-assign]
+        log._append_then = delayed  # type: ignore[method-assign]
         publishing = asyncio.ensure_future(bus.publish(TOPIC, 2))
         async with asyncio.timeout(SAFETY):
             await committed.wait()
-        log._appending = append  # type: ignore[method-assign]
+        log._append_then = append_then  # type: ignore[method-assign]
         assert first.position is not None
         async with bus.subscribe(TOPIC, since=first.position) as sub:
             assert sub.recovered is True

@@ -11,7 +11,7 @@ so offset 2 is held while offset 1 is read from the log.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -35,19 +35,24 @@ async def test_a_later_offset_returned_first_does_not_hide_the_earlier(
 
         # The first append commits (offset 1) and then waits; the second commits
         # (offset 2) and returns at once: offset 2 reaches the bus first.
-        append = log._appending  # what the bus awaits for a commit
+        # (What the bus awaits for a plain durable publish: the commit, then the
+        # fan-out, ``then``.)
+        append = log._appending
         gate = asyncio.Event()
         first = True
 
-        async def out_of_order(events: Sequence[Event]) -> list[Event]:
+        async def out_of_order(
+            events: Sequence[Event], then: Callable[[list[Event]], object]
+        ) -> list[Event]:
             nonlocal first
             mine, first = first, False
             committed = await append(events)
             if mine:
                 await gate.wait()
+            then(committed)
             return committed
 
-        log._appending = out_of_order  # type: ignore[method-assign]
+        log._append_then = out_of_order  # type: ignore[method-assign]
         one = asyncio.ensure_future(bus.publish("fresh", 1))
         await asyncio.sleep(0.05)
         two = await bus.publish("fresh", 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left as _bucket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .events import Event
@@ -26,9 +26,20 @@ class LatencyHistogram:
 
     def observe(self, seconds: float) -> None:
         """Record one duration."""
-        self.total += seconds
-        self.count += 1
-        self.counts[_bucket(self.BOUNDS, seconds)] += 1
+        self.observe_many((seconds,))
+
+    def observe_many(self, durations: Iterable[float]) -> None:
+        """Record several durations in one pass."""
+        counts = self.counts
+        bounds = self.BOUNDS
+        total = 0.0
+        n = 0
+        for seconds in durations:
+            counts[_bucket(bounds, seconds)] += 1
+            total += seconds
+            n += 1
+        self.total += total
+        self.count += n
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""

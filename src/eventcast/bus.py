@@ -250,6 +250,9 @@ class Bus:
         # The fast path of a durable publish: topics of durable, untyped
         # namespaces that were checked once (name, namespace) and committed.
         self._durable_topics: dict[str, None] = {}
+        # What the log calls with their events as committed (one object: the
+        # log groups the appends made with the same one).
+        self._on_commit = self._deliver_committed
         self._sequencer = Sequencer(self._router, log, self._spawn, self._signal_gap)
         if isinstance(backplane, str):
             from .backplane import open_backplane
@@ -865,29 +868,28 @@ class Bus:
         ):
             # A durable, untyped topic committed before: its name and namespace
             # were checked then (the checks below, once per topic).
-            event = new_event(topic, data)
-        else:
-            self._check_open()
-            rings = self._router.route(topic)
-            ns = self._namespaces.of(topic)
-            event = self._make_event(topic, data, tags, idempotency_key, ns)
-            if self._subs.blockers:
-                rings = await self._wait_for_blockers(topic, rings)
-            if not ns.history_size or log is None:
-                self._remember_live(topic, rings, ns)
-                if not ack:
-                    self._deliver(event, rings)
-                    return event
-                return await self._publish_acked(event, rings, timeout, retries)
-            if ns.schema is None:
-                remember(self._durable_topics, topic, None, _LIVE_ROUTES)
-            if not self._started:
-                await self.start()
-        # Commit before any fan-out; no await between the commit and the fan-out,
-        # so subscribers see events in offset order. (The log is awaited here
-        # directly, through its queued append where it has one: two coroutine
-        # frames less on the hot path than through _commit, which batches use.)
-        assert log is not None  # a durable topic: the bus has a log
+            assert log is not None
+            return (await log._append_then((new_event(topic, data),), self._on_commit))[0]
+        self._check_open()
+        rings = self._router.route(topic)
+        ns = self._namespaces.of(topic)
+        event = self._make_event(topic, data, tags, idempotency_key, ns)
+        if self._subs.blockers:
+            rings = await self._wait_for_blockers(topic, rings)
+        if not ns.history_size or log is None:
+            self._remember_live(topic, rings, ns)
+            if not ack:
+                self._deliver(event, rings)
+                return event
+            return await self._publish_acked(event, rings, timeout, retries)
+        if ns.schema is None:
+            remember(self._durable_topics, topic, None, _LIVE_ROUTES)
+        if not self._started:
+            await self.start()
+        # Commit before any fan-out, so subscribers see events in offset order.
+        if not ack and idempotency_key is None:
+            # The log fans it out as committed (see _deliver_committed).
+            return (await log._append_then((event,), self._on_commit))[0]
         started = time.perf_counter()
         stored = (await log._appending((event,)))[0]
         self.append_latency.observe(time.perf_counter() - started)
@@ -897,6 +899,15 @@ class Bus:
             self._deliver(stored)  # the sequencer routes it, in offset order
             return stored
         return await self._publish_acked(stored, self._router.route(topic), timeout, retries)
+
+    def _deliver_committed(self, events: list[Event]) -> None:
+        """Fan out durable publishes as committed, in offset order, and record
+        their append latency (the log calls it: see ``EventLog._append_then``)."""
+        now = time.time()
+        self.append_latency.observe_many([now - event.time for event in events])
+        deliver = self._deliver
+        for event in events:
+            deliver(event)
 
     async def _publish_acked(
         self,

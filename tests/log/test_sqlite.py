@@ -189,3 +189,75 @@ async def test_a_subclass_that_overrides_append_is_what_the_bus_awaits(tmp_path:
         await bus.publish_many([("d:a", 2), ("d:b", 3)])
     assert first.offset == 1
     assert calls == [1, 2]
+
+
+# -- group commit: the appends of one turn of the loop are one writer request ------------
+
+
+async def test_the_appends_of_one_turn_of_the_loop_are_one_writer_request(
+    tmp_path: Path,
+) -> None:
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+        await log.append([Event(topic="t", data=0)])
+        commits = log.commits
+        sizes = [1, 3, 1, 2, 1] * 10
+        batches = [[Event(topic="t", data=[i, j]) for j in range(n)] for i, n in enumerate(sizes)]
+        answers = await asyncio.gather(*(log.append(batch) for batch in batches))
+        assert log.commits == commits + 1  # one request, one transaction
+        offset = 1
+        for batch, answer in zip(batches, answers, strict=True):
+            # Each caller gets its own events, at consecutive offsets, in call order.
+            assert [e.id for e in answer] == [e.id for e in batch]
+            assert [e.offset for e in answer] == list(range(offset + 1, offset + 1 + len(batch)))
+            offset += len(batch)
+        assert len(await log.read("t")) == 1 + sum(sizes)
+    finally:
+        await log.close()
+
+
+async def test_a_group_goes_to_the_writer_once_it_holds_max_batch_events(
+    tmp_path: Path,
+) -> None:
+    log = SQLiteLog(tmp_path / "events.db", max_batch=4)
+    await log.open()
+    try:
+        answers = await asyncio.gather(*(log.append([Event(topic="t", data=i)]) for i in range(10)))
+        assert log.commits >= 3  # 4 + 4 + 2: no transaction holds more than max_batch
+        assert [a[0].offset for a in answers] == list(range(1, 11))
+    finally:
+        await log.close()
+
+
+async def test_close_hands_the_open_group_to_the_writer_first(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    log = SQLiteLog(path)
+    await log.open()
+    pending = log._appending([Event(topic="t", data=1)])  # queued in this turn's group
+    async with asyncio.timeout(30):  # a guard: the group must not be left behind
+        await log.close()
+        [stored] = await pending
+    assert stored.offset == 1
+    again = SQLiteLog(path)
+    await again.open()
+    try:
+        assert [e.data for e in await again.read("t")] == [1]
+    finally:
+        await again.close()
+
+
+async def test_another_request_follows_the_open_group_in_call_order(tmp_path: Path) -> None:
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+        appended = log._appending([Event(topic="t", data=1)])  # joins this turn's group
+        truncated = log._submit("truncate", "t")  # made after it: runs after it
+        [stored] = await appended
+        position = await truncated
+        assert stored.offset == 1
+        assert position.offset == 1
+        assert position.epoch != stored.epoch
+        assert await log.read("t") == []  # the truncation removed the append
+    finally:
+        await log.close()

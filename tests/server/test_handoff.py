@@ -11,7 +11,7 @@ back, while a client resubscribes over a real socket.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from eventcast import Event
@@ -42,20 +42,26 @@ class Window:
 async def window_held_open(log: EventLog) -> AsyncIterator[Window]:
     """Hold the next append's hand-back until ``window.release()`` is called."""
     window = Window()
-    append = log._appending  # what the bus awaits for a commit
+    append = log._appending
+    # What the bus awaits for a plain durable publish: the commit, then the
+    # fan-out (``then``), held apart here.
+    append_then = log._append_then
 
-    async def delayed(events: Sequence[Event]) -> list[Event]:
+    async def delayed(
+        events: Sequence[Event], then: Callable[[list[Event]], object]
+    ) -> list[Event]:
         committed = await append(events)  # committed: readers see it from now on
         window._committed.set()
         await window._gate.wait()
+        then(committed)
         return committed
 
-    log._appending = delayed  # type: ignore[method-assign]
+    log._append_then = delayed  # type: ignore[method-assign]
     try:
         yield window
     finally:
         window.release()
-        log._appending = append  # type: ignore[method-assign]
+        log._append_then = append_then  # type: ignore[method-assign]
 
 
 async def test_websocket_resubscribe_inside_the_commit_window(hub: HubServer) -> None:

@@ -113,11 +113,20 @@ _PAGE_COLUMNS = (
 
 
 class _Request(msgspec.Struct):
-    """A request for the writer thread (a struct: built in C, one per durable publish)."""
+    """A request for the writer thread (a struct: built in C).
+
+    An ``"append"`` request is a *group*: the appends made in one turn of the
+    event loop, their events in one flat list (``args``), where each caller's
+    events end in it (``ends``) and each caller's future (``futures``), in call
+    order. Any other request has one caller and no ``ends``. A group's ``then``
+    is the callback its appends were made with (see ``EventLog._append_then``).
+    """
 
     kind: str
     args: Any
-    future: asyncio.Future[Any]
+    futures: list[asyncio.Future[Any]]
+    ends: list[int] | None = None
+    then: Callable[[list[Event]], object] | None = None
     result: Any = None
     error: BaseException | None = None
 
@@ -176,6 +185,8 @@ class SQLiteLog(EventLog):
         self._opened = False
         self._keys_pruned = 0.0
         self._inflight = 0
+        #: The appends of this turn of the loop, not handed to the writer yet.
+        self._group: _Request | None = None
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
@@ -216,6 +227,7 @@ class SQLiteLog(EventLog):
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
+                self._flush_group()
                 self._queue.put(None)
                 # The writer finishes what is queued, then closes its connection.
                 await asyncio.shield(asyncio.to_thread(thread.join))
@@ -559,7 +571,9 @@ class SQLiteLog(EventLog):
 
     # -- submitting from the loop ----------------------------------------------------
 
-    def _submit(self, kind: str, args: Any) -> Awaitable[Any]:
+    def _submit(
+        self, kind: str, args: Any, then: Callable[[list[Event]], object] | None = None
+    ) -> Awaitable[Any]:
         """Queue a request for the writer; what to await for its answer.
 
         The bound on queued requests is a plain counter: while fewer than
@@ -577,10 +591,12 @@ class SQLiteLog(EventLog):
         if not self._serving:
             raise LogError("the log's writer thread is not running")
         if self._inflight >= self.max_pending:
-            return self._submit_when_room(kind, args)
-        return self._queue_request(kind, args)
+            return self._submit_when_room(kind, args, then)
+        return self._queue_request(kind, args, then)
 
-    async def _submit_when_room(self, kind: str, args: Any) -> Any:
+    async def _submit_when_room(
+        self, kind: str, args: Any, then: Callable[[list[Event]], object] | None
+    ) -> Any:
         loop = self._loop
         assert loop is not None
         while self._inflight >= self.max_pending:
@@ -593,27 +609,85 @@ class SQLiteLog(EventLog):
                     self._room_waiters.remove(waiter)
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
-        return await self._queue_request(kind, args)
+        return await self._queue_request(kind, args, then)
 
-    def _queue_request(self, kind: str, args: Any) -> asyncio.Future[Any]:
+    def _queue_request(
+        self, kind: str, args: Any, then: Callable[[list[Event]], object] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue a request; an append joins this turn's group (see :class:`_Request`).
+
+        The group goes to the writer at the end of the loop's turn, or once it
+        holds ``max_batch`` events: a burst of publishes costs the writer's
+        queue, and the loop's answer, one request, not one per publish. An
+        append made with another ``then`` than the open group's starts a new
+        group (requests stay in call order).
+        """
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[Any] = loop.create_future()
         self._inflight += 1
-        self._queue.put(_Request(kind, args, future))
+        if kind != "append":
+            self._flush_group()  # requests reach the writer in the order they were made
+            self._queue.put(_Request(kind, args, [future]))
+            return future
+        group = self._group
+        if group is None or group.then is not then:
+            self._flush_group()
+            group = self._group = _Request(kind, [], [], [], then)
+            loop.call_soon(self._flush_group)
+        events: list[Event] = group.args
+        events.extend(args)
+        group.futures.append(future)
+        assert group.ends is not None
+        group.ends.append(len(events))
+        if len(events) >= self.max_batch:
+            self._flush_group()
         return future
 
+    def _flush_group(self) -> None:
+        """Hand this turn's group of appends, if any, to the writer."""
+        group = self._group
+        if group is not None:
+            self._group = None
+            self._queue.put(group)
+
     def _finish(self, batch: list[_Request]) -> None:
-        """Answer a batch's requests (on the loop, once the writer is done with them)."""
+        """Answer a batch's requests (on the loop, once the writer is done with them).
+
+        A group's callers each get their own events' slice of its result,
+        after its ``then`` is called with the whole result (scheduled, not
+        called here: it runs where its callers' resumptions would have, so
+        every commit's events reach the bus in offset order). A caller that
+        stopped waiting (its future done) is skipped; its events, committed,
+        are still passed to ``then``.
+        """
+        loop = self._loop
+        assert loop is not None
+        answered = 0
         for request in batch:
-            future = request.future
-            if future.done():  # its caller stopped waiting
-                continue
-            if request.error is not None:
-                future.set_exception(request.error)
+            futures = request.futures
+            answered += len(futures)
+            error = request.error
+            ends = request.ends
+            if error is not None:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+            elif ends is None:
+                future = futures[0]
+                if not future.done():
+                    future.set_result(request.result)
             else:
-                future.set_result(request.result)
-        self._inflight -= len(batch)
+                result = request.result
+                if request.then is not None:
+                    loop.call_soon(request.then, result)
+                start = 0
+                # (a plain zip: the lists are built together, one entry per caller)
+                for future, end in zip(futures, ends):  # noqa: B905
+                    if not future.done():
+                        future.set_result(result[start:end])
+                    start = end
+        self._inflight -= answered
         room = self.max_pending - self._inflight
         waiters = self._room_waiters
         while waiters and room > 0:
@@ -629,11 +703,16 @@ class SQLiteLog(EventLog):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.append is not SQLiteLog.append and cls._appending is SQLiteLog._appending:
+        if cls.append is not SQLiteLog.append:
             # A subclass's own append is what the bus must await: the default path.
-            cls._appending = EventLog._appending
+            if cls._appending is SQLiteLog._appending:
+                cls._appending = EventLog._appending  # type: ignore[assignment]
+            if cls._append_then is SQLiteLog._append_then:
+                cls._append_then = EventLog._append_then  # type: ignore[assignment]
 
-    def _queue_append(self, events: Sequence[Event]) -> Awaitable[list[Event]]:
+    def _queue_append(
+        self, events: Sequence[Event], then: Callable[[list[Event]], object] | None = None
+    ) -> Awaitable[list[Event]]:
         """Queue an append now; its future (or, when the log is full, a coroutine).
 
         What can fail from the events themselves fails here, before anything is
@@ -644,10 +723,11 @@ class SQLiteLog(EventLog):
             event.encoded_data()  # encoded once, cached for the writer and the wire
             if event.tags:
                 encode_tags(event.tags)  # the writer encodes them again, for the row
-        return self._submit("append", events if type(events) is tuple else tuple(events))
+        return self._submit("append", events, then)
 
     #: The bus awaits the queued append itself: no coroutine frame of append's.
     _appending = _queue_append
+    _append_then = _queue_append  # type: ignore[assignment]
 
     async def truncate(self, topic: str) -> Position:
         result: Position = await self._submit("truncate", topic)

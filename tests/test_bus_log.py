@@ -213,7 +213,7 @@ async def test_the_commit_happens_before_the_fan_out(store: Store) -> None:
         # ``then`` with the committed events, which fans them out.
         append_then = log._append_then
 
-        async def spy(events: Any, then: Any) -> list[Event]:
+        async def spy(event: Event, then: Any) -> Event:
             before = sub.buffered
 
             def fan_out(committed: list[Event]) -> None:
@@ -221,7 +221,7 @@ async def test_the_commit_happens_before_the_fan_out(store: Store) -> None:
                 seen.append((before, sub.buffered, offsets(committed)))
                 then(committed)
 
-            return await append_then(events, fan_out)
+            return await append_then(event, fan_out)
 
         log._append_then = spy  # type: ignore[method-assign]
         first = await bus.publish("d:a", 1)

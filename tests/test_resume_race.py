@@ -371,12 +371,12 @@ async def test_resume_inside_the_commit_window_gives_no_duplicate(
         # fan-out (``then``), held apart here.
         append_then = log._append_then
 
-        async def delayed(events: Any, then: Any) -> list[Event]:
-            stored = await append(events)
+        async def delayed(event: Event, then: Any) -> Event:
+            stored = await append((event,))
             committed.set()
             await gate.wait()
             then(stored)
-            return stored
+            return stored[0]
 
         log._append_then = delayed  # type: ignore[method-assign]
         publishing = asyncio.ensure_future(bus.publish(TOPIC, 2))

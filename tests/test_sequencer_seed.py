@@ -11,7 +11,7 @@ so offset 2 is held while offset 1 is read from the log.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,16 +41,14 @@ async def test_a_later_offset_returned_first_does_not_hide_the_earlier(
         gate = asyncio.Event()
         first = True
 
-        async def out_of_order(
-            events: Sequence[Event], then: Callable[[list[Event]], object]
-        ) -> list[Event]:
+        async def out_of_order(event: Event, then: Callable[[list[Event]], object]) -> Event:
             nonlocal first
             mine, first = first, False
-            committed = await append(events)
+            committed = await append((event,))
             if mine:
                 await gate.wait()
             then(committed)
-            return committed
+            return committed[0]
 
         log._append_then = out_of_order  # type: ignore[method-assign]
         one = asyncio.ensure_future(bus.publish("fresh", 1))

@@ -869,7 +869,7 @@ class Bus:
             # A durable, untyped topic committed before: its name and namespace
             # were checked then (the checks below, once per topic).
             assert log is not None
-            return (await log._append_then((new_event(topic, data),), self._on_commit))[0]
+            return await log._append_then(new_event(topic, data), self._on_commit)
         self._check_open()
         rings = self._router.route(topic)
         ns = self._namespaces.of(topic)
@@ -889,7 +889,7 @@ class Bus:
         # Commit before any fan-out, so subscribers see events in offset order.
         if not ack and idempotency_key is None:
             # The log fans it out as committed (see _deliver_committed).
-            return (await log._append_then((event,), self._on_commit))[0]
+            return await log._append_then(event, self._on_commit)
         started = time.perf_counter()
         stored = (await log._appending((event,)))[0]
         self.append_latency.observe(time.perf_counter() - started)

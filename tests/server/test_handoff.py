@@ -11,7 +11,7 @@ back, while a client resubscribes over a real socket.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from eventcast import Event
@@ -47,14 +47,12 @@ async def window_held_open(log: EventLog) -> AsyncIterator[Window]:
     # fan-out (``then``), held apart here.
     append_then = log._append_then
 
-    async def delayed(
-        events: Sequence[Event], then: Callable[[list[Event]], object]
-    ) -> list[Event]:
-        committed = await append(events)  # committed: readers see it from now on
+    async def delayed(event: Event, then: Callable[[list[Event]], object]) -> Event:
+        committed = await append((event,))  # committed: readers see it from now on
         window._committed.set()
         await window._gate.wait()
         then(committed)
-        return committed
+        return committed[0]
 
     log._append_then = delayed  # type: ignore[method-assign]
     try:

@@ -466,26 +466,24 @@ class EventLog(ABC):
         """
         return self.append(events)
 
-    async def _append_then(
-        self, events: Sequence[Event], then: Callable[[list[Event]], object]
-    ) -> list[Event]:
-        """Append ``events``; call ``then`` with them as committed; return them.
+    async def _append_then(self, event: Event, then: Callable[[list[Event]], object]) -> Event:
+        """Append one event; call ``then`` with the committed events; return it as committed.
 
-        The bus's fast path for plain durable publishes: ``then`` fans the
-        events out, and is called in the order the commits' publishers would
-        have resumed in, so subscribers see offset order. By default it is
-        called here, before returning. A log that groups the appends of one
+        The bus's path for durable publishes: ``then`` fans the events out, and
+        is called in the order the commits' publishers would have resumed in,
+        so subscribers see offset order. By default it is called here with
+        ``[event]``, before returning. A log that groups the appends of one
         turn of the loop (:class:`~eventcast.log.SQLiteLog`) calls it once per
         group with the events of every append made with the same ``then``
         object, before any of their callers resumes: one pass for a burst of
-        publishes. ``events`` carry no idempotency key (a repeat would be
+        publishes. The event carries no idempotency key (a repeat would be
         fanned out again).
 
         Raises what :meth:`append` raises; ``then`` is not called then.
         """
-        stored = await self._appending(events)
+        stored = await self._appending((event,))
         then(stored)
-        return stored
+        return stored[0]
 
     @abstractmethod
     async def truncate(self, topic: str) -> Position:

@@ -117,8 +117,9 @@ class _Request(msgspec.Struct):
 
     An ``"append"`` request is a *group*: the appends made in one turn of the
     event loop, their events in one flat list (``args``), where each caller's
-    events end in it (``ends``) and each caller's future (``futures``), in call
-    order. Any other request has one caller and no ``ends``. A group's ``then``
+    events end in it (``ends``; negated for a caller of one event answered
+    with the event itself, not a list) and each caller's future (``futures``),
+    in call order. Any other request has one caller and no ``ends``. A group's ``then``
     is the callback its appends were made with (see ``EventLog._append_then``).
     """
 
@@ -626,20 +627,24 @@ class SQLiteLog(EventLog):
         assert loop is not None
         future: asyncio.Future[Any] = loop.create_future()
         self._inflight += 1
-        if kind != "append":
+        if kind != "append" and kind != "append_one":
             self._flush_group()  # requests reach the writer in the order they were made
             self._queue.put(_Request(kind, args, [future]))
             return future
         group = self._group
         if group is None or group.then is not then:
             self._flush_group()
-            group = self._group = _Request(kind, [], [], [], then)
+            group = self._group = _Request("append", [], [], [], then)
             loop.call_soon(self._flush_group)
         events: list[Event] = group.args
-        events.extend(args)
         group.futures.append(future)
         assert group.ends is not None
-        group.ends.append(len(events))
+        if kind == "append":
+            events.extend(args)
+            group.ends.append(len(events))
+        else:  # "append_one": one event, answered with itself
+            events.append(args)
+            group.ends.append(-len(events))
         if len(events) >= self.max_batch:
             self._flush_group()
         return future
@@ -684,7 +689,11 @@ class SQLiteLog(EventLog):
                 start = 0
                 # (a plain zip: the lists are built together, one entry per caller)
                 for future, end in zip(futures, ends):  # noqa: B905
-                    if not future.done():
+                    if end < 0:  # one event, answered with itself
+                        end = -end
+                        if not future.done():
+                            future.set_result(result[start])
+                    elif not future.done():
                         future.set_result(result[start:end])
                     start = end
         self._inflight -= answered
@@ -706,13 +715,11 @@ class SQLiteLog(EventLog):
         if cls.append is not SQLiteLog.append:
             # A subclass's own append is what the bus must await: the default path.
             if cls._appending is SQLiteLog._appending:
-                cls._appending = EventLog._appending  # type: ignore[assignment]
+                cls._appending = EventLog._appending
             if cls._append_then is SQLiteLog._append_then:
-                cls._append_then = EventLog._append_then  # type: ignore[assignment]
+                cls._append_then = EventLog._append_then
 
-    def _queue_append(
-        self, events: Sequence[Event], then: Callable[[list[Event]], object] | None = None
-    ) -> Awaitable[list[Event]]:
+    def _queue_append(self, events: Sequence[Event]) -> Awaitable[list[Event]]:
         """Queue an append now; its future (or, when the log is full, a coroutine).
 
         What can fail from the events themselves fails here, before anything is
@@ -723,11 +730,20 @@ class SQLiteLog(EventLog):
             event.encoded_data()  # encoded once, cached for the writer and the wire
             if event.tags:
                 encode_tags(event.tags)  # the writer encodes them again, for the row
-        return self._submit("append", events, then)
+        return self._submit("append", events)
+
+    def _queue_one(self, event: Event, then: Callable[[list[Event]], object]) -> Awaitable[Event]:
+        """Queue one event's append now, its group called back with ``then``
+        (see ``EventLog._append_then``); its future, answered with the event.
+        Checked as :meth:`_queue_append` checks its events."""
+        event.encoded_data()
+        if event.tags:
+            encode_tags(event.tags)
+        return self._submit("append_one", event, then)
 
     #: The bus awaits the queued append itself: no coroutine frame of append's.
     _appending = _queue_append
-    _append_then = _queue_append  # type: ignore[assignment]
+    _append_then = _queue_one  # type: ignore[assignment]
 
     async def truncate(self, topic: str) -> Position:
         result: Position = await self._submit("truncate", topic)

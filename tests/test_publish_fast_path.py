@@ -277,3 +277,14 @@ async def test_a_cancelled_durable_publish_that_was_committed_is_still_fanned_ou
             got = [await sub.get(), await sub.get()]
         assert [(e.offset, e.data) for e in got] == [(1, 0), (2, 1)]
         assert bus._sequencer.gaps == 0
+
+
+async def test_durable_publishes_fanned_out_by_their_group_are_counted(sqlite_url: str) -> None:
+    async with Bus(log=sqlite_url, namespaces=DURABLE, count_topics=True) as bus:
+        sub = bus.subscribe("d:a", maxsize=100)
+        published = [await bus.publish("d:a", 0)]
+        published += await asyncio.gather(*(bus.publish("d:a", i) for i in range(1, 30)))
+        assert bus.statistics()["published"] == 30
+        events, offset, _ = bus.topic_stats["d:a"]
+        assert (events, offset) == (30, 30)
+        assert [e.offset for e in await sub.get_batch()] == list(range(1, 31))

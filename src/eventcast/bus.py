@@ -857,19 +857,15 @@ class Bus:
             AckTimeoutError: with ``ack``, a handler did not answer in time.
         """
         log = self.log
-        plain = not ack and tags is None and idempotency_key is None
-        if plain and (known := self._publish_remembered(topic, data)) is not None:
-            return known
-        if (
-            plain
-            and topic in self._durable_topics
-            and not self._subs.blockers
-            and self._state is _State.OPEN
-        ):
-            # A durable, untyped topic committed before: its name and namespace
-            # were checked then (the checks below, once per topic).
-            assert log is not None
-            return await log._append_then(new_event(topic, data), self._on_commit)
+        if not ack and tags is None and idempotency_key is None:
+            if topic in self._durable_topics:
+                if not self._subs.blockers and self._state is _State.OPEN:
+                    # A durable, untyped topic committed before: its name and
+                    # namespace were checked then (below, once per topic).
+                    assert log is not None
+                    return await log._append_then(new_event(topic, data), self._on_commit)
+            elif (known := self._publish_remembered(topic, data)) is not None:
+                return known
         self._check_open()
         rings = self._router.route(topic)
         ns = self._namespaces.of(topic)
@@ -902,10 +898,20 @@ class Bus:
 
     def _deliver_committed(self, events: list[Event]) -> None:
         """Fan out durable publishes as committed, in offset order, and record
-        their append latency (the log calls it: see ``EventLog._append_then``)."""
+        their append latency (the log calls it: see ``EventLog._append_then``).
+
+        _deliver's steps for each event; without topic counts or a backplane
+        (the common case), those left in one pass: the count of publications
+        and the sequencer.
+        """
         now = time.time()
         self.append_latency.observe_many([now - event.time for event in events])
-        deliver = self._deliver
+        if self._count_topics or self._link is not None:
+            for event in events:
+                self._deliver(event)
+            return
+        self._published += len(events)
+        deliver = self._sequencer.deliver
         for event in events:
             deliver(event)
 

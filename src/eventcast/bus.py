@@ -870,7 +870,8 @@ class Bus:
         rings = self._router.route(topic)
         ns = self._namespaces.of(topic)
         event = self._make_event(topic, data, tags, idempotency_key, ns)
-        if self._subs.blockers:
+        waited = bool(self._subs.blockers)
+        if waited:
             rings = await self._wait_for_blockers(topic, rings)
         if not ns.history_size or log is None:
             self._remember_live(topic, rings, ns)
@@ -883,8 +884,9 @@ class Bus:
         if not self._started:
             await self.start()
         # Commit before any fan-out, so subscribers see events in offset order.
-        if not ack and idempotency_key is None:
-            # The log fans it out as committed (see _deliver_committed).
+        if not ack and idempotency_key is None and not waited:
+            # The log fans it out as committed (see _deliver_committed, which
+            # times the commit from the event's publication: not after a wait).
             return await log._append_then(event, self._on_commit)
         started = time.perf_counter()
         stored = (await log._appending((event,)))[0]

@@ -191,21 +191,37 @@ async def test_a_subclass_that_overrides_append_is_what_the_bus_awaits(tmp_path:
     assert calls == [1, 2]
 
 
-# -- group commit: the appends of one turn of the loop are one writer request ------------
+# -- group commit: the appends made while the writer is busy are one request ------------
 
 
-async def test_the_appends_of_one_turn_of_the_loop_are_one_writer_request(
+async def test_the_appends_made_while_the_writer_is_busy_are_one_request(
     tmp_path: Path,
 ) -> None:
     log = SQLiteLog(tmp_path / "events.db")
     await log.open()
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def held(topic: str) -> Retention:  # runs on the writer thread, inside a commit
+        entered.set()
+        gate.wait(30)
+        return Retention(size=1_000)
+
     try:
-        await log.append([Event(topic="t", data=0)])
+        log.set_retention(held)
+        first = asyncio.ensure_future(log.append([Event(topic="t", data=0)]))
+        assert await asyncio.to_thread(entered.wait, 30)  # the writer is busy
         commits = log.commits
         sizes = [1, 3, 1, 2, 1] * 10
         batches = [[Event(topic="t", data=[i, j]) for j in range(n)] for i, n in enumerate(sizes)]
-        answers = await asyncio.gather(*(log.append(batch) for batch in batches))
-        assert log.commits == commits + 1  # one request, one transaction
+        appending = asyncio.gather(*(log.append(batch) for batch in batches))
+        await asyncio.sleep(0.05)
+        assert log._queue.qsize() == 1  # one group holds every append made meanwhile
+        gate.set()
+        async with asyncio.timeout(30):
+            answers = await appending
+            await first
+        assert log.commits == commits + 2  # the held commit, then the group's
         offset = 1
         for batch, answer in zip(batches, answers, strict=True):
             # Each caller gets its own events, at consecutive offsets, in call order.
@@ -214,6 +230,7 @@ async def test_the_appends_of_one_turn_of_the_loop_are_one_writer_request(
             offset += len(batch)
         assert len(await log.read("t")) == 1 + sum(sizes)
     finally:
+        gate.set()
         await log.close()
 
 

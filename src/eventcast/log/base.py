@@ -472,8 +472,8 @@ class EventLog(ABC):
         The bus's path for durable publishes: ``then`` fans the events out, and
         is called in the order the commits' publishers would have resumed in,
         so subscribers see offset order. By default it is called here with
-        ``[event]``, before returning. A log that groups the appends of one
-        turn of the loop (:class:`~eventcast.log.SQLiteLog`) calls it once per
+        ``[event]``, before returning. A log that groups the appends made
+        while its writer is busy (:class:`~eventcast.log.SQLiteLog`) calls it once per
         group with the events of every append made with the same ``then``
         object, before any of their callers resumes: one pass for a burst of
         publishes. The event carries no idempotency key (a repeat would be

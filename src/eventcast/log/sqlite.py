@@ -115,8 +115,8 @@ _PAGE_COLUMNS = (
 class _Request(msgspec.Struct):
     """A request for the writer thread (a struct: built in C).
 
-    An ``"append"`` request is a *group*: the appends made in one turn of the
-    event loop, their events in one flat list (``args``), where each caller's
+    An ``"append"`` request is a *group*: the appends made from its opening
+    until the writer took it, their events in one flat list (``args``), where each caller's
     events end in it (``ends``; negated for a caller of one event answered
     with the event itself, not a list) and each caller's future (``futures``),
     in call order. Any other request has one caller and no ``ends``. A group's ``then``
@@ -186,8 +186,10 @@ class SQLiteLog(EventLog):
         self._opened = False
         self._keys_pruned = 0.0
         self._inflight = 0
-        #: The appends of this turn of the loop, not handed to the writer yet.
+        #: The open group of appends: queued already, and joined by every append
+        #: until the writer takes it (see _queue_request and _take).
         self._group: _Request | None = None
+        self._group_lock = threading.Lock()
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
@@ -228,7 +230,7 @@ class SQLiteLog(EventLog):
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
-                self._flush_group()
+                self._close_group()
                 self._queue.put(None)
                 # The writer finishes what is queued, then closes its connection.
                 await asyncio.shield(asyncio.to_thread(thread.join))
@@ -292,7 +294,7 @@ class SQLiteLog(EventLog):
             if first is None:
                 return
             batch = [first]
-            size = _size(first)
+            size = self._take(first)
             stop = False
             get_nowait = self._queue.get_nowait
             while size < self.max_batch:
@@ -304,7 +306,7 @@ class SQLiteLog(EventLog):
                     stop = True
                     break
                 batch.append(request)
-                size += _size(request)
+                size += self._take(request)
             self._run_batch(conn, batch)
             try:
                 loop.call_soon_threadsafe(self._finish, batch)
@@ -615,46 +617,58 @@ class SQLiteLog(EventLog):
     def _queue_request(
         self, kind: str, args: Any, then: Callable[[list[Event]], object] | None = None
     ) -> asyncio.Future[Any]:
-        """Queue a request; an append joins this turn's group (see :class:`_Request`).
+        """Queue a request; an append joins the open group (see :class:`_Request`).
 
-        The group goes to the writer at the end of the loop's turn, or once it
-        holds ``max_batch`` events: a burst of publishes costs the writer's
-        queue, and the loop's answer, one request, not one per publish. An
-        append made with another ``then`` than the open group's starts a new
-        group (requests stay in call order).
+        A group is queued when it is opened, and every append joins it until
+        the writer takes it (as soon as it can: the commit is not delayed), or
+        it holds ``max_batch`` events: the appends made while the writer is
+        busy, or before it gets the GIL, cost its queue, and the loop's
+        answer, one request, not one each. An append made with another
+        ``then`` than the open group's, and any other request, close it:
+        requests keep their call order.
         """
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[Any] = loop.create_future()
         self._inflight += 1
         if kind != "append" and kind != "append_one":
-            self._flush_group()  # requests reach the writer in the order they were made
+            self._close_group()
             self._queue.put(_Request(kind, args, [future]))
             return future
-        group = self._group
-        if group is None or group.then is not then:
-            self._flush_group()
-            group = self._group = _Request("append", [], [], [], then)
-            loop.call_soon(self._flush_group)
-        events: list[Event] = group.args
-        group.futures.append(future)
-        assert group.ends is not None
-        if kind == "append":
-            events.extend(args)
-            group.ends.append(len(events))
-        else:  # "append_one": one event, answered with itself
-            events.append(args)
-            group.ends.append(-len(events))
-        if len(events) >= self.max_batch:
-            self._flush_group()
+        # The writer takes the group under this lock: it sees every append
+        # whole, or none of it.
+        with self._group_lock:
+            group = self._group
+            if group is None or group.then is not then:
+                group = self._group = _Request("append", [], [], [], then)
+                self._queue.put(group)
+            events: list[Event] = group.args
+            group.futures.append(future)
+            assert group.ends is not None
+            if kind == "append":
+                events.extend(args)
+                group.ends.append(len(events))
+            else:  # "append_one": one event, answered with itself
+                events.append(args)
+                group.ends.append(-len(events))
+            if len(events) >= self.max_batch:
+                self._group = None  # full: the next append opens another
         return future
 
-    def _flush_group(self) -> None:
-        """Hand this turn's group of appends, if any, to the writer."""
-        group = self._group
-        if group is not None:
+    def _close_group(self) -> None:
+        """Let no more appends join the open group (it is queued already)."""
+        with self._group_lock:
             self._group = None
-            self._queue.put(group)
+
+    def _take(self, request: _Request) -> int:
+        """Close ``request`` if it is the open group (on the writer thread, as it
+        takes it); its size, in events, against ``max_batch``."""
+        if request.kind != "append":
+            return 1
+        with self._group_lock:
+            if self._group is request:
+                self._group = None
+        return len(request.args)
 
     def _finish(self, batch: list[_Request]) -> None:
         """Answer a batch's requests (on the loop, once the writer is done with them).
@@ -947,10 +961,6 @@ def _insert_events(conn: sqlite3.Connection, shape: _RowShape, params: list[Any]
         while total - i >= width:
             conn.execute(sql, params[i : i + width])
             i += width
-
-
-def _size(request: _Request) -> int:
-    return len(request.args) if request.kind == "append" else 1
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -293,6 +293,8 @@ class SQLiteLog(EventLog):
             first = get()
             if first is None:
                 return
+            if first.kind == "append":
+                self._settle(first)
             batch = [first]
             size = self._take(first)
             stop = False
@@ -659,6 +661,23 @@ class SQLiteLog(EventLog):
         """Let no more appends join the open group (it is queued already)."""
         with self._group_lock:
             self._group = None
+
+    def _settle(self, group: _Request) -> None:
+        """Let a burst of appends finish joining ``group`` before the writer takes it.
+
+        The writer, woken by a group's first append, runs once it gets the
+        GIL: when the loop thread waits for I/O (its turn is over), or in the
+        middle of a turn, when the interpreter makes the loop hand the GIL
+        over (after the switch interval, 5 ms by default). Taken in the middle
+        of a burst (many tasks publishing in one turn), a group would hold
+        half of it, and the two threads would then fight for the GIL over two
+        commits in flight. Handing the GIL back once (``time.sleep(0)``) lets
+        a loop that was waiting for it finish its turn first; a loop that was
+        waiting for I/O does not take it, and the writer goes on at once.
+        The commit is delayed at most once.
+        """
+        if self._group is group:
+            time.sleep(0)
 
     def _take(self, request: _Request) -> int:
         """Close ``request`` if it is the open group (on the writer thread, as it

@@ -7,7 +7,6 @@ what the checks depend on, and shows the next publish sees the change.
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,9 @@ from eventcast import (
     Overflow,
     _stats,
 )
-from eventcast.log import Retention
 from eventcast.log.sqlite import SQLiteLog
+
+from .writergate import WriterGate
 
 
 async def test_a_subscriber_added_after_the_first_publish_receives_the_next() -> None:
@@ -255,22 +255,13 @@ async def test_a_cancelled_durable_publish_that_was_committed_is_still_fanned_ou
         await bus.publish("d:a", 0)
         log = bus.log
         assert log is not None
-        gate = threading.Event()
-        entered = threading.Event()
-        policy = log._retention  # the bus's namespaces' limits
-
-        def held(topic: str) -> Retention:  # on the writer thread, inside the commit
-            entered.set()
-            gate.wait(30)
-            return policy(topic)
-
-        log.set_retention(held)
+        gate = WriterGate(log)
         publishing = asyncio.ensure_future(bus.publish("d:a", 1))
         try:
-            assert await asyncio.to_thread(entered.wait, 30)
+            assert await gate.entered()
             publishing.cancel()
         finally:
-            gate.set()
+            gate.release()
         with pytest.raises(asyncio.CancelledError):
             await publishing
         async with asyncio.timeout(10):

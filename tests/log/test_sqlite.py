@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 from eventcast import Bus, EncodeError, Event, LogError, Namespace
 from eventcast.log import Retention
 from eventcast.log.sqlite import SQLiteLog
+
+from ..writergate import WriterGate
 
 
 async def test_a_failing_retention_callback_fails_the_append_not_the_writer(
@@ -60,18 +61,10 @@ async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
     """A caller that stops waiting leaves its request queued: it still takes room."""
     log = SQLiteLog(tmp_path / "events.db", max_pending=2)
     await log.open()
-    gate = threading.Event()
-    entered = threading.Event()
-
-    def held(topic: str) -> Retention:  # runs on the writer thread, inside a batch
-        entered.set()
-        gate.wait(30)
-        return Retention(size=100)
-
+    gate = WriterGate(log)
     try:
-        log.set_retention(held)
         first = asyncio.create_task(log.append([Event(topic="a", data=1)]))
-        assert await asyncio.to_thread(entered.wait, 30)  # the writer holds the first batch
+        assert await gate.entered()  # the writer holds the first batch
         second = asyncio.create_task(log.append([Event(topic="a", data=2)]))
         await asyncio.sleep(0.05)
         third = asyncio.create_task(log.append([Event(topic="a", data=3)]))
@@ -81,7 +74,7 @@ async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
         await asyncio.sleep(0.05)
         assert not third.done()  # both requests are still queued: no room yet
         assert log._queue.qsize() == 1  # only the second's; the third waits for room
-        gate.set()
+        gate.release()
         async with asyncio.timeout(30):
             stored = await third
         assert stored[0].offset == 3
@@ -89,7 +82,7 @@ async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
         assert first.cancelled()
         assert second.cancelled()
     finally:
-        gate.set()
+        gate.release()
         await log.close()
 
 
@@ -199,25 +192,17 @@ async def test_the_appends_made_while_the_writer_is_busy_are_one_request(
 ) -> None:
     log = SQLiteLog(tmp_path / "events.db")
     await log.open()
-    gate = threading.Event()
-    entered = threading.Event()
-
-    def held(topic: str) -> Retention:  # runs on the writer thread, inside a commit
-        entered.set()
-        gate.wait(30)
-        return Retention(size=1_000)
-
+    gate = WriterGate(log)
     try:
-        log.set_retention(held)
         first = asyncio.ensure_future(log.append([Event(topic="t", data=0)]))
-        assert await asyncio.to_thread(entered.wait, 30)  # the writer is busy
+        assert await gate.entered()  # the writer is busy
         commits = log.commits
         sizes = [1, 3, 1, 2, 1] * 10
         batches = [[Event(topic="t", data=[i, j]) for j in range(n)] for i, n in enumerate(sizes)]
         appending = asyncio.gather(*(log.append(batch) for batch in batches))
         await asyncio.sleep(0.05)
         assert log._queue.qsize() == 1  # one group holds every append made meanwhile
-        gate.set()
+        gate.release()
         async with asyncio.timeout(30):
             answers = await appending
             await first
@@ -230,7 +215,7 @@ async def test_the_appends_made_while_the_writer_is_busy_are_one_request(
             offset += len(batch)
         assert len(await log.read("t")) == 1 + sum(sizes)
     finally:
-        gate.set()
+        gate.release()
         await log.close()
 
 

@@ -671,12 +671,15 @@ class SQLiteLog(EventLog):
         over (after the switch interval, 5 ms by default). Taken in the middle
         of a burst (many tasks publishing in one turn), a group would hold
         half of it, and the two threads would then fight for the GIL over two
-        commits in flight. Handing the GIL back once (``time.sleep(0)``) lets
-        a loop that was waiting for it finish its turn first; a loop that was
-        waiting for I/O does not take it, and the writer goes on at once.
-        The commit is delayed at most once.
+        commits in flight. Handing the GIL back once lets a loop that was
+        waiting for it finish its turn first (``time.sleep(0)``: its timer
+        slack, tens of microseconds, gives the loop thread time to take the
+        GIL; ``os.sched_yield`` does not); a loop waiting for I/O does not
+        take it. Only a group of more than one caller is worth it: a lone
+        caller (one task appending in turn) is not part of a burst, and its
+        commit is not delayed. The commit is delayed at most once.
         """
-        if self._group is group:
+        if self._group is group and len(group.futures) > 1:
             time.sleep(0)
 
     def _take(self, request: _Request) -> int:

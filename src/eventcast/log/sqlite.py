@@ -128,6 +128,7 @@ class _Request(msgspec.Struct):
     futures: list[asyncio.Future[Any]]
     ends: list[int] | None = None
     then: Callable[[list[Event]], object] | None = None
+    opened: float = 0.0
     result: Any = None
     error: BaseException | None = None
 
@@ -642,7 +643,7 @@ class SQLiteLog(EventLog):
         with self._group_lock:
             group = self._group
             if group is None or group.then is not then:
-                group = self._group = _Request("append", [], [], [], then)
+                group = self._group = _Request("append", [], [], [], then, time.perf_counter())
                 self._queue.put(group)
             events: list[Event] = group.args
             group.futures.append(future)
@@ -675,11 +676,16 @@ class SQLiteLog(EventLog):
         waiting for it finish its turn first (``time.sleep(0)``: its timer
         slack, tens of microseconds, gives the loop thread time to take the
         GIL; ``os.sched_yield`` does not); a loop waiting for I/O does not
-        take it. Only a group of more than one caller is worth it: a lone
-        caller (one task appending in turn) is not part of a burst, and its
-        commit is not delayed. The commit is delayed at most once.
+        take it. Only a group that has been open for :data:`_BURST` (the loop
+        kept the writer out that long) with more than one caller is worth it:
+        the slack would slow every commit of a few tasks appending in turn.
+        The commit is delayed at most once.
         """
-        if self._group is group and len(group.futures) > 1:
+        if (
+            self._group is group
+            and len(group.futures) > 1
+            and time.perf_counter() - group.opened >= _BURST
+        ):
             time.sleep(0)
 
     def _take(self, request: _Request) -> int:
@@ -938,6 +944,10 @@ class SQLiteLog(EventLog):
     def __repr__(self) -> str:
         return f"<SQLiteLog {self.path!r} synchronous={self.synchronous}>"
 
+
+#: How long a group must have been open, when the writer first sees it, for
+#: the writer to let a burst finish joining it (see SQLiteLog._settle).
+_BURST: Final = 0.002
 
 # The columns of an appended row: an append item's, then the offset.
 _INSERT_EVENTS = (

@@ -764,23 +764,16 @@ class SQLiteLog(EventLog):
     def _queue_append(self, events: Sequence[Event]) -> Awaitable[list[Event]]:
         """Queue an append now; its future (or, when the log is full, a coroutine).
 
-        What can fail from the events themselves fails here, before anything is
-        queued: the writer thread commits a group of requests together, and one
-        caller's bad event must not fail the others'.
+        Each event is checked first (:func:`_check_encodable`).
         """
         for event in events:
-            event.encoded_data()  # encoded once, cached for the writer and the wire
-            if event.tags:
-                encode_tags(event.tags)  # the writer encodes them again, for the row
+            _check_encodable(event)
         return self._submit("append", events)
 
     def _queue_one(self, event: Event, then: Callable[[list[Event]], object]) -> Awaitable[Event]:
         """Queue one event's append now, its group called back with ``then``
-        (see ``EventLog._append_then``); its future, answered with the event.
-        Checked as :meth:`_queue_append` checks its events."""
-        event.encoded_data()
-        if event.tags:
-            encode_tags(event.tags)
+        (see ``EventLog._append_then``); its future, answered with the event."""
+        _check_encodable(event)
         return self._submit("append_one", event, then)
 
     #: The bus awaits the queued append itself: no coroutine frame of append's.
@@ -993,6 +986,22 @@ def _insert_events(conn: sqlite3.Connection, shape: _RowShape, params: list[Any]
         while total - i >= width:
             conn.execute(sql, params[i : i + width])
             i += width
+
+
+def _check_encodable(event: Event) -> None:
+    """Fail now, on the loop, what could fail in ``event`` at the writer.
+
+    The writer thread commits a group of appends together, and one caller's
+    bad event must not fail the others': its data is encoded here (once,
+    cached for the writer and the wire) and its tags too (the writer encodes
+    them again, for the row).
+
+    Raises:
+        EncodeError: its data or tags cannot be encoded.
+    """
+    event.encoded_data()
+    if event.tags:
+        encode_tags(event.tags)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -1044,6 +1045,36 @@ async def test_events_are_shared_not_copied() -> None:
         got = [await s.get() for s in (a, b, c)]
         assert all(g is event for g in got)
         assert got[0].data is data
+
+
+class _Payload:
+    """Data whose release a weak reference shows."""
+
+
+@pytest.mark.parametrize("members", [1, 10, 100])
+async def test_events_every_subscriber_read_are_released(members: int) -> None:
+    # A large maxsize bounds how far a subscriber may fall behind, not how many
+    # read events the bus keeps: a hub channel's subscriber (maxsize 65,536)
+    # once kept up to 131,072 events it had delivered.
+    async with Bus() as bus:
+        subs = [bus.subscribe("t", maxsize=65_536) for _ in range(members)]
+        refs = []
+        for _ in range(5_000):
+            data = _Payload()
+            refs.append(weakref.ref(data))
+            bus.publish_nowait("t", data)
+            del data
+            for sub in subs:
+                assert sub.get_nowait() is not None
+        alive = sum(ref() is not None for ref in refs)
+        assert alive <= max(64, 32 * members)
+        # Events not yet read by every subscriber are kept, however many.
+        lagging = bus.subscribe("t", maxsize=65_536)
+        for _ in range(5_000):
+            bus.publish_nowait("t", _Payload())
+            for sub in subs:
+                sub.get_nowait()
+        assert len(lagging.get_nowait_batch(10_000)) == 5_000
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,26 @@ class SubscriptionStatistics:
     conflated: int = 0
 
 
+#: A ring releases the events its members have all read once it holds this
+#: many more than the last time (at least; see :func:`_trim_interval`).
+_TRIM_MIN: Final = 64
+#: ... or this many per member, when that is more: a trim reads every cursor.
+_TRIM_PER_MEMBER: Final = 32
+
+
+def _trim_interval(largest_maxsize: int, members: int) -> int:
+    """How many events a ring takes between two trims (releases of read events).
+
+    A trim reads every member's cursor, so the interval is
+    :data:`_TRIM_PER_MEMBER` events per member, capped at twice the largest
+    ``maxsize`` (the interval of many members), and never below
+    :data:`_TRIM_MIN`. Read events go promptly whatever ``maxsize`` is: a hub
+    channel (one member, ``maxsize`` 65,536) keeps at most :data:`_TRIM_MIN`
+    events it delivered, not 131,072.
+    """
+    return max(_TRIM_MIN, min(2 * largest_maxsize, _TRIM_PER_MEMBER * members))
+
+
 class _Ring:
     """The shared event buffer of every subscriber with the same topic filters."""
 
@@ -163,16 +183,17 @@ class _Ring:
         self.heap: list[tuple[int, int, Subscription]] = []
         self.privates: set[Subscription] = set()
         self.blockers: list[Subscription] = []
-        self.trim_at = 64
+        self.trim_at = _TRIM_MIN
         #: The head at which an append has more to do than append: trim the
         #: buffer, or enforce an overflow deadline. Never above the true one.
-        self.check_at = 64
+        self.check_at = _TRIM_MIN
 
     def add(self, sub: Subscription) -> None:
         self.members.add(sub)
         if sub.policy is Overflow.BLOCK:
             self.blockers.append(sub)
-        self.trim_at = max(self.trim_at, 2 * sub.maxsize)
+        # (O(1): the next trim sets it from every member)
+        self.trim_at = max(self.trim_at, _trim_interval(sub.maxsize, len(self.members)))
 
     def discard(self, sub: Subscription) -> None:
         self.members.discard(sub)
@@ -243,7 +264,9 @@ class _Ring:
             del self.events[:drop]
             self.base = low
         # Keep trimming cheap: next time, at least ``trim_at / 2`` new events.
-        self.trim_at = max(64, 2 * max((s.maxsize for s in self.members), default=32))
+        members = self.members
+        largest = max((s.maxsize for s in members), default=_TRIM_MIN)
+        self.trim_at = _trim_interval(largest, len(members))
         if len(self.events) * 2 > self.trim_at:
             self.trim_at = len(self.events) * 2
 

@@ -118,13 +118,48 @@ async def test_tags_and_bad_names_take_the_checked_path() -> None:
 
 
 def test_the_fast_path_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import eventcast.bus as bus_module
+    import eventcast._caches as caches
 
-    monkeypatch.setattr(bus_module, "_LIVE_ROUTES", 8)
+    monkeypatch.setattr(caches, "TOPIC_SPARE", 8)
     bus = Bus()
     for i in range(20):
         bus.publish_nowait(f"t.{i}", i)
     assert 0 < len(bus._live_routes) <= 8
+    assert 0 < len(bus._router._routes) <= 8
+
+
+def test_the_fast_path_cache_grows_with_the_topics_subscribed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fixed bound below the topics in use would empty the cache over and over.
+    import eventcast._caches as caches
+
+    monkeypatch.setattr(caches, "TOPIC_SPARE", 8)
+    bus = Bus()
+    subs = [bus.subscribe(f"t.{i}") for i in range(50)]
+    for _ in range(3):
+        for i in range(50):
+            bus.publish_nowait(f"t.{i}", i)
+    assert len(bus._live_routes) == 50
+    assert all(s.get_nowait() is not None for s in subs)
+
+
+def test_a_new_channel_leaves_the_other_topics_routes_cached() -> None:
+    bus = Bus()
+    a = bus.subscribe("room.a")
+    bus.publish_nowait("room.a", 1)
+    bus.publish_nowait("room.b", 1)  # nobody subscribed: its (empty) route is cached too
+    assert set(bus._live_routes) == {"room.a", "room.b"}
+    b = bus.subscribe("room.b")
+    assert set(bus._live_routes) == {"room.a"}  # only room.b's route changed
+    bus.publish_nowait("room.b", 2)
+    assert [e.data for e in b.get_nowait_batch()] == [2]
+    a.close()
+    assert set(bus._live_routes) == {"room.b"}
+    bus.publish_nowait("room.a", 3)  # nobody left on room.a: routed nowhere
+    assert bus._live_routes["room.a"][0] == ()
+    bus.subscribe("room.*")  # a pattern may match any topic: every route is forgotten
+    assert bus._live_routes == {}
 
 
 # -- a durable publish's fast path: a durable, untyped topic checked once --------------

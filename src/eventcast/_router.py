@@ -3,28 +3,25 @@
 Subscribers with the same filter set share one ring (see
 :mod:`eventcast.subscription`). The router keeps the rings by filter set,
 finds those matching a topic (exact names by dict, patterns by trie, each
-topic's answer cached until the next subscribe or unsubscribe changes the
-table), and appends an event to each of them. Every local delivery in the
-bus, whether from a publish, the sequencer or the backplane, goes through
+topic's answer cached until a subscribe or unsubscribe changes it), and
+appends an event to each of them. Every local delivery in the bus, whether
+from a publish, the sequencer or the backplane, goes through
 :meth:`Router.fan_out`, but one: ``Bus.publish_nowait``'s fast path, for a
 live topic it has checked once, appends to the rings it cached (a cache in
-:attr:`Router.derived`, emptied with the routes).
+:attr:`Router.derived`, forgotten with the routes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, cast
 
-from ._caches import remember
+from ._caches import remember, topic_limit
 from .events import Event
 from .subscription import _Ring
-from .topics import TopicMatcher, validate_topic
+from .topics import TopicMatcher, is_pattern, validate_topic
 
 __all__ = ["Router"]
-
-#: Most topics whose routes are cached.
-_ROUTE_CACHE_SIZE: Final = 10_000
 
 
 class Router:
@@ -41,8 +38,11 @@ class Router:
         self.rings: dict[tuple[str, ...], _Ring] = {}
         self._routes: dict[str, tuple[_Ring, ...]] = {}
         #: Caches built from :meth:`route`'s answers (by topic, bounded by their
-        #: owner), emptied with the route cache whenever the table changes.
+        #: owner), forgotten with the route cache where the table changes.
         self.derived: list[dict[str, Any]] = []
+        #: How many topics the route cache (and each derived one) holds at most:
+        #: see :func:`~eventcast._caches.topic_limit`, from the rings registered.
+        self.cache_limit = topic_limit(0)
         self.on_change = on_change
 
     def ring(self, filters: tuple[str, ...]) -> _Ring:
@@ -59,7 +59,7 @@ class Router:
         self.rings[ring.filters] = ring
         for f in ring.filters:
             self._matcher.add(f, ring)
-        self._changed()
+        self._changed(ring.filters)
 
     def release(self, ring: _Ring) -> bool:
         """Stop routing to ``ring`` if it has no members left; return whether it was removed."""
@@ -68,13 +68,22 @@ class Router:
         del self.rings[ring.filters]
         for f in ring.filters:
             self._matcher.remove(f, ring)
-        self._changed()
+        self._changed(ring.filters)
         return True
 
-    def _changed(self) -> None:
-        self._routes.clear()
-        for cache in self.derived:
-            cache.clear()
+    def _changed(self, filters: tuple[str, ...]) -> None:
+        """Forget the routes a ring of ``filters`` joined or left: the topics it names
+        when they are all names (a channel subscribed to leaves every other topic's
+        route cached), every route when one is a pattern."""
+        self.cache_limit = topic_limit(len(self.rings))
+        caches = [self._routes, *self.derived]
+        if any(is_pattern(f) for f in filters):
+            for cache in caches:
+                cache.clear()
+        else:
+            for cache in caches:
+                for topic in filters:
+                    cache.pop(topic, None)
         if self.on_change is not None:
             self.on_change()
 
@@ -88,7 +97,7 @@ class Router:
         if rings is None:
             validate_topic(topic)
             matched = cast("tuple[_Ring, ...]", tuple(self._matcher.match(topic)))
-            rings = remember(self._routes, topic, matched, _ROUTE_CACHE_SIZE)
+            rings = remember(self._routes, topic, matched, self.cache_limit)
         return rings
 
     def fan_out(self, event: Event, rings: tuple[_Ring, ...] | None = None) -> None:

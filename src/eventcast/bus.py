@@ -71,9 +71,6 @@ logger = logging.getLogger("eventcast.bus")
 DropHandler: TypeAlias = Callable[[Subscription, str], object]
 
 
-#: Most topics remembered by publish_nowait's fast path.
-_LIVE_ROUTES: Final = 10_000
-
 #: A topic remembered by the fast path: its rings, and its counters in
 #: ``Bus.topic_stats`` (``None`` when topics are not counted).
 _LiveRoute: TypeAlias = tuple[tuple[_Ring, ...], list[Any] | None]
@@ -242,8 +239,8 @@ class Bus:
         self.gap_listeners: list[Callable[[str, bool], None]] = []
         self._router = Router()
         # The fast path of publish_nowait and publish: topics checked once
-        # (live-only, no schema; see _remember_live) and their rings; emptied by
-        # the router whenever subscriptions change, and when the bus closes. Each
+        # (live-only, no schema; see _remember_live) and their rings; forgotten by
+        # the router where subscriptions change, and when the bus closes. Each
         # holds the topic's counters too, so one lookup serves both.
         self._live_routes: dict[str, _LiveRoute] = {}
         self._router.derived.append(self._live_routes)
@@ -807,11 +804,12 @@ class Bus:
     def _remember_live(self, topic: str, rings: tuple[_Ring, ...], ns: Namespace) -> None:
         """Let the fast path take a live-only, untyped topic from now on.
 
-        Called before the delivery: a subscriber it closes empties the cache again.
+        Called before the delivery: a subscriber it closes has the router forget
+        the topic again.
         """
         if ns.schema is None and not (ns.durable and self.log is not None):
             stats = self.topic_stats.counters(topic) if self._count_topics else None
-            remember(self._live_routes, topic, (rings, stats), _LIVE_ROUTES)
+            remember(self._live_routes, topic, (rings, stats), self._router.cache_limit)
 
     def _forget_live(self, topic: str) -> None:
         """Topic stats dropped ``topic``'s counters: its route must not count into them."""
@@ -880,7 +878,7 @@ class Bus:
                 return event
             return await self._publish_acked(event, rings, timeout, retries)
         if ns.schema is None:
-            remember(self._durable_topics, topic, None, _LIVE_ROUTES)
+            remember(self._durable_topics, topic, None, self._router.cache_limit)
         if not self._started:
             await self.start()
         # Commit before any fan-out, so subscribers see events in offset order.

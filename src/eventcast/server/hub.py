@@ -136,7 +136,9 @@ class Hub:
         self.registry = Registry()
         #: The other nodes, and actions and answers that cover them all.
         self.cluster = Cluster(self)
-        self.permissions = Permissions(settings, self.verifier, self.cluster.access)
+        self.permissions = Permissions(
+            settings, self.verifier, self.cluster.access, lambda: len(self.channels.by_name)
+        )
         self.sse = SSEStreams(self)
         self.channels = Channels(bus, self.sse.deliver, self._left)
         self.commands = Commands(self, configured_hooks(settings, hooks))

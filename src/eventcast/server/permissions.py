@@ -13,10 +13,10 @@ namespace.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
-from .._caches import remember
+from .._caches import remember, topic_limit
 from ..exceptions import AuthError, InvalidTopicError, TokenExpiredError
 from ..protocol import codes
 from ..topics import is_pattern, validate_pattern, validate_topic
@@ -27,11 +27,7 @@ if TYPE_CHECKING:
     from .auth import SubscriptionClaims, TokenVerifier
     from .config import NamespaceConfig, Settings
 
-__all__ = ["CHECKED_CHANNELS", "Client", "Permissions"]
-
-#: Most channel names (and, apart, patterns) whose check :meth:`Permissions.channel`
-#: keeps (all are forgotten when it is full).
-CHECKED_CHANNELS: Final = 10_000
+__all__ = ["Client", "Permissions"]
 
 
 class Client(Protocol):
@@ -56,16 +52,23 @@ class Permissions:
         settings: the hub's settings (namespaces and their options).
         verifier: checks subscription tokens.
         access: blocked users and revoked tokens (none: nothing is revoked).
+        in_use: how many channels have subscribers now (it sizes the cache of
+            checked names: :func:`~eventcast._caches.topic_limit`).
     """
 
     def __init__(
-        self, settings: Settings, verifier: TokenVerifier, access: Access | None = None
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        access: Access | None = None,
+        in_use: Callable[[], int] = lambda: 0,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
         self._access = access
+        self._in_use = in_use
         # The namespace of each name already checked: names, then patterns
-        # (emptied when full: a check is cheap to redo).
+        # (emptied when full, at topic_limit(in_use()): a check is cheap to redo).
         self._checked: tuple[dict[str, NamespaceConfig], dict[str, NamespaceConfig]] = ({}, {})
 
     def namespace(self, channel: str) -> NamespaceConfig:
@@ -95,9 +98,8 @@ class Permissions:
             if found is not None:
                 return found
             if channel:
-                return remember(
-                    known, channel, self._check(channel, allow_pattern), CHECKED_CHANNELS
-                )
+                limit = topic_limit(self._in_use())
+                return remember(known, channel, self._check(channel, allow_pattern), limit)
         raise CommandError(codes.ERROR_BAD_REQUEST.with_message("channel required"))
 
     def _check(self, channel: str, allow_pattern: bool) -> NamespaceConfig:

@@ -19,7 +19,7 @@ from eventcast import (
     InvalidTopicError,
     Namespace,
     Overflow,
-    _stats,
+    _caches,
 )
 from eventcast.log.sqlite import SQLiteLog
 
@@ -92,7 +92,7 @@ async def test_a_topic_whose_counters_were_dropped_is_counted_afresh(
     # The fast path counts into the counters its route holds: when the table
     # drops them to make room, the route goes too, and the next publish makes
     # new ones (as for a topic never seen).
-    monkeypatch.setattr(_stats, "TOPIC_STATS_LIMIT", 2)
+    monkeypatch.setattr(_caches, "TOPIC_SPARE", 2)
     async with Bus(count_topics=True) as bus:
         bus.publish_nowait("a", 1)
         bus.publish_nowait("a", 2)
@@ -118,9 +118,7 @@ async def test_tags_and_bad_names_take_the_checked_path() -> None:
 
 
 def test_the_fast_path_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import eventcast._caches as caches
-
-    monkeypatch.setattr(caches, "TOPIC_SPARE", 8)
+    monkeypatch.setattr(_caches, "TOPIC_SPARE", 8)
     bus = Bus()
     for i in range(20):
         bus.publish_nowait(f"t.{i}", i)
@@ -128,20 +126,23 @@ def test_the_fast_path_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     assert 0 < len(bus._router._routes) <= 8
 
 
+@pytest.mark.parametrize("count_topics", [False, True])
 def test_the_fast_path_cache_grows_with_the_topics_subscribed(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, count_topics: bool
 ) -> None:
-    # A fixed bound below the topics in use would empty the cache over and over.
-    import eventcast._caches as caches
-
-    monkeypatch.setattr(caches, "TOPIC_SPARE", 8)
-    bus = Bus()
+    # A fixed bound below the topics in use would empty the cache over and over
+    # (and, counting topics as the hub does, drop counters and routes in turn).
+    monkeypatch.setattr(_caches, "TOPIC_SPARE", 8)
+    bus = Bus(count_topics=count_topics)
     subs = [bus.subscribe(f"t.{i}") for i in range(50)]
     for _ in range(3):
         for i in range(50):
             bus.publish_nowait(f"t.{i}", i)
     assert len(bus._live_routes) == 50
     assert all(s.get_nowait() is not None for s in subs)
+    if count_topics:
+        assert len(bus.topic_stats) == 50
+        assert all(bus.topic_stats[f"t.{i}"][0] == 3 for i in range(50))
 
 
 def test_a_new_channel_leaves_the_other_topics_routes_cached() -> None:

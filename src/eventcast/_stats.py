@@ -6,12 +6,10 @@ from bisect import bisect_left as _bucket
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from ._caches import topic_limit
 from .events import Event
 
 __all__ = ["LatencyHistogram", "TopicStats"]
-
-#: Most topics whose traffic is counted (the least recently created is forgotten).
-TOPIC_STATS_LIMIT: Final = 10_000
 
 
 class LatencyHistogram:
@@ -54,14 +52,23 @@ class LatencyHistogram:
 class TopicStats(dict[str, list[Any]]):
     """Traffic per topic since start: ``[events, last offset, last time]`` (bounded).
 
+    At most :func:`~eventcast._caches.topic_limit` of ``in_use()`` topics are
+    counted; past it, the least recently created is forgotten.
+
     Args:
         on_forget: called with a topic whose counters were dropped to make room
             (a holder of its counters, see :meth:`counters`, lets go of them).
+        in_use: how many topics (or filter sets) have subscribers now.
     """
 
-    def __init__(self, on_forget: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        on_forget: Callable[[str], object] | None = None,
+        in_use: Callable[[], int] = lambda: 0,
+    ) -> None:
         super().__init__()
         self._on_forget = on_forget
+        self._in_use = in_use
 
     def counters(self, topic: str) -> list[Any]:
         """The counters of ``topic``, made if missing (the oldest topic's dropped when full).
@@ -71,7 +78,7 @@ class TopicStats(dict[str, list[Any]]):
         """
         stats = self.get(topic)
         if stats is None:
-            if len(self) >= TOPIC_STATS_LIMIT:
+            if len(self) >= topic_limit(self._in_use()):
                 oldest = next(iter(self))
                 del self[oldest]
                 if self._on_forget is not None:

@@ -231,9 +231,11 @@ class Bus:
         )
         #: How long durable commits to the log take.
         self.append_latency = LatencyHistogram()
-        #: Traffic per topic since start: ``[events, last offset, last time]`` (bounded;
-        #: empty unless the bus was made with ``count_topics=True``).
-        self.topic_stats = TopicStats(on_forget=self._forget_live)
+        #: Traffic per topic since start: ``[events, last offset, last time]`` (bounded
+        #: as the route cache is; empty unless the bus was made with ``count_topics=True``).
+        self.topic_stats = TopicStats(
+            on_forget=self._forget_live, in_use=lambda: len(self._router.rings)
+        )
         self._count_topics = count_topics
         #: Called with ``(topic, durable)`` when continuity of a topic is lost.
         self.gap_listeners: list[Callable[[str, bool], None]] = []

@@ -1471,10 +1471,10 @@ async def rooms_publish_loop(
     rng = random.Random(19)
     seq = 0
 
-    def request(void: bool) -> tuple[bytes, int]:
-        """The body of one request of ``per_request`` publications, and the deliveries
-        it owes."""
-        nonlocal seq
+    def request(void: bool, first: int) -> tuple[bytes, int]:
+        """The body of one request of ``per_request`` publications numbered from
+        ``first``, and the deliveries it owes."""
+        number = first
         ts = time.time_ns()
         commands = []
         expected = 0
@@ -1488,9 +1488,9 @@ async def rooms_publish_loop(
             if void:
                 channel = void_channel(channel)
             commands.append(
-                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, seq)
+                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, number)
             )
-            seq += 1
+            number += 1
         if source == "batch":
             body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
         else:
@@ -1508,14 +1508,14 @@ async def rooms_publish_loop(
         nonlocal seq
         if shared.void.value:
             if not void_bodies:
-                count = VOID_PUBLICATIONS // per_request
-                void_bodies.extend(request(True)[0] for _ in range(count))
+                starts = range(0, VOID_PUBLICATIONS, per_request)
+                void_bodies.extend(request(True, first)[0] for first in starts)
             conn.post(path, void_bodies[seq // per_request % len(void_bodies)], per_request)
-            seq += per_request
         else:
-            body, expected = request(False)
+            body, expected = request(False, seq)
             conn.post(path, body, per_request)
             shared.expected.value += expected
+        seq += per_request
         shared.published.value = seq
 
     def saturating() -> bool:

@@ -40,10 +40,13 @@ class Router:
         #: Caches built from :meth:`route`'s answers (by topic, bounded by their
         #: owner), forgotten with the route cache where the table changes.
         self.derived: list[dict[str, Any]] = []
-        #: How many topics the route cache (and each derived one) holds at most:
-        #: see :func:`~eventcast._caches.topic_limit`, from the rings registered.
-        self.cache_limit = topic_limit(0)
         self.on_change = on_change
+
+    @property
+    def cache_limit(self) -> int:
+        """How many topics the route cache (and each derived one) holds at most:
+        :func:`~eventcast._caches.topic_limit` of the rings registered."""
+        return topic_limit(len(self.rings))
 
     def ring(self, filters: tuple[str, ...]) -> _Ring:
         """Return the ring for a sorted filter set: the registered one, or a new one.
@@ -75,7 +78,6 @@ class Router:
         """Forget the routes a ring of ``filters`` joined or left: the topics it names
         when they are all names (a channel subscribed to leaves every other topic's
         route cached), every route when one is a pattern."""
-        self.cache_limit = topic_limit(len(self.rings))
         caches = [self._routes, *self.derived]
         if any(is_pattern(f) for f in filters):
             for cache in caches:

@@ -6,7 +6,8 @@ finds those matching a topic (exact names by dict, patterns by trie, each
 topic's answer cached until a subscribe or unsubscribe changes it), and
 appends an event to each of them. Every local delivery in the bus, whether
 from a publish, the sequencer or the backplane, goes through
-:meth:`Router.fan_out`, but one: ``Bus.publish_nowait``'s fast path, for a
+:meth:`Router.fan_out` (or :meth:`Router.fan_out_run`, several events of one
+topic at once), but one: ``Bus.publish_nowait``'s fast path, for a
 live topic it has checked once, appends to the rings it cached (a cache in
 :attr:`Router.derived`, forgotten with the routes).
 """
@@ -106,6 +107,12 @@ class Router:
         """Append ``event`` once to each matching ring (or to ``rings``); never waits."""
         for ring in self.route(event.topic) if rings is None else rings:
             ring.append(event)
+
+    def fan_out_run(self, topic: str, events: list[Event]) -> None:
+        """Append ``events``, all on ``topic``, to each ring it matches, as
+        :meth:`fan_out` does one by one (see :meth:`_Ring.extend`)."""
+        for ring in self.route(topic):
+            ring.extend(events)
 
     def filters(self) -> set[str]:
         """The topic filters that have at least one subscriber."""

@@ -111,6 +111,42 @@ class Sequencer:
         self.gaps += 1
         self._spawn(self._catch_up(topic, stream), f"eventcast-catch-up-{topic}")
 
+    def deliver_many(self, events: list[Event]) -> None:
+        """Deliver durable events in order, as :meth:`deliver` each.
+
+        A run of events of one topic and epoch at the offsets that follow its
+        stream's last (a group commit's, say) is fanned out at once
+        (:meth:`Router.fan_out_run`); any other event goes through :meth:`deliver`.
+        """
+        streams = self._streams
+        n = len(events)
+        i = 0
+        while i < n:
+            event = events[i]
+            stream = streams.get(event.topic)
+            if (
+                stream is None
+                or stream.pending is not None
+                or event.epoch != stream.epoch
+                or event.offset != stream.last + 1
+            ):
+                self.deliver(event)
+                i += 1
+                continue
+            topic = event.topic
+            epoch = event.epoch
+            last = stream.last + 1
+            j = i + 1
+            while j < n:
+                after = events[j]
+                if after.offset != last + 1 or after.topic != topic or after.epoch != epoch:
+                    break
+                last += 1
+                j += 1
+            self._router.fan_out_run(topic, events if j - i == n else events[i:j])
+            stream.last = last
+            i = j
+
     def seed(self, topic: str, offset: int, epoch: str) -> None:
         """A local reader is positioned at ``offset``: the next event it needs is after it.
 

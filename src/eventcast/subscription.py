@@ -219,27 +219,21 @@ class _Ring:
     def extend(self, events: list[Event]) -> None:
         """Add several events for every member, as :meth:`append` does one by one.
 
-        Members are woken once, and the buffer trimmed once, for the lot. When
-        a member is private, or an overflow deadline falls inside the lot, the
-        events are appended one by one, so every policy sees each event where
-        it would have.
+        Members are woken once, and the buffer trimmed once, for the lot: all
+        but the last event go in at once, and the last through :meth:`append`.
+        When a member is private, or an overflow deadline falls inside the lot,
+        the events are appended one by one, so every policy sees each event
+        where it would have.
         """
         n = len(events)
-        head = self.head + n
         heap = self.heap
-        if n == 1 or self.privates or (heap and heap[0][0] <= head):
-            for event in events:
-                self.append(event)
+        if n > 1 and not self.privates and not (heap and heap[0][0] <= self.head + n):
+            self.events.extend(events[:-1])
+            self.head += n - 1
+            self.append(events[-1])
             return
-        self.events.extend(events)
-        self.head = head
-        if self.waiters:
-            waiters = self.waiters
-            self.waiters = []
-            for sub in waiters:
-                sub._wake()
-        if head >= self.check_at:
-            self._housekeep(head)
+        for event in events:
+            self.append(event)
 
     def _housekeep(self, head: int) -> None:
         """Enforce the overflow deadlines that are due, trim if due, and set ``check_at``."""

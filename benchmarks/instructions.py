@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,77 +70,53 @@ def _durable(system: str, per_task: int) -> None:
 
 
 async def _durable_run(system: str, per_task: int) -> None:
-    import queue
-    import threading
-    import time
-
     from eventcast import Bus, Event, Namespace
-    from eventcast.events import encode_data, new_event_id
     from eventcast.log.sqlite import SQLiteLog
     from run import load
 
     log_bench = load("log")
     topic, payload = log_bench.TOPIC, log_bench.payload
-    loop = asyncio.get_running_loop()
+    step: Callable[[int], Awaitable[object]]
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "events.db")
-        if system == "floor":
-            requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-            writer = threading.Thread(
-                target=log_bench._floor_writer, args=(path, requests, loop, [0])
-            )
-            writer.start()
-            warm: asyncio.Future[int] = loop.create_future()
-            requests.put(((topic, new_event_id(), time.time(), b"0"), warm))
-            await warm
+        async with contextlib.AsyncExitStack() as running:
+            if system == "floor":
+                step, _ = await running.enter_async_context(log_bench.floor_system(path))
+            elif system == "append":
+                log = SQLiteLog(path)
+                log.set_retention(lambda topic: log_bench.UNLIMITED)
+                await log.open()
+                running.push_async_callback(log.close)
 
-            async def step(seq: int) -> None:
-                future: asyncio.Future[int] = loop.create_future()
-                row = (topic, new_event_id(), time.time(), encode_data(payload(seq)))
-                requests.put((row, future))
-                await future
+                async def step(seq: int) -> object:
+                    return await log.append([Event(topic=topic, data=payload(seq))])
 
-            async def close() -> None:
-                requests.put(None)
-                await asyncio.to_thread(writer.join)
+            else:
+                bus = Bus(
+                    log=SQLiteLog(path),
+                    namespaces={"": Namespace(history_size=1000)},
+                    maxsize=65_536,
+                )
+                await bus.start()
+                running.push_async_callback(bus.close)
+                sub = bus.subscribe(topic)
 
-        elif system == "append":
-            log = SQLiteLog(path)
-            log.retention = lambda topic: log_bench.UNLIMITED
-            await log.open()
+                async def consume() -> None:
+                    while True:
+                        await sub.get_batch(4096)
 
-            async def step(seq: int) -> None:
-                await log.append([Event(topic=topic, data=payload(seq))])
+                consumer = asyncio.get_running_loop().create_task(consume())
+                running.callback(consumer.cancel)
+                await bus.publish(topic, payload(0))
 
-            close = log.close
-        else:
-            bus = Bus(
-                log=SQLiteLog(path), namespaces={"": Namespace(history_size=1000)}, maxsize=65_536
-            )
-            await bus.start()
-            sub = bus.subscribe(topic)
+                async def step(seq: int) -> object:
+                    return await bus.publish(topic, payload(seq))
 
-            async def consume() -> None:
-                while True:
-                    await sub.get_batch(4096)
+            async def worker(w: int) -> None:
+                for i in range(per_task):
+                    await step(w * 10**9 + i)
 
-            consumer = loop.create_task(consume())
-            await bus.publish(topic, payload(0))
-
-            async def step(seq: int) -> None:
-                await bus.publish(topic, payload(seq))
-
-            async def close() -> None:
-                await asyncio.sleep(0.01)
-                consumer.cancel()
-                await bus.close()
-
-        async def worker(w: int) -> None:
-            for i in range(per_task):
-                await step(w * 10**9 + i)
-
-        await asyncio.gather(*(worker(w) for w in range(TASKS)))
-        await close()
+            await asyncio.gather(*(worker(w) for w in range(TASKS)))
 
 
 def count(src: str, case: str, system: str, n: int) -> int:

@@ -59,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import uvloop
@@ -331,12 +331,18 @@ def _floor_answer(batch: list[tuple[Any, asyncio.Future[int]]], offsets: list[in
         future.set_result(offset)
 
 
-async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str, Any]:
-    """The floor system of one-event appends: N tasks, each putting one row (the same
-    columns as SQLiteLog's, data encoded the same way) with a future on a queue for one
-    writer thread, which commits everything queued in one transaction with multi-row
-    INSERTs and answers each future with its offset. No event objects, no bounds, no
-    error handling, no retention: what group commit costs in Python at the least."""
+@contextlib.asynccontextmanager
+async def floor_system(
+    path: str,
+) -> AsyncIterator[tuple[Callable[[int], Awaitable[int]], list[int]]]:
+    """The floor system of one-event appends, running: (its step, its count of commits).
+
+    Each step puts one row (the same columns as SQLiteLog's, data encoded the
+    same way) with a future on a queue for one writer thread, which commits
+    everything queued in one transaction with multi-row INSERTs and answers each
+    future with its offset. No event objects, no bounds, no error handling, no
+    retention: what group commit costs in Python at the least.
+    """
     from eventcast.events import encode_data, new_event_id
 
     loop = asyncio.get_running_loop()
@@ -359,13 +365,19 @@ async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str,
             await future
             return 1
 
+        yield step, commits
+    finally:
+        requests.put(None)
+        await asyncio.to_thread(writer.join)
+
+
+async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    """The floor system of one-event appends (:func:`floor_system`), N tasks."""
+    async with floor_system(path) as (step, commits):
         commits0 = commits[0]
         clock = ThreadClock("floor-writer")
         events, elapsed = await timed_workers(concurrency, seconds, step)
         loop_cpu, writer_cpu = clock.stop()
-    finally:
-        requests.put(None)
-        await asyncio.to_thread(writer.join)
     return append_row(events, elapsed, commits[0] - commits0, loop_cpu, writer_cpu)
 
 

@@ -70,47 +70,22 @@ def _durable(system: str, per_task: int) -> None:
 
 
 async def _durable_run(system: str, per_task: int) -> None:
-    from eventcast import Bus, Event, Namespace
     from eventcast.log.sqlite import SQLiteLog
     from run import load
 
     log_bench = load("log")
-    topic, payload = log_bench.TOPIC, log_bench.payload
-    step: Callable[[int], Awaitable[object]]
+    step: Callable[[int], Awaitable[int]]
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "events.db")
         async with contextlib.AsyncExitStack() as running:
             if system == "floor":
                 step, _ = await running.enter_async_context(log_bench.floor_system(path))
             elif system == "append":
-                log = SQLiteLog(path)
-                log.set_retention(lambda topic: log_bench.UNLIMITED)
-                await log.open()
-                running.push_async_callback(log.close)
-
-                async def step(seq: int) -> object:
-                    return await log.append([Event(topic=topic, data=payload(seq))])
-
+                log = await running.enter_async_context(log_bench.appending(SQLiteLog(path)))
+                step = log_bench.append_step(log, 1)
             else:
-                bus = Bus(
-                    log=SQLiteLog(path),
-                    namespaces={"": Namespace(history_size=1000)},
-                    maxsize=65_536,
-                )
-                await bus.start()
-                running.push_async_callback(bus.close)
-                sub = bus.subscribe(topic)
-
-                async def consume() -> None:
-                    while True:
-                        await sub.get_batch(4096)
-
-                consumer = asyncio.get_running_loop().create_task(consume())
-                running.callback(consumer.cancel)
-                await bus.publish(topic, payload(0))
-
-                async def step(seq: int) -> object:
-                    return await bus.publish(topic, payload(seq))
+                system_ = log_bench.bus_system(SQLiteLog(path), 1000)
+                _, step, _ = await running.enter_async_context(system_)
 
             async def worker(w: int) -> None:
                 for i in range(per_task):

@@ -194,6 +194,31 @@ def append_row(
     }
 
 
+@contextlib.asynccontextmanager
+async def appending(log: EventLog) -> AsyncIterator[EventLog]:
+    """``log`` open for the append cases (every event kept: no retention work in the
+    measure), closed at the end."""
+    log.retention = lambda topic: UNLIMITED
+    await log.open()
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
+def append_step(log: EventLog, batch: int) -> Callable[[int], Awaitable[int]]:
+    """A task's step in the append cases: one append of ``batch`` new events."""
+
+    async def step(seq: int) -> int:
+        if batch == 1:
+            await log.append([Event(topic=TOPIC, data=payload(seq))])
+        else:
+            await log.append([Event(topic=TOPIC, data=payload(seq + i)) for i in range(batch)])
+        return batch
+
+    return step
+
+
 async def append_case(
     make_log: Callable[[], EventLog],
     helper_prefix: str | None,
@@ -203,21 +228,11 @@ async def append_case(
     profile: cProfile.Profile | None = None,
     spy: bool = False,
 ) -> dict[str, Any]:
-    log = make_log()
-    log.retention = lambda topic: UNLIMITED
-    await log.open()
-    try:
+    async with appending(make_log()) as log:
         # A shared PostgreSQL schema keeps the stream of the previous case.
         top0 = (await log.position(TOPIC)).offset
         await log.append([Event(topic=TOPIC, data=payload(0))])
-
-        async def step(seq: int) -> int:
-            if batch == 1:
-                await log.append([Event(topic=TOPIC, data=payload(seq))])
-            else:
-                await log.append([Event(topic=TOPIC, data=payload(seq + i)) for i in range(batch)])
-            return batch
-
+        step = append_step(log, batch)
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
@@ -235,8 +250,6 @@ async def append_case(
         top = (await log.position(TOPIC)).offset
         if top - top0 != events + 1:
             raise RuntimeError(f"lost appends: top={top - top0}, appended={events + 1}")
-    finally:
-        await log.close()
     row = append_row(events, elapsed, commits, loop_cpu, helper_cpu if helper_prefix else None)
     row["py_spy"] = stacks
     return row
@@ -520,17 +533,16 @@ def pg_raw_pages(conninfo: str, schema: str) -> Callable[[], int]:
 # -- through the bus ------------------------------------------------------------------------
 
 
-async def bus_case(
-    make_log: Callable[[], EventLog],
-    helper_prefix: str | None,
-    concurrency: int,
-    history_size: int,
-    seconds: float,
-    spy: bool = False,
-) -> dict[str, Any]:
-    log = make_log()
+@contextlib.asynccontextmanager
+async def bus_system(
+    log: EventLog, history_size: int
+) -> AsyncIterator[tuple[Bus, Callable[[int], Awaitable[int]], Callable[[], int]]]:
+    """A started bus on ``log`` (every topic durable, ``history_size`` kept), one
+    subscriber reading everything and one event published: (the bus, a task's step,
+    one publish, and how many events the subscriber has received so far)."""
     bus = Bus(log=log, namespaces={"": Namespace(history_size=history_size)}, maxsize=65_536)
     await bus.start()
+    consumer: asyncio.Task[None] | None = None
     try:
         sub = bus.subscribe(TOPIC)
         received = 0
@@ -547,6 +559,23 @@ async def bus_case(
             await bus.publish(TOPIC, payload(seq))
             return 1
 
+        yield bus, step, lambda: received
+    finally:
+        if consumer is not None:
+            consumer.cancel()
+        await bus.close()
+
+
+async def bus_case(
+    make_log: Callable[[], EventLog],
+    helper_prefix: str | None,
+    concurrency: int,
+    history_size: int,
+    seconds: float,
+    spy: bool = False,
+) -> dict[str, Any]:
+    log = make_log()
+    async with bus_system(log, history_size) as (bus, step, received):
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
@@ -558,15 +587,12 @@ async def bus_case(
         stacks = await asyncio.to_thread(sampler.wait) if sampler is not None else None
         commits = log.commits - commits0  # type: ignore[attr-defined]
         for _ in range(100):
-            if received >= events + 1:
+            if received() >= events + 1:
                 break
             await asyncio.sleep(0.01)
-        consumer.cancel()
         dropped = bus.statistics()["dropped"]
-        if received != events + 1 or dropped:
-            raise RuntimeError(f"bus lost events: received={received} published={events + 1}")
-    finally:
-        await bus.close()
+        if received() != events + 1 or dropped:
+            raise RuntimeError(f"bus lost events: received={received()} published={events + 1}")
     row = append_row(events, elapsed, commits, loop_cpu, helper_cpu if helper_prefix else None)
     row["py_spy"] = stacks
     return row

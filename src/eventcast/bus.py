@@ -758,19 +758,13 @@ class Bus:
             InvalidTopicError: as :meth:`publish`.
             InvalidDataError: as :meth:`publish`.
         """
-        event = self._publish_remembered(topic, data)
-        if event is not None or self._subs.blockers or self._state is not _State.OPEN:
-            return event
+        if self._subs.blockers or self._state is not _State.OPEN:
+            return None
+        if topic in self._live_routes:
+            return self.publish_nowait(topic, data)
         if topic in self._durable_topics:
             return None  # durable, checked before: publish() commits it without routing
         return self._publish_routed(topic, data, None)
-
-    def _publish_remembered(self, topic: str, data: object) -> Event | None:
-        """Publish on a topic whose live routes are remembered; ``None`` (nothing
-        published) for any other topic, or with an ``Overflow.BLOCK`` subscriber."""
-        if self._subs.blockers or topic not in self._live_routes:
-            return None
-        return self.publish_nowait(topic, data)
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
@@ -858,7 +852,7 @@ class Bus:
                     # namespace were checked then (below, once per topic).
                     assert log is not None
                     return await log._append_then(new_event(topic, data), self._on_commit)
-            elif (known := self._publish_remembered(topic, data)) is not None:
+            elif (known := self.publish_known(topic, data)) is not None:
                 return known
         self._check_open()
         rings = self._router.route(topic)

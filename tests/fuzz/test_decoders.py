@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from eventcast.exceptions import AuthError, InvalidTopicError
 from eventcast.protocol import protobuf
 from eventcast.protocol.codec import (
+    BOUNDED_DEPTH,
     MAX_JSON_DEPTH,
     ProtocolError,
     decode_commands,
@@ -38,7 +39,7 @@ from eventcast.protocol.frames import MAX_INT, out_of_range
 from eventcast.protocol.session import ServerSession
 from eventcast.protocol.sse import Cursor, parse_cursor
 from eventcast.server._logs import redact
-from eventcast.server.api import history_params
+from eventcast.server.api import _BODY_SHAPES, history_params
 from eventcast.server.auth import TokenVerifier, mint_token
 from eventcast.server.dashboard import Sessions
 from eventcast.server.errors import CommandError
@@ -148,6 +149,51 @@ def nested(draw: st.DrawFn) -> Any:
 def test_the_depth_check_agrees_with_the_real_depth(value: Any) -> None:
     data = json.dumps(value).encode()
     assert too_deep(data) == (_depth(value) > MAX_JSON_DEPTH)
+
+
+def _api_body(method: str, data: Any, extra: Any) -> bytes:
+    """A body of the HTTP API's ``method`` carrying ``data`` and, unless ``None``, an
+    unknown field holding ``extra``."""
+    publication: dict[str, Any] = {"channel": "a", "data": data}
+    if extra is not None:
+        publication["x"] = extra
+    if method == "broadcast":
+        publication["channels"] = [publication.pop("channel")]
+    if method == "batch":
+        publication = {
+            "commands": [{"publish": {"channel": "b", "data": 1}}, {"publish": publication}]
+        }
+    return json.dumps(publication).encode()
+
+
+@FUZZ
+@given(
+    st.sampled_from(["publish", "broadcast", "batch"]),
+    nested() | json_values,
+    st.none() | nested() | json_values,
+)
+@example("batch", nested_list(BOUNDED_DEPTH), None)  # the bounded shape's deepest
+@example("batch", nested_list(BOUNDED_DEPTH + 1), None)  # the typed shape's
+@example("publish", nested_list(MAX_JSON_DEPTH - 1), None)
+@example("publish", nested_list(MAX_JSON_DEPTH), None)
+@example("publish", 1, nested_list(MAX_JSON_DEPTH))  # an unknown field, too deep
+@example("batch", {"k": [1]}, nested_list(MAX_JSON_DEPTH - 3))
+def test_the_api_shapes_decode_what_plain_json_decodes_within_the_limit(
+    method: str, data: Any, extra: Any
+) -> None:
+    """A body of a common form is refused exactly when it nests deeper than the limit
+    (whichever of its values does), and otherwise decodes to the same data as plain
+    JSON, by whichever of the shape's forms fits it."""
+    body = _api_body(method, data, extra)
+    if _depth(json.loads(body)) > MAX_JSON_DEPTH:
+        with pytest.raises(ProtocolError, match="nested deeper"):
+            decode_json(body, _BODY_SHAPES[method])
+        return
+    decoded = decode_json(body, _BODY_SHAPES[method])
+    publication = decoded.commands[1].publish if method == "batch" else decoded
+    assert publication.data == json.loads(json.dumps(data))
+    bounded = extra is None and _depth(data) <= BOUNDED_DEPTH
+    assert type(decoded).__name__.startswith("_Bounded") == bounded
 
 
 @FUZZ
@@ -311,6 +357,18 @@ def _adversarial() -> list[tuple[str, Callable[[Any], object], Callable[[int], A
         ),
         ("json: mixed", decode_json, lambda n: b'[{"k":"[",' * (n // 10), body),
         ("json: valid, 64 deep", decode_json, lambda n: b"[" + deep * (n // 128) + b"1]", body),
+        (
+            # The bounded form decodes all but the last publication (nested one level
+            # more than it takes), then the body is checked and decoded again.
+            "json: a batch, bounded but for its last data",
+            lambda data: decode_json(data, _BODY_SHAPES["batch"]),
+            lambda n: (
+                b'{"commands":['
+                + b'{"publish":{"channel":"a","data":{"k":[1,{"v":"x"}]}}},' * (n // 50)
+                + b'{"publish":{"channel":"a","data":%s}}]}' % json.dumps(nested_list(8)).encode()
+            ),
+            body,
+        ),
         ("cursor", parse_cursor, lambda n: "1;" + "abc!1!e;" * (n // 80), body),
         ("topic", validate_topic, lambda n: "a." * (n // 2), body),
         ("token", VERIFIER.verify_connection, lambda n: "e" * n + ".e30.x", body),

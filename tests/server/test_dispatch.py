@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from eventcast import Event
+from eventcast.protocol.codec import BOUNDED_DEPTH, Shape
 from eventcast.server import api as api_module, channels as channels_module
 from eventcast.server.fanout import Batch
 
@@ -158,14 +159,22 @@ class _Recorded:
         return value
 
 
+def _recorded(monkeypatch: pytest.MonkeyPatch, method: str) -> tuple[_Recorded, _Recorded]:
+    """Record what each form of ``method``'s shape decodes: (bounded, typed)."""
+    shape = api_module._BODY_SHAPES[method]
+    bounded, typed = _Recorded(shape.bounded), _Recorded(shape.typed)
+    monkeypatch.setitem(api_module._BODY_SHAPES, method, Shape(bounded, typed))  # type: ignore[arg-type]
+    return bounded, typed
+
+
 async def test_a_batch_of_publications_alone_is_decoded_into_structs_and_answers_the_same(
     hub: HubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A body of ``publish`` commands only is decoded straight into structs; any other
-    body (another method, a malformed publication) the plain way, command by command.
-    Both give the same replies and deliveries."""
-    recorded = _Recorded(api_module._BODY_SHAPES["batch"])
-    monkeypatch.setitem(api_module._BODY_SHAPES, "batch", recorded)
+    """A body of ``publish`` commands only is decoded straight into structs (by the
+    bounded form when its data nest at most BOUNDED_DEPTH levels and it names no
+    other field); any other body (another method, a malformed publication) the
+    plain way, command by command. All give the same replies and deliveries."""
+    bounded, recorded = _recorded(monkeypatch, "batch")
     async with await RawClient.open(hub.ws_url) as member:
         await member.connect(token("typed"))
         await member.subscribe("live:typed.a")
@@ -180,6 +189,7 @@ async def test_a_batch_of_publications_alone_is_decoded_into_structs_and_answers
         ]
         typed = await hub.call("batch", {"commands": publications})
         assert typed.status_code == 200
+        assert not bounded.decoded  # (a field it does not name: "ignored")
         assert len(recorded.decoded) == 1  # the typed path
         assert type(recorded.decoded[0]).__name__ == "_PublishBatch"
         # The same publications beside a command of another method: decoded plainly.
@@ -222,11 +232,30 @@ async def test_a_batch_of_publications_alone_is_decoded_into_structs_and_answers
             "message": "Object missing required field `data`",
         }
         assert (await member.publication())["pub"]["data"] == {"n": 6}
-        # The same, parallel and well-formed: typed again.
+        # The same, parallel and well-formed: the bounded form.
         response = await hub.call("batch", {"commands": publications[:1], "parallel": True})
         assert response.json()["replies"] == [{"publish": {}}]
-        assert len(recorded.decoded) == 2
+        assert len(recorded.decoded) == 1
+        assert [type(b).__name__ for b in bounded.decoded] == ["_BoundedPublishBatch"]
         assert (await member.publication())["pub"]["data"] == {"n": 1}
+        # All but the unknown field: bounded, with the typed path's replies and data.
+        known = [*publications[:5], {"publish": {"channel": "live:typed.a", "data": None}}]
+        again = await hub.call("batch", {"commands": known})
+        assert len(bounded.decoded) == 2
+        replies = again.json()["replies"]
+        assert [replies[i] for i in (0, 2, 3, 4, 5)] == [typed_replies[i] for i in (0, 2, 3, 4, 5)]
+        assert replies[1]["publish"]["offset"] == 3
+        data = [(await member.publication())["pub"]["data"] for _ in range(5)]
+        assert data == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}, None]
+        # Data nested deeper than the bounded form takes: typed.
+        deep: object = {"n": 7}
+        for _ in range(BOUNDED_DEPTH):
+            deep = [deep]
+        await hub.call(
+            "batch", {"commands": [{"publish": {"channel": "live:typed.a", "data": deep}}]}
+        )
+        assert (await member.publication())["pub"]["data"] == deep
+        assert (len(bounded.decoded), len(recorded.decoded)) == (2, 2)
 
 
 async def test_publish_and_broadcast_bodies_are_decoded_into_the_same_structs(
@@ -234,11 +263,8 @@ async def test_publish_and_broadcast_bodies_are_decoded_into_the_same_structs(
 ) -> None:
     """``publish`` and ``broadcast`` take the typed decode too; a malformed body is
     decoded plainly and refused by the same structs, with the same message."""
-    recorded = {
-        method: _Recorded(api_module._BODY_SHAPES[method]) for method in ("publish", "broadcast")
-    }
-    for method, decoder in recorded.items():
-        monkeypatch.setitem(api_module._BODY_SHAPES, method, decoder)
+    forms = {method: _recorded(monkeypatch, method) for method in ("publish", "broadcast")}
+    recorded = {method: bounded for method, (bounded, _) in forms.items()}
     async with await RawClient.open(hub.ws_url) as member:
         await member.connect(token("shapes"))
         await member.subscribe("live:shapes.a")
@@ -263,3 +289,8 @@ async def test_publish_and_broadcast_bodies_are_decoded_into_the_same_structs(
         # Nothing of the refused calls was published.
         assert await hub.api("publish", channel="live:shapes.b", data="after") == {}
         assert (await member.publication())["pub"]["data"] == "after"
+        assert not any(typed.decoded for _, typed in forms.values())
+        # A field the structs do not name (ignored): the typed form.
+        assert await hub.api("publish", channel="live:shapes.b", data=3, skip_history=True) == {}
+        assert (await member.publication())["pub"]["data"] == 3
+        assert type(forms["publish"][1].decoded[0]).__name__ == "PublishParams"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -28,10 +28,13 @@ from .codes import ClientError
 from .frames import METHODS, Command, ConnectRequest, EmulationRequest, Reply
 
 __all__ = [
+    "BOUNDED_DEPTH",
     "MAX_JSON_DEPTH",
     "PING",
     "UNI_PING",
     "ProtocolError",
+    "Shape",
+    "bounded_json",
     "decode_commands",
     "decode_connect_request",
     "decode_emulation_request",
@@ -139,12 +142,44 @@ def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return removed + max(itertools.accumulate(memoryview(steps).cast("b"))) > limit
 
 
-def decode_json(data: bytes | str, shape: msgspec.json.Decoder[Any] | None = None) -> Any:
+#: The nesting a bounded shape's JSON values may have (see :func:`bounded_json`).
+BOUNDED_DEPTH: Final = 6
+
+
+def bounded_json(depth: int) -> Any:
+    """The type of a JSON value nested at most ``depth`` levels, for msgspec.
+
+    A value of this type decodes to the dicts, lists and scalars untyped JSON
+    decodes to; one nested deeper is refused by the decoder, in C, as soon as
+    it is reached. (msgspec builds a decoder per branch of the type, so its size
+    doubles with each level: keep ``depth`` small.)
+    """
+    value: Any = str | int | float | bool | None
+    for _ in range(depth):
+        value = str | int | float | bool | None | dict[str, value] | list[value]
+    return value
+
+
+class Shape(NamedTuple):
+    """The common form of a JSON body, decoded straight into its structs.
+
+    ``bounded`` decodes it when every JSON value in it is nested at most
+    :data:`BOUNDED_DEPTH` levels (:func:`bounded_json`) and it has no field
+    the structs do not name: its type bounds the body's depth, so it is tried
+    before the depth check. ``typed`` decodes any other body of that form
+    (unknown fields ignored), after the check.
+    """
+
+    bounded: msgspec.json.Decoder[Any]
+    typed: msgspec.json.Decoder[Any]
+
+
+def decode_json(data: bytes | str, shape: Shape | None = None) -> Any:
     """Decode a JSON value from outside (a request body, a message's data).
 
-    ``shape``: a typed decoder tried first, for the common form of a body
-    (decoded straight into its structs, checked in C); a value that does not
-    fit it is decoded as plain JSON, and its errors are the caller's to report.
+    ``shape``: the common form of a body, tried first (decoded straight into
+    its structs, checked in C; see :class:`Shape`); a value that does not fit
+    it is decoded as plain JSON, and its errors are the caller's to report.
 
     Raises:
         ProtocolError: ``data`` is not JSON, not UTF-8, or nested deeper than
@@ -155,18 +190,22 @@ def decode_json(data: bytes | str, shape: msgspec.json.Decoder[Any] | None = Non
     return _checked(_decode_any, data, "JSON", shape)
 
 
-def _checked(
-    decode: Any, data: bytes, what: str, shape: msgspec.json.Decoder[Any] | None = None
-) -> Any:
+def _checked(decode: Any, data: bytes, what: str, shape: Shape | None = None) -> Any:
     """Decode one JSON message from outside: bounded depth, only ProtocolError.
 
-    ``shape`` is tried first, after the one depth check (see :func:`decode_json`).
+    ``shape`` is tried first: its bounded form before the one depth check, its
+    typed form after (see :func:`decode_json`).
     """
+    if shape is not None:
+        try:
+            return shape.bounded.decode(data)
+        except _DECODE_ERRORS:
+            pass  # deeper, another form, or not JSON: checked and decoded below
     if too_deep(data):
         raise ProtocolError(f"{what} nested deeper than {MAX_JSON_DEPTH} levels")
     if shape is not None:
         try:
-            return shape.decode(data)
+            return shape.typed.decode(data)
         except _DECODE_ERRORS:
             pass  # not of that shape (or not JSON): decoded plainly, with its own errors
     try:

@@ -34,7 +34,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..protocol.codec import ProtocolError, decode_json
+from ..protocol.codec import ProtocolError, Shape, decode_json
 from ._uvicorn import receive_ready
 
 __all__ = [
@@ -223,11 +223,11 @@ async def read_json(
     limit: int | None = None,
     *,
     empty: Any = None,
-    shape: msgspec.json.Decoder[Any] | None = None,
+    shape: Shape | None = None,
 ) -> Any:
     """Read and decode a JSON body (``empty`` when the body is blank).
 
-    ``shape``: a typed decoder for the body's common form, tried first (see
+    ``shape``: the body's common form, tried first (see
     :func:`~eventcast.protocol.codec.decode_json`).
 
     Raises:
@@ -237,9 +237,7 @@ async def read_json(
     return json_body(await read_body(request, limit), empty=empty, shape=shape)
 
 
-def json_body(
-    body: bytes, *, empty: Any = None, shape: msgspec.json.Decoder[Any] | None = None
-) -> Any:
+def json_body(body: bytes, *, empty: Any = None, shape: Shape | None = None) -> Any:
     """Decode a JSON body already read (``empty`` when it is blank); as :func:`read_json`.
 
     Raises:

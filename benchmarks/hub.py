@@ -450,6 +450,11 @@ class FloorBatch(msgspec.Struct):
 
 
 def serve_floor_rooms(port: int) -> None:
+    """The floor of the many-rooms workload, served on ``port`` (:func:`floor_rooms_protocol`)."""
+    serve_protocol(floor_rooms_protocol(), port)
+
+
+def floor_rooms_protocol() -> type[asyncio.Protocol]:
     """The floor of the many-rooms workload: a bare uvloop protocol, no framework.
 
     WebSocket members say ``sub <channel> [<channel>]`` once; ``p <channel>
@@ -585,7 +590,7 @@ def serve_floor_rooms(port: int) -> None:
                     if not members:
                         del channels[name]
 
-    serve_protocol(Conn, port)
+    return Conn
 
 
 def serve_websockets_rooms(port: int) -> None:

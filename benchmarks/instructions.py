@@ -18,11 +18,16 @@ Cases:
   floor system, ``log.append([e])`` and ``bus.publish`` (history 1,000, one
   subscriber), per event. Valgrind runs one thread at a time, so the commit
   groups are not those of a timed run.
+* ``api``: the many rooms' intake (``hub.py``): publications into channels
+  nobody reads, 50 per ``POST /api/batch`` or one per ``POST /api/publish``,
+  fed to the server's HTTP protocol in process (a transport that only counts
+  writes: no system calls), per publication: eventcast (its HTTP protocol and
+  API, as ``eventcast serve`` runs them) and the floor system.
 
 ``--src DIR`` (repeatable) runs eventcast from other trees too, a worktree of
 an earlier commit say, beside this checkout's ``src``.
 
-    python benchmarks/instructions.py [--cases one,durable] [--src /path/to/old/src]
+    python benchmarks/instructions.py [--cases one,durable,api] [--src /path/to/old/src]
 
 Not part of ``make bench``: valgrind is a tool of the machine (``apt-get install
 valgrind``), not a dependency of the project.
@@ -34,12 +39,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,11 +54,18 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 CASES: dict[str, tuple[str, ...]] = {
     "one": ("eventcast", "naive asyncio.Queue", "pyee"),
     "durable": ("floor", "append", "bus.publish"),
+    "api": ("eventcast batch", "floor batch", "eventcast publish", "floor publish"),
 }
-#: Events of the small and the large run of each case (per task for ``durable``).
-COUNTS = {"one": (2_000, 202_000), "durable": (2, 22)}
+#: Systems run from every tree given (the others are the same code in each).
+OURS = ("eventcast", "append", "bus.publish", "eventcast batch", "eventcast publish")
+#: Events of the small and the large run of each case (per task for ``durable``,
+#: requests after the warm-up for ``api``).
+COUNTS = {"one": (2_000, 202_000), "durable": (2, 22), "api": (100, 600)}
 TASKS = 1024
-UNIT = {"one": "delivery", "durable": "event"}
+UNIT = {"one": "delivery", "durable": "event", "api": "publication"}
+#: ``api``: publications per ``batch`` request; requests in the pool sent in turn.
+BATCH = 50
+API_POOL = 400
 
 
 def _one(system: str, events: int) -> None:
@@ -94,6 +108,139 @@ async def _durable_run(system: str, per_task: int) -> None:
             await asyncio.gather(*(worker(w) for w in range(TASKS)))
 
 
+class _Counted(asyncio.Transport):
+    """A transport that counts what is written to it (``api``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.closing = False
+
+    def write(self, data: Any) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        """Nothing to pause."""
+
+    def resume_reading(self) -> None:
+        """Nothing to resume."""
+
+
+def _api_requests(source: str) -> tuple[list[bytes], list[bytes]]:
+    """Requests of ``hub.py``'s intake phase (its void channels, 4,000 clients in rooms
+    of 10): one per channel (the warm-up), and a pool drawn at random to send in turn
+    (the same in every run, so that building it cancels out)."""
+    from run import load
+
+    hub = load("hub")
+    rooms, clients = 400, 4000
+    per = BATCH if source == "batch" else 1
+    every = [hub.room_channel(k) for k in range(rooms)]
+    every += [hub.user_channel(i) for i in range(clients)]
+    rng = random.Random(19)
+    drawn = [
+        hub.room_channel(rng.randrange(rooms))
+        if rng.random() < hub.ROOM_SHARE
+        else hub.user_channel(rng.randrange(clients))
+        for _ in range(API_POOL * BATCH)
+    ]
+
+    def requests(channels: list[str]) -> list[bytes]:
+        out = []
+        for first in range(0, len(channels) - per + 1, per):
+            commands = [
+                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}'
+                % (hub.void_channel(c).encode(), time.time_ns(), first)
+                for c in channels[first : first + per]
+            ]
+            if source == "batch":
+                body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
+            else:
+                body = commands[0]
+            out.append(
+                b"POST /api/%s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (source.encode(), hub.API_KEY.encode(), len(body), body)
+            )
+        return out
+
+    return requests(every), requests(drawn)
+
+
+def _api(system: str, requests: int) -> None:
+    import uvloop
+
+    uvloop.run(_api_run(system, requests))
+
+
+async def _api_run(system: str, count: int) -> None:
+    from run import load
+
+    kind, source = system.split()
+    warm, pool = _api_requests(source)
+    sent = count * (1 if source == "batch" else BATCH)  # the same publications either way
+
+    def feed(protocol: asyncio.Protocol) -> None:
+        protocol.connection_made(transport)
+        for request in warm:
+            protocol.data_received(request)
+        for i in range(sent):
+            protocol.data_received(pool[i % len(pool)])
+
+    transport = _Counted()
+    if kind == "floor":
+        feed(load("hub").floor_rooms_protocol()())
+    else:
+        async with _eventcast_protocol() as protocol:
+            feed(protocol)
+    assert transport.writes == len(warm) + sent, (transport.writes, len(warm) + sent)
+
+
+@contextlib.asynccontextmanager
+async def _eventcast_protocol() -> AsyncIterator[asyncio.Protocol]:
+    """The HTTP protocol of ``eventcast serve`` (``hub.py``'s many-rooms settings), its
+    app started."""
+    from uvicorn.config import Config
+    from uvicorn.lifespan.on import LifespanOn
+    from uvicorn.server import ServerState
+
+    from eventcast.server.app import create_app, uvicorn_config
+    from eventcast.server.config import Settings
+    from run import load
+
+    hub = load("hub")
+    namespaces = [{"name": hub.VOID_NS, "allow_publish_for_client": True}]
+    settings = Settings.load(
+        token_hmac_secret=hub.SECRET,
+        api_key=hub.API_KEY,
+        log_url="memory://",
+        namespaces=namespaces,
+    )
+    options = uvicorn_config(settings, host="127.0.0.1", port=8000)
+    options["log_level"] = "warning"
+    config = Config(create_app(settings), **options)
+    config.load()
+    lifespan = LifespanOn(config)
+    await lifespan.startup()
+    try:
+        yield config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=ServerState(), app_state={}
+        )
+    finally:
+        await lifespan.shutdown()
+
+
 def count(src: str, case: str, system: str, n: int) -> int:
     """Instructions of one run of ``case``/``system`` with ``n`` events, every thread."""
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{HERE}"}
@@ -118,19 +265,21 @@ def count(src: str, case: str, system: str, n: int) -> int:
 
 def per_event(src: str, case: str, system: str) -> float:
     small, large = COUNTS[case]
-    events = (large - small) * (TASKS if case == "durable" else 1)
+    events = (large - small) * (TASKS if case == "durable" else BATCH if case == "api" else 1)
     return (count(src, case, system, large) - count(src, case, system, small)) / events
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="one,durable", help="comma-separated: one, durable")
+    parser.add_argument(
+        "--cases", default="one,durable,api", help="comma-separated: one, durable, api"
+    )
     parser.add_argument("--src", action="append", default=[], help="another tree's src, too")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         case, system, n = args.child
-        (_one if case == "one" else _durable)(system, int(n))
+        {"one": _one, "durable": _durable, "api": _api}[case](system, int(n))
         return {}
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)")
@@ -141,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n## {case}: instructions per {UNIT[case]} (valgrind)")
         print(f"{'system':>22} | " + " | ".join(f"{s[-40:]:>40}" for s in sources))
         for system in CASES[case]:
-            trees = sources if system in ("eventcast", "append", "bus.publish") else [SRC]
+            trees = sources if system in OURS else [SRC]
             row = {src: per_event(src, case, system) for src in trees}
             results[f"{case}/{system}"] = row
             cells = [f"{row[s]:>40,.0f}" if s in row else f"{'(same)':>40}" for s in sources]

@@ -136,10 +136,8 @@ DEBUG = bool(os.environ.get("BENCH_DEBUG"))
 # -- servers (each runs in its own process: hub.py --serve KIND --port N) ---------------
 
 
-def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
-    import uvicorn
-
-    from eventcast.server.app import create_app, tune_collector, uvicorn_config
+def eventcast_settings(data_dir: str, workload: str = "fanout") -> Any:
+    """The settings ``serve_eventcast`` runs the hub with (``instructions.py`` too)."""
     from eventcast.server.config import Settings
 
     perms = {"allow_subscribe_for_client": True, "allow_publish_for_client": True}
@@ -170,13 +168,21 @@ def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
         "command_rate": 1e9,
         "user_command_rate": 1e9,
     }
-    settings = Settings.load(
+    return Settings.load(
         token_hmac_secret=SECRET,
         api_key=API_KEY,
         log_url=log_url,
         namespaces=namespaces,
         **{k: v for k, v in limits.items() if k in Settings.model_fields},
     )
+
+
+def serve_eventcast(port: int, data_dir: str, workload: str = "fanout") -> None:
+    import uvicorn
+
+    from eventcast.server.app import create_app, tune_collector, uvicorn_config
+
+    settings = eventcast_settings(data_dir, workload)
     config = uvicorn_config(settings, host="127.0.0.1", port=port)
     config["log_level"] = "warning"
     config["timeout_graceful_shutdown"] = 2
@@ -976,6 +982,35 @@ def void_channel(channel: str) -> str:
     return VOID_NS + ":" + channel.partition(":")[2].replace("#", "")
 
 
+def draw_channel(rng: random.Random, rooms: int, clients: int) -> tuple[str, bool]:
+    """A publication's channel, drawn as the API sources draw it: a room
+    (:data:`ROOM_SHARE`) or a client's user channel; and whether it is a room."""
+    if rng.random() < ROOM_SHARE:
+        return room_channel(rng.randrange(rooms)), True
+    return user_channel(rng.randrange(clients)), False
+
+
+def api_body(source: str, channels: list[str], ts: int, first: int) -> bytes:
+    """The body of a ``batch`` (or, with one channel, a ``publish``) of publications
+    into ``channels``, numbered from ``first``."""
+    commands = [
+        b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, first + i)
+        for i, channel in enumerate(channels)
+    ]
+    if source == "batch":
+        return b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
+    return commands[0]
+
+
+def api_request(path: bytes, body: bytes) -> bytes:
+    """A ``POST`` of ``body`` to the API ``path``, as the API connections send it."""
+    return (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path, API_KEY.encode(), len(body), body)
+    )
+
+
 class RoomClient(Client):
     """A member of one room and of its own user channel (the many-rooms workload).
 
@@ -1405,11 +1440,7 @@ class ApiConnection(asyncio.Protocol):
         assert self.transport is not None
         self.busy = True
         self.publications = publications
-        self.transport.write(
-            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: %s\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (path, API_KEY.encode(), len(body), body)
-        )
+        self.transport.write(api_request(path, body))
 
     def data_received(self, data: bytes) -> None:
         data = self.buf + data
@@ -1479,28 +1510,14 @@ async def rooms_publish_loop(
     def request(void: bool, first: int) -> tuple[bytes, int]:
         """The body of one request of ``per_request`` publications numbered from
         ``first``, and the deliveries it owes."""
-        number = first
         ts = time.time_ns()
         commands = []
         expected = 0
         for _ in range(per_request):
-            if rng.random() < ROOM_SHARE:
-                channel = room_channel(rng.randrange(rooms))
-                expected += room_size
-            else:
-                channel = user_channel(rng.randrange(clients))
-                expected += 1
-            if void:
-                channel = void_channel(channel)
-            commands.append(
-                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}' % (channel.encode(), ts, number)
-            )
-            number += 1
-        if source == "batch":
-            body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
-        else:
-            body = commands[0]
-        return body, expected
+            channel, in_room = draw_channel(rng, rooms, clients)
+            expected += room_size if in_room else 1
+            commands.append(void_channel(channel) if void else channel)
+        return api_body(source, commands, ts, first), expected
 
     # The intake phase's bodies, built once and sent in turn: building each costs this
     # process about as much as the server spends taking it in, and a publisher that

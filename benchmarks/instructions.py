@@ -149,31 +149,15 @@ def _api_requests(source: str) -> tuple[list[bytes], list[bytes]]:
     every = [hub.room_channel(k) for k in range(rooms)]
     every += [hub.user_channel(i) for i in range(clients)]
     rng = random.Random(19)
-    drawn = [
-        hub.room_channel(rng.randrange(rooms))
-        if rng.random() < hub.ROOM_SHARE
-        else hub.user_channel(rng.randrange(clients))
-        for _ in range(API_POOL * BATCH)
-    ]
+    drawn = [hub.draw_channel(rng, rooms, clients)[0] for _ in range(API_POOL * BATCH)]
+    path = b"/api/" + source.encode()
 
     def requests(channels: list[str]) -> list[bytes]:
-        out = []
-        for first in range(0, len(channels) - per + 1, per):
-            commands = [
-                b'{"channel":"%s","data":{"ts":%d,"seq":%d}}'
-                % (hub.void_channel(c).encode(), time.time_ns(), first)
-                for c in channels[first : first + per]
-            ]
-            if source == "batch":
-                body = b'{"commands":[{"publish":' + b'},{"publish":'.join(commands) + b"}]}"
-            else:
-                body = commands[0]
-            out.append(
-                b"POST /api/%s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: %s\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                % (source.encode(), hub.API_KEY.encode(), len(body), body)
-            )
-        return out
+        void = [hub.void_channel(c) for c in channels]
+        return [
+            hub.api_request(path, hub.api_body(source, void[i : i + per], time.time_ns(), i))
+            for i in range(0, len(void) - per + 1, per)
+        ]
 
     return requests(every), requests(drawn)
 
@@ -216,17 +200,9 @@ async def _eventcast_protocol() -> AsyncIterator[asyncio.Protocol]:
     from uvicorn.server import ServerState
 
     from eventcast.server.app import create_app, uvicorn_config
-    from eventcast.server.config import Settings
     from run import load
 
-    hub = load("hub")
-    namespaces = [{"name": hub.VOID_NS, "allow_publish_for_client": True}]
-    settings = Settings.load(
-        token_hmac_secret=hub.SECRET,
-        api_key=hub.API_KEY,
-        log_url="memory://",
-        namespaces=namespaces,
-    )
+    settings = load("hub").eventcast_settings("", "rooms")
     options = uvicorn_config(settings, host="127.0.0.1", port=8000)
     options["log_level"] = "warning"
     config = Config(create_app(settings), **options)

@@ -81,6 +81,11 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+#: ``_State.OPEN``, for the hot paths: an enum member read from its class costs
+#: ~65 ns on CPython 3.11 (a descriptor call), a module global ~5.
+_OPEN: Final = _State.OPEN
+
+
 class _Subscribers:
     """The bus's subscriber registry: ids, the subscriptions, and what they report."""
 
@@ -758,7 +763,7 @@ class Bus:
             InvalidTopicError: as :meth:`publish`.
             InvalidDataError: as :meth:`publish`.
         """
-        if self._subs.blockers or self._state is not _State.OPEN:
+        if self._subs.blockers or self._state is not _OPEN:
             return None
         if topic in self._live_routes:
             return self.publish_nowait(topic, data)
@@ -768,7 +773,7 @@ class Bus:
 
     def _publish_checked(self, topic: str, data: object, tags: Mapping[str, str] | None) -> Event:
         """publish_nowait with every check; remembers a topic the fast path may take."""
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             raise BusClosedError("the bus is closed")
         event = self._publish_routed(topic, data, tags)
         if event is None:
@@ -847,7 +852,7 @@ class Bus:
         log = self.log
         if not ack and tags is None and idempotency_key is None:
             if topic in self._durable_topics:
-                if not self._subs.blockers and self._state is _State.OPEN:
+                if not self._subs.blockers and self._state is _OPEN:
                     # A durable, untyped topic committed before: its name and
                     # namespace were checked then (below, once per topic).
                     assert log is not None
@@ -1055,7 +1060,7 @@ class Bus:
 
     def _deliver_remote(self, event: Event) -> None:
         """Deliver a publication from another node."""
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             return
         if self._count_topics:
             self.topic_stats.count(event)
@@ -1066,7 +1071,7 @@ class Bus:
 
     def _backplane_up(self) -> None:
         """After a reconnect: catch durable topics up, tell live ones continuity is lost."""
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             return
         self._sequencer.resync()
         for topic_filter in sorted(self._router.filters()):

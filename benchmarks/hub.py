@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import multiprocessing
@@ -129,6 +130,9 @@ SSE_CLIENT_KINDS = ("eventcast-sse", "sse-starlette")
 SSE_PATH = "/connection/sse"
 LATENCY_SAMPLE_EVERY = 5  # every 5th client records latencies
 VOID_PUBLICATIONS = 200_000  # distinct publications the intake phase sends in turn
+#: Requests the intake phase keeps in flight on each API connection (pipelined): with
+#: one, the server idles whenever every connection's answer is on its way back.
+INTAKE_DEPTH = int(os.environ.get("EVENTCAST_BENCH_INTAKE_DEPTH", "2"))
 CONNECT_CONCURRENCY = 50
 DEBUG = bool(os.environ.get("BENCH_DEBUG"))
 
@@ -1417,7 +1421,8 @@ def publisher_main(
 
 
 class ApiConnection(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 connection to the server API: one request at a time.
+    """A keep-alive HTTP/1.1 connection to the server API: one request at a time,
+    or up to :data:`INTAKE_DEPTH` pipelined in the intake phase.
 
     Counts the publications each answer acknowledged, and the errors in
     answers (an ``"error"`` in the body, or a status other than 200).
@@ -1430,28 +1435,34 @@ class ApiConnection(asyncio.Protocol):
         self.on_idle = on_idle
         self.transport: asyncio.Transport | None = None
         self.buf = b""
-        self.busy = False
-        self.publications = 0
+        #: The publications of each request sent and not yet answered, in order.
+        self.in_flight: collections.deque[int] = collections.deque()
+        self.closed = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is in flight (or the connection is gone)."""
+        return self.closed or bool(self.in_flight)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def post(self, path: bytes, body: bytes, publications: int) -> None:
         assert self.transport is not None
-        self.busy = True
-        self.publications = publications
+        self.in_flight.append(publications)
         self.transport.write(api_request(path, body))
 
     def data_received(self, data: bytes) -> None:
         data = self.buf + data
+        answered = False
         while True:
             end = data.find(b"\r\n\r\n")
             if end < 0:
                 break
             head = data[:end]
             length = content_length(head)
-            if length < 0:  # every server here answers with a length
-                self.shared.pub_errors.value += self.publications
+            if length < 0 or not self.in_flight:  # every server here answers with a length
+                self.shared.pub_errors.value += sum(self.in_flight)
                 assert self.transport is not None
                 self.transport.close()
                 return
@@ -1459,18 +1470,19 @@ class ApiConnection(asyncio.Protocol):
                 break
             body = data[end + 4 : end + 4 + length]
             data = data[end + 4 + length :]
+            publications = self.in_flight.popleft()
             if not head.startswith(b"HTTP/1.1 200"):
-                self.shared.pub_errors.value += self.publications
+                self.shared.pub_errors.value += publications
             elif b'"error"' in body:
                 self.shared.pub_errors.value += body.count(b'"error"')
-            self.shared.acked.value += self.publications
-            self.busy = False
+            self.shared.acked.value += publications
+            answered = True
         self.buf = data
-        if not self.busy and self.on_idle is not None:
+        if answered and self.on_idle is not None:
             self.on_idle(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.busy = True  # never used again
+        self.closed = True  # never used again
 
 
 async def rooms_publish_loop(
@@ -1543,9 +1555,13 @@ async def rooms_publish_loop(
     def saturating() -> bool:
         return bool(shared.void.value) and shared.rate.value == 0 and not shared.pub_stop.value
 
-    def on_idle(conn: ApiConnection) -> None:
-        if saturating():
+    def fill(conn: ApiConnection) -> None:
+        """Keep INTAKE_DEPTH requests in flight on ``conn`` (the intake phase)."""
+        while saturating() and not conn.closed and len(conn.in_flight) < INTAKE_DEPTH:
             post(conn)
+
+    def on_idle(conn: ApiConnection) -> None:
+        fill(conn)
 
     api: list[ApiConnection] = []
     if source != "client":
@@ -1567,8 +1583,7 @@ async def rooms_publish_loop(
             continue
         if saturating():
             for conn in api:  # start (or restart) the closed loop on answers
-                if not conn.busy:
-                    post(conn)
+                fill(conn)
             continue
         if target > 0:
             now = loop.time()

@@ -422,6 +422,10 @@ class Subscription:
                 head = ring.head
                 if cursor < head:
                     base = ring.base
+                    if cursor + 1 == head:  # one event (a reader that keeps up): no slice
+                        self._cursor = head
+                        yield ring.events[cursor - base]
+                        continue
                     for event in ring.events[cursor - base : head - base]:
                         if self._cursor != cursor:
                             break

@@ -1505,9 +1505,9 @@ async def rooms_publish_loop(
     publications not yet received by their channels' members; open loop:
     ``shared.rate`` publications per second, never bursting more than
     ``window`` to catch up. Into void channels (``shared.void``) at rate 0,
-    the API sources run closed on the answers: each connection sends its next
-    request as soon as the previous one is answered (the server's intake at
-    saturation).
+    the API sources run closed on the answers: each connection keeps
+    :data:`INTAKE_DEPTH` requests in flight, sending the next as soon as one is
+    answered (the server's intake at saturation).
     """
     loop = asyncio.get_running_loop()
     path = b"/api/batch" if source == "batch" else b"/api/publish"

@@ -36,8 +36,9 @@ Centrifuge JSON or a reply does not fit its command.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
+
+import msgspec
 
 from .codec import ProtocolError, decode_replies, encode_command
 from .frames import (
@@ -93,8 +94,7 @@ class ClientState(enum.Enum):
 # -- events -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyReceived:
+class ReplyReceived(msgspec.Struct, frozen=True):
     """The reply to command ``id``: its ``method``, and a ``result`` or an ``error``.
 
     ``result`` is the method's result struct (``ConnectResult``,
@@ -107,8 +107,7 @@ class ReplyReceived:
     error: ErrorPayload | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PublicationReceived:
+class PublicationReceived(msgspec.Struct, frozen=True):
     """A publication in ``channel`` (the subscription's channel, a pattern or a name).
 
     ``recovered`` is true for publications replayed inside a subscribe result.
@@ -119,24 +118,21 @@ class PublicationReceived:
     recovered: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class JoinReceived:
+class JoinReceived(msgspec.Struct, frozen=True):
     """A client joined ``channel``."""
 
     channel: str
     info: ClientInfo
 
 
-@dataclass(frozen=True, slots=True)
-class LeaveReceived:
+class LeaveReceived(msgspec.Struct, frozen=True):
     """A client left ``channel``."""
 
     channel: str
     info: ClientInfo
 
 
-@dataclass(frozen=True, slots=True)
-class UnsubscribedPush:
+class UnsubscribedPush(msgspec.Struct, frozen=True):
     """The server unsubscribed the client from ``channel``.
 
     Below 2500 the subscription is over; from 2500 the client should resubscribe.
@@ -152,8 +148,7 @@ class UnsubscribedPush:
         return self.code >= 2500
 
 
-@dataclass(frozen=True, slots=True)
-class SubscribedPush:
+class SubscribedPush(msgspec.Struct, frozen=True):
     """The server subscribed the client to ``channel`` (a server-side subscription).
 
     Emitted for a ``subscribe`` push, and for each server-side subscription
@@ -167,23 +162,20 @@ class SubscribedPush:
     result: SubscribeResult
 
 
-@dataclass(frozen=True, slots=True)
-class DisconnectReceived:
+class DisconnectReceived(msgspec.Struct, frozen=True):
     """The server announced it is closing the connection with ``code``."""
 
     code: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
+class MessageReceived(msgspec.Struct, frozen=True):
     """An asynchronous message from the server; ``data`` is raw JSON (``b""`` when absent)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PingReceived:
+class PingReceived(msgspec.Struct, frozen=True):
     """A server ping (an empty ``{}``)."""
 
 

@@ -1462,7 +1462,8 @@ class ApiConnection(asyncio.Protocol):
             head = data[:end]
             length = content_length(head)
             if length < 0 or not self.in_flight:  # every server here answers with a length
-                self.shared.pub_errors.value += sum(self.in_flight)
+                # (an answer with no request in flight is an error too)
+                self.shared.pub_errors.value += sum(self.in_flight) or 1
                 assert self.transport is not None
                 self.transport.close()
                 return
@@ -1560,13 +1561,10 @@ async def rooms_publish_loop(
         while saturating() and not conn.closed and len(conn.in_flight) < INTAKE_DEPTH:
             post(conn)
 
-    def on_idle(conn: ApiConnection) -> None:
-        fill(conn)
-
     api: list[ApiConnection] = []
     if source != "client":
         for _ in range(connections):
-            conn = ApiConnection(shared, on_idle)
+            conn = ApiConnection(shared, fill)
             await loop.create_connection(lambda c=conn: c, "127.0.0.1", port)
             api.append(conn)
     shared.pub_ready.value = 1

@@ -305,7 +305,7 @@ def http_protocol(
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     from uvicorn.protocols.utils import get_client_addr
 
-    from .api import answer_api_body, api_method, api_response
+    from .api import API_TARGETS, answer_api_body, api_method, api_response_head
 
     class HeldFlow(FlowControl):
         """uvicorn's flow control, whose reading stays paused while ``held``.
@@ -558,13 +558,18 @@ def http_protocol(
                     return None
             if length is None or length > self._max_body:
                 return None
-            try:
-                path = self.url.decode("ascii")
-            except UnicodeDecodeError:
-                return None
-            method = api_method(path)
-            if method is None or "%" in path or "?" in path:
-                return None
+            target = API_TARGETS.get(self.url)
+            if target is not None:  # a method's plain path (the common case)
+                path, method = target
+            else:
+                try:
+                    path = self.url.decode("ascii")
+                except UnicodeDecodeError:
+                    return None
+                found = api_method(path)
+                if found is None or "%" in path or "?" in path:
+                    return None
+                method = found
             scope = {
                 "type": "http",
                 "method": "POST",
@@ -610,12 +615,15 @@ def http_protocol(
 
         def _respond(self, answer: Answer, call: _ApiCall) -> None:
             """Write an answer in one write, then what uvicorn does after a response."""
-            status, body, headers = api_response(answer)
+            status, body, lines, own = api_response_head(answer)
+            closes = False
+            if own:
+                more, closes = _header_lines(own)
+                lines += more
             defaults = self.server_state.default_headers
             head = _DEFAULT_HEAD
             if head[0] is not defaults:
                 head = _default_head(defaults)
-            lines, closes = _header_lines(headers)
             keep_alive = call.keep_alive and not head[2] and not closes
             out = [STATUS_LINE[status], head[1], lines]
             if not keep_alive:

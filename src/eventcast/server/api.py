@@ -39,11 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_METHODS",
+    "API_TARGETS",
     "ApiEndpoint",
     "answer_api",
     "answer_api_body",
     "api_method",
     "api_response",
+    "api_response_head",
     "count_api",
     "run_api",
 ]
@@ -602,6 +604,12 @@ API_METHODS: dict[str, Method] = {
     "dead_letters_redrive": api_dead_letters_redrive,
 }
 
+#: The request target of each method of the API: its path and the method
+#: (what :func:`api_method` makes of it, looked up at once).
+API_TARGETS: Final[dict[bytes, tuple[str, str]]] = {
+    b"/api/" + name.encode(): ("/api/" + name, name) for name in API_METHODS
+}
+
 
 #: The bodies with a common form, decoded straight into structs (before plain JSON).
 _BODY_SHAPES: dict[str, Shape] = {
@@ -678,17 +686,36 @@ class ApiEndpoint:
         await send({"type": "http.response.body", "body": body})
 
 
+#: The type of every answer's body.
+_JSON_TYPE: Final = b"application/json"
+#: The two headers every answer has, as written in a head (``%`` the body's length).
+_HEAD_LINES: Final = b"content-length: %d\r\ncontent-type: " + _JSON_TYPE + b"\r\n"
+
+
+def _own_headers(extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """The headers an answer adds to the two every answer has (most add none)."""
+    if not extra:
+        return []
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+
+
 def api_response(answer: Answer) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """An answer as a response: status, encoded JSON body, headers (with its length)."""
     status, body, extra = answer
     encoded = _encode(body)
-    headers = [
-        (b"content-length", str(len(encoded)).encode()),
-        (b"content-type", b"application/json"),
-    ]
+    headers = [(b"content-length", b"%d" % len(encoded)), (b"content-type", _JSON_TYPE)]
     if extra:
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+        headers += _own_headers(extra)
     return status, encoded, headers
+
+
+def api_response_head(answer: Answer) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """An answer as a response written by hand (a protocol's own): status, encoded JSON
+    body, the lines of the two headers every answer has as written in a head (those of
+    :func:`api_response`), and the answer's own headers, to write after them."""
+    status, body, extra = answer
+    encoded = _encode(body)
+    return status, encoded, _HEAD_LINES % len(encoded), _own_headers(extra)
 
 
 async def answer_api(hub: Hub, method: str, request: Request) -> Answer:

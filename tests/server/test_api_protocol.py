@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from eventcast.server.api import ApiEndpoint
+from eventcast.server.api import ApiEndpoint, api_response, api_response_head
 from eventcast.server.app import uvicorn_config
 
 from . import conftest
@@ -173,6 +173,57 @@ async def test_a_body_in_parts_goes_through_the_app(
         writer.close()
     assert [(status, body) for status, _, body in got] == [(200, {"result": {}})] * 2
     assert endpoint_calls == ["/api/publish"]  # the first only
+
+
+def head_lines(head: bytes) -> list[bytes]:
+    """A response head's status line and headers, but for its date."""
+    return [line for line in head.split(b"\r\n") if line and not line.startswith(b"date: ")]
+
+
+async def test_the_protocol_and_the_app_write_the_same_heads(
+    hub: HubServer, endpoint_calls: list[str]
+) -> None:
+    requests = [
+        call("publish", {"channel": "live:same", "data": 1}),  # a method's plain target
+        call("publish", {"channel": "live:same", "data": 1}, key="wrong"),  # 401
+        call("nope", {}),  # an unknown method's target: 404
+        call("publish", b"[1]"),  # 400
+    ]
+    by_protocol: list[tuple[int, bytes, Any]] = []
+    by_app: list[tuple[int, bytes, Any]] = []
+    reader, writer = await connect(hub)
+    try:
+        for request in requests:
+            writer.write(request)  # whole: answered by the protocol
+            by_protocol += await answers(reader, 1)
+            writer.write(request[:-2])  # its body in parts: through the app
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(request[-2:])
+            by_app += await answers(reader, 1)
+    finally:
+        writer.close()
+    assert [status for status, _, _ in by_protocol] == [200, 401, 404, 400]
+    for (status, head, body), (app_status, app_head, app_body) in zip(
+        by_protocol, by_app, strict=True
+    ):
+        assert (status, body) == (app_status, app_body)
+        assert head_lines(head) == head_lines(app_head)
+    assert endpoint_calls == ["/api/publish", "/api/publish", "/api/nope", "/api/publish"]
+
+
+def test_the_head_written_by_hand_is_the_asgi_headers() -> None:
+    for answer in [
+        (200, {"result": {}}, None),
+        (400, {"error": {"code": 107, "message": "bad"}}, {}),
+        (408, {"error": {"code": 107, "message": "slow"}}, {"connection": "close", "x-n": "1"}),
+    ]:
+        status, body, headers = api_response(answer)
+        head_status, head_body, lines, own = api_response_head(answer)
+        assert (head_status, head_body) == (status, body)
+        written = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        assert lines + b"".join(b"%s: %s\r\n" % pair for pair in own) == written
+        assert own == headers[2:]
 
 
 async def test_refusals_answer_and_keep_the_connection(hub: HubServer) -> None:

@@ -409,6 +409,8 @@ async def test_every_request_of_a_keep_alive_connection_sends_its_head_in_time(
             started = time.monotonic()
             second = head("GET", "/healthz", *(f"X-Slow-{i}: {i}" for i in range(50)))
             # One byte per 0.2 s for 3 s at most; the server must close well before.
+            # (A byte of ours that reached the server after its last read turns its
+            # close into a reset: closed too.)
             with contextlib.suppress(ConnectionError):
                 for byte in second[:15]:
                     writer.write(bytes((byte,)))
@@ -418,7 +420,8 @@ async def test_every_request_of_a_keep_alive_connection_sends_its_head_in_time(
                             await reader.read()  # returns at once when the server closes
                     if reader.at_eof():
                         break
-            assert reader.at_eof(), "the connection is still open"
+            reset = isinstance(reader.exception(), ConnectionResetError)
+            assert reader.at_eof() or reset, "the connection is still open"
             return time.monotonic() - started
         finally:
             writer.close()

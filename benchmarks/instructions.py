@@ -23,6 +23,12 @@ Cases:
   fed to the server's HTTP protocol in process (a transport that only counts
   writes: no system calls), per publication: eventcast (its HTTP protocol and
   API, as ``eventcast serve`` runs them) and the floor system.
+* ``client``: the many rooms' ``client`` source: a member publishes over its
+  WebSocket, one publication per frame and per loop turn (as at half load),
+  fed in process to the server's WebSocket protocol (``eventcast serve``'s own,
+  and the floor system's); ``intake`` into a channel nobody reads, ``room``
+  into its room of 10 (itself and 9 others, each a counting transport), per
+  publication.
 
 ``--src DIR`` (repeatable) runs eventcast from other trees too, a worktree of
 an earlier commit say, beside this checkout's ``src``.
@@ -55,14 +61,23 @@ CASES: dict[str, tuple[str, ...]] = {
     "one": ("eventcast", "naive asyncio.Queue", "pyee"),
     "durable": ("floor", "append", "bus.publish"),
     "api": ("eventcast batch", "floor batch", "eventcast publish", "floor publish"),
+    "client": ("eventcast intake", "floor intake", "eventcast room", "floor room"),
 }
 #: Systems run from every tree given (the others are the same code in each).
-OURS = ("eventcast", "append", "bus.publish", "eventcast batch", "eventcast publish")
+OURS = (
+    "eventcast",
+    "append",
+    "bus.publish",
+    "eventcast batch",
+    "eventcast publish",
+    "eventcast intake",
+    "eventcast room",
+)
 #: Events of the small and the large run of each case (per task for ``durable``,
 #: requests after the warm-up for ``api``).
-COUNTS = {"one": (2_000, 202_000), "durable": (2, 22), "api": (100, 600)}
+COUNTS = {"one": (2_000, 202_000), "durable": (2, 22), "api": (100, 600), "client": (1_000, 6_000)}
 TASKS = 1024
-UNIT = {"one": "delivery", "durable": "event", "api": "publication"}
+UNIT = {"one": "delivery", "durable": "event", "api": "publication", "client": "publication"}
 #: ``api``: publications per ``batch`` request; requests in the pool sent in turn.
 BATCH = 50
 API_POOL = 400
@@ -109,12 +124,13 @@ async def _durable_run(system: str, per_task: int) -> None:
 
 
 class _Counted(asyncio.Transport):
-    """A transport that counts what is written to it (``api``)."""
+    """A transport that counts what is written to it (``api``, ``client``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
         self.closing = False
+        self.protocol: asyncio.BaseProtocol | None = None
 
     def write(self, data: Any) -> None:
         self.writes += 1
@@ -129,6 +145,16 @@ class _Counted(asyncio.Transport):
         return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
             name, default
         )
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
 
     def pause_reading(self) -> None:
         """Nothing to pause."""
@@ -191,13 +217,97 @@ async def _api_run(system: str, count: int) -> None:
     assert transport.writes == len(warm) + sent, (transport.writes, len(warm) + sent)
 
 
+#: ``client``: the members of the publisher's room, itself included.
+ROOM = 10
+#: ``client``: a WebSocket handshake's request head (header names as uvicorn hands them on).
+_UPGRADE = (
+    b"GET %s HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+    b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+)
+
+
+def _client(system: str, publications: int) -> None:
+    import uvloop
+
+    uvloop.run(_client_run(system, publications))
+
+
+async def _client_run(system: str, count: int) -> None:
+    from _common import ws_frame
+    from run import load
+
+    hub = load("hub")
+    kind, shape = system.split()
+    room = hub.room_channel(0)
+    target = room if shape == "room" else hub.void_channel(room)
+    members = [_Counted() for _ in range(ROOM)]
+
+    def frames(first: int) -> list[bytes]:
+        """The publisher's frames, ``first`` its first command id (eventcast)."""
+        if kind == "floor":
+            data = [b'p %s {"ts":1,"seq":%d}' % (target.encode(), i) for i in range(count)]
+        else:
+            command = b'{"id":%d,"publish":{"channel":"%s","data":{"ts":1,"seq":%d}}}'
+            data = [command % (first + i, target.encode(), i) for i in range(count)]
+        return [ws_frame(d) for d in data]
+
+    async def publish(protocol: asyncio.Protocol, sent: list[bytes]) -> None:
+        for frame in sent:
+            protocol.data_received(frame)
+            await asyncio.sleep(0)  # a loop turn per publication: the writes go out
+
+    async with contextlib.AsyncExitStack() as running:
+        if kind == "floor":
+            protocol_class: Any = hub.floor_rooms_protocol()
+
+            def member(i: int, transport: _Counted) -> asyncio.Protocol:
+                protocol = protocol_class()
+                protocol.connection_made(transport)
+                protocol.data_received(_UPGRADE % b"/")
+                protocol.data_received(ws_frame(b"sub " + room.encode()))
+                return protocol  # type: ignore[no-any-return]
+
+            first = 0
+        else:
+            from uvicorn.server import ServerState
+
+            from eventcast.server.auth import mint_token
+
+            config = await running.enter_async_context(_eventcast_config())
+            state = ServerState()
+
+            def member(i: int, transport: _Counted) -> asyncio.Protocol:
+                upgrade = config.ws_protocol_class(config=config, server_state=state, app_state={})
+                upgrade.connection_made(transport)
+                upgrade.data_received(_UPGRADE % b"/connection/websocket")
+                token = mint_token(secret=hub.SECRET, user=f"user{i}", ttl=None).encode()
+                subscribe = b'{"id":1,"connect":{"token":"%s"}}\n'
+                subscribe += b'{"id":2,"subscribe":{"channel":"%s"}}'
+                protocol = transport.get_protocol()
+                assert isinstance(protocol, asyncio.Protocol)
+                protocol.data_received(ws_frame(subscribe % (token, room.encode())))
+                return protocol
+
+            first = 3
+        protocols = [member(i, t) for i, t in enumerate(members)]
+        await asyncio.sleep(0.01)  # every connect and subscribe answered
+        before = [t.writes for t in members]
+        await publish(protocols[0], frames(first))
+        written = [t.writes - b for t, b in zip(members, before, strict=True)]
+    # Every publication reached every member (the publisher: its reply, at least).
+    reached = ROOM if shape == "room" else 1
+    expected = [count] * reached + [0] * (ROOM - reached)
+    if kind == "floor" and shape == "intake":
+        expected[0] = 0  # the floor answers nothing to a publisher
+    assert written == expected, (written, expected)
+
+
 @contextlib.asynccontextmanager
-async def _eventcast_protocol() -> AsyncIterator[asyncio.Protocol]:
-    """The HTTP protocol of ``eventcast serve`` (``hub.py``'s many-rooms settings), its
+async def _eventcast_config() -> AsyncIterator[Any]:
+    """The uvicorn config of ``eventcast serve`` (``hub.py``'s many-rooms settings), its
     app started."""
     from uvicorn.config import Config
     from uvicorn.lifespan.on import LifespanOn
-    from uvicorn.server import ServerState
 
     from eventcast.server.app import create_app, uvicorn_config
     from run import load
@@ -210,11 +320,21 @@ async def _eventcast_protocol() -> AsyncIterator[asyncio.Protocol]:
     lifespan = LifespanOn(config)
     await lifespan.startup()
     try:
+        yield config
+    finally:
+        await lifespan.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def _eventcast_protocol() -> AsyncIterator[asyncio.Protocol]:
+    """The HTTP protocol of ``eventcast serve`` (``hub.py``'s many-rooms settings), its
+    app started."""
+    from uvicorn.server import ServerState
+
+    async with _eventcast_config() as config:
         yield config.http_protocol_class(  # type: ignore[call-arg]
             config=config, server_state=ServerState(), app_state={}
         )
-    finally:
-        await lifespan.shutdown()
 
 
 def count(src: str, case: str, system: str, n: int) -> int:
@@ -241,21 +361,23 @@ def count(src: str, case: str, system: str, n: int) -> int:
 
 def per_event(src: str, case: str, system: str) -> float:
     small, large = COUNTS[case]
-    events = (large - small) * (TASKS if case == "durable" else BATCH if case == "api" else 1)
+    events = (large - small) * {"durable": TASKS, "api": BATCH}.get(case, 1)
     return (count(src, case, system, large) - count(src, case, system, small)) / events
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--cases", default="one,durable,api", help="comma-separated: one, durable, api"
+        "--cases",
+        default="one,durable,api,client",
+        help="comma-separated: one, durable, api, client",
     )
     parser.add_argument("--src", action="append", default=[], help="another tree's src, too")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         case, system, n = args.child
-        {"one": _one, "durable": _durable, "api": _api}[case](system, int(n))
+        {"one": _one, "durable": _durable, "api": _api, "client": _client}[case](system, int(n))
         return {}
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)")

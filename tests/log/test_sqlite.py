@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,30 @@ async def test_common_and_rare_rows_of_one_group_commit_are_stored_as_sent(
                 )
     finally:
         await log.close()
+
+
+async def test_the_common_rows_payload_is_stored_as_a_blob_of_the_encoded_data(
+    tmp_path: Path,
+) -> None:
+    """The common row binds its payload as a ``bytearray`` (the sqlite3 module binds
+    ``bytes`` only after an adapter lookup): what is stored is a BLOB all the same,
+    byte for byte the event's encoded data, and it reads back as ``bytes``."""
+    path = tmp_path / "events.db"
+    log = SQLiteLog(path)
+    await log.open()
+    sent = [Event(topic="t", data={"n": n, "text": "é" * n}) for n in range(5)]
+    try:
+        await asyncio.gather(*(log.append([e]) for e in sent))
+        read = await log.read("t")
+    finally:
+        await log.close()
+    assert [e.data for e in read] == [e.data for e in sent]
+    assert all(type(e.encoded_data()) is bytes for e in read)
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT typeof(payload), payload FROM ec_events ORDER BY offset"
+        ).fetchall()
+    assert rows == [("blob", e.encoded_data()) for e in sent]
 
 
 async def test_a_bad_event_fails_its_own_append_not_the_group_commit_it_would_join(

@@ -453,7 +453,8 @@ class SQLiteLog(EventLog):
                 top = state.top = state.top + 1
                 payload = event.encoded_data()  # cached: encoded before it was queued
                 if ikey is None and not event.tags and not isinstance(event.data, bytes):
-                    extend_plain((topic, event.id, event.time, payload, top))
+                    # (bound as a bytearray: see _PLAIN_ROW)
+                    extend_plain((topic, event.id, event.time, bytearray(payload), top))
                 else:
                     item = append_item(event)
                     extend_full(item)
@@ -973,10 +974,10 @@ class _RowShape:
 _FULL_ROW: Final = _RowShape.of("(?, ?, ?, ?, ?, ?, ?, ?)")
 #: The common row (JSON data, no tags, no idempotency key), its constant columns
 #: written in the statement: ``(topic, id, time, payload, offset)``. The sqlite3
-#: module binds an exact ``int``, ``float`` or ``str`` directly, but looks up an
-#: adapter for anything else (a ``bool``, ``None``): ~0.4 µs a value, with the GIL
-#: held. (The payload, ``bytes``, pays it too: a copy to a ``bytearray``, which
-#: binds directly, costs about as much.)
+#: module binds an exact ``int``, ``float``, ``str`` or ``bytearray`` directly, but
+#: looks up an adapter for anything else (a ``bool``, ``None``, ``bytes``): ~0.3-0.4 µs
+#: a value, with the GIL held. So the payload is bound as a copy to a ``bytearray``
+#: (a BLOB all the same): the copy of a small payload costs a fifth of the lookup.
 _PLAIN_ROW: Final = _RowShape.of("(?, ?, ?, ?, 0, NULL, NULL, ?)")
 
 

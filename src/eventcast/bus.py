@@ -899,8 +899,7 @@ class Bus:
         (the common case), those left in one pass: the count of publications
         and the sequencer (which fans a run of one topic out at once).
         """
-        now = time.time()
-        self.append_latency.observe_many([now - event.time for event in events])
+        self.append_latency.observe_since(time.time(), [event.time for event in events])
         if self._count_topics or self._link is not None:
             for event in events:
                 self._deliver(event)

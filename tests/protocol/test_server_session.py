@@ -132,3 +132,46 @@ def test_unidirectional_sessions_answer_connect_with_a_push_and_keep_the_last_er
     assert json.loads(session.data_to_send()[0]) == {"connect": {"client": "c", "ping": 25}}
     session.ping()
     assert session.data_to_send() == [b"{}"]
+
+
+def _holds_int(kind: object) -> bool:
+    import msgspec.inspect as mi
+
+    if isinstance(kind, (mi.IntType, mi.AnyType)):
+        return True
+    if isinstance(kind, mi.CustomType):  # ``object``: anything
+        return kind.cls is object
+    if isinstance(kind, mi.UnionType):
+        return any(_holds_int(member) for member in kind.types)
+    if isinstance(kind, mi.DictType):  # (a dict's structs are checked; a list's are not)
+        return _holds_int(kind.value_type)
+    return isinstance(kind, mi.StructType)
+
+
+def test_the_range_check_reads_every_field_that_can_hold_a_number() -> None:
+    """``out_of_range`` reads, per request class, only the fields whose type can hold
+    an ``int`` or a nested request (alone or in a dict): exactly those, for every
+    request, and a ``publish`` has none (its check costs one lookup)."""
+    import msgspec.inspect as mi
+
+    from eventcast.protocol import frames
+
+    classes = [
+        mi.type_info(kind)
+        for kind in vars(frames).values()
+        if isinstance(kind, type)
+        and issubclass(kind, frames._Message)
+        and kind is not frames._Message
+    ]
+    assert len(classes) > 10
+    for info in classes:
+        assert isinstance(info, mi.StructType)
+        expected = {field.name for field in info.fields if _holds_int(field.type)}
+        assert set(frames._fields_to_check(info.cls)) == expected, info.cls
+    assert frames._fields_to_check(frames.PublishRequest) == ()
+    request = frames.HistoryRequest(
+        channel="c", since=frames.StreamPosition(offset=2**63, epoch="e")
+    )
+    assert frames.out_of_range(request) == "since.offset out of range"
+    request = frames.ConnectRequest(subs={"a": frames.SubscribeRequest(offset=-1)})
+    assert frames.out_of_range(request) == "subs.offset out of range"

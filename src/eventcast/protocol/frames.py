@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Final, TypeGuard
 
 import msgspec
+import msgspec.inspect
 from msgspec import Raw, Struct
 
 __all__ = [
@@ -76,9 +77,15 @@ def out_of_range(message: Struct) -> str | None:
 
     Every integer field of every request (and of the requests nested in it, such
     as ``connect.subs`` and ``history.since``) is checked: numbers come from
-    outside and reach the log backends, whose integers are signed 64-bit.
+    outside and reach the log backends, whose integers are signed 64-bit. Only
+    the fields whose type can hold a number or a request are read
+    (:func:`_fields_to_check`): none of a ``publish``.
     """
-    for name in message.__struct_fields__:
+    cls = type(message)
+    names = _TO_CHECK.get(cls)
+    if names is None:
+        names = _TO_CHECK[cls] = _fields_to_check(cls)
+    for name in names:
         value = getattr(message, name)
         if type(value) is int:
             if not 0 <= value <= MAX_INT:
@@ -94,6 +101,37 @@ def out_of_range(message: Struct) -> str | None:
                     if problem is not None:
                         return f"{name}.{problem}"
     return None
+
+
+#: The fields :func:`out_of_range` reads, per struct class (the classes are few and fixed).
+_TO_CHECK: Final[dict[type, tuple[str, ...]]] = {}
+#: Field types whose values :func:`out_of_range` never looks into.
+_UNCHECKED_TYPES: Final = (
+    msgspec.inspect.StrType,
+    msgspec.inspect.BoolType,
+    msgspec.inspect.FloatType,
+    msgspec.inspect.BytesType,
+    msgspec.inspect.RawType,
+    msgspec.inspect.NoneType,
+    msgspec.inspect.ListType,
+)
+
+
+def _fields_to_check(cls: type) -> tuple[str, ...]:
+    """The fields of ``cls`` whose values :func:`out_of_range` looks into: those whose
+    type may hold an ``int``, a struct or a dict of structs (a field of an unknown
+    type too)."""
+
+    def unchecked(kind: msgspec.inspect.Type) -> bool:
+        if isinstance(kind, msgspec.inspect.UnionType):
+            return all(unchecked(member) for member in kind.types)
+        if isinstance(kind, msgspec.inspect.DictType):
+            return unchecked(kind.value_type)
+        return isinstance(kind, _UNCHECKED_TYPES)
+
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return tuple(field.name for field in info.fields if not unchecked(field.type))
 
 
 class _Message(Struct, omit_defaults=True, forbid_unknown_fields=False):

@@ -98,7 +98,8 @@ def _advance(
             conn.send_session_output()
             i += 1
             continue
-        if _durable_publish(hub, request):
+        # (A frame's last command runs alone: handle_now awaits a durable publish too.)
+        if i + 1 < len(requests) and _durable_publish(hub, request):
             group = [request]
             while (
                 i + len(group) < len(requests)

@@ -132,28 +132,49 @@ async def test_common_and_rare_rows_of_one_group_commit_are_stored_as_sent(
         await log.close()
 
 
-async def test_the_common_rows_payload_is_stored_as_a_blob_of_the_encoded_data(
+async def test_payloads_and_tags_are_stored_as_blobs_of_their_encoded_bytes(
     tmp_path: Path,
 ) -> None:
-    """The common row binds its payload as a ``bytearray`` (the sqlite3 module binds
-    ``bytes`` only after an adapter lookup): what is stored is a BLOB all the same,
-    byte for byte the event's encoded data, and it reads back as ``bytes``."""
+    """Every row binds its payload (and tags) as a ``bytearray`` and its binary flag as
+    an ``int`` (the sqlite3 module binds ``bytes`` and ``bool`` only after an adapter
+    lookup): what is stored is BLOBs and an integer all the same, byte for byte the
+    event's encoded data and tags, and it reads back as the events appended."""
+    from eventcast.log.base import encode_tags
+
     path = tmp_path / "events.db"
     log = SQLiteLog(path)
     await log.open()
-    sent = [Event(topic="t", data={"n": n, "text": "é" * n}) for n in range(5)]
+    sent = [Event(topic="t", data={"n": n, "text": "é" * n}) for n in range(3)]
+    sent += [
+        Event(topic="t", data=b"\x00\xff", tags={"k": "v"}),
+        Event(topic="t", data=[1], tags={"a": "b", "c": "é"}),
+        Event(topic="t", data="keyed", idempotency_key="k1"),
+    ]
     try:
         await asyncio.gather(*(log.append([e]) for e in sent))
         read = await log.read("t")
     finally:
         await log.close()
-    assert [e.data for e in read] == [e.data for e in sent]
+    assert [(e.data, dict(e.tags), e.idempotency_key) for e in read] == [
+        (e.data, dict(e.tags), e.idempotency_key) for e in sent
+    ]
     assert all(type(e.encoded_data()) is bytes for e in read)
     with sqlite3.connect(path) as conn:
         rows = conn.execute(
-            "SELECT typeof(payload), payload FROM ec_events ORDER BY offset"
+            "SELECT typeof(payload), payload, typeof(binary), binary, typeof(tags), tags"
+            " FROM ec_events ORDER BY offset"
         ).fetchall()
-    assert rows == [("blob", e.encoded_data()) for e in sent]
+    assert rows == [
+        (
+            "blob",
+            e.encoded_data(),
+            "integer",
+            int(isinstance(e.data, bytes)),
+            "blob" if e.tags else "null",
+            encode_tags(e.tags),
+        )
+        for e in sent
+    ]
 
 
 async def test_a_bad_event_fails_its_own_append_not_the_group_commit_it_would_join(

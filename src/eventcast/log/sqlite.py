@@ -36,6 +36,7 @@ from ..deadletters import DeadLetter
 from ..events import Event, Position
 from ..exceptions import LogError
 from .base import (
+    AppendItem,
     EventLog,
     append_item,
     committed,
@@ -457,7 +458,7 @@ class SQLiteLog(EventLog):
                     extend_plain((topic, event.id, event.time, bytearray(payload), top))
                 else:
                     item = append_item(event)
-                    extend_full(item)
+                    extend_full(_bindable(item))
                     full.append(top)
                     if ikey is not None:
                         keys.append((topic, ikey, top, expires))
@@ -979,6 +980,22 @@ _FULL_ROW: Final = _RowShape.of("(?, ?, ?, ?, ?, ?, ?, ?)")
 #: a value, with the GIL held. So the payload is bound as a copy to a ``bytearray``
 #: (a BLOB all the same): the copy of a small payload costs a fifth of the lookup.
 _PLAIN_ROW: Final = _RowShape.of("(?, ?, ?, ?, 0, NULL, NULL, ?)")
+
+
+def _bindable(item: AppendItem) -> tuple[Any, ...]:
+    """A rare row's values as the sqlite3 module binds directly (see :data:`_PLAIN_ROW`):
+    its payload and tags as ``bytearray``, its flag as an ``int`` (the same BLOBs and
+    integer stored); only an absent value (``None``) still takes the adapter lookup."""
+    topic, event_id, at, payload, binary, tags, ikey = item
+    return (
+        topic,
+        event_id,
+        at,
+        bytearray(payload),
+        1 if binary else 0,
+        None if tags is None else bytearray(tags),
+        ikey,
+    )
 
 
 def _insert_events(conn: sqlite3.Connection, shape: _RowShape, params: list[Any]) -> None:

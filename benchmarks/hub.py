@@ -994,6 +994,32 @@ def draw_channel(rng: random.Random, rooms: int, clients: int) -> tuple[str, boo
     return user_channel(rng.randrange(clients)), False
 
 
+def room_subscription(kind: str, token: bytes, channels: list[str]) -> bytes:
+    """What a member of the many rooms sends once connected, as a client of ``kind``
+    (``eventcast-rooms``: ``connect``, then a ``subscribe`` per channel; the floor
+    and the plain websockets server: one ``sub``)."""
+    if kind == "eventcast-rooms":
+        commands = [b'{"id":1,"connect":{"token":"%s"}}' % token]
+        for n, channel in enumerate(channels, 2):
+            commands.append(b'{"id":%d,"subscribe":{"channel":"%s"}}' % (n, channel.encode()))
+        return b"\n".join(commands)
+    return b"sub " + " ".join(channels).encode()
+
+
+def room_publication(kind: str, channel: str, data: bytes, command_id: int = 0) -> bytes:
+    """A member's publication of JSON ``data`` into ``channel``, as a client of ``kind``
+    sends it (``eventcast-rooms``: a ``publish`` command numbered ``command_id``)."""
+    if kind == "eventcast-rooms":
+        return b'{"id":%d,"publish":{"channel":"%s","data":%s}}' % (
+            command_id,
+            channel.encode(),
+            data,
+        )
+    if kind == "socketio-rooms":
+        return b'42["pub",{"channel":"%s","data":%s}]' % (channel.encode(), data)
+    return b"p %s %s" % (channel.encode(), data)
+
+
 def api_body(source: str, channels: list[str], ts: int, first: int) -> bytes:
     """The body of a ``batch`` (or, with one channel, a ``publish``) of publications
     into ``channels``, numbered from ``first``."""
@@ -1053,33 +1079,19 @@ class RoomClient(Client):
         )
 
     def opened(self) -> None:
-        if self.kind == "eventcast-rooms":
-            commands = [b'{"id":1,"connect":{"token":"%s"}}' % self.token]
-            for n, channel in enumerate(self.channels, 2):
-                commands.append(b'{"id":%d,"subscribe":{"channel":"%s"}}' % (n, channel.encode()))
-            self.send(b"\n".join(commands))
-        elif self.kind != "socketio-rooms":  # the floor and the plain websockets server
-            self.send(b"sub " + " ".join(self.channels).encode())
+        if self.kind != "socketio-rooms":  # (its rooms are in the connection URL)
+            self.send(room_subscription(self.kind, self.token, self.channels))
 
     def publish(self, items: list[tuple[str, bytes]]) -> None:
         """Publish ``(channel, JSON data)`` pairs, all in one write."""
         if self.kind == "eventcast-rooms":
             commands = []
             for channel, data in items:
-                commands.append(
-                    b'{"id":%d,"publish":{"channel":"%s","data":%s}}'
-                    % (self.next_id, channel.encode(), data)
-                )
+                commands.append(room_publication(self.kind, channel, data, self.next_id))
                 self.next_id += 1
             self.send(b"\n".join(commands))
             return
-        frames = []
-        for channel, data in items:
-            if self.kind == "socketio-rooms":
-                payload = b'42["pub",{"channel":"%s","data":%s}]' % (channel.encode(), data)
-            else:
-                payload = b"p %s %s" % (channel.encode(), data)
-            frames.append(ws_frame(payload))
+        frames = [ws_frame(room_publication(self.kind, channel, data)) for channel, data in items]
         assert self.transport is not None
         self.transport.write(b"".join(frames))
 

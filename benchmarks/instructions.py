@@ -242,14 +242,14 @@ async def _client_run(system: str, count: int) -> None:
     target = room if shape == "room" else hub.void_channel(room)
     members = [_Counted() for _ in range(ROOM)]
 
+    client_kind = "eventcast-rooms" if kind == "eventcast" else "floor"
+
     def frames(first: int) -> list[bytes]:
         """The publisher's frames, ``first`` its first command id (eventcast)."""
-        if kind == "floor":
-            data = [b'p %s {"ts":1,"seq":%d}' % (target.encode(), i) for i in range(count)]
-        else:
-            command = b'{"id":%d,"publish":{"channel":"%s","data":{"ts":1,"seq":%d}}}'
-            data = [command % (first + i, target.encode(), i) for i in range(count)]
-        return [ws_frame(d) for d in data]
+        return [
+            ws_frame(hub.room_publication(client_kind, target, b'{"ts":1,"seq":%d}' % i, first + i))
+            for i in range(count)
+        ]
 
     async def publish(protocol: asyncio.Protocol, sent: list[bytes]) -> None:
         for frame in sent:
@@ -264,7 +264,7 @@ async def _client_run(system: str, count: int) -> None:
                 protocol = protocol_class()
                 protocol.connection_made(transport)
                 protocol.data_received(_UPGRADE % b"/")
-                protocol.data_received(ws_frame(b"sub " + room.encode()))
+                protocol.data_received(ws_frame(hub.room_subscription(client_kind, b"", [room])))
                 return protocol  # type: ignore[no-any-return]
 
             first = 0
@@ -281,11 +281,9 @@ async def _client_run(system: str, count: int) -> None:
                 upgrade.connection_made(transport)
                 upgrade.data_received(_UPGRADE % b"/connection/websocket")
                 token = mint_token(secret=hub.SECRET, user=f"user{i}", ttl=None).encode()
-                subscribe = b'{"id":1,"connect":{"token":"%s"}}\n'
-                subscribe += b'{"id":2,"subscribe":{"channel":"%s"}}'
                 protocol = transport.get_protocol()
                 assert isinstance(protocol, asyncio.Protocol)
-                protocol.data_received(ws_frame(subscribe % (token, room.encode())))
+                protocol.data_received(ws_frame(hub.room_subscription(client_kind, token, [room])))
                 return protocol
 
             first = 3

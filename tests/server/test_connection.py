@@ -99,6 +99,52 @@ async def test_one_shared_payload_is_framed_once_for_every_connection(
     assert await peer.read_exactly(len(expected)) == expected
 
 
+class _Channel:
+    """A dispatcher that queues ``payload`` on ``conn`` and, ``again`` times, asks for
+    another dispatch (as a channel with more than one batch buffered does)."""
+
+    def __init__(
+        self, flusher: Flusher, conn: Connection, payload: bytes, again: int, written: list[bytes]
+    ) -> None:
+        self.flusher, self.conn, self.payload, self.again = flusher, conn, payload, again
+        self.written = written
+        #: How many writes had been made when each dispatch ran.
+        self.seen: list[int] = []
+
+    def dispatch(self) -> None:
+        self.seen.append(len(self.written))
+        self.conn.enqueue(self.payload)
+        if self.again:
+            self.again -= 1
+            self.flusher.dispatch_later(self)
+
+
+async def test_the_turn_ends_with_the_dispatch_then_one_write_with_the_reply(
+    pair: tuple[asyncio.WriteTransport, Peer],
+) -> None:
+    transport, peer = pair
+    flusher = Flusher()
+    conn = make(transport, [], flusher=flusher)
+    written: list[bytes] = []
+    real_write = transport.write
+
+    def write(data: Any) -> None:
+        written.append(bytes(data))
+        real_write(data)
+
+    transport.write = write  # type: ignore[method-assign]
+    reply, push = b'{"id":1,"publish":{}}', b'{"push":1}'
+    channel = _Channel(flusher, conn, push, 1, written)
+    conn.enqueue(reply)  # queued first (its write scheduled) ...
+    flusher.dispatch_later(channel)  # ... the dispatch still comes before the write
+    expected = frame_text(reply + b"\n" + push) + frame_text(push)
+    assert await peer.read_exactly(len(expected)) == expected
+    # The reply and the first dispatch in one write; the channel queued again while
+    # dispatching dispatched in a later turn (after that write), written on its own.
+    assert written == [frame_text(reply + b"\n" + push), frame_text(push)]
+    assert channel.seen == [0, 1]
+
+
 async def test_a_queue_over_its_limit_closes_with_3008_once(
     pair: tuple[asyncio.WriteTransport, Peer],
 ) -> None:

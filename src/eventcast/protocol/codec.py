@@ -276,9 +276,17 @@ def encode_error(command_id: int, error: ClientError) -> bytes:
     return b'{"id":%d,"error":%s}' % (command_id, _encode(payload))
 
 
+#: A push, as a ``Reply`` carries it (``%s``: the bare push).
+_PUSH: Final = b'{"push":%s}'
+#: A publication's bare push (``%s``: the channel, encoded, and the publication).
+_UNI_PUB_PUSH: Final = b'{"channel":%s,"pub":%s}'
+#: A publication's push in a ``Reply``: the two above, in one format.
+_PUB_PUSH: Final = _PUSH % _UNI_PUB_PUSH
+
+
 def encode_push(channel: str, kind: str, body: Any) -> bytes:
     """Encode a push of ``kind`` (``pub``, ``join``, ``unsubscribe`` …) for a channel."""
-    return b'{"push":%s}' % encode_uni_push(channel, kind, body)
+    return _PUSH % encode_uni_push(channel, kind, body)
 
 
 def encode_uni_push(channel: str, kind: str, body: Any) -> bytes:
@@ -309,6 +317,9 @@ def encode_publication(
     ``delta`` marks ``data`` as a fossil delta (see :func:`string_data` for
     how data travels to a subscription that negotiated deltas).
     """
+    if info is None and not tags and not delta and not time_ms and not channel:
+        # (the usual publication: its data and, in a durable channel, its offset)
+        return b'{"data":%s,"offset":%d}' % (data, offset) if offset else b'{"data":%s}' % data
     parts = [b'{"data":', data]
     if info is not None:
         parts += [b',"info":', info]
@@ -364,12 +375,12 @@ def publication_push(channel: str, event: Event, *, concrete_channel: bool = Fal
 
 def encode_pub_push(channel: str, publication: bytes) -> bytes:
     """Wrap an encoded publication object in the push that delivers it in ``channel``."""
-    return b'{"push":%s}' % encode_uni_pub_push(channel, publication)
+    return _PUB_PUSH % (_encode(channel), publication)
 
 
 def encode_uni_pub_push(channel: str, publication: bytes) -> bytes:
     """Wrap an encoded publication object in a bare push (unidirectional transports)."""
-    return b'{"channel":%s,"pub":%s}' % (_encode(channel), publication)
+    return _UNI_PUB_PUSH % (_encode(channel), publication)
 
 
 _connect_decoder = msgspec.json.Decoder(ConnectRequest)

@@ -51,8 +51,15 @@ def websocket_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     return header + payload
 
 
+#: The head of each short text frame (payloads of 0 to 125 bytes), by payload length.
+_SHORT_TEXT_HEADS: Final = tuple(websocket_frame(bytes(n))[:2] for n in range(126))
+
+
 def frame_text(payload: bytes) -> bytes:
     """Wrap ``payload`` in one final WebSocket text frame (the Centrifuge JSON protocol)."""
+    n = len(payload)
+    if n < 126:  # (most pushes and replies: the head looked up, not built)
+        return _SHORT_TEXT_HEADS[n] + payload
     return websocket_frame(payload, OP_TEXT)
 
 

@@ -42,7 +42,7 @@ from ..protocol.frames import ClientInfo
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern
-from .connection import Connection, EndOfTurn
+from .connection import Connection, Flusher
 from .fanout import Backlogs, Batch
 
 if TYPE_CHECKING:
@@ -186,10 +186,15 @@ class HubChannel:
             return
         sub = self.sub
         try:
-            events = sub.get_nowait_batch(DISPATCH_BATCH)
+            events = sub._take(DISPATCH_BATCH)
             if events:
                 self._dispatch(events)
-            self._rearm()
+            # (A dispatch that closed the channel closed its subscription: nothing is
+            # buffered then, and _listen raises SubscriptionClosedError.)
+            if sub.buffered:
+                self._ready()  # more than one batch: the rest in the next turn
+            else:
+                sub._listen()
         except SlowConsumerError:
             # The dispatcher fell behind: continuity is lost for every member.
             self.stopped = True
@@ -201,14 +206,6 @@ class HubChannel:
             logger.exception("dispatcher of %r failed", self.name)
             for conn in list(self.members):
                 conn.close(codes.DISCONNECT_SERVER_ERROR)
-
-    def _rearm(self) -> None:
-        if self.stopped:  # the dispatch closed the channel
-            return
-        if self.sub.buffered:
-            self._ready()  # more than one batch: the rest in the next turn
-        else:
-            self.sub._listen()
 
     def _dispatch(self, events: list[Event]) -> None:
         channels = self._channels
@@ -250,11 +247,6 @@ class HubChannel:
         self.sub.close()
 
 
-def _dispatch(ready: list[HubChannel]) -> None:
-    for channel in ready:
-        channel.dispatch()
-
-
 class Channels:
     """The channels with members on this node.
 
@@ -262,9 +254,18 @@ class Channels:
         bus: where each channel's subscription comes from.
         deliver_sse: delivers a batch to an SSE member.
         on_left: called after a member left a channel, whatever the reason.
+        flusher: the end of the loop turn its channels dispatch at (the hub's,
+            so its connections are written in the same callback); its own if
+            not given.
     """
 
-    def __init__(self, bus: Bus, deliver_sse: SSEDeliver, on_left: LeftHandler) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        deliver_sse: SSEDeliver,
+        on_left: LeftHandler,
+        flusher: Flusher | None = None,
+    ) -> None:
         self._bus = bus
         self.deliver_sse = deliver_sse
         self._on_left = on_left
@@ -279,7 +280,7 @@ class Channels:
         self.conflated = 0
         self.backlogs = Backlogs(self._count_conflated)
         #: Dispatch a channel at the end of this loop turn.
-        self.schedule: Callable[[HubChannel], None] = EndOfTurn(_dispatch).add
+        self.schedule: Callable[[HubChannel], None] = (flusher or Flusher()).dispatch_later
 
     def _occupancy(self, channel: HubChannel, occupied: bool) -> None:
         if channel.pattern:

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..protocol.codes import DISCONNECT_EXPIRED, DISCONNECT_SLOW, Disconnect
 from ..protocol.encodings import JSON, Encoding
@@ -37,11 +37,9 @@ from .wires import Wire, wire_for
 if TYPE_CHECKING:
     from .channels import Membership
 
-__all__ = ["Connection", "EndOfTurn", "Flusher", "FrameCache"]
+__all__ = ["Connection", "Dispatchable", "Flusher", "FrameCache"]
 
 logger = logging.getLogger("eventcast.server")
-
-T = TypeVar("T")
 
 #: Default bound of a connection's outgoing queue, in bytes.
 DEFAULT_QUEUE_BYTES: Final = 1_048_576
@@ -93,54 +91,64 @@ def writable_transport(transport: object) -> asyncio.WriteTransport | None:
     return transport  # type: ignore[return-value]
 
 
-class EndOfTurn(Generic[T]):
-    """Collects items during a loop turn and hands them all to ``run`` once, at its end.
+class Dispatchable(Protocol):
+    """What :meth:`Flusher.dispatch_later` takes: a channel's dispatcher."""
 
-    The first :meth:`add` of a turn schedules one callback; whatever is added
-    until it runs goes with it (an item added twice is handed over twice).
+    def dispatch(self) -> None:
+        """Give what is buffered to the members (never raises)."""
 
-    Args:
-        run: called with the turn's items, in the order they were added.
+
+class Flusher:
+    """The end of a loop turn: channels dispatch, then every connection queued to is written.
+
+    Work queued during a turn (:meth:`dispatch_later`, :meth:`schedule`) is
+    done once, in one callback at its end. First the channels that got events
+    dispatch them (which queues payloads on their members' connections), then
+    each connection queued to is written once, as one frame (see
+    :meth:`Connection.flush`); a payload shared by many connections (one batch
+    of one channel) is framed once. A reply queued in the turn goes out in
+    the same frame as the publications dispatched after it.
+
+    A channel queued again while it dispatches (it has more than one batch
+    buffered) dispatches in the next turn, so reads are not starved.
     """
 
-    __slots__ = ("_items", "_run", "_scheduled")
+    __slots__ = ("_channels", "_dirty", "_scheduled")
 
-    def __init__(self, run: Callable[[list[T]], None]) -> None:
-        self._items: list[T] = []
-        self._run = run
+    def __init__(self) -> None:
+        self._channels: list[Dispatchable] = []
+        self._dirty: list[Connection] = []
         self._scheduled = False
 
-    def add(self, item: T) -> None:
-        """Hand ``item`` over at the end of this loop turn."""
-        self._items.append(item)
+    def schedule(self, conn: Connection) -> None:
+        """Write ``conn``'s queue at the end of this loop turn."""
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._end)
+
+    def dispatch_later(self, channel: Dispatchable) -> None:
+        """Dispatch ``channel`` at the end of this loop turn (before the writes)."""
+        self._channels.append(channel)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._end)
 
     def _end(self) -> None:
+        ready = self._channels
+        if ready:
+            self._channels = []
+            for channel in ready:
+                channel.dispatch()
+        dirty, self._dirty = self._dirty, []
         self._scheduled = False
-        items, self._items = self._items, []
-        self._run(items)
-
-
-class Flusher:
-    """Coalesces writes: every connection queued to in a loop turn is written once, at its end.
-
-    Connections on the fast path (a socket transport of ours) call
-    :meth:`schedule` when they get something to write; the flush at the end of
-    the loop turn writes each connection's queue as one frame, and frames a
-    payload shared by many connections (one batch of one channel) only once.
-    """
-
-    def __init__(self) -> None:
-        #: Write ``conn``'s queue at the end of this loop turn.
-        self.schedule: Callable[[Connection], None] = EndOfTurn(_flush).add
-
-
-def _flush(dirty: list[Connection]) -> None:
-    frames = FrameCache()
-    for conn in dirty:
-        conn.flush(frames)
+        if self._channels:  # queued again while dispatching: the next turn
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._end)
+        if dirty:
+            frames = FrameCache()
+            for conn in dirty:
+                conn.flush(frames)
 
 
 class Connection:

@@ -6,8 +6,9 @@ per *variant*, never once per connection:
 
 * **plain** members (no filter, no delta, no conflation) share one payload per
   :class:`~eventcast.protocol.encodings.Encoding`: each publication is encoded
-  once per encoding (JSON and the unidirectional JSON share the publication
-  bytes; only the wrapper differs) and the pushes are joined once;
+  once per encoding (in a batch of several, JSON and the unidirectional JSON
+  share the publication bytes; only the wrapper differs; a batch of one is
+  encoded in one call) and the pushes are joined once;
 * members with a **tags filter** share one payload per distinct filter and
   encoding; each distinct filter is evaluated once per publication
   (:class:`~eventcast.protocol.filters.MatchCache`);
@@ -122,6 +123,12 @@ class Batch:
 
     # -- plain ---------------------------------------------------------------------------
 
+    def _failed_at(self, i: int, exc: EncodeError) -> None:
+        """Event ``i`` cannot be encoded: it is skipped for every member (logged once)."""
+        if i not in self.failed:
+            self.failed.add(i)
+            logger.warning("skipping an event on %r for network clients: %s", self.channel, exc)
+
     def _publications_of(self, encoding: Encoding) -> list[bytes | None]:
         encode = encoding.publication_of
         found = self._publications.get(encode)
@@ -132,19 +139,26 @@ class Batch:
                     found.append(encode(event, concrete_channel=self.pattern))
                 except EncodeError as exc:
                     found.append(None)
-                    if i not in self.failed:
-                        self.failed.add(i)
-                        logger.warning(
-                            "skipping an event on %r for network clients: %s", self.channel, exc
-                        )
+                    self._failed_at(i, exc)
         return found
 
     def pushes(self, encoding: Encoding) -> list[bytes | None]:
         """The publication push of each event in ``encoding`` (``None``: not encodable)."""
         found = self._pushes.get(encoding)
         if found is None:
-            wrap = encoding.encode_pub_push
             channel = self.channel
+            events = self.events
+            if len(events) == 1:  # (many channels' usual batch: its push in one call)
+                try:
+                    push: bytes | None = encoding.publication_push(
+                        channel, events[0], concrete_channel=self.pattern
+                    )
+                except EncodeError as exc:
+                    push = None
+                    self._failed_at(0, exc)
+                found = self._pushes[encoding] = [push]
+                return found
+            wrap = encoding.encode_pub_push
             found = self._pushes[encoding] = [
                 None if pub is None else wrap(channel, pub)
                 for pub in self._publications_of(encoding)

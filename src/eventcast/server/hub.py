@@ -140,7 +140,7 @@ class Hub:
             settings, self.verifier, self.cluster.access, lambda: len(self.channels.by_name)
         )
         self.sse = SSEStreams(self)
-        self.channels = Channels(bus, self.sse.deliver, self._left)
+        self.channels = Channels(bus, self.sse.deliver, self._left, self.flusher)
         self.commands = Commands(self, configured_hooks(settings, hooks))
         self.admin = Admin(self)
         #: HTTP-streaming and SSE emulation sessions, and the relay between nodes.

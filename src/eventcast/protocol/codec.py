@@ -217,6 +217,8 @@ def _checked(decode: Any, data: bytes, what: str, shape: Shape | None = None) ->
 def _lines(data: bytes | str) -> list[bytes]:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
+    if b"\n" not in data:  # (one command per frame, the usual)
+        return [data] if data.strip() else []
     return [line for line in data.split(b"\n") if line.strip()]
 
 
@@ -231,6 +233,8 @@ def decode_commands(data: bytes | str) -> list[Command]:
     if not lines:
         raise ProtocolError("empty frame")
     decode = _command_decoder.decode
+    if len(lines) == 1:
+        return [_checked(decode, lines[0], "command")]
     return [_checked(decode, line, "command") for line in lines]
 
 

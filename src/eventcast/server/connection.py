@@ -352,9 +352,14 @@ class Connection:
 
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
-        out = [message for message in self.session.data_to_send() if message]
-        if out:
-            self.enqueue(out[0] if len(out) == 1 else self._separator.join(out))
+        out = self.session.data_to_send()
+        if len(out) == 1:  # (one reply, the usual)
+            if out[0]:
+                self.enqueue(out[0])
+        elif out:
+            out = [message for message in out if message]
+            if out:
+                self.enqueue(out[0] if len(out) == 1 else self._separator.join(out))
         disconnect = self.session.disconnect
         if disconnect is not None and not self.closed:
             self.close(disconnect)

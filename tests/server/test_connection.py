@@ -111,9 +111,12 @@ class _Channel:
         #: How many writes had been made when each dispatch ran.
         self.seen: list[int] = []
 
-    def dispatch(self) -> None:
+    def dispatch(self, frames: FrameCache | None) -> None:
         self.seen.append(len(self.written))
-        self.conn.enqueue(self.payload)
+        if frames is None:
+            self.conn.enqueue(self.payload)
+        else:
+            self.conn.write_now(self.payload, frames)
         if self.again:
             self.again -= 1
             self.flusher.dispatch_later(self)
@@ -143,6 +146,27 @@ async def test_the_turn_ends_with_the_dispatch_then_one_write_with_the_reply(
     # dispatching dispatched in a later turn (after that write), written on its own.
     assert written == [frame_text(reply + b"\n" + push), frame_text(push)]
     assert channel.seen == [0, 1]
+
+
+async def test_a_payload_is_written_at_once_unless_something_is_queued_before_it(
+    pair: tuple[asyncio.WriteTransport, Peer],
+) -> None:
+    transport, peer = pair
+    flusher = Flusher()
+    idle = make(transport, [], flusher=flusher)
+    busy = make(transport, [], flusher=flusher)
+    frames = FrameCache()
+    payload = b'{"push":{"channel":"c","pub":{"data":1}}}'
+    busy.enqueue(b'{"id":1,"publish":{}}')  # a reply, queued earlier in the turn
+    idle.write_now(payload, frames)  # written now: nothing could join it
+    busy.write_now(payload, frames)  # queued behind the reply, one frame at the flush
+    assert len(frames) == 1
+    assert (idle.messages_out, busy.messages_out) == (1, 0)
+    expected = frame_text(payload)
+    assert await peer.read_exactly(len(expected)) == expected
+    both = frame_text(b'{"id":1,"publish":{}}\n' + payload)
+    assert await peer.read_exactly(len(both)) == both  # at the end of the turn
+    assert busy.messages_out == 2
 
 
 async def test_a_queue_over_its_limit_closes_with_3008_once(

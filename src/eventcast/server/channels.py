@@ -8,9 +8,11 @@ per channel and publication). The dispatcher takes a batch of events,
 encodes each publication push once per encoding, joins the batch into one
 payload per encoding, and queues that same payload object for every member
 speaking that encoding; the connections write it in one frame at the end of
-the loop turn. Members with a tags filter, fossil deltas or a conflating
-namespace get what :mod:`eventcast.server.fanout` prepares, still once per
-variant rather than per connection. SSE members get the batch encoded for
+the loop turn (at once when this channel is the only one dispatched in it and
+nothing else is queued for the connection: no other payload could join it).
+Members with a tags filter, fossil deltas or a conflating namespace get what
+:mod:`eventcast.server.fanout` prepares, still once per variant rather than per
+connection. SSE members get the batch encoded for
 their stream position (see :mod:`eventcast.server.sse`). There is no task and
 no encoding per delivery.
 
@@ -42,7 +44,7 @@ from ..protocol.frames import ClientInfo
 from ..replay import Handoff
 from ..subscription import Overflow, Subscription
 from ..topics import is_pattern
-from .connection import Connection, Flusher
+from .connection import Connection, Flusher, FrameCache
 from .fanout import Backlogs, Batch
 
 if TYPE_CHECKING:
@@ -179,8 +181,14 @@ class HubChannel:
             self.queued = True
             self._channels.schedule(self)
 
-    def dispatch(self) -> None:
-        """Give the buffered events (up to :data:`DISPATCH_BATCH`) to the members; never raises."""
+    def dispatch(self, frames: FrameCache | None = None) -> None:
+        """Give the buffered events (up to :data:`DISPATCH_BATCH`) to the members; never raises.
+
+        ``frames``: this channel is the only one dispatched in this loop turn
+        (see :class:`~.connection.Flusher`), so a plain member's payload is
+        written at once (:meth:`Connection.write_now`) rather than queued for
+        the turn's flush.
+        """
         self.queued = False
         if self.stopped:
             return
@@ -188,7 +196,7 @@ class HubChannel:
         try:
             events = sub._take(DISPATCH_BATCH)
             if events:
-                self._dispatch(events)
+                self._dispatch(events, frames)
             # (A dispatch that closed the channel closed its subscription: nothing is
             # buffered then, and _listen raises SubscriptionClosedError.)
             if sub.buffered:
@@ -207,7 +215,7 @@ class HubChannel:
             for conn in list(self.members):
                 conn.close(codes.DISCONNECT_SERVER_ERROR)
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Event], frames: FrameCache | None) -> None:
         channels = self._channels
         self.publications += len(events)
         offset = events[-1].offset
@@ -235,7 +243,10 @@ class HubChannel:
                     encoding = conn.encoding
                     payload = batch.payload(encoding)
                 if payload:
-                    conn.enqueue(payload)
+                    if frames is not None:
+                        conn.write_now(payload, frames)
+                    else:
+                        conn.enqueue(payload)
             else:
                 channels.deliver(conn, membership, batch)
         self.last_event = events[-1]

@@ -94,8 +94,13 @@ def writable_transport(transport: object) -> asyncio.WriteTransport | None:
 class Dispatchable(Protocol):
     """What :meth:`Flusher.dispatch_later` takes: a channel's dispatcher."""
 
-    def dispatch(self) -> None:
-        """Give what is buffered to the members (never raises)."""
+    def dispatch(self, frames: FrameCache | None) -> None:
+        """Give what is buffered to the members (never raises).
+
+        With ``frames``, the only channel dispatched in this turn: a member's
+        payload may be written at once (:meth:`Connection.write_now`), framed
+        through ``frames``; without, it is queued for the turn's flush.
+        """
 
 
 class Flusher:
@@ -135,20 +140,22 @@ class Flusher:
             asyncio.get_running_loop().call_soon(self._end)
 
     def _end(self) -> None:
+        frames = FrameCache()
         ready = self._channels
         if ready:
             self._channels = []
-            for channel in ready:
-                channel.dispatch()
+            if len(ready) == 1:  # one channel: its members' payloads need no flush
+                ready[0].dispatch(frames)
+            else:
+                for channel in ready:
+                    channel.dispatch(None)
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         if self._channels:  # queued again while dispatching: the next turn
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._end)
-        if dirty:
-            frames = FrameCache()
-            for conn in dirty:
-                conn.flush(frames)
+        for conn in dirty:
+            conn.flush(frames)
 
 
 class Connection:
@@ -387,6 +394,21 @@ class Connection:
         self._scheduled = False
         self.bytes_out += len(data)
         return data
+
+    def write_now(self, data: bytes, frames: FrameCache) -> None:
+        """Write a payload shared by many connections at once, when nothing is queued.
+
+        What a channel's dispatch does for a member at the end of a loop turn in
+        which it is the only channel dispatched (see :class:`Flusher`): no other
+        payload could join it in one write, so it is written without waiting
+        for the turn's flush. Anything queued or due before it (a reply) keeps
+        it queued, behind, as :meth:`enqueue` would.
+        """
+        if self._scheduled or self._first is not None or self._transport is None or self.closed:
+            self.enqueue(data)
+            return
+        self._first = data
+        self.flush(frames)
 
     def flush(self, frames: FrameCache | None = None) -> None:
         """Write what is queued as one frame (fast path: straight to the transport).

@@ -52,6 +52,8 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 _DATA_OPCODES: Final = frozenset((0x1, 0x2))
+#: The first byte of a frame that is a whole text or binary message (FIN, no reserved bits).
+_WHOLE: Final = (0x81, 0x82)
 _CONTROL_OPCODES: Final = frozenset((OP_CLOSE, OP_PING, OP_PONG))
 
 #: Close codes (RFC 6455 §7.4.1).
@@ -276,7 +278,11 @@ class FrameReader:
                     if length >> 63:
                         raise WebSocketError(CLOSE_PROTOCOL_ERROR, "frame length out of range")
                     head = 14
-                self._check(opcode, bool(first & 0x80), length)
+                # A whole message in one frame, none in progress (the usual): what
+                # _check and _frame would find, in line.
+                whole = first in _WHOLE and not self._opcode
+                if not whole or length > self.max_size:
+                    self._check(opcode, bool(first & 0x80), length)
                 if end - pos < head + length:
                     break
                 mask = bytes(view[pos + head - 4 : pos + head])
@@ -284,6 +290,11 @@ class FrameReader:
                     self._unmask(view[pos + head : pos + head + length], mask) if length else b""
                 )
                 pos += head + length
+                if whole:
+                    if opcode == 0x1:
+                        _check_text(payload)
+                    out.append((opcode, payload))
+                    continue
                 message = self._frame(opcode, bool(first & 0x80), payload)
                 if message is not None:
                     out.append(message)
@@ -352,6 +363,8 @@ class FrameReader:
 
 
 def _check_text(payload: bytes) -> None:
+    if payload.isascii():  # (valid UTF-8, found without decoding)
+        return
     try:
         payload.decode()
     except UnicodeDecodeError:

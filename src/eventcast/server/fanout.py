@@ -74,6 +74,9 @@ MAX_BACKLOG_KEYS: Final = 4096
 #: Seconds between checks of whether behind connections have drained.
 BACKLOG_POLL: Final = 0.01
 
+# A batch's failures while it has none (a set is made at the first).
+_NONE: Final[frozenset[int]] = frozenset()
+
 # One item of a conflation backlog: the publication and its push, encoded.
 _Item = tuple[Event, bytes]
 
@@ -112,28 +115,35 @@ class Batch:
         self.events = events
         self.before = before
         #: Indexes of the events that could not be encoded (skipped for every member).
-        self.failed: set[int] = set()
-        self._publications: dict[Callable[..., bytes], list[bytes | None]] = {}
+        self.failed: set[int] | frozenset[int] = _NONE
         self._pushes: dict[Encoding, list[bytes | None]] = {}
         self._payloads: dict[Encoding, bytes] = {}
-        self._filtered: dict[tuple[Encoding, TagFilter], bytes] = {}
+        # (The caches most batches never use are made on first use.)
+        self._publications: dict[Callable[..., bytes], list[bytes | None]] | None = None
+        self._filtered: dict[tuple[Encoding, TagFilter], bytes] | None = None
         self._matches: list[MatchCache] | None = None
         self._deltas: list[bytes | None] | None = None
-        self._delta_full: dict[tuple[Encoding, str], list[bytes | None]] = {}
+        self._delta_full: dict[tuple[Encoding, str], list[bytes | None]] | None = None
 
     # -- plain ---------------------------------------------------------------------------
 
     def _failed_at(self, i: int, exc: EncodeError) -> None:
         """Event ``i`` cannot be encoded: it is skipped for every member (logged once)."""
-        if i not in self.failed:
-            self.failed.add(i)
+        failed = self.failed
+        if i not in failed:
+            if not isinstance(failed, set):
+                failed = self.failed = set()
+            failed.add(i)
             logger.warning("skipping an event on %r for network clients: %s", self.channel, exc)
 
     def _publications_of(self, encoding: Encoding) -> list[bytes | None]:
         encode = encoding.publication_of
-        found = self._publications.get(encode)
+        cache = self._publications
+        if cache is None:
+            cache = self._publications = {}
+        found = cache.get(encode)
         if found is None:
-            found = self._publications[encode] = []
+            found = cache[encode] = []
             for i, event in enumerate(self.events):
                 try:
                     found.append(encode(event, concrete_channel=self.pattern))
@@ -201,14 +211,17 @@ class Batch:
     def filtered(self, encoding: Encoding, tag_filter: TagFilter) -> bytes:
         """The pushes of the events that pass ``tag_filter``, joined."""
         key = (encoding, tag_filter)
-        found = self._filtered.get(key)
+        cache = self._filtered
+        if cache is None:
+            cache = self._filtered = {}
+        found = cache.get(key)
         if found is None:
             parts = [
                 push
                 for push, ok in zip(self.pushes(encoding), self.matching(tag_filter), strict=True)
                 if ok and push is not None
             ]
-            found = self._filtered[key] = encoding.join(parts) if parts else b""
+            found = cache[key] = encoding.join(parts) if parts else b""
         return found
 
     # -- deltas --------------------------------------------------------------------------
@@ -238,10 +251,13 @@ class Batch:
         ``"fresh"`` (the first in full), ``"full"`` (every one in full).
         """
         key = (encoding, mode)
-        found = self._delta_full.get(key)
+        cache = self._delta_full
+        if cache is None:
+            cache = self._delta_full = {}
+        found = cache.get(key)
         if found is not None:
             return found
-        found = self._delta_full[key] = []
+        found = cache[key] = []
         deltas = mode != "full"
         previous_given = mode == "continuing" and self.before is not None
         channel = self.channel

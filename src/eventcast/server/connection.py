@@ -112,7 +112,10 @@ class Flusher:
     each connection queued to is written once, as one frame (see
     :meth:`Connection.flush`); a payload shared by many connections (one batch
     of one channel) is framed once. A reply queued in the turn goes out in
-    the same frame as the publications dispatched after it.
+    the same frame as the publications dispatched after it. When a single
+    channel dispatches, nothing else can join its payload, so its members
+    with nothing queued are written during its dispatch
+    (:meth:`Connection.write_now`).
 
     A channel queued again while it dispatches (it has more than one batch
     buffered) dispatches in the next turn, so reads are not starved.
@@ -142,18 +145,20 @@ class Flusher:
     def _end(self) -> None:
         frames = FrameCache()
         ready = self._channels
-        if ready:
-            self._channels = []
-            if len(ready) == 1:  # one channel: its members' payloads need no flush
-                ready[0].dispatch(frames)
-            else:
-                for channel in ready:
-                    channel.dispatch(None)
-        dirty, self._dirty = self._dirty, []
-        self._scheduled = False
-        if self._channels:  # queued again while dispatching: the next turn
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._end)
+        try:
+            if ready:
+                self._channels = []
+                if len(ready) == 1:  # one channel: its members' payloads need no flush
+                    ready[0].dispatch(frames)
+                else:
+                    for channel in ready:
+                        channel.dispatch(None)
+        finally:  # (whatever happened, the next turn's work gets its callback)
+            dirty, self._dirty = self._dirty, []
+            self._scheduled = False
+            if self._channels:  # queued again while dispatching: the next turn
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._end)
         for conn in dirty:
             conn.flush(frames)
 

@@ -17,6 +17,16 @@ def hub_env(hub: HubServer, **extra: str) -> dict[str, str]:
     return cli_env(EVENTCAST_URL=hub.base, EVENTCAST_API_KEY=API_KEY, **extra)
 
 
+def interruptible() -> None:
+    """Give the child Ctrl-C's default disposition (Python then raises KeyboardInterrupt).
+
+    A suite started as a background job of a non-interactive shell runs with SIGINT
+    ignored, and a child inherits an ignored signal: it would never see the test's
+    Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_publish_then_history(hub_process: HubServer) -> None:
     env = hub_env(hub_process)
     done = run_cli(["publish", "proc.news", '{"title": "from a process"}'], env=env)
@@ -51,6 +61,7 @@ def test_tail_json_receives_live_publications_and_exits_0_on_sigint(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=interruptible,
     )
     reader = LineReader(process)
     try:
@@ -80,6 +91,7 @@ def test_publish_stdin_interrupted_exits_130(hub_process: HubServer) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=hub_env(hub_process),
+        preexec_fn=interruptible,
     )
     reader = LineReader(process)
     try:

@@ -141,3 +141,12 @@ def test_an_event_that_cannot_be_encoded_is_skipped_once() -> None:
     member = Membership(channel="prices.S1", delta=True)
     assert batch.for_member(member, JSON, fresh=False).count(b"\n") == 0
     assert batch.failed == {1}
+
+
+def test_an_event_that_cannot_be_encoded_is_counted_by_a_delta_member_alone() -> None:
+    good, _ = events(2)
+    bad = Event(topic="prices.S1", data={"not json": object()}, offset=2, epoch="e")
+    batch = Batch("prices.S1", False, [good, bad], None)
+    member = Membership(channel="prices.S1", delta=True)
+    assert batch.for_member(member, JSON, fresh=False).count(b"\n") == 0
+    assert batch.failed == {1}

@@ -132,15 +132,18 @@ class Flusher:
         """Write ``conn``'s queue at the end of this loop turn."""
         self._dirty.append(conn)
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._end)
+            self._arm()
 
     def dispatch_later(self, channel: Dispatchable) -> None:
         """Dispatch ``channel`` at the end of this loop turn (before the writes)."""
         self._channels.append(channel)
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._end)
+            self._arm()
+
+    def _arm(self) -> None:
+        """Have the end of this loop turn (or of the next, from :meth:`_end`) do the work."""
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._end)
 
     def _end(self) -> None:
         frames = FrameCache()
@@ -157,8 +160,7 @@ class Flusher:
             dirty, self._dirty = self._dirty, []
             self._scheduled = False
             if self._channels:  # queued again while dispatching: the next turn
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._end)
+                self._arm()
         for conn in dirty:
             conn.flush(frames)
 
@@ -365,13 +367,10 @@ class Connection:
     def send_session_output(self) -> None:
         """Queue whatever the protocol session has produced (replies, errors)."""
         out = self.session.data_to_send()
-        if len(out) == 1:  # (one reply, the usual)
-            if out[0]:
-                self.enqueue(out[0])
-        elif out:
-            out = [message for message in out if message]
-            if out:
-                self.enqueue(out[0] if len(out) == 1 else self._separator.join(out))
+        if len(out) > 1:  # (one reply, the usual, goes as it is)
+            out = [self._separator.join([message for message in out if message])]
+        if out and out[0]:
+            self.enqueue(out[0])
         disconnect = self.session.disconnect
         if disconnect is not None and not self.closed:
             self.close(disconnect)

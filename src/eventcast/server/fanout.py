@@ -264,8 +264,8 @@ class Batch:
         for i, event in enumerate(self.events):
             try:
                 full = event.encoded_data()
-            except EncodeError:
-                self._publications_of(encoding)  # counts and logs the failure once
+            except EncodeError as exc:
+                self._failed_at(i, exc)
                 found.append(None)
                 previous_given = False
                 continue

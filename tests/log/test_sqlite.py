@@ -56,6 +56,30 @@ async def test_cancelled_close_still_releases_readers(tmp_path: Path) -> None:
         await log.read("a")
 
 
+async def test_an_append_after_the_writer_stopped_fails_at_once(tmp_path: Path) -> None:
+    """A log whose writer thread stopped refuses appends (its one flag, _accepting,
+    cleared by the writer itself) instead of queueing them for nobody."""
+    log = SQLiteLog(tmp_path / "events.db")
+    await log.open()
+    try:
+        [event] = await log.append([Event(topic="a", data=1)])
+        assert event.offset == 1
+        thread = log._thread
+        assert thread is not None
+        log._queue.put(None)  # the writer's stop sentinel, as close() sends it
+        await asyncio.to_thread(thread.join, 30)
+        assert not thread.is_alive()
+        with pytest.raises(LogError, match="writer thread is not running"):
+            await log.append([Event(topic="a", data=2)])
+        bus_event = Event(topic="a", data=3)
+        with pytest.raises(LogError, match="writer thread is not running"):
+            await log._append_then(bus_event, lambda events: None)
+    finally:
+        await log.close()
+    with pytest.raises(LogError, match="not open"):
+        await log.append([Event(topic="a", data=4)])
+
+
 async def test_a_request_counts_against_max_pending_until_the_writer_answers_it(
     tmp_path: Path,
 ) -> None:

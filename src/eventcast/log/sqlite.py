@@ -189,13 +189,15 @@ class SQLiteLog(EventLog):
         self._keys_pruned = 0.0
         self._inflight = 0
         #: The open group of appends: queued already, and joined by every append
-        #: until the writer takes it (see _queue_request and _take).
+        #: until the writer takes it (see _submit and _take).
         self._group: _Request | None = None
         self._group_lock = threading.Lock()
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: True while the writer thread serves requests (a flag, not
         #: Thread.is_alive(), which takes a lock on every append).
         self._serving = False
+        #: Open, not closed and serving: what an append checks first (see _submit).
+        self._accepting = False
         #: Committed transactions (for the group-commit benchmark and tests).
         self.commits = 0
 
@@ -224,11 +226,17 @@ class SQLiteLog(EventLog):
             raise
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="eventcast-sqlite-read")
         self._opened = True
+        # Set, then undone if the writer already stopped: it clears both flags
+        # when it stops (_serving first), so either order leaves this false.
+        self._accepting = True
+        if not self._serving:
+            self._accepting = False
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._accepting = False
         thread, self._thread = self._thread, None
         try:
             if thread is not None:
@@ -287,6 +295,7 @@ class SQLiteLog(EventLog):
             self._serve(conn, loop)
         finally:
             self._serving = False
+            self._accepting = False
             conn.close()
 
     def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
@@ -591,16 +600,59 @@ class SQLiteLog(EventLog):
         the writer has answered it, even when its caller stopped waiting (it is
         still queued).
 
+        An append joins the open group (see :class:`_Request`). A group is
+        queued when it is opened, and every append joins it until the writer
+        takes it (as soon as it can: the commit is not delayed), or it holds
+        ``max_batch`` events: the appends made while the writer is busy, or
+        before it gets the GIL, cost its queue, and the loop's answer, one
+        request, not one each. An append made with another ``then`` than the
+        open group's, and any other request, close it: requests keep their
+        call order.
+
         Raises:
             LogError: the log is not open, or its writer thread is not running.
         """
+        if not self._accepting or self._inflight >= self.max_pending:
+            return self._submit_later(kind, args, then)
+        future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        self._inflight += 1
+        if kind != "append_one" and kind != "append":
+            self._close_group()
+            self._queue.put(_Request(kind, args, [future]))
+            return future
+        # The writer takes the group under this lock: it sees every append
+        # whole, or none of it. (acquire and release, not ``with``: once per
+        # append, and ``with`` costs twice as much.)
+        lock = self._group_lock
+        lock.acquire()
+        try:
+            group = self._group
+            if group is None or group.then is not then:
+                group = self._group = _Request("append", [], [], [], then, time.perf_counter())
+                self._queue.put(group)
+            events: list[Event] = group.args
+            group.futures.append(future)
+            if kind == "append_one":  # one event, answered with itself
+                events.append(args)
+                group.ends.append(-len(events))  # type: ignore[union-attr]
+            else:
+                events.extend(args)
+                group.ends.append(len(events))  # type: ignore[union-attr]
+            if len(events) >= self.max_batch:
+                self._group = None  # full: the next append opens another
+        finally:
+            lock.release()
+        return future
+
+    def _submit_later(
+        self, kind: str, args: Any, then: Callable[[list[Event]], object] | None
+    ) -> Awaitable[Any]:
+        """:meth:`_submit` when it cannot queue at once: it raises, or waits for room."""
         if not self._opened or self._closed:
             raise LogError("the log is not open")
         if not self._serving:
             raise LogError("the log's writer thread is not running")
-        if self._inflight >= self.max_pending:
-            return self._submit_when_room(kind, args, then)
-        return self._queue_request(kind, args, then)
+        return self._submit_when_room(kind, args, then)
 
     async def _submit_when_room(
         self, kind: str, args: Any, then: Callable[[list[Event]], object] | None
@@ -617,53 +669,8 @@ class SQLiteLog(EventLog):
                     self._room_waiters.remove(waiter)
             if self._closed:  # closed while waiting for room: the writer is gone
                 raise LogError("the log is not open")
-        return await self._queue_request(kind, args, then)
-
-    def _queue_request(
-        self, kind: str, args: Any, then: Callable[[list[Event]], object] | None = None
-    ) -> asyncio.Future[Any]:
-        """Queue a request; an append joins the open group (see :class:`_Request`).
-
-        A group is queued when it is opened, and every append joins it until
-        the writer takes it (as soon as it can: the commit is not delayed), or
-        it holds ``max_batch`` events: the appends made while the writer is
-        busy, or before it gets the GIL, cost its queue, and the loop's
-        answer, one request, not one each. An append made with another
-        ``then`` than the open group's, and any other request, close it:
-        requests keep their call order.
-        """
-        loop = self._loop
-        assert loop is not None
-        future: asyncio.Future[Any] = loop.create_future()
-        self._inflight += 1
-        if kind != "append" and kind != "append_one":
-            self._close_group()
-            self._queue.put(_Request(kind, args, [future]))
-            return future
-        # The writer takes the group under this lock: it sees every append
-        # whole, or none of it. (acquire and release, not ``with``: once per
-        # append, and ``with`` costs twice as much.)
-        lock = self._group_lock
-        lock.acquire()
-        try:
-            group = self._group
-            if group is None or group.then is not then:
-                group = self._group = _Request("append", [], [], [], then, time.perf_counter())
-                self._queue.put(group)
-            events: list[Event] = group.args
-            group.futures.append(future)
-            assert group.ends is not None
-            if kind == "append":
-                events.extend(args)
-                group.ends.append(len(events))
-            else:  # "append_one": one event, answered with itself
-                events.append(args)
-                group.ends.append(-len(events))
-            if len(events) >= self.max_batch:
-                self._group = None  # full: the next append opens another
-        finally:
-            lock.release()
-        return future
+        # (Room now, and nothing ran since the check: queued at once, or LogError.)
+        return await self._submit(kind, args, then)
 
     def _close_group(self) -> None:
         """Let no more appends join the open group (it is queued already)."""

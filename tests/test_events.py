@@ -102,14 +102,14 @@ def test_ids_keep_increasing_past_a_chunk_and_when_the_clock_goes_back(
     # Ids come in chunks of 1,000 under one 29-digit prefix; a frozen clock makes
     # 2,500 ids span three chunks within one millisecond.
     frozen = time.time() - 60  # in the past: once the test ends, the real clock moves on
-    monkeypatch.setattr(events_module._time, "time", lambda: frozen)
+    monkeypatch.setattr(events_module, "_clock", lambda: frozen)
     ids = [new_event_id() for _ in range(2500)]
     assert len(set(ids)) == 2500
     assert ids == sorted(ids)
     assert len({i[:29] for i in ids}) >= 3
     assert all(len(i) == 32 and i.isdigit() for i in ids)
     # The clock steps back a second: the millisecond part holds, ids still increase.
-    monkeypatch.setattr(events_module._time, "time", lambda: frozen - 1.0)
+    monkeypatch.setattr(events_module, "_clock", lambda: frozen - 1.0)
     later = [new_event_id() for _ in range(10)]
     assert later == sorted(later)
     assert later[0] > ids[-1]

@@ -44,6 +44,8 @@ _EMPTY_TAGS: Final[Mapping[str, str]] = MappingProxyType({})
 # prefix with another chunk's suffixes. The millisecond part never moves back,
 # even when the clock does, so a process's ids always increase.
 _SUFFIXES: Final = tuple(f"{i:03d}" for i in range(1000))
+#: The clock of ids and event times (a module global: one lookup, not two, per event).
+_clock: Final = _time.time
 _ids_lock = threading.Lock()
 _high = 10**9 + random.SystemRandom().randrange(8 * 10**9)
 _chunk = 0
@@ -73,7 +75,7 @@ def _next_chunk(now: float, seen: tuple[float, str, Iterator[str]]) -> tuple[str
 
 def new_event_id() -> str:
     """Return a new time-ordered unique id: 32 decimal digits, sortable as text."""
-    now = _time.time()
+    now = _clock()
     state = _ids
     if now >= state[0] or (suffix := next(state[2], None)) is None:
         return "".join(_next_chunk(now, state))
@@ -90,7 +92,7 @@ def new_event(
 
     ``tags`` must already be frozen (see :func:`freeze_tags`).
     """
-    now = _time.time()
+    now = _clock()
     state = _ids
     if now >= state[0] or (suffix := next(state[2], None)) is None:
         event_id = "".join(_next_chunk(now, state))

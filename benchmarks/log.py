@@ -301,6 +301,41 @@ _FLOOR_SQL = {
 }
 
 
+def _floor_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(SQLITE_BASELINE_DDL)
+    return conn
+
+
+def _floor_take(first: Any, requests: queue.SimpleQueue[Any]) -> list[Any]:
+    """``first`` and every request queued behind it (up to 10,000): one commit's."""
+    batch = [first]
+    with contextlib.suppress(queue.Empty):
+        while len(batch) < 10_000:
+            batch.append(requests.get_nowait())
+    return batch
+
+
+def _floor_commit(conn: sqlite3.Connection, batch: list[Any], top: int) -> list[int]:
+    """Commit ``batch``'s rows in one transaction after offset ``top``; their offsets."""
+    params: list[Any] = []
+    offsets = []
+    for (topic, id_, t, payload), _ in batch:
+        top += 1
+        params += (topic, id_, t, payload, top)
+        offsets.append(top)
+    conn.execute("BEGIN IMMEDIATE")
+    i = 0
+    for n in _FLOOR_CHUNKS:
+        while len(params) - i >= 5 * n:
+            conn.execute(_FLOOR_SQL[n], params[i : i + 5 * n])
+            i += 5 * n
+    conn.execute("COMMIT")
+    return offsets
+
+
 def _floor_writer(
     path: str,
     requests: queue.SimpleQueue[Any],
@@ -308,35 +343,38 @@ def _floor_writer(
     commits: list[int],
 ) -> None:
     """The floor's writer thread: everything queued, one transaction, one answer per request."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(SQLITE_BASELINE_DDL)
+    conn = _floor_connect(path)
     top = 0
     while True:
         first = requests.get()
         if first is None:
             conn.close()
             return
-        batch = [first]
-        with contextlib.suppress(queue.Empty):
-            while len(batch) < 10_000:
-                batch.append(requests.get_nowait())
-        params: list[Any] = []
-        offsets = []
-        for (topic, id_, t, payload), _ in batch:
-            top += 1
-            params += (topic, id_, t, payload, top)
-            offsets.append(top)
-        conn.execute("BEGIN IMMEDIATE")
-        i = 0
-        for n in _FLOOR_CHUNKS:
-            while len(params) - i >= 5 * n:
-                conn.execute(_FLOOR_SQL[n], params[i : i + 5 * n])
-                i += 5 * n
-        conn.execute("COMMIT")
+        batch = _floor_take(first, requests)
+        offsets = _floor_commit(conn, batch, top)
+        top = offsets[-1]
         commits[0] += 1
         loop.call_soon_threadsafe(_floor_answer, batch, offsets)
+
+
+async def _floor_on_loop(
+    conn: sqlite3.Connection, requests: queue.SimpleQueue[Any], commits: list[int]
+) -> None:
+    """The floor's writer as a task of the loop (``one_thread``): each turn, what is queued."""
+    top = 0
+    while True:
+        await asyncio.sleep(0)
+        try:
+            first = requests.get_nowait()
+        except queue.Empty:
+            continue
+        if first is None:
+            return
+        batch = _floor_take(first, requests)
+        offsets = _floor_commit(conn, batch, top)
+        top = offsets[-1]
+        commits[0] += 1
+        _floor_answer(batch, offsets)
 
 
 def _floor_answer(batch: list[tuple[Any, asyncio.Future[int]]], offsets: list[int]) -> None:
@@ -346,7 +384,7 @@ def _floor_answer(batch: list[tuple[Any, asyncio.Future[int]]], offsets: list[in
 
 @contextlib.asynccontextmanager
 async def floor_system(
-    path: str,
+    path: str, one_thread: bool = False
 ) -> AsyncIterator[tuple[Callable[[int], Awaitable[int]], list[int]]]:
     """The floor system of one-event appends, running: (its step, its count of commits).
 
@@ -355,16 +393,25 @@ async def floor_system(
     everything queued in one transaction with multi-row INSERTs and answers each
     future with its offset. No event objects, no bounds, no error handling, no
     retention: what group commit costs in Python at the least.
+
+    ``one_thread``: the writer's work runs as a task of the loop, once a turn, so
+    that commit groups do not depend on how two threads share the GIL (see
+    ``instructions.py``'s ``durable1`` case).
     """
     from eventcast.events import encode_data, new_event_id
 
     loop = asyncio.get_running_loop()
     requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
     commits = [0]
-    writer = threading.Thread(
-        target=_floor_writer, args=(path, requests, loop, commits), name="floor-writer"
-    )
-    writer.start()
+    writer: threading.Thread | asyncio.Task[None]
+    if one_thread:
+        conn = _floor_connect(path)
+        writer = loop.create_task(_floor_on_loop(conn, requests, commits))
+    else:
+        writer = threading.Thread(
+            target=_floor_writer, args=(path, requests, loop, commits), name="floor-writer"
+        )
+        writer.start()
     try:
         # The table exists once the first request is answered.
         warm: asyncio.Future[int] = loop.create_future()
@@ -381,7 +428,11 @@ async def floor_system(
         yield step, commits
     finally:
         requests.put(None)
-        await asyncio.to_thread(writer.join)
+        if isinstance(writer, asyncio.Task):
+            await writer
+            conn.close()
+        else:
+            await asyncio.to_thread(writer.join)
 
 
 async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str, Any]:

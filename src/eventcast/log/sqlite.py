@@ -117,11 +117,12 @@ class _Request(msgspec.Struct):
     """A request for the writer thread (a struct: built in C).
 
     An ``"append"`` request is a *group*: the appends made from its opening
-    until the writer took it, their events in one flat list (``args``), where each caller's
-    events end in it (``ends``; negated for a caller of one event answered
-    with the event itself, not a list) and each caller's future (``futures``),
-    in call order. Any other request has one caller and no ``ends``. A group's ``then``
-    is the callback its appends were made with (see ``EventLog._append_then``).
+    until the writer took it, their events in one flat list (``args``) and each
+    caller's future (``futures``), in call order. In a group of appends of lists,
+    ``ends`` says where each caller's events end in ``args``; a group of one-event
+    appends (each answered with its event, not a list) has none: its callers'
+    events are ``args`` one for one. Any other request has one caller. A group's
+    ``then`` is the callback its appends were made with (see ``EventLog._append_then``).
     """
 
     kind: str
@@ -627,15 +628,17 @@ class SQLiteLog(EventLog):
         lock.acquire()
         try:
             group = self._group
-            if group is None or group.then is not then:
-                group = self._group = _Request("append", [], [], [], then, time.perf_counter())
-                self._queue.put(group)
-            events: list[Event] = group.args
-            group.futures.append(future)
-            if kind == "append_one":  # one event, answered with itself
+            if kind == "append_one":  # one event, answered with itself: a group without ends
+                if group is None or group.then is not then or group.ends is not None:
+                    group = self._open_group(then, None)
+                group.futures.append(future)
+                events: list[Event] = group.args
                 events.append(args)
-                group.ends.append(-len(events))  # type: ignore[union-attr]
             else:
+                if group is None or group.then is not then or group.ends is None:
+                    group = self._open_group(then, [])
+                group.futures.append(future)
+                events = group.args
                 events.extend(args)
                 group.ends.append(len(events))  # type: ignore[union-attr]
             if len(events) >= self.max_batch:
@@ -643,6 +646,15 @@ class SQLiteLog(EventLog):
         finally:
             lock.release()
         return future
+
+    def _open_group(
+        self, then: Callable[[list[Event]], object] | None, ends: list[int] | None
+    ) -> _Request:
+        """Open and queue a new group of appends (under the group lock); the open
+        group is closed."""
+        group = self._group = _Request("append", [], [], ends, then, time.perf_counter())
+        self._queue.put(group)
+        return group
 
     def _submit_later(
         self, kind: str, args: Any, then: Callable[[list[Event]], object] | None
@@ -729,12 +741,11 @@ class SQLiteLog(EventLog):
             futures = request.futures
             answered += len(futures)
             error = request.error
-            ends = request.ends
             if error is not None:
                 for future in futures:
                     if not future.done():
                         future.set_exception(error)
-            elif ends is None:
+            elif request.kind != "append":
                 future = futures[0]
                 if not future.done():
                     future.set_result(request.result)
@@ -742,16 +753,18 @@ class SQLiteLog(EventLog):
                 result = request.result
                 if request.then is not None:
                     loop.call_soon(request.then, result)
-                start = 0
-                # (a plain zip: the lists are built together, one entry per caller)
-                for future, end in zip(futures, ends):  # noqa: B905
-                    if end < 0:  # one event, answered with itself
-                        end = -end
+                ends = request.ends
+                # (plain zips: the lists are built together, one entry per caller)
+                if ends is None:  # one event a caller, answered with itself
+                    for future, event in zip(futures, result):  # noqa: B905
                         if not future.done():
-                            future.set_result(result[start])
-                    elif not future.done():
-                        future.set_result(result[start:end])
-                    start = end
+                            future.set_result(event)
+                else:
+                    start = 0
+                    for future, end in zip(futures, ends):  # noqa: B905
+                        if not future.done():
+                            future.set_result(result[start:end])
+                        start = end
         self._inflight -= answered
         room = self.max_pending - self._inflight
         waiters = self._room_waiters

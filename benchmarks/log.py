@@ -302,20 +302,23 @@ _FLOOR_SQL = {
 
 
 def _floor_connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(SQLITE_BASELINE_DDL)
     return conn
 
 
-def _floor_take(first: Any, requests: queue.SimpleQueue[Any]) -> list[Any]:
-    """``first`` and every request queued behind it (up to 10,000): one commit's."""
+def _floor_round(
+    conn: sqlite3.Connection, first: Any, requests: queue.SimpleQueue[Any], top: int
+) -> tuple[list[Any], list[int]]:
+    """One commit of the floor's writer: ``first`` and every request queued behind it
+    (up to 10,000), committed after offset ``top``; (the batch, its offsets)."""
     batch = [first]
     with contextlib.suppress(queue.Empty):
         while len(batch) < 10_000:
             batch.append(requests.get_nowait())
-    return batch
+    return batch, _floor_commit(conn, batch, top)
 
 
 def _floor_commit(conn: sqlite3.Connection, batch: list[Any], top: int) -> list[int]:
@@ -350,8 +353,7 @@ def _floor_writer(
         if first is None:
             conn.close()
             return
-        batch = _floor_take(first, requests)
-        offsets = _floor_commit(conn, batch, top)
+        batch, offsets = _floor_round(conn, first, requests, top)
         top = offsets[-1]
         commits[0] += 1
         loop.call_soon_threadsafe(_floor_answer, batch, offsets)
@@ -370,8 +372,7 @@ async def _floor_on_loop(
             continue
         if first is None:
             return
-        batch = _floor_take(first, requests)
-        offsets = _floor_commit(conn, batch, top)
+        batch, offsets = _floor_round(conn, first, requests, top)
         top = offsets[-1]
         commits[0] += 1
         _floor_answer(batch, offsets)

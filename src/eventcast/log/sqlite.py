@@ -628,17 +628,14 @@ class SQLiteLog(EventLog):
         lock.acquire()
         try:
             group = self._group
-            if kind == "append_one":  # one event, answered with itself: a group without ends
-                if group is None or group.then is not then or group.ends is not None:
-                    group = self._open_group(then, None)
-                group.futures.append(future)
-                events: list[Event] = group.args
+            one = kind == "append_one"  # one event, answered with itself: a group without ends
+            if group is None or group.then is not then or (group.ends is None) is not one:
+                group = self._open_group(then, None if one else [])
+            group.futures.append(future)
+            events: list[Event] = group.args
+            if one:
                 events.append(args)
             else:
-                if group is None or group.then is not then or group.ends is None:
-                    group = self._open_group(then, [])
-                group.futures.append(future)
-                events = group.args
                 events.extend(args)
                 group.ends.append(len(events))  # type: ignore[union-attr]
             if len(events) >= self.max_batch:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from eventcast import Bus, Event, Namespace
+from eventcast import Bus, Event, Namespace, Position
 
 WAIT = 10.0
 
@@ -64,3 +64,57 @@ async def test_a_later_offset_returned_first_does_not_hide_the_earlier(
         assert got == [1, 2]
         await asyncio.sleep(0.05)
         assert sub.buffered == 0  # and offset 1 once only
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_an_event_the_head_read_saw_before_its_fan_out_still_reaches_every_reader(
+    kind: str, tmp_path: Path
+) -> None:
+    """A replay seeds a fresh topic at a head that holds an event not fanned out yet.
+
+    Found looping ``test_resume_beyond_the_replay_cap_is_not_recovered``: the
+    seed took the event for delivered, so readers the replay did not give it
+    to (a reader that was not recovered, a plain subscriber) never got it.
+    """
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/events.db"
+    async with Bus(log=url, namespaces={"": Namespace(history_size=100)}) as bus:
+        log = bus.log
+        assert log is not None
+        plain = bus.subscribe("fresh")  # the topic is not tracked yet
+        append = log._appending
+        gate = asyncio.Event()
+        stored = asyncio.Event()
+
+        async def late_fan_out(event: Event, then: Callable[[list[Event]], object]) -> Event:
+            committed = await append((event,))
+            stored.set()
+            await gate.wait()  # committed: the log's head has it; not fanned out yet
+            then(committed)
+            return committed[0]
+
+        original = log._append_then
+        log._append_then = late_fan_out  # type: ignore[method-assign]
+        one = asyncio.ensure_future(bus.publish("fresh", 1))
+        await asyncio.wait_for(stored.wait(), WAIT)
+        head = await bus.position("fresh")
+        assert head.offset == 1
+        epoch = head.epoch
+        other = "0" * 8 if epoch != "0" * 8 else "1" * 8
+        lost = bus.subscribe("fresh", since=Position(1, other))  # not recovered
+        exact = bus.subscribe("fresh", since=Position(0, epoch))  # replays offset 1
+        assert await asyncio.wait_for(lost.ready(), WAIT) is False
+        assert await asyncio.wait_for(exact.ready(), WAIT) is True
+        gate.set()
+        first = await asyncio.wait_for(one, WAIT)
+        log._append_then = original  # type: ignore[method-assign]
+        two = await bus.publish("fresh", 2)
+        late_echo = first  # offset 1 again, after the stream passed the head
+        bus._sequencer.deliver(late_echo)
+        for sub in (plain, lost, exact):
+            got: list[Event] = []
+            async with asyncio.timeout(WAIT):
+                while len(got) < 2:
+                    got.append(await sub.get())
+            assert got == [first, two], sub.id
+            await asyncio.sleep(0.01)
+            assert sub.buffered == 0  # each once

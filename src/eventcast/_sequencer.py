@@ -11,7 +11,12 @@ delivered:
   held events follow the gap in order.
 
 A topic is tracked from the head a reader's replay read (:meth:`Sequencer.seed`),
-or else from the first event that arrives.
+or else from the first event that arrives. A head read from the log can be
+ahead of this node's live stream: an event committed there may not have reached
+the node yet (its publisher has not fanned it out, or the backplane has not
+brought it). Such an event, at or below the seeded head, is still delivered
+when it comes, once, until the stream moves past the head (readers the replay
+gave it to drop it by their handoff; the topic's other readers need it).
 
 When continuity cannot be proven (the epoch changed, the gap is beyond
 retention, the log failed) the sequencer jumps ahead and reports a gap, so the
@@ -53,6 +58,9 @@ class _Stream:
     epoch: str
     last: int
     pending: list[Event] | None = None
+    #: After a seed, until the stream delivers past the seeded head: the
+    #: offsets at or below it delivered since (each is delivered once).
+    owed: set[int] | None = None
 
 
 class Sequencer:
@@ -95,17 +103,20 @@ class Sequencer:
             stream = self._streams[topic] = _Stream(epoch, offset - 1)
         elif stream.epoch != epoch:
             # The stream was wiped or truncated: continuity cannot be proven.
-            stream.epoch, stream.last, stream.pending = epoch, offset - 1, None
+            stream.epoch, stream.last, stream.pending, stream.owed = epoch, offset - 1, None, None
             self._on_gap(topic, True)
         if stream.pending is not None:
             if len(stream.pending) < PENDING_LIMIT:
                 stream.pending.append(event)
             return
         if offset <= stream.last:
-            return  # already delivered (a backplane echo of a local publish, say)
+            if stream.owed is not None:
+                self._give_owed(stream, event)
+            return  # else already delivered (a backplane echo of a local publish, say)
         if offset == stream.last + 1:
             self._router.fan_out(event)
             stream.last = offset
+            stream.owed = None
             return
         stream.pending = [event]
         self.gaps += 1
@@ -145,6 +156,7 @@ class Sequencer:
                 j += 1
             self._router.fan_out_run(topic, events if j - i == n else events[i:j])
             stream.last = last
+            stream.owed = None
             i = j
 
     def seed(self, topic: str, offset: int, epoch: str) -> None:
@@ -155,12 +167,16 @@ class Sequencer:
         arrive: concurrent local publishes return from the log in any order,
         and the first to arrive (offset 2, say) would otherwise make the one
         before it look delivered already.
+
+        Events at or below ``offset`` may not have reached the node yet (the
+        log is ahead of the live stream): the stream owes them until it
+        delivers past ``offset`` (see the module's docstring).
         """
         if topic in self._streams:
             return
         if len(self._streams) >= STREAMS_LIMIT:
             self._streams.pop(next(iter(self._streams)))
-        self._streams[topic] = _Stream(epoch, offset)
+        self._streams[topic] = _Stream(epoch, offset, owed=set())
 
     def forget(self, topic: str) -> None:
         """Stop tracking a topic (its last subscriber left)."""
@@ -178,10 +194,25 @@ class Sequencer:
                 )
 
     def _give(self, stream: _Stream, event: Event) -> None:
-        """Deliver ``event`` if it is the stream's next one."""
-        if event.offset == stream.last + 1 and event.epoch == stream.epoch:
+        """Deliver ``event`` if it is the stream's next one, or one it owes."""
+        if event.epoch != stream.epoch:
+            return
+        if event.offset == stream.last + 1:
             self._router.fan_out(event)
             stream.last = event.offset
+            stream.owed = None
+        elif stream.owed is not None:
+            self._give_owed(stream, event)
+
+    def _give_owed(self, stream: _Stream, event: Event) -> None:
+        """Deliver an event at or below a seeded head that reaches the node only
+        now (committed before the head was read), once."""
+        owed = stream.owed
+        assert owed is not None
+        offset = _offset(event)
+        if offset <= stream.last and offset not in owed and len(owed) < PENDING_LIMIT:
+            owed.add(offset)
+            self._router.fan_out(event)
 
     async def _catch_up(self, topic: str, stream: _Stream, *, to_head: bool = False) -> None:
         """Fill a durable topic's gap from the log, then release the held events."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from eventcast import Bus, Event, Namespace, Position
+from eventcast import Bus, Event, Namespace, Position, _sequencer as sequencer_module
 
 WAIT = 10.0
 
@@ -118,3 +118,21 @@ async def test_an_event_the_head_read_saw_before_its_fan_out_still_reaches_every
             assert got == [first, two], sub.id
             await asyncio.sleep(0.01)
             assert sub.buffered == 0  # each once
+
+
+async def test_more_owed_events_than_it_can_tell_apart_are_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sequencer_module, "PENDING_LIMIT", 2)
+    async with Bus(log="memory://", namespaces={"": Namespace(history_size=100)}) as bus:
+        gaps: list[tuple[str, bool]] = []
+        bus.gap_listeners.append(lambda topic, durable: gaps.append((topic, durable)))
+        sub = bus.subscribe("t")
+        bus._sequencer.seed("t", 5, "e1")
+        owed = [Event(topic="t", data=i, offset=i, epoch="e1") for i in (1, 2, 3)]
+        for event in owed:
+            bus._sequencer.deliver(event)
+        assert gaps == [("t", True)]  # the third could not be told apart: recover
+        assert [sub.get_nowait(), sub.get_nowait(), sub.get_nowait()] == [*owed[:2], None]
+        bus._sequencer.deliver(owed[0])  # the window is closed: a repeat is dropped
+        assert sub.get_nowait() is None

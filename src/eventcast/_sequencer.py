@@ -210,9 +210,15 @@ class Sequencer:
         owed = stream.owed
         assert owed is not None
         offset = _offset(event)
-        if offset <= stream.last and offset not in owed and len(owed) < PENDING_LIMIT:
-            owed.add(offset)
-            self._router.fan_out(event)
+        if offset > stream.last or offset in owed:
+            return
+        if len(owed) >= PENDING_LIMIT:
+            # Too many to tell apart: the readers are told to recover instead.
+            stream.owed = None
+            self._on_gap(event.topic, True)
+            return
+        owed.add(offset)
+        self._router.fan_out(event)
 
     async def _catch_up(self, topic: str, stream: _Stream, *, to_head: bool = False) -> None:
         """Fill a durable topic's gap from the log, then release the held events."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from eventcast import Bus, Event, Namespace, Position, _sequencer as sequencer_module
+from eventcast import Bus, Event, LogError, Namespace, Position, _sequencer as sequencer_module
 
 WAIT = 10.0
 
@@ -135,4 +135,37 @@ async def test_more_owed_events_than_it_can_tell_apart_are_a_gap(
         assert gaps == [("t", True)]  # the third could not be told apart: recover
         assert [sub.get_nowait(), sub.get_nowait(), sub.get_nowait()] == [*owed[:2], None]
         bus._sequencer.deliver(owed[0])  # the window is closed: a repeat is dropped
+        assert sub.get_nowait() is None
+
+
+async def test_an_owed_event_held_behind_a_gap_the_log_cannot_fill_is_still_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Bus(log="memory://", namespaces={"": Namespace(history_size=100)}) as bus:
+        log = bus.log
+        assert log is not None
+        gaps: list[tuple[str, bool]] = []
+        bus.gap_listeners.append(lambda topic, durable: gaps.append((topic, durable)))
+        sub = bus.subscribe("t")
+        bus._sequencer.seed("t", 5, "e1")
+
+        reading, fail = asyncio.Event(), asyncio.Event()
+
+        async def unreadable(*args: object, **kwargs: object) -> list[Event]:
+            reading.set()
+            await fail.wait()
+            raise LogError("the log is down")
+
+        monkeypatch.setattr(log, "read", unreadable)
+        late = Event(topic="t", data=7, offset=7, epoch="e1")  # 6 is missing: held
+        owed = Event(topic="t", data=4, offset=4, epoch="e1")  # committed before the seed
+        bus._sequencer.deliver(late)
+        await asyncio.wait_for(reading.wait(), WAIT)
+        bus._sequencer.deliver(owed)  # comes while the gap is read: held too
+        fail.set()
+        async with asyncio.timeout(WAIT):
+            assert [await sub.get(), await sub.get()] == [owed, late]
+        assert gaps == [("t", True)]  # 6 could not be read: the readers recover
+        bus._sequencer.deliver(owed)  # past the head now: a repeat is dropped
+        await asyncio.sleep(0.01)
         assert sub.get_nowait() is None

@@ -193,13 +193,15 @@ class Sequencer:
                     self._catch_up(topic, stream, to_head=True), f"eventcast-catch-up-{topic}"
                 )
 
-    def _give(self, stream: _Stream, event: Event) -> None:
-        """Deliver ``event`` if it is the stream's next one, or one it owes."""
+    def _give(self, stream: _Stream, event: Event, *, jump: bool = False) -> None:
+        """Deliver ``event`` if it is the stream's next one (with ``jump``, any
+        later one: continuity is lost already), or one it owes."""
         if event.epoch != stream.epoch:
             return
-        if event.offset == stream.last + 1:
+        offset = _offset(event)
+        if offset == stream.last + 1 or (jump and offset > stream.last):
             self._router.fan_out(event)
-            stream.last = event.offset
+            stream.last = offset
             stream.owed = None
         elif stream.owed is not None:
             self._give_owed(stream, event)
@@ -234,7 +236,7 @@ class Sequencer:
                     to_head = False
                     if head.epoch != stream.epoch:
                         self._on_gap(topic, True)
-                        stream.epoch, stream.last = head.epoch, head.offset
+                        stream.epoch, stream.last, stream.owed = head.epoch, head.offset, None
                         continue
                     target = head.offset
                 elif pending:
@@ -253,7 +255,7 @@ class Sequencer:
                 if not events or events[0].offset != stream.last + 1:
                     # Beyond retention (or no log): continuity cannot be proven.
                     self._on_gap(topic, True)
-                    stream.last = target
+                    stream.last, stream.owed = target, None
                     continue
                 for event in events:
                     self._give(stream, event)
@@ -262,9 +264,7 @@ class Sequencer:
             logger.warning("could not read the gap of %r from the log: %s", topic, exc)
             self._on_gap(topic, True)
             for event in sorted(stream.pending or (), key=_offset):
-                if _offset(event) > stream.last:
-                    self._router.fan_out(event)
-                    stream.last = _offset(event)
+                self._give(stream, event, jump=True)
         finally:
             stream.pending = None
 

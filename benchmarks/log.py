@@ -131,6 +131,16 @@ class ThreadClock:
         return loop, helper
 
 
+def quiet_disk() -> None:
+    """Write out the page cache's dirty pages (the earlier cases' databases) before a
+    case is timed, so that its fsyncs do not queue behind their writeback.
+
+    (The host's own drift over minutes moved these cases by up to 2x in one
+    process with or without it; see docs/performance.md, twenty-fourth session.)
+    """
+    os.sync()
+
+
 async def timed_workers(
     concurrency: int, seconds: float, step: Callable[[int], Awaitable[int]]
 ) -> tuple[int, float]:
@@ -233,6 +243,7 @@ async def append_case(
         top0 = (await log.position(TOPIC)).offset
         await log.append([Event(topic=TOPIC, data=payload(0))])
         step = append_step(log, batch)
+        quiet_disk()
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)
@@ -264,6 +275,7 @@ def sqlite_baseline(path: str, seconds: float) -> dict[str, Any]:
     from eventcast.events import encode_data
 
     n = 0
+    quiet_disk()
     cpu0 = time.thread_time()
     start = time.perf_counter()
     deadline = start + seconds
@@ -439,6 +451,7 @@ async def floor_system(
 async def sqlite_floor(path: str, concurrency: int, seconds: float) -> dict[str, Any]:
     """The floor system of one-event appends (:func:`floor_system`), N tasks."""
     async with floor_system(path) as (step, commits):
+        quiet_disk()
         commits0 = commits[0]
         clock = ThreadClock("floor-writer")
         events, elapsed = await timed_workers(concurrency, seconds, step)
@@ -628,6 +641,7 @@ async def bus_case(
 ) -> dict[str, Any]:
     log = make_log()
     async with bus_system(log, history_size) as (bus, step, received):
+        quiet_disk()
         gc.collect()
         commits0 = log.commits  # type: ignore[attr-defined]
         clock = ThreadClock(helper_prefix)

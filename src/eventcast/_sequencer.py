@@ -109,14 +109,10 @@ class Sequencer:
             if len(stream.pending) < PENDING_LIMIT:
                 stream.pending.append(event)
             return
-        if offset <= stream.last:
-            if stream.owed is not None:
-                self._give_owed(stream, event)
-            return  # else already delivered (a backplane echo of a local publish, say)
-        if offset == stream.last + 1:
-            self._router.fan_out(event)
-            stream.last = offset
-            stream.owed = None
+        if offset <= stream.last + 1:
+            # The next one, one owed, or else a duplicate (a backplane echo of a
+            # local publish, say): one rule with the catch-up's.
+            self._give(stream, event)
             return
         stream.pending = [event]
         self.gaps += 1
@@ -195,10 +191,11 @@ class Sequencer:
 
     def _give(self, stream: _Stream, event: Event, *, jump: bool = False) -> None:
         """Deliver ``event`` if it is the stream's next one (with ``jump``, any
-        later one: continuity is lost already), or one it owes."""
+        later one: continuity is lost already), or one it owes; drop it if it was
+        delivered already."""
         if event.epoch != stream.epoch:
             return
-        offset = _offset(event)
+        offset = event.offset or 0
         if offset == stream.last + 1 or (jump and offset > stream.last):
             self._router.fan_out(event)
             stream.last = offset

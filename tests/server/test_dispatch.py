@@ -16,7 +16,8 @@ from eventcast.protocol.codec import BOUNDED_DEPTH, Shape
 from eventcast.server import api as api_module, channels as channels_module
 from eventcast.server.fanout import Batch
 
-from .hubtools import HubServer, RawClient, token
+from .conftest import StartHub
+from .hubtools import NAMESPACES, HubServer, RawClient, token
 
 
 async def _member(hub: HubServer, user: str, channel: str) -> RawClient:
@@ -294,3 +295,33 @@ async def test_publish_and_broadcast_bodies_are_decoded_into_the_same_structs(
         assert await hub.api("publish", channel="live:shapes.b", data=3, skip_history=True) == {}
         assert (await member.publication())["pub"]["data"] == 3
         assert type(forms["publish"][1].decoded[0]).__name__ == "PublishParams"
+
+
+async def test_a_channel_keeps_its_last_publication_only_while_a_member_takes_deltas(
+    start_hub: StartHub,
+) -> None:
+    """The delta base of a channel's next batch is kept for delta members alone: held
+    until the next publication, it would only keep an event alive (and cold) for nobody."""
+    ticker = {"name": "ticker", "allow_subscribe_for_client": True}
+    hub = await start_hub(namespaces=[*NAMESPACES, {**ticker, "allowed_delta_types": ["fossil"]}])
+    channel = "ticker:keep"
+    document = [{"level": level, "size": level * 10} for level in range(40)]
+    async with await _member(hub, "plain", channel) as plain:
+        await hub.publish(channel, {"n": 1, "depth": document})
+        assert (await plain.publication())["pub"]["data"]["n"] == 1
+        dispatcher = hub.hub.channels.by_name[channel]
+        assert dispatcher.last_event is None  # no member needs a delta base
+        async with await RawClient.open(hub.ws_url) as raw:
+            await raw.connect(token("delta"))
+            assert (await raw.subscribe(channel, delta="fossil"))["delta"] is True
+            for n in (2, 3):
+                await hub.publish(channel, {"n": n, "depth": document})
+            pushes = [(await raw.publication())["pub"] for _ in range(2)]
+            # The first in full (no base kept before it), the next a delta against it.
+            assert [p.get("delta", False) for p in pushes] == [False, True]
+            assert [(await plain.publication())["pub"]["data"]["n"] for _ in range(2)] == [2, 3]
+            assert dispatcher.last_event is not None
+            assert dispatcher.last_event.data == {"n": 3, "depth": document}
+        await hub.publish(channel, {"n": 4, "depth": document})
+        assert (await plain.publication())["pub"]["data"]["n"] == 4
+        assert dispatcher.last_event is None  # the delta member left

@@ -69,8 +69,16 @@ SSEDeliver = Callable[[Connection, list[Event], dict[object, object]], int]
 LeftHandler = Callable[[Connection, "HubChannel", "Membership"], None]
 
 
+class _MembershipHot:
+    """The fields a dispatch reads for every member, laid out first in a membership
+    (CPython lays a base class's slots out before its subclass's): with the
+    object's header they fit in one cache line."""
+
+    __slots__ = ("handoff", "held", "plain")
+
+
 @dataclass(slots=True)
-class Membership:
+class Membership(_MembershipHot):
     """A connection's subscription to one channel."""
 
     channel: str
@@ -141,6 +149,21 @@ class HubChannel:
     ready in one callback at the end of the loop turn.
     """
 
+    __slots__ = (
+        "_channels",
+        "_dispatched",
+        "_keeps_last",
+        "last_event",
+        "last_offset",
+        "members",
+        "name",
+        "pattern",
+        "publications",
+        "queued",
+        "stopped",
+        "sub",
+    )
+
     def __init__(self, channels: Channels, name: str, sub: Subscription) -> None:
         self._channels = channels
         self.name = name
@@ -148,13 +171,16 @@ class HubChannel:
         #: The members and their subscriptions (changed only by :meth:`add` and :meth:`remove`).
         self.members: dict[Connection, Membership] = {}
         # The members as dispatched (a snapshot: a member may leave during a
-        # dispatch), kept until the members change.
-        self._dispatched: tuple[tuple[Connection, Membership], ...] | None = None
+        # dispatch), kept until the members change: the connections and their
+        # memberships, in two tuples (no pair object to read per member).
+        self._dispatched: tuple[tuple[Connection, ...], tuple[Membership, ...]] | None = None
         self.sub = sub
         self.publications = 0
         self.last_offset = 0
-        #: The last publication dispatched: the delta base of the next one.
+        #: The last publication dispatched: the delta base of the next one (kept
+        #: only while a member takes deltas; see :meth:`_dispatch`).
         self.last_event: Event | None = None
+        self._keeps_last = False
         #: Queued for this turn's dispatch.
         self.queued = False
         #: Stopped: closed, or its dispatch failed or fell behind.
@@ -225,10 +251,11 @@ class HubChannel:
         encoding: Encoding | None = None
         payload = b""
         sse_cache: dict[object, object] | None = None
-        members = self._dispatched
-        if members is None:
-            members = self._dispatched = tuple(self.members.items())
-        for conn, membership in members:
+        dispatched = self._dispatched
+        if dispatched is None:
+            dispatched = self._dispatched = (tuple(self.members), tuple(self.members.values()))
+            self._keeps_last = any(membership.delta for membership in dispatched[1])
+        for conn, membership in zip(*dispatched, strict=True):
             held = membership.held
             if held is not None:
                 held.extend(events)
@@ -249,7 +276,9 @@ class HubChannel:
                         conn.enqueue(payload)
             else:
                 channels.deliver(conn, membership, batch)
-        self.last_event = events[-1]
+        # Kept for a delta member's next batch only: held until the channel's next
+        # publication, an event would be cold when freed (and hold its data).
+        self.last_event = events[-1] if self._keeps_last else None
         channels.encode_failures += len(batch.failed)
 
     def close(self) -> None:

@@ -165,7 +165,32 @@ class Flusher:
             conn.flush(frames)
 
 
-class Connection:
+class _Hot:
+    """The fields a delivery reads and writes, laid out first in a connection.
+
+    CPython lays a class's slots out in sorted order, a base class's before its
+    subclass's: these 13 fit in two cache lines with the object's header, so a
+    delivery to a member whose lines left the cache misses two lines, not six.
+    """
+
+    __slots__ = (
+        "_first",
+        "_flusher",
+        "_frame",
+        "_pending",
+        "_pending_size",
+        "_scheduled",
+        "_transport",
+        "bytes_out",
+        "closed",
+        "encoding",
+        "messages_out",
+        "queue_limit",
+        "sse",
+    )
+
+
+class Connection(_Hot):
     """A connected client: protocol session, subscriptions and outgoing queue.
 
     The connection knows nothing of the hub: it writes through ``send`` (ASGI)
@@ -196,28 +221,18 @@ class Connection:
         "_closer",
         "_closing",
         "_finished",
-        "_first",
-        "_flusher",
-        "_frame",
         "_on_closed",
-        "_pending",
-        "_pending_size",
-        "_scheduled",
         "_send",
         "_separator",
-        "_transport",
         "_wake",
         "_writer",
         "address",
         "anonymous",
         "bucket",
         "bytes_in",
-        "bytes_out",
         "channels",
-        "closed",
         "cursor",
         "disconnect",
-        "encoding",
         "expires_at",
         "headers",
         "hooks_lock",
@@ -225,13 +240,10 @@ class Connection:
         "info",
         "issued_at",
         "messages_in",
-        "messages_out",
         "meta",
         "on_expire",
-        "queue_limit",
         "session",
         "session_id",
-        "sse",
         "sse_end",
         "token_id",
         "transport_name",

@@ -371,16 +371,16 @@ async def _client_run(system: str, count: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _eventcast_config() -> AsyncIterator[Any]:
-    """The uvicorn config of ``eventcast serve`` (``hub.py``'s many-rooms settings), its
-    app started."""
+async def _eventcast_config(**overrides: Any) -> AsyncIterator[Any]:
+    """The uvicorn config of ``eventcast serve`` (``hub.py``'s many-rooms settings, with
+    ``overrides``), its app started."""
     from uvicorn.config import Config
     from uvicorn.lifespan.on import LifespanOn
 
     from eventcast.server.app import create_app, uvicorn_config
     from run import load
 
-    settings = load("hub").eventcast_settings("", "rooms")
+    settings = load("hub").eventcast_settings("", "rooms").model_copy(update=overrides)
     options = uvicorn_config(settings, host="127.0.0.1", port=8000)
     options["log_level"] = "warning"
     config = Config(create_app(settings), **options)

@@ -165,15 +165,27 @@ CACHE_RUNS = (2_000, 14_000)
 CACHE_EVENTS = ("Ir", "D1mr", "DLmr")
 
 
+def _child_command(
+    src: str, system: str, clients: int, pubs: int, per_turn: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a child process running ``system`` from ``src``."""
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{HERE}"}
+    command = [sys.executable, os.path.abspath(__file__), "--child", system]
+    return [*command, str(clients), str(pubs), str(per_turn)], env
+
+
+def _label(system: str, src: str) -> str:
+    """A system's name in the output (with its tree, when not this one)."""
+    return system if src == SRC else f"{system} ({src})"
+
+
 def _cached(src: str, clients: int, pubs: int, per_turn: int) -> dict[str, int]:
     """cachegrind's totals of one eventcast run of ``pubs`` publications."""
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{HERE}"}
+    child, env = _child_command(src, "eventcast", clients, pubs, per_turn)
     env.update(PYTHONHASHSEED="0", EVENTCAST_BENCH_GC_OFF="1")
     with tempfile.NamedTemporaryFile(prefix="eventcast-cachegrind-") as out:
         command = ["setarch", "-R", "valgrind", "--tool=cachegrind", "--cache-sim=yes"]
-        command += ["--LL=4194304,16,64", f"--cachegrind-out-file={out.name}"]
-        command += [sys.executable, os.path.abspath(__file__), "--child", "eventcast"]
-        command += [str(clients), str(pubs), str(per_turn)]
+        command += ["--LL=4194304,16,64", f"--cachegrind-out-file={out.name}", *child]
         subprocess.run(command, env=env, capture_output=True, check=True)
         events: list[str] = []
         totals: dict[str, int] = {}
@@ -226,32 +238,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     runs = [("eventcast", src) for src in [SRC, *args.src]] + [("floor", SRC)]
     rows: list[dict[str, Any]] = []
     print(
-        f"# many rooms in one process: {args.clients} loopback members in rooms of 10, "
+        f"# many rooms in one process: {args.clients} loopback members in rooms of {ROOM}, "
         f"{args.publications} POST /api/publish, {args.per_turn} per loop turn"
     )
     for n in range(1, args.rounds + 1):
         for system, src in runs:
-            env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{HERE}"}
-            command = [sys.executable, os.path.abspath(__file__), "--child", system]
-            command += [str(args.clients), str(args.publications), str(args.per_turn)]
+            command, env = _child_command(
+                src, system, args.clients, args.publications, args.per_turn
+            )
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row.update(round=n, src=src)
             rows.append(row)
-            name = system if src == SRC else f"{system} ({src})"
             print(
-                f"round {n} {name:>40}: user {row['user_us']:.2f} µs, "
+                f"round {n} {_label(system, src):>40}: user {row['user_us']:.2f} µs, "
                 f"kernel {row['kernel_us']:.2f} µs per delivery; "
                 f"{row['per_publication_us']:.1f} µs per publication",
                 flush=True,
             )
     for system, src in runs:
         mine = [r for r in rows if r["system"] == system and r["src"] == src]
-        name = system if src == SRC else f"{system} ({src})"
+        user = statistics.median(r["user_us"] for r in mine)
+        per_publication = statistics.median(r["per_publication_us"] for r in mine)
         print(
-            f"median {name:>39}: user {statistics.median(r['user_us'] for r in mine):.2f} µs "
-            f"per delivery, {statistics.median(r['per_publication_us'] for r in mine):.1f} µs "
-            "per publication"
+            f"median {_label(system, src):>39}: user {user:.2f} µs per delivery, "
+            f"{per_publication:.1f} µs per publication"
         )
     return rows
 

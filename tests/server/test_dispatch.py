@@ -17,7 +17,7 @@ from eventcast.server import api as api_module, channels as channels_module
 from eventcast.server.fanout import Batch
 
 from .conftest import StartHub
-from .hubtools import NAMESPACES, HubServer, RawClient, token
+from .hubtools import NAMESPACES, HubServer, RawClient, token, until
 
 
 async def _member(hub: HubServer, user: str, channel: str) -> RawClient:
@@ -325,3 +325,45 @@ async def test_a_channel_keeps_its_last_publication_only_while_a_member_takes_de
         await hub.publish(channel, {"n": 4, "depth": document})
         assert (await plain.publication())["pub"]["data"]["n"] == 4
         assert dispatcher.last_event is None  # the delta member left
+
+
+async def test_the_node_counts_its_subscriptions_as_members_join_and_leave(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``info``'s figures are kept as clients come and go (a heartbeat reads them every
+    few seconds), and agree with the channels they count: through unsubscribes,
+    disconnects and a channel whose dispatcher fell behind."""
+    channels = hub.hub.channels
+
+    async def figures() -> tuple[int, int, int]:
+        (node,) = (await hub.api("info"))["nodes"]
+        counted = sum(len(c.members) for c in channels.by_name.values())
+        assert node["num_subs"] == channels.subscriptions == counted
+        return node["num_users"], node["num_channels"], node["num_subs"]
+
+    monkeypatch.setattr(channels_module, "CHANNEL_BUFFER", 64)  # for the channel that falls behind
+    async with (
+        await _member(hub, "alice", "live:count.a") as alice,
+        await _member(hub, "alice", "live:count.a") as alice_again,
+        await _member(hub, "bob", "live:count.a") as bob,
+    ):
+        await alice.subscribe("live:count.b")
+        await bob.subscribe("live:count.slow")
+        assert await figures() == (2, 3, 5)
+        reply = await alice_again.request("unsubscribe", {"channel": "live:count.a"})
+        assert "error" not in reply
+        await until(lambda: channels.subscriptions == 4, "the unsubscribe")
+        assert await figures() == (2, 3, 4)
+        # More than the channel's buffer in one call: its dispatcher falls behind and
+        # its member is told to recover (the channel is dropped at once).
+        await hub.hub.bus.publish_many([("live:count.slow", {"i": i}) for i in range(100)])
+        code, _ = await bob.closed()
+        assert code == 3010  # insufficient state: the client reconnects and recovers
+        await until(lambda: "live:count.slow" not in channels.by_name, "the dropped channel")
+        await until(lambda: len(hub.hub.registry.connections) == 2, "bob's disconnect")
+        assert await figures() == (1, 2, 2)
+        await alice.close()
+        await until(lambda: channels.subscriptions == 0, "alice's disconnect")
+        assert await figures() == (1, 0, 0)  # alice's other connection has no channel
+    await until(lambda: not hub.hub.registry.connections, "the last disconnect")
+    assert await figures() == (0, 0, 0)

@@ -190,12 +190,16 @@ class HubChannel:
 
     def add(self, conn: Connection, membership: Membership) -> None:
         """Make ``conn`` a member (or replace its membership)."""
-        self.members[conn] = membership
+        members = self.members
+        if conn not in members:
+            self._channels.subscriptions += 1
+        members[conn] = membership
         self._dispatched = None
 
     def remove(self, conn: Connection) -> None:
         """Remove ``conn`` from the members, if it is one."""
         if self.members.pop(conn, None) is not None:
+            self._channels.subscriptions -= 1
             self._dispatched = None
 
     def batch(self, events: list[Event], *, fresh: bool = False) -> Batch:
@@ -310,6 +314,11 @@ class Channels:
         self.deliver_sse = deliver_sse
         self._on_left = on_left
         self.by_name: dict[str, HubChannel] = {}
+        #: The members of the channels in :attr:`by_name`, added up: kept as they
+        #: join and leave, since a node's heartbeat reads it every few seconds (a
+        #: sum over the channels, with a pass over the users, held the loop for
+        #: 0.7 ms at 20,000 of each and 51 ms at a million).
+        self.subscriptions = 0
         self._ids = itertools.count(1)
         #: Publications that could not be encoded for network clients.
         self.encode_failures = 0
@@ -425,6 +434,8 @@ class Channels:
         """A dispatcher fell behind its bus subscription: its members must recover."""
         if self.by_name.get(channel.name) is channel:
             del self.by_name[channel.name]
+            # (Its members leave it no more: leave() finds the name's channel, if any.)
+            self.subscriptions -= len(channel.members)
             self._occupancy(channel, False)
         for conn in list(channel.members):
             conn.close(codes.DISCONNECT_INSUFFICIENT_STATE)
@@ -469,6 +480,7 @@ class Channels:
         """Stop every channel's dispatcher."""
         channels = list(self.by_name.values())
         self.by_name.clear()
+        self.subscriptions = 0
         for channel in channels:
             channel.close()
             self._occupancy(channel, False)

@@ -414,7 +414,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         "time": time.time(),
         "node": hub.stats(),
         "connections": transports,
-        "subscriptions": sum(len(c.members) for c in hub.channels.by_name.values()),
+        "subscriptions": hub.channels.subscriptions,
         "channels": len(hub.channels),
         "topics": topics,
         "published": bus["published"],

@@ -585,14 +585,14 @@ class Hub:
 
     def stats(self) -> dict[str, Any]:
         """Node counters for the API's ``info`` and the dashboard."""
-        by_name = self.channels.by_name
+        users = self.registry.users
         return {
             "name": self.settings.node_name,
             "version": __version__,
             "num_clients": len(self.registry.connections),
-            "num_users": len([u for u in self.registry.users if u]),
-            "num_channels": len(by_name),
-            "num_subs": sum(len(c.members) for c in by_name.values()),
+            "num_users": len(users) - ("" in users),  # (anonymous clients share "")
+            "num_channels": len(self.channels.by_name),
+            "num_subs": self.channels.subscriptions,
             "uptime": int(time.time() - self.started_at),
         }
 

@@ -93,7 +93,7 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "eventcast_subscriptions",
             "Channel subscriptions of connected clients.",
-            value=sum(len(c.members) for c in hub.channels.by_name.values()),
+            value=hub.channels.subscriptions,
         )
         yield GaugeMetricFamily(
             "eventcast_channels", "Channels with subscribers on this node.", value=len(hub.channels)

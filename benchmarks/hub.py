@@ -2070,24 +2070,29 @@ def run_rooms_system(
             flush=True,
         )
         spy = getattr(args, "py_spy", False) and kind == "eventcast"
+
+        def sampled(row: dict[str, Any], rate: float) -> None:
+            """Sample the phase of ``row`` in a window of its own (py-spy pauses the
+            server for each sample: the phases reported are never observed)."""
+            if spy:
+                sampler = run.spy()
+                window = _per_unit(run.measure(row["load"], rate))
+                row["py_spy"], row["py_spy_window"] = sampler.wait(), window
+
         for source in args.sources:
             run.start_publisher(source)
             phases = []
-            sampler = run.spy() if spy else None
             full = run.measure("full", 0.0)
-            if sampler is not None:
-                full["py_spy"] = sampler.wait()
+            sampled(full, 0.0)
             phases.append(full)
             phases.append(run.measure("half", max(1.0, full["publications_per_s"] / 2)))
             run.pause()
             run.shared.void.value = 1
-            sampler = run.spy() if spy else None
             # The API sources at saturation (closed on the answers); client publishes
             # (no answers from every system) at the full-load rate.
             intake_rate = max(1.0, full["publications_per_s"]) if source == "client" else 0.0
             phases.append(run.measure("intake", intake_rate))
-            if sampler is not None:
-                phases[-1]["py_spy"] = sampler.wait()
+            sampled(phases[-1], intake_rate)
             run.pause()
             run.shared.void.value = 0
             missing = run.lag()
@@ -2105,17 +2110,21 @@ def run_rooms_system(
         run.finish(rows)
     finally:
         run.close()
-    for row in rows:
-        # CPU to the nanosecond, split into user and kernel time as /proc/<pid>/stat does.
-        cpu = row["server_run_s"]
-        pubs = max(row["publications"], 1)
-        deliveries = max(row["deliveries"], 1)
-        share = row["server_system_share"]
-        row["cpu_us_per_delivery"] = cpu / deliveries * 1e6
-        row["cpu_us_per_publication"] = cpu / pubs * 1e6
-        row["user_us_per_delivery"] = cpu * (1 - share) / deliveries * 1e6
-        row["sys_us_per_delivery"] = cpu * share / deliveries * 1e6
-    return rows
+    return [_per_unit(row) for row in rows]
+
+
+def _per_unit(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its server CPU per delivery and per publication, to the nanosecond,
+    split into user and kernel time as /proc/<pid>/stat does."""
+    cpu = row["server_run_s"]
+    pubs = max(row["publications"], 1)
+    deliveries = max(row["deliveries"], 1)
+    share = row["server_system_share"]
+    row["cpu_us_per_delivery"] = cpu / deliveries * 1e6
+    row["cpu_us_per_publication"] = cpu / pubs * 1e6
+    row["user_us_per_delivery"] = cpu * (1 - share) / deliveries * 1e6
+    row["sys_us_per_delivery"] = cpu * share / deliveries * 1e6
+    return row
 
 
 def print_rooms_profiles(rows: list[dict[str, Any]]) -> None:
@@ -2125,13 +2134,15 @@ def print_rooms_profiles(rows: list[dict[str, Any]]) -> None:
         if not threads:
             continue
         entry = merge_threads(threads, "MainThread")
+        window = r["py_spy_window"]  # the sampled window's own CPU
         if r["load"] == "intake":
-            per, unit = r["cpu_us_per_publication"], "publication taken in"
+            per, unit = window["cpu_us_per_publication"], "publication taken in"
         else:
-            per, unit = r["cpu_us_per_delivery"], "delivery"
+            per, unit = window["cpu_us_per_delivery"], "delivery"
         print(
             f"\n## py-spy of the eventcast server, {r['clients']} clients, run {r['run']}, "
-            f"{r['source']}, {r['load']} load"
+            f"{r['source']}, {r['load']} load (sampled in a window of its own, after the "
+            f"one reported: {window['publications_per_s']:.0f} publications/s)"
         )
         print_samples(
             "server",
@@ -2395,7 +2406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rooms.add_argument(
         "--py-spy",
         action="store_true",
-        help="sample the eventcast server with py-spy at full load and intake",
+        help="sample the eventcast server with py-spy at full load and intake (in windows "
+        "of their own, after the ones reported)",
     )
     rooms.add_argument(
         "--room-window",
